@@ -1,0 +1,1 @@
+"""The Prefect flows: the pipeline as one readable sentence, and its command line."""

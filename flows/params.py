@@ -1,0 +1,63 @@
+"""The flow's parameters: one pydantic model, so the Prefect UI shows a titled, bounded form.
+
+Bounds are checked before any work starts; a wrong value is refused with the field's name and
+its allowed range.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tasks.model import ModelName
+
+RAREST_TEST_DIGIT = 892  # digit 5 in the MNIST test set: the most a balanced sample can take per digit
+TRAIN_IMAGES = 60_000
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    mixed_bfloat16 = "mixed_bfloat16"
+    mixed_float16 = "mixed_float16"
+
+
+class PipelineParameters(BaseModel):
+    """One nightly retrain: what to train, how to evaluate it, and where artifacts go."""
+
+    model_config = ConfigDict(extra="forbid", use_enum_values=False, title="MNIST retrain parameters")
+
+    model: ModelName = Field(ModelName.seed, title="Model", description="Network to train; `seed` is the seed notebook's CNN.")
+    epochs: int = Field(15, ge=1, le=500, title="Epochs", description="Training epochs (1–500).")
+    batch_size: int = Field(128, ge=1, le=8192, title="Batch size", description="Training batch size (1–8192).")
+    n_per_class: int = Field(
+        800, ge=1, le=RAREST_TEST_DIGIT, title="Images per digit (evaluation)",
+        description=f"Balanced evaluation draws this many test images of every digit, without replacement (1–{RAREST_TEST_DIGIT}).",
+    )
+    seed: int = Field(0, ge=0, le=2**31 - 1, title="Seed", description="Seeds weight initialisation, shuffling, subsets and the evaluation sample.")
+    train_limit: int | None = Field(
+        None, ge=100, le=TRAIN_IMAGES, title="Training images",
+        description=f"Train on a stratified subset of this many images (100–{TRAIN_IMAGES}); empty for all 60 000.",
+    )
+    precision: Precision = Field(
+        Precision.auto, title="Precision",
+        description="Keras dtype policy; `auto` uses mixed_float16 on a GPU, mixed_bfloat16 on a CPU with native bf16, else float32.",
+    )
+    store: str | None = Field(
+        None, title="Artifact store", description="Directory or fsspec URL for all artifacts; empty for $MNIST_STORE or ./artifacts."
+    )
+    mnist_source: str | None = Field(
+        None, title="MNIST source directory", description="A directory holding the four IDX files, tried before the network; empty for $MNIST_SOURCE."
+    )
+
+
+def describe_errors(error: ValidationError) -> str:
+    """Turn pydantic's error list into sentences naming each parameter and its allowed range."""
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "parameters"
+        info = PipelineParameters.model_fields.get(str(item["loc"][0])) if item["loc"] else None
+        allowed = f" ({info.description})" if info is not None and info.description else ""
+        lines.append(f"{field}={item.get('input')!r}: {item['msg']}{allowed}")
+    return "Invalid parameters:\n  " + "\n  ".join(lines)

@@ -1,0 +1,202 @@
+"""The artifact store: the one place that knows where every artifact lives and how it is written.
+
+A store is a local directory or any fsspec URL (``s3://bucket/mnist``, ``memory://x``), so one
+bucket can serve several machines. Every write goes to a hidden temporary name in the target
+folder and is then renamed, so readers (pyarrow.dataset, pandas, the next run) see either the
+old file or the whole new one, never a partial file. Hidden names start with ``.``, which
+pyarrow.dataset ignores by default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import posixpath
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from storage.digests import sha256_stream
+
+DEFAULT_STORE = "artifacts"
+STORE_ENV = "MNIST_STORE"
+
+
+class StoreError(RuntimeError):
+    """The store cannot be used: the message names the store and what to do."""
+
+
+class Store:
+    """Layout and atomic I/O for every artifact of the pipeline."""
+
+    def __init__(self, url: str | os.PathLike[str]) -> None:
+        url = os.fspath(url)
+        self.fs, root = fsspec.core.url_to_fs(url)
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        self.root = os.path.abspath(root) if self.is_local else root.rstrip("/")
+        self.url = self.root if self.is_local else url.rstrip("/")
+
+    @classmethod
+    def resolve(cls, url: str | os.PathLike[str] | None = None) -> "Store":
+        """The store named explicitly, else by ``$MNIST_STORE``, else ``./artifacts``."""
+        return cls(url or os.environ.get(STORE_ENV) or DEFAULT_STORE)
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    # ---- layout -------------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def object_path(self, sha256: str) -> str:
+        """Content-addressed blobs: the same bytes are stored once, whoever fetched them."""
+        return self.path("objects", "sha256", sha256[:2], sha256)
+
+    def model_file(self, key: str) -> str:
+        return self.path("models", key, "model.keras")
+
+    def history_file(self, key: str) -> str:
+        return self.path("models", key, "history.parquet")
+
+    def model_info_file(self, key: str) -> str:
+        return self.path("models", key, "model.json")
+
+    def checkpoint_dir(self, key: str) -> str:
+        """A local directory for Keras' BackupAndRestore, which needs a real filesystem.
+
+        In a local store it lives inside the store, so a crashed run resumes from any process
+        on this machine; for a remote store it lives in the user's cache directory.
+        """
+        if self.is_local:
+            return self.path("checkpoints", key)
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+        return str(cache / "mnist-pipeline" / "checkpoints" / key)
+
+    def evaluation_file(self, key: str) -> str:
+        return self.path("evaluations", key, "predictions.parquet")
+
+    def evaluation_info_file(self, key: str) -> str:
+        return self.path("evaluations", key, "evaluation.json")
+
+    def table_dir(self, table: str) -> str:
+        return self.path("tables", table)
+
+    def table_file(self, table: str, run_id: str) -> str:
+        """Hive layout: ``tables/<table>/run_id=<id>/part-0.parquet``."""
+        return self.path("tables", table, f"run_id={run_id}", "part-0.parquet")
+
+    def report_dir(self, run_id: str) -> str:
+        return self.path("reports", run_id)
+
+    def report_file(self, run_id: str, name: str) -> str:
+        return self.path("reports", run_id, name)
+
+    def lock_file(self, name: str) -> str:
+        return self.path("locks", f"{name}.lock")
+
+    # ---- reading ------------------------------------------------------------------------
+    def exists(self, path: str) -> bool:
+        return self.fs.exists(path)
+
+    def read_bytes(self, path: str) -> bytes:
+        return self.fs.cat_file(path)
+
+    def open(self, path: str, mode: str = "rb"):
+        return self.fs.open(path, mode)
+
+    def digest(self, path: str) -> tuple[str, int]:
+        """SHA-256 and size of a stored file."""
+        with self.fs.open(path, "rb") as f:
+            return sha256_stream(f)
+
+    @contextlib.contextmanager
+    def local_copy(self, path: str, suffix: str = "") -> Iterator[str]:
+        """A local filename for libraries that insist on one (Keras' loader)."""
+        if self.is_local:
+            yield path
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, "file" + suffix)
+            self.fs.get_file(path, local)
+            yield local
+
+    # ---- writing ------------------------------------------------------------------------
+    def _tmp_name(self, path: str) -> str:
+        parent, name = posixpath.split(path)
+        return posixpath.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
+
+    def _commit(self, tmp: str, path: str) -> None:
+        if self.is_local:
+            os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file
+        else:
+            self.fs.mv(tmp, path)  # object stores publish a whole object or nothing
+
+    @contextlib.contextmanager
+    def writing(self, path: str) -> Iterator[str]:
+        """Yield a hidden temporary path in the store to write; it becomes ``path`` on success."""
+        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        tmp = self._tmp_name(path)
+        try:
+            yield tmp
+            self._commit(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError, OSError):
+                self.fs.rm_file(tmp)
+            raise
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        with self.writing(path) as tmp:
+            with self.fs.open(tmp, "wb") as f:
+                f.write(data)
+
+    def write_text(self, path: str, text: str) -> None:
+        self.write_bytes(path, text.encode())
+
+    def put_file(self, local: str, path: str) -> None:
+        """Copy a local file into the store atomically."""
+        with self.writing(path) as tmp:
+            self.fs.put_file(local, tmp)
+
+    def remove(self, path: str, recursive: bool = False) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(path, recursive=recursive)
+
+    def check_writable(self) -> None:
+        """Fail now, with the store's name, rather than after fifteen epochs of training."""
+        probe = self.path("locks", f".probe-{uuid.uuid4().hex}")
+        try:
+            self.write_bytes(probe, b"ok")
+            self.fs.rm_file(probe)
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            hint = "free some space" if exc.errno == errno.ENOSPC else "fix its permissions"
+            raise StoreError(
+                f"The artifact store {self.url} cannot be written ({reason}). "
+                f"Point --store / ${STORE_ENV} at a writable location, or {hint}."
+            ) from exc
+
+    @contextlib.contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """Serialise writers of one artifact on this machine.
+
+        Local stores use an flock, released by the kernel even if the process is killed.
+        Remote stores rely on every write being whole and idempotent (same key, same content).
+        """
+        if not self.is_local:
+            yield
+            return
+        import fcntl
+
+        path = self.lock_file(name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)

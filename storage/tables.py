@@ -1,0 +1,120 @@
+"""The Parquet tables downstream consumers read: their schemas and their hive layout.
+
+Each table is a dataset under ``<store>/tables/<name>/`` partitioned by ``run_id``
+(``run_id=<id>/part-0.parquet``). The partition column lives in the path, as pyarrow's
+``write_to_dataset`` does, so ``pyarrow.dataset`` and ``pandas.read_parquet`` return it as a
+column. ``schema_version`` sits in each file's schema metadata; it changes only when a column
+changes meaning or type.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from storage.store import Store
+
+SCHEMA_VERSION = "1"
+RUN_ID = pa.field("run_id", pa.string(), nullable=False)
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "confusion": pa.schema(
+        [
+            pa.field("true_label", pa.int8(), nullable=False),
+            pa.field("predicted_label", pa.int8(), nullable=False),
+            pa.field("count", pa.int64(), nullable=False),
+            pa.field("share_of_true", pa.float64(), nullable=False),
+        ]
+    ),
+    "per_class": pa.schema(
+        [
+            pa.field("label", pa.int8(), nullable=False),
+            pa.field("support", pa.int64(), nullable=False),
+            pa.field("correct", pa.int64(), nullable=False),
+            pa.field("accuracy", pa.float64(), nullable=False),
+            pa.field("precision", pa.float64()),
+            pa.field("recall", pa.float64(), nullable=False),
+            pa.field("f1", pa.float64()),
+            pa.field("accuracy_ci_low", pa.float64(), nullable=False),
+            pa.field("accuracy_ci_high", pa.float64(), nullable=False),
+        ]
+    ),
+    "predictions": pa.schema(
+        [
+            pa.field("test_index", pa.int32(), nullable=False),
+            pa.field("true_label", pa.int8(), nullable=False),
+            pa.field("predicted_label", pa.int8(), nullable=False),
+            pa.field("confidence", pa.float32(), nullable=False),
+            pa.field("probabilities", pa.list_(pa.float32(), 10), nullable=False),
+        ]
+    ),
+    "runs": pa.schema(
+        [
+            pa.field("finished_at", pa.timestamp("us", tz="UTC"), nullable=False),
+            pa.field("dataset_sha256", pa.string(), nullable=False),
+            pa.field("model_sha256", pa.string(), nullable=False),
+            pa.field("parameters", pa.string(), nullable=False),  # JSON
+            pa.field("test_accuracy", pa.float64(), nullable=False),
+            pa.field("balanced_accuracy", pa.float64(), nullable=False),
+            pa.field("n_per_class", pa.int32(), nullable=False),
+            pa.field("epochs", pa.int32(), nullable=False),
+            pa.field("model", pa.string(), nullable=False),
+            pa.field("device", pa.string(), nullable=False),
+        ]
+    ),
+}
+TABLES = tuple(SCHEMAS)
+
+
+def schema(table: str) -> pa.Schema:
+    """The on-disk schema of ``table`` with its metadata (the run_id partition is in the path)."""
+    return SCHEMAS[table].with_metadata({"schema_version": SCHEMA_VERSION, "table": table})
+
+
+def to_arrow(table: str, frame: pd.DataFrame) -> pa.Table:
+    """Convert and validate: a missing column or a value of the wrong type fails here, not downstream."""
+    target = schema(table)
+    missing = [f.name for f in target if f.name not in frame.columns]
+    if missing:
+        raise ValueError(f"table {table!r} is missing columns {missing}")
+    return pa.Table.from_pandas(frame[target.names], schema=target, preserve_index=False)
+
+
+def write_frame(store: Store, path: str, table: str, frame: pd.DataFrame) -> str:
+    """Write ``frame`` with the schema of ``table`` to ``path``, atomically."""
+    arrow = to_arrow(table, frame)
+    with store.writing(path) as tmp, store.fs.open(tmp, "wb") as handle:
+        pq.write_table(arrow, handle, compression="zstd")
+    return path
+
+
+def write_table(store: Store, table: str, run_id: str, frame: pd.DataFrame) -> str:
+    """Write one run's partition of ``table`` atomically; returns its path."""
+    return write_frame(store, store.table_file(table, run_id), table, frame)
+
+
+def read_frame(store: Store, path: str) -> pd.DataFrame:
+    with store.open(path) as handle:
+        return pq.read_table(handle).to_pandas()
+
+
+def dataset(store: Store, table: str) -> ds.Dataset:
+    """Every run of ``table`` as one pyarrow dataset; in-flight temporary files are ignored."""
+    partitioning = ds.partitioning(pa.schema([RUN_ID]), flavor="hive")
+    return ds.dataset(
+        store.table_dir(table),
+        filesystem=store.fs,
+        format="parquet",
+        schema=schema(table).append(RUN_ID),
+        partitioning=partitioning,
+        ignore_prefixes=[".", "_"],
+    )
+
+
+def read_table(store: Store, table: str, run_id: str | None = None) -> pd.DataFrame:
+    """All runs of ``table`` (or one) as a DataFrame, ``run_id`` included."""
+    data = dataset(store, table)
+    flt = ds.field("run_id") == run_id if run_id is not None else None
+    return data.to_table(filter=flt).to_pandas()

@@ -1,0 +1,1 @@
+"""One step of the pipeline per module, as plain functions: importable and testable without Prefect."""

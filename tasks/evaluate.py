@@ -1,0 +1,93 @@
+"""Balanced, stratified evaluation: the same number of test images of every digit, drawn without replacement.
+
+Accuracy on a balanced sample is the mean per-digit recall (balanced accuracy), so a model that
+is weak on a rare digit cannot hide behind the common ones. Full test-set accuracy is computed
+alongside, from the same forward pass.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel
+
+from storage import Store, sha256_json
+from storage.tables import write_frame
+from tasks.fetch import DatasetRef, load_mnist
+from tasks.train import ModelRef, load_model, scale
+
+PREDICT_BATCH = 1024
+
+
+class EvaluationRef(BaseModel):
+    key: str
+    path: str
+    model_sha256: str
+    dataset_digest: str
+    n_per_class: int
+    seed: int
+    n_evaluated: int
+    test_images: int
+    test_accuracy: float
+    balanced_accuracy: float
+
+
+def evaluation_key(model: ModelRef, n_per_class: int, seed: int) -> str:
+    return sha256_json({"model": model.sha256, "n_per_class": n_per_class, "seed": seed})[:32]
+
+
+def stratified_sample(labels: np.ndarray, n_per_class: int, seed: int) -> np.ndarray:
+    """Test indices: exactly ``n_per_class`` of each digit, no index twice, the same for the same seed."""
+    if n_per_class < 1:
+        raise ValueError(f"n_per_class={n_per_class} must be at least 1")
+    classes, counts = np.unique(labels, return_counts=True)
+    rarest = int(np.argmin(counts))
+    if n_per_class > counts[rarest]:
+        raise ValueError(
+            f"n_per_class={n_per_class} is more than the rarest digit has: digit {classes[rarest]} has only "
+            f"{counts[rarest]} test images. Choose n_per_class between 1 and {counts[rarest]}."
+        )
+    rng = np.random.default_rng(seed)
+    picks = [np.sort(rng.choice(np.flatnonzero(labels == c), size=n_per_class, replace=False)) for c in classes]
+    return np.concatenate(picks)
+
+
+def predict(model, images: np.ndarray, batch_size: int = PREDICT_BATCH) -> np.ndarray:
+    """Class probabilities (float32) for uint8 images, in batches."""
+    return np.asarray(model.predict(scale(images), batch_size=batch_size, verbose=0), dtype=np.float32)
+
+
+def predictions_frame(indices: np.ndarray, labels: np.ndarray, probabilities: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "test_index": indices.astype(np.int32),
+            "true_label": labels.astype(np.int8),
+            "predicted_label": probabilities.argmax(axis=1).astype(np.int8),
+            "confidence": probabilities.max(axis=1).astype(np.float32),
+            "probabilities": list(probabilities.astype(np.float32)),
+        }
+    )
+
+
+def evaluate_model(store: Store, dataset: DatasetRef, model_ref: ModelRef, n_per_class: int, seed: int) -> EvaluationRef:
+    """Predict the whole test set once; keep the balanced sample's predictions in the store."""
+    mnist = load_mnist(store, dataset)
+    sample = stratified_sample(mnist.y_test, n_per_class, seed)
+    model = load_model(store, model_ref)
+    probabilities = predict(model, mnist.x_test)
+    predicted = probabilities.argmax(axis=1)
+    frame = predictions_frame(sample, mnist.y_test[sample], probabilities[sample])
+    key = evaluation_key(model_ref, n_per_class, seed)
+    path = write_frame(store, store.evaluation_file(key), "predictions", frame)
+    return EvaluationRef(
+        key=key,
+        path=path,
+        model_sha256=model_ref.sha256,
+        dataset_digest=dataset.digest,
+        n_per_class=n_per_class,
+        seed=seed,
+        n_evaluated=len(sample),
+        test_images=len(mnist.y_test),
+        test_accuracy=float((predicted == mnist.y_test).mean()),
+        balanced_accuracy=float((frame["predicted_label"] == frame["true_label"]).mean()),
+    )

@@ -1,0 +1,199 @@
+"""The run report: PNG plots with seaborn/matplotlib and an ``index.md`` that shows them with the headline numbers.
+
+Figures are built with ``matplotlib.figure.Figure`` rather than pyplot, so no global state is
+shared between concurrent task runs and no display is ever needed.
+"""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+from pydantic import BaseModel
+
+from storage import Store
+from storage.tables import read_frame
+from tasks.evaluate import EvaluationRef
+from tasks.fetch import DatasetRef, load_mnist
+from tasks.tabulate import confusion_matrix, per_class_frame
+from tasks.train import ModelRef
+
+DIGITS = list(range(10))
+MISTAKE = "#c0392b"
+GALLERY_MAX = 24
+
+
+class ReportRef(BaseModel):
+    run_id: str
+    directory: str
+    files: dict[str, str]
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def confusion_heatmap(cm: np.ndarray, drop_diagonal: bool = False) -> Figure:
+    fig = Figure(figsize=(7.5, 6.2))
+    ax = fig.subplots()
+    mask = np.eye(10, dtype=bool) if drop_diagonal else None
+    sns.heatmap(
+        cm, mask=mask, annot=True, fmt="d", cmap="Reds" if drop_diagonal else "Blues", cbar=True, square=True,
+        linewidths=0.5, linecolor="white", xticklabels=DIGITS, yticklabels=DIGITS, ax=ax, annot_kws={"size": 8},
+    )
+    ax.set_xlabel("predicted digit")
+    ax.set_ylabel("true digit")
+    errors = int(cm.sum() - np.trace(cm))
+    title = f"Mistakes only (diagonal removed): {errors} of {int(cm.sum())}" if drop_diagonal else f"Confusion matrix ({int(cm.sum())} images)"
+    ax.set_title(title)
+    return fig
+
+
+def per_class_accuracy(per_class: pd.DataFrame, balanced_accuracy: float) -> Figure:
+    fig = Figure(figsize=(8, 4.2))
+    ax = fig.subplots()
+    acc = per_class["accuracy"].to_numpy()
+    err = np.vstack([acc - per_class["accuracy_ci_low"], per_class["accuracy_ci_high"] - acc])
+    colors = sns.color_palette("crest", 10)
+    ax.bar(per_class["label"], acc, color=colors, yerr=err, capsize=4, ecolor="#333")
+    ax.axhline(balanced_accuracy, color="#555", ls="--", lw=1, label=f"balanced accuracy {balanced_accuracy:.4f}")
+    low = float(np.nanmin(per_class["accuracy_ci_low"]))
+    ax.set_ylim(max(0.0, low - 0.02), 1.0)
+    ax.set_xticks(DIGITS)
+    ax.set_xlabel("digit")
+    ax.set_ylabel("accuracy (95 % Wilson interval)")
+    ax.set_title("Per-digit accuracy on the balanced sample")
+    ax.legend(loc="lower right")
+    return fig
+
+
+def _image_grid(images: np.ndarray, captions: list[str], wrong: list[bool], title: str, columns: int) -> Figure:
+    rows = max(1, int(np.ceil(len(images) / columns)))
+    fig = Figure(figsize=(1.45 * columns, 1.7 * rows + 0.4))
+    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, image, caption, bad in zip(axes, images, captions, wrong):
+        ax.imshow(image, cmap="gray_r", vmin=0, vmax=255)
+        ax.set_title(caption, fontsize=9, color=MISTAKE if bad else "#1e5631", fontweight="bold" if bad else "normal")
+        if bad:
+            for spine in ax.spines.values():
+                spine.set_visible(True)
+                spine.set_color(MISTAKE)
+                spine.set_linewidth(2)
+            ax.axis("on")
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(title)
+    return fig
+
+
+def random_samples(predictions: pd.DataFrame, images: np.ndarray, seed: int, count: int = 10) -> Figure:
+    rng = np.random.default_rng(seed)
+    rows = predictions.iloc[np.sort(rng.choice(len(predictions), size=min(count, len(predictions)), replace=False))]
+    wrong = (rows["true_label"] != rows["predicted_label"]).tolist()
+    captions = [
+        f"true {t} · pred {p}" + (" ✗" if w else "")
+        for t, p, w in zip(rows["true_label"], rows["predicted_label"], wrong)
+    ]
+    return _image_grid(images[rows["test_index"].to_numpy()], captions, wrong, "Random evaluated images (red: mistake)", columns=5)
+
+
+def most_confused(predictions: pd.DataFrame, cm: np.ndarray, images: np.ndarray) -> tuple[Figure, tuple[int, int] | None]:
+    off = cm.copy()
+    np.fill_diagonal(off, 0)
+    if off.max() == 0:
+        fig = Figure(figsize=(5, 1.5))
+        ax = fig.subplots()
+        ax.axis("off")
+        ax.text(0.5, 0.5, "No misclassified images in the evaluation sample", ha="center", va="center")
+        return fig, None
+    true, pred = np.unravel_index(int(off.argmax()), off.shape)
+    rows = predictions[(predictions["true_label"] == true) & (predictions["predicted_label"] == pred)].head(GALLERY_MAX)
+    captions = [f"#{i} · {c:.0%}" for i, c in zip(rows["test_index"], rows["confidence"])]
+    title = f"Most confused pair: true {true} predicted as {pred} ({int(off[true, pred])} images; caption: test index · confidence)"
+    fig = _image_grid(images[rows["test_index"].to_numpy()], captions, [True] * len(rows), title, columns=min(8, len(rows)))
+    return fig, (int(true), int(pred))
+
+
+def training_curves(history: pd.DataFrame) -> Figure:
+    fig = Figure(figsize=(10, 3.8))
+    left, right = fig.subplots(1, 2)
+    for ax, metric in ((left, "loss"), (right, "accuracy")):
+        ax.plot(history["epoch"], history[metric], marker="o", label=f"training {metric}")
+        ax.plot(history["epoch"], history[f"val_{metric}"], marker="s", label=f"validation {metric}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"Training curves ({len(history)} epochs, {history['seconds'].sum():.0f} s)")
+    return fig
+
+
+def render_report(
+    store: Store, run_id: str, dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef, tables_dir: str
+) -> ReportRef:
+    """Render every plot of the run and ``index.md`` into ``reports/<run_id>/``."""
+    predictions = read_frame(store, evaluation.path)
+    history = read_frame(store, model.history_path)
+    images = load_mnist(store, dataset).x_test
+    cm = confusion_matrix(predictions["true_label"].to_numpy(), predictions["predicted_label"].to_numpy())
+    per_class = per_class_frame(cm)
+    gallery, pair = most_confused(predictions, cm, images)
+    figures = {
+        "confusion.png": confusion_heatmap(cm),
+        "confusion_mistakes.png": confusion_heatmap(cm, drop_diagonal=True),
+        "per_class_accuracy.png": per_class_accuracy(per_class, evaluation.balanced_accuracy),
+        "samples.png": random_samples(predictions, images, evaluation.seed),
+        "most_confused.png": gallery,
+        "training_curves.png": training_curves(history),
+    }
+    files = {}
+    for name, fig in figures.items():
+        files[name] = store.report_file(run_id, name)
+        store.write_bytes(files[name], _png(fig))
+    pair_text = f"true {pair[0]} predicted as {pair[1]}" if pair else "none"
+    worst = per_class.loc[per_class["accuracy"].idxmin()]
+    index = f"""# MNIST run {run_id}
+
+| | |
+|---|---|
+| test accuracy (all {evaluation.test_images} test images) | **{evaluation.test_accuracy:.4f}** |
+| balanced accuracy ({evaluation.n_per_class} per digit, {evaluation.n_evaluated} images) | **{evaluation.balanced_accuracy:.4f}** |
+| weakest digit | {int(worst['label'])}: {worst['accuracy']:.4f} ({worst['accuracy_ci_low']:.4f}–{worst['accuracy_ci_high']:.4f}) |
+| most confused pair | {pair_text} |
+| model | `{model.model}`, {model.epochs} epochs on {model.device} ({model.precision}), {model.train_seconds:.0f} s |
+| model sha256 | `{model.sha256}` |
+| dataset sha256 | `{dataset.digest}` |
+| tables | `{tables_dir}` |
+
+## Confusion matrix
+![confusion](confusion.png)
+
+## Mistakes only
+![mistakes](confusion_mistakes.png)
+
+## Per-digit accuracy
+![per-digit accuracy](per_class_accuracy.png)
+
+## Random evaluated images
+![samples](samples.png)
+
+## Most confused pair
+![most confused](most_confused.png)
+
+## Training
+![training curves](training_curves.png)
+"""
+    files["index.md"] = store.report_file(run_id, "index.md")
+    store.write_text(files["index.md"], index)
+    return ReportRef(run_id=run_id, directory=store.report_dir(run_id), files=files)

@@ -1,0 +1,252 @@
+"""Train a network on verified MNIST, resumably, and store the model and its per-epoch history.
+
+Resume after a crash uses Keras' own ``BackupAndRestore``: weights, optimizer state and the
+epoch counter are backed up after every epoch under a directory named by the training key, so
+the next run with the same parameters carries on from the last completed epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, Field
+
+from storage import Store, sha256_bytes, sha256_json
+from tasks.fetch import DatasetRef, load_mnist
+from tasks.model import ModelName, build_model
+
+VALIDATION_SPLIT = 0.1
+HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds")
+Log = Callable[[str], None]
+OnEpoch = Callable[[int, int, dict], None]
+
+
+class TrainConfig(BaseModel):
+    """Everything that changes the trained weights; its digest is part of the training key."""
+
+    model: ModelName = ModelName.seed
+    epochs: int = Field(15, ge=1)
+    batch_size: int = Field(128, ge=1)
+    seed: int = Field(0, ge=0)
+    train_limit: int | None = Field(None, ge=100)
+    learning_rate: float = 1e-3
+    precision: str = "auto"
+
+
+class ModelRef(BaseModel):
+    """A trained model in the store: a reference and a digest, never the weights themselves."""
+
+    key: str
+    path: str
+    sha256: str
+    history_path: str
+    model: str
+    device: str
+    precision: str
+    epochs: int
+    resumed_from_epoch: int
+    train_images: int
+    train_seconds: float
+    val_accuracy: float
+
+
+def code_version() -> str:
+    """Digest of the code that defines and trains the network: a change retrains, a comment does too."""
+    here = Path(__file__).parent
+    return sha256_bytes(b"".join((here / name).read_bytes() for name in ("model.py", "train.py")))[:16]
+
+
+def training_key(dataset: DatasetRef, config: TrainConfig) -> str:
+    return sha256_json({"dataset": dataset.digest, "config": config.model_dump(mode="json"), "code": code_version()})[:32]
+
+
+# ---- data ---------------------------------------------------------------------------------
+def stratified_subset(labels: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
+    """Indices of ``limit`` examples with the class proportions of ``labels`` (largest remainder)."""
+    if limit is None or limit >= len(labels):
+        return np.arange(len(labels))
+    classes, counts = np.unique(labels, return_counts=True)
+    if limit < len(classes):
+        raise ValueError(f"train_limit={limit} cannot hold every digit: it must be at least {len(classes)}")
+    exact = counts * limit / counts.sum()
+    take = np.maximum(np.floor(exact).astype(int), 1)
+    for i in np.argsort(-(exact - np.floor(exact)))[: limit - take.sum()]:
+        take[i] += 1
+    rng = np.random.default_rng(seed)
+    chosen = [rng.choice(np.flatnonzero(labels == c), size=k, replace=False) for c, k in zip(classes, take)]
+    return np.sort(np.concatenate(chosen))
+
+
+def scale(images: np.ndarray) -> np.ndarray:
+    """uint8 28x28 → float32 28x28x1 in [0, 1], the network's input."""
+    return (images.astype(np.float32) / 255.0)[..., np.newaxis]
+
+
+# ---- device -------------------------------------------------------------------------------
+def cpu_has_bf16() -> bool:
+    """AVX512-BF16 or AMX: where bfloat16 matmuls and convolutions run natively on the CPU."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def select_device(precision: str = "auto") -> tuple[str, str]:
+    """(device, Keras dtype policy): the GPU with mixed float16 when TensorFlow sees one, else the CPU.
+
+    ``auto`` on a CPU uses mixed bfloat16 where the CPU computes it natively, float32 elsewhere.
+    """
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    device = "GPU:0" if gpus else "CPU:0"
+    if precision != "auto":
+        return device, precision
+    if gpus:
+        return device, "mixed_float16"
+    return device, "mixed_bfloat16" if cpu_has_bf16() else "float32"
+
+
+@contextlib.contextmanager
+def dtype_policy(policy: str) -> Iterator[None]:
+    import keras
+
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+# ---- training -----------------------------------------------------------------------------
+def _epoch_recorder(state_file: Path, log: Log, on_epoch: OnEpoch | None, total: int):
+    import keras
+
+    class EpochRecorder(keras.callbacks.Callback):
+        """Logs each epoch and keeps the history across a resume (Keras' History restarts at the resume)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows: list[dict] = json.loads(state_file.read_text()) if state_file.exists() else []
+            self.resumed_from: int | None = None
+            self._t0 = 0.0
+
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            if self.resumed_from is None:
+                self.resumed_from = epoch
+                self.rows = [r for r in self.rows if r["epoch"] <= epoch]
+                if epoch:
+                    log(f"Resuming from the checkpoint after epoch {epoch}/{total}")
+            self._t0 = time.perf_counter()
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            row = {"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}}
+            row["seconds"] = time.perf_counter() - self._t0
+            self.rows = [r for r in self.rows if r["epoch"] < epoch + 1] + [row]
+            tmp = state_file.with_name(f".{state_file.name}.tmp")
+            tmp.write_text(json.dumps(self.rows))
+            os.replace(tmp, state_file)
+            log(
+                f"Epoch {epoch + 1}/{total}: loss {row.get('loss', float('nan')):.4f} "
+                f"accuracy {row.get('accuracy', float('nan')):.4f} val_accuracy {row.get('val_accuracy', float('nan')):.4f} "
+                f"({row['seconds']:.1f} s)"
+            )
+            if on_epoch is not None:
+                on_epoch(epoch + 1, total, row)
+
+    return EpochRecorder()
+
+
+def train_model(
+    store: Store,
+    dataset: DatasetRef,
+    config: TrainConfig,
+    log: Log = print,
+    on_epoch: OnEpoch | None = None,
+) -> ModelRef:
+    """Train ``config.model`` on ``dataset``; resumes from this key's checkpoint if one is there."""
+    import keras
+
+    key = training_key(dataset, config)
+    mnist = load_mnist(store, dataset)
+    subset = stratified_subset(mnist.y_train, config.train_limit, config.seed)
+    rng = np.random.default_rng(config.seed)
+    order = rng.permutation(subset)
+    n_val = max(int(round(len(order) * VALIDATION_SPLIT)), 1)
+    train_idx, val_idx = order[:-n_val], order[-n_val:]
+    x_train, y_train = scale(mnist.x_train[train_idx]), mnist.y_train[train_idx]
+    x_val, y_val = scale(mnist.x_train[val_idx]), mnist.y_train[val_idx]
+
+    device, policy = select_device(config.precision)
+    log(f"Training {config.model.value} on {device} with dtype policy {policy}: {len(x_train)} images, {len(x_val)} for validation")
+    keras.utils.set_random_seed(config.seed)
+    backup = Path(store.checkpoint_dir(key))
+    backup.mkdir(parents=True, exist_ok=True)
+    recorder = _epoch_recorder(backup / "history.json", log, on_epoch, config.epochs)
+
+    started = time.perf_counter()
+    with dtype_policy(policy):
+        model = build_model(config.model)
+        model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate=config.learning_rate),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
+        model.fit(
+            x_train,
+            y_train,
+            batch_size=config.batch_size,
+            epochs=config.epochs,
+            validation_data=(x_val, y_val),
+            callbacks=[keras.callbacks.BackupAndRestore(str(backup), delete_checkpoint=False), recorder],
+            verbose=0,
+        )
+    seconds = time.perf_counter() - started
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "model.keras")
+        model.save(local)
+        digest = sha256_bytes(Path(local).read_bytes())
+        store.put_file(local, store.model_file(key))
+    history = pd.DataFrame(recorder.rows).reindex(columns=list(HISTORY_COLUMNS))
+    history["epoch"] = history["epoch"].astype("int32")
+    store.write_bytes(store.history_file(key), history.to_parquet(index=False))
+    ref = ModelRef(
+        key=key,
+        path=store.model_file(key),
+        sha256=digest,
+        history_path=store.history_file(key),
+        model=config.model.value,
+        device=device,
+        precision=policy,
+        epochs=config.epochs,
+        resumed_from_epoch=recorder.resumed_from or 0,
+        train_images=len(x_train),
+        train_seconds=seconds,
+        val_accuracy=float(history["val_accuracy"].iloc[-1]),
+    )
+    store.write_text(store.model_info_file(key), ref.model_dump_json(indent=2))
+    shutil.rmtree(backup, ignore_errors=True)  # the model is stored: the resume point is no longer needed
+    return ref
+
+
+def load_model(store: Store, ref: ModelRef):
+    """Load a stored model after checking it is the one the reference names."""
+    import keras
+
+    actual, _ = store.digest(ref.path)
+    if actual != ref.sha256:
+        raise ValueError(f"model {ref.path} does not match its SHA-256 (expected {ref.sha256[:12]}…): it was changed or corrupted")
+    with store.local_copy(ref.path, suffix=".keras") as local:
+        return keras.models.load_model(local)

@@ -1,0 +1,29 @@
+"""Device and precision selection, exercised on a CPU-only machine (the GPU branch with a stand-in device list)."""
+
+import pytest
+import tensorflow as tf
+
+from tasks import train
+
+
+def test_cpu_uses_bf16_only_where_the_cpu_has_it(monkeypatch):
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
+    monkeypatch.setattr(train, "cpu_has_bf16", lambda: True)
+    assert train.select_device("auto") == ("CPU:0", "mixed_bfloat16")
+    monkeypatch.setattr(train, "cpu_has_bf16", lambda: False)
+    assert train.select_device("auto") == ("CPU:0", "float32")
+
+
+def test_a_visible_gpu_is_chosen_with_mixed_float16(monkeypatch):
+    fake_gpu = tf.config.PhysicalDevice(name="/physical_device:GPU:0", device_type="GPU")
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [fake_gpu] if kind == "GPU" else [])
+    assert train.select_device("auto") == ("GPU:0", "mixed_float16")
+    assert train.select_device("float32") == ("GPU:0", "float32")
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_softmax_output_stays_float32_under_any_policy(policy):
+    with train.dtype_policy(policy):
+        model = train.build_model("seed")
+    assert model.layers[-1].dtype_policy.compute_dtype == "float32"
+    assert model.layers[0].dtype_policy.compute_dtype == ("bfloat16" if policy == "mixed_bfloat16" else "float32")

@@ -1,0 +1,78 @@
+"""The whole flow on real MNIST (1 epoch, a stratified subset) under a temporary Prefect API, and the console script."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import numpy as np
+import pandas as pd
+import pytest
+
+from flows.params import PipelineParameters
+from storage import Store
+from storage.tables import TABLES, read_table
+from tasks.fetch import fetch_mnist
+
+pytestmark = pytest.mark.slow
+
+PLOTS = ("confusion.png", "confusion_mistakes.png", "per_class_accuracy.png", "samples.png", "most_confused.png", "training_curves.png")
+
+
+def check_run(store: Store, run_id: str, n_per_class: int, epochs: int) -> None:
+    tables = {t: read_table(store, t, run_id=run_id) for t in TABLES}
+    confusion, per_class, predictions, runs = (tables[t] for t in ("confusion", "per_class", "predictions", "runs"))
+    n = 10 * n_per_class
+    assert len(confusion) == 100 and confusion["count"].sum() == n
+    assert sorted(zip(confusion.true_label, confusion.predicted_label)) == [(t, p) for t in range(10) for p in range(10)]
+    np.testing.assert_allclose(confusion.groupby("true_label")["share_of_true"].sum(), 1.0)
+    assert len(per_class) == 10 and (per_class["support"] == n_per_class).all()
+    assert ((per_class.accuracy_ci_low <= per_class.accuracy) & (per_class.accuracy <= per_class.accuracy_ci_high)).all()
+    assert len(predictions) == n and predictions["test_index"].is_unique
+    assert (predictions.groupby("true_label").size() == n_per_class).all()
+    np.testing.assert_allclose(np.stack(predictions["probabilities"]).sum(axis=1), 1.0, atol=1e-3)
+    (run,) = runs.itertuples()
+    assert run.n_per_class == n_per_class and run.epochs == epochs and len(run.model_sha256) == 64
+    assert run.balanced_accuracy == pytest.approx((predictions.true_label == predictions.predicted_label).mean())
+    assert 0.5 < run.test_accuracy <= 1.0
+    report = Path(store.report_dir(run_id))
+    for name in PLOTS:
+        pixels = mpimg.imread(report / name)
+        assert pixels.shape[0] > 100 and pixels[..., :3].std() > 0.05, name
+    index = (report / "index.md").read_text()
+    assert all(f"]({name})" in index for name in PLOTS) and f"{run.test_accuracy:.4f}" in index
+
+
+def test_flow_end_to_end(mnist_store: Store, prefect_harness) -> None:
+    from flows.pipeline import mnist_retrain
+
+    params = PipelineParameters(epochs=1, train_limit=3000, n_per_class=30, seed=1, store=mnist_store.url)
+    summary = mnist_retrain(params)
+    check_run(mnist_store, summary.run_id, n_per_class=30, epochs=1)
+    history = pd.read_parquet(Store(mnist_store.url).path("models", Path(summary.model_path).parent.name, "history.parquet"))
+    assert list(history.columns) == ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"] and len(history) == 1
+
+
+def test_console_script_with_a_directory_source(mnist_store: Store, tmp_path: Path) -> None:
+    """``mnist-pipeline run`` as a user types it, with MNIST from a directory and a fresh store."""
+    source = tmp_path / "idx"
+    source.mkdir()
+    dataset = fetch_mnist(mnist_store, sources=[], log=lambda _: None)  # all in the store already
+    for name, stored in dataset.files.items():
+        (source / name).write_bytes(mnist_store.read_bytes(stored.path))
+    out = tmp_path / "store"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "--epochs", "1", "--train-limit", "6000", "--n-per-class", "100",
+         "--store", str(out), "--mnist-source", str(source)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Test accuracy:" in done.stdout and "Balanced accuracy:" in done.stdout and str(out / "tables") in done.stdout
+    store = Store(out)
+    run_id = read_table(store, "runs")["run_id"].item()
+    check_run(store, run_id, n_per_class=100, epochs=1)
+    assert "from directory" in done.stdout + done.stderr

@@ -1,0 +1,51 @@
+"""Bad parameters are refused before any work, naming the parameter and its allowed range."""
+
+import pytest
+from pydantic import ValidationError
+
+from flows.cli import EXIT_BAD_PARAMETERS, main
+from flows.params import PipelineParameters, describe_errors
+
+
+@pytest.mark.parametrize(
+    "field, value, allowed",
+    [
+        ("n_per_class", 893, "1–892"),
+        ("n_per_class", 0, "1–892"),
+        ("epochs", 0, "1–500"),
+        ("epochs", -3, "1–500"),
+        ("batch_size", 0, "1–8192"),
+        ("train_limit", 50, "100–60000"),
+        ("model", "resnet", "seed"),
+        ("precision", "fp8", "mixed_bfloat16"),
+    ],
+)
+def test_out_of_range_values_name_the_field_and_range(field, value, allowed):
+    with pytest.raises(ValidationError) as info:
+        PipelineParameters(**{field: value})
+    message = describe_errors(info.value)
+    assert f"{field}={value!r}" in message and allowed in message
+
+
+def test_unknown_parameters_are_refused():
+    with pytest.raises(ValidationError, match="extra"):
+        PipelineParameters(epoch=3)
+
+
+def test_defaults_are_the_documented_ones():
+    p = PipelineParameters()
+    assert (p.epochs, p.batch_size, p.n_per_class, p.seed, p.train_limit, p.model.value) == (15, 128, 800, 0, None, "seed")
+
+
+def test_the_ui_form_has_titles_descriptions_and_bounds():
+    schema = PipelineParameters.model_json_schema()
+    props = schema["properties"]
+    assert props["epochs"]["title"] == "Epochs" and props["epochs"]["minimum"] == 1
+    assert props["n_per_class"]["maximum"] == 892 and "without replacement" in props["n_per_class"]["description"]
+    assert schema["$defs"]["ModelName"]["enum"] == ["seed"]
+
+
+def test_cli_refuses_before_importing_the_pipeline(capsys):
+    assert main(["run", "--n-per-class", "900", "--epochs", "0"]) == EXIT_BAD_PARAMETERS
+    err = capsys.readouterr().err
+    assert "n_per_class=900" in err and "epochs=0" in err and "1–892" in err

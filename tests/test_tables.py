@@ -1,0 +1,87 @@
+"""Parquet round trip with the documented schema and hive layout, read as downstream consumers read it."""
+
+import json
+from datetime import datetime, timezone
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from storage import Store
+from storage.tables import SCHEMA_VERSION, TABLES, read_table, write_table
+from tasks.evaluate import predictions_frame
+from tasks.tabulate import confusion_frame, confusion_matrix, per_class_frame
+
+
+def sample_frames(seed: int) -> dict[str, pd.DataFrame]:
+    rng = np.random.default_rng(seed)
+    true = np.repeat(np.arange(10), 5)
+    probs = rng.dirichlet(np.ones(10), size=len(true)).astype(np.float32)
+    predictions = predictions_frame(np.arange(len(true)) * 7, true, probs)
+    cm = confusion_matrix(true, predictions["predicted_label"].to_numpy())
+    runs = pd.DataFrame([{
+        "finished_at": datetime(2026, 11, 25, 2, 0, tzinfo=timezone.utc), "dataset_sha256": "d" * 64, "model_sha256": "m" * 64,
+        "parameters": json.dumps({"epochs": 1}), "test_accuracy": 0.99, "balanced_accuracy": 0.98, "n_per_class": 5,
+        "epochs": 1, "model": "seed", "device": "CPU:0",
+    }])
+    return {"confusion": confusion_frame(cm), "per_class": per_class_frame(cm), "predictions": predictions, "runs": runs}
+
+
+@pytest.fixture
+def two_runs(store: Store):
+    frames = {run: sample_frames(i) for i, run in enumerate(["run-a", "run-b"])}
+    for run, tables in frames.items():
+        for table, frame in tables.items():
+            write_table(store, table, run, frame)
+    return frames
+
+
+def test_layout_is_hive_partitioned_by_run_id_with_schema_version(store, two_runs):
+    for table in TABLES:
+        path = store.table_file(table, "run-a")
+        assert path.endswith(f"tables/{table}/run_id=run-a/part-0.parquet")
+        meta = pq.read_schema(path).metadata
+        assert meta[b"schema_version"] == SCHEMA_VERSION.encode() and meta[b"table"] == table.encode()
+
+
+def test_round_trip_keeps_values_and_types(store, two_runs):
+    back = read_table(store, "predictions", run_id="run-b").sort_values("test_index").reset_index(drop=True)
+    original = two_runs["run-b"]["predictions"]
+    np.testing.assert_array_equal(back["test_index"], original["test_index"])
+    np.testing.assert_array_equal(np.stack(back["probabilities"]), np.stack(original["probabilities"]))
+    assert back["probabilities"].map(len).eq(10).all()
+    schema = ds.dataset(store.table_dir("predictions"), partitioning="hive").schema
+    probabilities = schema.field("probabilities").type
+    assert pa.types.is_fixed_size_list(probabilities) and probabilities.list_size == 10
+    assert probabilities.value_type == pa.float32()
+    per_class = read_table(store, "per_class", run_id="run-a")
+    assert list(per_class.columns) == [
+        "label", "support", "correct", "accuracy", "precision", "recall", "f1", "accuracy_ci_low", "accuracy_ci_high", "run_id",
+    ]
+
+
+def test_downstream_readers_see_every_run_at_once(store, two_runs):
+    confusion = pd.read_parquet(store.table_dir("confusion"))  # what the README shows
+    assert len(confusion) == 200
+    assert sorted(confusion["run_id"].astype(str).unique()) == ["run-a", "run-b"]
+    runs = ds.dataset(store.table_dir("runs"), partitioning="hive").to_table().to_pandas()
+    assert len(runs) == 2 and str(runs["finished_at"].dt.tz) == "UTC"
+
+
+def test_readers_ignore_in_flight_temporary_files(store, two_runs):
+    # a writer caught mid-write leaves a hidden temporary file next to the finished ones
+    folder = store.path("tables", "confusion", "run_id=run-c")
+    store.fs.makedirs(folder, exist_ok=True)
+    store.write_bytes(f"{folder}/.part-0.parquet.tmp-123", b"PAR1 half a file")
+    assert len(pd.read_parquet(store.table_dir("confusion"))) == 200
+    assert len(read_table(store, "confusion")) == 200
+
+
+def test_a_frame_missing_a_column_is_refused(store):
+    frame = sample_frames(0)["confusion"].drop(columns=["share_of_true"])
+    with pytest.raises(ValueError, match="missing columns \\['share_of_true'\\]"):
+        write_table(store, "confusion", "run-x", frame)
+    assert not store.exists(store.table_file("confusion", "run-x"))
