@@ -35,7 +35,12 @@ class PipelineParameters(BaseModel):
         800, ge=1, le=RAREST_TEST_DIGIT, title="Images per digit (evaluation)",
         description=f"Balanced evaluation draws this many test images of every digit, without replacement (1–{RAREST_TEST_DIGIT}).",
     )
-    seed: int = Field(0, ge=0, le=2**31 - 1, title="Seed", description="Seeds weight initialisation, shuffling, subsets and the evaluation sample.")
+    seed: int | None = Field(
+        0, ge=0, le=2**31 - 1, title="Seed",
+        description="Seeds initialisation, shuffling, subsets and the evaluation sample (0–2147483647). "
+        "Empty: draw a new seed at run time, as the nightly deployment does, so each night trains a new model; "
+        "the seed drawn is logged and recorded in the runs table.",
+    )
     train_limit: int | None = Field(
         None, ge=100, le=TRAIN_IMAGES, title="Training images",
         description=f"Train on a stratified subset of this many images (100–{TRAIN_IMAGES}); empty for all 60 000.",
@@ -43,6 +48,9 @@ class PipelineParameters(BaseModel):
     precision: Precision = Field(
         Precision.auto, title="Precision",
         description="Keras dtype policy; `auto` uses mixed_float16 on a GPU, mixed_bfloat16 on a CPU with native bf16, else float32.",
+    )
+    refresh: bool = Field(
+        False, title="Refresh", description="Recompute everything after the download (training, evaluation, plots) even if cached."
     )
     store: str | None = Field(
         None, title="Artifact store", description="Directory or fsspec URL for all artifacts; empty for $MNIST_STORE or ./artifacts."

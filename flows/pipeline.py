@@ -3,6 +3,7 @@ publish confusion tables as Parquet, and render the report."""
 
 from __future__ import annotations
 
+import secrets
 import uuid
 
 from prefect import flow
@@ -10,7 +11,7 @@ from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
-from flows import steps
+from flows import artifacts, steps
 from flows.params import PipelineParameters
 from storage import Store
 from tasks.train import TrainConfig
@@ -18,6 +19,7 @@ from tasks.train import TrainConfig
 
 class RunSummary(BaseModel):
     run_id: str
+    seed: int
     test_accuracy: float
     balanced_accuracy: float
     n_evaluated: int
@@ -28,40 +30,55 @@ class RunSummary(BaseModel):
     tables_dir: str
     report_dir: str
     report_index: str
+    cache: dict[str, str]
 
 
-@flow(name="mnist-retrain", description=__doc__)
+@flow(name="mnist-retrain", description="Fetch verified MNIST, train the CNN, evaluate it on a balanced sample, publish Parquet tables and plots.")
 def mnist_retrain(params: PipelineParameters = PipelineParameters()) -> RunSummary:
     logger = get_run_logger()
     store = Store.resolve(params.store)
     store.check_writable()  # before any download or training, not after fifteen epochs
     run_id = flow_run.get_id() or uuid.uuid4().hex
+    seed = params.seed if params.seed is not None else secrets.randbelow(2**31)
+    if params.seed is None:
+        logger.info("Drew seed %d for this run (seed left empty): a new model is trained", seed)
+    params = params.model_copy(update={"seed": seed})
     logger.info("Run %s writing to store %s", run_id, store.url)
 
+    results = store.result_storage()
+    refresh = params.refresh or None
+    reuse = not params.refresh
     config = TrainConfig(
-        model=params.model,
-        epochs=params.epochs,
-        batch_size=params.batch_size,
-        seed=params.seed,
-        train_limit=params.train_limit,
-        precision=params.precision.value,
+        model=params.model, epochs=params.epochs, batch_size=params.batch_size, seed=seed,
+        train_limit=params.train_limit, precision=params.precision.value,
     )
-    dataset = steps.fetch(store.url, params.mnist_source)
-    model = steps.train(store.url, dataset, config)
-    evaluation = steps.evaluate(store.url, dataset, model, params.n_per_class, params.seed)
-    tables = steps.write_tables(store.url, run_id, dataset, model, evaluation, params.model_dump(mode="json"))
-    report = steps.plot(store.url, run_id, dataset, model, evaluation)
 
-    return RunSummary(
-        run_id=run_id,
-        test_accuracy=evaluation.test_accuracy,
-        balanced_accuracy=evaluation.balanced_accuracy,
-        n_evaluated=evaluation.n_evaluated,
-        model=model.model,
-        device=model.device,
-        precision=model.precision,
-        model_path=model.path,
-        tables_dir=store.path("tables"),
-        report_dir=report.directory,
-        report_index=report.files["index.md"],
+    fetched = steps.fetch.with_options(result_storage=results)(store.url, params.mnist_source, return_state=True)
+    dataset = fetched.result()
+    trained = steps.train.with_options(result_storage=results, refresh_cache=refresh)(store.url, dataset, config, reuse, return_state=True)
+    model = trained.result()
+    evaluated = steps.evaluate.with_options(result_storage=results, refresh_cache=refresh)(
+        store.url, dataset, model, params.n_per_class, seed, reuse, return_state=True
     )
+    evaluation = evaluated.result()
+    plotted = steps.plot.with_options(result_storage=results, refresh_cache=refresh)(store.url, dataset, model, evaluation, return_state=True)
+    plots = plotted.result()
+    steps.write_tables(store.url, run_id, dataset, model, evaluation, params.model_dump(mode="json"))
+    report = steps.report(store.url, run_id, dataset, model, evaluation, plots)
+
+    cache = {name: state.name for name, state in (("fetch-mnist", fetched), ("train", trained), ("evaluate", evaluated), ("plot", plotted))}
+    summary = RunSummary(
+        run_id=run_id, seed=seed, test_accuracy=evaluation.test_accuracy, balanced_accuracy=evaluation.balanced_accuracy,
+        n_evaluated=evaluation.n_evaluated, model=model.model, device=model.device, precision=model.precision,
+        model_path=model.path, tables_dir=store.path("tables"), report_dir=report.directory,
+        report_index=report.files["index.md"], cache=cache,
+    )
+    artifacts.publish(
+        store, run_id,
+        artifacts.summary_markdown(
+            run_id, summary.test_accuracy, summary.balanced_accuracy, summary.n_evaluated, summary.model, summary.device,
+            summary.precision, seed, cache, summary.tables_dir, summary.report_dir,
+        ),
+    )
+    logger.info("Steps: %s", ", ".join(f"{k} {v}" for k, v in cache.items()))
+    return summary

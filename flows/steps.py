@@ -1,23 +1,30 @@
-"""The thin Prefect layer over ``tasks/``: each step as a ``@task`` with its logger and retries.
+"""The thin Prefect layer over ``tasks/``: each step as a ``@task`` with its cache policy, logger and retries.
 
 Steps take and return small references (store URL, paths, digests), never arrays or models, so
-they can be cached, retried and run on another machine against the same store.
+they can be cached across runs, retried, and run on another machine against the same store.
+Heavy steps are cached on content (``flows/caching.py``); per-run publication (tables, report
+folder) always runs, as it is the record of that run.
 """
 
 from __future__ import annotations
 
 from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
+from flows import caching
 from storage import Store
 from tasks.evaluate import EvaluationRef, evaluate_model
 from tasks.fetch import DatasetRef, default_sources, fetch_mnist
-from tasks.plots import ReportRef, render_report
+from tasks.plots import PlotsRef, ReportRef, publish_report, render_plots
 from tasks.tabulate import TablesRef, tabulate
 from tasks.train import ModelRef, TrainConfig, train_model
 
+PROGRESS_KEY = "mnist-training-progress"
 
-@task(name="fetch-mnist", retries=1, retry_delay_seconds=5)
+
+@task(name="fetch-mnist", cache_policy=caching.FETCH, persist_result=True, retries=1, retry_delay_seconds=5)
 def fetch(store_url: str, mnist_source: str | None = None) -> DatasetRef:
     logger = get_run_logger()
     ref = fetch_mnist(Store(store_url), sources=default_sources(mnist_source), log=logger.info)
@@ -25,17 +32,23 @@ def fetch(store_url: str, mnist_source: str | None = None) -> DatasetRef:
     return ref
 
 
-@task(name="train")
-def train(store_url: str, dataset: DatasetRef, config: TrainConfig) -> ModelRef:
+@task(name="train", cache_policy=caching.TRAIN, persist_result=True)
+def train(store_url: str, dataset: DatasetRef, config: TrainConfig, reuse: bool = True) -> ModelRef:
     logger = get_run_logger()
-    ref = train_model(Store(store_url), dataset, config, log=logger.info)
-    logger.info("Model %s saved: %s (sha256 %s)", ref.model, ref.path, ref.sha256[:12])
+    progress = create_progress_artifact(0.0, key=PROGRESS_KEY, description=f"Training {config.model.value}: epochs done / {config.epochs}")
+
+    def on_epoch(done: int, total: int, row: dict) -> None:
+        update_progress_artifact(progress, 100.0 * done / total)
+
+    ref = train_model(Store(store_url), dataset, config, log=logger.info, on_epoch=on_epoch, reuse=reuse)
+    update_progress_artifact(progress, 100.0)
+    logger.info("Model %s: %s (sha256 %s)", ref.model, ref.path, ref.sha256[:12])
     return ref
 
 
-@task(name="evaluate")
-def evaluate(store_url: str, dataset: DatasetRef, model: ModelRef, n_per_class: int, seed: int) -> EvaluationRef:
-    ref = evaluate_model(Store(store_url), dataset, model, n_per_class, seed)
+@task(name="evaluate", cache_policy=caching.EVALUATE, persist_result=True)
+def evaluate(store_url: str, dataset: DatasetRef, model: ModelRef, n_per_class: int, seed: int, reuse: bool = True) -> EvaluationRef:
+    ref = evaluate_model(Store(store_url), dataset, model, n_per_class, seed, reuse=reuse)
     get_run_logger().info(
         "Test accuracy %.4f on %d images; balanced accuracy %.4f on %d (%d per digit)",
         ref.test_accuracy, ref.test_images, ref.balanced_accuracy, ref.n_evaluated, ref.n_per_class,
@@ -43,14 +56,18 @@ def evaluate(store_url: str, dataset: DatasetRef, model: ModelRef, n_per_class: 
     return ref
 
 
-@task(name="tabulate")
+@task(name="plot", cache_policy=caching.PLOT, persist_result=True)
+def plot(store_url: str, dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef) -> PlotsRef:
+    return render_plots(Store(store_url), dataset, model, evaluation)
+
+
+@task(name="tabulate", cache_policy=NO_CACHE)
 def write_tables(
     store_url: str, run_id: str, dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef, parameters: dict
 ) -> TablesRef:
     return tabulate(Store(store_url), run_id, dataset, model, evaluation, parameters)
 
 
-@task(name="plot")
-def plot(store_url: str, run_id: str, dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef) -> ReportRef:
-    store = Store(store_url)
-    return render_report(store, run_id, dataset, model, evaluation, store.path("tables"))
+@task(name="report", cache_policy=NO_CACHE)
+def report(store_url: str, run_id: str, dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef, plots: PlotsRef) -> ReportRef:
+    return publish_report(Store(store_url), run_id, dataset, model, evaluation, plots)

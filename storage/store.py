@@ -21,7 +21,7 @@ from pathlib import Path
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from storage.digests import sha256_stream
+from storage.digests import sha256_bytes, sha256_stream
 
 DEFAULT_STORE = "artifacts"
 STORE_ENV = "MNIST_STORE"
@@ -95,6 +95,28 @@ class Store:
 
     def report_file(self, run_id: str, name: str) -> str:
         return self.path("reports", run_id, name)
+
+    def results_dir(self) -> str:
+        """Prefect's result records (the cache): beside the artifacts they point to, shared by every machine."""
+        return self.path("prefect-results")
+
+    def result_record(self, cache_key: str) -> str:
+        return self.path("prefect-results", cache_key)
+
+    def result_storage(self):
+        """The Prefect filesystem block for ``results_dir`` (local, or fsspec for a remote store), saved
+        under a name derived from the store, as Prefect requires of result storage for deployed runs."""
+        from prefect.filesystems import LocalFileSystem, RemoteFileSystem
+
+        if self.is_local:
+            block = LocalFileSystem(basepath=self.results_dir())
+        else:
+            block = RemoteFileSystem(basepath=f"{self.url}/prefect-results")
+        block.save(f"mnist-results-{sha256_bytes(self.url.encode())[:12]}", overwrite=True)
+        return block
+
+    def plots_dir(self, key: str) -> str:
+        return self.path("evaluations", key, "plots")
 
     def lock_file(self, name: str) -> str:
         return self.path("locks", f"{name}.lock")

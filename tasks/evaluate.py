@@ -26,6 +26,7 @@ class EvaluationRef(BaseModel):
     dataset_digest: str
     n_per_class: int
     seed: int
+    predictions_sha256: str
     n_evaluated: int
     test_images: int
     test_accuracy: float
@@ -69,20 +70,41 @@ def predictions_frame(indices: np.ndarray, labels: np.ndarray, probabilities: np
     )
 
 
-def evaluate_model(store: Store, dataset: DatasetRef, model_ref: ModelRef, n_per_class: int, seed: int) -> EvaluationRef:
+def stored_evaluation(store: Store, key: str) -> EvaluationRef | None:
+    """The evaluation already made under ``key``, if its predictions are there and match their digest."""
+    info = store.evaluation_info_file(key)
+    if not store.exists(info):
+        return None
+    ref = EvaluationRef.model_validate_json(store.read_bytes(info))
+    if not store.exists(ref.path) or store.digest(ref.path)[0] != ref.predictions_sha256:
+        return None
+    return ref
+
+
+def evaluate_model(
+    store: Store, dataset: DatasetRef, model_ref: ModelRef, n_per_class: int, seed: int, reuse: bool = True
+) -> EvaluationRef:
     """Predict the whole test set once; keep the balanced sample's predictions in the store."""
+    key = evaluation_key(model_ref, n_per_class, seed)
+    with store.lock(f"evaluate-{key}"):
+        if reuse and (existing := stored_evaluation(store, key)) is not None:
+            return existing
+        return _evaluate(store, dataset, model_ref, n_per_class, seed, key)
+
+
+def _evaluate(store: Store, dataset: DatasetRef, model_ref: ModelRef, n_per_class: int, seed: int, key: str) -> EvaluationRef:
     mnist = load_mnist(store, dataset)
     sample = stratified_sample(mnist.y_test, n_per_class, seed)
     model = load_model(store, model_ref)
     probabilities = predict(model, mnist.x_test)
     predicted = probabilities.argmax(axis=1)
     frame = predictions_frame(sample, mnist.y_test[sample], probabilities[sample])
-    key = evaluation_key(model_ref, n_per_class, seed)
     path = write_frame(store, store.evaluation_file(key), "predictions", frame)
-    return EvaluationRef(
+    ref = EvaluationRef(
         key=key,
         path=path,
         model_sha256=model_ref.sha256,
+        predictions_sha256=store.digest(path)[0],
         dataset_digest=dataset.digest,
         n_per_class=n_per_class,
         seed=seed,
@@ -91,3 +113,5 @@ def evaluate_model(store: Store, dataset: DatasetRef, model_ref: ModelRef, n_per
         test_accuracy=float((predicted == mnist.y_test).mean()),
         balanced_accuracy=float((frame["predicted_label"] == frame["true_label"]).mean()),
     )
+    store.write_text(store.evaluation_info_file(key), ref.model_dump_json(indent=2))
+    return ref

@@ -214,6 +214,18 @@ def _stored_ok(store: Store, spec: FileSpec) -> bool:
     return store.exists(path) and store.digest(path) == (spec.sha256, spec.size)
 
 
+def _ref(store: Store, files: Sequence[FileSpec], sources: list[str]) -> DatasetRef:
+    stored = {
+        s.name: StoredFile(name=s.name, path=store.object_path(s.sha256), sha256=s.sha256, size=s.size) for s in files
+    }
+    return DatasetRef(digest=dataset_digest(files), files=stored, sources=sources)
+
+
+def stored_dataset(store: Store, files: Sequence[FileSpec] = MNIST_FILES) -> DatasetRef | None:
+    """The dataset, if every file is already in the store and intact."""
+    return _ref(store, files, ["store"]) if all(_stored_ok(store, s) for s in files) else None
+
+
 def fetch_mnist(
     store: Store,
     sources: Sequence | None = None,
@@ -266,10 +278,7 @@ def fetch_mnist(
             f"Put the four IDX files (raw or .gz) in a directory and set {SOURCE_ENV}=<dir>, "
             "or make one of the sources above reachable."
         )
-    stored = {
-        s.name: StoredFile(name=s.name, path=store.object_path(s.sha256), sha256=s.sha256, size=s.size) for s in files
-    }
-    return DatasetRef(digest=dataset_digest(files), files=stored, sources=used)
+    return _ref(store, files, used)
 
 
 def load_mnist(store: Store, ref: DatasetRef) -> Mnist:

@@ -7,6 +7,7 @@ shared between concurrent task runs and no display is ever needed.
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import matplotlib
 
@@ -18,7 +19,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from pydantic import BaseModel
 
-from storage import Store
+from storage import Store, sha256_bytes, sha256_json
 from storage.tables import read_frame
 from tasks.evaluate import EvaluationRef
 from tasks.fetch import DatasetRef, load_mnist
@@ -139,28 +140,70 @@ def training_curves(history: pd.DataFrame) -> Figure:
     return fig
 
 
-def render_report(
-    store: Store, run_id: str, dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef, tables_dir: str
-) -> ReportRef:
-    """Render every plot of the run and ``index.md`` into ``reports/<run_id>/``."""
+class PlotsRef(BaseModel):
+    """The rendered PNGs of one evaluation: identical for every run that reuses that evaluation."""
+
+    key: str
+    files: dict[str, str]
+    sha256: dict[str, str]
+    most_confused: tuple[int, int] | None
+
+
+def plots_key(model: ModelRef, evaluation: EvaluationRef) -> str:
+    """A change to this module's code renders the plots again."""
+    code = sha256_bytes(Path(__file__).read_bytes())[:16]
+    return sha256_json({"evaluation": evaluation.key, "history": model.key, "code": code})[:32]
+
+
+def stored_plots(store: Store, key: str) -> PlotsRef | None:
+    info = store.path(store.plots_dir(key), "plots.json")
+    if not store.exists(info):
+        return None
+    ref = PlotsRef.model_validate_json(store.read_bytes(info))
+    for name, path in ref.files.items():
+        if not store.exists(path) or store.digest(path)[0] != ref.sha256[name]:
+            return None
+    return ref
+
+
+def render_plots(store: Store, dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef) -> PlotsRef:
+    """Render every figure of an evaluation into ``evaluations/<key>/plots/``."""
     predictions = read_frame(store, evaluation.path)
     history = read_frame(store, model.history_path)
     images = load_mnist(store, dataset).x_test
     cm = confusion_matrix(predictions["true_label"].to_numpy(), predictions["predicted_label"].to_numpy())
-    per_class = per_class_frame(cm)
     gallery, pair = most_confused(predictions, cm, images)
     figures = {
         "confusion.png": confusion_heatmap(cm),
         "confusion_mistakes.png": confusion_heatmap(cm, drop_diagonal=True),
-        "per_class_accuracy.png": per_class_accuracy(per_class, evaluation.balanced_accuracy),
+        "per_class_accuracy.png": per_class_accuracy(per_class_frame(cm), evaluation.balanced_accuracy),
         "samples.png": random_samples(predictions, images, evaluation.seed),
         "most_confused.png": gallery,
         "training_curves.png": training_curves(history),
     }
-    files = {}
+    key = plots_key(model, evaluation)
+    files, digests = {}, {}
     for name, fig in figures.items():
+        png = _png(fig)
+        files[name] = store.path(store.plots_dir(key), name)
+        digests[name] = sha256_bytes(png)
+        store.write_bytes(files[name], png)
+    ref = PlotsRef(key=key, files=files, sha256=digests, most_confused=pair)
+    store.write_text(store.path(store.plots_dir(key), "plots.json"), ref.model_dump_json(indent=2))
+    return ref
+
+
+def publish_report(
+    store: Store, run_id: str, dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef, plots: PlotsRef
+) -> ReportRef:
+    """The run's own report folder ``reports/<run_id>/``: the evaluation's PNGs and an ``index.md``."""
+    files = {}
+    for name, path in plots.files.items():
         files[name] = store.report_file(run_id, name)
-        store.write_bytes(files[name], _png(fig))
+        store.write_bytes(files[name], store.read_bytes(path))
+    predictions = read_frame(store, evaluation.path)
+    per_class = per_class_frame(confusion_matrix(predictions["true_label"].to_numpy(), predictions["predicted_label"].to_numpy()))
+    pair = plots.most_confused
     pair_text = f"true {pair[0]} predicted as {pair[1]}" if pair else "none"
     worst = per_class.loc[per_class["accuracy"].idxmin()]
     index = f"""# MNIST run {run_id}
@@ -174,7 +217,7 @@ def render_report(
 | model | `{model.model}`, {model.epochs} epochs on {model.device} ({model.precision}), {model.train_seconds:.0f} s |
 | model sha256 | `{model.sha256}` |
 | dataset sha256 | `{dataset.digest}` |
-| tables | `{tables_dir}` |
+| tables | `{store.path("tables")}` |
 
 ## Confusion matrix
 ![confusion](confusion.png)

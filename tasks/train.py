@@ -168,17 +168,41 @@ def _epoch_recorder(state_file: Path, log: Log, on_epoch: OnEpoch | None, total:
     return EpochRecorder()
 
 
+def stored_model(store: Store, key: str) -> ModelRef | None:
+    """The model already trained under ``key``, if its file is there and still matches its digest."""
+    info = store.model_info_file(key)
+    if not store.exists(info):
+        return None
+    ref = ModelRef.model_validate_json(store.read_bytes(info))
+    if not store.exists(ref.path) or store.digest(ref.path)[0] != ref.sha256:
+        return None
+    return ref
+
+
 def train_model(
     store: Store,
     dataset: DatasetRef,
     config: TrainConfig,
     log: Log = print,
     on_epoch: OnEpoch | None = None,
+    reuse: bool = True,
 ) -> ModelRef:
-    """Train ``config.model`` on ``dataset``; resumes from this key's checkpoint if one is there."""
+    """Train ``config.model`` on ``dataset``, or return the model already trained with the same key.
+
+    Runs with the same key are serialised by a lock, so two runs started together train once
+    and share one model. An interrupted run resumes from this key's checkpoint.
+    """
+    key = training_key(dataset, config)
+    with store.lock(f"train-{key}"):
+        if reuse and (existing := stored_model(store, key)) is not None:
+            log(f"Reusing model {key} trained earlier (sha256 {existing.sha256[:12]}…)")
+            return existing
+        return _train(store, dataset, config, key, log, on_epoch)
+
+
+def _train(store: Store, dataset: DatasetRef, config: TrainConfig, key: str, log: Log, on_epoch: OnEpoch | None) -> ModelRef:
     import keras
 
-    key = training_key(dataset, config)
     mnist = load_mnist(store, dataset)
     subset = stratified_subset(mnist.y_train, config.train_limit, config.seed)
     rng = np.random.default_rng(config.seed)

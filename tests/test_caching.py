@@ -1,0 +1,120 @@
+"""Cross-run caching: keys follow content, a parameter change invalidates exactly its steps, damaged hits recompute."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows import caching
+from flows.params import PipelineParameters
+from storage import Store
+from tasks.fetch import DatasetRef, StoredFile
+from tasks.train import ModelRef, TrainConfig
+from tasks.evaluate import EvaluationRef
+
+
+def dataset(digest: str = "d" * 64) -> DatasetRef:
+    return DatasetRef(digest=digest, files={"x": StoredFile(name="x", path="/x", sha256="0" * 64, size=1)}, sources=["store"])
+
+
+def model(sha: str = "a" * 64, key: str = "k1") -> ModelRef:
+    return ModelRef(key=key, path="/m", sha256=sha, history_path="/h", model="seed", device="CPU:0", precision="float32",
+                    epochs=1, resumed_from_epoch=0, train_images=10, train_seconds=1.0, val_accuracy=0.5)
+
+
+def evaluation(key: str = "e1") -> EvaluationRef:
+    return EvaluationRef(key=key, path="/p", model_sha256="a" * 64, dataset_digest="d" * 64, predictions_sha256="p" * 64,
+                         n_per_class=5, seed=0, n_evaluated=50, test_images=100, test_accuracy=0.5, balanced_accuracy=0.5)
+
+
+def keys(config: TrainConfig, n_per_class: int = 800, seed: int = 0, ds: DatasetRef | None = None, m: ModelRef | None = None) -> dict[str, str]:
+    ds = ds or dataset()
+    m = m or model()
+    return {
+        "fetch": caching.fetch_key({}),
+        "train": caching.train_key({"dataset": ds, "config": config}),
+        "evaluate": caching.evaluate_key({"model": m, "n_per_class": n_per_class, "seed": seed}),
+    }
+
+
+def changed(a: dict[str, str], b: dict[str, str]) -> set[str]:
+    return {step for step in a if a[step] != b[step]}
+
+
+def test_same_inputs_same_keys_across_runs():
+    assert keys(TrainConfig()) == keys(TrainConfig())
+
+
+@pytest.mark.parametrize("field, value", [("epochs", 3), ("batch_size", 64), ("seed", 7), ("train_limit", 6000), ("precision", "float32")])
+def test_a_training_parameter_invalidates_training_only(field, value):
+    # evaluation follows through the model digest, which a retrain changes (next test)
+    assert changed(keys(TrainConfig()), keys(TrainConfig(**{field: value}))) == {"train"}
+
+
+def test_a_new_model_digest_invalidates_evaluation_not_training():
+    assert changed(keys(TrainConfig()), keys(TrainConfig(), m=model(sha="b" * 64))) == {"evaluate"}
+
+
+def test_evaluation_parameters_invalidate_evaluation_only():
+    base = keys(TrainConfig())
+    assert changed(base, keys(TrainConfig(), n_per_class=100)) == {"evaluate"}
+
+
+def test_other_data_invalidates_training_not_the_download():
+    assert changed(keys(TrainConfig()), keys(TrainConfig(), ds=dataset("e" * 64))) == {"train"}
+
+
+def test_plots_follow_the_evaluation_and_the_training_history():
+    base = caching.plot_key({"model": model(), "evaluation": evaluation()})
+    assert caching.plot_key({"model": model(), "evaluation": evaluation("e2")}) != base
+    assert caching.plot_key({"model": model(key="k2"), "evaluation": evaluation()}) != base
+    assert caching.plot_key({"model": model(sha="c" * 64), "evaluation": evaluation()}) == base
+
+
+def test_training_key_includes_the_code_version(monkeypatch):
+    import tasks.train as train
+
+    before = caching.train_key({"dataset": dataset(), "config": TrainConfig()})
+    monkeypatch.setattr(train, "code_version", lambda: "edited")
+    assert caching.train_key({"dataset": dataset(), "config": TrainConfig()}) != before
+
+
+@pytest.mark.slow
+def test_runs_reuse_every_heavy_step_and_recompute_a_damaged_one(mnist_store: Store, prefect_harness, tmp_path):
+    from flows.pipeline import mnist_retrain
+
+    store = Store(tmp_path / "store")
+    store.fs.makedirs(store.path("objects"), exist_ok=True)
+    store.fs.copy(mnist_store.path("objects"), store.path("objects"), recursive=True)  # skip the download
+    params = PipelineParameters(epochs=1, train_limit=1000, n_per_class=10, seed=3, store=store.url)
+
+    first = mnist_retrain(params)
+    assert first.cache["train"] == "Completed" and first.cache["evaluate"] == "Completed"
+
+    second = mnist_retrain(params)
+    assert second.cache == {"fetch-mnist": "Cached", "train": "Cached", "evaluate": "Cached", "plot": "Cached"}
+    assert second.model_path == first.model_path and second.test_accuracy == first.test_accuracy
+    assert second.run_id != first.run_id  # tables and report are the record of each run
+
+    store.remove(first.model_path)  # a cache hit whose file is gone must be recomputed, not crash
+    third = mnist_retrain(params)
+    assert third.cache["fetch-mnist"] == "Cached" and third.cache["train"] == "Completed"
+    assert store.exists(third.model_path)
+
+    refreshed = mnist_retrain(params.model_copy(update={"refresh": True}))
+    assert refreshed.cache["fetch-mnist"] == "Cached"
+    assert {refreshed.cache[s] for s in ("train", "evaluate", "plot")} == {"Completed"}
+
+
+@pytest.mark.slow
+def test_an_empty_seed_draws_a_new_one_and_records_it(mnist_store: Store, prefect_harness, tmp_path):
+    from flows.pipeline import mnist_retrain
+    from storage.tables import read_table
+    import json
+
+    store = Store(tmp_path / "store")
+    store.fs.copy(mnist_store.path("objects"), store.path("objects"), recursive=True)
+    params = PipelineParameters(epochs=1, train_limit=500, n_per_class=5, seed=None, store=store.url)
+    a, b = mnist_retrain(params), mnist_retrain(params)
+    assert a.seed != b.seed and b.cache["fetch-mnist"] == "Cached" and b.cache["train"] == "Completed"
+    runs = read_table(store, "runs").set_index("run_id")
+    assert json.loads(runs.loc[a.run_id, "parameters"])["seed"] == a.seed
