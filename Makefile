@@ -10,7 +10,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: run test venv clean
+.PHONY: run test venv clean serve stop
 
 venv: $(STAMP)
 
@@ -25,6 +25,12 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+serve: $(STAMP)
+	$(BIN)/python -m flows.serve start
+
+stop:
+	$(BIN)/python -m flows.serve stop
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,178 @@
+"""A real local Prefect stack: server (SQLite, loopback), the ``gpu`` work pool, deployments from
+``prefect.yaml``, and a process worker. ``make serve`` starts it, ``make stop`` stops it by pid.
+
+The same class drives the real-server test, so what CI proves is what ``make serve`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+POOLS = ("gpu",)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalStack:
+    """Processes are started in their own sessions and recorded in ``<home>/pids.json``."""
+
+    def __init__(self, home: Path, port: int = 4200, store: str | None = None, poll_seconds: int = 5) -> None:
+        self.home = Path(home).resolve()
+        self.port = port
+        self.store = store or str(REPO / "artifacts")
+        self.poll_seconds = poll_seconds
+        self.api_url = f"http://127.0.0.1:{port}/api"
+        self.ui_url = f"http://127.0.0.1:{port}"
+        self.pids_file = self.home / "pids.json"
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env.update(
+            PREFECT_HOME=str(self.home),
+            PREFECT_API_URL=self.api_url,
+            PREFECT_SERVER_API_HOST="127.0.0.1",
+            PREFECT_SERVER_API_PORT=str(self.port),
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT="false",
+            PREFECT_WORKER_QUERY_SECONDS=str(self.poll_seconds),
+            PREFECT_WORKER_PREFETCH_SECONDS=str(self.poll_seconds),
+            DO_NOT_TRACK="1",
+            TF_CPP_MIN_LOG_LEVEL="2",
+            MNIST_STORE=self.store,
+        )
+        return env
+
+    def _prefect(self, *args: str, timeout: float = 300) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "prefect", *args], cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"`prefect {' '.join(args)}` failed (exit {done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+        return done.stdout
+
+    def _spawn(self, name: str, *args: str) -> int:
+        log = open(self.home / f"{name}.log", "ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "prefect", *args], cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        pids = self._pids()
+        pids[name] = proc.pid
+        self.pids_file.write_text(json.dumps(pids))
+        return proc.pid
+
+    def _pids(self) -> dict[str, int]:
+        return json.loads(self.pids_file.read_text()) if self.pids_file.exists() else {}
+
+    def wait_healthy(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if not self._alive("server"):
+                raise RuntimeError(f"the Prefect server exited; see {self.home / 'server.log'}")
+            time.sleep(0.5)
+        raise TimeoutError(f"the Prefect server did not answer on {self.api_url} within {timeout:.0f} s; see {self.home / 'server.log'}")
+
+    def _alive(self, name: str) -> bool:
+        pid = self._pids().get(name)
+        if pid is None:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def start(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        if self._alive("server"):
+            raise RuntimeError(f"a stack is already running from {self.home} (pids {self._pids()}); run `make stop` first")
+        self.pids_file.unlink(missing_ok=True)
+        self._spawn("server", "server", "start", "--host", "127.0.0.1", "--port", str(self.port))
+        self.wait_healthy()
+        for pool in POOLS:
+            self._prefect("work-pool", "create", pool, "--type", "process", "--overwrite")
+        self._prefect("deploy", "--all", "--no-prompt")
+        for pool in POOLS:
+            self._spawn(f"worker-{pool}", "worker", "start", "--pool", pool, "--type", "process", "--name", f"{pool}-worker-local")
+
+    def stop(self, grace: float = 15) -> list[str]:
+        """Stop every recorded process group (SIGTERM, then SIGKILL after ``grace`` seconds)."""
+        stopped = []
+        pids = self._pids()
+        for name, pid in reversed(list(pids.items())):  # workers before the server
+            try:
+                os.killpg(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                try:  # reap our own child so it does not linger as a zombie
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+                time.sleep(0.2)
+            else:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            stopped.append(f"{name} ({pid})")
+        self.pids_file.unlink(missing_ok=True)
+        return stopped
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__)
+    parser.add_argument("command", choices=["start", "stop"])
+    parser.add_argument("--home", default=str(REPO / ".serve"), help="PREFECT_HOME, logs and pids (default .serve/)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PREFECT_PORT", 4200)))
+    parser.add_argument("--store", default=os.environ.get("MNIST_STORE"), help="artifact store for deployed runs (default ./artifacts)")
+    args = parser.parse_args(argv)
+    stack = LocalStack(Path(args.home), port=args.port, store=args.store)
+    if args.command == "stop":
+        stopped = stack.stop()
+        print("Stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+        return 0
+    try:
+        stack.start()
+    except Exception as exc:
+        stack.stop()
+        print(f"make serve failed: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"Prefect UI:     {stack.ui_url}\n"
+        f"API:            {stack.api_url}   (export PREFECT_API_URL={stack.api_url} to use the CLI against it)\n"
+        f"Deployments:    mnist-retrain/nightly (cron 0 2 * * * UTC, pool gpu)\n"
+        f"Artifact store: {stack.store}\n"
+        f"Logs:           {stack.home}/*.log      Stop with: make stop"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
