@@ -10,7 +10,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: run test venv clean serve stop
+.PHONY: run test venv clean serve stop bench bench-quick
 
 venv: $(STAMP)
 
@@ -31,6 +31,12 @@ serve: $(STAMP)
 
 stop:
 	$(BIN)/python -m flows.serve stop
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench.py --epochs 15
+
+bench-quick: $(STAMP)
+	$(BIN)/python bench/bench.py --epochs 2
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

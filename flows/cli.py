@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the flow once and print where its tables and plots are")
     defaults = PipelineParameters()
-    run.add_argument("--model", default=defaults.model.value, help="network: seed (default)")
+    run.add_argument("--model", default=defaults.model.value, help="network: seed (default) or strong")
     run.add_argument("--epochs", type=int, default=defaults.epochs, help="training epochs (default %(default)s)")
     run.add_argument("--batch-size", type=int, default=defaults.batch_size, help="batch size (default %(default)s)")
     run.add_argument("--n-per-class", type=int, default=defaults.n_per_class, help="evaluation images per digit (default %(default)s)")
@@ -61,7 +61,15 @@ def main(argv: list[str] | None = None) -> int:
         print(describe_errors(exc), file=sys.stderr)
         return EXIT_BAD_PARAMETERS
 
-    from flows.pipeline import mnist_retrain  # imports Prefect and TensorFlow: only once the input is valid
+    from storage import Store, StoreError
+
+    try:  # seconds, not the ephemeral server's start-up (or fifteen epochs), before saying the store is unusable
+        Store.resolve(params.store).check_writable()
+    except StoreError as exc:
+        print(f"mnist-pipeline: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+    from flows.pipeline import mnist_retrain  # imports Prefect: only once the input is valid
 
     try:
         summary = mnist_retrain(params)

@@ -28,7 +28,7 @@ class PipelineParameters(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_enum_values=False, title="MNIST retrain parameters")
 
-    model: ModelName = Field(ModelName.seed, title="Model", description="Network to train; `seed` is the seed notebook's CNN.")
+    model: ModelName = Field(ModelName.seed, title="Model", description="Network to train; `seed` is the seed notebook's CNN, `strong` a deeper option (about 4x the compute).")
     epochs: int = Field(15, ge=1, le=500, title="Epochs", description="Training epochs (1–500).")
     batch_size: int = Field(128, ge=1, le=8192, title="Batch size", description="Training batch size (1–8192).")
     n_per_class: int = Field(

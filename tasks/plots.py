@@ -156,7 +156,7 @@ def plots_key(model: ModelRef, evaluation: EvaluationRef) -> str:
 
 
 def stored_plots(store: Store, key: str) -> PlotsRef | None:
-    info = store.path(store.plots_dir(key), "plots.json")
+    info = store.plots_file(key, "plots.json")
     if not store.exists(info):
         return None
     ref = PlotsRef.model_validate_json(store.read_bytes(info))
@@ -185,11 +185,11 @@ def render_plots(store: Store, dataset: DatasetRef, model: ModelRef, evaluation:
     files, digests = {}, {}
     for name, fig in figures.items():
         png = _png(fig)
-        files[name] = store.path(store.plots_dir(key), name)
+        files[name] = store.plots_file(key, name)
         digests[name] = sha256_bytes(png)
         store.write_bytes(files[name], png)
     ref = PlotsRef(key=key, files=files, sha256=digests, most_confused=pair)
-    store.write_text(store.path(store.plots_dir(key), "plots.json"), ref.model_dump_json(indent=2))
+    store.write_text(store.plots_file(key, "plots.json"), ref.model_dump_json(indent=2))
     return ref
 
 

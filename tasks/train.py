@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 
 from storage import Store, sha256_bytes, sha256_json
 from tasks.fetch import DatasetRef, load_mnist
-from tasks.model import ModelName, build_model
+from tasks.model import ModelName, build_model, learning_rate_schedule
 
 VALIDATION_SPLIT = 0.1
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds")
@@ -219,11 +219,14 @@ def _train(store: Store, dataset: DatasetRef, config: TrainConfig, key: str, log
     backup.mkdir(parents=True, exist_ok=True)
     recorder = _epoch_recorder(backup / "history.json", log, on_epoch, config.epochs)
 
+    steps_per_epoch = int(np.ceil(len(x_train) / config.batch_size))
     started = time.perf_counter()
     with dtype_policy(policy):
         model = build_model(config.model)
         model.compile(
-            optimizer=keras.optimizers.Adam(learning_rate=config.learning_rate),
+            optimizer=keras.optimizers.Adam(
+                learning_rate=learning_rate_schedule(config.model, config.learning_rate, config.epochs * steps_per_epoch)
+            ),
             loss="sparse_categorical_crossentropy",
             metrics=["accuracy"],
         )

@@ -23,6 +23,6 @@ def test_seed_network_layers_are_exactly_the_seed():
 
 
 def test_unknown_model_name_lists_the_choices():
-    with pytest.raises(ValueError, match="model 'resnet' is unknown; choose one of: seed"):
+    with pytest.raises(ValueError, match="model .resnet. is unknown; choose one of: seed, strong"):
         build_model("resnet")
     assert build_model(ModelName.seed).name == "seed_cnn"

@@ -42,7 +42,7 @@ def test_the_ui_form_has_titles_descriptions_and_bounds():
     props = schema["properties"]
     assert props["epochs"]["title"] == "Epochs" and props["epochs"]["minimum"] == 1
     assert props["n_per_class"]["maximum"] == 892 and "without replacement" in props["n_per_class"]["description"]
-    assert schema["$defs"]["ModelName"]["enum"] == ["seed"]
+    assert schema["$defs"]["ModelName"]["enum"] == ["seed", "strong"]
 
 
 def test_cli_refuses_before_importing_the_pipeline(capsys):

@@ -1,0 +1,158 @@
+"""Benchmark: our training step and pipeline against a plain Keras script, measured in the same run.
+
+Prints one JSON object. ``make bench`` runs 15 epochs, ``make bench-quick`` 2. The baseline is
+what a user would write themselves: the seed network, float32, ``model.fit`` on in-memory NumPy
+arrays, batch 128, ``validation_split=0.1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from storage import Store  # noqa: E402
+from tasks.evaluate import evaluate_model  # noqa: E402
+from tasks.fetch import fetch_mnist, load_mnist  # noqa: E402
+from tasks.plots import publish_report, render_plots  # noqa: E402
+from tasks.tabulate import tabulate, wilson_interval  # noqa: E402
+from tasks.train import TrainConfig, train_model  # noqa: E402
+
+
+def interval(accuracy: float, n: int) -> list[float]:
+    low, high = wilson_interval(np.array([round(accuracy * n)]), np.array([n]))
+    return [round(float(low[0]), 4), round(float(high[0]), 4)]
+
+
+def plain_keras(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, epochs: int, seed: int) -> dict:
+    """The baseline, written as the Keras examples write it."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(28, 28, 1)),
+            layers.Conv2D(32, kernel_size=(3, 3), activation="relu"),
+            layers.MaxPooling2D(pool_size=(2, 2)),
+            layers.Conv2D(64, kernel_size=(3, 3), activation="relu"),
+            layers.MaxPooling2D(pool_size=(2, 2)),
+            layers.Flatten(),
+            layers.Dropout(0.3),
+            layers.Dense(10, activation="softmax"),
+        ]
+    )
+    model.compile(loss="sparse_categorical_crossentropy", optimizer="adam", metrics=["accuracy"])
+    x = x_train.astype("float32")[..., None] / 255.0
+    times: list[float] = []
+
+    class Clock(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t0 = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            times.append(time.perf_counter() - self.t0)
+
+    model.fit(x, y_train, batch_size=128, epochs=epochs, validation_split=0.1, callbacks=[Clock()], verbose=0)
+    _, accuracy = model.evaluate(x_test.astype("float32")[..., None] / 255.0, y_test, batch_size=1024, verbose=0)
+    train_images = len(x) - int(len(x) * 0.1)
+    return {
+        "seconds_per_epoch": round(float(np.mean(times)), 2),
+        "images_per_second": round(train_images * epochs / sum(times), 1),
+        "test_accuracy": round(float(accuracy), 4),
+        "test_accuracy_ci95": interval(float(accuracy), len(y_test)),
+    }
+
+
+def ours(store: Store, dataset, epochs: int, seed: int) -> tuple[dict, object]:
+    import pandas as pd
+
+    ref = train_model(store, dataset, TrainConfig(epochs=epochs, seed=seed), log=lambda _: None, reuse=False)
+    history = pd.read_parquet(ref.history_path)
+    evaluation = evaluate_model(store, dataset, ref, n_per_class=800, seed=seed, reuse=False)
+    return {
+        "seconds_per_epoch": round(float(history["seconds"].mean()), 2),
+        "images_per_second": round(ref.train_images * epochs / float(history["seconds"].sum()), 1),
+        "dtype_policy": ref.precision,
+        "test_accuracy": round(evaluation.test_accuracy, 4),
+        "test_accuracy_ci95": interval(evaluation.test_accuracy, evaluation.test_images),
+    }, (ref, evaluation)
+
+
+def timed_cli(args: list[str], home: Path) -> tuple[float, float]:
+    """Wall seconds and peak RSS (GB) of one ``mnist-pipeline run`` in its own process."""
+    env = {**os.environ, "PREFECT_HOME": str(home)}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", *args], cwd=REPO, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"mnist-pipeline run failed:\n{done.stderr[-3000:]}")
+    peak_kb = max(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, before)
+    return round(wall, 1), round(peak_kb / 1024 / 1024, 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-store", default=os.environ.get("MNIST_STORE", str(REPO / "artifacts")),
+                        help="store that holds (or will hold) the verified MNIST files")
+    args = parser.parse_args()
+
+    data_store = Store(args.data_store)
+    dataset = fetch_mnist(data_store, log=lambda _: None)
+    mnist = load_mnist(data_store, dataset)
+
+    with tempfile.TemporaryDirectory(prefix="mnist-bench-") as tmp:
+        tmp = Path(tmp)
+        baseline = plain_keras(mnist.x_train, mnist.y_train, mnist.x_test, mnist.y_test, args.epochs, args.seed)
+
+        store = Store(tmp / "train-store")
+        store.fs.copy(data_store.path("objects"), store.path("objects"), recursive=True)
+        ours_figures, (model, _) = ours(store, dataset, args.epochs, args.seed)
+
+        started = time.perf_counter()
+        evaluation = evaluate_model(store, dataset, model, n_per_class=800, seed=args.seed, reuse=False)
+        tabulate(store, "bench", dataset, model, evaluation, {"bench": True})
+        plots = render_plots(store, dataset, model, evaluation)
+        publish_report(store, "bench", dataset, model, evaluation, plots)
+        eval_tables_plots = time.perf_counter() - started
+
+        flow_store = Store(tmp / "flow-store")
+        flow_store.fs.copy(data_store.path("objects"), flow_store.path("objects"), recursive=True)
+        cli_args = ["--epochs", str(args.epochs), "--seed", str(args.seed), "--store", flow_store.url]
+        cold, cold_rss = timed_cli(cli_args, tmp / "prefect")
+        warm, warm_rss = timed_cli(cli_args, tmp / "prefect")
+
+    print(json.dumps({
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "epochs": args.epochs,
+        "batch_size": 128,
+        "baseline_plain_keras": baseline,
+        "ours": ours_figures,
+        "ratio_images_per_second_ours_over_baseline": round(ours_figures["images_per_second"] / baseline["images_per_second"], 2),
+        "flow_cold_run_seconds": cold,
+        "flow_warm_rerun_seconds": warm,
+        "evaluation_tables_plots_seconds": round(eval_tables_plots, 1),
+        "peak_rss_gb_full_run": max(cold_rss, warm_rss),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
