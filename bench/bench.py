@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 from storage import Store  # noqa: E402
 from tasks.evaluate import evaluate_model  # noqa: E402
 from tasks.fetch import fetch_mnist, load_mnist  # noqa: E402
+from tasks.model import build_seed_model  # noqa: E402
 from tasks.plots import publish_report, render_plots  # noqa: E402
 from tasks.tabulate import tabulate, wilson_interval  # noqa: E402
 from tasks.train import TrainConfig, train_model  # noqa: E402
@@ -42,21 +43,9 @@ def interval(accuracy: float, n: int) -> list[float]:
 def plain_keras(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, epochs: int, seed: int) -> dict:
     """The baseline, written as the Keras examples write it."""
     import keras
-    from keras import layers
 
     keras.utils.set_random_seed(seed)
-    model = keras.Sequential(
-        [
-            keras.Input(shape=(28, 28, 1)),
-            layers.Conv2D(32, kernel_size=(3, 3), activation="relu"),
-            layers.MaxPooling2D(pool_size=(2, 2)),
-            layers.Conv2D(64, kernel_size=(3, 3), activation="relu"),
-            layers.MaxPooling2D(pool_size=(2, 2)),
-            layers.Flatten(),
-            layers.Dropout(0.3),
-            layers.Dense(10, activation="softmax"),
-        ]
-    )
+    model = build_seed_model()  # the identical network: only the training step differs
     model.compile(loss="sparse_categorical_crossentropy", optimizer="adam", metrics=["accuracy"])
     x = x_train.astype("float32")[..., None] / 255.0
     times: list[float] = []

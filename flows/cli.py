@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Balanced accuracy:  {summary.balanced_accuracy:.4f} ({summary.n_evaluated} images, {params.n_per_class} per digit)\n"
         f"Model:              {summary.model} on {summary.device} ({summary.precision}) → {summary.model_path}\n"
         f"Parquet tables:     {summary.tables_dir}\n"
-        f"Plots and report:   {summary.report_dir} (open {summary.report_index})"
+        f"Plots and report:   {summary.report_dir} (open {summary.report_index})\n"
+        f"Steps:              {', '.join(f'{step} {state}' for step, state in summary.cache.items())}"
     )
     return 0
 

@@ -15,13 +15,16 @@ import os
 import posixpath
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from storage.digests import sha256_bytes, sha256_stream
+
+RefT = TypeVar("RefT")  # a pydantic model describing stored files
 
 DEFAULT_STORE = "artifacts"
 STORE_ENV = "MNIST_STORE"
@@ -136,6 +139,20 @@ class Store:
         """SHA-256 and size of a stored file."""
         with self.fs.open(path, "rb") as f:
             return sha256_stream(f)
+
+    def load_ref(self, info_path: str, ref_type: type[RefT], files: Callable[[RefT], dict[str, str]]) -> RefT | None:
+        """A reference stored as JSON beside its artifacts, if every file it names (path → SHA-256) is intact.
+
+        This is what lets a cache hit or a second writer trust a stored result: a missing or
+        altered file makes it ``None``, and the step runs again.
+        """
+        if not self.exists(info_path):
+            return None
+        ref = ref_type.model_validate_json(self.read_bytes(info_path))
+        for path, sha256 in files(ref).items():
+            if not self.exists(path) or self.digest(path)[0] != sha256:
+                return None
+        return ref
 
     @contextlib.contextmanager
     def local_copy(self, path: str, suffix: str = "") -> Iterator[str]:

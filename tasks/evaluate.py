@@ -72,13 +72,7 @@ def predictions_frame(indices: np.ndarray, labels: np.ndarray, probabilities: np
 
 def stored_evaluation(store: Store, key: str) -> EvaluationRef | None:
     """The evaluation already made under ``key``, if its predictions are there and match their digest."""
-    info = store.evaluation_info_file(key)
-    if not store.exists(info):
-        return None
-    ref = EvaluationRef.model_validate_json(store.read_bytes(info))
-    if not store.exists(ref.path) or store.digest(ref.path)[0] != ref.predictions_sha256:
-        return None
-    return ref
+    return store.load_ref(store.evaluation_info_file(key), EvaluationRef, lambda ref: {ref.path: ref.predictions_sha256})
 
 
 def evaluate_model(

@@ -49,7 +49,7 @@ def build_strong_model() -> "keras.Model":
 
     Two 3x3 convolutions per stage with batch normalisation, light augmentation that is active
     only while training (small rotations, shifts and zooms: digits stay digits), and more
-    dropout; trained with a cosine learning-rate schedule (``learning_rate_schedule``).
+    dropout; trained with a cosine learning-rate schedule and weight averaging (``make_optimizer``).
     """
     import keras
     from keras import layers
@@ -63,8 +63,8 @@ def build_strong_model() -> "keras.Model":
             layers.RandomRotation(0.04, fill_mode="constant"),
             layers.RandomTranslation(0.08, 0.08, fill_mode="constant"),
             layers.RandomZoom(0.08, fill_mode="constant"),
-            *conv_bn(32), *conv_bn(32), layers.MaxPooling2D(2), layers.Dropout(0.25),
-            *conv_bn(64), *conv_bn(64), layers.MaxPooling2D(2), layers.Dropout(0.25),
+            *conv_bn(32), *conv_bn(32), layers.MaxPooling2D(2), layers.Dropout(0.1),
+            *conv_bn(64), *conv_bn(64), layers.MaxPooling2D(2), layers.Dropout(0.1),
             layers.Flatten(),
             layers.Dense(128, use_bias=False), layers.BatchNormalization(), layers.Activation("relu"),
             layers.Dropout(0.4),
@@ -74,17 +74,22 @@ def build_strong_model() -> "keras.Model":
     )
 
 
-def learning_rate_schedule(name: ModelName | str, base: float, total_steps: int):
-    """The seed trains at Adam's constant rate, as the notebook did; ``strong`` warms up, then decays on a cosine."""
-    if ModelName(name) is ModelName.seed:
-        return base
+def make_optimizer(name: ModelName | str, base: float, total_steps: int) -> "keras.optimizers.Optimizer":
+    """The seed trains with Adam at a constant rate, as the notebook did.
+
+    ``strong`` warms up, decays on a cosine, and keeps an exponential moving average of its weights
+    (Keras swaps the average in when ``fit`` ends): a cheap, steady gain in test accuracy.
+    """
     import keras
 
+    if ModelName(name) is ModelName.seed:
+        return keras.optimizers.Adam(learning_rate=base)
     warmup = max(total_steps // 20, 1)
-    return keras.optimizers.schedules.CosineDecay(
+    schedule = keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=base / 10, decay_steps=max(total_steps - warmup, 1), alpha=0.01,
         warmup_target=base * 2, warmup_steps=warmup,
     )
+    return keras.optimizers.Adam(learning_rate=schedule, use_ema=True, ema_momentum=0.999)
 
 
 BUILDERS: dict[ModelName, Callable[[], "keras.Model"]] = {ModelName.seed: build_seed_model, ModelName.strong: build_strong_model}

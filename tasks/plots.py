@@ -156,14 +156,7 @@ def plots_key(model: ModelRef, evaluation: EvaluationRef) -> str:
 
 
 def stored_plots(store: Store, key: str) -> PlotsRef | None:
-    info = store.plots_file(key, "plots.json")
-    if not store.exists(info):
-        return None
-    ref = PlotsRef.model_validate_json(store.read_bytes(info))
-    for name, path in ref.files.items():
-        if not store.exists(path) or store.digest(path)[0] != ref.sha256[name]:
-            return None
-    return ref
+    return store.load_ref(store.plots_file(key, "plots.json"), PlotsRef, lambda ref: {p: ref.sha256[n] for n, p in ref.files.items()})
 
 
 def render_plots(store: Store, dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef) -> PlotsRef:

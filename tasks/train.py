@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 
 from storage import Store, sha256_bytes, sha256_json
 from tasks.fetch import DatasetRef, load_mnist
-from tasks.model import ModelName, build_model, learning_rate_schedule
+from tasks.model import ModelName, build_model, make_optimizer
 
 VALIDATION_SPLIT = 0.1
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds")
@@ -170,13 +170,7 @@ def _epoch_recorder(state_file: Path, log: Log, on_epoch: OnEpoch | None, total:
 
 def stored_model(store: Store, key: str) -> ModelRef | None:
     """The model already trained under ``key``, if its file is there and still matches its digest."""
-    info = store.model_info_file(key)
-    if not store.exists(info):
-        return None
-    ref = ModelRef.model_validate_json(store.read_bytes(info))
-    if not store.exists(ref.path) or store.digest(ref.path)[0] != ref.sha256:
-        return None
-    return ref
+    return store.load_ref(store.model_info_file(key), ModelRef, lambda ref: {ref.path: ref.sha256})
 
 
 def train_model(
@@ -224,9 +218,7 @@ def _train(store: Store, dataset: DatasetRef, config: TrainConfig, key: str, log
     with dtype_policy(policy):
         model = build_model(config.model)
         model.compile(
-            optimizer=keras.optimizers.Adam(
-                learning_rate=learning_rate_schedule(config.model, config.learning_rate, config.epochs * steps_per_epoch)
-            ),
+            optimizer=make_optimizer(config.model, config.learning_rate, config.epochs * steps_per_epoch),
             loss="sparse_categorical_crossentropy",
             metrics=["accuracy"],
         )

@@ -26,3 +26,31 @@ def test_unknown_model_name_lists_the_choices():
     with pytest.raises(ValueError, match="model .resnet. is unknown; choose one of: seed, strong"):
         build_model("resnet")
     assert build_model(ModelName.seed).name == "seed_cnn"
+
+
+def test_strong_model_is_an_option_beside_the_seed():
+    import keras
+
+    from tasks.model import build_strong_model, make_optimizer
+
+    model = build_strong_model()
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds[:3] == ["RandomRotation", "RandomTranslation", "RandomZoom"]  # augmentation: training only
+    assert kinds.count("BatchNormalization") == 5 and kinds.count("Conv2D") == 4
+    assert model.output_shape == (None, 10) and model.layers[-1].get_config()["activation"] == "softmax"
+    seed_opt = make_optimizer("seed", 1e-3, 100)
+    assert float(seed_opt.learning_rate) == pytest.approx(1e-3) and not seed_opt.use_ema  # the seed's plain Adam
+    strong_opt = make_optimizer("strong", 1e-3, 1000)
+    schedule = strong_opt._learning_rate
+    assert isinstance(schedule, keras.optimizers.schedules.CosineDecay) and strong_opt.use_ema
+    assert float(schedule(50)) == pytest.approx(2e-3, rel=0.05) and float(schedule(999)) < 1e-4
+
+
+@pytest.mark.slow
+def test_strong_model_trains_and_records_its_name(mnist_store):
+    from tasks.fetch import fetch_mnist
+    from tasks.train import TrainConfig, train_model
+
+    dataset = fetch_mnist(mnist_store, sources=[], log=lambda _: None)
+    ref = train_model(mnist_store, dataset, TrainConfig(model="strong", epochs=1, train_limit=1000), log=lambda _: None)
+    assert ref.model == "strong" and ref.epochs == 1 and 0.0 <= ref.val_accuracy <= 1.0

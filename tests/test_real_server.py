@@ -44,7 +44,12 @@ def test_nightly_deployment_runs_and_reruns_from_cache(stack):
             assert schedule.schedule.cron == "0 2 * * *" and schedule.schedule.timezone == "UTC" and schedule.active
             assert deployment.work_pool_name == "gpu" and deployment.parameters == {"params": {"seed": None}}
             form = deployment.parameter_openapi_schema
-            assert "params" in form["properties"]
+            assert "params" in form["properties"] and deployment.enforce_parameter_schema
+
+            # what the UI form or an API call with an out-of-range value gets: refused, naming the field
+            with pytest.raises(Exception, match="n_per_class") as refused:
+                client.create_flow_run_from_deployment(deployment.id, parameters={"params": {"n_per_class": 900}})
+            assert "892" in str(refused.value)
 
             def trigger():
                 started = time.monotonic()
