@@ -86,6 +86,23 @@ def stratified_subset(labels: np.ndarray, limit: int | None, seed: int) -> np.nd
     return np.sort(np.concatenate(chosen))
 
 
+STEPS_PER_EXECUTION = 16  # batches per compiled call: less Python between steps once bf16 made them fast
+
+
+def input_pipeline(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int | None, training: bool):
+    """tf.data: cached in memory, reshuffled every epoch (seeded), prefetched while the step runs.
+
+    Measured here, this plus ``STEPS_PER_EXECUTION`` is what turns bf16's faster arithmetic into
+    faster epochs; ``fit`` on NumPy arrays left the step waiting on input slicing.
+    """
+    import tensorflow as tf
+
+    data = tf.data.Dataset.from_tensor_slices((images, labels)).cache()
+    if training:
+        data = data.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
+    return data.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
 def scale(images: np.ndarray) -> np.ndarray:
     """uint8 28x28 → float32 28x28x1 in [0, 1], the network's input."""
     return (images.astype(np.float32) / 255.0)[..., np.newaxis]
@@ -221,13 +238,12 @@ def _train(store: Store, dataset: DatasetRef, config: TrainConfig, key: str, log
             optimizer=make_optimizer(config.model, config.learning_rate, config.epochs * steps_per_epoch),
             loss="sparse_categorical_crossentropy",
             metrics=["accuracy"],
+            steps_per_execution=STEPS_PER_EXECUTION,
         )
         model.fit(
-            x_train,
-            y_train,
-            batch_size=config.batch_size,
+            input_pipeline(x_train, y_train, config.batch_size, config.seed, training=True),
             epochs=config.epochs,
-            validation_data=(x_val, y_val),
+            validation_data=input_pipeline(x_val, y_val, 1024, None, training=False),
             callbacks=[keras.callbacks.BackupAndRestore(str(backup), delete_checkpoint=False), recorder],
             verbose=0,
         )
