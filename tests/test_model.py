@@ -39,7 +39,7 @@ def test_strong_model_is_an_option_beside_the_seed():
     assert kinds.count("BatchNormalization") == 5 and kinds.count("Conv2D") == 4
     assert model.output_shape == (None, 10) and model.layers[-1].get_config()["activation"] == "softmax"
     seed_opt = make_optimizer("seed", 1e-3, 100)
-    assert float(seed_opt.learning_rate) == pytest.approx(1e-3) and not seed_opt.use_ema  # the seed's plain Adam
+    assert float(seed_opt.learning_rate) == pytest.approx(1e-3) and seed_opt.use_ema  # constant rate, averaged weights
     strong_opt = make_optimizer("strong", 1e-3, 1000)
     schedule = strong_opt._learning_rate
     assert isinstance(schedule, keras.optimizers.schedules.CosineDecay) and strong_opt.use_ema
