@@ -40,6 +40,8 @@ def test_strong_model_is_an_option_beside_the_seed():
     assert model.output_shape == (None, 10) and model.layers[-1].get_config()["activation"] == "softmax"
     seed_opt = make_optimizer("seed", 1e-3, 100)
     assert float(seed_opt.learning_rate) == pytest.approx(1e-3) and seed_opt.use_ema  # constant rate, averaged weights
+    assert seed_opt.ema_momentum == pytest.approx(0.95)  # 100 steps: averages the last few, not the start
+    assert make_optimizer("seed", 1e-3, 15 * 422).ema_momentum == pytest.approx(0.999)  # a full default run
     strong_opt = make_optimizer("strong", 1e-3, 1000)
     schedule = strong_opt._learning_rate
     assert isinstance(schedule, keras.optimizers.schedules.CosineDecay) and strong_opt.use_ema
