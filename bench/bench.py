@@ -118,9 +118,9 @@ def main() -> None:
 
         started = time.perf_counter()
         evaluation = evaluate_model(store, dataset, model, n_per_class=800, seed=args.seed, reuse=False)
-        tabulate(store, "bench", dataset, model, evaluation, {"bench": True})
+        tables = tabulate(store, "bench", dataset, model, evaluation, {"bench": True})
         plots = render_plots(store, dataset, model, evaluation)
-        publish_report(store, "bench", dataset, model, evaluation, plots)
+        publish_report(store, "bench", dataset, model, evaluation, plots, tables)
         eval_tables_plots = time.perf_counter() - started
 
         flow_store = Store(tmp / "flow-store")

@@ -5,8 +5,14 @@ from __future__ import annotations
 import pandas as pd
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from typing import TYPE_CHECKING
+
 from storage import Store
-from storage.tables import read_table
+from storage.tables import read_frame
+from tasks.tabulate import TablesRef
+
+if TYPE_CHECKING:
+    from flows.pipeline import RunSummary
 
 PER_DIGIT_KEY = "mnist-per-digit-accuracy"
 CONFUSION_KEY = "mnist-confusion-matrix"
@@ -32,29 +38,26 @@ def confusion_rows(confusion: pd.DataFrame) -> list[dict]:
     return [{"true \\ predicted": int(t), **{str(int(p)): int(wide.loc[t, p]) for p in wide.columns}} for t in wide.index]
 
 
-def publish(store: Store, run_id: str, summary_markdown: str) -> None:
-    per_class = read_table(store, "per_class", run_id=run_id)
-    confusion = read_table(store, "confusion", run_id=run_id)
+def publish(store: Store, tables: TablesRef, summary_markdown: str) -> None:
+    per_class = read_frame(store, tables.paths["per_class"])
+    confusion = read_frame(store, tables.paths["confusion"])
     create_table_artifact(per_digit_rows(per_class), key=PER_DIGIT_KEY, description="Per-digit accuracy with 95 % Wilson interval")
     create_table_artifact(confusion_rows(confusion), key=CONFUSION_KEY, description="Confusion matrix on the balanced sample (rows: true digit)")
     create_markdown_artifact(summary_markdown, key=SUMMARY_KEY, description="Run summary")
 
 
-def summary_markdown(
-    run_id: str, test_accuracy: float, balanced_accuracy: float, n_evaluated: int, model: str, device: str,
-    precision: str, seed: int, cache: dict[str, str], tables_dir: str, report_dir: str,
-) -> str:
-    steps = "\n".join(f"| {step} | {state} |" for step, state in cache.items())
-    return f"""# MNIST retrain {run_id}
+def summary_markdown(summary: "RunSummary") -> str:
+    steps = "\n".join(f"| {step} | {state} |" for step, state in summary.cache.items())
+    return f"""# MNIST retrain {summary.run_id}
 
 | | |
 |---|---|
-| test accuracy (10 000 images) | **{test_accuracy:.4f}** |
-| balanced accuracy ({n_evaluated} images) | **{balanced_accuracy:.4f}** |
-| model | `{model}` on {device} ({precision}) |
-| seed | {seed} |
-| Parquet tables | `{tables_dir}` |
-| plots and report | `{report_dir}` |
+| test accuracy (10 000 images) | **{summary.test_accuracy:.4f}** |
+| balanced accuracy ({summary.n_evaluated} images) | **{summary.balanced_accuracy:.4f}** |
+| model | `{summary.model}` on {summary.device} ({summary.precision}) |
+| seed | {summary.seed} |
+| Parquet tables | `{summary.tables_dir}` |
+| plots and report | `{summary.report_dir}` |
 
 | step | state |
 |---|---|

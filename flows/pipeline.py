@@ -46,8 +46,11 @@ def mnist_retrain(params: PipelineParameters = PipelineParameters()) -> RunSumma
     logger.info("Run %s writing to store %s", run_id, store.url)
 
     results = store.result_storage()
-    refresh = params.refresh or None
     reuse = not params.refresh
+
+    def cached(step):  # the store holds the cache; `refresh` recomputes everything after the download
+        return step.with_options(result_storage=results, refresh_cache=params.refresh or None)
+
     config = TrainConfig(
         model=params.model, epochs=params.epochs, batch_size=params.batch_size, seed=seed,
         train_limit=params.train_limit, precision=params.precision.value,
@@ -55,16 +58,14 @@ def mnist_retrain(params: PipelineParameters = PipelineParameters()) -> RunSumma
 
     fetched = steps.fetch.with_options(result_storage=results)(store.url, params.mnist_source, return_state=True)
     dataset = fetched.result()
-    trained = steps.train.with_options(result_storage=results, refresh_cache=refresh)(store.url, dataset, config, reuse, return_state=True)
+    trained = cached(steps.train)(store.url, dataset, config, reuse, return_state=True)
     model = trained.result()
-    evaluated = steps.evaluate.with_options(result_storage=results, refresh_cache=refresh)(
-        store.url, dataset, model, params.n_per_class, seed, reuse, return_state=True
-    )
+    evaluated = cached(steps.evaluate)(store.url, dataset, model, params.n_per_class, seed, reuse, return_state=True)
     evaluation = evaluated.result()
-    plotted = steps.plot.with_options(result_storage=results, refresh_cache=refresh)(store.url, dataset, model, evaluation, return_state=True)
+    plotted = cached(steps.plot)(store.url, dataset, model, evaluation, return_state=True)
     plots = plotted.result()
-    steps.write_tables(store.url, run_id, dataset, model, evaluation, params.model_dump(mode="json"))
-    report = steps.report(store.url, run_id, dataset, model, evaluation, plots)
+    tables = steps.write_tables(store.url, run_id, dataset, model, evaluation, params.model_dump(mode="json"))
+    report = steps.report(store.url, run_id, dataset, model, evaluation, plots, tables)
 
     cache = {name: state.name for name, state in (("fetch-mnist", fetched), ("train", trained), ("evaluate", evaluated), ("plot", plotted))}
     summary = RunSummary(
@@ -73,12 +74,6 @@ def mnist_retrain(params: PipelineParameters = PipelineParameters()) -> RunSumma
         model_path=model.path, tables_dir=store.path("tables"), report_dir=report.directory,
         report_index=report.files["index.md"], cache=cache,
     )
-    artifacts.publish(
-        store, run_id,
-        artifacts.summary_markdown(
-            run_id, summary.test_accuracy, summary.balanced_accuracy, summary.n_evaluated, summary.model, summary.device,
-            summary.precision, seed, cache, summary.tables_dir, summary.report_dir,
-        ),
-    )
+    artifacts.publish(store, tables, artifacts.summary_markdown(summary))
     logger.info("Steps: %s", ", ".join(f"{k} {v}" for k, v in cache.items()))
     return summary

@@ -66,11 +66,11 @@ class LocalStack:
         return done.stdout
 
     def _spawn(self, name: str, *args: str) -> int:
-        log = open(self.home / f"{name}.log", "ab")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "prefect", *args], cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )
+        with open(self.home / f"{name}.log", "ab") as log:  # the child keeps its own copy of the handle
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "prefect", *args], cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )
         pids = self._pids()
         pids[name] = proc.pid
         self.pids_file.write_text(json.dumps(pids))

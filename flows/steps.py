@@ -69,5 +69,7 @@ def write_tables(
 
 
 @task(name="report", cache_policy=NO_CACHE)
-def report(store_url: str, run_id: str, dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef, plots: PlotsRef) -> ReportRef:
-    return publish_report(Store(store_url), run_id, dataset, model, evaluation, plots)
+def report(
+    store_url: str, run_id: str, dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef, plots: PlotsRef, tables: TablesRef
+) -> ReportRef:
+    return publish_report(Store(store_url), run_id, dataset, model, evaluation, plots, tables)

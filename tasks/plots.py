@@ -23,7 +23,7 @@ from storage import Store, sha256_bytes, sha256_json
 from storage.tables import read_frame
 from tasks.evaluate import EvaluationRef
 from tasks.fetch import DatasetRef, load_mnist
-from tasks.tabulate import confusion_matrix, per_class_frame
+from tasks.tabulate import TablesRef, confusion_matrix, per_class_frame
 from tasks.train import ModelRef
 
 DIGITS = list(range(10))
@@ -159,7 +159,7 @@ def stored_plots(store: Store, key: str) -> PlotsRef | None:
 
 
 def render_plots(store: Store, dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef) -> PlotsRef:
-    """Render every figure of an evaluation into ``evaluations/<key>/plots/``."""
+    """Render every figure of an evaluation into ``plots/<key>/``."""
     predictions = read_frame(store, evaluation.path)
     history = read_frame(store, model.history_path)
     images = load_mnist(store, dataset).x_test
@@ -186,15 +186,15 @@ def render_plots(store: Store, dataset: DatasetRef, model: ModelRef, evaluation:
 
 
 def publish_report(
-    store: Store, run_id: str, dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef, plots: PlotsRef
+    store: Store, run_id: str, dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef, plots: PlotsRef, tables: TablesRef
 ) -> ReportRef:
-    """The run's own report folder ``reports/<run_id>/``: the evaluation's PNGs and an ``index.md``."""
+    """The run's own report folder ``reports/<run_id>/``: the evaluation's PNGs and an ``index.md``
+    whose figures come from this run's ``per_class`` table."""
     files = {}
     for name, path in plots.files.items():
         files[name] = store.report_file(run_id, name)
         store.write_bytes(files[name], store.read_bytes(path))
-    predictions = read_frame(store, evaluation.path)
-    per_class = per_class_frame(confusion_matrix(predictions["true_label"].to_numpy(), predictions["predicted_label"].to_numpy()))
+    per_class = read_frame(store, tables.paths["per_class"])
     pair = plots.most_confused
     pair_text = f"true {pair[0]} predicted as {pair[1]}" if pair else "none"
     worst = per_class.loc[per_class["accuracy"].idxmin()]
