@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+
 import pandas as pd
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from typing import TYPE_CHECKING
-
+from flows.summary import RunSummary
 from storage import Store
 from storage.tables import read_frame
+from tasks.champion import GateRef
+from tasks.report import ReportRef, decision_markdown
 from tasks.tabulate import TablesRef
-
-if TYPE_CHECKING:
-    from flows.pipeline import RunSummary
 
 PER_DIGIT_KEY = "mnist-per-digit-accuracy"
 CONFUSION_KEY = "mnist-confusion-matrix"
@@ -46,10 +46,37 @@ def publish(store: Store, tables: TablesRef, summary_markdown: str) -> None:
     create_markdown_artifact(summary_markdown, key=SUMMARY_KEY, description="Run summary")
 
 
-def summary_markdown(summary: "RunSummary") -> str:
+# the figures the summary shows, in order; each is embedded in the markdown, so the UI needs no file access
+SUMMARY_FIGURES = (
+    ("Challenger versus champion", "champion_vs_challenger.png"),
+    ("Night by night", "trend.png"),
+    ("Per-digit accuracy", "per_class_accuracy.png"),
+    ("Confusion matrix", "confusion.png"),
+    ("Mistakes only", "confusion_mistakes.png"),
+    ("Most confused pair", "most_confused.png"),
+    ("Random evaluated images", "samples.png"),
+    ("Training", "training_curves.png"),
+)
+
+
+def embedded_png(png: bytes, alt: str) -> str:
+    """A markdown image whose bytes travel inside the artifact (Prefect's UI renders data: URLs)."""
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
+
+
+def summary_markdown(store: Store, summary: RunSummary, decided: GateRef, report: ReportRef) -> str:
     steps = "\n".join(f"| {step} | {state} |" for step, state in summary.cache.items())
+    figures = "\n\n".join(
+        f"### {title}\n{embedded_png(store.read_bytes(report.files[name]), title)}"
+        for title, name in SUMMARY_FIGURES
+        if name in report.files
+    )
     return f"""# MNIST retrain {summary.run_id}
 
+## Champion decision
+{decision_markdown(decided)}
+
+## This run
 | | |
 |---|---|
 | test accuracy (10 000 images) | **{summary.test_accuracy:.4f}** |
@@ -62,4 +89,7 @@ def summary_markdown(summary: "RunSummary") -> str:
 | step | state |
 |---|---|
 {steps}
+
+## Figures
+{figures}
 """

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
 import sys
 
@@ -35,6 +37,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--precision", default=defaults.precision.value, help="auto (default), float32, mixed_bfloat16, mixed_float16")
     run.add_argument("--store", default=None, help="artifact store directory or fsspec URL (default: $MNIST_STORE, else ./artifacts)")
     run.add_argument("--mnist-source", default=None, help="directory with the four MNIST IDX files, tried first (default: $MNIST_SOURCE)")
+    rules = defaults.gate
+    gate = run.add_argument_group("champion gate", "when this run's model replaces the champion (compared on the same images)")
+    gate.add_argument("--min-balanced-accuracy", type=float, default=rules.min_balanced_accuracy,
+                      help="value floor for the new model (default %(default)s)")
+    gate.add_argument("--max-regression", type=float, default=rules.max_regression,
+                      help="how far the balanced accuracy may fall below the champion's (default %(default)s)")
+    gate.add_argument("--max-digit-drop", type=float, default=rules.max_digit_drop,
+                      help="how far any digit's recall may fall below the champion's (default %(default)s)")
+    gate.add_argument("--force-promote", action="store_true", help="promote whatever the rules say (recorded as forced)")
+
+    store_help = "artifact store directory or fsspec URL (default: $MNIST_STORE, else ./artifacts)"
+    champion = sub.add_parser("champion", help="print the current champion (run, model, metrics)")
+    champion.add_argument("--store", default=None, help=store_help)
+    champion.add_argument("--json", action="store_true", help="print JSON, for scripts")
+    promote = sub.add_parser("promote", help="make a run's model the champion (recorded as manual)")
+    promote.add_argument("run_id", help="the run whose model becomes the champion (see the runs table)")
+    promote.add_argument("--store", default=None, help=store_help)
+    rollback = sub.add_parser("rollback", help="make the previous champion the champion again (recorded as manual)")
+    rollback.add_argument("--store", default=None, help=store_help)
     return parser
 
 
@@ -49,12 +70,61 @@ def parameters_from(args: argparse.Namespace) -> PipelineParameters:
         precision=args.precision,
         store=args.store,
         mnist_source=args.mnist_source,
+        gate={
+            "min_balanced_accuracy": args.min_balanced_accuracy, "max_regression": args.max_regression,
+            "max_digit_drop": args.max_digit_drop, "force_promote": args.force_promote,
+        },
     )
+
+
+def champion_command(args: argparse.Namespace) -> int:
+    """``champion``, ``promote`` and ``rollback``: read and set the pointer in the store, no Prefect run needed."""
+    from storage import Store
+    from tasks.champion import ChampionError, find_champion, promote_run, rollback
+
+    store = Store.resolve(args.store)
+    try:
+        if args.command == "promote":
+            row = promote_run(store, args.run_id)
+        elif args.command == "rollback":
+            row = rollback(store)
+        else:
+            return print_champion(store, find_champion(store), as_json=args.json)
+    except ChampionError as exc:
+        print(f"mnist-pipeline {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    before = row["champion_model_key"] or "none"
+    print(f"Champion is now model {row['challenger_model_key']} of run {row['run_id']} (was {before}); recorded in promotions as manual.")
+    return 0
+
+
+def print_champion(store, lookup, as_json: bool) -> int:
+    if lookup.problem:
+        print(lookup.problem, file=sys.stderr)
+    champion = lookup.champion
+    if as_json:
+        print(json.dumps(None if champion is None else {**champion.model_dump(mode="json"), "model_path": store.model_file(champion.model_key)}))
+        return 0
+    if champion is None:
+        print(f"No champion in {store.url} yet: the first run whose model meets the floor becomes champion.")
+        return 0
+    print(
+        f"Champion run:       {champion.run_id}\n"
+        f"Model:              {champion.model_key} → {store.model_file(champion.model_key)}\n"
+        f"SHA-256:            {champion.sha256}\n"
+        f"Balanced accuracy:  {champion.balanced_accuracy:.4f}\n"
+        f"Test accuracy:      {champion.test_accuracy:.4f}\n"
+        f"Promoted at:        {champion.promoted_at.isoformat()}{' (forced)' if champion.forced else ''}\n"
+        f"Reason:             {champion.reason}"
+    )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_environment()
     args = build_parser().parse_args(argv)
+    if args.command != "run":
+        return champion_command(args)
     try:
         params = parameters_from(args)
     except ValidationError as exc:
@@ -76,13 +146,17 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # the flow run is already marked Failed in Prefect, with its traceback
         print(f"\nmnist-pipeline: the run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    logging.getLogger("prefect").setLevel(logging.WARNING)  # the decision, not the ephemeral server's goodbye, ends the output
     print(
         f"\nTest accuracy:      {summary.test_accuracy:.4f} (all 10000 test images)\n"
         f"Balanced accuracy:  {summary.balanced_accuracy:.4f} ({summary.n_evaluated} images, {params.n_per_class} per digit)\n"
         f"Model:              {summary.model} on {summary.device} ({summary.precision}) → {summary.model_path}\n"
         f"Parquet tables:     {summary.tables_dir}\n"
         f"Plots and report:   {summary.report_dir} (open {summary.report_index})\n"
-        f"Steps:              {', '.join(f'{step} {state}' for step, state in summary.cache.items())}"
+        f"Steps:              {', '.join(f'{step} {state}' for step, state in summary.cache.items())}\n"
+        f"Champion:           {summary.champion_model_key or 'none'}" + (f" (run {summary.champion_run_id})" if summary.champion_run_id else "") + "\n"
+        f"Decision:           {summary.decision.upper()}{' (forced)' if summary.forced else ''}\n"
+        f"Reason:             {summary.decision_reason}"
     )
     return 0
 

@@ -10,6 +10,7 @@ from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tasks.gate import GateRules
 from tasks.model import ModelName
 
 RAREST_TEST_DIGIT = 892  # digit 5 in the MNIST test set: the most a balanced sample can take per digit
@@ -49,6 +50,10 @@ class PipelineParameters(BaseModel):
         Precision.auto, title="Precision",
         description="Keras dtype policy; `auto` uses mixed_float16 on a GPU, mixed_bfloat16 on a CPU with native bf16, else float32.",
     )
+    gate: GateRules = Field(
+        default_factory=GateRules, title="Champion gate",
+        description="When this run's model replaces the champion: compared on the same images, with a paired McNemar test.",
+    )
     refresh: bool = Field(
         False, title="Refresh", description="Recompute everything after the download (training, evaluation, plots) even if cached."
     )
@@ -64,8 +69,10 @@ def describe_errors(error: ValidationError) -> str:
     """Turn pydantic's error list into sentences naming each parameter and its allowed range."""
     lines = []
     for item in error.errors():
-        field = ".".join(str(p) for p in item["loc"]) or "parameters"
-        info = PipelineParameters.model_fields.get(str(item["loc"][0])) if item["loc"] else None
+        loc = item["loc"]
+        field = ".".join(str(p) for p in loc) or "parameters"
+        fields = GateRules.model_fields if len(loc) > 1 and loc[0] == "gate" else PipelineParameters.model_fields
+        info = fields.get(str(loc[-1])) if loc else None
         allowed = f" ({info.description})" if info is not None and info.description else ""
         lines.append(f"{field}={item.get('input')!r}: {item['msg']}{allowed}")
     return "Invalid parameters:\n  " + "\n  ".join(lines)

@@ -1,5 +1,5 @@
-"""The nightly retrain: fetch verified MNIST, train the CNN, evaluate it on a balanced sample,
-publish confusion tables as Parquet, and render the report."""
+"""The nightly retrain: fetch verified MNIST, train the CNN, evaluate it on a balanced sample, decide
+whether it replaces the champion, publish confusion tables as Parquet, and render the report."""
 
 from __future__ import annotations
 
@@ -9,31 +9,19 @@ import uuid
 from prefect import flow
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
-from pydantic import BaseModel
 
 from flows import artifacts, steps
 from flows.params import PipelineParameters
+from flows.summary import RunSummary
 from storage import Store
 from tasks.train import TrainConfig
 
 
-class RunSummary(BaseModel):
-    run_id: str
-    seed: int
-    test_accuracy: float
-    balanced_accuracy: float
-    n_evaluated: int
-    model: str
-    device: str
-    precision: str
-    model_path: str
-    tables_dir: str
-    report_dir: str
-    report_index: str
-    cache: dict[str, str]
-
-
-@flow(name="mnist-retrain", description="Fetch verified MNIST, train the CNN, evaluate it on a balanced sample, publish Parquet tables and plots.")
+@flow(
+    name="mnist-retrain",
+    description="Fetch verified MNIST, train the CNN, evaluate it on a balanced sample, gate it against the champion, "
+    "publish Parquet tables and plots.",
+)
 def mnist_retrain(params: PipelineParameters = PipelineParameters()) -> RunSummary:
     logger = get_run_logger()
     store = Store.resolve(params.store)
@@ -64,16 +52,19 @@ def mnist_retrain(params: PipelineParameters = PipelineParameters()) -> RunSumma
     evaluation = evaluated.result()
     plotted = cached(steps.plot)(store.url, dataset, model, evaluation, return_state=True)
     plots = plotted.result()
-    tables = steps.write_tables(store.url, run_id, dataset, model, evaluation, params.model_dump(mode="json"))
-    report = steps.report(store.url, run_id, dataset, model, evaluation, plots, tables)
+    decided = steps.gate(store.url, run_id, dataset, model, evaluation, params.gate)
+    tables = steps.write_tables(store.url, run_id, dataset, model, evaluation, params.model_dump(mode="json"), decided)
+    report = steps.report(store.url, run_id, dataset, model, evaluation, plots, tables, decided)
 
     cache = {name: state.name for name, state in (("fetch-mnist", fetched), ("train", trained), ("evaluate", evaluated), ("plot", plotted))}
     summary = RunSummary(
         run_id=run_id, seed=seed, test_accuracy=evaluation.test_accuracy, balanced_accuracy=evaluation.balanced_accuracy,
         n_evaluated=evaluation.n_evaluated, model=model.model, device=model.device, precision=model.precision,
         model_path=model.path, tables_dir=store.path("tables"), report_dir=report.directory,
-        report_index=report.files["index.md"], cache=cache,
+        report_index=report.files["index.md"], cache=cache, decision=decided.decision, decision_reason=decided.reason,
+        forced=decided.forced, champion_model_key=decided.champion_after.model_key if decided.champion_after else None,
+        champion_run_id=decided.champion_after.run_id if decided.champion_after else None,
     )
-    artifacts.publish(store, tables, artifacts.summary_markdown(summary))
+    artifacts.publish(store, tables, artifacts.summary_markdown(store, summary, decided, report))
     logger.info("Steps: %s", ", ".join(f"{k} {v}" for k, v in cache.items()))
     return summary

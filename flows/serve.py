@@ -1,5 +1,5 @@
 """A real local Prefect stack: server (SQLite, loopback), the ``gpu`` work pool, deployments from
-``prefect.yaml``, and a process worker. ``make serve`` starts it, ``make stop`` stops it by pid.
+``prefect.yaml``, the alert automation (``flows/alerts.py``), and a process worker. ``make serve`` starts it, ``make stop`` stops it by pid.
 
 The same class drives the real-server test, so what CI proves is what ``make serve`` runs.
 """
@@ -38,6 +38,7 @@ class LocalStack:
         self.api_url = f"http://127.0.0.1:{port}/api"
         self.ui_url = f"http://127.0.0.1:{port}"
         self.pids_file = self.home / "pids.json"
+        self.alerts = ""
 
     @property
     def env(self) -> dict[str, str]:
@@ -63,6 +64,12 @@ class LocalStack:
         )
         if done.returncode != 0:
             raise RuntimeError(f"`prefect {' '.join(args)}` failed (exit {done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+        return done.stdout
+
+    def _python(self, *args: str, timeout: float = 120) -> str:
+        done = subprocess.run([sys.executable, *args], cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout)
+        if done.returncode != 0:
+            raise RuntimeError(f"`python {' '.join(args)}` failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
         return done.stdout
 
     def _spawn(self, name: str, *args: str) -> int:
@@ -113,6 +120,7 @@ class LocalStack:
         for pool in POOLS:
             self._prefect("work-pool", "create", pool, "--type", "process", "--overwrite")
         self._prefect("deploy", "--all", "--no-prompt")
+        self.alerts = self._python("-m", "flows.alerts").strip()
         for pool in POOLS:
             self._spawn(f"worker-{pool}", "worker", "start", "--pool", pool, "--type", "process", "--name", f"{pool}-worker-local")
 
@@ -169,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         f"API:            {stack.api_url}   (export PREFECT_API_URL={stack.api_url} to use the CLI against it)\n"
         f"Deployments:    mnist-retrain/nightly (cron 0 2 * * * UTC, pool gpu)\n"
         f"Artifact store: {stack.store}\n"
+        f"{stack.alerts}\n"
         f"Logs:           {stack.home}/*.log      Stop with: make stop"
     )
     return 0

@@ -11,13 +11,18 @@ from __future__ import annotations
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
 from prefect.logging import get_run_logger
 
 from flows import caching
 from storage import Store
+from tasks.champion import GateRef
+from tasks.champion import gate as gate_challenger
 from tasks.evaluate import EvaluationRef, evaluate_model
 from tasks.fetch import DatasetRef, default_sources, fetch_mnist
-from tasks.plots import PlotsRef, ReportRef, publish_report, render_plots
+from tasks.gate import GateRules
+from tasks.plots import PlotsRef, render_plots
+from tasks.report import ReportRef, publish_report
 from tasks.tabulate import TablesRef, tabulate
 from tasks.train import ModelRef, TrainConfig, train_model
 
@@ -61,15 +66,34 @@ def plot(store_url: str, dataset: DatasetRef, model: ModelRef, evaluation: Evalu
     return render_plots(Store(store_url), dataset, model, evaluation)
 
 
+MODEL_EVENT = "mnist.model.{decision}"
+
+
+@task(name="gate", cache_policy=NO_CACHE)
+def gate(store_url: str, run_id: str, dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef, rules: GateRules) -> GateRef:
+    """Decide whether this run's model replaces the champion; never cached, since the champion moves."""
+    logger = get_run_logger()
+    decided = gate_challenger(Store(store_url), dataset, model, evaluation, rules, run_id, log=logger.warning)
+    emit_event(
+        event=MODEL_EVENT.format(decision=decided.decision),
+        resource={"prefect.resource.id": f"mnist.model.{model.key}", "prefect.resource.name": f"{model.model} {model.key[:12]}"},
+        payload=decided.row,
+    )
+    logger.info("Model %s %s: %s", model.key[:12], decided.decision, decided.reason)
+    return decided
+
+
 @task(name="tabulate", cache_policy=NO_CACHE)
 def write_tables(
-    store_url: str, run_id: str, dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef, parameters: dict
+    store_url: str, run_id: str, dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef, parameters: dict, decided: GateRef
 ) -> TablesRef:
-    return tabulate(Store(store_url), run_id, dataset, model, evaluation, parameters)
+    after = decided.champion_after.model_key if decided.champion_after else None
+    return tabulate(Store(store_url), run_id, dataset, model, evaluation, parameters, decided.promoted, after)
 
 
 @task(name="report", cache_policy=NO_CACHE)
 def report(
-    store_url: str, run_id: str, dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef, plots: PlotsRef, tables: TablesRef
+    store_url: str, run_id: str, dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef, plots: PlotsRef,
+    tables: TablesRef, decided: GateRef,
 ) -> ReportRef:
-    return publish_report(Store(store_url), run_id, dataset, model, evaluation, plots, tables)
+    return publish_report(Store(store_url), run_id, dataset, model, evaluation, plots, tables, decided)

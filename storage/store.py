@@ -86,12 +86,24 @@ class Store:
     def evaluation_info_file(self, key: str) -> str:
         return self.path("evaluations", key, "evaluation.json")
 
+    def test_predictions_file(self, key: str) -> str:
+        """Every test image's prediction: what a champion/challenger comparison pairs image by image."""
+        return self.path("evaluations", key, "test_predictions.parquet")
+
+    def champion_file(self) -> str:
+        """The pointer to the model in use, at the store's root where consumers look for it first."""
+        return self.path("champion.json")
+
     def table_dir(self, table: str) -> str:
         return self.path("tables", table)
 
-    def table_file(self, table: str, run_id: str) -> str:
-        """Hive layout: ``tables/<table>/run_id=<id>/part-0.parquet``."""
-        return self.path("tables", table, f"run_id={run_id}", "part-0.parquet")
+    def table_file(self, table: str, run_id: str, part: str = "part-0") -> str:
+        """Hive layout: ``tables/<table>/run_id=<id>/<part>.parquet``.
+
+        A run's own rows are ``part-0``; rows added later about that run (a manual promotion of its
+        model) get a part of their own, so nothing already published is rewritten.
+        """
+        return self.path("tables", table, f"run_id={run_id}", f"{part}.parquet")
 
     def report_dir(self, run_id: str) -> str:
         return self.path("reports", run_id)

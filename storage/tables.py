@@ -62,6 +62,28 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("epochs", pa.int32(), nullable=False),
             pa.field("model", pa.string(), nullable=False),
             pa.field("device", pa.string(), nullable=False),
+            # added with the champion gate: null in partitions written before it
+            pa.field("promoted", pa.bool_()),
+            pa.field("champion_model_key", pa.string()),
+        ]
+    ),
+    "promotions": pa.schema(
+        [
+            pa.field("challenger_model_key", pa.string(), nullable=False),
+            pa.field("champion_model_key", pa.string()),
+            pa.field("challenger_balanced_accuracy", pa.float64(), nullable=False),
+            pa.field("champion_balanced_accuracy", pa.float64()),
+            pa.field("challenger_test_accuracy", pa.float64(), nullable=False),
+            pa.field("champion_test_accuracy", pa.float64()),
+            pa.field("mcnemar_b", pa.int64()),
+            pa.field("mcnemar_c", pa.int64()),
+            pa.field("mcnemar_p", pa.float64()),
+            pa.field("worst_digit", pa.int8()),
+            pa.field("worst_digit_drop", pa.float64()),
+            pa.field("decision", pa.string(), nullable=False),
+            pa.field("reason", pa.string(), nullable=False),
+            pa.field("forced", pa.bool_(), nullable=False),
+            pa.field("decided_at", pa.timestamp("us", tz="UTC"), nullable=False),
         ]
     ),
 }
@@ -90,9 +112,9 @@ def write_frame(store: Store, path: str, table: str, frame: pd.DataFrame) -> str
     return path
 
 
-def write_table(store: Store, table: str, run_id: str, frame: pd.DataFrame) -> str:
-    """Write one run's partition of ``table`` atomically; returns its path."""
-    return write_frame(store, store.table_file(table, run_id), table, frame)
+def write_table(store: Store, table: str, run_id: str, frame: pd.DataFrame, part: str = "part-0") -> str:
+    """Write one run's partition of ``table`` (or another part of it) atomically; returns its path."""
+    return write_frame(store, store.table_file(table, run_id, part), table, frame)
 
 
 def read_frame(store: Store, path: str) -> pd.DataFrame:
@@ -115,6 +137,8 @@ def dataset(store: Store, table: str) -> ds.Dataset:
 
 def read_table(store: Store, table: str, run_id: str | None = None) -> pd.DataFrame:
     """All runs of ``table`` (or one) as a DataFrame, ``run_id`` included."""
+    if not store.exists(store.table_dir(table)):  # no run has written it yet
+        return schema(table).append(RUN_ID).empty_table().to_pandas()
     data = dataset(store, table)
     flt = ds.field("run_id") == run_id if run_id is not None else None
     return data.to_table(filter=flt).to_pandas()

@@ -27,14 +27,19 @@ class EvaluationRef(BaseModel):
     n_per_class: int
     seed: int
     predictions_sha256: str
+    test_path: str  # every test image's prediction, for paired comparisons with another model
+    test_predictions_sha256: str
     n_evaluated: int
     test_images: int
     test_accuracy: float
     balanced_accuracy: float
 
 
+EVALUATION_LAYOUT = 2  # 2: the full test set's predictions are stored too (the champion gate pairs them)
+
+
 def evaluation_key(model: ModelRef, n_per_class: int, seed: int) -> str:
-    return sha256_json({"model": model.sha256, "n_per_class": n_per_class, "seed": seed})[:32]
+    return sha256_json({"model": model.sha256, "n_per_class": n_per_class, "seed": seed, "layout": EVALUATION_LAYOUT})[:32]
 
 
 def stratified_sample(labels: np.ndarray, n_per_class: int, seed: int) -> np.ndarray:
@@ -72,7 +77,11 @@ def predictions_frame(indices: np.ndarray, labels: np.ndarray, probabilities: np
 
 def stored_evaluation(store: Store, key: str) -> EvaluationRef | None:
     """The evaluation already made under ``key``, if its predictions are there and match their digest."""
-    return store.load_ref(store.evaluation_info_file(key), EvaluationRef, lambda ref: {ref.path: ref.predictions_sha256})
+    return store.load_ref(
+        store.evaluation_info_file(key),
+        EvaluationRef,
+        lambda ref: {ref.path: ref.predictions_sha256, ref.test_path: ref.test_predictions_sha256},
+    )
 
 
 def evaluate_model(
@@ -94,11 +103,15 @@ def _evaluate(store: Store, dataset: DatasetRef, model_ref: ModelRef, n_per_clas
     predicted = probabilities.argmax(axis=1)
     frame = predictions_frame(sample, mnist.y_test[sample], probabilities[sample])
     path = write_frame(store, store.evaluation_file(key), "predictions", frame)
+    everything = predictions_frame(np.arange(len(mnist.y_test)), mnist.y_test, probabilities)
+    test_path = write_frame(store, store.test_predictions_file(key), "predictions", everything)
     ref = EvaluationRef(
         key=key,
         path=path,
         model_sha256=model_ref.sha256,
         predictions_sha256=store.digest(path)[0],
+        test_path=test_path,
+        test_predictions_sha256=store.digest(test_path)[0],
         dataset_digest=dataset.digest,
         n_per_class=n_per_class,
         seed=seed,

@@ -1,4 +1,4 @@
-"""The run report: PNG plots with seaborn/matplotlib and an ``index.md`` that shows them with the headline numbers.
+"""The evaluation's figures: PNG plots with seaborn/matplotlib, rendered once per evaluation and cached.
 
 Figures are built with ``matplotlib.figure.Figure`` rather than pyplot, so no global state is
 shared between concurrent task runs and no display is ever needed.
@@ -23,7 +23,7 @@ from storage import Store, sha256_bytes, sha256_json
 from storage.tables import read_frame
 from tasks.evaluate import EvaluationRef
 from tasks.fetch import DatasetRef, load_mnist
-from tasks.tabulate import TablesRef, confusion_matrix, per_class_frame
+from tasks.tabulate import confusion_matrix, per_class_frame
 from tasks.train import ModelRef
 
 DIGITS = list(range(10))
@@ -31,13 +31,7 @@ MISTAKE = "#c0392b"
 GALLERY_MAX = 24
 
 
-class ReportRef(BaseModel):
-    run_id: str
-    directory: str
-    files: dict[str, str]
-
-
-def _png(fig: Figure) -> bytes:
+def png_bytes(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     return buf.getvalue()
@@ -176,59 +170,10 @@ def render_plots(store: Store, dataset: DatasetRef, model: ModelRef, evaluation:
     key = plots_key(model, evaluation)
     files, digests = {}, {}
     for name, fig in figures.items():
-        png = _png(fig)
+        png = png_bytes(fig)
         files[name] = store.plots_file(key, name)
         digests[name] = sha256_bytes(png)
         store.write_bytes(files[name], png)
     ref = PlotsRef(key=key, files=files, sha256=digests, most_confused=pair)
     store.write_text(store.plots_file(key, "plots.json"), ref.model_dump_json(indent=2))
     return ref
-
-
-def publish_report(
-    store: Store, run_id: str, dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef, plots: PlotsRef, tables: TablesRef
-) -> ReportRef:
-    """The run's own report folder ``reports/<run_id>/``: the evaluation's PNGs and an ``index.md``
-    whose figures come from this run's ``per_class`` table."""
-    files = {}
-    for name, path in plots.files.items():
-        files[name] = store.report_file(run_id, name)
-        store.write_bytes(files[name], store.read_bytes(path))
-    per_class = read_frame(store, tables.paths["per_class"])
-    pair = plots.most_confused
-    pair_text = f"true {pair[0]} predicted as {pair[1]}" if pair else "none"
-    worst = per_class.loc[per_class["accuracy"].idxmin()]
-    index = f"""# MNIST run {run_id}
-
-| | |
-|---|---|
-| test accuracy (all {evaluation.test_images} test images) | **{evaluation.test_accuracy:.4f}** |
-| balanced accuracy ({evaluation.n_per_class} per digit, {evaluation.n_evaluated} images) | **{evaluation.balanced_accuracy:.4f}** |
-| weakest digit | {int(worst['label'])}: {worst['accuracy']:.4f} ({worst['accuracy_ci_low']:.4f}–{worst['accuracy_ci_high']:.4f}) |
-| most confused pair | {pair_text} |
-| model | `{model.model}`, {model.epochs} epochs on {model.device} ({model.precision}), {model.train_seconds:.0f} s |
-| model sha256 | `{model.sha256}` |
-| dataset sha256 | `{dataset.digest}` |
-| tables | `{store.path("tables")}` |
-
-## Confusion matrix
-![confusion](confusion.png)
-
-## Mistakes only
-![mistakes](confusion_mistakes.png)
-
-## Per-digit accuracy
-![per-digit accuracy](per_class_accuracy.png)
-
-## Random evaluated images
-![samples](samples.png)
-
-## Most confused pair
-![most confused](most_confused.png)
-
-## Training
-![training curves](training_curves.png)
-"""
-    files["index.md"] = store.report_file(run_id, "index.md")
-    store.write_text(files["index.md"], index)
-    return ReportRef(run_id=run_id, directory=store.report_dir(run_id), files=files)

@@ -87,7 +87,9 @@ def per_class_frame(cm: np.ndarray) -> pd.DataFrame:
     )
 
 
-def run_frame(dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef, parameters: dict) -> pd.DataFrame:
+def run_frame(
+    dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef, parameters: dict, promoted: bool, champion_model_key: str | None
+) -> pd.DataFrame:
     return pd.DataFrame(
         [
             {
@@ -101,15 +103,27 @@ def run_frame(dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef, p
                 "epochs": model.epochs,
                 "model": model.model,
                 "device": model.device,
+                "promoted": promoted,
+                "champion_model_key": champion_model_key,
             }
         ]
     )
 
 
 def tabulate(
-    store: Store, run_id: str, dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef, parameters: dict
+    store: Store,
+    run_id: str,
+    dataset: DatasetRef,
+    model: ModelRef,
+    evaluation: EvaluationRef,
+    parameters: dict,
+    promoted: bool,
+    champion_model_key: str | None,
 ) -> TablesRef:
-    """Write this run's partition of every table; ``runs`` last, so a run listed there is complete."""
+    """Write this run's partition of every table; ``runs`` last, so a run listed there is complete.
+
+    ``promoted`` and ``champion_model_key`` are the champion gate's outcome (the champion after this run).
+    """
     predictions = read_frame(store, evaluation.path)
     cm = confusion_matrix(predictions["true_label"].to_numpy(), predictions["predicted_label"].to_numpy())
     paths = {
@@ -117,5 +131,5 @@ def tabulate(
         "per_class": write_table(store, "per_class", run_id, per_class_frame(cm)),
         "predictions": write_table(store, "predictions", run_id, predictions),
     }
-    paths["runs"] = write_table(store, "runs", run_id, run_frame(dataset, model, evaluation, parameters))
+    paths["runs"] = write_table(store, "runs", run_id, run_frame(dataset, model, evaluation, parameters, promoted, champion_model_key))
     return TablesRef(run_id=run_id, paths=paths)

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from tasks.evaluate import predictions_frame
-from tasks.plots import _png, confusion_heatmap, most_confused, per_class_accuracy, random_samples, training_curves
+from tasks.plots import png_bytes, confusion_heatmap, most_confused, per_class_accuracy, random_samples, training_curves
 from tasks.tabulate import confusion_matrix, per_class_frame
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -31,7 +31,7 @@ def decode(png: bytes) -> np.ndarray:
     return mpimg.imread(io.BytesIO(png), format="png")
 
 
-def test_every_plot_is_a_decodable_png(evaluated):
+def test_every_plot_is_a_decodablepng_bytes(evaluated):
     predictions, images, cm = evaluated
     history = pd.DataFrame({"epoch": [1, 2], "loss": [0.5, 0.2], "accuracy": [0.8, 0.9], "val_loss": [0.3, 0.25],
                             "val_accuracy": [0.88, 0.91], "seconds": [9.0, 8.5]})
@@ -44,7 +44,7 @@ def test_every_plot_is_a_decodable_png(evaluated):
         training_curves(history),
     ]
     for fig in figures:
-        pixels = decode(_png(fig))
+        pixels = decode(png_bytes(fig))
         assert pixels.shape[0] > 100 and pixels.shape[1] > 300
         assert pixels[..., :3].std() > 0.05  # not a blank canvas
 
@@ -66,4 +66,4 @@ def test_a_perfect_model_still_gets_a_gallery_image(evaluated):
     perfect = predictions.assign(predicted_label=predictions["true_label"])
     fig, pair = most_confused(perfect, confusion_matrix(perfect["true_label"], perfect["predicted_label"]), images)
     assert pair is None
-    decode(_png(fig))
+    decode(png_bytes(fig))

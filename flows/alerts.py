@@ -1,0 +1,70 @@
+"""Who hears about a bad night: a Prefect automation that calls a webhook when a run of the nightly
+deployment fails or crashes, or when a model is rejected by the champion gate.
+
+``make serve`` runs this against its server (``python -m flows.alerts``). The webhook is a Prefect
+``Webhook`` block named ``mnist-alerts`` made from ``$MNIST_ALERT_WEBHOOK``, so it can be changed
+later in the UI (Blocks) without touching the automation.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+ALERT_ENV = "MNIST_ALERT_WEBHOOK"
+BLOCK_NAME = "mnist-alerts"
+AUTOMATION_NAME = "mnist-nightly-alerts"
+DEPLOYMENT = "mnist-retrain/nightly"
+ALERT_EVENTS = ("prefect.flow-run.Failed", "prefect.flow-run.Crashed", "mnist.model.rejected")
+
+# the webhook's JSON body: what happened, to what, and why (the gate's reason, when there is one)
+PAYLOAD = """{
+  "alert": "{{ event.event }}",
+  "resource": "{{ event.resource.id }}",
+  "name": "{{ event.resource.get('prefect.resource.name', '') }}",
+  "occurred": "{{ event.occurred }}",
+  "reason": {{ event.payload.get('reason', '') | tojson }},
+  "decision": {{ event.payload.get('decision', '') | tojson }},
+  "state_message": {{ event.payload.get('validated_state', {}).get('message', '') | tojson }}
+}"""
+
+HOW_TO = (
+    f"No alerts: set {ALERT_ENV} to a webhook URL (Slack, Teams, PagerDuty, any HTTP endpoint) and run `make serve` again, "
+    f"to be told when a nightly run fails or crashes, or a model is rejected."
+)
+
+
+def configure_alerts(webhook_url: str | None, deployment: str = DEPLOYMENT) -> str:
+    """Create (or replace) the webhook block and the automation; returns a line for the operator."""
+    if not webhook_url:
+        return HOW_TO
+    from prefect.automations import Automation, CallWebhook, EventTrigger
+    from prefect.blocks.webhook import Webhook
+    from prefect.client.orchestration import get_client
+
+    block_id = Webhook(method="POST", url=webhook_url).save(BLOCK_NAME, overwrite=True)
+    with get_client(sync_client=True) as client:
+        deployment_id = client.read_deployment_by_name(deployment).id
+        for old in client.read_automations_by_name(AUTOMATION_NAME):
+            client.delete_automation(old.id)
+    Automation(
+        name=AUTOMATION_NAME,
+        description=f"Call the {BLOCK_NAME} webhook when a {deployment} run fails or crashes, or a model is rejected.",
+        trigger=EventTrigger(
+            expect=set(ALERT_EVENTS),
+            match_related={"prefect.resource.id": f"prefect.deployment.{deployment_id}"},
+            posture="Reactive",
+            threshold=1,
+        ),
+        actions=[CallWebhook(block_document_id=block_id, payload=PAYLOAD)],
+    ).create()
+    return f"Alerts:         {', '.join(ALERT_EVENTS)} of {deployment} → webhook block {BLOCK_NAME}"
+
+
+def main() -> int:
+    print(configure_alerts(os.environ.get(ALERT_ENV)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""What one run returns and shows: its headline numbers, where its outputs are, and the champion decision."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+
+class RunSummary(BaseModel):
+    run_id: str
+    seed: int
+    test_accuracy: float
+    balanced_accuracy: float
+    n_evaluated: int
+    model: str
+    device: str
+    precision: str
+    model_path: str
+    tables_dir: str
+    report_dir: str
+    report_index: str
+    cache: dict[str, str]
+    decision: str  # promoted or rejected
+    decision_reason: str
+    forced: bool
+    champion_model_key: str | None  # the champion after this run
+    champion_run_id: str | None

@@ -1,0 +1,191 @@
+"""The champion gate's rules: does the night's model (the challenger) replace the one in use?
+
+Both models are compared on the *same images*: the full test set for the paired McNemar test,
+and this run's balanced sample for balanced accuracy and per-digit recall. A difference in
+accuracy between two classifiers on one test set is only evidence if it survives a paired test
+(Dietterich 1998): the exact McNemar test looks only at the images the two models disagree on.
+
+Plain functions on predictions: no store, no Keras, no Prefect.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.model import NUM_CLASSES
+
+ALPHA = 0.05  # two-sided significance level of the paired test
+
+
+class GateRules(BaseModel):
+    """The thresholds a challenger must pass; the flow's "gate" parameter group."""
+
+    model_config = ConfigDict(extra="forbid", title="Champion gate")
+
+    min_balanced_accuracy: float = Field(
+        0.98, ge=0.0, le=1.0, title="Minimum balanced accuracy",
+        description="Value floor: a model below this balanced accuracy is never promoted (0–1).",
+    )
+    max_regression: float = Field(
+        0.0, ge=0.0, le=1.0, title="Largest allowed regression",
+        description="The challenger's balanced accuracy may fall at most this far below the champion's, "
+        "on the same images (0–1; 0: it must be at least as good).",
+    )
+    max_digit_drop: float = Field(
+        0.01, ge=0.0, le=1.0, title="Largest allowed per-digit drop",
+        description="No digit's recall may fall more than this below the champion's (0–1).",
+    )
+    force_promote: bool = Field(
+        False, title="Force promotion",
+        description="Operator's override: promote this run's model whatever the rules say; recorded as forced.",
+    )
+
+
+class Comparison(BaseModel):
+    """Challenger and champion on the same images."""
+
+    challenger_balanced_accuracy: float
+    champion_balanced_accuracy: float
+    challenger_test_accuracy: float
+    champion_test_accuracy: float
+    challenger_recall: list[float]  # per digit, on the balanced sample
+    champion_recall: list[float]
+    n_sample: int
+    n_test: int
+    mcnemar_b: int  # images only the champion gets right
+    mcnemar_c: int  # images only the challenger gets right
+    mcnemar_p: float
+    worst_digit: int
+    worst_digit_drop: float  # champion's recall minus challenger's, on the digit where that is largest
+
+    @property
+    def significantly_worse(self) -> bool:
+        return self.mcnemar_p < ALPHA and self.mcnemar_b > self.mcnemar_c
+
+    @property
+    def significantly_better(self) -> bool:
+        return self.mcnemar_p < ALPHA and self.mcnemar_c > self.mcnemar_b
+
+
+class Decision(BaseModel):
+    promoted: bool
+    forced: bool
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return "promoted" if self.promoted else "rejected"
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value: under H0 the b + c discordant images split like fair coin flips.
+
+    Summed in log space, so 10 000 discordant pairs neither overflow nor underflow.
+    """
+    if b < 0 or c < 0:
+        raise ValueError(f"McNemar counts must be non-negative, got b={b}, c={c}")
+    n, k = b + c, min(b, c)
+    if n == 0 or 2 * k == n:
+        return 1.0
+    log_terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2) for i in range(k + 1)]
+    top = max(log_terms)
+    tail = math.exp(top) * sum(math.exp(t - top) for t in log_terms)
+    return min(1.0, 2.0 * tail)
+
+
+def recall_per_digit(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
+    support = np.bincount(y_true, minlength=NUM_CLASSES)
+    correct = np.bincount(y_true[y_true == y_pred], minlength=NUM_CLASSES)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(support > 0, correct / support, np.nan)
+
+
+def compare(y_test: np.ndarray, sample: np.ndarray, challenger: np.ndarray, champion: np.ndarray) -> Comparison:
+    """Pair two models' predicted labels for every test image; ``sample`` indexes this run's balanced sample."""
+    y_test, challenger, champion = (np.asarray(a, dtype=np.int64) for a in (y_test, challenger, champion))
+    if not (len(y_test) == len(challenger) == len(champion)):
+        raise ValueError(
+            f"cannot pair predictions of different test sets: {len(y_test)} labels, "
+            f"{len(challenger)} challenger and {len(champion)} champion predictions"
+        )
+    new_right, old_right = challenger == y_test, champion == y_test
+    b = int((old_right & ~new_right).sum())
+    c = int((new_right & ~old_right).sum())
+    new_recall = recall_per_digit(y_test[sample], challenger[sample])
+    old_recall = recall_per_digit(y_test[sample], champion[sample])
+    drops = old_recall - new_recall
+    worst = int(np.nanargmax(drops))
+    return Comparison(
+        challenger_balanced_accuracy=float(new_right[sample].mean()),
+        champion_balanced_accuracy=float(old_right[sample].mean()),
+        challenger_test_accuracy=float(new_right.mean()),
+        champion_test_accuracy=float(old_right.mean()),
+        challenger_recall=new_recall.tolist(),
+        champion_recall=old_recall.tolist(),
+        n_sample=len(sample),
+        n_test=len(y_test),
+        mcnemar_b=b,
+        mcnemar_c=c,
+        mcnemar_p=mcnemar_exact(b, c),
+        worst_digit=worst,
+        worst_digit_drop=float(drops[worst]),
+    )
+
+
+def _failures(balanced_accuracy: float, comparison: Comparison | None, rules: GateRules) -> list[str]:
+    failed = []
+    if balanced_accuracy < rules.min_balanced_accuracy:
+        failed.append(f"balanced accuracy {balanced_accuracy:.4f} is below the floor {rules.min_balanced_accuracy:.4f}")
+    if comparison is None:
+        return failed
+    cmp = comparison
+    regression = cmp.champion_balanced_accuracy - cmp.challenger_balanced_accuracy
+    if regression > rules.max_regression + 1e-12:
+        failed.append(
+            f"balanced accuracy {cmp.challenger_balanced_accuracy:.4f} is {regression:.4f} below the champion's "
+            f"{cmp.champion_balanced_accuracy:.4f} (allowed: {rules.max_regression:.4f})"
+        )
+    if cmp.worst_digit_drop > rules.max_digit_drop + 1e-12:
+        d = cmp.worst_digit
+        failed.append(
+            f"digit {d}'s recall fell by {cmp.worst_digit_drop:.4f} ({cmp.challenger_recall[d]:.4f} against the champion's "
+            f"{cmp.champion_recall[d]:.4f}; allowed: {rules.max_digit_drop:.4f})"
+        )
+    if cmp.significantly_worse:
+        failed.append(f"significantly worse than the champion on the {cmp.n_test} paired test images ({mcnemar_text(cmp)})")
+    return failed
+
+
+def mcnemar_text(cmp: Comparison) -> str:
+    verdict = "significantly better" if cmp.significantly_better else "significantly worse" if cmp.significantly_worse else "no significant difference"
+    return f"McNemar b={cmp.mcnemar_b}, c={cmp.mcnemar_c}, p={cmp.mcnemar_p:.3g}: {verdict}"
+
+
+def decide(balanced_accuracy: float, comparison: Comparison | None, rules: GateRules, unavailable: str | None = None) -> Decision:
+    """Apply the rules. ``comparison`` is None when there is no champion; ``unavailable`` says why a
+    champion exists but could not be compared, and then nothing is promoted unless forced."""
+    if unavailable is not None:
+        failed = [f"no comparison could be made ({unavailable})"]
+    else:
+        failed = _failures(balanced_accuracy, comparison, rules)
+    if rules.force_promote:
+        without = "; ".join(failed) if failed else "it would have been promoted anyway"
+        return Decision(promoted=True, forced=True, reason=f"forced by the operator (the rules alone: {without})")
+    if failed:
+        return Decision(promoted=False, forced=False, reason="; ".join(failed))
+    if comparison is None:
+        return Decision(
+            promoted=True, forced=False,
+            reason=f"first champion: balanced accuracy {balanced_accuracy:.4f} meets the floor {rules.min_balanced_accuracy:.4f}",
+        )
+    return Decision(
+        promoted=True, forced=False,
+        reason=(
+            f"passes every rule: balanced accuracy {comparison.challenger_balanced_accuracy:.4f} against the champion's "
+            f"{comparison.champion_balanced_accuracy:.4f}, largest digit drop {comparison.worst_digit_drop:.4f} "
+            f"(digit {comparison.worst_digit}), {mcnemar_text(comparison)}"
+        ),
+    )

@@ -1,0 +1,207 @@
+"""The run's own report folder ``reports/<run_id>/``: the evaluation's cached figures, the two figures
+only this run can draw (the night-by-night trend and challenger versus champion), and an ``index.md``
+that shows them beside the headline numbers and the champion decision."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from pydantic import BaseModel
+
+from storage import Store
+from storage.tables import read_frame, read_table
+from tasks.champion import GateRef
+from tasks.evaluate import EvaluationRef
+from tasks.fetch import DatasetRef
+from tasks.gate import mcnemar_text
+from tasks.plots import DIGITS, png_bytes
+from tasks.tabulate import TablesRef, wilson_interval
+from tasks.train import ModelRef
+
+PROMOTED = "#1e8449"
+REJECTED = "#c0392b"
+CHAMPION = "#b7950b"
+
+
+class ReportRef(BaseModel):
+    run_id: str
+    directory: str
+    files: dict[str, str]
+
+
+def nightly_trend(runs: pd.DataFrame, current_run: str | None = None) -> Figure:
+    """Balanced accuracy of every night with its 95 % interval, promoted and rejected nights apart,
+    and the champion in use after each night as a step line."""
+    runs = runs.sort_values("finished_at").reset_index(drop=True)
+    x = np.arange(len(runs))
+    acc = runs["balanced_accuracy"].to_numpy(dtype=float)
+    low, high = wilson_interval(np.round(acc * runs["n_per_class"] * 10), runs["n_per_class"].to_numpy() * 10)
+    fig = Figure(figsize=(9, 4.2))
+    ax = fig.subplots()
+    ax.fill_between(x, low, high, color="#5d6d7e", alpha=0.18, lw=0, label="95 % interval")
+    ax.plot(x, acc, color="#5d6d7e", lw=1, alpha=0.7)
+    promoted = runs["promoted"].astype("boolean")
+    for mask, style in (
+        (promoted.fillna(False).to_numpy(dtype=bool), dict(marker="o", color=PROMOTED, label="promoted")),
+        ((~promoted).fillna(False).to_numpy(dtype=bool), dict(marker="X", color=REJECTED, label="rejected")),
+        (promoted.isna().to_numpy(dtype=bool), dict(marker=".", color="#999", label="before the gate")),
+    ):
+        if mask.any():
+            ax.scatter(x[mask], acc[mask], s=60, zorder=3, **style)
+    # the champion after each night, at the balanced accuracy it had on the night it was promoted
+    models = runs["model_key"].where(runs["model_key"].notna(), None).tolist()
+    level: dict[str, float] = {}
+    for key, was_promoted, a in zip(models, promoted.fillna(False), acc):
+        if was_promoted and key is not None:
+            level.setdefault(key, a)
+    champions = runs["champion_model_key"].where(runs["champion_model_key"].notna(), None).tolist()
+    champion_level = np.array([level.get(k, np.nan) if k is not None else np.nan for k in champions])
+    if np.isfinite(champion_level).any():
+        ax.step(x, champion_level, where="post", color=CHAMPION, lw=2, label="champion in use")
+        is_champion = np.array([k is not None and k == m for k, m in zip(champions, models)], dtype=bool)
+        ax.scatter(x[is_champion], acc[is_champion], s=220, facecolors="none", edgecolors=CHAMPION, lw=2, zorder=4,
+                   label="the champion after that night")
+    if current_run is not None and (runs["run_id"] == current_run).any():
+        ax.axvline(int(np.flatnonzero(runs["run_id"] == current_run)[0]), color="#888", ls=":", lw=1)
+    step = max(1, len(runs) // 12)
+    ax.set_xticks(x[::step])
+    labels = [f"{t:%m-%d %H:%M}\n{r[:8]}" for t, r in zip(runs["finished_at"].iloc[::step], runs["run_id"].iloc[::step])]
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_xlim(-0.5, len(runs) - 0.5)
+    ax.set_ylabel("balanced accuracy")
+    ax.set_title(f"Balanced accuracy night by night ({len(runs)} runs; dotted: this run)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def champion_vs_challenger(gate: GateRef) -> Figure:
+    """Per-digit recall of both models on this run's balanced sample, side by side."""
+    fig = Figure(figsize=(9, 4.2))
+    ax = fig.subplots()
+    new = np.asarray(gate.challenger_recall, dtype=float)
+    x = np.arange(len(DIGITS))
+    if gate.comparison is not None and gate.champion_before is not None:
+        old = np.asarray(gate.comparison.champion_recall, dtype=float)
+        ax.bar(x - 0.2, old, width=0.4, color=CHAMPION, label=f"champion (run {gate.champion_before.run_id[:8]})")
+        ax.bar(x + 0.2, new, width=0.4, color="#2e86c1", label="challenger (this run)")
+        worst = gate.comparison.worst_digit
+        drop = gate.comparison.worst_digit_drop
+        label = f"largest drop\n{drop:.4f}" if drop > 0 else f"better on every digit\n(least gain {-drop:.4f})"
+        ax.annotate(label, (worst + 0.2, new[worst]), xytext=(0, -40), textcoords="offset points", ha="center", fontsize=8,
+                    bbox=dict(boxstyle="round", fc="white", ec="#999"), arrowprops=dict(arrowstyle="->", color="#333"))
+        low = np.nanmin(np.concatenate([old, new]))
+    else:
+        ax.bar(x, new, width=0.6, color="#2e86c1", label="challenger (this run); no champion to compare with")
+        low = np.nanmin(new)
+    ax.set_ylim(max(0.0, low - 0.03), 1.005)
+    ax.set_xticks(x)
+    ax.set_xlabel("digit")
+    ax.set_ylabel("recall on the balanced sample")
+    colour = PROMOTED if gate.promoted else REJECTED
+    ax.set_title(f"Challenger versus champion: {gate.decision}" + (" (forced)" if gate.forced else ""), color=colour)
+    ax.legend(fontsize=8, loc="lower left")
+    return fig
+
+
+def trend_frame(store: Store) -> pd.DataFrame:
+    """Every night of the store with the model it trained (from the promotions table) beside it."""
+    runs = read_table(store, "runs")
+    decisions = read_table(store, "promotions")
+    nightly = decisions[decisions["reason"] != "manual"].drop_duplicates("run_id")[["run_id", "challenger_model_key"]]
+    return runs.merge(nightly.rename(columns={"challenger_model_key": "model_key"}), on="run_id", how="left")
+
+
+def decision_markdown(gate: GateRef) -> str:
+    cmp, before, after = gate.comparison, gate.champion_before, gate.champion_after
+    lines = [f"**{gate.decision.upper()}**{' (forced)' if gate.forced else ''}: {gate.reason}", ""]
+    if gate.pointer_problem:
+        lines += [f"> {gate.pointer_problem}", ""]
+    if cmp is not None and before is not None:
+        lines += [
+            "| | challenger (this run) | champion |",
+            "|---|---|---|",
+            f"| model | `{gate.challenger_model_key}` | `{before.model_key}` (run {before.run_id}) |",
+            f"| balanced accuracy ({cmp.n_sample} images) | {_with_ci(cmp.challenger_balanced_accuracy, cmp.n_sample)} | "
+            f"{_with_ci(cmp.champion_balanced_accuracy, cmp.n_sample)} |",
+            f"| test accuracy ({cmp.n_test} images) | {_with_ci(cmp.challenger_test_accuracy, cmp.n_test)} | "
+            f"{_with_ci(cmp.champion_test_accuracy, cmp.n_test)} |",
+            f"| worst digit | {cmp.worst_digit}: {cmp.challenger_recall[cmp.worst_digit]:.4f} | "
+            f"{cmp.champion_recall[cmp.worst_digit]:.4f} (drop {cmp.worst_digit_drop:+.4f}) |",
+            "",
+            f"Paired test on the {cmp.n_test} test images: {mcnemar_text(cmp)} "
+            "(b: only the champion right, c: only the challenger right).",
+            "",
+        ]
+    else:
+        lines += ["No champion to compare with.", ""]
+    lines.append(f"Champion after this run: `{after.model_key}` (run {after.run_id})" if after else "No champion after this run.")
+    return "\n".join(lines)
+
+
+def _with_ci(p: float, n: int) -> str:
+    low, high = wilson_interval(np.array([round(p * n)]), np.array([n]))
+    return f"**{p:.4f}** ({float(low[0]):.4f}–{float(high[0]):.4f})"
+
+
+def publish_report(
+    store: Store, run_id: str, dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef, plots, tables: TablesRef,
+    gate: GateRef,
+) -> ReportRef:
+    """Copy the evaluation's figures, draw this run's own, and write ``index.md``; figures come from
+    this run's tables and the store's whole history, so the report is the run's record."""
+    files = {}
+    for name, path in plots.files.items():
+        files[name] = store.report_file(run_id, name)
+        store.write_bytes(files[name], store.read_bytes(path))
+    for name, fig in (("trend.png", nightly_trend(trend_frame(store), run_id)), ("champion_vs_challenger.png", champion_vs_challenger(gate))):
+        files[name] = store.report_file(run_id, name)
+        store.write_bytes(files[name], png_bytes(fig))
+    per_class = read_frame(store, tables.paths["per_class"])
+    pair = plots.most_confused
+    pair_text = f"true {pair[0]} predicted as {pair[1]}" if pair else "none"
+    worst = per_class.loc[per_class["accuracy"].idxmin()]
+    index = f"""# MNIST run {run_id}
+
+## Champion decision
+{decision_markdown(gate)}
+
+![challenger versus champion](champion_vs_challenger.png)
+
+## Night by night
+![trend](trend.png)
+
+## This run
+| | |
+|---|---|
+| test accuracy (all {evaluation.test_images} test images) | **{evaluation.test_accuracy:.4f}** |
+| balanced accuracy ({evaluation.n_per_class} per digit, {evaluation.n_evaluated} images) | **{evaluation.balanced_accuracy:.4f}** |
+| weakest digit | {int(worst['label'])}: {worst['accuracy']:.4f} ({worst['accuracy_ci_low']:.4f}–{worst['accuracy_ci_high']:.4f}) |
+| most confused pair | {pair_text} |
+| model | `{model.model}`, {model.epochs} epochs on {model.device} ({model.precision}), {model.train_seconds:.0f} s |
+| model sha256 | `{model.sha256}` |
+| dataset sha256 | `{dataset.digest}` |
+| tables | `{store.path("tables")}` |
+
+## Confusion matrix
+![confusion](confusion.png)
+
+## Mistakes only
+![mistakes](confusion_mistakes.png)
+
+## Per-digit accuracy
+![per-digit accuracy](per_class_accuracy.png)
+
+## Random evaluated images
+![samples](samples.png)
+
+## Most confused pair
+![most confused](most_confused.png)
+
+## Training
+![training curves](training_curves.png)
+"""
+    files["index.md"] = store.report_file(run_id, "index.md")
+    store.write_text(files["index.md"], index)
+    return ReportRef(run_id=run_id, directory=store.report_dir(run_id), files=files)
