@@ -10,7 +10,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: run test venv clean serve stop bench bench-quick
+.PHONY: run test venv clean serve stop bench bench-quick browser
 
 venv: $(STAMP)
 
@@ -23,8 +23,14 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/mnist-pipeline run $(RUN_ARGS)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
+
+# The UI test drives Debian's chromium through Playwright (Playwright's own browser download needs the open web).
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null); } || \
+	  { echo "make test needs chromium for the UI test: install Debian's chromium package (apt-get install chromium)"; exit 1; }
 
 serve: $(STAMP)
 	$(BIN)/python -m flows.serve start

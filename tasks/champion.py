@@ -74,14 +74,19 @@ class GateRef(BaseModel):
 
 # ---- the pointer --------------------------------------------------------------------------
 def _intact_model(store: Store, key: str, sha256: str | None = None) -> tuple[ModelRef | None, str | None]:
-    """The stored model under ``key`` if its file is there and matches its digest, else why not."""
+    """The model under ``key`` in *this* store, if its file is there and matches its digest, else why not.
+
+    The digest checked is the one the pointer recorded (else the model's own ``model.json``), and
+    the path is rebuilt from the key, so a pointer is only as good as the bytes it names.
+    """
     path = store.model_file(key)
     if not store.exists(path):
         return None, f"its model file {path} is missing"
     ref = stored_model(store, key)
-    if ref is None or (sha256 is not None and ref.sha256 != sha256):
-        return None, f"its model file {path} does not match the SHA-256 {(sha256 or '?')[:12]}… recorded for it"
-    return ref, None
+    expected = sha256 or (ref.sha256 if ref else None)
+    if ref is None or expected is None or store.digest(path)[0] != expected:
+        return None, f"its model file {path} does not match the SHA-256 {(expected or '?')[:12]}… recorded for it"
+    return ref.model_copy(update={"path": path}), None
 
 
 def read_pointer(store: Store) -> Champion | None:

@@ -88,20 +88,23 @@ def champion_vs_challenger(gate: GateRef) -> Figure:
         ax.bar(x + 0.2, new, width=0.4, color="#2e86c1", label="challenger (this run)")
         worst = gate.comparison.worst_digit
         drop = gate.comparison.worst_digit_drop
-        label = f"largest drop\n{drop:.4f}" if drop > 0 else f"better on every digit\n(least gain {-drop:.4f})"
-        ax.annotate(label, (worst + 0.2, new[worst]), xytext=(0, -40), textcoords="offset points", ha="center", fontsize=8,
-                    bbox=dict(boxstyle="round", fc="white", ec="#999"), arrowprops=dict(arrowstyle="->", color="#333"))
+        subtitle = f"largest drop: digit {worst}, {drop:.4f}" if drop > 0 else f"better on every digit (least gain: digit {worst}, {-drop:.4f})"
         low = np.nanmin(np.concatenate([old, new]))
     else:
         ax.bar(x, new, width=0.6, color="#2e86c1", label="challenger (this run); no champion to compare with")
         low = np.nanmin(new)
+        worst, subtitle = None, "no champion to compare with"
     ax.set_ylim(max(0.0, low - 0.03), 1.005)
     ax.set_xticks(x)
     ax.set_xlabel("digit")
     ax.set_ylabel("recall on the balanced sample")
     colour = PROMOTED if gate.promoted else REJECTED
-    ax.set_title(f"Challenger versus champion: {gate.decision}" + (" (forced)" if gate.forced else ""), color=colour)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.set_title(f"Challenger versus champion: {gate.decision}" + (" (forced)" if gate.forced else "") + f"\n{subtitle}", color=colour)
+    if worst is not None:
+        tick = ax.get_xticklabels()[worst]
+        tick.set_color(REJECTED if drop > 0 else "#333")
+        tick.set_fontweight("bold")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     return fig
 
 
@@ -122,7 +125,7 @@ def decision_markdown(gate: GateRef) -> str:
         lines += [
             "| | challenger (this run) | champion |",
             "|---|---|---|",
-            f"| model | `{gate.challenger_model_key}` | `{before.model_key}` (run {before.run_id}) |",
+            f"| model | `{gate.challenger_model_key}` | `{before.model_key}` (run {before.run_id[:8]}) |",
             f"| balanced accuracy ({cmp.n_sample} images) | {_with_ci(cmp.challenger_balanced_accuracy, cmp.n_sample)} | "
             f"{_with_ci(cmp.champion_balanced_accuracy, cmp.n_sample)} |",
             f"| test accuracy ({cmp.n_test} images) | {_with_ci(cmp.challenger_test_accuracy, cmp.n_test)} | "

@@ -22,7 +22,7 @@ def model(sha: str = "a" * 64, key: str = "k1") -> ModelRef:
 
 
 def evaluation(key: str = "e1") -> EvaluationRef:
-    return EvaluationRef(key=key, path="/p", model_sha256="a" * 64, dataset_digest="d" * 64, predictions_sha256="p" * 64,
+    return EvaluationRef(key=key, path="/p", model_sha256="a" * 64, dataset_digest="d" * 64, predictions_sha256="p" * 64, test_path="/t", test_predictions_sha256="t" * 64,
                          n_per_class=5, seed=0, n_evaluated=50, test_images=100, test_accuracy=0.5, balanced_accuracy=0.5)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,11 +20,12 @@ from tasks.fetch import fetch_mnist
 
 pytestmark = pytest.mark.slow
 
-PLOTS = ("confusion.png", "confusion_mistakes.png", "per_class_accuracy.png", "samples.png", "most_confused.png", "training_curves.png")
+PLOTS = ("confusion.png", "confusion_mistakes.png", "per_class_accuracy.png", "samples.png", "most_confused.png", "training_curves.png",
+         "trend.png", "champion_vs_challenger.png")
 
 
 def check_run(store: Store, run_id: str, n_per_class: int, epochs: int) -> None:
-    tables = {t: read_table(store, t, run_id=run_id) for t in TABLES}
+    tables = {t: read_table(store, t, run_id=run_id) for t in TABLES if t != "promotions"}
     confusion, per_class, predictions, runs = (tables[t] for t in ("confusion", "per_class", "predictions", "runs"))
     n = 10 * n_per_class
     assert len(confusion) == 100 and confusion["count"].sum() == n
@@ -76,3 +78,40 @@ def test_console_script_with_a_directory_source(mnist_store: Store, tmp_path: Pa
     run_id = read_table(store, "runs")["run_id"].item()
     check_run(store, run_id, n_per_class=100, epochs=1)
     assert "from directory" in done.stdout + done.stderr
+
+
+def test_three_nights_promote_reject_promote(mnist_store: Store, prefect_harness, tmp_path: Path) -> None:
+    """The issue's acceptance runs: a first champion, a weak night rejected, a better night promoted."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from flows.pipeline import mnist_retrain
+
+    store = Store(tmp_path / "store")
+    store.fs.copy(mnist_store.path("objects"), store.path("objects"), recursive=True)
+    nights = [(1, 6000, 1), (1, 2000, 2), (2, 12000, 3)]
+    summaries = [
+        mnist_retrain(PipelineParameters(epochs=e, train_limit=n, seed=s, n_per_class=100, store=store.url, gate={"min_balanced_accuracy": 0.5}))
+        for e, n, s in nights
+    ]
+    assert [s.decision for s in summaries] == ["promoted", "rejected", "promoted"], [s.decision_reason for s in summaries]
+    decisions = read_table(store, "promotions").sort_values("decided_at")
+    assert decisions["decision"].tolist() == ["promoted", "rejected", "promoted"]
+    assert decisions["run_id"].tolist() == [s.run_id for s in summaries]
+    assert decisions["mcnemar_p"].iloc[1] < 0.05 and "significantly worse" in decisions["reason"].iloc[1]
+    runs = read_table(store, "runs").set_index("run_id")
+    first, second, third = (s.run_id for s in summaries)
+    assert runs.loc[second, "promoted"] == False and runs.loc[second, "champion_model_key"] == summaries[0].champion_model_key  # noqa: E712
+    assert runs.loc[third, "champion_model_key"] == summaries[2].champion_model_key != summaries[0].champion_model_key
+
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "champion", "--store", store.url, "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and json.loads(done.stdout)["run_id"] == third
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[second])))
+    (summary,) = [a for a in artifacts if a.key == "mnist-run-summary"]
+    assert "**REJECTED**" in summary.data and "McNemar b=" in summary.data
+    assert summary.data.count("](data:image/png;base64,") == 8
+    index = (Path(store.report_dir(second)) / "index.md").read_text()
+    assert "**REJECTED**" in index and "](trend.png)" in index and "](champion_vs_challenger.png)" in index

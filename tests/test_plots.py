@@ -67,3 +67,36 @@ def test_a_perfect_model_still_gets_a_gallery_image(evaluated):
     fig, pair = most_confused(perfect, confusion_matrix(perfect["true_label"], perfect["predicted_label"]), images)
     assert pair is None
     decode(png_bytes(fig))
+
+
+def test_report_figures_render_with_and_without_a_champion():
+    from datetime import datetime, timedelta, timezone
+
+    from tasks.champion import Champion, GateRef
+    from tasks.gate import compare
+    from tasks.report import champion_vs_challenger, nightly_trend
+
+    y = np.repeat(np.arange(10), 50)
+    champion_pred, challenger_pred = y.copy(), y.copy()
+    champion_pred[:5] = 1
+    challenger_pred[50:60] = 2
+    cmp = compare(y, np.arange(len(y)), challenger_pred, champion_pred)
+    start = datetime(2026, 11, 20, 2, tzinfo=timezone.utc)
+    champion = Champion(model_key="a" * 32, sha256="0" * 64, run_id="run-1", balanced_accuracy=0.99, test_accuracy=0.99,
+                        promoted_at=start, reason="first champion")
+    for comparison, before in ((cmp, champion), (None, None)):
+        gate = GateRef(run_id="run-2", challenger_model_key="b" * 32, decision="rejected", reason="r", forced=False,
+                       comparison=comparison, challenger_recall=[0.9] * 10, champion_before=before, champion_after=before,
+                       pointer_problem=None, row={})
+        assert decode(png_bytes(champion_vs_challenger(gate)))[..., :3].std() > 0.05
+    runs = pd.DataFrame({
+        "run_id": [f"run-{i}" for i in range(5)],
+        "finished_at": [start + timedelta(days=i) for i in range(5)],
+        "balanced_accuracy": [0.990, 0.985, 0.992, 0.991, 0.993],
+        "n_per_class": [800] * 5,
+        "promoted": pd.array([None, True, True, False, True], dtype="boolean"),  # the first night predates the gate
+        "model_key": [None, "m1", "m2", "m3", "m4"],
+        "champion_model_key": [None, "m1", "m2", "m2", "m4"],
+    })
+    pixels = decode(png_bytes(nightly_trend(runs, current_run="run-3")))
+    assert pixels.shape[1] > 600 and pixels[..., :3].std() > 0.05

@@ -1,9 +1,14 @@
 """The nightly deployment against a real Prefect server: `prefect server start`, pools, `prefect deploy --all`
-from this repository's prefect.yaml, a process worker, two triggered runs (cold, then all cached)."""
+from this repository's prefect.yaml, the alert automation, a process worker, two triggered runs (cold, then all
+cached), a failing run, webhook alerts received on loopback, and the summary artifact in a real browser."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -17,8 +22,42 @@ pytestmark = pytest.mark.slow
 PARAMS = {"params": {"epochs": 1, "train_limit": 3000, "n_per_class": 20, "seed": 11}}
 
 
+class Receiver:
+    """A webhook endpoint on loopback that keeps every JSON body it is sent."""
+
+    def __init__(self) -> None:
+        received = self.received = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/alert"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, alerts: set[str], timeout: float = 90) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not alerts <= {b["alert"] for b in self.received}:
+            time.sleep(1)
+        return self.received
+
+
 @pytest.fixture
-def stack(tmp_path: Path, mnist_store: Store):
+def receiver():
+    r = Receiver()
+    yield r
+    r.server.shutdown()
+
+
+@pytest.fixture
+def stack(tmp_path: Path, mnist_store: Store, receiver: Receiver, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("MNIST_ALERT_WEBHOOK", receiver.url)
     store = Store(tmp_path / "store")
     store.fs.copy(mnist_store.path("objects"), store.path("objects"), recursive=True)  # the download is tested elsewhere
     local = LocalStack(tmp_path / "prefect-home", port=free_port(), store=store.url, poll_seconds=2)
@@ -30,7 +69,7 @@ def stack(tmp_path: Path, mnist_store: Store):
         assert any(s.startswith("server") for s in stopped)
 
 
-def test_nightly_deployment_runs_and_reruns_from_cache(stack):
+def test_nightly_deployment_runs_and_reruns_from_cache(stack, receiver, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
     from prefect.deployments import run_deployment
@@ -80,6 +119,47 @@ def test_nightly_deployment_runs_and_reruns_from_cache(stack):
             progress = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[cold.id])))
             assert any(a.type == "progress" and float(a.data) == 100.0 for a in progress)
 
+            # one epoch on 3000 images is far below the default floor: the gate rejects, the run still completes
+            assert "**REJECTED**" in by_key["mnist-run-summary"].data and "below the floor" in by_key["mnist-run-summary"].data
+            blocker = tmp_path / "a-file"
+            blocker.write_text("not a directory")
+            failing = run_deployment("mnist-retrain/nightly", parameters={"params": {**PARAMS["params"], "store": str(blocker / "s")}},
+                                     timeout=300, poll_interval=2)
+            assert failing.state.is_failed(), failing.state
+            bodies = receiver.wait_for({"mnist.model.rejected", "prefect.flow-run.Failed"})
+            alerts = {b["alert"]: b for b in bodies}
+            assert {"mnist.model.rejected", "prefect.flow-run.Failed"} <= set(alerts), bodies
+            assert "below the floor" in alerts["mnist.model.rejected"]["reason"] and alerts["mnist.model.rejected"]["decision"] == "rejected"
+            assert alerts["prefect.flow-run.Failed"]["resource"] == f"prefect.flow-run.{failing.id}"
+            check_images_in_browser(local.ui_url, by_key["mnist-run-summary"].id)
+
     runs = read_table(store, "runs")
     assert set(runs["run_id"]) == {str(cold.id), str(warm.id)}
     assert len(read_table(store, "confusion")) == 200
+
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def check_images_in_browser(ui_url: str, artifact_id) -> None:
+    """Open the summary artifact as a person would, in both of Prefect's UIs: every embedded plot decodes."""
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium")
+    assert chromium, "the browser check needs Debian's chromium: `apt-get install chromium` (make test installs it as root)"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            for ui in ("", "/v2"):
+                page.goto(f"{ui_url}{ui}/artifacts/artifact/{artifact_id}", wait_until="networkidle")
+                page.wait_for_function(  # rendered and decoded, not just present in the DOM
+                    "(() => { const i = [...document.querySelectorAll('img[src^=\"data:image/png\"]')];"
+                    " return i.length >= 8 && i.every(e => e.complete && e.naturalWidth > 0); })()",
+                    timeout=30_000,
+                )
+                widths = page.eval_on_selector_all('img[src^="data:image/png"]', "els => els.map(e => e.complete ? e.naturalWidth : 0)")
+                assert len(widths) == 8 and min(widths) > 0, (ui or "/", widths)
+                assert page.get_by_text("Champion decision").count() >= 1
+        finally:
+            browser.close()

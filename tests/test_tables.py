@@ -25,9 +25,16 @@ def sample_frames(seed: int) -> dict[str, pd.DataFrame]:
     runs = pd.DataFrame([{
         "finished_at": datetime(2026, 11, 25, 2, 0, tzinfo=timezone.utc), "dataset_sha256": "d" * 64, "model_sha256": "m" * 64,
         "parameters": json.dumps({"epochs": 1}), "test_accuracy": 0.99, "balanced_accuracy": 0.98, "n_per_class": 5,
-        "epochs": 1, "model": "seed", "device": "CPU:0",
+        "epochs": 1, "model": "seed", "device": "CPU:0", "promoted": bool(seed % 2), "champion_model_key": "k" * 32,
     }])
-    return {"confusion": confusion_frame(cm), "per_class": per_class_frame(cm), "predictions": predictions, "runs": runs}
+    promotions = pd.DataFrame([{
+        "challenger_model_key": "c" * 32, "champion_model_key": None, "challenger_balanced_accuracy": 0.98,
+        "champion_balanced_accuracy": None, "challenger_test_accuracy": 0.99, "champion_test_accuracy": None,
+        "mcnemar_b": None, "mcnemar_c": None, "mcnemar_p": None, "worst_digit": None, "worst_digit_drop": None,
+        "decision": "promoted", "reason": "first champion", "forced": False, "decided_at": datetime(2026, 11, 25, 2, 5, tzinfo=timezone.utc),
+    }])
+    return {"confusion": confusion_frame(cm), "per_class": per_class_frame(cm), "predictions": predictions, "runs": runs,
+            "promotions": promotions}
 
 
 @pytest.fixture
@@ -85,3 +92,26 @@ def test_a_frame_missing_a_column_is_refused(store):
     with pytest.raises(ValueError, match="missing columns \\['share_of_true'\\]"):
         write_table(store, "confusion", "run-x", frame)
     assert not store.exists(store.table_file("confusion", "run-x"))
+
+
+def test_promotions_has_exactly_the_documented_columns(store, two_runs):
+    promotions = read_table(store, "promotions")
+    assert list(promotions.columns) == [
+        "challenger_model_key", "champion_model_key", "challenger_balanced_accuracy", "champion_balanced_accuracy",
+        "challenger_test_accuracy", "champion_test_accuracy", "mcnemar_b", "mcnemar_c", "mcnemar_p", "worst_digit",
+        "worst_digit_drop", "decision", "reason", "forced", "decided_at", "run_id",
+    ]
+    assert len(promotions) == 2 and promotions["champion_model_key"].isna().all()
+
+
+def test_runs_written_before_the_gate_read_with_empty_gate_columns(store, two_runs):
+    old = sample_frames(3)["runs"].drop(columns=["promoted", "champion_model_key"])
+    path = store.table_file("runs", "run-old")
+    store.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    pq.write_table(pa.Table.from_pandas(old, preserve_index=False), path)  # a partition in the old layout
+    runs = read_table(store, "runs").set_index("run_id")
+    assert pd.isna(runs.loc["run-old", "promoted"]) and runs.loc["run-b", "promoted"] == True  # noqa: E712
+
+
+def test_a_table_no_run_has_written_reads_as_empty(store):
+    assert read_table(store, "promotions").empty

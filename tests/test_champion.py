@@ -1,0 +1,197 @@
+"""The champion gate on real, small trainings: each test starts from an empty champion history, with
+three models trained once per module (weak: 1 epoch on 2000 images; medium: 1 epoch on 6000;
+better: 2 epochs on 12000)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from storage import Store
+from storage.tables import read_table
+from tasks.champion import ChampionError, find_champion, gate, promote_run, read_pointer, rollback
+from tasks.evaluate import evaluate_model
+from tasks.fetch import fetch_mnist
+from tasks.gate import GateRules
+from tasks.tabulate import tabulate
+from tasks.train import TrainConfig, train_model
+from tests.test_gate import reference_mcnemar
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+N_PER_CLASS = 100
+LENIENT = GateRules(min_balanced_accuracy=0.5, max_digit_drop=1.0)  # tiny trainings: one digit may lag
+CONFIGS = {
+    "weak": TrainConfig(epochs=1, train_limit=2000, seed=2),
+    "medium": TrainConfig(epochs=1, train_limit=6000, seed=1),
+    "better": TrainConfig(epochs=2, train_limit=12000, seed=3),
+}
+
+
+@pytest.fixture(scope="module")
+def lab(mnist_store: Store):
+    """Models and evaluations, trained once: {name: (dataset, model, evaluation)}."""
+    dataset = fetch_mnist(mnist_store, sources=[], log=lambda _: None)
+    trained = {}
+    for name, config in CONFIGS.items():
+        model = train_model(mnist_store, dataset, config, log=lambda _: None)
+        evaluation = evaluate_model(mnist_store, dataset, model, N_PER_CLASS, seed=7)
+        trained[name] = (dataset, model, evaluation)
+    ranked = [trained[n][2].balanced_accuracy for n in ("weak", "medium", "better")]
+    assert ranked == sorted(ranked), f"the three trainings should rank weak < medium < better, got {ranked}"
+    return trained
+
+
+@pytest.fixture
+def store(tmp_path: Path, mnist_store: Store, lab) -> Store:
+    """A store with the lab's models and no champion yet."""
+    fresh = Store(tmp_path / "store")
+    fresh.fs.copy(mnist_store.path("models"), fresh.path("models"), recursive=True)
+    return fresh
+
+
+def decide(store: Store, lab, name: str, run_id: str, rules: GateRules = LENIENT, log=lambda _: None):
+    dataset, model, evaluation = lab[name]
+    decided = gate(store, dataset, model, evaluation, rules, run_id, log=log)
+    after = decided.champion_after.model_key if decided.champion_after else None
+    tabulate(store, run_id, dataset, model, evaluation, {"seed": model.key}, decided.promoted, after)  # the runs table
+    return decided
+
+
+def test_the_first_model_becomes_champion(store, lab):
+    decided = decide(store, lab, "medium", "run-1")
+    assert decided.promoted and decided.reason.startswith("first champion") and decided.comparison is None
+    pointer = read_pointer(store)
+    assert pointer.model_key == lab["medium"][1].key and pointer.sha256 == lab["medium"][1].sha256 and pointer.run_id == "run-1"
+    (row,) = read_table(store, "promotions").itertuples()
+    assert row.decision == "promoted" and pd.isna(row.champion_model_key) and not row.forced
+    runs = read_table(store, "runs")
+    assert runs["promoted"].tolist() == [True] and runs["champion_model_key"].tolist() == [lab["medium"][1].key]
+
+
+def test_the_first_model_below_the_floor_is_rejected(store, lab):
+    decided = decide(store, lab, "weak", "run-1", rules=GateRules(min_balanced_accuracy=0.99))
+    assert not decided.promoted and "below the floor" in decided.reason
+    assert read_pointer(store) is None and read_table(store, "runs")["champion_model_key"].isna().all()
+
+
+def test_a_weak_model_is_rejected_against_a_better_champion(store, lab):
+    decide(store, lab, "better", "run-1")
+    decided = decide(store, lab, "weak", "run-2")
+    cmp = decided.comparison
+    assert not decided.promoted and "significantly worse" in decided.reason
+    assert cmp.mcnemar_b > cmp.mcnemar_c and cmp.mcnemar_p < 0.05
+    assert cmp.mcnemar_p == pytest.approx(reference_mcnemar(cmp.mcnemar_b, cmp.mcnemar_c), rel=1e-9, abs=1e-300)
+    assert cmp.n_test == 10_000 and cmp.n_sample == 10 * N_PER_CLASS
+    assert read_pointer(store).run_id == "run-1"
+    rows = read_table(store, "promotions", run_id="run-2")
+    assert rows["decision"].item() == "rejected" and rows["mcnemar_p"].item() < 0.05
+    assert rows["champion_model_key"].item() == lab["better"][1].key
+    runs = read_table(store, "runs", run_id="run-2")
+    assert not runs["promoted"].item() and runs["champion_model_key"].item() == lab["better"][1].key
+
+
+def test_a_better_model_replaces_a_weaker_champion(store, lab):
+    decide(store, lab, "weak", "run-1")
+    decided = decide(store, lab, "better", "run-2")
+    assert decided.promoted and decided.comparison.significantly_better and "significantly better" in decided.reason
+    assert read_pointer(store).model_key == lab["better"][1].key
+    assert decided.champion_before.run_id == "run-1" and decided.champion_after.run_id == "run-2"
+
+
+def test_a_forced_promotion_is_recorded_as_forced(store, lab):
+    decide(store, lab, "better", "run-1")
+    decided = decide(store, lab, "weak", "run-2", rules=LENIENT.model_copy(update={"force_promote": True}))
+    assert decided.promoted and decided.forced and "significantly worse" in decided.reason
+    assert read_pointer(store).forced and read_pointer(store).run_id == "run-2"
+    assert read_table(store, "promotions", run_id="run-2")["forced"].item()
+
+
+def test_a_broken_pointer_falls_back_to_the_last_intact_champion(store, lab):
+    decide(store, lab, "weak", "run-1")
+    decide(store, lab, "medium", "run-2")
+    medium_file = Path(store.model_file(lab["medium"][1].key))
+    medium_file.write_bytes(medium_file.read_bytes() + b"tampered")
+    said = []
+    decided = decide(store, lab, "better", "run-3", log=said.append)
+    (problem,) = said
+    assert f"names model {lab['medium'][1].key} from run run-2, but its model file {medium_file} does not match" in problem
+    assert "using the last intact champion, run run-1" in problem
+    assert decided.promoted and decided.champion_before.run_id == "run-1"  # compared with the weak model
+    assert read_pointer(store).run_id == "run-3"
+
+
+def test_a_broken_pointer_with_no_intact_champion_promotes_nothing(store, lab):
+    decide(store, lab, "weak", "run-1")
+    os.remove(store.model_file(lab["weak"][1].key))
+    decided = decide(store, lab, "better", "run-2")
+    assert not decided.promoted and "no comparison could be made" in decided.reason and "is missing" in decided.reason
+    assert read_pointer(store).run_id == "run-1"  # left as it was: the operator decides
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "champion", "--store", store.url],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0 and "is missing" in done.stderr and "no earlier champion is intact" in done.stderr
+
+
+def test_two_gates_at_once_leave_one_consistent_pointer(store, lab):
+    barrier = threading.Barrier(2)
+    results, errors = {}, []
+
+    def run(name: str, run_id: str) -> None:
+        try:
+            barrier.wait()
+            results[name] = decide(store, lab, name, run_id)
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=a) for a in (("weak", "run-w"), ("better", "run-b"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    decisions = read_table(store, "promotions").sort_values("decided_at")
+    assert len(decisions) == 2
+    first, second = decisions.itertuples()
+    assert pd.isna(first.champion_model_key) and second.champion_model_key == first.challenger_model_key  # one after the other
+    assert read_pointer(store).model_key == lab["better"][1].key  # whichever went first, the better model ends up champion
+    assert json.loads(Path(store.champion_file()).read_text())["run_id"] == "run-b"
+
+
+def test_manual_promote_and_rollback_through_the_cli(store, lab):
+    decide(store, lab, "weak", "run-1")
+    decide(store, lab, "better", "run-2")
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "flows.cli", *args, "--store", store.url],
+                              capture_output=True, text=True, cwd=REPO, timeout=120)
+
+    done = cli("rollback")
+    assert done.returncode == 0, done.stderr
+    assert read_pointer(store).model_key == lab["weak"][1].key and read_pointer(store).reason == "manual"
+    done = cli("promote", "run-2")
+    assert done.returncode == 0, done.stderr
+    assert f"Champion is now model {lab['better'][1].key} of run run-2" in done.stdout
+    done = cli("champion", "--json")
+    shown = json.loads(done.stdout)
+    assert shown["run_id"] == "run-2" and shown["model_key"] == lab["better"][1].key and shown["forced"]
+    manual = read_table(store, "promotions").query("reason == 'manual'").sort_values("decided_at")
+    assert manual["challenger_model_key"].tolist() == [lab["weak"][1].key, lab["better"][1].key]
+    assert manual["champion_model_key"].tolist() == [lab["better"][1].key, lab["weak"][1].key]
+    assert len(read_table(store, "promotions", run_id="run-2")) == 2  # its nightly decision is kept beside the manual one
+    done = cli("promote", "no-such-run")
+    assert done.returncode == 1 and "Run no-such-run is not in the runs table" in done.stderr
+
+
+def test_rollback_without_a_champion_says_so(store):
+    with pytest.raises(ChampionError, match="no champion"):
+        rollback(store)
+    with pytest.raises(ChampionError, match="not in the runs table"):
+        promote_run(store, "run-x")
+    assert find_champion(store).champion is None
