@@ -24,6 +24,8 @@ run: $(STAMP)
 	$(BIN)/mnist-pipeline run $(RUN_ARGS)
 
 test: $(STAMP) browser
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 # The UI test drives Debian's chromium through Playwright (Playwright's own browser download needs the open web).

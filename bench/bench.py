@@ -27,11 +27,15 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from storage import Store  # noqa: E402
+from tasks.champion import gate  # noqa: E402
 from tasks.evaluate import evaluate_model  # noqa: E402
 from tasks.fetch import fetch_mnist, load_mnist  # noqa: E402
+from tasks.gate import GateRules  # noqa: E402
+from tasks.metrics import wilson_interval  # noqa: E402
 from tasks.model import build_seed_model  # noqa: E402
-from tasks.plots import publish_report, render_plots  # noqa: E402
-from tasks.tabulate import tabulate, wilson_interval  # noqa: E402
+from tasks.plots import render_plots  # noqa: E402
+from tasks.report import publish_report  # noqa: E402
+from tasks.tabulate import tabulate  # noqa: E402
 from tasks.train import TrainConfig, train_model  # noqa: E402
 
 
@@ -100,8 +104,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data-store", default=os.environ.get("MNIST_STORE", str(REPO / "artifacts")),
-                        help="store that holds (or will hold) the verified MNIST files")
+    parser.add_argument(
+        "--data-store",
+        default=os.environ.get("MNIST_STORE", str(REPO / "artifacts")),
+        help="store that holds (or will hold) the verified MNIST files",
+    )
     args = parser.parse_args()
 
     data_store = Store(args.data_store)
@@ -118,9 +125,11 @@ def main() -> None:
 
         started = time.perf_counter()
         evaluation = evaluate_model(store, dataset, model, n_per_class=800, seed=args.seed, reuse=False)
-        tables = tabulate(store, "bench", dataset, model, evaluation, {"bench": True})
         plots = render_plots(store, dataset, model, evaluation)
-        publish_report(store, "bench", dataset, model, evaluation, plots, tables)
+        decided = gate(store, dataset, model, evaluation, GateRules(), "bench", log=lambda _: None)
+        after = decided.champion_after.model_key if decided.champion_after else None
+        tables = tabulate(store, "bench", dataset, model, evaluation, {"bench": True}, decided.promoted, after)
+        publish_report(store, "bench", dataset, model, evaluation, plots, tables, decided)
         eval_tables_plots = time.perf_counter() - started
 
         flow_store = Store(tmp / "flow-store")
@@ -129,18 +138,25 @@ def main() -> None:
         cold, cold_rss = timed_cli(cli_args, tmp / "prefect")
         warm, warm_rss = timed_cli(cli_args, tmp / "prefect")
 
-    print(json.dumps({
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "epochs": args.epochs,
-        "batch_size": 128,
-        "baseline_plain_keras": baseline,
-        "ours": ours_figures,
-        "ratio_images_per_second_ours_over_baseline": round(ours_figures["images_per_second"] / baseline["images_per_second"], 2),
-        "flow_cold_run_seconds": cold,
-        "flow_warm_rerun_seconds": warm,
-        "evaluation_tables_plots_seconds": round(eval_tables_plots, 1),
-        "peak_rss_gb_full_run": max(cold_rss, warm_rss),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+                "epochs": args.epochs,
+                "batch_size": 128,
+                "baseline_plain_keras": baseline,
+                "ours": ours_figures,
+                "ratio_images_per_second_ours_over_baseline": round(
+                    ours_figures["images_per_second"] / baseline["images_per_second"], 2
+                ),
+                "flow_cold_run_seconds": cold,
+                "flow_warm_rerun_seconds": warm,
+                "evaluation_tables_plots_seconds": round(eval_tables_plots, 1),
+                "peak_rss_gb_full_run": max(cold_rss, warm_rss),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

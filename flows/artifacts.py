@@ -41,8 +41,12 @@ def confusion_rows(confusion: pd.DataFrame) -> list[dict]:
 def publish(store: Store, tables: TablesRef, summary_markdown: str) -> None:
     per_class = read_frame(store, tables.paths["per_class"])
     confusion = read_frame(store, tables.paths["confusion"])
-    create_table_artifact(per_digit_rows(per_class), key=PER_DIGIT_KEY, description="Per-digit accuracy with 95 % Wilson interval")
-    create_table_artifact(confusion_rows(confusion), key=CONFUSION_KEY, description="Confusion matrix on the balanced sample (rows: true digit)")
+    create_table_artifact(
+        per_digit_rows(per_class), key=PER_DIGIT_KEY, description="Per-digit accuracy with 95 % Wilson interval"
+    )
+    create_table_artifact(
+        confusion_rows(confusion), key=CONFUSION_KEY, description="Confusion matrix on the balanced sample (rows: true digit)"
+    )
     create_markdown_artifact(summary_markdown, key=SUMMARY_KEY, description="Run summary")
 
 
@@ -65,7 +69,7 @@ def embedded_png(png: bytes, alt: str) -> str:
 
 
 def summary_markdown(store: Store, summary: RunSummary, decided: GateRef, report: ReportRef) -> str:
-    steps = "\n".join(f"| {step} | {state} |" for step, state in summary.cache.items())
+    steps = "\n".join(f"| {step} | {state} |" for step, state in summary.step_states.items())
     figures = "\n\n".join(
         f"### {title}\n{embedded_png(store.read_bytes(report.files[name]), title)}"
         for title, name in SUMMARY_FIGURES
@@ -81,7 +85,7 @@ def summary_markdown(store: Store, summary: RunSummary, decided: GateRef, report
 |---|---|
 | test accuracy (10 000 images) | **{summary.test_accuracy:.4f}** |
 | balanced accuracy ({summary.n_evaluated} images) | **{summary.balanced_accuracy:.4f}** |
-| model | `{summary.model}` on {summary.device} ({summary.precision}) |
+| model | `{summary.network}` on {summary.device} ({summary.precision}) |
 | seed | {summary.seed} |
 | Parquet tables | `{summary.tables_dir}` |
 | plots and report | `{summary.report_dir}` |

@@ -1,17 +1,18 @@
 """Cross-run caching keyed on content, not on run ids.
 
 Prefect's ``DEFAULT`` policy includes the flow-run id, so it never hits across runs. Here each
-heavy step's key is a digest of what determines its output (pinned checksums; dataset digest,
-training parameters and code version; model digest and evaluation parameters). The cached value
-is a small reference to files in the store; before a hit is served, the policy checks that those
-files are still there and intact, and drops the stale record otherwise, so the step runs again
-instead of handing out a reference to missing bytes.
+heavy step's key is a digest of what determines its output: its inputs' content and the code it
+runs (``tasks.*_key``, built with ``storage.code_digest``). The cached value is a small reference
+to files in the store, so before a step is called, a record whose files are missing or altered is
+forgotten (``forget_stale_record``) and the step runs again instead of handing out a reference to
+missing bytes.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prefect.cache_policies import CachePolicy
@@ -19,51 +20,52 @@ from prefect.context import TaskRunContext
 
 from storage import Store
 from tasks.evaluate import evaluation_key, stored_evaluation
-from tasks.fetch import MNIST_FILES, dataset_digest, stored_dataset
+from tasks.fetch import dataset_key, stored_dataset
 from tasks.plots import plots_key, stored_plots
 from tasks.train import stored_model, training_key
-
-KeyFn = Callable[[dict[str, Any]], str]
-IntactFn = Callable[[Store, str], bool]
 
 
 @dataclass
 class StoredArtifactPolicy(CachePolicy):
-    """Key = step name + content digest of the inputs; a hit only if the stored artifact is intact."""
+    """Key = step name + ``key(*inputs)``, in the manner of Prefect's ``Inputs(...)`` but on content.
+
+    ``inputs`` names the task parameters the key reads, in order; ``lookup(store, content_key)``
+    returns the stored artifact if it is intact, else None. Every task using it takes ``store_url``.
+    """
 
     step: str = ""
-    content_key: KeyFn | None = None
-    intact: IntactFn | None = None
+    key: Callable[..., str] = field(default=lambda: "")
+    inputs: tuple[str, ...] = ()
+    lookup: Callable[[Store, str], Any] = field(default=lambda store, key: None)
 
-    def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str:
-        assert self.content_key is not None and self.intact is not None
+    def content_key(self, inputs: dict[str, Any]) -> str:
+        return self.key(*(inputs[name] for name in self.inputs))
+
+    def compute_key(
+        self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
+    ) -> str:
+        return f"{self.step}-{self.content_key(inputs)}"
+
+    def forget_stale_record(self, inputs: dict[str, Any]) -> bool:
+        """Drop the cached record if the artifact it refers to is gone or altered; True if it was dropped."""
         store = Store(inputs["store_url"])
         content = self.content_key(inputs)
-        record = f"{self.step}-{content}"
-        if not self.intact(store, content):
-            store.remove(store.result_record(record))
-        return record
+        if self.lookup(store, content) is not None:
+            return False
+        store.remove(store.result_record(f"{self.step}-{content}"))
+        return True
 
 
-def fetch_key(inputs: dict[str, Any]) -> str:
-    return dataset_digest(MNIST_FILES)[:32]
-
-
-def train_key(inputs: dict[str, Any]) -> str:
-    return training_key(inputs["dataset"], inputs["config"])
-
-
-def evaluate_key(inputs: dict[str, Any]) -> str:
-    return evaluation_key(inputs["model"], inputs["n_per_class"], inputs["seed"])
-
-
-def plot_key(inputs: dict[str, Any]) -> str:
-    return plots_key(inputs["model"], inputs["evaluation"])
-
-
-FETCH = StoredArtifactPolicy(step="fetch", content_key=fetch_key, intact=lambda store, _: stored_dataset(store) is not None)
-TRAIN = StoredArtifactPolicy(step="train", content_key=train_key, intact=lambda store, key: stored_model(store, key) is not None)
+FETCH = StoredArtifactPolicy(step="fetch", key=dataset_key, lookup=lambda store, _key: stored_dataset(store))
+TRAIN = StoredArtifactPolicy(step="train", key=training_key, inputs=("dataset", "config"), lookup=stored_model)
 EVALUATE = StoredArtifactPolicy(
-    step="evaluate", content_key=evaluate_key, intact=lambda store, key: stored_evaluation(store, key) is not None
+    step="evaluate", key=evaluation_key, inputs=("model", "n_per_class", "seed"), lookup=stored_evaluation
 )
-PLOT = StoredArtifactPolicy(step="plot", content_key=plot_key, intact=lambda store, key: stored_plots(store, key) is not None)
+PLOT = StoredArtifactPolicy(step="plot", key=plots_key, inputs=("model", "evaluation"), lookup=stored_plots)
+
+
+def call_cached(step, *args: Any, result_storage, refresh: bool = False):
+    """Call a cached step (returning its state): stale records are forgotten first, ``refresh`` recomputes."""
+    inputs = inspect.signature(step.fn).bind(*args).arguments
+    step.cache_policy.forget_stale_record(inputs)
+    return step.with_options(result_storage=result_storage, refresh_cache=refresh or None)(*args, return_state=True)

@@ -31,20 +31,42 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", default=defaults.model.value, help="network: seed (default) or strong")
     run.add_argument("--epochs", type=int, default=defaults.epochs, help="training epochs (default %(default)s)")
     run.add_argument("--batch-size", type=int, default=defaults.batch_size, help="batch size (default %(default)s)")
-    run.add_argument("--n-per-class", type=int, default=defaults.n_per_class, help="evaluation images per digit (default %(default)s)")
+    run.add_argument(
+        "--n-per-class", type=int, default=defaults.n_per_class, help="evaluation images per digit (default %(default)s)"
+    )
     run.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default %(default)s)")
-    run.add_argument("--train-limit", type=int, default=None, help="train on a stratified subset of this many images (default: all 60000)")
-    run.add_argument("--precision", default=defaults.precision.value, help="auto (default), float32, mixed_bfloat16, mixed_float16")
-    run.add_argument("--store", default=None, help="artifact store directory or fsspec URL (default: $MNIST_STORE, else ./artifacts)")
-    run.add_argument("--mnist-source", default=None, help="directory with the four MNIST IDX files, tried first (default: $MNIST_SOURCE)")
+    run.add_argument(
+        "--train-limit", type=int, default=None, help="train on a stratified subset of this many images (default: all 60000)"
+    )
+    run.add_argument(
+        "--precision", default=defaults.precision.value, help="auto (default), float32, mixed_bfloat16, mixed_float16"
+    )
+    run.add_argument(
+        "--store", default=None, help="artifact store directory or fsspec URL (default: $MNIST_STORE, else ./artifacts)"
+    )
+    run.add_argument(
+        "--mnist-source", default=None, help="directory with the four MNIST IDX files, tried first (default: $MNIST_SOURCE)"
+    )
     rules = defaults.gate
     gate = run.add_argument_group("champion gate", "when this run's model replaces the champion (compared on the same images)")
-    gate.add_argument("--min-balanced-accuracy", type=float, default=rules.min_balanced_accuracy,
-                      help="value floor for the new model (default %(default)s)")
-    gate.add_argument("--max-regression", type=float, default=rules.max_regression,
-                      help="how far the balanced accuracy may fall below the champion's (default %(default)s)")
-    gate.add_argument("--max-digit-drop", type=float, default=rules.max_digit_drop,
-                      help="how far any digit's recall may fall below the champion's (default %(default)s)")
+    gate.add_argument(
+        "--min-balanced-accuracy",
+        type=float,
+        default=rules.min_balanced_accuracy,
+        help="value floor for the new model (default %(default)s)",
+    )
+    gate.add_argument(
+        "--max-regression",
+        type=float,
+        default=rules.max_regression,
+        help="how far the balanced accuracy may fall below the champion's (default %(default)s)",
+    )
+    gate.add_argument(
+        "--max-digit-drop",
+        type=float,
+        default=rules.max_digit_drop,
+        help="how far any digit's recall may fall below the champion's (default %(default)s)",
+    )
     gate.add_argument("--force-promote", action="store_true", help="promote whatever the rules say (recorded as forced)")
 
     store_help = "artifact store directory or fsspec URL (default: $MNIST_STORE, else ./artifacts)"
@@ -71,8 +93,10 @@ def parameters_from(args: argparse.Namespace) -> PipelineParameters:
         store=args.store,
         mnist_source=args.mnist_source,
         gate={
-            "min_balanced_accuracy": args.min_balanced_accuracy, "max_regression": args.max_regression,
-            "max_digit_drop": args.max_digit_drop, "force_promote": args.force_promote,
+            "min_balanced_accuracy": args.min_balanced_accuracy,
+            "max_regression": args.max_regression,
+            "max_digit_drop": args.max_digit_drop,
+            "force_promote": args.force_promote,
         },
     )
 
@@ -94,7 +118,9 @@ def champion_command(args: argparse.Namespace) -> int:
         print(f"mnist-pipeline {args.command}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     before = row["champion_model_key"] or "none"
-    print(f"Champion is now model {row['challenger_model_key']} of run {row['run_id']} (was {before}); recorded in promotions as manual.")
+    print(
+        f"Champion is now model {row['challenger_model_key']} of run {row['run_id']} (was {before}); recorded in promotions as manual."
+    )
     return 0
 
 
@@ -103,7 +129,13 @@ def print_champion(store, lookup, as_json: bool) -> int:
         print(lookup.problem, file=sys.stderr)
     champion = lookup.champion
     if as_json:
-        print(json.dumps(None if champion is None else {**champion.model_dump(mode="json"), "model_path": store.model_file(champion.model_key)}))
+        print(
+            json.dumps(
+                None
+                if champion is None
+                else {**champion.model_dump(mode="json"), "model_path": store.model_file(champion.model_key)}
+            )
+        )
         return 0
     if champion is None:
         print(f"No champion in {store.url} yet: the first run whose model meets the floor becomes champion.")
@@ -150,11 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nTest accuracy:      {summary.test_accuracy:.4f} (all 10000 test images)\n"
         f"Balanced accuracy:  {summary.balanced_accuracy:.4f} ({summary.n_evaluated} images, {params.n_per_class} per digit)\n"
-        f"Model:              {summary.model} on {summary.device} ({summary.precision}) → {summary.model_path}\n"
+        f"Model:              {summary.network} on {summary.device} ({summary.precision}) → {summary.model_path}\n"
         f"Parquet tables:     {summary.tables_dir}\n"
         f"Plots and report:   {summary.report_dir} (open {summary.report_index})\n"
-        f"Steps:              {', '.join(f'{step} {state}' for step, state in summary.cache.items())}\n"
-        f"Champion:           {summary.champion_model_key or 'none'}" + (f" (run {summary.champion_run_id})" if summary.champion_run_id else "") + "\n"
+        f"Steps:              {', '.join(f'{step} {state}' for step, state in summary.step_states.items())}\n"
+        f"Champion:           {summary.champion_model_key or 'none'}"
+        + (f" (run {summary.champion_run_id})" if summary.champion_run_id else "")
+        + "\n"
         f"Decision:           {summary.decision.upper()}{' (forced)' if summary.forced else ''}\n"
         f"Reason:             {summary.decision_reason}"
     )

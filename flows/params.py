@@ -6,63 +6,69 @@ its allowed range.
 
 from __future__ import annotations
 
-from enum import Enum
+from copy import copy
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks.gate import GateRules
 from tasks.model import ModelName
+from tasks.train import SEED_MAX, Precision, TrainConfig
 
 RAREST_TEST_DIGIT = 892  # digit 5 in the MNIST test set: the most a balanced sample can take per digit
-TRAIN_IMAGES = 60_000
-
-
-class Precision(str, Enum):
-    auto = "auto"
-    float32 = "float32"
-    mixed_bfloat16 = "mixed_bfloat16"
-    mixed_float16 = "mixed_float16"
+TRAINING = TrainConfig.model_fields  # training fields are declared once, in TrainConfig
 
 
 class PipelineParameters(BaseModel):
-    """One nightly retrain: what to train, how to evaluate it, and where artifacts go."""
+    """One nightly retrain: what to train, how to evaluate and gate it, and where artifacts go."""
 
     model_config = ConfigDict(extra="forbid", use_enum_values=False, title="MNIST retrain parameters")
 
-    model: ModelName = Field(ModelName.seed, title="Model", description="Network to train; `seed` is the seed notebook's CNN, `strong` a deeper option (about 4x the compute).")
-    epochs: int = Field(15, ge=1, le=500, title="Epochs", description="Training epochs (1–500).")
-    batch_size: int = Field(128, ge=1, le=8192, title="Batch size", description="Training batch size (1–8192).")
+    model: ModelName = copy(TRAINING["model"])
+    epochs: int = copy(TRAINING["epochs"])
+    batch_size: int = copy(TRAINING["batch_size"])
     n_per_class: int = Field(
-        800, ge=1, le=RAREST_TEST_DIGIT, title="Images per digit (evaluation)",
+        800,
+        ge=1,
+        le=RAREST_TEST_DIGIT,
+        title="Images per digit (evaluation)",
         description=f"Balanced evaluation draws this many test images of every digit, without replacement (1–{RAREST_TEST_DIGIT}).",
     )
     seed: int | None = Field(
-        0, ge=0, le=2**31 - 1, title="Seed",
-        description="Seeds initialisation, shuffling, subsets and the evaluation sample (0–2147483647). "
+        0,
+        ge=0,
+        le=SEED_MAX,
+        title="Seed",
+        description=f"Seeds initialisation, shuffling, subsets and the evaluation sample (0–{SEED_MAX}). "
         "Empty: draw a new seed at run time, as the nightly deployment does, so each night trains a new model; "
         "the seed drawn is logged and recorded in the runs table.",
     )
-    train_limit: int | None = Field(
-        None, ge=100, le=TRAIN_IMAGES, title="Training images",
-        description=f"Train on a stratified subset of this many images (100–{TRAIN_IMAGES}); empty for all 60 000.",
-    )
-    precision: Precision = Field(
-        Precision.auto, title="Precision",
-        description="Keras dtype policy; `auto` uses mixed_float16 on a GPU, mixed_bfloat16 on a CPU with native bf16, else float32.",
-    )
+    train_limit: int | None = copy(TRAINING["train_limit"])
+    precision: Precision = copy(TRAINING["precision"])
     gate: GateRules = Field(
-        default_factory=GateRules, title="Champion gate",
+        default_factory=GateRules,
+        title="Champion gate",
         description="When this run's model replaces the champion: compared on the same images, with a paired McNemar test.",
     )
     refresh: bool = Field(
-        False, title="Refresh", description="Recompute everything after the download (training, evaluation, plots) even if cached."
+        False,
+        title="Refresh",
+        description="Recompute everything after the download (training, evaluation, plots) even if cached.",
     )
     store: str | None = Field(
-        None, title="Artifact store", description="Directory or fsspec URL for all artifacts; empty for $MNIST_STORE or ./artifacts."
+        None,
+        title="Artifact store",
+        description="Directory or fsspec URL for all artifacts; empty for $MNIST_STORE or ./artifacts.",
     )
     mnist_source: str | None = Field(
-        None, title="MNIST source directory", description="A directory holding the four IDX files, tried before the network; empty for $MNIST_SOURCE."
+        None,
+        title="MNIST source directory",
+        description="A directory holding the four IDX files, tried before the network; empty for $MNIST_SOURCE.",
     )
+
+    def train_config(self, seed: int) -> TrainConfig:
+        """The training part of these parameters, with the seed this run uses."""
+        shared = {name: getattr(self, name) for name in TRAINING if name in type(self).model_fields and name != "seed"}
+        return TrainConfig(**shared, seed=seed)
 
 
 def describe_errors(error: ValidationError) -> str:

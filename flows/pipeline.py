@@ -11,10 +11,10 @@ from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 
 from flows import artifacts, steps
+from flows.caching import call_cached
 from flows.params import PipelineParameters
 from flows.summary import RunSummary
 from storage import Store
-from tasks.train import TrainConfig
 
 
 @flow(
@@ -36,35 +36,45 @@ def mnist_retrain(params: PipelineParameters = PipelineParameters()) -> RunSumma
     results = store.result_storage()
     reuse = not params.refresh
 
-    def cached(step):  # the store holds the cache; `refresh` recomputes everything after the download
-        return step.with_options(result_storage=results, refresh_cache=params.refresh or None)
+    def cached(step, *args):  # the store holds the cache; `refresh` recomputes everything after the download
+        return call_cached(step, *args, result_storage=results, refresh=params.refresh and step is not steps.fetch_mnist)
 
-    config = TrainConfig(
-        model=params.model, epochs=params.epochs, batch_size=params.batch_size, seed=seed,
-        train_limit=params.train_limit, precision=params.precision.value,
-    )
-
-    fetched = steps.fetch.with_options(result_storage=results)(store.url, params.mnist_source, return_state=True)
+    fetched = cached(steps.fetch_mnist, store.url, params.mnist_source)
     dataset = fetched.result()
-    trained = cached(steps.train)(store.url, dataset, config, reuse, return_state=True)
+    trained = cached(steps.train, store.url, dataset, params.train_config(seed), reuse)
     model = trained.result()
-    evaluated = cached(steps.evaluate)(store.url, dataset, model, params.n_per_class, seed, reuse, return_state=True)
+    evaluated = cached(steps.evaluate, store.url, dataset, model, params.n_per_class, seed, reuse)
     evaluation = evaluated.result()
-    plotted = cached(steps.plot)(store.url, dataset, model, evaluation, return_state=True)
+    plotted = cached(steps.plot, store.url, dataset, model, evaluation)
     plots = plotted.result()
     decided = steps.gate(store.url, run_id, dataset, model, evaluation, params.gate)
-    tables = steps.write_tables(store.url, run_id, dataset, model, evaluation, params.model_dump(mode="json"), decided)
+    tables = steps.tabulate(store.url, run_id, dataset, model, evaluation, params.model_dump(mode="json"), decided)
     report = steps.report(store.url, run_id, dataset, model, evaluation, plots, tables, decided)
 
-    cache = {name: state.name for name, state in (("fetch-mnist", fetched), ("train", trained), ("evaluate", evaluated), ("plot", plotted))}
+    states = {
+        name: state.name
+        for name, state in (("fetch-mnist", fetched), ("train", trained), ("evaluate", evaluated), ("plot", plotted))
+    }
     summary = RunSummary(
-        run_id=run_id, seed=seed, test_accuracy=evaluation.test_accuracy, balanced_accuracy=evaluation.balanced_accuracy,
-        n_evaluated=evaluation.n_evaluated, model=model.model, device=model.device, precision=model.precision,
-        model_path=model.path, tables_dir=store.path("tables"), report_dir=report.directory,
-        report_index=report.files["index.md"], cache=cache, decision=decided.decision, decision_reason=decided.reason,
-        forced=decided.forced, champion_model_key=decided.champion_after.model_key if decided.champion_after else None,
+        run_id=run_id,
+        seed=seed,
+        test_accuracy=evaluation.test_accuracy,
+        balanced_accuracy=evaluation.balanced_accuracy,
+        n_evaluated=evaluation.n_evaluated,
+        network=model.network,
+        device=model.device,
+        precision=model.precision,
+        model_path=model.path,
+        tables_dir=store.path("tables"),
+        report_dir=report.directory,
+        report_index=report.files["index.md"],
+        step_states=states,
+        decision=decided.decision,
+        decision_reason=decided.reason,
+        forced=decided.forced,
+        champion_model_key=decided.champion_after.model_key if decided.champion_after else None,
         champion_run_id=decided.champion_after.run_id if decided.champion_after else None,
     )
     artifacts.publish(store, tables, artifacts.summary_markdown(store, summary, decided, report))
-    logger.info("Steps: %s", ", ".join(f"{k} {v}" for k, v in cache.items()))
+    logger.info("Steps: %s", ", ".join(f"{k} {v}" for k, v in states.items()))
     return summary

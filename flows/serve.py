@@ -1,5 +1,6 @@
 """A real local Prefect stack: server (SQLite, loopback), the ``gpu`` work pool, deployments from
-``prefect.yaml``, the alert automation (``flows/alerts.py``), and a process worker. ``make serve`` starts it, ``make stop`` stops it by pid.
+``prefect.yaml``, the alert automation (``flows/alerts.py``), and a process worker.
+``make serve`` starts it, ``make stop`` stops it by pid.
 
 The same class drives the real-server test, so what CI proves is what ``make serve`` runs.
 """
@@ -63,7 +64,9 @@ class LocalStack:
             [sys.executable, "-m", "prefect", *args], cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout
         )
         if done.returncode != 0:
-            raise RuntimeError(f"`prefect {' '.join(args)}` failed (exit {done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+            raise RuntimeError(
+                f"`prefect {' '.join(args)}` failed (exit {done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+            )
         return done.stdout
 
     def _python(self, *args: str, timeout: float = 120) -> str:
@@ -75,8 +78,13 @@ class LocalStack:
     def _spawn(self, name: str, *args: str) -> int:
         with open(self.home / f"{name}.log", "ab") as log:  # the child keeps its own copy of the handle
             proc = subprocess.Popen(
-                [sys.executable, "-m", "prefect", *args], cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                [sys.executable, "-m", "prefect", *args],
+                cwd=REPO,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         pids = self._pids()
         pids[name] = proc.pid
@@ -98,7 +106,9 @@ class LocalStack:
             if not self._alive("server"):
                 raise RuntimeError(f"the Prefect server exited; see {self.home / 'server.log'}")
             time.sleep(0.5)
-        raise TimeoutError(f"the Prefect server did not answer on {self.api_url} within {timeout:.0f} s; see {self.home / 'server.log'}")
+        raise TimeoutError(
+            f"the Prefect server did not answer on {self.api_url} within {timeout:.0f} s; see {self.home / 'server.log'}"
+        )
 
     def _alive(self, name: str) -> bool:
         pid = self._pids().get(name)
@@ -122,7 +132,9 @@ class LocalStack:
         self._prefect("deploy", "--all", "--no-prompt")
         self.alerts = self._python("-m", "flows.alerts").strip()
         for pool in POOLS:
-            self._spawn(f"worker-{pool}", "worker", "start", "--pool", pool, "--type", "process", "--name", f"{pool}-worker-local")
+            self._spawn(
+                f"worker-{pool}", "worker", "start", "--pool", pool, "--type", "process", "--name", f"{pool}-worker-local"
+            )
 
     def stop(self, grace: float = 15) -> list[str]:
         """Stop every recorded process group (SIGTERM, then SIGKILL after ``grace`` seconds)."""
@@ -159,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["start", "stop"])
     parser.add_argument("--home", default=str(REPO / ".serve"), help="PREFECT_HOME, logs and pids (default .serve/)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("PREFECT_PORT", 4200)))
-    parser.add_argument("--store", default=os.environ.get("MNIST_STORE"), help="artifact store for deployed runs (default ./artifacts)")
+    parser.add_argument(
+        "--store", default=os.environ.get("MNIST_STORE"), help="artifact store for deployed runs (default ./artifacts)"
+    )
     args = parser.parse_args(argv)
     stack = LocalStack(Path(args.home), port=args.port, store=args.store)
     if args.command == "stop":

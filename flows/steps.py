@@ -1,7 +1,8 @@
 """The thin Prefect layer over ``tasks/``: each step as a ``@task`` with its cache policy, logger and retries.
 
-Steps take and return small references (store URL, paths, digests), never arrays or models, so
-they can be cached across runs, retried, and run on another machine against the same store.
+Each step is named as the ``tasks/`` function it wraps. Steps take and return small references
+(store URL, paths, digests), never arrays or models, so they can be cached across runs, retried,
+and run on another machine against the same store.
 Heavy steps are cached on content (``flows/caching.py``); per-run publication (tables, report
 folder) always runs, as it is the record of that run.
 """
@@ -14,49 +15,60 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 from prefect.logging import get_run_logger
 
+import tasks.champion
+import tasks.fetch
+import tasks.tabulate
 from flows import caching
 from storage import Store
 from tasks.champion import GateRef
-from tasks.champion import gate as gate_challenger
 from tasks.evaluate import EvaluationRef, evaluate_model
-from tasks.fetch import DatasetRef, default_sources, fetch_mnist
+from tasks.fetch import DatasetRef, default_sources
 from tasks.gate import GateRules
+from tasks.model import ModelRef
 from tasks.plots import PlotsRef, render_plots
 from tasks.report import ReportRef, publish_report
-from tasks.tabulate import TablesRef, tabulate
-from tasks.train import ModelRef, TrainConfig, train_model
+from tasks.tabulate import TablesRef
+from tasks.train import TrainConfig, train_model
 
 PROGRESS_KEY = "mnist-training-progress"
 
 
 @task(name="fetch-mnist", cache_policy=caching.FETCH, persist_result=True, retries=1, retry_delay_seconds=5)
-def fetch(store_url: str, mnist_source: str | None = None) -> DatasetRef:
+def fetch_mnist(store_url: str, mnist_source: str | None = None) -> DatasetRef:
     logger = get_run_logger()
-    ref = fetch_mnist(Store(store_url), sources=default_sources(mnist_source), log=logger.info)
-    logger.info("MNIST %s verified (from %s)", ref.digest[:12], ", ".join(ref.sources))
+    ref = tasks.fetch.fetch_mnist(Store(store_url), sources=default_sources(mnist_source), log=logger.info)
+    logger.info("MNIST %s verified (from %s)", ref.sha256[:12], ", ".join(ref.sources))
     return ref
 
 
 @task(name="train", cache_policy=caching.TRAIN, persist_result=True)
 def train(store_url: str, dataset: DatasetRef, config: TrainConfig, reuse: bool = True) -> ModelRef:
     logger = get_run_logger()
-    progress = create_progress_artifact(0.0, key=PROGRESS_KEY, description=f"Training {config.model.value}: epochs done / {config.epochs}")
+    progress = create_progress_artifact(
+        0.0, key=PROGRESS_KEY, description=f"Training {config.model.value}: epochs done / {config.epochs}"
+    )
 
     def on_epoch(done: int, total: int, row: dict) -> None:
         update_progress_artifact(progress, 100.0 * done / total)
 
     ref = train_model(Store(store_url), dataset, config, log=logger.info, on_epoch=on_epoch, reuse=reuse)
     update_progress_artifact(progress, 100.0)
-    logger.info("Model %s: %s (sha256 %s)", ref.model, ref.path, ref.sha256[:12])
+    logger.info("Model %s: %s (sha256 %s)", ref.network, ref.path, ref.sha256[:12])
     return ref
 
 
 @task(name="evaluate", cache_policy=caching.EVALUATE, persist_result=True)
-def evaluate(store_url: str, dataset: DatasetRef, model: ModelRef, n_per_class: int, seed: int, reuse: bool = True) -> EvaluationRef:
+def evaluate(
+    store_url: str, dataset: DatasetRef, model: ModelRef, n_per_class: int, seed: int, reuse: bool = True
+) -> EvaluationRef:
     ref = evaluate_model(Store(store_url), dataset, model, n_per_class, seed, reuse=reuse)
     get_run_logger().info(
         "Test accuracy %.4f on %d images; balanced accuracy %.4f on %d (%d per digit)",
-        ref.test_accuracy, ref.test_images, ref.balanced_accuracy, ref.n_evaluated, ref.n_per_class,
+        ref.test_accuracy,
+        ref.test_images,
+        ref.balanced_accuracy,
+        ref.n_evaluated,
+        ref.n_per_class,
     )
     return ref
 
@@ -70,13 +82,18 @@ MODEL_EVENT = "mnist.model.{decision}"
 
 
 @task(name="gate", cache_policy=NO_CACHE)
-def gate(store_url: str, run_id: str, dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef, rules: GateRules) -> GateRef:
+def gate(
+    store_url: str, run_id: str, dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef, rules: GateRules
+) -> GateRef:
     """Decide whether this run's model replaces the champion; never cached, since the champion moves."""
     logger = get_run_logger()
-    decided = gate_challenger(Store(store_url), dataset, model, evaluation, rules, run_id, log=logger.warning)
+    decided = tasks.champion.gate(Store(store_url), dataset, model, evaluation, rules, run_id, log=logger.warning)
     emit_event(
         event=MODEL_EVENT.format(decision=decided.decision),
-        resource={"prefect.resource.id": f"mnist.model.{model.key}", "prefect.resource.name": f"{model.model} {model.key[:12]}"},
+        resource={
+            "prefect.resource.id": f"mnist.model.{model.key}",
+            "prefect.resource.name": f"{model.network} {model.key[:12]}",
+        },
         payload=decided.row,
     )
     logger.info("Model %s %s: %s", model.key[:12], decided.decision, decided.reason)
@@ -84,16 +101,28 @@ def gate(store_url: str, run_id: str, dataset: DatasetRef, model: ModelRef, eval
 
 
 @task(name="tabulate", cache_policy=NO_CACHE)
-def write_tables(
-    store_url: str, run_id: str, dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef, parameters: dict, decided: GateRef
+def tabulate(
+    store_url: str,
+    run_id: str,
+    dataset: DatasetRef,
+    model: ModelRef,
+    evaluation: EvaluationRef,
+    parameters: dict,
+    decided: GateRef,
 ) -> TablesRef:
     after = decided.champion_after.model_key if decided.champion_after else None
-    return tabulate(Store(store_url), run_id, dataset, model, evaluation, parameters, decided.promoted, after)
+    return tasks.tabulate.tabulate(Store(store_url), run_id, dataset, model, evaluation, parameters, decided.promoted, after)
 
 
 @task(name="report", cache_policy=NO_CACHE)
 def report(
-    store_url: str, run_id: str, dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef, plots: PlotsRef,
-    tables: TablesRef, decided: GateRef,
+    store_url: str,
+    run_id: str,
+    dataset: DatasetRef,
+    model: ModelRef,
+    evaluation: EvaluationRef,
+    plots: PlotsRef,
+    tables: TablesRef,
+    decided: GateRef,
 ) -> ReportRef:
     return publish_report(Store(store_url), run_id, dataset, model, evaluation, plots, tables, decided)

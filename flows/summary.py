@@ -11,14 +11,14 @@ class RunSummary(BaseModel):
     test_accuracy: float
     balanced_accuracy: float
     n_evaluated: int
-    model: str
+    network: str  # seed or strong
     device: str
     precision: str
     model_path: str
     tables_dir: str
     report_dir: str
     report_index: str
-    cache: dict[str, str]
+    step_states: dict[str, str]  # fetch-mnist, train, evaluate, plot: Completed, or Cached when reused
     decision: str  # promoted or rejected
     decision_reason: str
     forced: bool

@@ -45,7 +45,7 @@ class Store:
         self.url = self.root if self.is_local else url.rstrip("/")
 
     @classmethod
-    def resolve(cls, url: str | os.PathLike[str] | None = None) -> "Store":
+    def resolve(cls, url: str | os.PathLike[str] | None = None) -> Store:
         """The store named explicitly, else by ``$MNIST_STORE``, else ``./artifacts``."""
         return cls(url or os.environ.get(STORE_ENV) or DEFAULT_STORE)
 

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from storage.store import Store
 
 SCHEMA_VERSION = "1"
+NUM_CLASSES = 10  # MNIST's digits: the width of the probabilities column, and every per-digit table
 RUN_ID = pa.field("run_id", pa.string(), nullable=False)
 
 SCHEMAS: dict[str, pa.Schema] = {
@@ -47,7 +48,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("true_label", pa.int8(), nullable=False),
             pa.field("predicted_label", pa.int8(), nullable=False),
             pa.field("confidence", pa.float32(), nullable=False),
-            pa.field("probabilities", pa.list_(pa.float32(), 10), nullable=False),
+            pa.field("probabilities", pa.list_(pa.float32(), NUM_CLASSES), nullable=False),
         ]
     ),
     "runs": pa.schema(

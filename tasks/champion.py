@@ -9,7 +9,7 @@ the other against the champion each of them actually replaces.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pandas as pd
@@ -19,8 +19,10 @@ from storage import Store
 from storage.tables import read_frame, read_table, write_table
 from tasks.evaluate import EvaluationRef, predict
 from tasks.fetch import DatasetRef, load_mnist
-from tasks.gate import Comparison, Decision, GateRules, compare, decide, recall_per_digit
-from tasks.train import ModelRef, load_model, stored_model
+from tasks.gate import Comparison, Decision, GateRules, compare, decide
+from tasks.metrics import recall_per_digit
+from tasks.model import ModelRef, load_model
+from tasks.train import stored_model
 
 LOCK = "champion"
 MANUAL = "manual"
@@ -110,9 +112,14 @@ def _champions_in_history(store: Store) -> list[Champion]:
         ref = stored_model(store, r.challenger_model_key)
         found.append(
             Champion(
-                model_key=r.challenger_model_key, sha256=ref.sha256 if ref else "", run_id=r.run_id,
-                balanced_accuracy=r.challenger_balanced_accuracy, test_accuracy=r.challenger_test_accuracy,
-                promoted_at=r.decided_at.to_pydatetime(), reason=r.reason, forced=bool(r.forced),
+                model_key=r.challenger_model_key,
+                sha256=ref.sha256 if ref else "",
+                run_id=r.run_id,
+                balanced_accuracy=r.challenger_balanced_accuracy,
+                test_accuracy=r.challenger_test_accuracy,
+                promoted_at=r.decided_at.to_pydatetime(),
+                reason=r.reason,
+                forced=bool(r.forced),
             )
         )
     return found
@@ -140,7 +147,9 @@ def find_champion(store: Store) -> ChampionLookup:
         if pointer is not None and candidate.model_key == pointer.model_key:
             continue
         if _intact_model(store, candidate.model_key)[1] is None:
-            return ChampionLookup(champion=candidate, problem=f"{problem}; using the last intact champion, run {candidate.run_id}.", fallback=True)
+            return ChampionLookup(
+                champion=candidate, problem=f"{problem}; using the last intact champion, run {candidate.run_id}.", fallback=True
+            )
     return ChampionLookup(champion=None, problem=f"{problem}, and no earlier champion is intact.")
 
 
@@ -149,15 +158,25 @@ def _write_pointer(store: Store, champion: Champion) -> None:
 
 
 # ---- the decision row ---------------------------------------------------------------------
-def _row(run_id: str, challenger_key: str, challenger_balanced: float, challenger_test: float, champion: Champion | None,
-         comparison: Comparison | None, decision: Decision, decided_at: datetime) -> dict:
+def _row(
+    run_id: str,
+    challenger_key: str,
+    challenger_balanced: float,
+    challenger_test: float,
+    champion: Champion | None,
+    comparison: Comparison | None,
+    decision: Decision,
+    decided_at: datetime,
+) -> dict:
     cmp = comparison
     return {
         "run_id": run_id,
         "challenger_model_key": challenger_key,
         "champion_model_key": champion.model_key if champion else None,
         "challenger_balanced_accuracy": challenger_balanced,
-        "champion_balanced_accuracy": cmp.champion_balanced_accuracy if cmp else (champion.balanced_accuracy if champion else None),
+        "champion_balanced_accuracy": cmp.champion_balanced_accuracy
+        if cmp
+        else (champion.balanced_accuracy if champion else None),
         "challenger_test_accuracy": challenger_test,
         "champion_test_accuracy": cmp.champion_test_accuracy if cmp else (champion.test_accuracy if champion else None),
         "mcnemar_b": cmp.mcnemar_b if cmp else None,
@@ -214,25 +233,41 @@ def gate(
         elif lookup.problem:
             unavailable = lookup.problem
         decision = decide(evaluation.balanced_accuracy, comparison, rules, unavailable)
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         after = before
         if decision.promoted and not (before is not None and before.model_key == model.key and not lookup.fallback):
             after = Champion(
-                model_key=model.key, sha256=model.sha256, run_id=run_id, balanced_accuracy=evaluation.balanced_accuracy,
-                test_accuracy=evaluation.test_accuracy, promoted_at=now, reason=decision.reason, forced=decision.forced,
+                model_key=model.key,
+                sha256=model.sha256,
+                run_id=run_id,
+                balanced_accuracy=evaluation.balanced_accuracy,
+                test_accuracy=evaluation.test_accuracy,
+                promoted_at=now,
+                reason=decision.reason,
+                forced=decision.forced,
             )
             _write_pointer(store, after)
         elif decision.promoted:
-            decision = decision.model_copy(update={"reason": f"already the champion (promoted with run {before.run_id}); {decision.reason}"})
+            decision = decision.model_copy(
+                update={"reason": f"already the champion (promoted with run {before.run_id}); {decision.reason}"}
+            )
         elif lookup.fallback:  # repair the pointer, so consumers read a model that exists
             _write_pointer(store, before)
         row = _row(run_id, model.key, evaluation.balanced_accuracy, evaluation.test_accuracy, before, comparison, decision, now)
         _record(store, row)
     challenger_recall = comparison.challenger_recall if comparison else _sample_recall(y_test, sample, challenger)
     return GateRef(
-        run_id=run_id, challenger_model_key=model.key, decision=decision.name, reason=decision.reason, forced=decision.forced,
-        comparison=comparison, challenger_recall=challenger_recall, champion_before=before, champion_after=after,
-        pointer_problem=lookup.problem, row=_json_row(row),
+        run_id=run_id,
+        challenger_model_key=model.key,
+        decision=decision.name,
+        reason=decision.reason,
+        forced=decision.forced,
+        comparison=comparison,
+        challenger_recall=challenger_recall,
+        champion_before=before,
+        champion_after=after,
+        pointer_problem=lookup.problem,
+        row=_json_row(row),
     )
 
 
@@ -245,7 +280,7 @@ def _set_by_hand(store: Store, target: Champion, run_id: str) -> dict:
     """Make ``target`` the champion, recorded as a manual, forced decision in ``run_id``'s partition."""
     with store.lock(LOCK):
         before = find_champion(store).champion
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         champion = target.model_copy(update={"promoted_at": now, "reason": MANUAL, "forced": True, "run_id": run_id})
         _write_pointer(store, champion)
         decision = Decision(promoted=True, forced=True, reason=MANUAL)
@@ -260,16 +295,28 @@ def promote_run(store: Store, run_id: str) -> dict:
     """Make the model of run ``run_id`` the champion (an operator's decision)."""
     runs = read_table(store, "runs", run_id=run_id)
     if runs.empty:
-        raise ChampionError(f"Run {run_id} is not in the runs table of {store.url}; `mnist-pipeline champion` and the runs table list run ids.")
+        raise ChampionError(
+            f"Run {run_id} is not in the runs table of {store.url}; `mnist-pipeline champion` and the runs table list run ids."
+        )
     (run,) = runs.itertuples()
     info = _model_of_run(store, run_id)
     if info is None:
         raise ChampionError(f"Run {run_id}'s model is not in the promotions table of {store.url}, so its model cannot be found.")
     ref, why = _intact_model(store, info)
     if ref is None:
-        raise ChampionError(f"Run {run_id}'s model {info} cannot be promoted: {why}. Retrain it (rerun with the run's parameters).")
-    target = Champion(model_key=ref.key, sha256=ref.sha256, run_id=run_id, balanced_accuracy=run.balanced_accuracy,
-                      test_accuracy=run.test_accuracy, promoted_at=datetime.now(timezone.utc), reason=MANUAL, forced=True)
+        raise ChampionError(
+            f"Run {run_id}'s model {info} cannot be promoted: {why}. Retrain it (rerun with the run's parameters)."
+        )
+    target = Champion(
+        model_key=ref.key,
+        sha256=ref.sha256,
+        run_id=run_id,
+        balanced_accuracy=run.balanced_accuracy,
+        test_accuracy=run.test_accuracy,
+        promoted_at=datetime.now(UTC),
+        reason=MANUAL,
+        forced=True,
+    )
     return _set_by_hand(store, target, run_id)
 
 

@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel
 
-from storage import Store, sha256_json
+from storage import Store, code_digest, sha256_json
 from storage.tables import write_frame
 from tasks.fetch import DatasetRef, load_mnist
-from tasks.train import ModelRef, load_model, scale
+from tasks.model import ModelRef, load_model, scale
 
 PREDICT_BATCH = 1024
 
@@ -23,7 +23,7 @@ class EvaluationRef(BaseModel):
     key: str
     path: str
     model_sha256: str
-    dataset_digest: str
+    dataset_sha256: str
     n_per_class: int
     seed: int
     predictions_sha256: str
@@ -35,11 +35,13 @@ class EvaluationRef(BaseModel):
     balanced_accuracy: float
 
 
-EVALUATION_LAYOUT = 2  # 2: the full test set's predictions are stored too (the champion gate pairs them)
+def evaluation_code() -> str:
+    """The code that determines an evaluation's outputs: sampling, input scaling and prediction."""
+    return code_digest(stratified_sample, scale, predict, predictions_frame, _evaluate, PREDICT_BATCH)
 
 
 def evaluation_key(model: ModelRef, n_per_class: int, seed: int) -> str:
-    return sha256_json({"model": model.sha256, "n_per_class": n_per_class, "seed": seed, "layout": EVALUATION_LAYOUT})[:32]
+    return sha256_json({"model": model.sha256, "n_per_class": n_per_class, "seed": seed, "code": evaluation_code()})[:32]
 
 
 def stratified_sample(labels: np.ndarray, n_per_class: int, seed: int) -> np.ndarray:
@@ -112,7 +114,7 @@ def _evaluate(store: Store, dataset: DatasetRef, model_ref: ModelRef, n_per_clas
         predictions_sha256=store.digest(path)[0],
         test_path=test_path,
         test_predictions_sha256=store.digest(test_path)[0],
-        dataset_digest=dataset.digest,
+        dataset_sha256=dataset.sha256,
         n_per_class=n_per_class,
         seed=seed,
         n_evaluated=len(sample),

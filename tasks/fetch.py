@@ -77,7 +77,7 @@ class StoredFile(BaseModel):
 class DatasetRef(BaseModel):
     """A small, serialisable reference to verified MNIST in a store: what tasks pass around."""
 
-    digest: str
+    sha256: str  # of the four files' pinned digests together
     files: dict[str, StoredFile]
     sources: list[str]
 
@@ -224,10 +224,13 @@ def _stored_ok(store: Store, spec: FileSpec) -> bool:
 
 
 def _ref(store: Store, files: Sequence[FileSpec], sources: list[str]) -> DatasetRef:
-    stored = {
-        s.name: StoredFile(name=s.name, path=store.object_path(s.sha256), sha256=s.sha256, size=s.size) for s in files
-    }
-    return DatasetRef(digest=dataset_digest(files), files=stored, sources=sources)
+    stored = {s.name: StoredFile(name=s.name, path=store.object_path(s.sha256), sha256=s.sha256, size=s.size) for s in files}
+    return DatasetRef(sha256=dataset_digest(files), files=stored, sources=sources)
+
+
+def dataset_key() -> str:
+    """The download's cache key: the pinned checksums say what the bytes are, whichever source served them."""
+    return dataset_digest(MNIST_FILES)[:32]
 
 
 def stored_dataset(store: Store, files: Sequence[FileSpec] = MNIST_FILES) -> DatasetRef | None:
@@ -296,7 +299,9 @@ def load_mnist(store: Store, ref: DatasetRef) -> Mnist:
     for name, stored in ref.files.items():
         data = store.read_bytes(stored.path)
         if sha256_bytes(data) != stored.sha256:
-            raise idx.IDXFormatError(f"{name} in the store ({stored.path}) no longer matches its SHA-256; re-run to fetch it again")
+            raise idx.IDXFormatError(
+                f"{name} in the store ({stored.path}) no longer matches its SHA-256; re-run to fetch it again"
+            )
         parse = idx.parse_labels if "labels" in name else idx.parse_images
         arrays[name] = parse(data, name)
     x_train, y_train = idx.pair(

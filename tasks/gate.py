@@ -15,7 +15,7 @@ import math
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.model import NUM_CLASSES
+from tasks.metrics import recall_per_digit
 
 ALPHA = 0.05  # two-sided significance level of the paired test
 
@@ -26,20 +26,30 @@ class GateRules(BaseModel):
     model_config = ConfigDict(extra="forbid", title="Champion gate")
 
     min_balanced_accuracy: float = Field(
-        0.98, ge=0.0, le=1.0, title="Minimum balanced accuracy",
+        0.98,
+        ge=0.0,
+        le=1.0,
+        title="Minimum balanced accuracy",
         description="Value floor: a model below this balanced accuracy is never promoted (0–1).",
     )
     max_regression: float = Field(
-        0.0, ge=0.0, le=1.0, title="Largest allowed regression",
+        0.0,
+        ge=0.0,
+        le=1.0,
+        title="Largest allowed regression",
         description="The challenger's balanced accuracy may fall at most this far below the champion's, "
         "on the same images (0–1; 0: it must be at least as good).",
     )
     max_digit_drop: float = Field(
-        0.01, ge=0.0, le=1.0, title="Largest allowed per-digit drop",
+        0.01,
+        ge=0.0,
+        le=1.0,
+        title="Largest allowed per-digit drop",
         description="No digit's recall may fall more than this below the champion's (0–1).",
     )
     force_promote: bool = Field(
-        False, title="Force promotion",
+        False,
+        title="Force promotion",
         description="Operator's override: promote this run's model whatever the rules say; recorded as forced.",
     )
 
@@ -94,13 +104,6 @@ def mcnemar_exact(b: int, c: int) -> float:
     top = max(log_terms)
     tail = math.exp(top) * sum(math.exp(t - top) for t in log_terms)
     return min(1.0, 2.0 * tail)
-
-
-def recall_per_digit(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
-    support = np.bincount(y_true, minlength=NUM_CLASSES)
-    correct = np.bincount(y_true[y_true == y_pred], minlength=NUM_CLASSES)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(support > 0, correct / support, np.nan)
 
 
 def compare(y_test: np.ndarray, sample: np.ndarray, challenger: np.ndarray, champion: np.ndarray) -> Comparison:
@@ -160,7 +163,13 @@ def _failures(balanced_accuracy: float, comparison: Comparison | None, rules: Ga
 
 
 def mcnemar_text(cmp: Comparison) -> str:
-    verdict = "significantly better" if cmp.significantly_better else "significantly worse" if cmp.significantly_worse else "no significant difference"
+    verdict = (
+        "significantly better"
+        if cmp.significantly_better
+        else "significantly worse"
+        if cmp.significantly_worse
+        else "no significant difference"
+    )
     return f"McNemar b={cmp.mcnemar_b}, c={cmp.mcnemar_c}, p={cmp.mcnemar_p:.3g}: {verdict}"
 
 
@@ -178,11 +187,13 @@ def decide(balanced_accuracy: float, comparison: Comparison | None, rules: GateR
         return Decision(promoted=False, forced=False, reason="; ".join(failed))
     if comparison is None:
         return Decision(
-            promoted=True, forced=False,
+            promoted=True,
+            forced=False,
             reason=f"first champion: balanced accuracy {balanced_accuracy:.4f} meets the floor {rules.min_balanced_accuracy:.4f}",
         )
     return Decision(
-        promoted=True, forced=False,
+        promoted=True,
+        forced=False,
         reason=(
             f"passes every rule: balanced accuracy {comparison.challenger_balanced_accuracy:.4f} against the champion's "
             f"{comparison.champion_balanced_accuracy:.4f}, largest digit drop {comparison.worst_digit_drop:.4f} "

@@ -1,4 +1,5 @@
-"""The networks the pipeline can train. ``seed`` is the seed notebook's network, layer for layer."""
+"""The networks the pipeline can train (``seed`` is the seed notebook's network, layer for layer), their input
+scaling, and loading a stored one."""
 
 from __future__ import annotations
 
@@ -6,11 +7,16 @@ from collections.abc import Callable
 from enum import Enum
 from typing import TYPE_CHECKING
 
+import numpy as np
+from pydantic import BaseModel
+
+from storage import Store
+from storage.tables import NUM_CLASSES
+
 if TYPE_CHECKING:  # Keras loads TensorFlow (seconds): only the builders need it
     import keras
 
 INPUT_SHAPE = (28, 28, 1)
-NUM_CLASSES = 10
 
 
 class ModelName(str, Enum):
@@ -20,7 +26,24 @@ class ModelName(str, Enum):
     strong = "strong"
 
 
-def build_seed_model() -> "keras.Model":
+class ModelRef(BaseModel):
+    """A trained model in the store: a reference and a digest, never the weights themselves."""
+
+    key: str
+    path: str
+    sha256: str
+    history_path: str
+    network: str  # the ModelName it was built from
+    device: str
+    precision: str
+    epochs: int
+    resumed_from_epoch: int
+    train_images: int
+    train_seconds: float
+    val_accuracy: float
+
+
+def build_seed_model() -> keras.Model:
     """Input 28x28x1 → Conv 32 3x3 → Pool 2 → Conv 64 3x3 → Pool 2 → Flatten → Dropout 0.3 → Dense 10 softmax.
 
     The softmax layer computes in float32 even under a mixed-precision policy, as Keras recommends,
@@ -44,7 +67,7 @@ def build_seed_model() -> "keras.Model":
     )
 
 
-def build_strong_model() -> "keras.Model":
+def build_strong_model() -> keras.Model:
     """An option for when accuracy matters more than time: about 4x the seed's compute.
 
     Two 3x3 convolutions per stage with batch normalisation, light augmentation that is active
@@ -63,10 +86,18 @@ def build_strong_model() -> "keras.Model":
             layers.RandomRotation(0.04, fill_mode="constant"),
             layers.RandomTranslation(0.08, 0.08, fill_mode="constant"),
             layers.RandomZoom(0.08, fill_mode="constant"),
-            *conv_bn(32), *conv_bn(32), layers.MaxPooling2D(2), layers.Dropout(0.1),
-            *conv_bn(64), *conv_bn(64), layers.MaxPooling2D(2), layers.Dropout(0.1),
+            *conv_bn(32),
+            *conv_bn(32),
+            layers.MaxPooling2D(2),
+            layers.Dropout(0.1),
+            *conv_bn(64),
+            *conv_bn(64),
+            layers.MaxPooling2D(2),
+            layers.Dropout(0.1),
             layers.Flatten(),
-            layers.Dense(128, use_bias=False), layers.BatchNormalization(), layers.Activation("relu"),
+            layers.Dense(128, use_bias=False),
+            layers.BatchNormalization(),
+            layers.Activation("relu"),
             layers.Dropout(0.4),
             layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32"),
         ],
@@ -83,7 +114,7 @@ def ema_momentum(total_steps: int) -> float:
     return min(0.999, max(0.0, 1.0 - 5.0 / max(total_steps, 1)))
 
 
-def make_optimizer(name: ModelName | str, base: float, total_steps: int) -> "keras.optimizers.Optimizer":
+def make_optimizer(name: ModelName | str, base: float, total_steps: int) -> keras.optimizers.Optimizer:
     """Adam with an exponential moving average of the weights, which Keras swaps in when ``fit`` ends.
 
     The average costs nothing measurable per step and steadies the final weights (measured on the
@@ -98,18 +129,39 @@ def make_optimizer(name: ModelName | str, base: float, total_steps: int) -> "ker
         return keras.optimizers.Adam(learning_rate=base, use_ema=True, ema_momentum=ema)
     warmup = max(total_steps // 20, 1)
     schedule = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=base / 10, decay_steps=max(total_steps - warmup, 1), alpha=0.01,
-        warmup_target=base * 2, warmup_steps=warmup,
+        initial_learning_rate=base / 10,
+        decay_steps=max(total_steps - warmup, 1),
+        alpha=0.01,
+        warmup_target=base * 2,
+        warmup_steps=warmup,
     )
     return keras.optimizers.Adam(learning_rate=schedule, use_ema=True, ema_momentum=ema)
 
 
-BUILDERS: dict[ModelName, Callable[[], "keras.Model"]] = {ModelName.seed: build_seed_model, ModelName.strong: build_strong_model}
+BUILDERS: dict[ModelName, Callable[[], keras.Model]] = {ModelName.seed: build_seed_model, ModelName.strong: build_strong_model}
 
 
-def build_model(name: ModelName | str) -> "keras.Model":
+def build_model(name: ModelName | str) -> keras.Model:
     try:
         return BUILDERS[ModelName(name)]()
     except ValueError as exc:
         choices = ", ".join(m.value for m in ModelName)
         raise ValueError(f"model {name!r} is unknown; choose one of: {choices}") from exc
+
+
+def scale(images: np.ndarray) -> np.ndarray:
+    """uint8 28x28 → float32 28x28x1 in [0, 1], the network's input."""
+    return (images.astype(np.float32) / 255.0)[..., np.newaxis]
+
+
+def load_model(store: Store, ref: ModelRef):
+    """Load a stored model after checking it is the one the reference names."""
+    import keras
+
+    actual, _ = store.digest(ref.path)
+    if actual != ref.sha256:
+        raise ValueError(
+            f"model {ref.path} does not match its SHA-256 (expected {ref.sha256[:12]}…): it was changed or corrupted"
+        )
+    with store.local_copy(ref.path, suffix=".keras") as local:
+        return keras.models.load_model(local)

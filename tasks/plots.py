@@ -7,7 +7,6 @@ shared between concurrent task runs and no display is ever needed.
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import matplotlib
 
@@ -19,14 +18,14 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from pydantic import BaseModel
 
-from storage import Store, sha256_bytes, sha256_json
-from storage.tables import read_frame
+from storage import Store, code_digest, sha256_bytes, sha256_json
+from storage.tables import NUM_CLASSES, read_frame
 from tasks.evaluate import EvaluationRef
 from tasks.fetch import DatasetRef, load_mnist
-from tasks.tabulate import confusion_matrix, per_class_frame
-from tasks.train import ModelRef
+from tasks.metrics import confusion_matrix, per_class_frame, wilson_interval
+from tasks.model import ModelRef
 
-DIGITS = list(range(10))
+DIGITS = list(range(NUM_CLASSES))
 MISTAKE = "#c0392b"
 GALLERY_MAX = 24
 
@@ -40,15 +39,30 @@ def png_bytes(fig: Figure) -> bytes:
 def confusion_heatmap(cm: np.ndarray, drop_diagonal: bool = False) -> Figure:
     fig = Figure(figsize=(7.5, 6.2))
     ax = fig.subplots()
-    mask = np.eye(10, dtype=bool) if drop_diagonal else None
+    mask = np.eye(NUM_CLASSES, dtype=bool) if drop_diagonal else None
     sns.heatmap(
-        cm, mask=mask, annot=True, fmt="d", cmap="Reds" if drop_diagonal else "Blues", cbar=True, square=True,
-        linewidths=0.5, linecolor="white", xticklabels=DIGITS, yticklabels=DIGITS, ax=ax, annot_kws={"size": 8},
+        cm,
+        mask=mask,
+        annot=True,
+        fmt="d",
+        cmap="Reds" if drop_diagonal else "Blues",
+        cbar=True,
+        square=True,
+        linewidths=0.5,
+        linecolor="white",
+        xticklabels=DIGITS,
+        yticklabels=DIGITS,
+        ax=ax,
+        annot_kws={"size": 8},
     )
     ax.set_xlabel("predicted digit")
     ax.set_ylabel("true digit")
     errors = int(cm.sum() - np.trace(cm))
-    title = f"Mistakes only (diagonal removed): {errors} of {int(cm.sum())}" if drop_diagonal else f"Confusion matrix ({int(cm.sum())} images)"
+    title = (
+        f"Mistakes only (diagonal removed): {errors} of {int(cm.sum())}"
+        if drop_diagonal
+        else f"Confusion matrix ({int(cm.sum())} images)"
+    )
     ax.set_title(title)
     return fig
 
@@ -58,7 +72,7 @@ def per_class_accuracy(per_class: pd.DataFrame, balanced_accuracy: float) -> Fig
     ax = fig.subplots()
     acc = per_class["accuracy"].to_numpy()
     err = np.vstack([acc - per_class["accuracy_ci_low"], per_class["accuracy_ci_high"] - acc])
-    colors = sns.color_palette("crest", 10)
+    colors = sns.color_palette("crest", NUM_CLASSES)
     ax.bar(per_class["label"], acc, color=colors, yerr=err, capsize=4, ecolor="#333")
     ax.axhline(balanced_accuracy, color="#555", ls="--", lw=1)
     low = float(np.nanmin(per_class["accuracy_ci_low"]))
@@ -96,10 +110,11 @@ def random_samples(predictions: pd.DataFrame, images: np.ndarray, seed: int, cou
     rows = predictions.iloc[np.sort(rng.choice(len(predictions), size=min(count, len(predictions)), replace=False))]
     wrong = (rows["true_label"] != rows["predicted_label"]).tolist()
     captions = [
-        f"true {t} · pred {p}" + (" ✗" if w else "")
-        for t, p, w in zip(rows["true_label"], rows["predicted_label"], wrong)
+        f"true {t} · pred {p}" + (" ✗" if w else "") for t, p, w in zip(rows["true_label"], rows["predicted_label"], wrong)
     ]
-    return _image_grid(images[rows["test_index"].to_numpy()], captions, wrong, "Random evaluated images (red: mistake)", columns=5)
+    return _image_grid(
+        images[rows["test_index"].to_numpy()], captions, wrong, "Random evaluated images (red: mistake)", columns=5
+    )
 
 
 def most_confused(predictions: pd.DataFrame, cm: np.ndarray, images: np.ndarray) -> tuple[Figure, tuple[int, int] | None]:
@@ -114,7 +129,9 @@ def most_confused(predictions: pd.DataFrame, cm: np.ndarray, images: np.ndarray)
     true, pred = np.unravel_index(int(off.argmax()), off.shape)
     rows = predictions[(predictions["true_label"] == true) & (predictions["predicted_label"] == pred)].head(GALLERY_MAX)
     captions = [f"#{i} · {c:.0%}" for i, c in zip(rows["test_index"], rows["confidence"])]
-    title = f"Most confused pair: true {true} predicted as {pred} ({int(off[true, pred])} images; caption: test index · confidence)"
+    title = (
+        f"Most confused pair: true {true} predicted as {pred} ({int(off[true, pred])} images; caption: test index · confidence)"
+    )
     fig = _image_grid(images[rows["test_index"].to_numpy()], captions, [True] * len(rows), title, columns=min(8, len(rows)))
     return fig, (int(true), int(pred))
 
@@ -142,14 +159,34 @@ class PlotsRef(BaseModel):
     most_confused: tuple[int, int] | None
 
 
+def plots_code() -> str:
+    """The code that draws the figures, and the metrics they show; not the report's wording."""
+    return code_digest(
+        render_plots,
+        png_bytes,
+        confusion_heatmap,
+        per_class_accuracy,
+        _image_grid,
+        random_samples,
+        most_confused,
+        training_curves,
+        confusion_matrix,
+        per_class_frame,
+        wilson_interval,
+        DIGITS,
+        MISTAKE,
+        GALLERY_MAX,
+    )
+
+
 def plots_key(model: ModelRef, evaluation: EvaluationRef) -> str:
-    """A change to this module's code renders the plots again."""
-    code = sha256_bytes(Path(__file__).read_bytes())[:16]
-    return sha256_json({"evaluation": evaluation.key, "history": model.key, "code": code})[:32]
+    return sha256_json({"evaluation": evaluation.key, "history": model.key, "code": plots_code()})[:32]
 
 
 def stored_plots(store: Store, key: str) -> PlotsRef | None:
-    return store.load_ref(store.plots_file(key, "plots.json"), PlotsRef, lambda ref: {p: ref.sha256[n] for n, p in ref.files.items()})
+    return store.load_ref(
+        store.plots_file(key, "plots.json"), PlotsRef, lambda ref: {p: ref.sha256[n] for n, p in ref.files.items()}
+    )
 
 
 def render_plots(store: Store, dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef) -> PlotsRef:

@@ -15,9 +15,10 @@ from tasks.champion import GateRef
 from tasks.evaluate import EvaluationRef
 from tasks.fetch import DatasetRef
 from tasks.gate import mcnemar_text
+from tasks.metrics import wilson_interval
+from tasks.model import ModelRef
 from tasks.plots import DIGITS, png_bytes
-from tasks.tabulate import TablesRef, wilson_interval
-from tasks.train import ModelRef
+from tasks.tabulate import TablesRef
 
 PROMOTED = "#1e8449"
 REJECTED = "#c0392b"
@@ -60,8 +61,16 @@ def nightly_trend(runs: pd.DataFrame, current_run: str | None = None) -> Figure:
     if np.isfinite(champion_level).any():
         ax.step(x, champion_level, where="post", color=CHAMPION, lw=2, label="champion in use")
         is_champion = np.array([k is not None and k == m for k, m in zip(champions, models)], dtype=bool)
-        ax.scatter(x[is_champion], acc[is_champion], s=220, facecolors="none", edgecolors=CHAMPION, lw=2, zorder=4,
-                   label="the champion after that night")
+        ax.scatter(
+            x[is_champion],
+            acc[is_champion],
+            s=220,
+            facecolors="none",
+            edgecolors=CHAMPION,
+            lw=2,
+            zorder=4,
+            label="the champion after that night",
+        )
     if current_run is not None and (runs["run_id"] == current_run).any():
         ax.axvline(int(np.flatnonzero(runs["run_id"] == current_run)[0]), color="#888", ls=":", lw=1)
     step = max(1, len(runs) // 12)
@@ -88,7 +97,11 @@ def champion_vs_challenger(gate: GateRef) -> Figure:
         ax.bar(x + 0.2, new, width=0.4, color="#2e86c1", label="challenger (this run)")
         worst = gate.comparison.worst_digit
         drop = gate.comparison.worst_digit_drop
-        subtitle = f"largest drop: digit {worst}, {drop:.4f}" if drop > 0 else f"better on every digit (least gain: digit {worst}, {-drop:.4f})"
+        subtitle = (
+            f"largest drop: digit {worst}, {drop:.4f}"
+            if drop > 0
+            else f"better on every digit (least gain: digit {worst}, {-drop:.4f})"
+        )
         low = np.nanmin(np.concatenate([old, new]))
     else:
         ax.bar(x, new, width=0.6, color="#2e86c1", label="challenger (this run); no champion to compare with")
@@ -99,7 +112,9 @@ def champion_vs_challenger(gate: GateRef) -> Figure:
     ax.set_xlabel("digit")
     ax.set_ylabel("recall on the balanced sample")
     colour = PROMOTED if gate.promoted else REJECTED
-    ax.set_title(f"Challenger versus champion: {gate.decision}" + (" (forced)" if gate.forced else "") + f"\n{subtitle}", color=colour)
+    ax.set_title(
+        f"Challenger versus champion: {gate.decision}" + (" (forced)" if gate.forced else "") + f"\n{subtitle}", color=colour
+    )
     if worst is not None:
         tick = ax.get_xticklabels()[worst]
         tick.set_color(REJECTED if drop > 0 else "#333")
@@ -149,7 +164,13 @@ def _with_ci(p: float, n: int) -> str:
 
 
 def publish_report(
-    store: Store, run_id: str, dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef, plots, tables: TablesRef,
+    store: Store,
+    run_id: str,
+    dataset: DatasetRef,
+    model: ModelRef,
+    evaluation: EvaluationRef,
+    plots,
+    tables: TablesRef,
     gate: GateRef,
 ) -> ReportRef:
     """Copy the evaluation's figures, draw this run's own, and write ``index.md``; figures come from
@@ -158,7 +179,10 @@ def publish_report(
     for name, path in plots.files.items():
         files[name] = store.report_file(run_id, name)
         store.write_bytes(files[name], store.read_bytes(path))
-    for name, fig in (("trend.png", nightly_trend(trend_frame(store), run_id)), ("champion_vs_challenger.png", champion_vs_challenger(gate))):
+    for name, fig in (
+        ("trend.png", nightly_trend(trend_frame(store), run_id)),
+        ("champion_vs_challenger.png", champion_vs_challenger(gate)),
+    ):
         files[name] = store.report_file(run_id, name)
         store.write_bytes(files[name], png_bytes(fig))
     per_class = read_frame(store, tables.paths["per_class"])
@@ -180,11 +204,11 @@ def publish_report(
 |---|---|
 | test accuracy (all {evaluation.test_images} test images) | **{evaluation.test_accuracy:.4f}** |
 | balanced accuracy ({evaluation.n_per_class} per digit, {evaluation.n_evaluated} images) | **{evaluation.balanced_accuracy:.4f}** |
-| weakest digit | {int(worst['label'])}: {worst['accuracy']:.4f} ({worst['accuracy_ci_low']:.4f}–{worst['accuracy_ci_high']:.4f}) |
+| weakest digit | {int(worst["label"])}: {worst["accuracy"]:.4f} ({worst["accuracy_ci_low"]:.4f}–{worst["accuracy_ci_high"]:.4f}) |
 | most confused pair | {pair_text} |
-| model | `{model.model}`, {model.epochs} epochs on {model.device} ({model.precision}), {model.train_seconds:.0f} s |
+| model | `{model.network}`, {model.epochs} epochs on {model.device} ({model.precision}), {model.train_seconds:.0f} s |
 | model sha256 | `{model.sha256}` |
-| dataset sha256 | `{dataset.digest}` |
+| dataset sha256 | `{dataset.sha256}` |
 | tables | `{store.path("tables")}` |
 
 ## Confusion matrix

@@ -1,11 +1,10 @@
-"""Confusion and per-digit metrics, and the four Parquet tables a run publishes."""
+"""The Parquet tables a run publishes: confusion, per-digit metrics, predictions and the run itself."""
 
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
-import numpy as np
 import pandas as pd
 from pydantic import BaseModel
 
@@ -13,10 +12,8 @@ from storage import Store
 from storage.tables import read_frame, write_table
 from tasks.evaluate import EvaluationRef
 from tasks.fetch import DatasetRef
-from tasks.train import ModelRef
-
-NUM_CLASSES = 10
-Z_95 = 1.959963984540054
+from tasks.metrics import confusion_frame, confusion_matrix, per_class_frame
+from tasks.model import ModelRef
 
 
 class TablesRef(BaseModel):
@@ -24,84 +21,26 @@ class TablesRef(BaseModel):
     paths: dict[str, str]
 
 
-def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:
-    """Counts with true labels as rows and predictions as columns."""
-    flat = np.asarray(y_true, dtype=np.int64) * num_classes + np.asarray(y_pred, dtype=np.int64)
-    return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def wilson_interval(successes: np.ndarray, trials: np.ndarray, z: float = Z_95) -> tuple[np.ndarray, np.ndarray]:
-    """Wilson score interval: honest near 0 and 1, where the normal approximation claims 100 % ± 0."""
-    k = np.asarray(successes, dtype=float)
-    n = np.asarray(trials, dtype=float)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        p = k / n
-        denom = 1 + z**2 / n
-        centre = (p + z**2 / (2 * n)) / denom
-        half = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denom
-    # exact arithmetic puts p inside the interval; keep it there when rounding says 0.9999999 < 1.0
-    return np.minimum(centre - half, p), np.maximum(centre + half, p)
-
-
-def confusion_frame(cm: np.ndarray) -> pd.DataFrame:
-    n = cm.shape[0]
-    support = cm.sum(axis=1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        share = np.where(support > 0, cm / support, 0.0)
-    true, pred = np.divmod(np.arange(n * n), n)
-    return pd.DataFrame(
-        {
-            "true_label": true.astype(np.int8),
-            "predicted_label": pred.astype(np.int8),
-            "count": cm.ravel().astype(np.int64),
-            "share_of_true": share.ravel(),
-        }
-    )
-
-
-def per_class_frame(cm: np.ndarray) -> pd.DataFrame:
-    """Per digit: support, correct, accuracy (= recall) with its 95 % Wilson interval, precision, F1.
-
-    Precision and F1 are null for a digit the model never predicted, rather than a made-up zero.
-    """
-    correct = np.diag(cm).astype(np.int64)
-    support = cm.sum(axis=1).astype(np.int64)
-    predicted = cm.sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        recall = correct / support
-        precision = np.where(predicted > 0, correct / predicted, np.nan)
-        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), np.nan)
-    low, high = wilson_interval(correct, support)
-    return pd.DataFrame(
-        {
-            "label": np.arange(cm.shape[0], dtype=np.int8),
-            "support": support,
-            "correct": correct,
-            "accuracy": recall,
-            "precision": precision,
-            "recall": recall,
-            "f1": f1,
-            "accuracy_ci_low": low,
-            "accuracy_ci_high": high,
-        }
-    )
-
-
 def run_frame(
-    dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef, parameters: dict, promoted: bool, champion_model_key: str | None
+    dataset: DatasetRef,
+    model: ModelRef,
+    evaluation: EvaluationRef,
+    parameters: dict,
+    promoted: bool,
+    champion_model_key: str | None,
 ) -> pd.DataFrame:
     return pd.DataFrame(
         [
             {
-                "finished_at": datetime.now(timezone.utc),
-                "dataset_sha256": dataset.digest,
+                "finished_at": datetime.now(UTC),
+                "dataset_sha256": dataset.sha256,
                 "model_sha256": model.sha256,
                 "parameters": json.dumps(parameters, sort_keys=True, default=str),
                 "test_accuracy": evaluation.test_accuracy,
                 "balanced_accuracy": evaluation.balanced_accuracy,
                 "n_per_class": evaluation.n_per_class,
                 "epochs": model.epochs,
-                "model": model.model,
+                "model": model.network,
                 "device": model.device,
                 "promoted": promoted,
                 "champion_model_key": champion_model_key,
@@ -131,5 +70,7 @@ def tabulate(
         "per_class": write_table(store, "per_class", run_id, per_class_frame(cm)),
         "predictions": write_table(store, "predictions", run_id, predictions),
     }
-    paths["runs"] = write_table(store, "runs", run_id, run_frame(dataset, model, evaluation, parameters, promoted, champion_model_key))
+    paths["runs"] = write_table(
+        store, "runs", run_id, run_frame(dataset, model, evaluation, parameters, promoted, champion_model_key)
+    )
     return TablesRef(run_id=run_id, paths=paths)

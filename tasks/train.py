@@ -14,15 +14,17 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from storage import Store, sha256_bytes, sha256_json
+from storage import Store, code_digest, sha256_bytes, sha256_json
+from tasks import model as networks
 from tasks.fetch import DatasetRef, load_mnist
-from tasks.model import ModelName, build_model, make_optimizer
+from tasks.model import ModelName, ModelRef, build_model, make_optimizer, scale
 
 VALIDATION_SPLIT = 0.1
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds")
@@ -30,43 +32,78 @@ Log = Callable[[str], None]
 OnEpoch = Callable[[int, int, dict], None]
 
 
+TRAIN_IMAGES = 60_000
+SEED_MAX = 2**31 - 1
+
+
+class Precision(str, Enum):
+    """Keras dtype policies a run may ask for; ``auto`` lets ``select_device`` choose."""
+
+    auto = "auto"
+    float32 = "float32"
+    mixed_bfloat16 = "mixed_bfloat16"
+    mixed_float16 = "mixed_float16"
+
+
 class TrainConfig(BaseModel):
-    """Everything that changes the trained weights; its digest is part of the training key."""
+    """Everything that changes the trained weights; its digest is part of the training key.
 
-    model: ModelName = ModelName.seed
-    epochs: int = Field(15, ge=1)
-    batch_size: int = Field(128, ge=1)
-    seed: int = Field(0, ge=0)
-    train_limit: int | None = Field(None, ge=100)
-    learning_rate: float = 1e-3
-    precision: str = "auto"
+    The flow's parameters reuse these fields (titles, bounds, descriptions), so the UI form and a
+    direct call of ``train_model`` accept exactly the same values.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelName = Field(
+        ModelName.seed,
+        title="Model",
+        description="Network to train; `seed` is the seed notebook's CNN, `strong` a deeper option (about 4x the compute).",
+    )
+    epochs: int = Field(15, ge=1, le=500, title="Epochs", description="Training epochs (1–500).")
+    batch_size: int = Field(128, ge=1, le=8192, title="Batch size", description="Training batch size (1–8192).")
+    seed: int = Field(
+        0, ge=0, le=SEED_MAX, title="Seed", description=f"Seeds initialisation, shuffling and subsets (0–{SEED_MAX})."
+    )
+    train_limit: int | None = Field(
+        None,
+        ge=100,
+        le=TRAIN_IMAGES,
+        title="Training images",
+        description=f"Train on a stratified subset of this many images (100–{TRAIN_IMAGES}); empty for all 60 000.",
+    )
+    precision: Precision = Field(
+        Precision.auto,
+        title="Precision",
+        description="Keras dtype policy; `auto` uses mixed_float16 on a GPU, mixed_bfloat16 on a CPU with native bf16, else float32.",
+    )
+    learning_rate: float = Field(1e-3, gt=0, title="Learning rate")
 
 
-class ModelRef(BaseModel):
-    """A trained model in the store: a reference and a digest, never the weights themselves."""
-
-    key: str
-    path: str
-    sha256: str
-    history_path: str
-    model: str
-    device: str
-    precision: str
-    epochs: int
-    resumed_from_epoch: int
-    train_images: int
-    train_seconds: float
-    val_accuracy: float
-
-
-def code_version() -> str:
-    """Digest of the code that defines and trains the network: a change retrains, a comment does too."""
-    here = Path(__file__).parent
-    return sha256_bytes(b"".join((here / name).read_bytes() for name in ("model.py", "train.py")))[:16]
+def training_code() -> str:
+    """The code that determines the trained weights: the networks, the optimizer, the input pipeline and
+    the training loop (resolved when called, so a key always names the code that would run)."""
+    return code_digest(
+        networks.build_seed_model,
+        networks.build_strong_model,
+        networks.build_model,
+        networks.make_optimizer,
+        networks.ema_momentum,
+        networks.scale,
+        stratified_subset,
+        input_pipeline,
+        select_device,
+        cpu_has_bf16,
+        dtype_policy,
+        _train,
+        _epoch_recorder,
+        VALIDATION_SPLIT,
+        STEPS_PER_EXECUTION,
+        HISTORY_COLUMNS,
+    )
 
 
 def training_key(dataset: DatasetRef, config: TrainConfig) -> str:
-    return sha256_json({"dataset": dataset.digest, "config": config.model_dump(mode="json"), "code": code_version()})[:32]
+    return sha256_json({"dataset": dataset.sha256, "config": config.model_dump(mode="json"), "code": training_code()})[:32]
 
 
 # ---- data ---------------------------------------------------------------------------------
@@ -103,11 +140,6 @@ def input_pipeline(images: np.ndarray, labels: np.ndarray, batch_size: int, seed
     return data.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def scale(images: np.ndarray) -> np.ndarray:
-    """uint8 28x28 → float32 28x28x1 in [0, 1], the network's input."""
-    return (images.astype(np.float32) / 255.0)[..., np.newaxis]
-
-
 # ---- device -------------------------------------------------------------------------------
 def cpu_has_bf16() -> bool:
     """AVX512-BF16 or AMX: where bfloat16 matmuls and convolutions run natively on the CPU."""
@@ -118,12 +150,14 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def select_device(precision: str = "auto") -> tuple[str, str]:
+def select_device(precision: Precision | str = Precision.auto) -> tuple[str, str]:
     """(device, Keras dtype policy): the GPU with mixed float16 when TensorFlow sees one, else the CPU.
 
     ``auto`` on a CPU uses mixed bfloat16 where the CPU computes it natively, float32 elsewhere.
     """
     import tensorflow as tf
+
+    precision = Precision(precision).value
 
     gpus = tf.config.list_physical_devices("GPU")
     device = "GPU:0" if gpus else "CPU:0"
@@ -224,7 +258,9 @@ def _train(store: Store, dataset: DatasetRef, config: TrainConfig, key: str, log
     x_val, y_val = scale(mnist.x_train[val_idx]), mnist.y_train[val_idx]
 
     device, policy = select_device(config.precision)
-    log(f"Training {config.model.value} on {device} with dtype policy {policy}: {len(x_train)} images, {len(x_val)} for validation")
+    log(
+        f"Training {config.model.value} on {device} with dtype policy {policy}: {len(x_train)} images, {len(x_val)} for validation"
+    )
     keras.utils.set_random_seed(config.seed)
     backup = Path(store.checkpoint_dir(key))
     backup.mkdir(parents=True, exist_ok=True)
@@ -262,7 +298,7 @@ def _train(store: Store, dataset: DatasetRef, config: TrainConfig, key: str, log
         path=store.model_file(key),
         sha256=digest,
         history_path=store.history_file(key),
-        model=config.model.value,
+        network=config.model.value,
         device=device,
         precision=policy,
         epochs=config.epochs,
@@ -274,14 +310,3 @@ def _train(store: Store, dataset: DatasetRef, config: TrainConfig, key: str, log
     store.write_text(store.model_info_file(key), ref.model_dump_json(indent=2))
     shutil.rmtree(backup, ignore_errors=True)  # the model is stored: the resume point is no longer needed
     return ref
-
-
-def load_model(store: Store, ref: ModelRef):
-    """Load a stored model after checking it is the one the reference names."""
-    import keras
-
-    actual, _ = store.digest(ref.path)
-    if actual != ref.sha256:
-        raise ValueError(f"model {ref.path} does not match its SHA-256 (expected {ref.sha256[:12]}…): it was changed or corrupted")
-    with store.local_copy(ref.path, suffix=".keras") as local:
-        return keras.models.load_model(local)

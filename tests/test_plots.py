@@ -1,6 +1,7 @@
 """Each plot renders to a valid PNG of sensible size, from hand-made predictions (no training needed)."""
 
 import io
+from datetime import UTC
 
 import matplotlib.image as mpimg
 import numpy as np
@@ -8,8 +9,8 @@ import pandas as pd
 import pytest
 
 from tasks.evaluate import predictions_frame
-from tasks.plots import png_bytes, confusion_heatmap, most_confused, per_class_accuracy, random_samples, training_curves
-from tasks.tabulate import confusion_matrix, per_class_frame
+from tasks.metrics import confusion_matrix, per_class_frame
+from tasks.plots import confusion_heatmap, most_confused, per_class_accuracy, png_bytes, random_samples, training_curves
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -33,8 +34,16 @@ def decode(png: bytes) -> np.ndarray:
 
 def test_every_plot_is_a_decodablepng_bytes(evaluated):
     predictions, images, cm = evaluated
-    history = pd.DataFrame({"epoch": [1, 2], "loss": [0.5, 0.2], "accuracy": [0.8, 0.9], "val_loss": [0.3, 0.25],
-                            "val_accuracy": [0.88, 0.91], "seconds": [9.0, 8.5]})
+    history = pd.DataFrame(
+        {
+            "epoch": [1, 2],
+            "loss": [0.5, 0.2],
+            "accuracy": [0.8, 0.9],
+            "val_loss": [0.3, 0.25],
+            "val_accuracy": [0.88, 0.91],
+            "seconds": [9.0, 8.5],
+        }
+    )
     figures = [
         confusion_heatmap(cm),
         confusion_heatmap(cm, drop_diagonal=True),
@@ -70,7 +79,7 @@ def test_a_perfect_model_still_gets_a_gallery_image(evaluated):
 
 
 def test_report_figures_render_with_and_without_a_champion():
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
     from tasks.champion import Champion, GateRef
     from tasks.gate import compare
@@ -81,22 +90,41 @@ def test_report_figures_render_with_and_without_a_champion():
     champion_pred[:5] = 1
     challenger_pred[50:60] = 2
     cmp = compare(y, np.arange(len(y)), challenger_pred, champion_pred)
-    start = datetime(2026, 11, 20, 2, tzinfo=timezone.utc)
-    champion = Champion(model_key="a" * 32, sha256="0" * 64, run_id="run-1", balanced_accuracy=0.99, test_accuracy=0.99,
-                        promoted_at=start, reason="first champion")
+    start = datetime(2026, 11, 20, 2, tzinfo=UTC)
+    champion = Champion(
+        model_key="a" * 32,
+        sha256="0" * 64,
+        run_id="run-1",
+        balanced_accuracy=0.99,
+        test_accuracy=0.99,
+        promoted_at=start,
+        reason="first champion",
+    )
     for comparison, before in ((cmp, champion), (None, None)):
-        gate = GateRef(run_id="run-2", challenger_model_key="b" * 32, decision="rejected", reason="r", forced=False,
-                       comparison=comparison, challenger_recall=[0.9] * 10, champion_before=before, champion_after=before,
-                       pointer_problem=None, row={})
+        gate = GateRef(
+            run_id="run-2",
+            challenger_model_key="b" * 32,
+            decision="rejected",
+            reason="r",
+            forced=False,
+            comparison=comparison,
+            challenger_recall=[0.9] * 10,
+            champion_before=before,
+            champion_after=before,
+            pointer_problem=None,
+            row={},
+        )
         assert decode(png_bytes(champion_vs_challenger(gate)))[..., :3].std() > 0.05
-    runs = pd.DataFrame({
-        "run_id": [f"run-{i}" for i in range(5)],
-        "finished_at": [start + timedelta(days=i) for i in range(5)],
-        "balanced_accuracy": [0.990, 0.985, 0.992, 0.991, 0.993],
-        "n_per_class": [800] * 5,
-        "promoted": pd.array([None, True, True, False, True], dtype="boolean"),  # the first night predates the gate
-        "model_key": [None, "m1", "m2", "m3", "m4"],
-        "champion_model_key": [None, "m1", "m2", "m2", "m4"],
-    })
+    runs = pd.DataFrame(
+        {
+            "run_id": [f"run-{i}" for i in range(5)],
+            "finished_at": [start + timedelta(days=i) for i in range(5)],
+            "balanced_accuracy": [0.990, 0.985, 0.992, 0.991, 0.993],
+            "n_per_class": [800] * 5,
+            "promoted": pd.array([None, True, True, False, True], dtype="boolean"),  # the first night predates the gate
+            "model_key": [None, "m1", "m2", "m3", "m4"],
+            "champion_model_key": [None, "m1", "m2", "m2", "m4"],
+        }
+    )
     pixels = decode(png_bytes(nightly_trend(runs, current_run="run-3")))
     assert pixels.shape[1] > 600 and pixels[..., :3].std() > 0.05

@@ -123,13 +123,20 @@ def test_nightly_deployment_runs_and_reruns_from_cache(stack, receiver, tmp_path
             assert "**REJECTED**" in by_key["mnist-run-summary"].data and "below the floor" in by_key["mnist-run-summary"].data
             blocker = tmp_path / "a-file"
             blocker.write_text("not a directory")
-            failing = run_deployment("mnist-retrain/nightly", parameters={"params": {**PARAMS["params"], "store": str(blocker / "s")}},
-                                     timeout=300, poll_interval=2)
+            failing = run_deployment(
+                "mnist-retrain/nightly",
+                parameters={"params": {**PARAMS["params"], "store": str(blocker / "s")}},
+                timeout=300,
+                poll_interval=2,
+            )
             assert failing.state.is_failed(), failing.state
             bodies = receiver.wait_for({"mnist.model.rejected", "prefect.flow-run.Failed"})
             alerts = {b["alert"]: b for b in bodies}
             assert {"mnist.model.rejected", "prefect.flow-run.Failed"} <= set(alerts), bodies
-            assert "below the floor" in alerts["mnist.model.rejected"]["reason"] and alerts["mnist.model.rejected"]["decision"] == "rejected"
+            assert (
+                "below the floor" in alerts["mnist.model.rejected"]["reason"]
+                and alerts["mnist.model.rejected"]["decision"] == "rejected"
+            )
             assert alerts["prefect.flow-run.Failed"]["resource"] == f"prefect.flow-run.{failing.id}"
             check_images_in_browser(local.ui_url, by_key["mnist-run-summary"].id)
 
@@ -138,7 +145,13 @@ def test_nightly_deployment_runs_and_reruns_from_cache(stack, receiver, tmp_path
     assert len(read_table(store, "confusion")) == 200
 
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def check_images_in_browser(ui_url: str, artifact_id) -> None:
@@ -158,7 +171,9 @@ def check_images_in_browser(ui_url: str, artifact_id) -> None:
                     " return i.length >= 8 && i.every(e => e.complete && e.naturalWidth > 0); })()",
                     timeout=30_000,
                 )
-                widths = page.eval_on_selector_all('img[src^="data:image/png"]', "els => els.map(e => e.complete ? e.naturalWidth : 0)")
+                widths = page.eval_on_selector_all(
+                    'img[src^="data:image/png"]', "els => els.map(e => e.complete ? e.naturalWidth : 0)"
+                )
                 assert len(widths) == 8 and min(widths) > 0, (ui or "/", widths)
                 assert page.get_by_text("Champion decision").count() >= 1
         finally:

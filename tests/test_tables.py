@@ -1,8 +1,5 @@
 """Parquet round trip with the documented schema and hive layout, read as downstream consumers read it."""
 
-import json
-from datetime import datetime, timezone
-
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -12,29 +9,7 @@ import pytest
 
 from storage import Store
 from storage.tables import SCHEMA_VERSION, TABLES, read_table, write_table
-from tasks.evaluate import predictions_frame
-from tasks.tabulate import confusion_frame, confusion_matrix, per_class_frame
-
-
-def sample_frames(seed: int) -> dict[str, pd.DataFrame]:
-    rng = np.random.default_rng(seed)
-    true = np.repeat(np.arange(10), 5)
-    probs = rng.dirichlet(np.ones(10), size=len(true)).astype(np.float32)
-    predictions = predictions_frame(np.arange(len(true)) * 7, true, probs)
-    cm = confusion_matrix(true, predictions["predicted_label"].to_numpy())
-    runs = pd.DataFrame([{
-        "finished_at": datetime(2026, 11, 25, 2, 0, tzinfo=timezone.utc), "dataset_sha256": "d" * 64, "model_sha256": "m" * 64,
-        "parameters": json.dumps({"epochs": 1}), "test_accuracy": 0.99, "balanced_accuracy": 0.98, "n_per_class": 5,
-        "epochs": 1, "model": "seed", "device": "CPU:0", "promoted": bool(seed % 2), "champion_model_key": "k" * 32,
-    }])
-    promotions = pd.DataFrame([{
-        "challenger_model_key": "c" * 32, "champion_model_key": None, "challenger_balanced_accuracy": 0.98,
-        "champion_balanced_accuracy": None, "challenger_test_accuracy": 0.99, "champion_test_accuracy": None,
-        "mcnemar_b": None, "mcnemar_c": None, "mcnemar_p": None, "worst_digit": None, "worst_digit_drop": None,
-        "decision": "promoted", "reason": "first champion", "forced": False, "decided_at": datetime(2026, 11, 25, 2, 5, tzinfo=timezone.utc),
-    }])
-    return {"confusion": confusion_frame(cm), "per_class": per_class_frame(cm), "predictions": predictions, "runs": runs,
-            "promotions": promotions}
+from tests.conftest import sample_frames
 
 
 @pytest.fixture
@@ -66,7 +41,16 @@ def test_round_trip_keeps_values_and_types(store, two_runs):
     assert probabilities.value_type == pa.float32()
     per_class = read_table(store, "per_class", run_id="run-a")
     assert list(per_class.columns) == [
-        "label", "support", "correct", "accuracy", "precision", "recall", "f1", "accuracy_ci_low", "accuracy_ci_high", "run_id",
+        "label",
+        "support",
+        "correct",
+        "accuracy",
+        "precision",
+        "recall",
+        "f1",
+        "accuracy_ci_low",
+        "accuracy_ci_high",
+        "run_id",
     ]
 
 
@@ -97,9 +81,22 @@ def test_a_frame_missing_a_column_is_refused(store):
 def test_promotions_has_exactly_the_documented_columns(store, two_runs):
     promotions = read_table(store, "promotions")
     assert list(promotions.columns) == [
-        "challenger_model_key", "champion_model_key", "challenger_balanced_accuracy", "champion_balanced_accuracy",
-        "challenger_test_accuracy", "champion_test_accuracy", "mcnemar_b", "mcnemar_c", "mcnemar_p", "worst_digit",
-        "worst_digit_drop", "decision", "reason", "forced", "decided_at", "run_id",
+        "challenger_model_key",
+        "champion_model_key",
+        "challenger_balanced_accuracy",
+        "champion_balanced_accuracy",
+        "challenger_test_accuracy",
+        "champion_test_accuracy",
+        "mcnemar_b",
+        "mcnemar_c",
+        "mcnemar_p",
+        "worst_digit",
+        "worst_digit_drop",
+        "decision",
+        "reason",
+        "forced",
+        "decided_at",
+        "run_id",
     ]
     assert len(promotions) == 2 and promotions["champion_model_key"].isna().all()
 

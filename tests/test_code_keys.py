@@ -1,0 +1,142 @@
+"""Cache keys name the code each step runs, and only that code: edits are made to a copy of this
+repository's real source, and the keys are computed there in a fresh interpreter."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from storage import code_digest
+
+REPO = Path(__file__).resolve().parent.parent
+
+KEYS = textwrap.dedent(
+    """
+    import json
+    from flows import caching
+    from tasks.evaluate import EvaluationRef
+    from tasks.fetch import DatasetRef
+    from tasks.model import ModelRef
+    from tasks.train import TrainConfig
+
+    dataset = DatasetRef(sha256="d" * 64, files={}, sources=["store"])
+    model = ModelRef(key="k", path="/m", sha256="a" * 64, history_path="/h", network="seed", device="CPU:0",
+                     precision="float32", epochs=1, resumed_from_epoch=0, train_images=10, train_seconds=1.0, val_accuracy=0.5)
+    evaluation = EvaluationRef(key="e", path="/p", model_sha256="a" * 64, dataset_sha256="d" * 64, predictions_sha256="p" * 64,
+                               test_path="/t", test_predictions_sha256="t" * 64, n_per_class=5, seed=0, n_evaluated=50,
+                               test_images=100, test_accuracy=0.5, balanced_accuracy=0.5)
+    print(json.dumps({
+        "train": caching.TRAIN.content_key({"dataset": dataset, "config": TrainConfig()}),
+        "evaluate": caching.EVALUATE.content_key({"model": model, "n_per_class": 5, "seed": 0}),
+        "plot": caching.PLOT.content_key({"model": model, "evaluation": evaluation}),
+    }))
+    """
+)
+
+
+def keys_of(tree: Path) -> dict[str, str]:
+    done = subprocess.run([sys.executable, "-c", KEYS], cwd=tree, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return keys_of(copy_repo(tmp_path_factory.mktemp("original")))
+
+
+def copy_repo(target: Path) -> Path:
+    for package in ("flows", "tasks", "storage"):
+        shutil.copytree(REPO / package, target / package, ignore=shutil.ignore_patterns("__pycache__"))
+    return target
+
+
+def edit(tree: Path, module: str, pattern: str, replacement: str) -> None:
+    path = tree / module
+    source = path.read_text()
+    edited, count = re.subn(pattern, replacement, source, count=1, flags=re.MULTILINE)
+    assert count == 1, f"{pattern!r} not found in {module}"
+    path.write_text(edited)
+
+
+# (what is edited, the steps whose keys must change)
+EDITS = {
+    "the body of stratified_sample": (
+        "tasks/evaluate.py",
+        r"^(def stratified_sample\(.*\n(?:    .*\n)*?)(    rng = )",
+        r"\1    n_per_class = int(n_per_class)\n\2",
+        {"evaluate"},
+    ),
+    "the body of per_class_frame": (
+        "tasks/metrics.py",
+        r"^(def per_class_frame\(.*\n(?:.*\n)*?)(    correct = )",
+        r"\1    cm = np.asarray(cm)\n\2",
+        {"plot"},
+    ),
+    "the report's wording": (
+        "tasks/report.py",
+        r"## Random evaluated images",
+        "## A random handful of evaluated images",
+        set(),
+    ),
+    "a comment and a docstring in the training loop": (
+        "tasks/train.py",
+        r"^(def _train\(.*\n)",
+        r'\1    """Edited docstring."""  # and a comment\n',
+        set(),
+    ),
+    "the optimizer": (
+        "tasks/model.py",
+        r"return keras\.optimizers\.Adam\(learning_rate=base, use_ema=True, ema_momentum=ema\)",
+        "return keras.optimizers.Adam(learning_rate=base, use_ema=True, ema_momentum=ema, epsilon=1e-6)",
+        {"train"},
+    ),
+    "a plot's code": (
+        "tasks/plots.py",
+        r'ax\.set_xlabel\("predicted digit"\)',
+        'ax.set_xlabel("predicted")',
+        {"plot"},
+    ),
+    "how the evaluation's predictions are made": (
+        "tasks/evaluate.py",
+        r"^PREDICT_BATCH = 1024",
+        "PREDICT_BATCH = 512",
+        {"evaluate"},
+    ),
+}
+
+
+@pytest.mark.parametrize("what", list(EDITS))
+def test_an_edit_changes_exactly_the_keys_of_the_steps_that_run_it(what, original, tmp_path):
+    module, pattern, replacement, expected = EDITS[what]
+    tree = copy_repo(tmp_path)
+    edit(tree, module, pattern, replacement)
+    changed = {step for step, key in keys_of(tree).items() if key != original[step]}
+    assert changed == expected
+
+
+def test_code_digest_hashes_syntax_not_text_nor_place(tmp_path):
+    def load(name: str, source: str):
+        path = tmp_path / f"{name}.py"
+        path.write_text(textwrap.dedent(source))
+        namespace: dict = {}
+        exec(compile(path.read_text(), str(path), "exec"), namespace)
+        import linecache
+
+        linecache.checkcache(str(path))
+        return namespace["f"]
+
+    base = load("a", "def f(x):\n    return x + 1\n")
+    commented = load("b", 'def f(x):\n    """Adds one."""\n    # the successor\n    return (x + 1)\n')
+    moved = load("c", "import os\n\n\ndef f(x):\n    return x + 1\n")
+    changed = load("d", "def f(x):\n    return x + 2\n")
+    assert code_digest(base) == code_digest(commented) == code_digest(moved)
+    assert code_digest(base) != code_digest(changed)
+    assert code_digest(base, 128) != code_digest(base, 256)  # values a step depends on count too
