@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 from pydantic import BaseModel
 
 from storage import Store
-from storage.tables import read_frame, read_table
+from storage.tables import NUM_CLASSES, read_frame, read_table
 from tasks.champion import GateRef
 from tasks.evaluate import EvaluationRef
 from tasks.fetch import DatasetRef
@@ -37,7 +37,8 @@ def nightly_trend(runs: pd.DataFrame, current_run: str | None = None) -> Figure:
     runs = runs.sort_values("finished_at").reset_index(drop=True)
     x = np.arange(len(runs))
     acc = runs["balanced_accuracy"].to_numpy(dtype=float)
-    low, high = wilson_interval(np.round(acc * runs["n_per_class"] * 10), runs["n_per_class"].to_numpy() * 10)
+    evaluated = runs["n_per_class"].to_numpy() * NUM_CLASSES
+    low, high = wilson_interval(np.round(acc * evaluated), evaluated)
     fig = Figure(figsize=(9, 4.2))
     ax = fig.subplots()
     ax.fill_between(x, low, high, color="#5d6d7e", alpha=0.18, lw=0, label="95 % interval")
