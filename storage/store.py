@@ -56,6 +56,10 @@ class Store:
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
 
+    def location(self, path: str) -> str:
+        """What to show a person: the local path, or the full URL (``s3://bucket/...``) of a remote one."""
+        return path if self.is_local else self.fs.unstrip_protocol(path)
+
     def object_path(self, sha256: str) -> str:
         """Content-addressed blobs: the same bytes are stored once, whoever fetched them."""
         return self.path("objects", "sha256", sha256[:2], sha256)

@@ -182,3 +182,59 @@ def reference_mcnemar(b: int, c: int) -> float:
         return 1.0
     tail = sum(Fraction(math.comb(n, i), 2**n) for i in range(min(b, c) + 1))
     return float(min(Fraction(1), 2 * tail))
+
+
+class S3Server:
+    """moto's standalone S3-compatible HTTP server on a loopback port, in its own process (no patching here)."""
+
+    def __init__(self, directory: Path) -> None:
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        from flows.serve import free_port
+
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        moto = Path(sys.executable).with_name("moto_server")
+        self.log = open(directory / "moto.log", "wb")  # noqa: SIM115 (closed in stop)
+        self.process = subprocess.Popen(
+            [str(moto), "-H", "127.0.0.1", "-p", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(self.endpoint, timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError(f"moto_server did not start on {self.endpoint}; see {directory / 'moto.log'}") from None
+                time.sleep(0.2)
+        self.env = {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def bucket(self, name: str) -> str:
+        import s3fs
+
+        s3fs.S3FileSystem(endpoint_url=self.endpoint, key="testing", secret="testing").mkdir(name)
+        return f"s3://{name}"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+        self.log.close()
+
+
+@pytest.fixture
+def s3_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A real S3 endpoint; the standard AWS variables point this process and its children at it."""
+    server = S3Server(tmp_path)
+    for name, value in server.env.items():
+        monkeypatch.setenv(name, value)
+    yield server
+    server.stop()

@@ -1,0 +1,71 @@
+"""The store on an S3-compatible server (moto's, on loopback): the whole flow, Prefect's result records in
+the bucket, a second machine that finds every heavy step cached, and the tables read by pyarrow from the bucket."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pytest
+
+from storage import Store
+from storage.tables import read_table
+from tasks.fetch import fetch_mnist
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+
+
+def export_idx(mnist_store: Store, directory: Path) -> Path:
+    directory.mkdir()
+    dataset = fetch_mnist(mnist_store, sources=[], log=lambda _: None)
+    for name, stored in dataset.files.items():
+        (directory / name).write_bytes(mnist_store.read_bytes(stored.path))
+    return directory
+
+
+def run_on(machine: Path, store_url: str, *extra: str) -> subprocess.CompletedProcess:
+    """``mnist-pipeline run`` as a separate machine would: its own working directory, Prefect home and cache."""
+    machine.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(machine / "prefect"),
+        "XDG_CACHE_HOME": str(machine / "cache"),
+        "PYTHONPATH": str(REPO),
+    }
+    args = ["run", "--epochs", "1", "--train-limit", "6000", "--n-per-class", "100", "--store", store_url, *extra]
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], cwd=machine, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_the_flow_on_an_s3_store_from_two_machines(s3_server, mnist_store: Store, tmp_path: Path):
+    url = s3_server.bucket("mnist") + "/quick"
+    source = export_idx(mnist_store, tmp_path / "idx")
+    first = run_on(tmp_path / "machine-a", url, "--mnist-source", str(source))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "Steps:              fetch-mnist Completed, train Completed, evaluate Completed, plot Completed" in first.stdout
+    assert f"{url}/tables" in first.stdout  # the URL a person can use, not a bare bucket path
+
+    second = run_on(tmp_path / "machine-b", url)  # no MNIST source at all: everything must come from the bucket
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Steps:              fetch-mnist Cached, train Cached, evaluate Cached, plot Cached" in second.stdout
+
+    store = Store(url)
+    records = {os.path.basename(p).split("-")[0] for p in store.fs.ls(store.results_dir())}
+    assert {"fetch", "train", "evaluate", "plot"} <= records  # Prefect's cache lives in the bucket
+    assert not [p for p in store.fs.find(store.root) if "/." in p]  # no temporary objects left behind
+    assert len(read_table(store, "runs")) == 2
+
+    # a downstream consumer with pyarrow alone, straight from the bucket
+    s3 = pafs.S3FileSystem(
+        endpoint_override=s3_server.endpoint, scheme="http", access_key="testing", secret_key="testing", region="us-east-1"
+    )
+    confusion = ds.dataset("mnist/quick/tables/confusion", filesystem=s3, format="parquet", partitioning="hive")
+    assert confusion.count_rows() == 200 and "run_id" in confusion.schema.names
+    runs = ds.dataset("mnist/quick/tables/runs", filesystem=s3, format="parquet", partitioning="hive").to_table()
+    assert sorted(runs.column("run_id").to_pylist()) == sorted(read_table(store, "runs")["run_id"])
