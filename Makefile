@@ -4,6 +4,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 RUN_ARGS ?=
+# make serve DB=postgres: the Prefect server on PostgreSQL (a local cluster unless PREFECT_API_DATABASE_CONNECTION_URL is set)
+DB ?= sqlite
 
 # Telemetry cannot reach out from an offline machine; keep TensorFlow's C++ banner out of logs.
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
@@ -35,7 +37,7 @@ browser:
 	  { echo "make test needs chromium for the UI test: install Debian's chromium package (apt-get install chromium)"; exit 1; }
 
 serve: $(STAMP)
-	$(BIN)/python -m flows.serve start
+	$(BIN)/python -m flows.serve start --db $(DB)
 
 stop:
 	$(BIN)/python -m flows.serve stop

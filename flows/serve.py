@@ -18,6 +18,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from flows.database import DATABASES, URL_ENV, LocalPostgres
+
 REPO = Path(__file__).resolve().parent.parent
 POOLS = ("gpu",)
 
@@ -31,7 +33,11 @@ def free_port() -> int:
 class LocalStack:
     """Processes are started in their own sessions and recorded in ``<home>/pids.json``."""
 
-    def __init__(self, home: Path, port: int = 4200, store: str | None = None, poll_seconds: int = 5) -> None:
+    def __init__(self, home: Path, port: int = 4200, store: str | None = None, poll_seconds: int = 5, db: str = "sqlite") -> None:
+        if db not in DATABASES:
+            raise ValueError(f"db={db!r}: choose one of {', '.join(DATABASES)}")
+        self.db = db
+        self.database_url = os.environ.get(URL_ENV) if db == "postgres" else None
         self.home = Path(home).resolve()
         self.port = port
         self.store = store or str(REPO / "artifacts")
@@ -39,6 +45,7 @@ class LocalStack:
         self.api_url = f"http://127.0.0.1:{port}/api"
         self.ui_url = f"http://127.0.0.1:{port}"
         self.pids_file = self.home / "pids.json"
+        self.postgres_file = self.home / "postgres.json"  # a cluster this stack started: stopped by `make stop`
         self.alerts = ""
 
     @property
@@ -57,6 +64,8 @@ class LocalStack:
             TF_CPP_MIN_LOG_LEVEL="2",
             MNIST_STORE=self.store,
         )
+        if self.database_url:
+            env[URL_ENV] = self.database_url
         return env
 
     def _prefect(self, *args: str, timeout: float = 300) -> str:
@@ -125,6 +134,10 @@ class LocalStack:
         if self._alive("server"):
             raise RuntimeError(f"a stack is already running from {self.home} (pids {self._pids()}); run `make stop` first")
         self.pids_file.unlink(missing_ok=True)
+        if self.db == "postgres" and not self.database_url:
+            cluster = LocalPostgres(self.home, free_port())
+            self.postgres_file.write_text(json.dumps({"data_dir": str(cluster.data_dir), "port": cluster.port}))
+            self.database_url = cluster.start()
         self._spawn("server", "server", "start", "--host", "127.0.0.1", "--port", str(self.port))
         self.wait_healthy()
         for pool in POOLS:
@@ -163,6 +176,13 @@ class LocalStack:
                     pass
             stopped.append(f"{name} ({pid})")
         self.pids_file.unlink(missing_ok=True)
+        if self.postgres_file.exists():  # after the server, which holds connections to it
+            recorded = json.loads(self.postgres_file.read_text())
+            cluster = LocalPostgres(self.home, recorded["port"])
+            pid = cluster.pid()
+            if cluster.stop():
+                stopped.append(f"postgres ({pid})")
+            self.postgres_file.unlink()
         return stopped
 
 
@@ -174,8 +194,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--store", default=os.environ.get("MNIST_STORE"), help="artifact store for deployed runs (default ./artifacts)"
     )
+    parser.add_argument(
+        "--db",
+        choices=DATABASES,
+        default=os.environ.get("DB") or "sqlite",
+        help=f"the server's database: sqlite (default) or postgres (${URL_ENV}, else a local cluster)",
+    )
     args = parser.parse_args(argv)
-    stack = LocalStack(Path(args.home), port=args.port, store=args.store)
+    stack = LocalStack(Path(args.home), port=args.port, store=args.store, db=args.db)
     if args.command == "stop":
         stopped = stack.stop()
         print("Stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
@@ -188,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(
         f"Prefect UI:     {stack.ui_url}\n"
+        f"Database:       {stack.db}" + (f" ({stack.database_url.split('@')[-1]})" if stack.database_url else "") + "\n"
         f"API:            {stack.api_url}   (export PREFECT_API_URL={stack.api_url} to use the CLI against it)\n"
         f"Deployments:    mnist-retrain/nightly (cron 0 2 * * * UTC, pool gpu)\n"
         f"Artifact store: {stack.store}\n"

@@ -55,18 +55,22 @@ def receiver():
     r.server.shutdown()
 
 
-@pytest.fixture
-def stack(tmp_path: Path, mnist_store: Store, receiver: Receiver, monkeypatch: pytest.MonkeyPatch):
+@pytest.fixture(params=["sqlite", "postgres"])
+def stack(request, tmp_path: Path, mnist_store: Store, receiver: Receiver, monkeypatch: pytest.MonkeyPatch):
+    """The stack `make serve` starts, on each database (PostgreSQL: a cluster the stack starts and stops)."""
     monkeypatch.setenv("MNIST_ALERT_WEBHOOK", receiver.url)
     store = Store(tmp_path / "store")
     store.fs.copy(mnist_store.path("objects"), store.path("objects"), recursive=True)  # the download is tested elsewhere
-    local = LocalStack(tmp_path / "prefect-home", port=free_port(), store=store.url, poll_seconds=2)
+    monkeypatch.delenv("PREFECT_API_DATABASE_CONNECTION_URL", raising=False)
+    local = LocalStack(tmp_path / "prefect-home", port=free_port(), store=store.url, poll_seconds=2, db=request.param)
     try:
         local.start()
         yield local, store
     finally:
         stopped = local.stop()
         assert any(s.startswith("server") for s in stopped)
+        if request.param == "postgres":
+            assert any(s.startswith("postgres") for s in stopped) and not local.postgres_file.exists()
 
 
 def test_nightly_deployment_runs_and_reruns_from_cache(stack, receiver, tmp_path):
