@@ -84,12 +84,12 @@ class LocalStack:
             raise RuntimeError(f"`python {' '.join(args)}` failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
         return done.stdout
 
-    def _spawn(self, name: str, *args: str) -> int:
+    def _spawn(self, name: str, *args: str, cwd: Path = REPO, env: dict[str, str] | None = None) -> int:
         with open(self.home / f"{name}.log", "ab") as log:  # the child keeps its own copy of the handle
             proc = subprocess.Popen(
                 [sys.executable, "-m", "prefect", *args],
-                cwd=REPO,
-                env=self.env,
+                cwd=cwd,
+                env={**self.env, **(env or {})},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -145,9 +145,13 @@ class LocalStack:
         self._prefect("deploy", "--all", "--no-prompt")
         self.alerts = self._python("-m", "flows.alerts").strip()
         for pool in POOLS:
-            self._spawn(
-                f"worker-{pool}", "worker", "start", "--pool", pool, "--type", "process", "--name", f"{pool}-worker-local"
-            )
+            self.add_worker(pool, f"{pool}-worker-local")
+
+    def add_worker(self, pool: str, name: str, prefect_home: Path | None = None, cwd: Path = REPO) -> int:
+        """A process worker on ``pool``, as another machine would run it: its own Prefect home and directory."""
+        env = {"PREFECT_HOME": str(prefect_home)} if prefect_home else {}
+        log_name = f"worker-{pool}" if name == f"{pool}-worker-local" else f"worker-{name}"
+        return self._spawn(log_name, "worker", "start", "--pool", pool, "--type", "process", "--name", name, cwd=cwd, env=env)
 
     def stop(self, grace: float = 15) -> list[str]:
         """Stop every recorded process group (SIGTERM, then SIGKILL after ``grace`` seconds)."""

@@ -19,7 +19,7 @@ import tasks.champion
 import tasks.fetch
 import tasks.tabulate
 from flows import caching
-from storage import Store
+from flows.locks import open_store
 from tasks.champion import GateRef
 from tasks.evaluate import EvaluationRef, evaluate_model
 from tasks.fetch import DatasetRef, default_sources
@@ -36,7 +36,7 @@ PROGRESS_KEY = "mnist-training-progress"
 @task(name="fetch-mnist", cache_policy=caching.FETCH, persist_result=True, retries=1, retry_delay_seconds=5)
 def fetch_mnist(store_url: str, mnist_source: str | None = None) -> DatasetRef:
     logger = get_run_logger()
-    ref = tasks.fetch.fetch_mnist(Store(store_url), sources=default_sources(mnist_source), log=logger.info)
+    ref = tasks.fetch.fetch_mnist(open_store(store_url), sources=default_sources(mnist_source), log=logger.info)
     logger.info("MNIST %s verified (from %s)", ref.sha256[:12], ", ".join(ref.sources))
     return ref
 
@@ -51,7 +51,7 @@ def train(store_url: str, dataset: DatasetRef, config: TrainConfig, reuse: bool 
     def on_epoch(done: int, total: int, row: dict) -> None:
         update_progress_artifact(progress, 100.0 * done / total)
 
-    ref = train_model(Store(store_url), dataset, config, log=logger.info, on_epoch=on_epoch, reuse=reuse)
+    ref = train_model(open_store(store_url), dataset, config, log=logger.info, on_epoch=on_epoch, reuse=reuse)
     update_progress_artifact(progress, 100.0)
     logger.info("Model %s: %s (sha256 %s)", ref.network, ref.path, ref.sha256[:12])
     return ref
@@ -61,7 +61,7 @@ def train(store_url: str, dataset: DatasetRef, config: TrainConfig, reuse: bool 
 def evaluate(
     store_url: str, dataset: DatasetRef, model: ModelRef, n_per_class: int, seed: int, reuse: bool = True
 ) -> EvaluationRef:
-    ref = evaluate_model(Store(store_url), dataset, model, n_per_class, seed, reuse=reuse)
+    ref = evaluate_model(open_store(store_url), dataset, model, n_per_class, seed, reuse=reuse)
     get_run_logger().info(
         "Test accuracy %.4f on %d images; balanced accuracy %.4f on %d (%d per digit)",
         ref.test_accuracy,
@@ -75,7 +75,7 @@ def evaluate(
 
 @task(name="plot", cache_policy=caching.PLOT, persist_result=True)
 def plot(store_url: str, dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef) -> PlotsRef:
-    return render_plots(Store(store_url), dataset, model, evaluation)
+    return render_plots(open_store(store_url), dataset, model, evaluation)
 
 
 MODEL_EVENT = "mnist.model.{decision}"
@@ -87,7 +87,7 @@ def gate(
 ) -> GateRef:
     """Decide whether this run's model replaces the champion; never cached, since the champion moves."""
     logger = get_run_logger()
-    decided = tasks.champion.gate(Store(store_url), dataset, model, evaluation, rules, run_id, log=logger.warning)
+    decided = tasks.champion.gate(open_store(store_url), dataset, model, evaluation, rules, run_id, log=logger.warning)
     emit_event(
         event=MODEL_EVENT.format(decision=decided.decision),
         resource={
@@ -111,7 +111,7 @@ def tabulate(
     decided: GateRef,
 ) -> TablesRef:
     after = decided.champion_after.model_key if decided.champion_after else None
-    return tasks.tabulate.tabulate(Store(store_url), run_id, dataset, model, evaluation, parameters, decided.promoted, after)
+    return tasks.tabulate.tabulate(open_store(store_url), run_id, dataset, model, evaluation, parameters, decided.promoted, after)
 
 
 @task(name="report", cache_policy=NO_CACHE)
@@ -125,4 +125,4 @@ def report(
     tables: TablesRef,
     decided: GateRef,
 ) -> ReportRef:
-    return publish_report(Store(store_url), run_id, dataset, model, evaluation, plots, tables, decided)
+    return publish_report(open_store(store_url), run_id, dataset, model, evaluation, plots, tables, decided)

@@ -25,6 +25,7 @@ from fsspec.implementations.local import LocalFileSystem
 from storage.digests import sha256_bytes, sha256_stream
 
 RefT = TypeVar("RefT")  # a pydantic model describing stored files
+LockFactory = Callable[[str], contextlib.AbstractContextManager]  # a lock name → a context manager holding it
 
 DEFAULT_STORE = "artifacts"
 STORE_ENV = "MNIST_STORE"
@@ -37,8 +38,9 @@ class StoreError(RuntimeError):
 class Store:
     """Layout and atomic I/O for every artifact of the pipeline."""
 
-    def __init__(self, url: str | os.PathLike[str]) -> None:
+    def __init__(self, url: str | os.PathLike[str], distributed_lock: LockFactory | None = None) -> None:
         url = os.fspath(url)
+        self.distributed_lock = distributed_lock
         self.fs, root = fsspec.core.url_to_fs(url)
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self.root = os.path.abspath(root) if self.is_local else root.rstrip("/")
@@ -238,17 +240,20 @@ class Store:
 
     @contextlib.contextmanager
     def lock(self, name: str) -> Iterator[None]:
-        """Serialise writers of one artifact on this machine.
+        """Serialise the writers of one artifact.
 
-        Local stores use an flock, released by the kernel even if the process is killed.
-        Remote stores rely on every write being whole and idempotent (same key, same content).
+        A local store uses an flock in the store, released by the kernel even if the process is
+        killed. A remote store uses the lock given to the store (``distributed_lock``: a Prefect
+        global concurrency limit, enforced by the server for every worker), else an flock in this
+        machine's cache, which serialises only this machine's writers.
         """
-        if not self.is_local:
-            yield
+        if not self.is_local and self.distributed_lock is not None:
+            with self.distributed_lock(f"{sha256_bytes(self.url.encode())[:8]}-{name}"):
+                yield
             return
         import fcntl
 
-        path = self.lock_file(name)
+        path = self.lock_file(name) if self.is_local else self._machine_lock_file(name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
@@ -256,3 +261,7 @@ class Store:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _machine_lock_file(self, name: str) -> str:
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+        return str(cache / "mnist-pipeline" / "locks" / sha256_bytes(self.url.encode())[:12] / f"{name}.lock")

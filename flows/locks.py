@@ -1,0 +1,44 @@
+"""One writer per artifact across machines: a Prefect global concurrency limit of one slot per artifact.
+
+The server enforces it for every worker that talks to it, whatever machine the worker is on, and a
+slot is leased, so a worker that dies mid-training frees it when its lease runs out. Local stores
+keep their flock (``storage.Store.lock``); this is what ``flows/steps.py`` gives a remote store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectAlreadyExists
+from prefect.settings import get_current_settings
+
+from storage import Store
+
+PREFIX = "mnist-artifact-"
+LEASE_SECONDS = 120  # renewed while the holder lives; a dead holder's slot comes back this long after
+
+
+def server_in_use() -> bool:
+    return bool(get_current_settings().api.url)
+
+
+@contextlib.contextmanager
+def artifact_lock(name: str) -> Iterator[None]:
+    """Hold the one slot of the limit named after the artifact, creating the limit on first use."""
+    limit = f"{PREFIX}{name}"[:120]
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
+        except ObjectAlreadyExists:
+            pass
+    with concurrency(limit, occupy=1, strict=True, lease_duration=LEASE_SECONDS):
+        yield
+
+
+def open_store(url: str) -> Store:
+    """The store for a step: a remote one is locked through the server when there is one."""
+    return Store(url, distributed_lock=artifact_lock if server_in_use() else None)
