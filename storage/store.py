@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import posixpath
+import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -55,53 +57,114 @@ class Store:
         return f"Store({self.url!r})"
 
     # ---- layout -------------------------------------------------------------------------
+    # Every artifact is named by a key relative to the store's root: references and sidecars hold
+    # those keys, so a store copied or synced elsewhere (a directory to a bucket, a renamed bucket)
+    # keeps every reference, and every cache hit, valid. I/O methods take keys (or, for a local
+    # store, absolute paths, which joining leaves as they are).
+    def key(self, *parts: str) -> str:
+        return posixpath.join(*parts)
+
     def path(self, *parts: str) -> str:
+        """The filesystem path of a key, for fsspec and pyarrow calls made on ``self.fs``."""
         return posixpath.join(self.root, *parts)
 
-    def location(self, path: str) -> str:
+    def location(self, key: str) -> str:
         """What to show a person: the local path, or the full URL (``s3://bucket/...``) of a remote one."""
+        path = self.path(key)
         return path if self.is_local else self.fs.unstrip_protocol(path)
+
+    def unique(self, key: str) -> str:
+        """``key`` with a writer's own suffix (``model.keras`` → ``model-1f2e3d4c.keras``).
+
+        Artifacts made of several files are published in one step: each writer writes its files
+        under unique names, then replaces the one small sidecar that names them (``model.json``,
+        ``evaluation.json``, ``plots.json``). Two writers can never leave a model file of one beside
+        the sidecar of the other; a reader follows the sidecar and sees one writer's whole output.
+        """
+        stem, dot, ext = posixpath.basename(key).partition(".")
+        return posixpath.join(posixpath.dirname(key), f"{stem}-{uuid.uuid4().hex[:8]}{dot}{ext}")
 
     def object_path(self, sha256: str) -> str:
         """Content-addressed blobs: the same bytes are stored once, whoever fetched them."""
-        return self.path("objects", "sha256", sha256[:2], sha256)
+        return self.key("objects", "sha256", sha256[:2], sha256)
 
     def model_file(self, key: str) -> str:
-        return self.path("models", key, "model.keras")
+        return self.key("models", key, "model.keras")
 
     def history_file(self, key: str) -> str:
-        return self.path("models", key, "history.parquet")
+        return self.key("models", key, "history.parquet")
 
     def model_info_file(self, key: str) -> str:
-        return self.path("models", key, "model.json")
+        return self.key("models", key, "model.json")
 
     def checkpoint_dir(self, key: str) -> str:
         """A local directory for Keras' BackupAndRestore, which needs a real filesystem.
 
-        In a local store it lives inside the store, so a crashed run resumes from any process
-        on this machine; for a remote store it lives in the user's cache directory.
+        In a local store it lives inside the store. For a remote store it is a working copy in the
+        user's cache directory, which ``push_checkpoint`` copies into the store after every epoch, so
+        a run killed on one worker resumes on another (``pull_checkpoint``).
         """
         if self.is_local:
-            return self.path("checkpoints", key)
+            return self.path(self.key("checkpoints", key))
         cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-        return str(cache / "mnist-pipeline" / "checkpoints" / key)
+        return str(cache / "mnist-pipeline" / "checkpoints" / sha256_bytes(self.url.encode())[:12] / key)
+
+    def push_checkpoint(self, key: str, epoch: int) -> None:
+        """Publish the working copy of a remote store's checkpoint: its files under a folder of their
+        own, then the one small pointer ``latest.json``, replaced last, then the previous folder goes."""
+        if self.is_local:
+            return  # the checkpoint already lives in the store
+        base, folder = self.key("checkpoints", key), f"epoch-{epoch:04d}-{uuid.uuid4().hex[:8]}"
+        local = Path(self.checkpoint_dir(key))
+        for file in sorted(p for p in local.iterdir() if p.is_file()):
+            self.put_file(str(file), self.key(base, folder, file.name))
+        previous = self._checkpoint_pointer(key)
+        self.write_text(self.key(base, "latest.json"), json.dumps({"epoch": epoch, "folder": folder}))
+        if previous is not None:
+            self.remove(self.key(base, previous["folder"]), recursive=True)
+
+    def pull_checkpoint(self, key: str) -> int | None:
+        """Bring the store's checkpoint of ``key`` into the working copy when it is further along
+        than the one here (another machine trained it); returns the epoch it holds, if any."""
+        pointer = None if self.is_local else self._checkpoint_pointer(key)
+        if pointer is None:
+            return None
+        local = Path(self.checkpoint_dir(key))
+        history = local / "history.json"
+        here = len(json.loads(history.read_text())) if history.exists() else 0
+        if pointer["epoch"] > here:
+            local.mkdir(parents=True, exist_ok=True)
+            folder = self.path("checkpoints", key, pointer["folder"])
+            for remote in self.fs.ls(folder, detail=False):
+                self.fs.get_file(remote, str(local / posixpath.basename(remote)))
+        return pointer["epoch"]
+
+    def drop_checkpoint(self, key: str) -> None:
+        """The model is stored: its resume point is no longer needed, here or in the store."""
+        shutil.rmtree(self.checkpoint_dir(key), ignore_errors=True)
+        if not self.is_local:
+            self.remove(self.key("checkpoints", key), recursive=True)
+
+    def _checkpoint_pointer(self, key: str) -> dict | None:
+        pointer = self.key("checkpoints", key, "latest.json")
+        return json.loads(self.read_bytes(pointer)) if self.exists(pointer) else None
 
     def evaluation_file(self, key: str) -> str:
-        return self.path("evaluations", key, "predictions.parquet")
+        return self.key("evaluations", key, "predictions.parquet")
 
     def evaluation_info_file(self, key: str) -> str:
-        return self.path("evaluations", key, "evaluation.json")
+        return self.key("evaluations", key, "evaluation.json")
 
     def test_predictions_file(self, key: str) -> str:
         """Every test image's prediction: what a champion/challenger comparison pairs image by image."""
-        return self.path("evaluations", key, "test_predictions.parquet")
+        return self.key("evaluations", key, "test_predictions.parquet")
 
     def champion_file(self) -> str:
         """The pointer to the model in use, at the store's root where consumers look for it first."""
-        return self.path("champion.json")
+        return self.key("champion.json")
 
     def table_dir(self, table: str) -> str:
-        return self.path("tables", table)
+        return self.key("tables", table)
 
     def table_file(self, table: str, run_id: str, part: str = "part-0") -> str:
         """Hive layout: ``tables/<table>/run_id=<id>/<part>.parquet``.
@@ -109,20 +172,20 @@ class Store:
         A run's own rows are ``part-0``; rows added later about that run (a manual promotion of its
         model) get a part of their own, so nothing already published is rewritten.
         """
-        return self.path("tables", table, f"run_id={run_id}", f"{part}.parquet")
+        return self.key("tables", table, f"run_id={run_id}", f"{part}.parquet")
 
     def report_dir(self, run_id: str) -> str:
-        return self.path("reports", run_id)
+        return self.key("reports", run_id)
 
     def report_file(self, run_id: str, name: str) -> str:
-        return self.path("reports", run_id, name)
+        return self.key("reports", run_id, name)
 
     def results_dir(self) -> str:
         """Prefect's result records (the cache): beside the artifacts they point to, shared by every machine."""
         return self.path("prefect-results")
 
     def result_record(self, cache_key: str) -> str:
-        return self.path("prefect-results", cache_key)
+        return self.key("prefect-results", cache_key)
 
     def result_storage(self):
         """The Prefect filesystem block for ``results_dir`` (local, or fsspec for a remote store), saved
@@ -138,24 +201,24 @@ class Store:
 
     def plots_file(self, key: str, name: str) -> str:
         """Rendered figures of one evaluation, shared by every run that reuses it."""
-        return self.path("plots", key, name)
+        return self.key("plots", key, name)
 
     def lock_file(self, name: str) -> str:
-        return self.path("locks", f"{name}.lock")
+        return self.key("locks", f"{name}.lock")
 
     # ---- reading ------------------------------------------------------------------------
-    def exists(self, path: str) -> bool:
-        return self.fs.exists(path)
+    def exists(self, key: str) -> bool:
+        return self.fs.exists(self.path(key))
 
-    def read_bytes(self, path: str) -> bytes:
-        return self.fs.cat_file(path)
+    def read_bytes(self, key: str) -> bytes:
+        return self.fs.cat_file(self.path(key))
 
-    def open(self, path: str, mode: str = "rb"):
-        return self.fs.open(path, mode)
+    def open(self, key: str, mode: str = "rb"):
+        return self.fs.open(self.path(key), mode)
 
-    def digest(self, path: str) -> tuple[str, int]:
+    def digest(self, key: str) -> tuple[str, int]:
         """SHA-256 and size of a stored file."""
-        with self.fs.open(path, "rb") as f:
+        with self.fs.open(self.path(key), "rb") as f:
             return sha256_stream(f)
 
     def load_ref(self, info_path: str, ref_type: type[RefT], files: Callable[[RefT], dict[str, str]]) -> RefT | None:
@@ -173,14 +236,14 @@ class Store:
         return ref
 
     @contextlib.contextmanager
-    def local_copy(self, path: str, suffix: str = "") -> Iterator[str]:
+    def local_copy(self, key: str, suffix: str = "") -> Iterator[str]:
         """A local filename for libraries that insist on one (Keras' loader)."""
         if self.is_local:
-            yield path
+            yield self.path(key)
             return
         with tempfile.TemporaryDirectory() as tmp:
             local = os.path.join(tmp, "file" + suffix)
-            self.fs.get_file(path, local)
+            self.fs.get_file(self.path(key), local)
             yield local
 
     # ---- writing ------------------------------------------------------------------------
@@ -195,8 +258,10 @@ class Store:
             self.fs.mv(tmp, path)  # object stores publish a whole object or nothing
 
     @contextlib.contextmanager
-    def writing(self, path: str) -> Iterator[str]:
-        """Yield a hidden temporary path in the store to write; it becomes ``path`` on success."""
+    def writing(self, key: str) -> Iterator[str]:
+        """Yield a hidden temporary filesystem path beside ``key`` to write with ``self.fs``; it becomes
+        ``key`` on success."""
+        path = self.path(key)
         self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
         tmp = self._tmp_name(path)
         try:
@@ -220,16 +285,16 @@ class Store:
         with self.writing(path) as tmp:
             self.fs.put_file(local, tmp)
 
-    def remove(self, path: str, recursive: bool = False) -> None:
+    def remove(self, key: str, recursive: bool = False) -> None:
         with contextlib.suppress(FileNotFoundError):
-            self.fs.rm(path, recursive=recursive)
+            self.fs.rm(self.path(key), recursive=recursive)
 
     def check_writable(self) -> None:
         """Fail now, with the store's name, rather than after fifteen epochs of training."""
-        probe = self.path("locks", f".probe-{uuid.uuid4().hex}")
+        probe = self.key("locks", f".probe-{uuid.uuid4().hex}")
         try:
             self.write_bytes(probe, b"ok")
-            self.fs.rm_file(probe)
+            self.fs.rm_file(self.path(probe))
         except OSError as exc:
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
             hint = "free some space" if exc.errno == errno.ENOSPC else "fix its permissions"
@@ -253,7 +318,7 @@ class Store:
             return
         import fcntl
 
-        path = self.lock_file(name) if self.is_local else self._machine_lock_file(name)
+        path = self.path(self.lock_file(name)) if self.is_local else self._machine_lock_file(name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)

@@ -127,7 +127,7 @@ def dataset(store: Store, table: str) -> ds.Dataset:
     """Every run of ``table`` as one pyarrow dataset; in-flight temporary files are ignored."""
     partitioning = ds.partitioning(pa.schema([RUN_ID]), flavor="hive")
     return ds.dataset(
-        store.table_dir(table),
+        store.path(store.table_dir(table)),
         filesystem=store.fs,
         format="parquet",
         schema=schema(table).append(RUN_ID),

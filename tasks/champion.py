@@ -76,19 +76,24 @@ class GateRef(BaseModel):
 
 # ---- the pointer --------------------------------------------------------------------------
 def _intact_model(store: Store, key: str, sha256: str | None = None) -> tuple[ModelRef | None, str | None]:
-    """The model under ``key`` in *this* store, if its file is there and matches its digest, else why not.
+    """The model under ``key`` in this store, if the file its ``model.json`` names is there and matches
+    the digest the pointer recorded (else the one in ``model.json``); else why not, in a few words."""
+    info = store.model_info_file(key)
+    if not store.exists(info):
+        return None, f"its model record {store.location(info)} is missing"
+    recorded = ModelRef.model_validate_json(store.read_bytes(info))
+    expected = sha256 or recorded.sha256
+    if not store.exists(recorded.path):
+        return None, f"its model file {store.location(recorded.path)} is missing"
+    if store.digest(recorded.path)[0] != expected:
+        return None, f"its model file {store.location(recorded.path)} does not match the SHA-256 {expected[:12]}… recorded for it"
+    return recorded, None
 
-    The digest checked is the one the pointer recorded (else the model's own ``model.json``), and
-    the path is rebuilt from the key, so a pointer is only as good as the bytes it names.
-    """
-    path = store.model_file(key)
-    if not store.exists(path):
-        return None, f"its model file {path} is missing"
-    ref = stored_model(store, key)
-    expected = sha256 or (ref.sha256 if ref else None)
-    if ref is None or expected is None or store.digest(path)[0] != expected:
-        return None, f"its model file {path} does not match the SHA-256 {(expected or '?')[:12]}… recorded for it"
-    return ref.model_copy(update={"path": path}), None
+
+def champion_model_file(store: Store, champion: Champion) -> str:
+    """The key of the champion's model file, as its ``model.json`` names it."""
+    ref, _ = _intact_model(store, champion.model_key, champion.sha256)
+    return ref.path if ref is not None else store.model_file(champion.model_key)
 
 
 def read_pointer(store: Store) -> Champion | None:
@@ -130,19 +135,23 @@ def find_champion(store: Store) -> ChampionLookup:
     try:
         pointer = read_pointer(store)
     except ValueError as exc:
-        pointer, problem = None, f"The champion pointer {store.champion_file()} cannot be read ({exc.__class__.__name__})"
+        pointer, problem = (
+            None,
+            f"The champion pointer {store.location(store.champion_file())} cannot be read ({exc.__class__.__name__})",
+        )
     else:
         problem = None
         if pointer is not None:
             _, why = _intact_model(store, pointer.model_key, pointer.sha256)
             if why is None:
                 return ChampionLookup(champion=pointer)
-            problem = f"The champion pointer {store.champion_file()} names model {pointer.model_key} from run {pointer.run_id}, but {why}"
+            where = store.location(store.champion_file())
+            problem = f"The champion pointer {where} names model {pointer.model_key} from run {pointer.run_id}, but {why}"
     history = _champions_in_history(store)
     if pointer is None and problem is None and not history:
         return ChampionLookup(champion=None)  # no champion yet
     if problem is None:
-        problem = f"The champion pointer {store.champion_file()} is missing although models were promoted before"
+        problem = f"The champion pointer {store.location(store.champion_file())} is missing although models were promoted before"
     for candidate in history:
         if pointer is not None and candidate.model_key == pointer.model_key:
             continue

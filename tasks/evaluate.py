@@ -104,9 +104,9 @@ def _evaluate(store: Store, dataset: DatasetRef, model_ref: ModelRef, n_per_clas
     probabilities = predict(model, mnist.x_test)
     predicted = probabilities.argmax(axis=1)
     frame = predictions_frame(sample, mnist.y_test[sample], probabilities[sample])
-    path = write_frame(store, store.evaluation_file(key), "predictions", frame)
+    path = write_frame(store, store.unique(store.evaluation_file(key)), "predictions", frame)
     everything = predictions_frame(np.arange(len(mnist.y_test)), mnist.y_test, probabilities)
-    test_path = write_frame(store, store.test_predictions_file(key), "predictions", everything)
+    test_path = write_frame(store, store.unique(store.test_predictions_file(key)), "predictions", everything)
     ref = EvaluationRef(
         key=key,
         path=path,

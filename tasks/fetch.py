@@ -300,7 +300,7 @@ def load_mnist(store: Store, ref: DatasetRef) -> Mnist:
         data = store.read_bytes(stored.path)
         if sha256_bytes(data) != stored.sha256:
             raise idx.IDXFormatError(
-                f"{name} in the store ({stored.path}) no longer matches its SHA-256; re-run to fetch it again"
+                f"{name} in the store ({store.location(stored.path)}) no longer matches its SHA-256; re-run to fetch it again"
             )
         parse = idx.parse_labels if "labels" in name else idx.parse_images
         arrays[name] = parse(data, name)

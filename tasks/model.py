@@ -161,7 +161,7 @@ def load_model(store: Store, ref: ModelRef):
     actual, _ = store.digest(ref.path)
     if actual != ref.sha256:
         raise ValueError(
-            f"model {ref.path} does not match its SHA-256 (expected {ref.sha256[:12]}…): it was changed or corrupted"
+            f"model {store.location(ref.path)} does not match its SHA-256 (expected {ref.sha256[:12]}…): it was changed or corrupted"
         )
     with store.local_copy(ref.path, suffix=".keras") as local:
         return keras.models.load_model(local)

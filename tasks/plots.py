@@ -208,7 +208,7 @@ def render_plots(store: Store, dataset: DatasetRef, model: ModelRef, evaluation:
     files, digests = {}, {}
     for name, fig in figures.items():
         png = png_bytes(fig)
-        files[name] = store.plots_file(key, name)
+        files[name] = store.unique(store.plots_file(key, name))
         digests[name] = sha256_bytes(png)
         store.write_bytes(files[name], png)
     ref = PlotsRef(key=key, files=files, sha256=digests, most_confused=pair)

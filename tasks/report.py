@@ -210,7 +210,7 @@ def publish_report(
 | model | `{model.network}`, {model.epochs} epochs on {model.device} ({model.precision}), {model.train_seconds:.0f} s |
 | model sha256 | `{model.sha256}` |
 | dataset sha256 | `{dataset.sha256}` |
-| tables | `{store.path("tables")}` |
+| tables | `{store.location("tables")}` |
 
 ## Confusion matrix
 ![confusion](confusion.png)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -181,7 +180,7 @@ def dtype_policy(policy: str) -> Iterator[None]:
 
 
 # ---- training -----------------------------------------------------------------------------
-def _epoch_recorder(state_file: Path, log: Log, on_epoch: OnEpoch | None, total: int):
+def _epoch_recorder(state_file: Path, log: Log, on_epoch: OnEpoch | None, total: int, on_backup: Callable[[int], None]):
     import keras
 
     class EpochRecorder(keras.callbacks.Callback):
@@ -208,6 +207,7 @@ def _epoch_recorder(state_file: Path, log: Log, on_epoch: OnEpoch | None, total:
             tmp = state_file.with_name(f".{state_file.name}.tmp")
             tmp.write_text(json.dumps(self.rows))
             os.replace(tmp, state_file)
+            on_backup(epoch + 1)  # Keras' backup of this epoch is written (its callback runs first)
             log(
                 f"Epoch {epoch + 1}/{total}: loss {row.get('loss', float('nan')):.4f} "
                 f"accuracy {row.get('accuracy', float('nan')):.4f} val_accuracy {row.get('val_accuracy', float('nan')):.4f} "
@@ -264,7 +264,11 @@ def _train(store: Store, dataset: DatasetRef, config: TrainConfig, key: str, log
     keras.utils.set_random_seed(config.seed)
     backup = Path(store.checkpoint_dir(key))
     backup.mkdir(parents=True, exist_ok=True)
-    recorder = _epoch_recorder(backup / "history.json", log, on_epoch, config.epochs)
+    if (pulled := store.pull_checkpoint(key)) is not None:
+        log(f"Found a checkpoint after epoch {pulled} in the store")
+    recorder = _epoch_recorder(
+        backup / "history.json", log, on_epoch, config.epochs, on_backup=lambda epoch: store.push_checkpoint(key, epoch)
+    )
 
     steps_per_epoch = int(np.ceil(len(x_train) / config.batch_size))
     started = time.perf_counter()
@@ -289,15 +293,17 @@ def _train(store: Store, dataset: DatasetRef, config: TrainConfig, key: str, log
         local = os.path.join(tmp, "model.keras")
         model.save(local)
         digest = sha256_bytes(Path(local).read_bytes())
-        store.put_file(local, store.model_file(key))
+        model_file = store.unique(store.model_file(key))
+        store.put_file(local, model_file)
     history = pd.DataFrame(recorder.rows).reindex(columns=list(HISTORY_COLUMNS))
     history["epoch"] = history["epoch"].astype("int32")
-    store.write_bytes(store.history_file(key), history.to_parquet(index=False))
+    history_file = store.unique(store.history_file(key))
+    store.write_bytes(history_file, history.to_parquet(index=False))
     ref = ModelRef(
         key=key,
-        path=store.model_file(key),
+        path=model_file,
         sha256=digest,
-        history_path=store.history_file(key),
+        history_path=history_file,
         network=config.model.value,
         device=device,
         precision=policy,
@@ -307,6 +313,6 @@ def _train(store: Store, dataset: DatasetRef, config: TrainConfig, key: str, log
         train_seconds=seconds,
         val_accuracy=float(history["val_accuracy"].iloc[-1]),
     )
-    store.write_text(store.model_info_file(key), ref.model_dump_json(indent=2))
-    shutil.rmtree(backup, ignore_errors=True)  # the model is stored: the resume point is no longer needed
+    store.write_text(store.model_info_file(key), ref.model_dump_json(indent=2))  # the publish: replaced last
+    store.drop_checkpoint(key)
     return ref

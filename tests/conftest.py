@@ -233,8 +233,12 @@ class S3Server:
 @pytest.fixture
 def s3_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A real S3 endpoint; the standard AWS variables point this process and its children at it."""
+    import s3fs
+
     server = S3Server(tmp_path)
     for name, value in server.env.items():
         monkeypatch.setenv(name, value)
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec reuses instances: one made for an earlier endpoint would stay
     yield server
     server.stop()
+    s3fs.S3FileSystem.clear_instance_cache()

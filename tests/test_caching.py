@@ -170,3 +170,22 @@ def test_an_empty_seed_draws_a_new_one_and_records_it(mnist_store: Store, prefec
     assert a.seed != b.seed and b.step_states["fetch-mnist"] == "Cached" and b.step_states["train"] == "Completed"
     runs = read_table(store, "runs").set_index("run_id")
     assert json.loads(runs.loc[a.run_id, "parameters"])["seed"] == a.seed
+
+
+@pytest.mark.slow
+def test_a_store_copied_elsewhere_keeps_its_cache_hits(mnist_store: Store, prefect_harness, tmp_path):
+    """References and sidecars name files relative to the store: a copied (or synced, or renamed) store still hits."""
+    import shutil
+
+    from flows.pipeline import mnist_retrain
+
+    original = Store(tmp_path / "original")
+    original.fs.copy(mnist_store.path("objects"), original.path("objects"), recursive=True)
+    params = PipelineParameters(epochs=1, train_limit=500, n_per_class=5, seed=8)
+    first = mnist_retrain(params.model_copy(update={"store": original.url}))
+    assert first.step_states["train"] == "Completed"
+    shutil.copytree(original.root, tmp_path / "copy")
+    shutil.rmtree(original.root)  # nothing may still point at the old place
+    copied = mnist_retrain(params.model_copy(update={"store": str(tmp_path / "copy")}))
+    assert copied.step_states == {"fetch-mnist": "Cached", "train": "Cached", "evaluate": "Cached", "plot": "Cached"}
+    assert copied.model_path.startswith(str(tmp_path / "copy")) and copied.test_accuracy == first.test_accuracy

@@ -51,9 +51,10 @@ def lab(mnist_store: Store):
 
 @pytest.fixture
 def store(tmp_path: Path, mnist_store: Store, lab) -> Store:
-    """A store with the lab's models and no champion yet."""
+    """A copy of the lab's store (data, models, evaluations) with no champion yet."""
     fresh = Store(tmp_path / "store")
-    fresh.fs.copy(mnist_store.path("models"), fresh.path("models"), recursive=True)
+    for folder in ("objects", "models", "evaluations"):  # references name files relative to the store
+        fresh.fs.copy(mnist_store.path(folder), fresh.path(folder), recursive=True)
     return fresh
 
 
@@ -117,7 +118,7 @@ def test_a_forced_promotion_is_recorded_as_forced(store, lab):
 def test_a_broken_pointer_falls_back_to_the_last_intact_champion(store, lab):
     decide(store, lab, "weak", "run-1")
     decide(store, lab, "medium", "run-2")
-    medium_file = Path(store.model_file(lab["medium"][1].key))
+    medium_file = Path(store.path(lab["medium"][1].path))
     medium_file.write_bytes(medium_file.read_bytes() + b"tampered")
     said = []
     decided = decide(store, lab, "better", "run-3", log=said.append)
@@ -130,7 +131,7 @@ def test_a_broken_pointer_falls_back_to_the_last_intact_champion(store, lab):
 
 def test_a_broken_pointer_with_no_intact_champion_promotes_nothing(store, lab):
     decide(store, lab, "weak", "run-1")
-    os.remove(store.model_file(lab["weak"][1].key))
+    os.remove(store.path(lab["weak"][1].path))
     decided = decide(store, lab, "better", "run-2")
     assert not decided.promoted and "no comparison could be made" in decided.reason and "is missing" in decided.reason
     assert read_pointer(store).run_id == "run-1"  # left as it was: the operator decides
@@ -166,7 +167,7 @@ def test_two_gates_at_once_leave_one_consistent_pointer(store, lab):
     first, second = decisions.itertuples()
     assert pd.isna(first.champion_model_key) and second.champion_model_key == first.challenger_model_key  # one after the other
     assert read_pointer(store).model_key == lab["better"][1].key  # whichever went first, the better model ends up champion
-    assert json.loads(Path(store.champion_file()).read_text())["run_id"] == "run-b"
+    assert json.loads(Path(store.path(store.champion_file())).read_text())["run_id"] == "run-b"
 
 
 def test_manual_promote_and_rollback_through_the_cli(store, lab):

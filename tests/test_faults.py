@@ -130,11 +130,11 @@ def test_training_killed_mid_way_resumes_from_the_last_epoch(tmp_path, mnist_sto
     ref = train_model(store, dataset, config, log=logs.append)
     assert ref.resumed_from_epoch >= done_before  # the epoch whose backup was written before the kill
     assert any(line.startswith("Resuming from the checkpoint after epoch") for line in logs)
-    trained = pd.read_parquet(ref.history_path)
+    trained = pd.read_parquet(store.path(ref.history_path))
     assert trained["epoch"].tolist() == [1, 2, 3, 4, 5, 6]  # history kept across the kill
     import keras
 
-    model = keras.models.load_model(ref.path)
+    model = keras.models.load_model(store.path(ref.path))
     steps_per_epoch = int(np.ceil(ref.train_images / config.batch_size))
     assert int(model.optimizer.iterations.numpy()) == 6 * steps_per_epoch  # same epochs as an uninterrupted run
     assert not Path(store.checkpoint_dir(key)).exists()
@@ -167,7 +167,7 @@ def test_two_runs_at_once_on_one_store_both_complete_with_whole_artifacts(tmp_pa
             pq.read_table(path)  # every file whole
     assert not [p for p in store.fs.find(store.root) if os.path.basename(p).startswith(".") and ".tmp-" in p]
     for run_id in runs["run_id"]:
-        assert len(os.listdir(store.report_dir(run_id))) == 9  # eight figures and index.md
+        assert len(os.listdir(store.path(store.report_dir(run_id)))) == 9  # eight figures and index.md
 
 
 # 5. unwritable or full store ------------------------------------------------------------------
@@ -197,7 +197,7 @@ def test_a_write_that_fails_half_way_leaves_nothing_visible(store):
                 f.write(b"PAR1 partial")
             raise RuntimeError("disk went away")
     assert not store.exists(path)
-    assert store.fs.ls(os.path.dirname(path)) == []
+    assert store.fs.ls(os.path.dirname(store.path(path))) == []
 
 
 # 7. readers during writes ---------------------------------------------------------------------
@@ -217,7 +217,7 @@ def test_readers_never_see_a_partial_file_while_a_run_writes(store):
     reads = 0
     try:
         while writer.is_alive() or reads < 20:
-            confusion = pd.read_parquet(store.table_dir("confusion"))
+            confusion = pd.read_parquet(store.path(store.table_dir("confusion")))
             assert len(confusion) % 100 == 0 and len(confusion) > 0
             predictions = read_table(store, "predictions")
             assert len(predictions) % 50 == 0

@@ -17,6 +17,7 @@ from flows.params import PipelineParameters
 from storage import Store
 from storage.tables import TABLES, read_table
 from tasks.fetch import fetch_mnist
+from tasks.train import stored_model
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +49,7 @@ def check_run(store: Store, run_id: str, n_per_class: int, epochs: int) -> None:
     assert run.n_per_class == n_per_class and run.epochs == epochs and len(run.model_sha256) == 64
     assert run.balanced_accuracy == pytest.approx((predictions.true_label == predictions.predicted_label).mean())
     assert 0.5 < run.test_accuracy <= 1.0
-    report = Path(store.report_dir(run_id))
+    report = Path(store.path(store.report_dir(run_id)))
     for name in PLOTS:
         pixels = mpimg.imread(report / name)
         assert pixels.shape[0] > 100 and pixels[..., :3].std() > 0.05, name
@@ -62,7 +63,9 @@ def test_flow_end_to_end(mnist_store: Store, prefect_harness) -> None:
     params = PipelineParameters(epochs=1, train_limit=3000, n_per_class=30, seed=1, store=mnist_store.url)
     summary = mnist_retrain(params)
     check_run(mnist_store, summary.run_id, n_per_class=30, epochs=1)
-    history = pd.read_parquet(Store(mnist_store.url).path("models", Path(summary.model_path).parent.name, "history.parquet"))
+    model = stored_model(mnist_store, Path(summary.model_path).parent.name)  # model.json names the files it published
+    assert mnist_store.path(model.path) == summary.model_path
+    history = pd.read_parquet(mnist_store.path(model.history_path))
     assert list(history.columns) == ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"] and len(history) == 1
 
 
@@ -146,5 +149,5 @@ def test_three_nights_promote_reject_promote(mnist_store: Store, prefect_harness
     (summary,) = [a for a in artifacts if a.key == "mnist-run-summary"]
     assert "**REJECTED**" in summary.data and "McNemar b=" in summary.data
     assert summary.data.count("](data:image/png;base64,") == 8
-    index = (Path(store.report_dir(second)) / "index.md").read_text()
+    index = (Path(store.path(store.report_dir(second))) / "index.md").read_text()
     assert "**REJECTED**" in index and "](trend.png)" in index and "](champion_vs_challenger.png)" in index

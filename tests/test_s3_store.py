@@ -69,3 +69,59 @@ def test_the_flow_on_an_s3_store_from_two_machines(s3_server, mnist_store: Store
     assert confusion.count_rows() == 200 and "run_id" in confusion.schema.names
     runs = ds.dataset("mnist/quick/tables/runs", filesystem=s3, format="parquet", partitioning="hive").to_table()
     assert sorted(runs.column("run_id").to_pylist()) == sorted(read_table(store, "runs")["run_id"])
+
+
+KILLABLE = """
+import sys
+from storage import Store
+from tasks.fetch import fetch_mnist
+from tasks.train import TrainConfig, train_model
+store = Store(sys.argv[1])
+train_model(store, fetch_mnist(store, sources=[]), TrainConfig.model_validate_json(sys.argv[2]), log=lambda m: print(m, flush=True))
+"""
+
+
+def test_a_training_killed_on_one_worker_resumes_on_another(s3_server, mnist_store: Store, tmp_path: Path, monkeypatch):
+    import json
+    import signal
+    import time
+
+    from tasks.train import TrainConfig, train_model, training_key
+
+    store = Store(s3_server.bucket("resume") + "/mnist")
+    store.fs.put(mnist_store.path("objects") + "/", store.path("objects"), recursive=True)
+    dataset = fetch_mnist(store, sources=[], log=lambda _: None)
+    config = TrainConfig(epochs=4, train_limit=12000, seed=4)
+    pointer = store.key("checkpoints", training_key(dataset, config), "latest.json")
+
+    worker_a = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "worker-a"), "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLABLE, store.url, config.model_dump_json()],
+        cwd=REPO,
+        env=worker_a,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (store.exists(pointer) and json.loads(store.read_bytes(pointer))["epoch"] >= 2):
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    in_store = json.loads(store.read_bytes(pointer))["epoch"]
+    assert 2 <= in_store < 4, "the kill came too late to test a resume"
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "worker-b"))  # another machine: nothing local
+    logs: list[str] = []
+    ref = train_model(store, dataset, config, log=logs.append)
+    assert f"Found a checkpoint after epoch {in_store} in the store" in logs
+    assert ref.resumed_from_epoch == in_store
+    assert read_history_epochs(store, ref.history_path) == [1, 2, 3, 4]
+    assert not store.exists(store.key("checkpoints", ref.key))  # dropped once the model was stored
+
+
+def read_history_epochs(store: Store, key: str) -> list[int]:
+    import pandas as pd
+
+    with store.open(key) as handle:
+        return pd.read_parquet(handle)["epoch"].tolist()

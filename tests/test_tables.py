@@ -25,7 +25,7 @@ def test_layout_is_hive_partitioned_by_run_id_with_schema_version(store, two_run
     for table in TABLES:
         path = store.table_file(table, "run-a")
         assert path.endswith(f"tables/{table}/run_id=run-a/part-0.parquet")
-        meta = pq.read_schema(path).metadata
+        meta = pq.read_schema(store.path(path)).metadata
         assert meta[b"schema_version"] == SCHEMA_VERSION.encode() and meta[b"table"] == table.encode()
 
 
@@ -35,7 +35,7 @@ def test_round_trip_keeps_values_and_types(store, two_runs):
     np.testing.assert_array_equal(back["test_index"], original["test_index"])
     np.testing.assert_array_equal(np.stack(back["probabilities"]), np.stack(original["probabilities"]))
     assert back["probabilities"].map(len).eq(10).all()
-    schema = ds.dataset(store.table_dir("predictions"), partitioning="hive").schema
+    schema = ds.dataset(store.path(store.table_dir("predictions")), partitioning="hive").schema
     probabilities = schema.field("probabilities").type
     assert pa.types.is_fixed_size_list(probabilities) and probabilities.list_size == 10
     assert probabilities.value_type == pa.float32()
@@ -55,10 +55,10 @@ def test_round_trip_keeps_values_and_types(store, two_runs):
 
 
 def test_downstream_readers_see_every_run_at_once(store, two_runs):
-    confusion = pd.read_parquet(store.table_dir("confusion"))  # what the README shows
+    confusion = pd.read_parquet(store.path(store.table_dir("confusion")))  # what the README shows
     assert len(confusion) == 200
     assert sorted(confusion["run_id"].astype(str).unique()) == ["run-a", "run-b"]
-    runs = ds.dataset(store.table_dir("runs"), partitioning="hive").to_table().to_pandas()
+    runs = ds.dataset(store.path(store.table_dir("runs")), partitioning="hive").to_table().to_pandas()
     assert len(runs) == 2 and str(runs["finished_at"].dt.tz) == "UTC"
 
 
@@ -67,7 +67,7 @@ def test_readers_ignore_in_flight_temporary_files(store, two_runs):
     folder = store.path("tables", "confusion", "run_id=run-c")
     store.fs.makedirs(folder, exist_ok=True)
     store.write_bytes(f"{folder}/.part-0.parquet.tmp-123", b"PAR1 half a file")
-    assert len(pd.read_parquet(store.table_dir("confusion"))) == 200
+    assert len(pd.read_parquet(store.path(store.table_dir("confusion")))) == 200
     assert len(read_table(store, "confusion")) == 200
 
 
@@ -103,7 +103,7 @@ def test_promotions_has_exactly_the_documented_columns(store, two_runs):
 
 def test_runs_written_before_the_gate_read_with_empty_gate_columns(store, two_runs):
     old = sample_frames(3)["runs"].drop(columns=["promoted", "champion_model_key"])
-    path = store.table_file("runs", "run-old")
+    path = store.path(store.table_file("runs", "run-old"))
     store.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     pq.write_table(pa.Table.from_pandas(old, preserve_index=False), path)  # a partition in the old layout
     runs = read_table(store, "runs").set_index("run_id")
