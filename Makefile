@@ -12,7 +12,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: run test venv clean serve stop bench bench-quick browser
+.PHONY: run test venv clean serve stop bench bench-quick bench-stores browser
 
 venv: $(STAMP)
 
@@ -47,6 +47,9 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python bench/bench.py --epochs 2
+
+bench-stores: $(STAMP)
+	$(BIN)/python bench/stores.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
