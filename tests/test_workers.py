@@ -66,7 +66,7 @@ def test_five_runs_on_two_workers_train_each_key_once(topology):
     assert len(table) == 5 and table["model_sha256"].nunique() == 3
     for name in TABLES:
         for path in store.fs.glob(store.path("tables", name, "*", "*.parquet")):
-            with store.open(path) as handle:
+            with store.fs.open(path, "rb") as handle:  # glob gives filesystem paths, not store keys
                 pq.read_table(handle)
     assert not [p for p in store.fs.find(store.root) if "/." in p]  # no temporary objects left in the bucket
     texts = {log.name: log.read_text() for log in stack.home.glob("worker-*.log")}
