@@ -18,10 +18,11 @@ from typing import Any
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 
-from storage import Store
-from tasks.evaluate import evaluation_key, stored_evaluation
-from tasks.fetch import dataset_key, stored_dataset
-from tasks.plots import plots_key, stored_plots
+from storage import Store, code_digest
+from tasks.evaluate import EvaluationRef, evaluation_key, stored_evaluation
+from tasks.fetch import DatasetRef, StoredFile, dataset_key, stored_dataset
+from tasks.model import ModelRef
+from tasks.plots import PlotsRef, plots_key, stored_plots
 from tasks.train import stored_model, training_key
 
 
@@ -30,38 +31,51 @@ class StoredArtifactPolicy(CachePolicy):
     """Key = step name + ``key(*inputs)``, in the manner of Prefect's ``Inputs(...)`` but on content.
 
     ``inputs`` names the task parameters the key reads, in order; ``lookup(store, content_key)``
-    returns the stored artifact if it is intact, else None. Every task using it takes ``store_url``.
+    returns the stored artifact if it is intact, else None; ``returns`` are the reference classes the
+    cached value is made of: a change to their fields makes old records miss, instead of handing
+    back an object of the old shape. Every task using it takes ``store_url``.
     """
 
     step: str = ""
     key: Callable[..., str] = field(default=lambda: "")
     inputs: tuple[str, ...] = ()
     lookup: Callable[[Store, str], Any] = field(default=lambda store, key: None)
+    returns: tuple[type, ...] = ()
 
     def content_key(self, inputs: dict[str, Any]) -> str:
         return self.key(*(inputs[name] for name in self.inputs))
 
+    def record_key(self, inputs: dict[str, Any]) -> str:
+        return f"{self.step}-{self.content_key(inputs)}-{code_digest(*self.returns)[:8]}"
+
     def compute_key(
         self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
     ) -> str:
-        return f"{self.step}-{self.content_key(inputs)}"
+        return self.record_key(inputs)
 
     def forget_stale_record(self, inputs: dict[str, Any]) -> bool:
         """Drop the cached record if the artifact it refers to is gone or altered; True if it was dropped."""
         store = Store(inputs["store_url"])
-        content = self.content_key(inputs)
-        if self.lookup(store, content) is not None:
+        if self.lookup(store, self.content_key(inputs)) is not None:
             return False
-        store.remove(store.result_record(f"{self.step}-{content}"))
+        store.remove(store.result_record(self.record_key(inputs)))
         return True
 
 
-FETCH = StoredArtifactPolicy(step="fetch", key=dataset_key, lookup=lambda store, _key: stored_dataset(store))
-TRAIN = StoredArtifactPolicy(step="train", key=training_key, inputs=("dataset", "config"), lookup=stored_model)
-EVALUATE = StoredArtifactPolicy(
-    step="evaluate", key=evaluation_key, inputs=("model", "n_per_class", "seed"), lookup=stored_evaluation
+FETCH = StoredArtifactPolicy(
+    step="fetch", key=dataset_key, lookup=lambda store, _key: stored_dataset(store), returns=(DatasetRef, StoredFile)
 )
-PLOT = StoredArtifactPolicy(step="plot", key=plots_key, inputs=("model", "evaluation"), lookup=stored_plots)
+TRAIN = StoredArtifactPolicy(
+    step="train", key=training_key, inputs=("dataset", "config"), lookup=stored_model, returns=(ModelRef,)
+)
+EVALUATE = StoredArtifactPolicy(
+    step="evaluate",
+    key=evaluation_key,
+    inputs=("model", "n_per_class", "seed"),
+    lookup=stored_evaluation,
+    returns=(EvaluationRef,),
+)
+PLOT = StoredArtifactPolicy(step="plot", key=plots_key, inputs=("model", "evaluation"), lookup=stored_plots, returns=(PlotsRef,))
 
 
 def call_cached(step, *args: Any, result_storage, refresh: bool = False):

@@ -229,7 +229,10 @@ class Store:
         """
         if not self.exists(info_path):
             return None
-        ref = ref_type.model_validate_json(self.read_bytes(info_path))
+        try:
+            ref = ref_type.model_validate_json(self.read_bytes(info_path))
+        except ValueError:  # written by an older version with other fields: made again, not trusted
+            return None
         for path, sha256 in files(ref).items():
             if not self.exists(path) or self.digest(path)[0] != sha256:
                 return None

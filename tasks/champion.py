@@ -81,7 +81,10 @@ def _intact_model(store: Store, key: str, sha256: str | None = None) -> tuple[Mo
     info = store.model_info_file(key)
     if not store.exists(info):
         return None, f"its model record {store.location(info)} is missing"
-    recorded = ModelRef.model_validate_json(store.read_bytes(info))
+    try:
+        recorded = ModelRef.model_validate_json(store.read_bytes(info))
+    except ValueError as exc:
+        return None, f"its model record {store.location(info)} cannot be read ({exc.__class__.__name__})"
     expected = sha256 or recorded.sha256
     if not store.exists(recorded.path):
         return None, f"its model file {store.location(recorded.path)} is missing"

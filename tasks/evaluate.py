@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel
+from pydantic import AliasChoices, BaseModel, Field
 
 from storage import Store, code_digest, sha256_json
 from storage.tables import write_frame
@@ -23,7 +23,7 @@ class EvaluationRef(BaseModel):
     key: str
     path: str
     model_sha256: str
-    dataset_sha256: str
+    dataset_sha256: str = Field(validation_alias=AliasChoices("dataset_sha256", "dataset_digest"))
     n_per_class: int
     seed: int
     predictions_sha256: str

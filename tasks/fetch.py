@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import AliasChoices, BaseModel, Field
 
 from storage import Store, sha256_bytes, sha256_json
 from tasks import idx
@@ -77,7 +77,7 @@ class StoredFile(BaseModel):
 class DatasetRef(BaseModel):
     """A small, serialisable reference to verified MNIST in a store: what tasks pass around."""
 
-    sha256: str  # of the four files' pinned digests together
+    sha256: str = Field(validation_alias=AliasChoices("sha256", "digest"))  # the four pinned digests together
     files: dict[str, StoredFile]
     sources: list[str]
 

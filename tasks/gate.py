@@ -170,7 +170,7 @@ def mcnemar_text(cmp: Comparison) -> str:
         if cmp.significantly_worse
         else "no significant difference"
     )
-    return f"McNemar b={cmp.mcnemar_b}, c={cmp.mcnemar_c}, p={cmp.mcnemar_p:.3g}: {verdict}"
+    return f"McNemar b={cmp.mcnemar_b}, c={cmp.mcnemar_c}, p={_p_text(cmp.mcnemar_p)}: {verdict}"
 
 
 def decide(balanced_accuracy: float, comparison: Comparison | None, rules: GateRules, unavailable: str | None = None) -> Decision:
@@ -200,3 +200,8 @@ def decide(balanced_accuracy: float, comparison: Comparison | None, rules: GateR
             f"(digit {comparison.worst_digit}), {mcnemar_text(comparison)}"
         ),
     )
+
+
+def _p_text(p: float) -> str:
+    """Three significant digits; below what a float can hold, say so rather than print 0."""
+    return f"{p:.3g}" if p > 0 else "<1e-300"

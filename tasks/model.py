@@ -8,10 +8,11 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import AliasChoices, BaseModel, Field
 
 from storage import Store
 from storage.tables import NUM_CLASSES
+from tasks.keras_runtime import import_keras
 
 if TYPE_CHECKING:  # Keras loads TensorFlow (seconds): only the builders need it
     import keras
@@ -33,7 +34,7 @@ class ModelRef(BaseModel):
     path: str
     sha256: str
     history_path: str
-    network: str  # the ModelName it was built from
+    network: str = Field(validation_alias=AliasChoices("network", "model"))  # the ModelName it was built from ("model" before)
     device: str
     precision: str
     epochs: int
@@ -49,7 +50,7 @@ def build_seed_model() -> keras.Model:
     The softmax layer computes in float32 even under a mixed-precision policy, as Keras recommends,
     so probabilities and the loss keep full precision on a GPU.
     """
-    import keras
+    keras = import_keras()
     from keras import layers
 
     return keras.Sequential(
@@ -74,7 +75,7 @@ def build_strong_model() -> keras.Model:
     only while training (small rotations, shifts and zooms: digits stay digits), and more
     dropout; trained with a cosine learning-rate schedule and weight averaging (``make_optimizer``).
     """
-    import keras
+    keras = import_keras()
     from keras import layers
 
     def conv_bn(filters: int) -> list:
@@ -122,7 +123,7 @@ def make_optimizer(name: ModelName | str, base: float, total_steps: int) -> kera
     The seed trains at Adam's constant rate, as the notebook did; ``strong`` warms up, then decays
     on a cosine.
     """
-    import keras
+    keras = import_keras()
 
     ema = ema_momentum(total_steps)
     if ModelName(name) is ModelName.seed:
@@ -156,7 +157,7 @@ def scale(images: np.ndarray) -> np.ndarray:
 
 def load_model(store: Store, ref: ModelRef):
     """Load a stored model after checking it is the one the reference names."""
-    import keras
+    keras = import_keras()
 
     actual, _ = store.digest(ref.path)
     if actual != ref.sha256:

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from storage import Store, code_digest, sha256_bytes, sha256_json
 from tasks import model as networks
 from tasks.fetch import DatasetRef, load_mnist
+from tasks.keras_runtime import import_keras
 from tasks.model import ModelName, ModelRef, build_model, make_optimizer, scale
 
 VALIDATION_SPLIT = 0.1
@@ -131,6 +132,7 @@ def input_pipeline(images: np.ndarray, labels: np.ndarray, batch_size: int, seed
     Measured here, this plus ``STEPS_PER_EXECUTION`` is what turns bf16's faster arithmetic into
     faster epochs; ``fit`` on NumPy arrays left the step waiting on input slicing.
     """
+    import_keras()  # TensorFlow's start-up lines filtered on first use
     import tensorflow as tf
 
     data = tf.data.Dataset.from_tensor_slices((images, labels)).cache()
@@ -154,6 +156,7 @@ def select_device(precision: Precision | str = Precision.auto) -> tuple[str, str
 
     ``auto`` on a CPU uses mixed bfloat16 where the CPU computes it natively, float32 elsewhere.
     """
+    import_keras()  # TensorFlow's start-up lines filtered on first use
     import tensorflow as tf
 
     precision = Precision(precision).value
@@ -169,7 +172,7 @@ def select_device(precision: Precision | str = Precision.auto) -> tuple[str, str
 
 @contextlib.contextmanager
 def dtype_policy(policy: str) -> Iterator[None]:
-    import keras
+    keras = import_keras()
 
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(policy)
@@ -181,7 +184,7 @@ def dtype_policy(policy: str) -> Iterator[None]:
 
 # ---- training -----------------------------------------------------------------------------
 def _epoch_recorder(state_file: Path, log: Log, on_epoch: OnEpoch | None, total: int, on_backup: Callable[[int], None]):
-    import keras
+    keras = import_keras()
 
     class EpochRecorder(keras.callbacks.Callback):
         """Logs each epoch and keeps the history across a resume (Keras' History restarts at the resume)."""
@@ -246,7 +249,7 @@ def train_model(
 
 
 def _train(store: Store, dataset: DatasetRef, config: TrainConfig, key: str, log: Log, on_epoch: OnEpoch | None) -> ModelRef:
-    import keras
+    keras = import_keras()
 
     mnist = load_mnist(store, dataset)
     subset = stratified_subset(mnist.y_train, config.train_limit, config.seed)
@@ -285,6 +288,7 @@ def _train(store: Store, dataset: DatasetRef, config: TrainConfig, key: str, log
             epochs=config.epochs,
             validation_data=input_pipeline(x_val, y_val, 1024, None, training=False),
             callbacks=[keras.callbacks.BackupAndRestore(str(backup), delete_checkpoint=False), recorder],
+            shuffle=False,  # the tf.data pipeline reshuffles every epoch itself
             verbose=0,
         )
     seconds = time.perf_counter() - started

@@ -108,7 +108,7 @@ def test_compute_key_names_the_step_and_has_no_side_effect(tmp_path):
     store.write_text(store.result_record("evaluate-x"), "{}")
     inputs = {"store_url": store.url, "model": model(), "n_per_class": 5, "seed": 0}
     key = caching.EVALUATE.compute_key(None, inputs, {})
-    assert key == f"evaluate-{caching.EVALUATE.content_key(inputs)}" and store.exists(store.result_record("evaluate-x"))
+    assert key.startswith(f"evaluate-{caching.EVALUATE.content_key(inputs)}-") and store.exists(store.result_record("evaluate-x"))
     store.write_text(store.result_record(key), "{}")  # a record whose predictions are not in the store
     assert caching.EVALUATE.forget_stale_record(inputs) and not store.exists(store.result_record(key))
 
@@ -189,3 +189,16 @@ def test_a_store_copied_elsewhere_keeps_its_cache_hits(mnist_store: Store, prefe
     copied = mnist_retrain(params.model_copy(update={"store": str(tmp_path / "copy")}))
     assert copied.step_states == {"fetch-mnist": "Cached", "train": "Cached", "evaluate": "Cached", "plot": "Cached"}
     assert copied.model_path.startswith(str(tmp_path / "copy")) and copied.test_accuracy == first.test_accuracy
+
+
+def test_references_written_by_the_previous_version_still_load(tmp_path):
+    """Stores made before the renames: `model` → `network`, `digest` → `sha256`; a sidecar of another shape is a miss."""
+    old_model = model().model_dump() | {"model": "seed"}
+    del old_model["network"]
+    assert ModelRef.model_validate(old_model).network == "seed"
+    old_dataset = dataset().model_dump() | {"digest": "e" * 64}
+    del old_dataset["sha256"]
+    assert DatasetRef.model_validate(old_dataset).sha256 == "e" * 64
+    store = Store(tmp_path / "store")
+    store.write_text("evaluations/k/evaluation.json", '{"key": "k", "path": "/p"}')  # an evaluation of an older layout
+    assert store.load_ref("evaluations/k/evaluation.json", EvaluationRef, lambda ref: {}) is None

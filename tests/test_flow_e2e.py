@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -106,6 +107,9 @@ def test_console_script_with_a_directory_source(mnist_store: Store, tmp_path: Pa
     run_id = read_table(store, "runs")["run_id"].item()
     check_run(store, run_id, n_per_class=100, epochs=1)
     assert "from directory" in done.stdout + done.stderr
+    # a healthy run says nothing a newcomer would read as a failure (TensorFlow's start-up banner included)
+    alarming = [line for line in (done.stdout + done.stderr).splitlines() if re.search(r"E0000|ERROR|WARNING|Warning:", line)]
+    assert alarming == []
 
 
 def test_three_nights_promote_reject_promote(mnist_store: Store, prefect_harness, tmp_path: Path) -> None:
