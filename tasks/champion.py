@@ -22,7 +22,6 @@ from tasks.fetch import DatasetRef, load_mnist
 from tasks.gate import Comparison, Decision, GateRules, compare, decide
 from tasks.metrics import recall_per_digit
 from tasks.model import ModelRef, load_model
-from tasks.train import stored_model
 
 LOCK = "champion"
 MANUAL = "manual"
@@ -112,16 +111,15 @@ def promotions(store: Store) -> pd.DataFrame:
 
 
 def _champions_in_history(store: Store) -> list[Champion]:
-    """Every model that was ever made champion, latest first, as pointers."""
+    """Every model that was ever made champion, latest first, as pointers (their files not yet checked)."""
     rows = promotions(store)
     rows = rows[rows["decision"] == "promoted"].iloc[::-1]
     found = []
     for r in rows.itertuples():
-        ref = stored_model(store, r.challenger_model_key)
         found.append(
             Champion(
                 model_key=r.challenger_model_key,
-                sha256=ref.sha256 if ref else "",
+                sha256="",  # filled in by _first_intact from the model's own record
                 run_id=r.run_id,
                 balanced_accuracy=r.challenger_balanced_accuracy,
                 test_accuracy=r.challenger_test_accuracy,
@@ -131,6 +129,17 @@ def _champions_in_history(store: Store) -> list[Champion]:
             )
         )
     return found
+
+
+def _first_intact(store: Store, candidates: list[Champion], skip: str | None) -> Champion | None:
+    """The first candidate (other than model ``skip``) whose model file is intact, with its SHA-256."""
+    for candidate in candidates:
+        if candidate.model_key == skip:
+            continue
+        ref, _ = _intact_model(store, candidate.model_key)
+        if ref is not None:
+            return candidate.model_copy(update={"sha256": ref.sha256})
+    return None
 
 
 def find_champion(store: Store) -> ChampionLookup:
@@ -155,13 +164,11 @@ def find_champion(store: Store) -> ChampionLookup:
         return ChampionLookup(champion=None)  # no champion yet
     if problem is None:
         problem = f"The champion pointer {store.location(store.champion_file())} is missing although models were promoted before"
-    for candidate in history:
-        if pointer is not None and candidate.model_key == pointer.model_key:
-            continue
-        if _intact_model(store, candidate.model_key)[1] is None:
-            return ChampionLookup(
-                champion=candidate, problem=f"{problem}; using the last intact champion, run {candidate.run_id}.", fallback=True
-            )
+    candidate = _first_intact(store, history, skip=pointer.model_key if pointer is not None else None)
+    if candidate is not None:
+        return ChampionLookup(
+            champion=candidate, problem=f"{problem}; using the last intact champion, run {candidate.run_id}.", fallback=True
+        )
     return ChampionLookup(champion=None, problem=f"{problem}, and no earlier champion is intact.")
 
 
@@ -235,7 +242,7 @@ def gate(
         if before is not None and before.model_key == model.key:
             comparison = compare(y_test, sample, challenger, challenger)
         elif before is not None:
-            ref, why = _intact_model(store, before.model_key, before.sha256 or None)
+            ref, why = _intact_model(store, before.model_key, before.sha256)
             if ref is None:  # changed between the lookup and now: say so rather than compare with nothing
                 unavailable = f"the champion's {why}"
             else:
@@ -342,7 +349,7 @@ def rollback(store: Store) -> dict:
     current = find_champion(store).champion
     if current is None:
         raise ChampionError(f"There is no champion in {store.url} to roll back from.")
-    for candidate in _champions_in_history(store):
-        if candidate.model_key != current.model_key and _intact_model(store, candidate.model_key)[1] is None:
-            return _set_by_hand(store, candidate, candidate.run_id)
+    candidate = _first_intact(store, _champions_in_history(store), skip=current.model_key)
+    if candidate is not None:
+        return _set_by_hand(store, candidate, candidate.run_id)
     raise ChampionError(f"No earlier champion in {store.url} with an intact model file: nothing to roll back to.")
