@@ -127,8 +127,9 @@ def main() -> None:
         evaluation = evaluate_model(store, dataset, model, n_per_class=800, seed=args.seed, reuse=False)
         plots = render_plots(store, dataset, model, evaluation)
         decided = gate(store, dataset, model, evaluation, GateRules(), "bench", log=lambda _: None)
-        after = decided.champion_after.model_key if decided.champion_after else None
-        tables = tabulate(store, "bench", dataset, model, evaluation, {"bench": True}, decided.promoted, after)
+        tables = tabulate(
+            store, "bench", dataset, model, evaluation, {"bench": True}, decided.promoted, decided.champion_model_key
+        )
         publish_report(store, "bench", dataset, model, evaluation, plots, tables, decided)
         eval_tables_plots = time.perf_counter() - started
 

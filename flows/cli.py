@@ -125,8 +125,6 @@ def champion_command(args: argparse.Namespace) -> int:
 
 
 def print_champion(store, lookup, as_json: bool) -> int:
-    from tasks.champion import champion_model_file
-
     if lookup.problem:
         print(lookup.problem, file=sys.stderr)
     champion = lookup.champion
@@ -135,7 +133,7 @@ def print_champion(store, lookup, as_json: bool) -> int:
             json.dumps(
                 None
                 if champion is None
-                else {**champion.model_dump(mode="json"), "model_path": store.location(champion_model_file(store, champion))}
+                else {**champion.model_dump(mode="json"), "model_path": store.location(lookup.model.path)}
             )
         )
         return 0
@@ -144,7 +142,7 @@ def print_champion(store, lookup, as_json: bool) -> int:
         return 0
     print(
         f"Champion run:       {champion.run_id}\n"
-        f"Model:              {champion.model_key} → {store.location(champion_model_file(store, champion))}\n"
+        f"Model:              {champion.model_key} → {store.location(lookup.model.path)}\n"
         f"SHA-256:            {champion.sha256}\n"
         f"Balanced accuracy:  {champion.balanced_accuracy:.4f}\n"
         f"Test accuracy:      {champion.test_accuracy:.4f}\n"

@@ -72,7 +72,7 @@ def mnist_retrain(params: PipelineParameters = PipelineParameters()) -> RunSumma
         decision=decided.decision,
         decision_reason=decided.reason,
         forced=decided.forced,
-        champion_model_key=decided.champion_after.model_key if decided.champion_after else None,
+        champion_model_key=decided.champion_model_key,
         champion_run_id=decided.champion_after.run_id if decided.champion_after else None,
     )
     artifacts.publish(store, tables, artifacts.summary_markdown(store, summary, decided, report))

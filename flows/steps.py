@@ -110,8 +110,9 @@ def tabulate(
     parameters: dict,
     decided: GateRef,
 ) -> TablesRef:
-    after = decided.champion_after.model_key if decided.champion_after else None
-    return tasks.tabulate.tabulate(open_store(store_url), run_id, dataset, model, evaluation, parameters, decided.promoted, after)
+    return tasks.tabulate.tabulate(
+        open_store(store_url), run_id, dataset, model, evaluation, parameters, decided.promoted, decided.champion_model_key
+    )
 
 
 @task(name="report", cache_policy=NO_CACHE)

@@ -49,6 +49,7 @@ class ChampionLookup(BaseModel):
     """The champion to compare against, and what was wrong with the pointer if it could not be used."""
 
     champion: Champion | None
+    model: ModelRef | None = None  # the champion's model, its file checked against the recorded digest
     problem: str | None = None  # one sentence naming the broken pointer, when there was one
     fallback: bool = False  # the champion came from the promotions history, not the pointer
 
@@ -72,6 +73,11 @@ class GateRef(BaseModel):
     def promoted(self) -> bool:
         return self.decision == "promoted"
 
+    @property
+    def champion_model_key(self) -> str | None:
+        """The champion after this run (what the ``runs`` table records)."""
+        return self.champion_after.model_key if self.champion_after else None
+
 
 # ---- the pointer --------------------------------------------------------------------------
 def _intact_model(store: Store, key: str, sha256: str | None = None) -> tuple[ModelRef | None, str | None]:
@@ -90,12 +96,6 @@ def _intact_model(store: Store, key: str, sha256: str | None = None) -> tuple[Mo
     if store.digest(recorded.path)[0] != expected:
         return None, f"its model file {store.location(recorded.path)} does not match the SHA-256 {expected[:12]}… recorded for it"
     return recorded, None
-
-
-def champion_model_file(store: Store, champion: Champion) -> str:
-    """The key of the champion's model file, as its ``model.json`` names it."""
-    ref, _ = _intact_model(store, champion.model_key, champion.sha256)
-    return ref.path if ref is not None else store.model_file(champion.model_key)
 
 
 def read_pointer(store: Store) -> Champion | None:
@@ -131,14 +131,14 @@ def _champions_in_history(store: Store) -> list[Champion]:
     return found
 
 
-def _first_intact(store: Store, candidates: list[Champion], skip: str | None) -> Champion | None:
-    """The first candidate (other than model ``skip``) whose model file is intact, with its SHA-256."""
+def _first_intact(store: Store, candidates: list[Champion], skip: str | None) -> tuple[Champion, ModelRef] | None:
+    """The first candidate (other than model ``skip``) whose model file is intact, with its SHA-256, and its model."""
     for candidate in candidates:
         if candidate.model_key == skip:
             continue
         ref, _ = _intact_model(store, candidate.model_key)
         if ref is not None:
-            return candidate.model_copy(update={"sha256": ref.sha256})
+            return candidate.model_copy(update={"sha256": ref.sha256}), ref
     return None
 
 
@@ -154,9 +154,9 @@ def find_champion(store: Store) -> ChampionLookup:
     else:
         problem = None
         if pointer is not None:
-            _, why = _intact_model(store, pointer.model_key, pointer.sha256)
-            if why is None:
-                return ChampionLookup(champion=pointer)
+            ref, why = _intact_model(store, pointer.model_key, pointer.sha256)
+            if ref is not None:
+                return ChampionLookup(champion=pointer, model=ref)
             where = store.location(store.champion_file())
             problem = f"The champion pointer {where} names model {pointer.model_key} from run {pointer.run_id}, but {why}"
     history = _champions_in_history(store)
@@ -164,10 +164,14 @@ def find_champion(store: Store) -> ChampionLookup:
         return ChampionLookup(champion=None)  # no champion yet
     if problem is None:
         problem = f"The champion pointer {store.location(store.champion_file())} is missing although models were promoted before"
-    candidate = _first_intact(store, history, skip=pointer.model_key if pointer is not None else None)
-    if candidate is not None:
+    found = _first_intact(store, history, skip=pointer.model_key if pointer is not None else None)
+    if found is not None:
+        candidate, ref = found
         return ChampionLookup(
-            champion=candidate, problem=f"{problem}; using the last intact champion, run {candidate.run_id}.", fallback=True
+            champion=candidate,
+            model=ref,
+            problem=f"{problem}; using the last intact champion, run {candidate.run_id}.",
+            fallback=True,
         )
     return ChampionLookup(champion=None, problem=f"{problem}, and no earlier champion is intact.")
 
@@ -241,14 +245,10 @@ def gate(
         unavailable = None
         if before is not None and before.model_key == model.key:
             comparison = compare(y_test, sample, challenger, challenger)
-        elif before is not None:
-            ref, why = _intact_model(store, before.model_key, before.sha256)
-            if ref is None:  # changed between the lookup and now: say so rather than compare with nothing
-                unavailable = f"the champion's {why}"
-            else:
-                mnist = load_mnist(store, dataset)
-                champion_labels = predict(load_model(store, ref), mnist.x_test).argmax(axis=1)
-                comparison = compare(y_test, sample, challenger, champion_labels)
+        elif before is not None:  # find_champion checked its model under this same lock
+            mnist = load_mnist(store, dataset)
+            champion_labels = predict(load_model(store, lookup.model), mnist.x_test).argmax(axis=1)
+            comparison = compare(y_test, sample, challenger, champion_labels)
         elif lookup.problem:
             unavailable = lookup.problem
         decision = decide(evaluation.balanced_accuracy, comparison, rules, unavailable)
@@ -349,7 +349,8 @@ def rollback(store: Store) -> dict:
     current = find_champion(store).champion
     if current is None:
         raise ChampionError(f"There is no champion in {store.url} to roll back from.")
-    candidate = _first_intact(store, _champions_in_history(store), skip=current.model_key)
-    if candidate is not None:
+    found = _first_intact(store, _champions_in_history(store), skip=current.model_key)
+    if found is not None:
+        candidate, _ = found
         return _set_by_hand(store, candidate, candidate.run_id)
     raise ChampionError(f"No earlier champion in {store.url} with an intact model file: nothing to roll back to.")

@@ -61,8 +61,9 @@ def store(tmp_path: Path, mnist_store: Store, lab) -> Store:
 def decide(store: Store, lab, name: str, run_id: str, rules: GateRules = LENIENT, log=lambda _: None):
     dataset, model, evaluation = lab[name]
     decided = gate(store, dataset, model, evaluation, rules, run_id, log=log)
-    after = decided.champion_after.model_key if decided.champion_after else None
-    tabulate(store, run_id, dataset, model, evaluation, {"seed": model.key}, decided.promoted, after)  # the runs table
+    tabulate(
+        store, run_id, dataset, model, evaluation, {"seed": model.key}, decided.promoted, decided.champion_model_key
+    )  # the runs table
     return decided
 
 
