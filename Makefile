@@ -12,7 +12,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: run test venv clean serve stop bench bench-quick bench-stores browser
+.PHONY: run test venv clean serve stop bench bench-quick bench-stores browser torch-cpu gpu-check gpu-check-bundle
 
 venv: $(STAMP)
 
@@ -20,7 +20,19 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(MAKE) --no-print-directory torch-cpu
 	touch $(STAMP)
+
+# PyTorch for the torch backend's tests, CPU build (about 190 MB, not PyPI's multi-GB CUDA build): a wheel kept in
+# $(TORCH_WHEELS) when this machine has one, else PyTorch's CPU index. Skipped when torch is already installed.
+TORCH_WHEELS    ?= /opt/wheels
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+torch-cpu:
+	@$(BIN)/python -c "import torch" 2>/dev/null || { \
+	  tag=$$($(BIN)/python -c 'import sys; print("cp%d%d" % sys.version_info[:2])'); \
+	  wheel=$$(ls $(TORCH_WHEELS)/torch-*+cpu-$$tag-*.whl 2>/dev/null | tail -1); \
+	  if [ -n "$$wheel" ]; then $(BIN)/python -m pip install --quiet --disable-pip-version-check "$$wheel"; \
+	  else $(BIN)/python -m pip install --quiet --disable-pip-version-check torch --index-url $(TORCH_CPU_INDEX); fi; }
 
 run: $(STAMP)
 	$(BIN)/mnist-pipeline run $(RUN_ARGS)

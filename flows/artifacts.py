@@ -68,6 +68,35 @@ def embedded_png(png: bytes, alt: str) -> str:
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
 
 
+def attempt_rows(summary: RunSummary) -> str:
+    """Rows saying when the run was due and began, and whether it restarted a crashed attempt."""
+    attempt = summary.attempt
+    started = f"{attempt.started_at:%Y-%m-%d %H:%M:%S} UTC"
+    rows = []
+    if attempt.scheduled_start is not None:
+        late = (attempt.started_at - attempt.scheduled_start).total_seconds()
+        rows.append(
+            f"| scheduled / started | {attempt.scheduled_start:%Y-%m-%d %H:%M:%S} UTC / {started}"
+            + (f" (**{late / 60:.1f} min late**)" if late >= 60 else "")
+            + " |"
+        )
+    else:
+        rows.append(f"| started | {started} |")
+    if attempt.restarted:
+        resumed = (
+            f"; training resumed from the checkpoint after epoch {summary.resumed_from_epoch}"
+            if summary.resumed_from_epoch
+            else ""
+        )
+        rows.append(
+            f"| attempt | **{attempt.number}**: a retry of this run's crashed attempt "
+            f"({len(attempt.crashed)} crash{'es' if len(attempt.crashed) > 1 else ''}: {attempt.crashed[-1]}){resumed} |"
+        )
+    elif summary.resumed_from_epoch:
+        rows.append(f"| attempt | 1; training resumed from the checkpoint after epoch {summary.resumed_from_epoch} |")
+    return "\n".join(rows)
+
+
 def summary_markdown(store: Store, summary: RunSummary, decided: GateRef, report: ReportRef) -> str:
     steps = "\n".join(f"| {step} | {state} |" for step, state in summary.step_states.items())
     figures = "\n\n".join(
@@ -85,8 +114,9 @@ def summary_markdown(store: Store, summary: RunSummary, decided: GateRef, report
 |---|---|
 | test accuracy (10 000 images) | **{summary.test_accuracy:.4f}** |
 | balanced accuracy ({summary.n_evaluated} images) | **{summary.balanced_accuracy:.4f}** |
-| model | `{summary.network}` on {summary.device} ({summary.precision}) |
+| model | `{summary.network}` on {summary.device} ({summary.backend}, {summary.precision}) |
 | seed | {summary.seed} |
+{attempt_rows(summary)}
 | Parquet tables | `{summary.tables_dir}` |
 | plots and report | `{summary.report_dir}` |
 

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision", default=defaults.precision.value, help="auto (default), float32, mixed_bfloat16, mixed_float16"
     )
     run.add_argument(
+        "--backend", default=None, help="Keras backend: tensorflow, jax or torch (default: $KERAS_BACKEND, else tensorflow)"
+    )
+    run.add_argument(
         "--store", default=None, help="artifact store directory or fsspec URL (default: $MNIST_STORE, else ./artifacts)"
     )
     run.add_argument(
@@ -90,6 +93,7 @@ def parameters_from(args: argparse.Namespace) -> PipelineParameters:
         seed=args.seed,
         train_limit=args.train_limit,
         precision=args.precision,
+        backend=args.backend,
         store=args.store,
         mnist_source=args.mnist_source,
         gate={
@@ -182,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nTest accuracy:      {summary.test_accuracy:.4f} (all 10000 test images)\n"
         f"Balanced accuracy:  {summary.balanced_accuracy:.4f} ({summary.n_evaluated} images, {params.n_per_class} per digit)\n"
-        f"Model:              {summary.network} on {summary.device} ({summary.precision}) → {summary.model_path}\n"
+        f"Model:              {summary.network} on {summary.device} ({summary.backend}, {summary.precision}) → {summary.model_path}\n"
         f"Parquet tables:     {summary.tables_dir}\n"
         f"Plots and report:   {summary.report_dir} (open {summary.report_index})\n"
         f"Steps:              {', '.join(f'{step} {state}' for step, state in summary.step_states.items())}\n"

@@ -6,10 +6,12 @@ its allowed range.
 
 from __future__ import annotations
 
+import hashlib
 from copy import copy
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tasks.backends import Backend, process_backend
 from tasks.gate import GateRules
 from tasks.model import ModelName
 from tasks.train import SEED_MAX, Precision, TrainConfig
@@ -40,10 +42,16 @@ class PipelineParameters(BaseModel):
         title="Seed",
         description=f"Seeds initialisation, shuffling, subsets and the evaluation sample (0–{SEED_MAX}). "
         "Empty: draw a new seed at run time, as the nightly deployment does, so each night trains a new model; "
-        "the seed drawn is logged and recorded in the runs table.",
+        "the seed is drawn from the run's id (a crashed run restarted keeps it), logged, and recorded in the runs table.",
     )
     train_limit: int | None = copy(TRAINING["train_limit"])
     precision: Precision = copy(TRAINING["precision"])
+    backend: Backend | None = Field(
+        None,
+        title="Keras backend",
+        description="tensorflow, jax or torch: the same network and training code on each. "
+        "Empty: the worker's KERAS_BACKEND, else tensorflow (the CPU path).",
+    )
     gate: GateRules = Field(
         default_factory=GateRules,
         title="Champion gate",
@@ -67,8 +75,15 @@ class PipelineParameters(BaseModel):
 
     def train_config(self, seed: int) -> TrainConfig:
         """The training part of these parameters, with the seed this run uses."""
-        shared = {name: getattr(self, name) for name in TRAINING if name in type(self).model_fields and name != "seed"}
-        return TrainConfig(**shared, seed=seed)
+        own = ("seed", "backend")
+        shared = {name: getattr(self, name) for name in TRAINING if name in type(self).model_fields and name not in own}
+        return TrainConfig(**shared, seed=seed, backend=self.backend or process_backend())
+
+
+def run_seed(run_id: str) -> int:
+    """The seed a run with an empty ``seed`` uses: drawn from its id, which is random, so each night trains a
+    new model, and kept by the run's id, so a run restarted after a crash trains (and resumes) the same one."""
+    return int(hashlib.sha256(run_id.encode()).hexdigest(), 16) % (SEED_MAX + 1)
 
 
 def describe_errors(error: ValidationError) -> str:

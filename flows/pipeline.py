@@ -3,16 +3,15 @@ whether it replaces the champion, publish confusion tables as Parquet, and rende
 
 from __future__ import annotations
 
-import secrets
 import uuid
 
 from prefect import flow
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 
-from flows import artifacts, steps
+from flows import artifacts, recovery, steps
 from flows.caching import call_cached
-from flows.params import PipelineParameters
+from flows.params import PipelineParameters, run_seed
 from flows.summary import RunSummary
 from storage import Store
 
@@ -26,8 +25,12 @@ def mnist_retrain(params: PipelineParameters = PipelineParameters()) -> RunSumma
     logger = get_run_logger()
     store = Store.resolve(params.store)
     store.check_writable()  # before any download or training, not after fifteen epochs
+    attempt = recovery.current_attempt()
+    recovery.check_attempt(attempt)
+    if attempt.restarted:
+        logger.warning("Attempt %d of this run: the previous one crashed (%s)", attempt.number, attempt.crashed[-1])
     run_id = flow_run.get_id() or uuid.uuid4().hex
-    seed = params.seed if params.seed is not None else secrets.randbelow(2**31)
+    seed = params.seed if params.seed is not None else run_seed(run_id)
     if params.seed is None:
         logger.info("Drew seed %d for this run (seed left empty): a new model is trained", seed)
     params = params.model_copy(update={"seed": seed})
@@ -48,7 +51,7 @@ def mnist_retrain(params: PipelineParameters = PipelineParameters()) -> RunSumma
     plotted = cached(steps.plot, store.url, dataset, model, evaluation)
     plots = plotted.result()
     decided = steps.gate(store.url, run_id, dataset, model, evaluation, params.gate)
-    tables = steps.tabulate(store.url, run_id, dataset, model, evaluation, params.model_dump(mode="json"), decided)
+    tables = steps.tabulate(store.url, run_id, dataset, model, evaluation, params.model_dump(mode="json"), decided, attempt)
     report = steps.report(store.url, run_id, dataset, model, evaluation, plots, tables, decided)
 
     states = {
@@ -62,6 +65,7 @@ def mnist_retrain(params: PipelineParameters = PipelineParameters()) -> RunSumma
         balanced_accuracy=evaluation.balanced_accuracy,
         n_evaluated=evaluation.n_evaluated,
         network=model.network,
+        backend=model.backend,
         device=model.device,
         precision=model.precision,
         model_path=store.location(model.path),
@@ -74,6 +78,8 @@ def mnist_retrain(params: PipelineParameters = PipelineParameters()) -> RunSumma
         forced=decided.forced,
         champion_model_key=decided.champion_model_key,
         champion_run_id=decided.champion_after.run_id if decided.champion_after else None,
+        attempt=attempt,
+        resumed_from_epoch=model.resumed_from_epoch if states["train"] == "Completed" else 0,
     )
     artifacts.publish(store, tables, artifacts.summary_markdown(store, summary, decided, report))
     logger.info("Steps: %s", ", ".join(f"{k} {v}" for k, v in states.items()))

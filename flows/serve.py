@@ -1,5 +1,6 @@
 """A real local Prefect stack: server (SQLite, loopback), the ``gpu`` work pool, deployments from
-``prefect.yaml``, the alert automation (``flows/alerts.py``), and a process worker.
+``prefect.yaml``, the alert and recovery automations (``flows/alerts.py``, ``flows/recovery.py``), and a
+process worker that runs as many flow runs at once as the machine has GPUs (at least one).
 ``make serve`` starts it, ``make stop`` stops it by pid.
 
 The same class drives the real-server test, so what CI proves is what ``make serve`` runs.
@@ -19,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 from flows.database import DATABASES, URL_ENV, LocalPostgres
+from flows.recovery import HEARTBEAT_ENV, HEARTBEAT_SECONDS, SILENT_AFTER_SECONDS
 
 REPO = Path(__file__).resolve().parent.parent
 POOLS = ("gpu",)
@@ -30,10 +32,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def gpu_count() -> int:
+    """GPUs this machine's worker may use: ``CUDA_VISIBLE_DEVICES`` if set, else what ``nvidia-smi -L`` lists."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(line.startswith("GPU ") for line in listed.stdout.splitlines()) if listed.returncode == 0 else 0
+
+
+def worker_limit() -> int:
+    """Flow runs one worker runs at once: one per GPU, so two trainings never share a GPU; one on a CPU-only machine."""
+    return max(gpu_count(), 1)
+
+
 class LocalStack:
     """Processes are started in their own sessions and recorded in ``<home>/pids.json``."""
 
-    def __init__(self, home: Path, port: int = 4200, store: str | None = None, poll_seconds: int = 5, db: str = "sqlite") -> None:
+    def __init__(
+        self,
+        home: Path,
+        port: int = 4200,
+        store: str | None = None,
+        poll_seconds: int = 5,
+        db: str = "sqlite",
+        silent_after: float = SILENT_AFTER_SECONDS,
+        slot_wait_seconds: float = 30,
+    ) -> None:
         if db not in DATABASES:
             raise ValueError(f"db={db!r}: choose one of {', '.join(DATABASES)}")
         self.db = db
@@ -42,11 +70,14 @@ class LocalStack:
         self.port = port
         self.store = store or str(REPO / "artifacts")
         self.poll_seconds = poll_seconds
+        self.silent_after = silent_after
+        self.slot_wait_seconds = slot_wait_seconds  # how soon a run queued behind the deployment's limit asks again
         self.api_url = f"http://127.0.0.1:{port}/api"
         self.ui_url = f"http://127.0.0.1:{port}"
         self.pids_file = self.home / "pids.json"
         self.postgres_file = self.home / "postgres.json"  # a cluster this stack started: stopped by `make stop`
         self.alerts = ""
+        self.recovery = ""
 
     @property
     def env(self) -> dict[str, str]:
@@ -60,10 +91,12 @@ class LocalStack:
             PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT="false",
             PREFECT_WORKER_QUERY_SECONDS=str(self.poll_seconds),
             PREFECT_WORKER_PREFETCH_SECONDS=str(self.poll_seconds),
+            PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS=str(self.slot_wait_seconds),
             DO_NOT_TRACK="1",
             TF_CPP_MIN_LOG_LEVEL="2",
             MNIST_STORE=self.store,
         )
+        env[HEARTBEAT_ENV] = os.environ.get(HEARTBEAT_ENV) or str(HEARTBEAT_SECONDS)  # the recovery automation needs them
         if self.database_url:
             env[URL_ENV] = self.database_url
         return env
@@ -144,14 +177,33 @@ class LocalStack:
             self._prefect("work-pool", "create", pool, "--type", "process", "--overwrite")
         self._prefect("deploy", "--all", "--no-prompt")
         self.alerts = self._python("-m", "flows.alerts").strip()
+        self.recovery = self._python("-m", "flows.recovery", "--silent-after", str(self.silent_after)).strip()
         for pool in POOLS:
             self.add_worker(pool, f"{pool}-worker-local")
 
-    def add_worker(self, pool: str, name: str, prefect_home: Path | None = None, cwd: Path = REPO) -> int:
-        """A process worker on ``pool``, as another machine would run it: its own Prefect home and directory."""
+    def add_worker(
+        self, pool: str, name: str, prefect_home: Path | None = None, cwd: Path = REPO, limit: int | None = None
+    ) -> int:
+        """A process worker on ``pool``, as another machine would run it: its own Prefect home and directory,
+        at most ``limit`` flow runs at once (default: this machine's GPUs, at least one)."""
         env = {"PREFECT_HOME": str(prefect_home)} if prefect_home else {}
         log_name = f"worker-{pool}" if name == f"{pool}-worker-local" else f"worker-{name}"
-        return self._spawn(log_name, "worker", "start", "--pool", pool, "--type", "process", "--name", name, cwd=cwd, env=env)
+        limit = limit or worker_limit()
+        return self._spawn(
+            log_name,
+            "worker",
+            "start",
+            "--pool",
+            pool,
+            "--type",
+            "process",
+            "--name",
+            name,
+            "--limit",
+            str(limit),
+            cwd=cwd,
+            env=env,
+        )
 
     def stop(self, grace: float = 15) -> list[str]:
         """Stop every recorded process group (SIGTERM, then SIGKILL after ``grace`` seconds)."""
@@ -220,9 +272,11 @@ def main(argv: list[str] | None = None) -> int:
         f"Prefect UI:     {stack.ui_url}\n"
         f"Database:       {stack.db}" + (f" ({stack.database_url.split('@')[-1]})" if stack.database_url else "") + "\n"
         f"API:            {stack.api_url}   (export PREFECT_API_URL={stack.api_url} to use the CLI against it)\n"
-        f"Deployments:    mnist-retrain/nightly (cron 0 2 * * * UTC, pool gpu)\n"
+        f"Deployments:    mnist-retrain/nightly (cron 0 2 * * * UTC, pool gpu; one run at a time, others queue)\n"
         f"Artifact store: {stack.store}\n"
+        f"Workers:        gpu-worker-local, at most {worker_limit()} flow run(s) at once (one per GPU)\n"
         f"{stack.alerts}\n"
+        f"{stack.recovery}\n"
         f"Logs:           {stack.home}/*.log      Stop with: make stop"
     )
     return 0

@@ -27,7 +27,7 @@ from tasks.gate import GateRules
 from tasks.model import ModelRef
 from tasks.plots import PlotsRef, render_plots
 from tasks.report import ReportRef, publish_report
-from tasks.tabulate import TablesRef
+from tasks.tabulate import Attempt, TablesRef
 from tasks.train import TrainConfig, train_model
 
 PROGRESS_KEY = "mnist-training-progress"
@@ -109,9 +109,18 @@ def tabulate(
     evaluation: EvaluationRef,
     parameters: dict,
     decided: GateRef,
+    attempt: Attempt,
 ) -> TablesRef:
     return tasks.tabulate.tabulate(
-        open_store(store_url), run_id, dataset, model, evaluation, parameters, decided.promoted, decided.champion_model_key
+        open_store(store_url),
+        run_id,
+        dataset,
+        model,
+        evaluation,
+        parameters,
+        decided.promoted,
+        decided.champion_model_key,
+        attempt,
     )
 
 

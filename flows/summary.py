@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from tasks.tabulate import Attempt
+
 
 class RunSummary(BaseModel):
     run_id: str
@@ -12,6 +14,7 @@ class RunSummary(BaseModel):
     balanced_accuracy: float
     n_evaluated: int
     network: str  # seed or strong
+    backend: str  # the Keras backend it was trained on
     device: str
     precision: str
     model_path: str
@@ -24,3 +27,5 @@ class RunSummary(BaseModel):
     forced: bool
     champion_model_key: str | None  # the champion after this run
     champion_run_id: str | None
+    attempt: Attempt  # attempt 2 and up: this run restarted after crashing
+    resumed_from_epoch: int  # training this run did resumed from the checkpoint after this epoch (0: from scratch)

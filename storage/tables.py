@@ -66,6 +66,12 @@ SCHEMAS: dict[str, pa.Schema] = {
             # added with the champion gate: null in partitions written before it
             pa.field("promoted", pa.bool_()),
             pa.field("champion_model_key", pa.string()),
+            # added with crash restarts and late nights: null in partitions written before them
+            pa.field("attempt", pa.int32()),  # 1, or 2 and up when the run restarted after crashing
+            pa.field("resumed_from_epoch", pa.int32()),  # training resumed from the checkpoint after this epoch (0: fresh)
+            pa.field("scheduled_start", pa.timestamp("us", tz="UTC")),  # when the schedule meant it to run
+            pa.field("started_at", pa.timestamp("us", tz="UTC")),  # when this attempt actually began
+            pa.field("backend", pa.string()),  # the Keras backend the model was trained on (null before the choice)
         ]
     ),
     "promotions": pa.schema(

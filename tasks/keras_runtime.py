@@ -11,6 +11,7 @@ shown. On a machine with an NVIDIA driver, a failed cuInit is a real problem and
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import re
@@ -18,6 +19,8 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from tasks.backends import Backend, process_backend
 
 BENIGN = (
     re.compile(r"^WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR$"),
@@ -63,15 +66,22 @@ class _DropRetracing(logging.Filter):
 
 
 def import_keras():
-    """``keras``, imported once per process with TensorFlow's benign start-up lines filtered out."""
+    """``keras``, imported once per process with TensorFlow's benign start-up lines filtered out.
+
+    On the JAX or PyTorch backend TensorFlow is imported only where it is installed (Keras seeds its
+    generator too, and prints the same lines then); a GPU machine without it is fine.
+    """
     global _imported
     if not _imported:
+        on_tensorflow = process_backend() is Backend.tensorflow
         with filtered_stderr(nvidia_driver_present()):
-            import tensorflow as tf
+            if on_tensorflow or importlib.util.find_spec("tensorflow") is not None:
+                import tensorflow as tf
 
-            tf.config.list_physical_devices("GPU")  # cuInit runs here, inside the filter
+                if on_tensorflow:
+                    tf.config.list_physical_devices("GPU")  # cuInit runs here, inside the filter
+                tf.get_logger().addFilter(_DropRetracing())
             import keras  # noqa: F401
-        tf.get_logger().addFilter(_DropRetracing())
         _imported = True
     import keras
 

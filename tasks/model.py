@@ -3,6 +3,8 @@ scaling, and loading a stored one."""
 
 from __future__ import annotations
 
+import json
+import zipfile
 from collections.abc import Callable
 from enum import Enum
 from typing import TYPE_CHECKING
@@ -35,6 +37,7 @@ class ModelRef(BaseModel):
     sha256: str
     history_path: str
     network: str = Field(validation_alias=AliasChoices("network", "model"))  # the ModelName it was built from ("model" before)
+    backend: str = "tensorflow"  # the Keras backend it was trained on (references made before the choice: TensorFlow)
     device: str
     precision: str
     epochs: int
@@ -153,6 +156,26 @@ def build_model(name: ModelName | str) -> keras.Model:
 def scale(images: np.ndarray) -> np.ndarray:
     """uint8 28x28 → float32 28x28x1 in [0, 1], the network's input."""
     return (images.astype(np.float32) / 255.0)[..., np.newaxis]
+
+
+def stamp_keras_file(path: str, **facts: str) -> None:
+    """Add ``facts`` (the backend it was trained on, say) to the ``metadata.json`` inside a ``.keras`` file.
+
+    Keras writes its version and date there and ignores other keys when loading, so the file itself
+    says how it was made, wherever it is copied.
+    """
+    with zipfile.ZipFile(path) as source:
+        entries = [(info, source.read(info)) for info in source.infolist()]
+    with zipfile.ZipFile(path, "w") as target:
+        for info, data in entries:
+            if info.filename == "metadata.json":
+                data = json.dumps({**json.loads(data), **facts}).encode()
+            target.writestr(info, data)
+
+
+def keras_file_metadata(path: str) -> dict:
+    with zipfile.ZipFile(path) as archive:
+        return json.loads(archive.read("metadata.json"))
 
 
 def load_model(store: Store, ref: ModelRef):

@@ -22,9 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from storage import Store, code_digest, sha256_bytes, sha256_json
 from tasks import model as networks
+from tasks.backends import Backend, process_backend, run_in_backend
 from tasks.fetch import DatasetRef, load_mnist
 from tasks.keras_runtime import import_keras
-from tasks.model import ModelName, ModelRef, build_model, make_optimizer, scale
+from tasks.model import ModelName, ModelRef, build_model, make_optimizer, scale, stamp_keras_file
 
 VALIDATION_SPLIT = 0.1
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds")
@@ -77,6 +78,12 @@ class TrainConfig(BaseModel):
         description="Keras dtype policy; `auto` uses mixed_float16 on a GPU, mixed_bfloat16 on a CPU with native bf16, else float32.",
     )
     learning_rate: float = Field(1e-3, gt=0, title="Learning rate")
+    backend: Backend = Field(
+        Backend.tensorflow,
+        title="Keras backend",
+        description="tensorflow (the CPU path), jax or torch: the same model code on each; "
+        "another backend than the worker's own trains in a child process with that KERAS_BACKEND.",
+    )
 
 
 def training_code() -> str:
@@ -91,13 +98,17 @@ def training_code() -> str:
         networks.scale,
         stratified_subset,
         input_pipeline,
+        shuffled_batches,
+        steps_per_execution,
         select_device,
+        has_gpu,
         cpu_has_bf16,
         dtype_policy,
         _train,
         _epoch_recorder,
         VALIDATION_SPLIT,
         STEPS_PER_EXECUTION,
+        VALIDATION_BATCH,
         HISTORY_COLUMNS,
     )
 
@@ -124,6 +135,12 @@ def stratified_subset(labels: np.ndarray, limit: int | None, seed: int) -> np.nd
 
 
 STEPS_PER_EXECUTION = 16  # batches per compiled call: less Python between steps once bf16 made them fast
+VALIDATION_BATCH = 1024
+
+
+def steps_per_execution(backend: Backend) -> int:
+    """Keras' PyTorch trainer runs one batch per call (it refuses more); TensorFlow and JAX compile several."""
+    return 1 if backend is Backend.torch else STEPS_PER_EXECUTION
 
 
 def input_pipeline(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int | None, training: bool):
@@ -141,6 +158,31 @@ def input_pipeline(images: np.ndarray, labels: np.ndarray, batch_size: int, seed
     return data.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
+def shuffled_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int | None, training: bool):
+    """Keras' own ``PyDataset`` for the JAX and PyTorch backends (no tf.data there): NumPy batches in a
+    new seeded order every epoch while training, in order for validation."""
+    keras = import_keras()
+
+    class ShuffledBatches(keras.utils.PyDataset):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rng = np.random.default_rng(seed)
+            self.order = self.rng.permutation(len(images)) if training else np.arange(len(images))
+
+        def __len__(self) -> int:
+            return int(np.ceil(len(images) / batch_size))
+
+        def __getitem__(self, index: int):
+            chosen = np.sort(self.order[index * batch_size : (index + 1) * batch_size])
+            return images[chosen], labels[chosen]
+
+        def on_epoch_end(self) -> None:
+            if training:
+                self.order = self.rng.permutation(len(images))
+
+    return ShuffledBatches()
+
+
 # ---- device -------------------------------------------------------------------------------
 def cpu_has_bf16() -> bool:
     """AVX512-BF16 or AMX: where bfloat16 matmuls and convolutions run natively on the CPU."""
@@ -151,23 +193,37 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def select_device(precision: Precision | str = Precision.auto) -> tuple[str, str]:
-    """(device, Keras dtype policy): the GPU with mixed float16 when TensorFlow sees one, else the CPU.
+def has_gpu(backend: Backend) -> bool:
+    """Whether ``backend`` sees a GPU in this process (each backend asks its own runtime)."""
+    if backend is Backend.jax:
+        import jax
 
-    ``auto`` on a CPU uses mixed bfloat16 where the CPU computes it natively, float32 elsewhere.
-    """
+        return any(d.platform == "gpu" for d in jax.devices())
+    if backend is Backend.torch:
+        import torch
+
+        return torch.cuda.is_available()
     import_keras()  # TensorFlow's start-up lines filtered on first use
     import tensorflow as tf
 
-    precision = Precision(precision).value
+    return bool(tf.config.list_physical_devices("GPU"))
 
-    gpus = tf.config.list_physical_devices("GPU")
-    device = "GPU:0" if gpus else "CPU:0"
+
+def select_device(precision: Precision | str = Precision.auto, backend: Backend = Backend.tensorflow) -> tuple[str, str]:
+    """(device, Keras dtype policy): the GPU with mixed precision when the backend sees one, else the CPU.
+
+    ``auto`` on a GPU: mixed float16 on TensorFlow (its loss scaling is built in), mixed bfloat16 on JAX
+    and PyTorch (Ampere and later compute it at float16's rate, without loss scaling). On a CPU,
+    TensorFlow uses mixed bfloat16 where the CPU computes it natively; JAX and PyTorch use float32.
+    """
+    precision = Precision(precision).value
+    gpu = has_gpu(backend)
+    device = "GPU:0" if gpu else "CPU:0"
     if precision != "auto":
         return device, precision
-    if gpus:
-        return device, "mixed_float16"
-    return device, "mixed_bfloat16" if cpu_has_bf16() else "float32"
+    if gpu:
+        return device, "mixed_float16" if backend is Backend.tensorflow else "mixed_bfloat16"
+    return device, "mixed_bfloat16" if backend is Backend.tensorflow and cpu_has_bf16() else "float32"
 
 
 @contextlib.contextmanager
@@ -245,6 +301,15 @@ def train_model(
         if reuse and (existing := stored_model(store, key)) is not None:
             log(f"Reusing model {key} trained earlier (sha256 {existing.sha256[:12]}…)")
             return existing
+        if config.backend is not process_backend():
+            log(f"Training on the {config.backend.value} backend in a child process (this one uses {process_backend().value})")
+            arguments = {
+                "store": store.url,
+                "dataset": dataset.model_dump(mode="json"),
+                "config": config.model_dump(mode="json"),
+                "key": key,
+            }
+            return ModelRef.model_validate(run_in_backend(config.backend, arguments, log, on_epoch))
         return _train(store, dataset, config, key, log, on_epoch)
 
 
@@ -260,9 +325,13 @@ def _train(store: Store, dataset: DatasetRef, config: TrainConfig, key: str, log
     x_train, y_train = scale(mnist.x_train[train_idx]), mnist.y_train[train_idx]
     x_val, y_val = scale(mnist.x_train[val_idx]), mnist.y_train[val_idx]
 
-    device, policy = select_device(config.precision)
+    backend = process_backend()
+    if backend is not config.backend:
+        raise RuntimeError(f"this process's Keras backend is {backend.value}, the configuration asks for {config.backend.value}")
+    device, policy = select_device(config.precision, backend)
     log(
-        f"Training {config.model.value} on {device} with dtype policy {policy}: {len(x_train)} images, {len(x_val)} for validation"
+        f"Training {config.model.value} on {device} ({backend.value}) with dtype policy {policy}: "
+        f"{len(x_train)} images, {len(x_val)} for validation"
     )
     keras.utils.set_random_seed(config.seed)
     backup = Path(store.checkpoint_dir(key))
@@ -281,14 +350,15 @@ def _train(store: Store, dataset: DatasetRef, config: TrainConfig, key: str, log
             optimizer=make_optimizer(config.model, config.learning_rate, config.epochs * steps_per_epoch),
             loss="sparse_categorical_crossentropy",
             metrics=["accuracy"],
-            steps_per_execution=STEPS_PER_EXECUTION,
+            steps_per_execution=steps_per_execution(backend),
         )
+        batches = input_pipeline if backend is Backend.tensorflow else shuffled_batches
         model.fit(
-            input_pipeline(x_train, y_train, config.batch_size, config.seed, training=True),
+            batches(x_train, y_train, config.batch_size, config.seed, training=True),
             epochs=config.epochs,
-            validation_data=input_pipeline(x_val, y_val, 1024, None, training=False),
+            validation_data=batches(x_val, y_val, VALIDATION_BATCH, None, training=False),
             callbacks=[keras.callbacks.BackupAndRestore(str(backup), delete_checkpoint=False), recorder],
-            shuffle=False,  # the tf.data pipeline reshuffles every epoch itself
+            shuffle=False,  # the input reshuffles every epoch itself
             verbose=0,
         )
     seconds = time.perf_counter() - started
@@ -296,6 +366,7 @@ def _train(store: Store, dataset: DatasetRef, config: TrainConfig, key: str, log
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, "model.keras")
         model.save(local)
+        stamp_keras_file(local, backend=backend.value, device=device, dtype_policy=policy)
         digest = sha256_bytes(Path(local).read_bytes())
         model_file = store.unique(store.model_file(key))
         store.put_file(local, model_file)
@@ -309,6 +380,7 @@ def _train(store: Store, dataset: DatasetRef, config: TrainConfig, key: str, log
         sha256=digest,
         history_path=history_file,
         network=config.model.value,
+        backend=backend.value,
         device=device,
         precision=policy,
         epochs=config.epochs,

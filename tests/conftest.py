@@ -142,6 +142,11 @@ def sample_frames(seed: int) -> dict[str, pd.DataFrame]:
                 "device": "CPU:0",
                 "promoted": bool(seed % 2),
                 "champion_model_key": "k" * 32,
+                "attempt": 1,
+                "resumed_from_epoch": 0,
+                "scheduled_start": datetime(2026, 11, 25, 2, 0, tzinfo=UTC),
+                "started_at": datetime(2026, 11, 25, 2, 0, 5, tzinfo=UTC),
+                "backend": "tensorflow",
             }
         ]
     )

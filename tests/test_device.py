@@ -4,6 +4,7 @@ import pytest
 import tensorflow as tf
 
 from tasks import train
+from tasks.backends import Backend
 
 
 def test_cpu_uses_bf16_only_where_the_cpu_has_it(monkeypatch):
@@ -27,3 +28,18 @@ def test_softmax_output_stays_float32_under_any_policy(policy):
         model = train.build_model("seed")
     assert model.layers[-1].dtype_policy.compute_dtype == "float32"
     assert model.layers[0].dtype_policy.compute_dtype == ("bfloat16" if policy == "mixed_bfloat16" else "float32")
+
+
+@pytest.mark.parametrize("backend", [Backend.jax, Backend.torch], ids=lambda b: b.value)
+def test_jax_and_torch_use_bf16_on_a_gpu_and_float32_on_a_cpu(monkeypatch, backend):
+    monkeypatch.setattr(train, "has_gpu", lambda b: True)
+    assert train.select_device("auto", backend) == ("GPU:0", "mixed_bfloat16")
+    assert train.select_device("mixed_float16", backend) == ("GPU:0", "mixed_float16")
+    monkeypatch.setattr(train, "has_gpu", lambda b: False)
+    monkeypatch.setattr(train, "cpu_has_bf16", lambda: True)
+    assert train.select_device("auto", backend) == ("CPU:0", "float32")
+
+
+@pytest.mark.parametrize("backend", list(Backend), ids=lambda b: b.value)
+def test_each_backend_asks_its_own_runtime_for_a_gpu(backend):
+    assert train.has_gpu(backend) is False  # this machine has none, and each runtime says so

@@ -1,0 +1,39 @@
+"""The child process that trains on another Keras backend than its parent's (see ``tasks/backends.py``).
+
+Started as ``python -m tasks.backend_child ARGUMENTS_JSON`` with ``KERAS_BACKEND`` set; it reports on
+stdout in lines the parent reads: each log line, each finished epoch, then the model's reference.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from storage import Store
+from tasks.backends import MESSAGE
+from tasks.fetch import DatasetRef
+from tasks.train import TrainConfig, _train
+
+
+def _send(**message) -> None:
+    print(MESSAGE + json.dumps(message, default=float), flush=True)
+
+
+def main(argv: list[str]) -> int:
+    """The child's side: train with ``tasks.train`` on this process's backend and report back."""
+    arguments = json.loads(argv[0])
+    store = Store(arguments["store"])
+    ref = _train(
+        store,
+        DatasetRef.model_validate(arguments["dataset"]),
+        TrainConfig.model_validate(arguments["config"]),
+        arguments["key"],
+        log=lambda text: _send(log=text),
+        on_epoch=lambda done, total, row: _send(epoch=[done, total, row]),
+    )
+    _send(result=ref.model_dump(mode="json"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

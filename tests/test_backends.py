@@ -1,0 +1,110 @@
+"""The same network and training code on Keras' JAX and PyTorch backends, on this CPU (tiny subsets).
+
+The pipeline's process stays on TensorFlow; a run that asks for another backend trains in a child
+process with that ``KERAS_BACKEND`` (``tasks/backends.py``), and evaluation loads the model it wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.params import PipelineParameters
+from storage import Store
+from storage.tables import read_table
+from tasks.backends import BACKEND_ENV, Backend, process_backend
+from tasks.fetch import fetch_mnist
+from tasks.model import keras_file_metadata
+from tasks.train import TrainConfig, train_model, training_key
+
+REPO = Path(__file__).resolve().parent.parent
+OTHERS = [Backend.jax, Backend.torch]
+
+
+@pytest.fixture
+def store(tmp_path: Path, mnist_store: Store) -> Store:
+    fresh = Store(tmp_path / "store")
+    fresh.fs.copy(mnist_store.path("objects"), fresh.path("objects"), recursive=True)
+    return fresh
+
+
+def test_keras_backend_is_found_the_way_keras_finds_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    assert process_backend() is Backend.tensorflow
+    (tmp_path / "keras.json").write_text(json.dumps({"backend": "torch"}))
+    assert process_backend() is Backend.torch
+    monkeypatch.setenv(BACKEND_ENV, "jax")
+    assert process_backend() is Backend.jax
+    assert PipelineParameters().train_config(0).backend is Backend.jax  # an empty parameter follows the worker
+    assert PipelineParameters(backend="torch").train_config(0).backend is Backend.torch
+    monkeypatch.setenv(BACKEND_ENV, "mxnet")
+    with pytest.raises(ValueError, match="KERAS_BACKEND='mxnet' is not a backend this pipeline trains on"):
+        process_backend()
+
+
+def test_the_backend_is_part_of_the_training_key(store):
+    dataset = fetch_mnist(store, sources=[], log=lambda _: None)
+    keys = {training_key(dataset, TrainConfig(backend=b)) for b in Backend}
+    assert len(keys) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", OTHERS, ids=lambda b: b.value)
+def test_pipeline_runs_on_another_backend(backend, store, tmp_path):
+    """The issue's command, as a user types it: the runs row and the .keras file say which backend trained."""
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop(BACKEND_ENV, None)
+    args = ["--backend", backend.value, "--epochs", "1", "--train-limit", "3000", "--n-per-class", "20", "--store", store.url]
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", *args], capture_output=True, text=True, timeout=600, env=env, cwd=REPO
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"({backend.value}, float32)" in done.stdout
+    noisy = [line for line in (done.stdout + done.stderr).splitlines() if any(w in line for w in ("E0000", "ERROR", "WARNING"))]
+    assert not noisy, noisy
+    (row,) = read_table(store, "runs").itertuples()
+    assert row.backend == backend.value and row.test_accuracy > 0.5  # it learned (one epoch of 2 700 images)
+    (model_file,) = Path(store.path("models")).rglob("*.keras")
+    assert keras_file_metadata(str(model_file))["backend"] == backend.value
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", OTHERS, ids=lambda b: b.value)
+def test_a_killed_training_resumes_on_its_backend(backend, store):
+    """Keras' BackupAndRestore on JAX and PyTorch: the child process killed after epoch 1 of 3, then resumed."""
+    dataset = fetch_mnist(store, sources=[], log=lambda _: None)
+    config = TrainConfig(epochs=3, train_limit=6000, seed=3, backend=backend)
+    key = training_key(dataset, config)
+    history = Path(store.checkpoint_dir(key)) / "history.json"
+    arguments = {
+        "store": store.url,
+        "dataset": dataset.model_dump(mode="json"),
+        "config": config.model_dump(mode="json"),
+        "key": key,
+    }
+    child = subprocess.Popen(
+        [sys.executable, "-m", "tasks.backend_child", json.dumps(arguments)],
+        cwd=REPO,
+        env={**os.environ, BACKEND_ENV: backend.value},
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (history.exists() and json.loads(history.read_text())):
+        assert child.poll() is None, "the training ended before it could be killed"
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert len(json.loads(history.read_text())) == 1
+
+    logs: list[str] = []
+    ref = train_model(store, dataset, config, log=logs.append)
+    assert ref.backend == backend.value and ref.resumed_from_epoch == 1, logs
+    assert any(line.startswith("Resuming from the checkpoint after epoch 1/3") for line in logs), logs
