@@ -63,5 +63,18 @@ bench-quick: $(STAMP)
 bench-stores: $(STAMP)
 	$(BIN)/python bench/stores.py
 
+# The GPU check: `make gpu-check-bundle` here (network: wheels for a GPU machine's Python 3.12, MNIST's IDX files),
+# then `make gpu-check` (or `bash bench/gpu_check.sh`) there. See README "Performance".
+gpu-check-bundle: $(STAMP)
+	rm -rf .whl && mkdir -p .whl
+	$(BIN)/python -m pip download --quiet --disable-pip-version-check --only-binary=:all: --no-deps \
+	  --python-version 3.12 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl $$($(BIN)/python bench/gpu_check.py --wheel-list)
+	$(BIN)/python bench/gpu_check.py --export-mnist .mnist
+	@du -sh .whl .mnist
+
+gpu-check:
+	bash bench/gpu_check.sh $(GPU_CHECK_ARGS)
+
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

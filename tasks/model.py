@@ -188,4 +188,4 @@ def load_model(store: Store, ref: ModelRef):
             f"model {store.location(ref.path)} does not match its SHA-256 (expected {ref.sha256[:12]}…): it was changed or corrupted"
         )
     with store.local_copy(ref.path, suffix=".keras") as local:
-        return keras.models.load_model(local)
+        return keras.models.load_model(local, compile=False)  # predicting only: no optimizer state to restore
