@@ -14,7 +14,6 @@ matplotlib.use("Agg")
 
 import numpy as np
 import pandas as pd
-import seaborn as sns
 from matplotlib.figure import Figure
 from pydantic import BaseModel
 
@@ -37,6 +36,8 @@ def png_bytes(fig: Figure) -> bytes:
 
 
 def confusion_heatmap(cm: np.ndarray, drop_diagonal: bool = False) -> Figure:
+    import seaborn as sns  # a second to import (scipy.stats): only when a figure is drawn, not on a cached rerun
+
     fig = Figure(figsize=(7.5, 6.2))
     ax = fig.subplots()
     mask = np.eye(NUM_CLASSES, dtype=bool) if drop_diagonal else None
@@ -68,6 +69,8 @@ def confusion_heatmap(cm: np.ndarray, drop_diagonal: bool = False) -> Figure:
 
 
 def per_class_accuracy(per_class: pd.DataFrame, balanced_accuracy: float) -> Figure:
+    import seaborn as sns
+
     fig = Figure(figsize=(8, 4.2))
     ax = fig.subplots()
     acc = per_class["accuracy"].to_numpy()
