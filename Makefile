@@ -12,7 +12,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: run test venv clean serve stop bench bench-quick bench-stores browser torch-cpu gpu-check gpu-check-bundle
+.PHONY: run test venv clean serve stop bench bench-quick bench-stores profile browser torch-cpu gpu-check gpu-check-bundle
 
 venv: $(STAMP)
 
@@ -59,6 +59,9 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python bench/bench.py --epochs 2
+
+profile: $(STAMP)
+	$(BIN)/python bench/profile_step.py
 
 bench-stores: $(STAMP)
 	$(BIN)/python bench/stores.py

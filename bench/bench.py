@@ -1,8 +1,12 @@
 """Benchmark: our training step and pipeline against a plain Keras script, measured in the same run.
 
-Prints one JSON object. ``make bench`` runs 15 epochs, ``make bench-quick`` 2. The baseline is
-what a user would write themselves: the seed network, float32, ``model.fit`` on in-memory NumPy
-arrays, batch 128, ``validation_split=0.1``.
+Prints one JSON object on stdout and its progress, phase by phase, on stderr. ``make bench`` runs
+15 epochs, ``make bench-quick`` 2. The baseline is what a user would write themselves: the seed
+network, float32, ``model.fit`` on in-memory NumPy arrays, batch 128, ``validation_split=0.1``.
+
+The baseline and our step are each trained twice, in the order baseline, ours, ours, baseline, so a
+machine that speeds up or slows down during the run (a shared machine does) favours neither; the
+ratio is reported for each pair with its spread.
 """
 
 from __future__ import annotations
@@ -38,6 +42,12 @@ from tasks.report import publish_report  # noqa: E402
 from tasks.tabulate import tabulate  # noqa: E402
 from tasks.train import TrainConfig, train_model  # noqa: E402
 
+T0 = time.perf_counter()
+
+
+def progress(text: str) -> None:
+    print(f"[bench {time.perf_counter() - T0:6.0f} s] {text}", file=sys.stderr, flush=True)
+
 
 def interval(accuracy: float, n: int) -> list[float]:
     low, high = wilson_interval(np.array([round(accuracy * n)]), np.array([n]))
@@ -65,6 +75,7 @@ def plain_keras(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_
     _, accuracy = model.evaluate(x_test.astype("float32")[..., None] / 255.0, y_test, batch_size=1024, verbose=0)
     train_images = len(x) - int(len(x) * 0.1)
     return {
+        "seed": seed,
         "seconds_per_epoch": round(float(np.mean(times)), 2),
         "images_per_second": round(train_images * epochs / sum(times), 1),
         "test_accuracy": round(float(accuracy), 4),
@@ -76,9 +87,10 @@ def ours(store: Store, dataset, epochs: int, seed: int) -> tuple[dict, object]:
     import pandas as pd
 
     ref = train_model(store, dataset, TrainConfig(epochs=epochs, seed=seed), log=lambda _: None, reuse=False)
-    history = pd.read_parquet(ref.history_path)
+    history = pd.read_parquet(store.path(ref.history_path))
     evaluation = evaluate_model(store, dataset, ref, n_per_class=800, seed=seed, reuse=False)
     return {
+        "seed": seed,
         "seconds_per_epoch": round(float(history["seconds"].mean()), 2),
         "images_per_second": round(ref.train_images * epochs / float(history["seconds"].sum()), 1),
         "dtype_policy": ref.precision,
@@ -117,12 +129,22 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="mnist-bench-") as tmp:
         tmp = Path(tmp)
-        baseline = plain_keras(mnist.x_train, mnist.y_train, mnist.x_test, mnist.y_test, args.epochs, args.seed)
+        baselines, ours_runs = [], []
+        model = None
+        for turn, who in enumerate(("baseline", "ours", "ours", "baseline")):  # ABBA: linear drift cancels
+            seed = args.seed + (len(baselines) if who == "baseline" else len(ours_runs))
+            progress(f"{turn + 1}/4: {'plain Keras' if who == 'baseline' else 'our step'}, {args.epochs} epochs, seed {seed}")
+            if who == "baseline":
+                baselines.append(plain_keras(mnist.x_train, mnist.y_train, mnist.x_test, mnist.y_test, args.epochs, seed))
+                figures = baselines[-1]
+            else:
+                store = Store(tmp / f"train-store-{seed}")
+                store.fs.copy(data_store.path("objects"), store.path("objects"), recursive=True)
+                figures, (model, _) = ours(store, dataset, args.epochs, seed)
+                ours_runs.append(figures)
+            progress(f"   {figures['seconds_per_epoch']:.2f} s/epoch, test accuracy {figures['test_accuracy']:.4f}")
 
-        store = Store(tmp / "train-store")
-        store.fs.copy(data_store.path("objects"), store.path("objects"), recursive=True)
-        ours_figures, (model, _) = ours(store, dataset, args.epochs, args.seed)
-
+        progress("evaluation, tables and plots of our model")
         started = time.perf_counter()
         evaluation = evaluate_model(store, dataset, model, n_per_class=800, seed=args.seed, reuse=False)
         plots = render_plots(store, dataset, model, evaluation)
@@ -136,20 +158,28 @@ def main() -> None:
         flow_store = Store(tmp / "flow-store")
         flow_store.fs.copy(data_store.path("objects"), flow_store.path("objects"), recursive=True)
         cli_args = ["--epochs", str(args.epochs), "--seed", str(args.seed), "--store", flow_store.url]
+        progress("the whole flow, cold (mnist-pipeline run)")
         cold, cold_rss = timed_cli(cli_args, tmp / "prefect")
+        progress(f"   {cold:.1f} s; again, warm (every heavy step cached)")
         warm, warm_rss = timed_cli(cli_args, tmp / "prefect")
+        progress(f"   {warm:.1f} s")
 
+    # pairs in time order: (baseline 1, ours 1) and (baseline 2, ours 2), i.e. the outer and the inner pair
+    ratios = [o["images_per_second"] / b["images_per_second"] for b, o in zip(baselines, ours_runs)]
     print(
         json.dumps(
             {
                 "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
                 "epochs": args.epochs,
                 "batch_size": 128,
-                "baseline_plain_keras": baseline,
-                "ours": ours_figures,
+                "order": "baseline, ours, ours, baseline",
+                "baseline_plain_keras": baselines,
+                "ours": ours_runs,
                 "ratio_images_per_second_ours_over_baseline": round(
-                    ours_figures["images_per_second"] / baseline["images_per_second"], 2
+                    sum(o["images_per_second"] for o in ours_runs) / sum(b["images_per_second"] for b in baselines), 2
                 ),
+                "ratio_per_pair": [round(r, 2) for r in ratios],
+                "ratio_spread": round(max(ratios) - min(ratios), 2),
                 "flow_cold_run_seconds": cold,
                 "flow_warm_rerun_seconds": warm,
                 "evaluation_tables_plots_seconds": round(eval_tables_plots, 1),

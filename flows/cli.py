@@ -13,6 +13,7 @@ import threading
 from pydantic import ValidationError
 
 from flows.params import PipelineParameters, describe_errors
+from tasks.model import DEFAULT_EPOCHS
 
 EXIT_FAILED = 1
 EXIT_BAD_PARAMETERS = 2
@@ -31,7 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the flow once and print where its tables and plots are")
     defaults = PipelineParameters()
     run.add_argument("--model", default=defaults.model.value, help="network: seed (default) or strong")
-    run.add_argument("--epochs", type=int, default=defaults.epochs, help="training epochs (default %(default)s)")
+    run.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="training epochs (default: the model's own, " + ", ".join(f"{m.value} {n}" for m, n in DEFAULT_EPOCHS.items()) + ")",
+    )
     run.add_argument("--batch-size", type=int, default=defaults.batch_size, help="batch size (default %(default)s)")
     run.add_argument(
         "--n-per-class", type=int, default=defaults.n_per_class, help="evaluation images per digit (default %(default)s)"

@@ -26,7 +26,7 @@ class PipelineParameters(BaseModel):
     model_config = ConfigDict(extra="forbid", use_enum_values=False, title="MNIST retrain parameters")
 
     model: ModelName = copy(TRAINING["model"])
-    epochs: int = copy(TRAINING["epochs"])
+    epochs: int | None = copy(TRAINING["epochs"])
     batch_size: int = copy(TRAINING["batch_size"])
     n_per_class: int = Field(
         800,

@@ -29,6 +29,12 @@ class ModelName(str, Enum):
     strong = "strong"
 
 
+DEFAULT_EPOCHS: dict[ModelName, int] = {
+    ModelName.seed: 15,  # the seed notebook's
+    ModelName.strong: 36,  # measured: test accuracy 0.9965+ on seeds 0 and 1 within 15 minutes of this 2-core CPU
+}
+
+
 class ModelRef(BaseModel):
     """A trained model in the store: a reference and a digest, never the weights themselves."""
 

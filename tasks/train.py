@@ -18,14 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from storage import Store, code_digest, sha256_bytes, sha256_json
 from tasks import model as networks
 from tasks.backends import Backend, process_backend, run_in_backend
 from tasks.fetch import DatasetRef, load_mnist
 from tasks.keras_runtime import import_keras
-from tasks.model import ModelName, ModelRef, build_model, make_optimizer, scale, stamp_keras_file
+from tasks.model import DEFAULT_EPOCHS, ModelName, ModelRef, build_model, make_optimizer, scale, stamp_keras_file
 
 VALIDATION_SPLIT = 0.1
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds")
@@ -60,7 +60,15 @@ class TrainConfig(BaseModel):
         title="Model",
         description="Network to train; `seed` is the seed notebook's CNN, `strong` a deeper option (about 4x the compute).",
     )
-    epochs: int = Field(15, ge=1, le=500, title="Epochs", description="Training epochs (1–500).")
+    epochs: int | None = Field(
+        None,
+        ge=1,
+        le=500,
+        title="Epochs",
+        description="Training epochs (1–500). Empty: the model's own default, "
+        + ", ".join(f"{m.value} {n}" for m, n in DEFAULT_EPOCHS.items())
+        + ".",
+    )
     batch_size: int = Field(128, ge=1, le=8192, title="Batch size", description="Training batch size (1–8192).")
     seed: int = Field(
         0, ge=0, le=SEED_MAX, title="Seed", description=f"Seeds initialisation, shuffling and subsets (0–{SEED_MAX})."
@@ -84,6 +92,13 @@ class TrainConfig(BaseModel):
         description="tensorflow (the CPU path), jax or torch: the same model code on each; "
         "another backend than the worker's own trains in a child process with that KERAS_BACKEND.",
     )
+
+    @model_validator(mode="after")
+    def _model_default_epochs(self) -> TrainConfig:
+        """Empty epochs become the model's default here, so the key (and the model) are those of that number."""
+        if self.epochs is None:
+            self.epochs = DEFAULT_EPOCHS[self.model]
+        return self
 
 
 def training_code() -> str:

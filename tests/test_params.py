@@ -18,6 +18,7 @@ from flows.params import PipelineParameters, describe_errors
         ("train_limit", 50, "100–60000"),
         ("model", "resnet", "seed"),
         ("precision", "fp8", "mixed_bfloat16"),
+        ("backend", "mxnet", "jax"),
     ],
 )
 def test_out_of_range_values_name_the_field_and_range(field, value, allowed):
@@ -34,13 +35,14 @@ def test_unknown_parameters_are_refused():
 
 def test_defaults_are_the_documented_ones():
     p = PipelineParameters()
-    assert (p.epochs, p.batch_size, p.n_per_class, p.seed, p.train_limit, p.model.value) == (15, 128, 800, 0, None, "seed")
+    assert (p.epochs, p.batch_size, p.n_per_class, p.seed, p.train_limit, p.model.value) == (None, 128, 800, 0, None, "seed")
+    assert (p.backend, p.train_config(0).epochs) == (None, 15)  # empty: the worker's backend, the model's epochs
 
 
 def test_the_ui_form_has_titles_descriptions_and_bounds():
     schema = PipelineParameters.model_json_schema()
     props = schema["properties"]
-    assert props["epochs"]["title"] == "Epochs" and props["epochs"]["minimum"] == 1
+    assert props["epochs"]["title"] == "Epochs" and props["epochs"]["anyOf"][0]["minimum"] == 1
     assert props["n_per_class"]["maximum"] == 892 and "without replacement" in props["n_per_class"]["description"]
     assert schema["$defs"]["ModelName"]["enum"] == ["seed", "strong"]
 
@@ -49,3 +51,16 @@ def test_cli_refuses_before_importing_the_pipeline(capsys):
     assert main(["run", "--n-per-class", "900", "--epochs", "0"]) == EXIT_BAD_PARAMETERS
     err = capsys.readouterr().err
     assert "n_per_class=900" in err and "epochs=0" in err and "1–892" in err
+
+
+def test_empty_epochs_mean_the_models_own_default_and_the_form_shows_it():
+    from tasks.model import DEFAULT_EPOCHS, ModelName
+    from tasks.train import TrainConfig
+
+    assert PipelineParameters().train_config(0).epochs == DEFAULT_EPOCHS[ModelName.seed] == 15
+    assert PipelineParameters(model="strong").train_config(0).epochs == DEFAULT_EPOCHS[ModelName.strong]
+    assert PipelineParameters(model="strong", epochs=3).train_config(0).epochs == 3
+    assert TrainConfig(model="strong") == TrainConfig(model="strong", epochs=DEFAULT_EPOCHS[ModelName.strong])  # one key
+    field = PipelineParameters.model_json_schema()["properties"]["epochs"]
+    assert field["default"] is None and {"type": "null"} in field["anyOf"]
+    assert "Empty: the model's own default, seed 15, strong" in field["description"]
