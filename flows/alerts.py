@@ -34,19 +34,27 @@ HOW_TO = (
 )
 
 
+def prepare_automations(deployment: str, *names: str):
+    """The deployment's id, with any automation of these names deleted, so creating them again replaces them."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        deployment_id = client.read_deployment_by_name(deployment).id
+        for name in names:
+            for old in client.read_automations_by_name(name):
+                client.delete_automation(old.id)
+    return deployment_id
+
+
 def configure_alerts(webhook_url: str | None, deployment: str = DEPLOYMENT) -> str:
     """Create (or replace) the webhook block and the automation; returns a line for the operator."""
     if not webhook_url:
         return HOW_TO
     from prefect.automations import Automation, CallWebhook, EventTrigger
     from prefect.blocks.webhook import Webhook
-    from prefect.client.orchestration import get_client
 
     block_id = Webhook(method="POST", url=webhook_url).save(BLOCK_NAME, overwrite=True)
-    with get_client(sync_client=True) as client:
-        deployment_id = client.read_deployment_by_name(deployment).id
-        for old in client.read_automations_by_name(AUTOMATION_NAME):
-            client.delete_automation(old.id)
+    deployment_id = prepare_automations(deployment, AUTOMATION_NAME)
     Automation(
         name=AUTOMATION_NAME,
         description=f"Call the {BLOCK_NAME} webhook when a {deployment} run fails or crashes, or a model is rejected.",

@@ -21,6 +21,7 @@ import argparse
 import sys
 from datetime import UTC, datetime, timedelta
 
+from flows.alerts import prepare_automations
 from tasks.tabulate import Attempt
 
 HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
@@ -38,16 +39,11 @@ FINAL_EVENTS = ("prefect.flow-run.Completed", "prefect.flow-run.Failed", "prefec
 def configure_recovery(silent_after: float = SILENT_AFTER_SECONDS, deployment: str = DEPLOYMENT) -> str:
     """Create (or replace) both automations; returns a line for the operator."""
     from prefect.automations import Automation
-    from prefect.client.orchestration import get_client
     from prefect.client.schemas.objects import StateType
     from prefect.events.actions import ChangeFlowRunState
     from prefect.events.schemas.automations import EventTrigger, Posture
 
-    with get_client(sync_client=True) as client:
-        deployment_id = client.read_deployment_by_name(deployment).id
-        for name in (CRASH_AUTOMATION, RESTART_AUTOMATION):
-            for old in client.read_automations_by_name(name):
-                client.delete_automation(old.id)
+    deployment_id = prepare_automations(deployment, CRASH_AUTOMATION, RESTART_AUTOMATION)
     Automation(
         name=CRASH_AUTOMATION,
         description=f"Mark a flow run Crashed when it sends no heartbeat for {silent_after:.0f} s (its process died).",
