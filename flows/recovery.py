@@ -12,7 +12,7 @@ Two automations, created by ``make serve`` (``python -m flows.recovery``):
   worker of the pool picks it up and training carries on from the checkpoint in the store.
 
 Heartbeats need ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` (30 s or more) where flow runs execute; ``make serve``
-sets it for its workers. A run restarted ``MAX_ATTEMPTS - 1`` times fails instead of looping forever.
+sets it for its workers. A run that crashed ``MAX_ATTEMPTS`` times fails on its next attempt instead of looping.
 """
 
 from __future__ import annotations
