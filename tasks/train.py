@@ -110,6 +110,8 @@ def training_code() -> str:
         networks.build_model,
         networks.make_optimizer,
         networks.ema_momentum,
+        networks.loss_and_targets,
+        networks.LABEL_SMOOTHING,
         networks.scale,
         stratified_subset,
         input_pipeline,
@@ -361,9 +363,11 @@ def _train(store: Store, dataset: DatasetRef, config: TrainConfig, key: str, log
     started = time.perf_counter()
     with dtype_policy(policy):
         model = build_model(config.model)
+        loss, y_train = networks.loss_and_targets(config.model, y_train)
+        _, y_val = networks.loss_and_targets(config.model, y_val)
         model.compile(
             optimizer=make_optimizer(config.model, config.learning_rate, config.epochs * steps_per_epoch),
-            loss="sparse_categorical_crossentropy",
+            loss=loss,
             metrics=["accuracy"],
             steps_per_execution=steps_per_execution(backend),
         )

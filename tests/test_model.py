@@ -62,3 +62,16 @@ def test_strong_model_trains_and_records_its_name(mnist_store):
     dataset = fetch_mnist(mnist_store, sources=[], log=lambda _: None)
     ref = train_model(mnist_store, dataset, TrainConfig(model="strong", epochs=1, train_limit=1000), log=lambda _: None)
     assert ref.network == "strong" and ref.epochs == 1 and 0.0 <= ref.val_accuracy <= 1.0
+
+
+def test_the_seed_trains_on_sparse_labels_and_strong_on_smoothed_one_hot_labels():
+    import numpy as np
+
+    from tasks.model import loss_and_targets
+
+    labels = np.array([3, 0, 9])
+    loss, targets = loss_and_targets(ModelName.seed, labels)
+    assert loss == "sparse_categorical_crossentropy" and targets is labels
+    loss, targets = loss_and_targets(ModelName.strong, labels)
+    assert loss.get_config()["label_smoothing"] == 0.1
+    assert targets.shape == (3, 10) and targets.argmax(axis=1).tolist() == [3, 0, 9] and targets.sum() == 3
