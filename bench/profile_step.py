@@ -2,8 +2,10 @@
 the loss, the optimizer (Adam with its moving average), the input pipeline, and what is left (Keras'
 loop, Python, TensorFlow's dispatch).
 
-Each part is timed alone, in a compiled ``tf.function`` at the training batch size and dtype policy, and
-scaled to one epoch's steps; the whole is one epoch of ``model.fit`` as ``tasks/train.py`` runs it. Prints
+Each part is timed alone, in a compiled ``tf.function`` at the training batch size and dtype policy, less
+the cost of calling a compiled function at all, and scaled to one epoch's steps; the whole is one epoch of
+``model.fit`` as ``tasks/train.py`` compiles it (without validation and checkpoints). Parts timed alone
+miss the fusion TensorFlow does across layers, so they can add up to more than the whole. Prints
 a table on stdout (``make profile``). Figures vary ±10–30 % on a shared machine; compare shares, not digits.
 """
 
@@ -74,19 +76,30 @@ def main() -> None:
 
         batch_x = tf.constant(x[:BATCH])
         batch_y = tf.constant(y[:BATCH])
+
+        @tf.function
+        def nothing():
+            return batch_y
+
+        dispatch = timed(nothing)  # what calling a compiled function costs by itself: taken off every part below
+
+        def per_epoch(fn) -> float:
+            return max(timed(fn) - dispatch, 0.0) * steps
+
         inputs = batch_x
-        for layer in model.layers:
+        for index, layer in enumerate(model.layers):
             layer_input = tf.cast(inputs, layer.compute_dtype) if layer.compute_dtype else inputs
 
             @tf.function
-            def forward_backward(t=layer_input, layer=layer):
+            def forward_backward(t=layer_input, layer=layer, first=index == 0):
                 with tf.GradientTape() as tape:
                     tape.watch(t)
                     out = layer(t, training=True)
                     total = tf.reduce_sum(tf.cast(out, tf.float32))
-                return tape.gradient(total, [t, *layer.trainable_variables])
+                # training needs no gradient for the images themselves, only for every later layer's input
+                return tape.gradient(total, layer.trainable_variables if first else [t, *layer.trainable_variables])
 
-            rows.append((f"{layer.name} ({type(layer).__name__}) forward + backward", timed(forward_backward) * steps))
+            rows.append((f"{layer.name} ({type(layer).__name__}) forward + backward", per_epoch(forward_backward)))
             inputs = layer(layer_input, training=False)
 
         loss_fn = keras.losses.SparseCategoricalCrossentropy()
@@ -101,14 +114,14 @@ def main() -> None:
                 tf.cast(tf.argmax(probabilities, axis=1) == tf.cast(batch_y, tf.int64), tf.float32)
             )
 
-        rows.append(("loss + accuracy (and its gradient)", timed(loss_and_metric) * steps))
+        rows.append(("loss + accuracy (and its gradient)", per_epoch(loss_and_metric)))
         gradients = [tf.zeros_like(v) for v in model.trainable_variables]
 
         @tf.function
         def optimizer_step():
             model.optimizer.apply(gradients, model.trainable_variables)
 
-        rows.append(("optimizer: Adam + moving average of the weights", timed(optimizer_step) * steps))
+        rows.append(("optimizer: Adam + moving average of the weights", per_epoch(optimizer_step)))
         data = input_pipeline(x, y, BATCH, 0, training=True)
         for _ in data:  # fill tf.data's cache
             pass
@@ -118,7 +131,10 @@ def main() -> None:
         rows.append(("input pipeline alone (overlaps the step: prefetched)", time.perf_counter() - started))
 
     accounted = sum(s for name, s in rows if not name.startswith("input"))
-    print(f"One epoch of the seed network on {device}, {policy}, batch {BATCH}, {steps} steps, {os.cpu_count()} cores\n")
+    print(
+        f"One epoch of the seed network on {device}, {policy}, batch {BATCH}, {steps} steps, {os.cpu_count()} cores; "
+        f"calling a compiled function: {dispatch * 1e6:.0f} µs\n"
+    )
     print("| part | seconds per epoch | share of the epoch |\n|---|---|---|")
     for name, s in rows:
         print(f"| {name} | {s:.2f} | {100 * s / epoch:.0f} % |")
