@@ -35,6 +35,7 @@ from tasks.champion import gate  # noqa: E402
 from tasks.evaluate import evaluate_model  # noqa: E402
 from tasks.fetch import fetch_mnist, load_mnist  # noqa: E402
 from tasks.gate import GateRules  # noqa: E402
+from tasks.keras_runtime import import_keras  # noqa: E402
 from tasks.metrics import wilson_interval  # noqa: E402
 from tasks.model import build_seed_model  # noqa: E402
 from tasks.plots import render_plots  # noqa: E402
@@ -56,7 +57,7 @@ def interval(accuracy: float, n: int) -> list[float]:
 
 def plain_keras(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, epochs: int, seed: int) -> dict:
     """The baseline, written as the Keras examples write it."""
-    import keras
+    keras = import_keras()  # the same keras, without TensorFlow's start-up lines
 
     keras.utils.set_random_seed(seed)
     model = build_seed_model()  # the identical network: only the training step differs
