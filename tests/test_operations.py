@@ -61,6 +61,16 @@ class Ops:
     def states(self, run_id) -> list[str]:
         return [s.name for s in sorted(self.client.read_flow_run_states(run_id), key=lambda s: s.timestamp)]
 
+    def summary(self, run_id) -> str:
+        """The run's summary artifact, as the UI shows it (markdown)."""
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+
+        (artifact,) = self.client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["mnist-run-summary"])),
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])),
+        )
+        return artifact.data
+
     def add_second_worker(self, tmp: Path) -> None:
         if not self.second_worker:
             home = tmp / "machine-b"
@@ -183,6 +193,11 @@ def test_a_killed_workers_run_is_crashed_restarted_elsewhere_and_resumes(ops, tm
     assert row.attempt == 2 and row.resumed_from_epoch >= 1, (row.attempt, row.resumed_from_epoch)
     assert json.loads(row.parameters)["seed"] is not None  # the drawn seed, the same both attempts (same training key)
     assert len(list(checkpoints.glob("*/history.json"))) == 0  # the checkpoint went with the published model
+    summary = ops.summary(run.id)
+    assert (
+        "| attempt | **2**: a retry of this run's crashed attempt (1 crash: No heartbeat from this flow run's process" in summary
+    )
+    assert f"training resumed from the checkpoint after epoch {row.resumed_from_epoch}" in summary
     assert done.state.is_completed()
 
 
@@ -199,6 +214,10 @@ def test_a_night_due_while_workers_were_away_runs_when_they_return(ops):
     late = (row.started_at - row.scheduled_start).total_seconds()
     assert late >= 15, (row.scheduled_start, row.started_at)  # Prefect marks a run Late 15 s after it was due
     assert row.attempt == 1 and done.state.is_completed()
+    assert (
+        f"| scheduled / started | {row.scheduled_start:%Y-%m-%d %H:%M:%S} UTC / {row.started_at:%Y-%m-%d %H:%M:%S} UTC"
+        in ops.summary(run.id)
+    )
 
 
 def test_a_run_that_keeps_crashing_fails_instead_of_looping():
