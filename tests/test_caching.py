@@ -11,6 +11,7 @@ from tasks.evaluate import EvaluationRef
 from tasks.fetch import DatasetRef, StoredFile
 from tasks.model import ModelRef
 from tasks.train import TrainConfig
+from tests.conftest import with_mnist
 
 
 def dataset(digest: str = "d" * 64) -> DatasetRef:
@@ -119,7 +120,7 @@ def test_runs_reuse_every_heavy_step_and_recompute_a_damaged_one(mnist_store: St
 
     store = Store(tmp_path / "store")
     store.fs.makedirs(store.path("objects"), exist_ok=True)
-    store.fs.copy(mnist_store.path("objects"), store.path("objects"), recursive=True)  # skip the download
+    with_mnist(store, mnist_store)
     params = PipelineParameters(epochs=1, train_limit=1000, n_per_class=10, seed=3, store=store.url)
 
     first = mnist_retrain(params)
@@ -164,7 +165,7 @@ def test_an_empty_seed_draws_a_new_one_and_records_it(mnist_store: Store, prefec
     from storage.tables import read_table
 
     store = Store(tmp_path / "store")
-    store.fs.copy(mnist_store.path("objects"), store.path("objects"), recursive=True)
+    with_mnist(store, mnist_store)
     params = PipelineParameters(epochs=1, train_limit=500, n_per_class=5, seed=None, store=store.url)
     a, b = mnist_retrain(params), mnist_retrain(params)
     assert a.seed != b.seed and b.step_states["fetch-mnist"] == "Cached" and b.step_states["train"] == "Completed"
@@ -180,7 +181,7 @@ def test_a_store_copied_elsewhere_keeps_its_cache_hits(mnist_store: Store, prefe
     from flows.pipeline import mnist_retrain
 
     original = Store(tmp_path / "original")
-    original.fs.copy(mnist_store.path("objects"), original.path("objects"), recursive=True)
+    with_mnist(original, mnist_store)
     params = PipelineParameters(epochs=1, train_limit=500, n_per_class=5, seed=8)
     first = mnist_retrain(params.model_copy(update={"store": original.url}))
     assert first.step_states["train"] == "Completed"

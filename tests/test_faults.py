@@ -24,7 +24,7 @@ from storage.tables import TABLES, read_table, write_table
 from tasks.fetch import DirectorySource, FileSpec, fetch_mnist, load_mnist
 from tasks.idx import IDXFormatError
 from tasks.train import TrainConfig, stored_model, train_model, training_key
-from tests.conftest import Mirror, sample_frames
+from tests.conftest import Mirror, sample_frames, with_mnist
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -103,7 +103,7 @@ KILLABLE = textwrap.dedent(
 @pytest.mark.slow
 def test_training_killed_mid_way_resumes_from_the_last_epoch(tmp_path, mnist_store):
     store = Store(tmp_path / "store")
-    store.fs.copy(mnist_store.path("objects"), store.path("objects"), recursive=True)
+    with_mnist(store, mnist_store)
     dataset = fetch_mnist(store, sources=[], log=lambda _: None)
     config = TrainConfig(epochs=6, train_limit=12000, seed=2)
     key = training_key(dataset, config)

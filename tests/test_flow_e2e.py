@@ -19,6 +19,7 @@ from storage import Store
 from storage.tables import TABLES, read_table
 from tasks.fetch import fetch_mnist
 from tasks.train import stored_model
+from tests.conftest import with_mnist
 
 pytestmark = pytest.mark.slow
 
@@ -120,7 +121,7 @@ def test_three_nights_promote_reject_promote(mnist_store: Store, prefect_harness
     from flows.pipeline import mnist_retrain
 
     store = Store(tmp_path / "store")
-    store.fs.copy(mnist_store.path("objects"), store.path("objects"), recursive=True)
+    with_mnist(store, mnist_store)
     nights = [(1, 6000, 1), (1, 2000, 2), (2, 12000, 3)]
     summaries = [
         mnist_retrain(

@@ -23,6 +23,7 @@ from flows.recovery import CRASH_MESSAGE, MAX_ATTEMPTS, RESTART_MESSAGE
 from flows.serve import LocalStack, free_port
 from storage import Store
 from storage.tables import read_table
+from tests.conftest import with_mnist
 
 pytestmark = pytest.mark.slow
 
@@ -96,7 +97,7 @@ def ops(tmp_path_factory: pytest.TempPathFactory, mnist_store: Store):
 
     tmp = tmp_path_factory.mktemp("operations")
     store = Store(tmp / "store")
-    store.fs.copy(mnist_store.path("objects"), store.path("objects"), recursive=True)  # the download is tested elsewhere
+    with_mnist(store, mnist_store)
     stack = LocalStack(
         tmp / "server", port=free_port(), store=store.url, poll_seconds=2, silent_after=SILENT_AFTER, slot_wait_seconds=5
     )

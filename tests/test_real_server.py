@@ -16,6 +16,7 @@ import pytest
 from flows.serve import LocalStack, free_port
 from storage import Store
 from storage.tables import read_table
+from tests.conftest import with_mnist
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +61,7 @@ def stack(request, tmp_path: Path, mnist_store: Store, receiver: Receiver, monke
     """The stack `make serve` starts, on each database (PostgreSQL: a cluster the stack starts and stops)."""
     monkeypatch.setenv("MNIST_ALERT_WEBHOOK", receiver.url)
     store = Store(tmp_path / "store")
-    store.fs.copy(mnist_store.path("objects"), store.path("objects"), recursive=True)  # the download is tested elsewhere
+    with_mnist(store, mnist_store)
     monkeypatch.delenv("PREFECT_API_DATABASE_CONNECTION_URL", raising=False)
     local = LocalStack(tmp_path / "prefect-home", port=free_port(), store=store.url, poll_seconds=2, db=request.param)
     try:

@@ -15,6 +15,7 @@ import pytest
 from storage import Store
 from storage.tables import read_table
 from tasks.fetch import fetch_mnist
+from tests.conftest import with_mnist
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -89,7 +90,7 @@ def test_a_training_killed_on_one_worker_resumes_on_another(s3_server, mnist_sto
     from tasks.train import TrainConfig, train_model, training_key
 
     store = Store(s3_server.bucket("resume") + "/mnist")
-    store.fs.put(mnist_store.path("objects") + "/", store.path("objects"), recursive=True)
+    with_mnist(store, mnist_store)
     dataset = fetch_mnist(store, sources=[], log=lambda _: None)
     config = TrainConfig(epochs=6, train_limit=24000, seed=4)  # epochs of ~1.5 s: time to see the pointer and kill
     pointer = store.key("checkpoints", training_key(dataset, config), "latest.json")

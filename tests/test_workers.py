@@ -12,6 +12,7 @@ import pytest
 from flows.serve import LocalStack, free_port
 from storage import Store
 from storage.tables import TABLES, read_table
+from tests.conftest import with_mnist
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +26,7 @@ def topology(tmp_path: Path, mnist_store: Store, s3_server, monkeypatch: pytest.
     monkeypatch.delenv("MNIST_ALERT_WEBHOOK", raising=False)
     url = s3_server.bucket("nightly") + "/mnist"
     store = Store(url)
-    store.fs.put(mnist_store.path("objects") + "/", store.path("objects"), recursive=True)  # the download is tested elsewhere
+    with_mnist(store, mnist_store)
     stack = LocalStack(tmp_path / "server", port=free_port(), store=url, poll_seconds=2, db="postgres")
     try:
         stack.start()  # with its own worker, "gpu-worker-local"
