@@ -174,6 +174,8 @@ def test_a_killed_workers_run_is_crashed_restarted_elsewhere_and_resumes(ops, tm
 
     ops.wait([run.id], lambda rs: rs[0].state.is_crashed() or rs[0].state.is_scheduled(), SILENT_AFTER + 60, "not crashed")
     crashed_after = time.monotonic() - killed_at
+    # Crashed is a final state: wait for the restart automation to take the run out of it before waiting for the end
+    ops.wait([run.id], lambda rs: not rs[0].state.is_crashed(), 60, "the crashed run was not scheduled again")
     (done,) = ops.finished([run.id], timeout=300)
     recovered_after = time.monotonic() - killed_at
     print(f"\nkilled in epoch 2: Crashed after {crashed_after:.0f} s, completed after {recovered_after:.0f} s")
