@@ -18,7 +18,8 @@ from typing import Any
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 
-from storage import Store, code_digest
+from flows.results import UntrustedRecord, check_record
+from storage import SIDECAR_LIMIT, Store, StoreError, code_digest
 from tasks.evaluate import EvaluationRef, evaluation_key, stored_evaluation
 from tasks.fetch import DatasetRef, StoredFile, dataset_key, stored_dataset
 from tasks.model import ModelRef
@@ -53,13 +54,35 @@ class StoredArtifactPolicy(CachePolicy):
     ) -> str:
         return self.record_key(inputs)
 
-    def forget_stale_record(self, inputs: dict[str, Any]) -> bool:
-        """Drop the cached record if the artifact it refers to is gone or altered; True if it was dropped."""
-        store = Store(inputs["store_url"])
-        if self.lookup(store, self.content_key(inputs)) is not None:
+    def forget_stale_record(self, inputs: dict[str, Any], warn: Callable[[str], None] | None = None) -> bool:
+        """Drop the cached record if it is not one we write (``flows.results.check_record``: it is
+        never deserialized), if it names another artifact than the store holds under its key, or if
+        that artifact is gone or altered; True if it was dropped. ``warn`` hears why, once."""
+        store = Store(inputs["store_url"], warn=warn)
+        record = store.result_record(self.record_key(inputs))
+        stored = self.lookup(store, self.content_key(inputs))
+        if stored is None:
+            store.remove(record)
+            return True
+        if not store.exists(record):
             return False
-        store.remove(store.result_record(self.record_key(inputs)))
-        return True
+        try:
+            cached = check_record(store.read_bytes(record, limit=SIDECAR_LIMIT + 1))
+            if not same_artifact(cached, stored):
+                raise UntrustedRecord("it names other files than the checked reference in the store")
+        except (UntrustedRecord, StoreError) as exc:
+            store.warn(
+                f"Ignoring the cache record {store.location(record)} of step {self.step}: {exc}; the step runs and rewrites it"
+            )
+            store.remove(record)
+            return True
+        return False
+
+
+def same_artifact(cached: Any, stored: Any) -> bool:
+    """A record's reference and the one checked in the store name the same files (where the download
+    came from is the only field allowed to differ)."""
+    return type(cached) is type(stored) and cached.model_dump(exclude={"sources"}) == stored.model_dump(exclude={"sources"})
 
 
 FETCH = StoredArtifactPolicy(
@@ -78,8 +101,9 @@ EVALUATE = StoredArtifactPolicy(
 PLOT = StoredArtifactPolicy(step="plot", key=plots_key, inputs=("model", "evaluation"), lookup=stored_plots, returns=(PlotsRef,))
 
 
-def call_cached(step, *args: Any, result_storage, refresh: bool = False):
-    """Call a cached step (returning its state): stale records are forgotten first, ``refresh`` recomputes."""
+def call_cached(step, *args: Any, result_storage, refresh: bool = False, warn: Callable[[str], None] | None = None):
+    """Call a cached step (returning its state): stale or untrusted records are forgotten first,
+    ``refresh`` recomputes."""
     inputs = inspect.signature(step.fn).bind(*args).arguments
-    step.cache_policy.forget_stale_record(inputs)
+    step.cache_policy.forget_stale_record(inputs, warn=warn)
     return step.with_options(result_storage=result_storage, refresh_cache=refresh or None)(*args, return_state=True)

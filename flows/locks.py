@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
-from prefect.exceptions import ObjectAlreadyExists
+from prefect.exceptions import MissingContextError, ObjectAlreadyExists
+from prefect.logging import get_run_logger
 from prefect.settings import get_current_settings
 
 from storage import Store
@@ -40,5 +41,10 @@ def artifact_lock(name: str) -> Iterator[None]:
 
 
 def open_store(url: str) -> Store:
-    """The store for a step: a remote one is locked through the server when there is one."""
-    return Store(url, distributed_lock=artifact_lock if server_in_use() else None)
+    """The store for a step: a remote one is locked through the server when there is one, and a
+    damaged file it meets is reported in the run's log."""
+    try:
+        warn = get_run_logger().warning
+    except MissingContextError:
+        warn = None
+    return Store(url, distributed_lock=artifact_lock if server_in_use() else None, warn=warn)

@@ -12,6 +12,7 @@ from prefect.runtime import flow_run
 from flows import artifacts, recovery, steps
 from flows.caching import call_cached
 from flows.params import PipelineParameters, run_seed
+from flows.results import result_storage
 from flows.summary import RunSummary
 from storage import Store
 
@@ -36,11 +37,12 @@ def mnist_retrain(params: PipelineParameters = PipelineParameters()) -> RunSumma
     params = params.model_copy(update={"seed": seed})
     logger.info("Run %s writing to store %s", run_id, store.url)
 
-    results = store.result_storage()
+    results = result_storage(store)
     reuse = not params.refresh
 
     def cached(step, *args):  # the store holds the cache; `refresh` recomputes everything after the download
-        return call_cached(step, *args, result_storage=results, refresh=params.refresh and step is not steps.fetch_mnist)
+        refresh = params.refresh and step is not steps.fetch_mnist
+        return call_cached(step, *args, result_storage=results, refresh=refresh, warn=logger.warning)
 
     fetched = cached(steps.fetch_mnist, store.url, params.mnist_source)
     dataset = fetched.result()

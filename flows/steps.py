@@ -20,6 +20,7 @@ import tasks.fetch
 import tasks.tabulate
 from flows import caching
 from flows.locks import open_store
+from flows.results import ReferenceSerializer
 from tasks.champion import GateRef
 from tasks.evaluate import EvaluationRef, evaluate_model
 from tasks.fetch import DatasetRef, default_sources
@@ -31,9 +32,17 @@ from tasks.tabulate import Attempt, TablesRef
 from tasks.train import TrainConfig, train_model
 
 PROGRESS_KEY = "mnist-training-progress"
+REFERENCES = ReferenceSerializer()  # cache records hold data only: see flows/results.py
 
 
-@task(name="fetch-mnist", cache_policy=caching.FETCH, persist_result=True, retries=1, retry_delay_seconds=5)
+@task(
+    name="fetch-mnist",
+    cache_policy=caching.FETCH,
+    persist_result=True,
+    result_serializer=REFERENCES,
+    retries=1,
+    retry_delay_seconds=5,
+)
 def fetch_mnist(store_url: str, mnist_source: str | None = None) -> DatasetRef:
     logger = get_run_logger()
     ref = tasks.fetch.fetch_mnist(open_store(store_url), sources=default_sources(mnist_source), log=logger.info)
@@ -41,7 +50,7 @@ def fetch_mnist(store_url: str, mnist_source: str | None = None) -> DatasetRef:
     return ref
 
 
-@task(name="train", cache_policy=caching.TRAIN, persist_result=True)
+@task(name="train", cache_policy=caching.TRAIN, persist_result=True, result_serializer=REFERENCES)
 def train(store_url: str, dataset: DatasetRef, config: TrainConfig, reuse: bool = True) -> ModelRef:
     logger = get_run_logger()
     progress = create_progress_artifact(
@@ -57,7 +66,7 @@ def train(store_url: str, dataset: DatasetRef, config: TrainConfig, reuse: bool 
     return ref
 
 
-@task(name="evaluate", cache_policy=caching.EVALUATE, persist_result=True)
+@task(name="evaluate", cache_policy=caching.EVALUATE, persist_result=True, result_serializer=REFERENCES)
 def evaluate(
     store_url: str, dataset: DatasetRef, model: ModelRef, n_per_class: int, seed: int, reuse: bool = True
 ) -> EvaluationRef:
@@ -73,7 +82,7 @@ def evaluate(
     return ref
 
 
-@task(name="plot", cache_policy=caching.PLOT, persist_result=True)
+@task(name="plot", cache_policy=caching.PLOT, persist_result=True, result_serializer=REFERENCES)
 def plot(store_url: str, dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef) -> PlotsRef:
     return render_plots(open_store(store_url), dataset, model, evaluation)
 

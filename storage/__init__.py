@@ -1,6 +1,24 @@
 """Where and how the pipeline's artifacts live. No other package builds a path by hand."""
 
 from storage.digests import code_digest, sha256_bytes, sha256_json, sha256_stream
-from storage.store import DEFAULT_STORE, STORE_ENV, Store, StoreError
+from storage.keys import StoreKey, StoreName, UnsafeKey, confine_key, confine_name, damage
+from storage.store import DEFAULT_STORE, SIDECAR_LIMIT, STORE_ENV, DamagedArtifact, Store, StoreError
 
-__all__ = ["code_digest", "DEFAULT_STORE", "STORE_ENV", "Store", "StoreError", "sha256_bytes", "sha256_json", "sha256_stream"]
+__all__ = [
+    "code_digest",
+    "confine_key",
+    "confine_name",
+    "damage",
+    "DamagedArtifact",
+    "DEFAULT_STORE",
+    "SIDECAR_LIMIT",
+    "STORE_ENV",
+    "Store",
+    "StoreError",
+    "StoreKey",
+    "StoreName",
+    "UnsafeKey",
+    "sha256_bytes",
+    "sha256_json",
+    "sha256_stream",
+]

@@ -11,38 +11,67 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
+import logging
 import os
 import posixpath
+import re
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+from pydantic import BaseModel, Field, ValidationError
 
-from storage.digests import sha256_bytes, sha256_stream
+from storage.digests import CHUNK, sha256_bytes, sha256_stream
+from storage.keys import StoreName, confine_key, confine_name, damage
 
 RefT = TypeVar("RefT")  # a pydantic model describing stored files
 LockFactory = Callable[[str], contextlib.AbstractContextManager]  # a lock name → a context manager holding it
 
 DEFAULT_STORE = "artifacts"
 STORE_ENV = "MNIST_STORE"
+SIDECAR_LIMIT = 1 << 20  # a reference, pointer or record is a few KB: more is not ours
+STALE_TMP_SECONDS = 24 * 3600  # a temporary file this old belongs to a writer that was killed
+_TMP_NAME = re.compile(r"^\..+\.tmp-[0-9a-f]{32}$")
+_log = logging.getLogger("mnist.store")
 
 
 class StoreError(RuntimeError):
     """The store cannot be used: the message names the store and what to do."""
 
 
+class DamagedArtifact(ValueError):
+    """A stored file is not what its reference says (digest, size or format): it is not used."""
+
+
+class CheckpointPointer(BaseModel):
+    """A remote checkpoint's ``latest.json``: which folder beside it holds the files of which epoch."""
+
+    epoch: int = Field(ge=0)
+    folder: StoreName
+
+
 class Store:
     """Layout and atomic I/O for every artifact of the pipeline."""
 
-    def __init__(self, url: str | os.PathLike[str], distributed_lock: LockFactory | None = None) -> None:
+    def __init__(
+        self,
+        url: str | os.PathLike[str],
+        distributed_lock: LockFactory | None = None,
+        warn: Callable[[str], None] | None = None,
+    ) -> None:
         url = os.fspath(url)
         self.distributed_lock = distributed_lock
+        self.warn = warn or _log.warning  # where damaged files are reported (a step's run logger)
+        self._swept: set[str] = set()
         self.fs, root = fsspec.core.url_to_fs(url)
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self.root = os.path.abspath(root) if self.is_local else root.rstrip("/")
@@ -65,8 +94,16 @@ class Store:
         return posixpath.join(*parts)
 
     def path(self, *parts: str) -> str:
-        """The filesystem path of a key, for fsspec and pyarrow calls made on ``self.fs``."""
-        return posixpath.join(self.root, *parts)
+        """The filesystem path of a key, for fsspec and pyarrow calls made on ``self.fs``.
+
+        The key is confined first (``storage.keys``): whatever a sidecar said, no read, write or
+        delete made through a store reaches outside it. A path this store already resolved (one
+        that starts with its root) is taken as the key below the root, and confined the same way.
+        """
+        key = posixpath.join(*parts)
+        if key.startswith(self.root + "/"):
+            key = key[len(self.root) + 1 :]
+        return posixpath.join(self.root, confine_key(key))
 
     def location(self, key: str) -> str:
         """What to show a person: the local path, or the full URL (``s3://bucket/...``) of a remote one."""
@@ -89,13 +126,15 @@ class Store:
         return self.key("objects", "sha256", sha256[:2], sha256)
 
     def model_file(self, key: str) -> str:
-        return self.key("models", key, "model.keras")
+        return self.key("models", confine_name(key), "model.keras")
 
     def history_file(self, key: str) -> str:
-        return self.key("models", key, "history.parquet")
+        return self.key("models", confine_name(key), "history.parquet")
 
     def model_info_file(self, key: str) -> str:
-        return self.key("models", key, "model.json")
+        """Where model ``key``'s reference lives; ``key`` may come from the champion pointer or the
+        promotions table, so a key that is not one name is refused (``UnsafeKey``)."""
+        return self.key("models", confine_name(key), "model.json")
 
     def checkpoint_dir(self, key: str) -> str:
         """A local directory for Keras' BackupAndRestore, which needs a real filesystem.
@@ -119,9 +158,9 @@ class Store:
         for file in sorted(p for p in local.iterdir() if p.is_file()):
             self.put_file(str(file), self.key(base, folder, file.name))
         previous = self._checkpoint_pointer(key)
-        self.write_text(self.key(base, "latest.json"), json.dumps({"epoch": epoch, "folder": folder}))
-        if previous is not None:
-            self.remove(self.key(base, previous["folder"]), recursive=True)
+        self.write_text(self.key(base, "latest.json"), CheckpointPointer(epoch=epoch, folder=folder).model_dump_json())
+        if previous is not None:  # its folder was confined when the pointer was read
+            self.remove(self.key(base, previous.folder), recursive=True)
 
     def pull_checkpoint(self, key: str) -> int | None:
         """Bring the store's checkpoint of ``key`` into the working copy when it is further along
@@ -132,12 +171,12 @@ class Store:
         local = Path(self.checkpoint_dir(key))
         history = local / "history.json"
         here = len(json.loads(history.read_text())) if history.exists() else 0
-        if pointer["epoch"] > here:
+        if pointer.epoch > here:
             local.mkdir(parents=True, exist_ok=True)
-            folder = self.path("checkpoints", key, pointer["folder"])
+            folder = self.path("checkpoints", key, pointer.folder)
             for remote in self.fs.ls(folder, detail=False):
-                self.fs.get_file(remote, str(local / posixpath.basename(remote)))
-        return pointer["epoch"]
+                self.fs.get_file(remote, str(local / confine_name(posixpath.basename(remote))))
+        return pointer.epoch
 
     def drop_checkpoint(self, key: str) -> None:
         """The model is stored: its resume point is no longer needed, here or in the store."""
@@ -145,9 +184,17 @@ class Store:
         if not self.is_local:
             self.remove(self.key("checkpoints", key), recursive=True)
 
-    def _checkpoint_pointer(self, key: str) -> dict | None:
+    def _checkpoint_pointer(self, key: str) -> CheckpointPointer | None:
+        """The pointer, if it is one we write; a damaged one (a folder outside the store, say) is
+        reported and ignored: training starts afresh and nothing it names is deleted."""
         pointer = self.key("checkpoints", key, "latest.json")
-        return json.loads(self.read_bytes(pointer)) if self.exists(pointer) else None
+        if not self.exists(pointer):
+            return None
+        try:
+            return CheckpointPointer.model_validate_json(self.read_bytes(pointer, limit=SIDECAR_LIMIT))
+        except (ValidationError, StoreError) as exc:
+            self.warn(damage(f"The checkpoint pointer {self.location(pointer)}", exc))
+            return None
 
     def evaluation_file(self, key: str) -> str:
         return self.key("evaluations", key, "predictions.parquet")
@@ -181,23 +228,14 @@ class Store:
         return self.key("reports", run_id, name)
 
     def results_dir(self) -> str:
-        """Prefect's result records (the cache): beside the artifacts they point to, shared by every machine."""
-        return self.path("prefect-results")
+        """Prefect's result records (the cache): beside the artifacts they point to, shared by every machine.
+
+        The filesystem path (local) or full URL (remote) that ``flows/results.py`` gives Prefect.
+        """
+        return self.path("prefect-results") if self.is_local else f"{self.url}/prefect-results"
 
     def result_record(self, cache_key: str) -> str:
-        return self.key("prefect-results", cache_key)
-
-    def result_storage(self):
-        """The Prefect filesystem block for ``results_dir`` (local, or fsspec for a remote store), saved
-        under a name derived from the store, as Prefect requires of result storage for deployed runs."""
-        from prefect.filesystems import LocalFileSystem, RemoteFileSystem
-
-        if self.is_local:
-            block = LocalFileSystem(basepath=self.results_dir())
-        else:
-            block = RemoteFileSystem(basepath=f"{self.url}/prefect-results")
-        block.save(f"mnist-results-{sha256_bytes(self.url.encode())[:12]}", overwrite=True)
-        return block
+        return self.key("prefect-results", confine_name(cache_key))
 
     def plots_file(self, key: str, name: str) -> str:
         """Rendered figures of one evaluation, shared by every run that reuses it."""
@@ -210,8 +248,43 @@ class Store:
     def exists(self, key: str) -> bool:
         return self.fs.exists(self.path(key))
 
-    def read_bytes(self, key: str) -> bytes:
-        return self.fs.cat_file(self.path(key))
+    def read_bytes(self, key: str, limit: int | None = None) -> bytes:
+        """The bytes of ``key``; with ``limit``, reading stops there and a larger file is refused, so a
+        file that grew in the store cannot exhaust this worker's memory."""
+        if limit is None:
+            return self.fs.cat_file(self.path(key))
+        with self.fs.open(self.path(key), "rb") as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise StoreError(f"{self.location(key)} is larger than the {limit} bytes expected of it: not read")
+        return data
+
+    def verified_bytes(self, key: str, sha256: str, limit: int | None = None) -> bytes:
+        """The bytes of ``key`` read once and hashed: what is used is what was checked."""
+        data = self.read_bytes(key, limit)
+        if sha256_bytes(data) != sha256:
+            raise DamagedArtifact(
+                f"{self.location(key)} does not match its SHA-256 ({sha256[:12]}…): it was changed or corrupted"
+            )
+        return data
+
+    @contextlib.contextmanager
+    def verified_copy(self, key: str, sha256: str, suffix: str = "") -> Iterator[str]:
+        """A private local copy of ``key``, hashed while it is copied, for libraries that insist on a
+        filename (Keras' loader). Local stores are copied too: a file checked in place could be
+        swapped before the loader opens it."""
+        with tempfile.TemporaryDirectory(prefix="mnist-verified-") as tmp:
+            local = os.path.join(tmp, "file" + suffix)
+            h = hashlib.sha256()
+            with self.fs.open(self.path(key), "rb") as source, open(local, "wb") as target:
+                while chunk := source.read(CHUNK):
+                    h.update(chunk)
+                    target.write(chunk)
+            if h.hexdigest() != sha256:
+                raise DamagedArtifact(
+                    f"{self.location(key)} does not match its SHA-256 ({sha256[:12]}…): it was changed or corrupted"
+                )
+            yield local
 
     def open(self, key: str, mode: str = "rb"):
         return self.fs.open(self.path(key), mode)
@@ -230,24 +303,19 @@ class Store:
         if not self.exists(info_path):
             return None
         try:
-            ref = ref_type.model_validate_json(self.read_bytes(info_path))
-        except ValueError:  # written by an older version with other fields: made again, not trusted
+            ref = ref_type.model_validate_json(self.read_bytes(info_path, limit=SIDECAR_LIMIT))
+        except (ValidationError, StoreError) as exc:  # an older shape, or a key outside the store: made again
+            self.warn(damage(f"The reference {self.location(info_path)}", exc))
             return None
-        for path, sha256 in files(ref).items():
+        try:
+            named = files(ref)
+        except (KeyError, ValueError) as exc:  # e.g. a file listed without its digest
+            self.warn(damage(f"The reference {self.location(info_path)}", exc))
+            return None
+        for path, sha256 in named.items():
             if not self.exists(path) or self.digest(path)[0] != sha256:
                 return None
         return ref
-
-    @contextlib.contextmanager
-    def local_copy(self, key: str, suffix: str = "") -> Iterator[str]:
-        """A local filename for libraries that insist on one (Keras' loader)."""
-        if self.is_local:
-            yield self.path(key)
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            local = os.path.join(tmp, "file" + suffix)
-            self.fs.get_file(self.path(key), local)
-            yield local
 
     # ---- writing ------------------------------------------------------------------------
     def _tmp_name(self, path: str) -> str:
@@ -256,9 +324,28 @@ class Store:
 
     def _commit(self, tmp: str, path: str) -> None:
         if self.is_local:
+            _fsync(tmp)  # the bytes reach the disk before the name does: no empty file after a power loss
             os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file
+            _fsync(os.path.dirname(path))  # and the rename itself is durable
         else:
             self.fs.mv(tmp, path)  # object stores publish a whole object or nothing
+
+    def _sweep_stale_tmp(self, folder: str) -> None:
+        """Remove temporary files older than a day in ``folder`` (writers killed mid-write leave
+        them); once per folder and store object, so a write costs one listing at most."""
+        if folder in self._swept:
+            return
+        self._swept.add(folder)
+        cutoff = time.time() - STALE_TMP_SECONDS
+        try:
+            entries = self.fs.ls(folder, detail=True)
+        except (FileNotFoundError, OSError):
+            return
+        for entry in entries:
+            name = posixpath.basename(entry["name"].rstrip("/"))
+            if entry.get("type") == "file" and _TMP_NAME.match(name) and _mtime(entry) < cutoff:
+                with contextlib.suppress(FileNotFoundError, OSError):
+                    self.fs.rm_file(entry["name"])
 
     @contextlib.contextmanager
     def writing(self, key: str) -> Iterator[str]:
@@ -266,6 +353,7 @@ class Store:
         ``key`` on success."""
         path = self.path(key)
         self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        self._sweep_stale_tmp(posixpath.dirname(path))
         tmp = self._tmp_name(path)
         try:
             yield tmp
@@ -333,3 +421,22 @@ class Store:
     def _machine_lock_file(self, name: str) -> str:
         cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
         return str(cache / "mnist-pipeline" / "locks" / sha256_bytes(self.url.encode())[:12] / f"{name}.lock")
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _mtime(entry: dict) -> float:
+    """Modification time of an fsspec listing entry (local: ``mtime``; S3: ``LastModified``), else now."""
+    for field in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = entry.get(field)
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, (int, float)):
+            return float(value)
+    return time.time()

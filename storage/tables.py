@@ -124,7 +124,11 @@ def write_table(store: Store, table: str, run_id: str, frame: pd.DataFrame, part
     return write_frame(store, store.table_file(table, run_id, part), table, frame)
 
 
-def read_frame(store: Store, path: str) -> pd.DataFrame:
+def read_frame(store: Store, path: str, sha256: str | None = None) -> pd.DataFrame:
+    """One Parquet file as a DataFrame; with ``sha256``, the file is read once, checked, and parsed
+    from those same bytes (``DamagedArtifact`` if they do not match)."""
+    if sha256 is not None:
+        return pq.read_table(pa.BufferReader(store.verified_bytes(path, sha256))).to_pandas()
     with store.open(path) as handle:
         return pq.read_table(handle).to_pandas()
 
@@ -143,9 +147,26 @@ def dataset(store: Store, table: str) -> ds.Dataset:
 
 
 def read_table(store: Store, table: str, run_id: str | None = None) -> pd.DataFrame:
-    """All runs of ``table`` (or one) as a DataFrame, ``run_id`` included."""
+    """All runs of ``table`` (or one) as a DataFrame, ``run_id`` included.
+
+    A partition that cannot be read (empty after a crash, truncated, not Parquet, another schema) is
+    skipped with a warning naming its file, so one bad file in a shared store cannot stop every
+    later night's report, trend and gate history.
+    """
+    full = schema(table).append(RUN_ID)
     if not store.exists(store.table_dir(table)):  # no run has written it yet
-        return schema(table).append(RUN_ID).empty_table().to_pandas()
+        return full.empty_table().to_pandas()
     data = dataset(store, table)
     flt = ds.field("run_id") == run_id if run_id is not None else None
-    return data.to_table(filter=flt).to_pandas()
+    try:
+        return data.to_table(filter=flt).to_pandas()
+    except (pa.ArrowException, OSError):
+        pass  # at least one partition is damaged: read them one by one, the same way
+    parts = []
+    for fragment in data.get_fragments(filter=flt):
+        try:
+            parts.append(fragment.to_table(schema=data.schema, filter=flt))
+        except (pa.ArrowException, OSError) as exc:
+            where = store.fs.unstrip_protocol(fragment.path) if not store.is_local else fragment.path
+            store.warn(f"Skipping the damaged partition {where} of table {table!r}: {str(exc).splitlines()[0][:200]}")
+    return (pa.concat_tables(parts) if parts else full.empty_table()).to_pandas()

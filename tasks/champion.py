@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel
 
-from storage import Store
+from storage import SIDECAR_LIMIT, Store, StoreError, StoreName, UnsafeKey, damage
 from storage.tables import read_frame, read_table, write_table
 from tasks.evaluate import EvaluationRef, predict
 from tasks.fetch import DatasetRef, load_mnist
@@ -35,7 +35,7 @@ class ChampionError(RuntimeError):
 class Champion(BaseModel):
     """What ``champion.json`` holds."""
 
-    model_key: str
+    model_key: StoreName
     sha256: str
     run_id: str
     balanced_accuracy: float
@@ -83,13 +83,16 @@ class GateRef(BaseModel):
 def _intact_model(store: Store, key: str, sha256: str | None = None) -> tuple[ModelRef | None, str | None]:
     """The model under ``key`` in this store, if the file its ``model.json`` names is there and matches
     the digest the pointer recorded (else the one in ``model.json``); else why not, in a few words."""
-    info = store.model_info_file(key)
+    try:
+        info = store.model_info_file(key)
+    except UnsafeKey as exc:  # a key from the pointer or the promotions table that leaves the store
+        return None, f"its model key is refused: {exc}"
     if not store.exists(info):
         return None, f"its model record {store.location(info)} is missing"
     try:
-        recorded = ModelRef.model_validate_json(store.read_bytes(info))
+        recorded = ModelRef.model_validate_json(store.read_bytes(info, limit=SIDECAR_LIMIT))
     except ValueError as exc:
-        return None, f"its model record {store.location(info)} cannot be read ({exc.__class__.__name__})"
+        return None, damage(f"its model record {store.location(info)}", exc)
     expected = sha256 or recorded.sha256
     if not store.exists(recorded.path):
         return None, f"its model file {store.location(recorded.path)} is missing"
@@ -102,7 +105,7 @@ def read_pointer(store: Store) -> Champion | None:
     path = store.champion_file()
     if not store.exists(path):
         return None
-    return Champion.model_validate_json(store.read_bytes(path))
+    return Champion.model_validate_json(store.read_bytes(path, limit=SIDECAR_LIMIT))
 
 
 def promotions(store: Store) -> pd.DataFrame:
@@ -146,11 +149,8 @@ def find_champion(store: Store) -> ChampionLookup:
     """The champion in ``champion.json``; if that pointer is broken, the last intact champion in history."""
     try:
         pointer = read_pointer(store)
-    except ValueError as exc:
-        pointer, problem = (
-            None,
-            f"The champion pointer {store.location(store.champion_file())} cannot be read ({exc.__class__.__name__})",
-        )
+    except (ValueError, StoreError) as exc:
+        pointer, problem = None, damage(f"The champion pointer {store.location(store.champion_file())}", exc)
     else:
         problem = None
         if pointer is not None:
@@ -226,8 +226,8 @@ def _json_row(row: dict) -> dict:
 # ---- the gate -----------------------------------------------------------------------------
 def _predicted_labels(store: Store, evaluation: EvaluationRef) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(test labels, challenger's predicted labels on every test image, this run's balanced sample)."""
-    everything = read_frame(store, evaluation.test_path).sort_values("test_index")
-    sample = read_frame(store, evaluation.path)["test_index"].to_numpy()
+    everything = read_frame(store, evaluation.test_path, evaluation.test_predictions_sha256).sort_values("test_index")
+    sample = read_frame(store, evaluation.path, evaluation.predictions_sha256)["test_index"].to_numpy()
     return everything["true_label"].to_numpy(), everything["predicted_label"].to_numpy(), sample
 
 

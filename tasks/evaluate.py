@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from pydantic import AliasChoices, BaseModel, Field
 
-from storage import Store, code_digest, sha256_json
+from storage import Store, StoreKey, StoreName, code_digest, sha256_json
 from storage.tables import write_frame
 from tasks.fetch import DatasetRef, load_mnist
 from tasks.model import ModelRef, load_model, scale
@@ -20,14 +20,14 @@ PREDICT_BATCH = 1024
 
 
 class EvaluationRef(BaseModel):
-    key: str
-    path: str
+    key: StoreName
+    path: StoreKey
     model_sha256: str
     dataset_sha256: str = Field(validation_alias=AliasChoices("dataset_sha256", "dataset_digest"))
     n_per_class: int
     seed: int
     predictions_sha256: str
-    test_path: str  # every test image's prediction, for paired comparisons with another model
+    test_path: StoreKey  # every test image's prediction, for paired comparisons with another model
     test_predictions_sha256: str
     n_evaluated: int
     test_images: int

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 from pydantic import AliasChoices, BaseModel, Field
 
-from storage import Store, sha256_bytes, sha256_json
+from storage import Store, StoreKey, sha256_bytes, sha256_json
 from tasks import idx
 
 SOURCE_ENV = "MNIST_SOURCE"
@@ -69,7 +69,7 @@ class MnistUnavailable(RuntimeError):
 
 class StoredFile(BaseModel):
     name: str
-    path: str
+    path: StoreKey
     sha256: str
     size: int
 
@@ -297,7 +297,7 @@ def load_mnist(store: Store, ref: DatasetRef) -> Mnist:
     """Parse the verified files; a stored file that no longer matches its digest is an error, not data."""
     arrays: dict[str, np.ndarray] = {}
     for name, stored in ref.files.items():
-        data = store.read_bytes(stored.path)
+        data = store.read_bytes(stored.path, limit=stored.size)
         if sha256_bytes(data) != stored.sha256:
             raise idx.IDXFormatError(
                 f"{name} in the store ({store.location(stored.path)}) no longer matches its SHA-256; re-run to fetch it again"

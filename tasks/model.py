@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import AliasChoices, BaseModel, Field
 
-from storage import Store
+from storage import DamagedArtifact, Store, StoreKey, StoreName
 from storage.tables import NUM_CLASSES
 from tasks.keras_runtime import import_keras
 
@@ -38,10 +38,10 @@ DEFAULT_EPOCHS: dict[ModelName, int] = {
 class ModelRef(BaseModel):
     """A trained model in the store: a reference and a digest, never the weights themselves."""
 
-    key: str
-    path: str
+    key: StoreName
+    path: StoreKey
     sha256: str
-    history_path: str
+    history_path: StoreKey
     network: str = Field(validation_alias=AliasChoices("network", "model"))  # the ModelName it was built from ("model" before)
     backend: str = "tensorflow"  # the Keras backend it was trained on (references made before the choice: TensorFlow)
     device: str
@@ -198,14 +198,30 @@ def keras_file_metadata(path: str) -> dict:
         return json.loads(archive.read("metadata.json"))
 
 
+KERAS_ARCHIVE_ENTRIES = {"config.json", "metadata.json"}  # what every .keras zip holds beside its weights
+
+
 def load_model(store: Store, ref: ModelRef):
-    """Load a stored model after checking it is the one the reference names."""
+    """Load a stored model from the very bytes that were checked against the reference's digest.
+
+    The file is copied once, hashed while copied, and loaded from that copy, so it cannot change
+    between check and load. Only the ``.keras`` archive format is accepted (never legacy HDF5,
+    which Keras would load by another path), and Keras' ``safe_mode`` stays on: a config that asks
+    for a ``Lambda`` or another deserialized function is refused, not run.
+    """
     keras = import_keras()
 
-    actual, _ = store.digest(ref.path)
-    if actual != ref.sha256:
-        raise ValueError(
-            f"model {store.location(ref.path)} does not match its SHA-256 (expected {ref.sha256[:12]}…): it was changed or corrupted"
-        )
-    with store.local_copy(ref.path, suffix=".keras") as local:
-        return keras.models.load_model(local, compile=False)  # predicting only: no optimizer state to restore
+    with store.verified_copy(ref.path, ref.sha256, suffix=".keras") as local:
+        try:
+            with zipfile.ZipFile(local) as archive:
+                names = set(archive.namelist())
+        except zipfile.BadZipFile as exc:
+            raise DamagedArtifact(
+                f"model {store.location(ref.path)} is not a .keras archive (HDF5 and other formats are refused)"
+            ) from exc
+        if not KERAS_ARCHIVE_ENTRIES <= names:
+            raise DamagedArtifact(
+                f"model {store.location(ref.path)} is not a .keras archive (it lacks config.json or metadata.json)"
+            )
+        # predicting only: no optimizer state to restore
+        return keras.models.load_model(local, compile=False, safe_mode=True)

@@ -17,7 +17,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from pydantic import BaseModel
 
-from storage import Store, code_digest, sha256_bytes, sha256_json
+from storage import Store, StoreKey, StoreName, code_digest, sha256_bytes, sha256_json
 from storage.tables import NUM_CLASSES, read_frame
 from tasks.evaluate import EvaluationRef
 from tasks.fetch import DatasetRef, load_mnist
@@ -156,9 +156,9 @@ def training_curves(history: pd.DataFrame) -> Figure:
 class PlotsRef(BaseModel):
     """The rendered PNGs of one evaluation: identical for every run that reuses that evaluation."""
 
-    key: str
-    files: dict[str, str]
-    sha256: dict[str, str]
+    key: StoreName
+    files: dict[StoreName, StoreKey]  # figure name (also its name in each report) → its key
+    sha256: dict[StoreName, str]
     most_confused: tuple[int, int] | None
 
 
@@ -194,7 +194,7 @@ def stored_plots(store: Store, key: str) -> PlotsRef | None:
 
 def render_plots(store: Store, dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef) -> PlotsRef:
     """Render every figure of an evaluation into ``plots/<key>/``."""
-    predictions = read_frame(store, evaluation.path)
+    predictions = read_frame(store, evaluation.path, evaluation.predictions_sha256)
     history = read_frame(store, model.history_path)
     images = load_mnist(store, dataset).x_test
     cm = confusion_matrix(predictions["true_label"].to_numpy(), predictions["predicted_label"].to_numpy())

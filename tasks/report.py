@@ -25,6 +25,9 @@ REJECTED = "#c0392b"
 CHAMPION = "#b7950b"
 
 
+PNG_LIMIT = 16 << 20  # a figure is a few hundred KB
+
+
 class ReportRef(BaseModel):
     run_id: str
     directory: str
@@ -177,9 +180,9 @@ def publish_report(
     """Copy the evaluation's figures, draw this run's own, and write ``index.md``; figures come from
     this run's tables and the store's whole history, so the report is the run's record."""
     files = {}
-    for name, path in plots.files.items():
+    for name, path in plots.files.items():  # the bytes checked are the bytes copied
         files[name] = store.report_file(run_id, name)
-        store.write_bytes(files[name], store.read_bytes(path))
+        store.write_bytes(files[name], store.verified_bytes(path, plots.sha256[name], limit=PNG_LIMIT))
     for name, fig in (
         ("trend.png", nightly_trend(trend_frame(store), run_id)),
         ("champion_vs_challenger.png", champion_vs_challenger(gate)),

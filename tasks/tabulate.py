@@ -88,7 +88,7 @@ def tabulate(
     ``attempt`` says whether this execution restarted a crashed one, and when the run was due.
     """
     attempt = attempt or Attempt(started_at=datetime.now(UTC))  # called outside an orchestrator: the first attempt
-    predictions = read_frame(store, evaluation.path)
+    predictions = read_frame(store, evaluation.path, evaluation.predictions_sha256)
     cm = confusion_matrix(predictions["true_label"].to_numpy(), predictions["predicted_label"].to_numpy())
     paths = {
         "confusion": write_table(store, "confusion", run_id, confusion_frame(cm)),

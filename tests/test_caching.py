@@ -15,15 +15,15 @@ from tests.conftest import with_mnist
 
 
 def dataset(digest: str = "d" * 64) -> DatasetRef:
-    return DatasetRef(sha256=digest, files={"x": StoredFile(name="x", path="/x", sha256="0" * 64, size=1)}, sources=["store"])
+    return DatasetRef(sha256=digest, files={"x": StoredFile(name="x", path="x", sha256="0" * 64, size=1)}, sources=["store"])
 
 
 def model(sha: str = "a" * 64, key: str = "k1") -> ModelRef:
     return ModelRef(
         key=key,
-        path="/m",
+        path="m",
         sha256=sha,
-        history_path="/h",
+        history_path="h",
         network="seed",
         device="CPU:0",
         precision="float32",
@@ -38,11 +38,11 @@ def model(sha: str = "a" * 64, key: str = "k1") -> ModelRef:
 def evaluation(key: str = "e1") -> EvaluationRef:
     return EvaluationRef(
         key=key,
-        path="/p",
+        path="p",
         model_sha256="a" * 64,
         dataset_sha256="d" * 64,
         predictions_sha256="p" * 64,
-        test_path="/t",
+        test_path="t",
         test_predictions_sha256="t" * 64,
         n_per_class=5,
         seed=0,

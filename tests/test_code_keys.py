@@ -27,10 +27,10 @@ KEYS = textwrap.dedent(
     from tasks.train import TrainConfig
 
     dataset = DatasetRef(sha256="d" * 64, files={}, sources=["store"])
-    model = ModelRef(key="k", path="/m", sha256="a" * 64, history_path="/h", network="seed", device="CPU:0",
+    model = ModelRef(key="k", path="m", sha256="a" * 64, history_path="h", network="seed", device="CPU:0",
                      precision="float32", epochs=1, resumed_from_epoch=0, train_images=10, train_seconds=1.0, val_accuracy=0.5)
-    evaluation = EvaluationRef(key="e", path="/p", model_sha256="a" * 64, dataset_sha256="d" * 64, predictions_sha256="p" * 64,
-                               test_path="/t", test_predictions_sha256="t" * 64, n_per_class=5, seed=0, n_evaluated=50,
+    evaluation = EvaluationRef(key="e", path="p", model_sha256="a" * 64, dataset_sha256="d" * 64, predictions_sha256="p" * 64,
+                               test_path="t", test_predictions_sha256="t" * 64, n_per_class=5, seed=0, n_evaluated=50,
                                test_images=100, test_accuracy=0.5, balanced_accuracy=0.5)
     print(json.dumps({
         "train": caching.TRAIN.content_key({"dataset": dataset, "config": TrainConfig()}),
