@@ -48,8 +48,11 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null); } || \
 	  { echo "make test needs chromium for the UI test: install Debian's chromium package (apt-get install chromium)"; exit 1; }
 
+# make serve HOST=0.0.0.0: workers on other machines may connect (the API is authenticated either way). Only a HOST
+# given on make's command line counts: shells such as zsh set HOST to the machine's name.
+SERVE_HOST := $(if $(filter command line,$(origin HOST)),$(HOST),127.0.0.1)
 serve: $(STAMP)
-	$(BIN)/python -m flows.serve start --db $(DB)
+	$(BIN)/python -m flows.serve start --db $(DB) --host $(SERVE_HOST)
 
 stop:
 	$(BIN)/python -m flows.serve stop

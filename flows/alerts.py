@@ -17,16 +17,20 @@ AUTOMATION_NAME = "mnist-nightly-alerts"
 DEPLOYMENT = "mnist-retrain/nightly"
 ALERT_EVENTS = ("prefect.flow-run.Failed", "prefect.flow-run.Crashed", "mnist.model.rejected")
 
-# the webhook's JSON body: what happened, to what, and why (the gate's reason, when there is one)
-PAYLOAD = """{
-  "alert": "{{ event.event }}",
-  "resource": "{{ event.resource.id }}",
-  "name": "{{ event.resource.get('prefect.resource.name', '') }}",
-  "occurred": "{{ event.occurred }}",
-  "reason": {{ event.payload.get('reason', '') | tojson }},
-  "decision": {{ event.payload.get('decision', '') | tojson }},
-  "state_message": {{ event.payload.get('validated_state', {}).get('message', '') | tojson }}
-}"""
+# The webhook's JSON body: what happened, to what, and why (the gate's reason, when there is one). The whole
+# body is one value serialised by `tojson`, never strings pasted between quotes: a run named `a"b` (or a
+# reason holding a newline) stays valid JSON, so the alert is not lost.
+PAYLOAD = (
+    "{{ {"
+    "'alert': event.event, "
+    "'resource': event.resource.id, "
+    "'name': event.resource.get('prefect.resource.name', ''), "
+    "'occurred': event.occurred | string, "
+    "'reason': event.payload.get('reason', ''), "
+    "'decision': event.payload.get('decision', ''), "
+    "'state_message': event.payload.get('validated_state', {}).get('message', '')"
+    "} | tojson }}"
+)
 
 HOW_TO = (
     f"No alerts: set {ALERT_ENV} to a webhook URL (Slack, Teams, PagerDuty, any HTTP endpoint) and run `make serve` again, "

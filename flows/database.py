@@ -4,7 +4,9 @@
 With ``PREFECT_API_DATABASE_CONNECTION_URL`` set, that database is used as it is. Otherwise
 ``LocalPostgres`` runs a cluster of the machine's own PostgreSQL binaries on a loopback port: PostgreSQL
 refuses to run as root, so under root the cluster belongs to an unprivileged user (``postgres``, else
-``nobody``) and lives where that user can reach it.
+``nobody``) and lives where that user can reach it. Every connection, local socket or TCP, needs the
+password (``scram-sha-256``), generated once and kept in ``<home>/postgres-password`` (mode 0600); the
+URL that carries it goes to the server alone (``flows.serve.LocalStack.server_env``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import glob
 import hashlib
 import os
 import pwd
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -49,26 +52,56 @@ class LocalPostgres:
             tag = hashlib.sha256(str(Path(home).resolve()).encode()).hexdigest()[:12]
             self.data_dir = Path(tempfile.gettempdir()) / f"mnist-prefect-postgres-{tag}"
         self.log_file = self.data_dir.parent / f"{self.data_dir.name}.log"
+        self.password_file = Path(home).resolve() / "postgres-password"
+
+    @property
+    def password(self) -> str:
+        if not self.password_file.exists():
+            self.password_file.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(24))
+        return self.password_file.read_text().strip()
 
     @property
     def url(self) -> str:
-        return f"postgresql+asyncpg://{DB_USER}@127.0.0.1:{self.port}/{DB_NAME}"
+        return f"postgresql+asyncpg://{DB_USER}:{self.password}@127.0.0.1:{self.port}/{DB_NAME}"
 
-    def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    def _run(self, *args: str, check: bool = True, password: bool = False) -> subprocess.CompletedProcess:
         command = [*(["runuser", "-u", self.user, "--"] if self.user else []), *args]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        env = {**os.environ, "PGPASSWORD": self.password} if password else None  # never on a command line
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, env=env)
         if check and done.returncode != 0:
             raise RuntimeError(f"`{' '.join(args)}` failed (exit {done.returncode}): {done.stderr.strip()[-1500:]}")
         return done
 
     def start(self) -> str:
+        if (self.data_dir / "PG_VERSION").exists() and not self.password_file.exists():
+            shutil.rmtree(self.data_dir)  # a cluster from before passwords (trust): made again, with one
         if not (self.data_dir / "PG_VERSION").exists():
             self.data_dir.mkdir(parents=True, exist_ok=True)
+            self.data_dir.chmod(0o700)
+            pwfile = self.data_dir / ".pwfile"  # initdb reads the password from a file its owner can read
+            pwfile.write_text(self.password)
+            pwfile.chmod(0o600)
             if self.user:
                 record = pwd.getpwnam(self.user)
-                os.chown(self.data_dir, record.pw_uid, record.pw_gid)
-            self.data_dir.chmod(0o700)
-            self._run(postgres_binary("initdb"), "-D", str(self.data_dir), "-U", DB_USER, "--auth=trust", "-E", "UTF8")
+                for path in (self.data_dir, pwfile):
+                    os.chown(path, record.pw_uid, record.pw_gid)
+            try:
+                self._run(
+                    postgres_binary("initdb"),
+                    "-D",
+                    str(self.data_dir),
+                    "-U",
+                    DB_USER,
+                    "--auth=scram-sha-256",
+                    f"--pwfile={pwfile}",
+                    "-E",
+                    "UTF8",
+                )
+            finally:
+                pwfile.unlink(missing_ok=True)
         if self.user and not self.log_file.exists():
             self.log_file.touch()
             record = pwd.getpwnam(self.user)
@@ -87,11 +120,11 @@ class LocalPostgres:
             "ON_ERROR_STOP=1",
         ]
         exists = self._run(
-            *psql, "-d", "postgres", "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{DB_NAME}'"
+            *psql, "-d", "postgres", "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{DB_NAME}'", password=True
         ).stdout.strip()
         if exists != "1":
-            self._run(*psql, "-d", "postgres", "-c", f"CREATE DATABASE {DB_NAME}")
-        self._run(*psql, "-d", DB_NAME, "-c", "CREATE EXTENSION IF NOT EXISTS pg_trgm")
+            self._run(*psql, "-d", "postgres", "-c", f"CREATE DATABASE {DB_NAME}", password=True)
+        self._run(*psql, "-d", DB_NAME, "-c", "CREATE EXTENSION IF NOT EXISTS pg_trgm", password=True)
         return self.url
 
     def pid(self) -> int | None:

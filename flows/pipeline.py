@@ -7,10 +7,11 @@ import uuid
 
 from prefect import flow
 from prefect.logging import get_run_logger
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 
 from flows import artifacts, recovery, steps
 from flows.caching import call_cached
+from flows.confinement import check_deployed_run
 from flows.params import PipelineParameters, run_seed
 from flows.results import result_storage
 from flows.summary import RunSummary
@@ -24,6 +25,8 @@ from storage import Store
 )
 def mnist_retrain(params: PipelineParameters = PipelineParameters()) -> RunSummary:
     logger = get_run_logger()
+    if deployment.get_id() is not None:  # started through the API: only what this worker serves
+        check_deployed_run(params)
     store = Store.resolve(params.store)
     store.check_writable()  # before any download or training, not after fifteen epochs
     attempt = recovery.current_attempt()

@@ -3,14 +3,22 @@
 process worker that runs as many flow runs at once as the machine has GPUs (at least one).
 ``make serve`` starts it, ``make stop`` stops it by pid.
 
+The API is authenticated by default (Prefect's basic auth, with CSRF protection on): a random
+``admin:<secret>`` kept in ``<home>/auth`` (mode 0600), or ``$PREFECT_SERVER_API_AUTH_STRING``. The
+server alone gets the auth string as a server setting and the database URL; every client (CLI,
+workers, automation set-up, ``prefect deploy``) gets ``PREFECT_API_AUTH_STRING``. Without auth it
+listens on loopback only.
+
 The same class drives the real-server test, so what CI proves is what ``make serve`` runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -24,6 +32,27 @@ from flows.recovery import HEARTBEAT_ENV, HEARTBEAT_SECONDS, SILENT_AFTER_SECOND
 
 REPO = Path(__file__).resolve().parent.parent
 POOLS = ("gpu",)
+AUTH_ENV = "PREFECT_SERVER_API_AUTH_STRING"  # the server's setting
+CLIENT_AUTH_ENV = "PREFECT_API_AUTH_STRING"  # what every client sends
+AUTH_USER = "admin"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def write_secret(path: Path, text: str) -> None:
+    """Create ``path`` readable by its owner alone, before anything is written into it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    path.chmod(0o600)
 
 
 def free_port() -> int:
@@ -61,9 +90,19 @@ class LocalStack:
         db: str = "sqlite",
         silent_after: float = SILENT_AFTER_SECONDS,
         slot_wait_seconds: float = 30,
+        host: str = "127.0.0.1",
+        auth: bool = True,
     ) -> None:
         if db not in DATABASES:
             raise ValueError(f"db={db!r}: choose one of {', '.join(DATABASES)}")
+        if not auth and not is_loopback(host):
+            raise ValueError(
+                f"Refusing to serve the API on {host} without authentication: anyone who reaches it could run code on the "
+                "workers' stores. Keep auth on (the default) to listen beyond loopback."
+            )
+        self.host = host
+        self.auth = auth
+        self.auth_file = Path(home).resolve() / "auth"
         self.db = db
         self.database_url = os.environ.get(URL_ENV) if db == "postgres" else None
         self.home = Path(home).resolve()
@@ -72,20 +111,49 @@ class LocalStack:
         self.poll_seconds = poll_seconds
         self.silent_after = silent_after
         self.slot_wait_seconds = slot_wait_seconds  # how soon a run queued behind the deployment's limit asks again
-        self.api_url = f"http://127.0.0.1:{port}/api"
-        self.ui_url = f"http://127.0.0.1:{port}"
+        local = "127.0.0.1" if host in ("0.0.0.0", "::") or not is_loopback(host) else host
+        self.api_url = f"http://{local}:{port}/api"
+        self.ui_url = f"http://{local}:{port}"
         self.pids_file = self.home / "pids.json"
         self.postgres_file = self.home / "postgres.json"  # a cluster this stack started: stopped by `make stop`
         self.alerts = ""
         self.recovery = ""
 
     @property
+    def auth_string(self) -> str | None:
+        """``admin:<secret>``: from ``$PREFECT_SERVER_API_AUTH_STRING``, else ``<home>/auth``, else made now."""
+        if not self.auth:
+            return None
+        if given := os.environ.get(AUTH_ENV):
+            return given
+        if not self.auth_file.exists():
+            write_secret(self.auth_file, f"{AUTH_USER}:{secrets.token_urlsafe(24)}")
+        return self.auth_file.read_text().strip()
+
+    def client_settings(self) -> dict:
+        """Prefect settings for a client of this stack in this process (``temporary_settings``)."""
+        from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL
+
+        return {PREFECT_API_URL: self.api_url, PREFECT_API_AUTH_STRING: self.auth_string}
+
+    @property
+    def server_env(self) -> dict[str, str]:
+        """The server's environment: the client one, plus the auth string as a server setting and the database."""
+        env = self.env
+        env.update(PREFECT_SERVER_API_HOST=self.host, PREFECT_SERVER_CSRF_PROTECTION_ENABLED="true")
+        if self.auth_string:
+            env[AUTH_ENV] = self.auth_string
+        if self.database_url:
+            env[URL_ENV] = self.database_url
+        return env
+
+    @property
     def env(self) -> dict[str, str]:
+        """Every client's environment (CLI, workers, their flow runs): the API and its auth string, no database URL."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
         env.update(
             PREFECT_HOME=str(self.home),
             PREFECT_API_URL=self.api_url,
-            PREFECT_SERVER_API_HOST="127.0.0.1",
             PREFECT_SERVER_API_PORT=str(self.port),
             PREFECT_SERVER_ANALYTICS_ENABLED="false",
             PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT="false",
@@ -97,8 +165,8 @@ class LocalStack:
             MNIST_STORE=self.store,
         )
         env[HEARTBEAT_ENV] = os.environ.get(HEARTBEAT_ENV) or str(HEARTBEAT_SECONDS)  # the recovery automation needs them
-        if self.database_url:
-            env[URL_ENV] = self.database_url
+        if self.auth_string:
+            env[CLIENT_AUTH_ENV] = self.auth_string
         return env
 
     def _prefect(self, *args: str, timeout: float = 300) -> str:
@@ -122,7 +190,7 @@ class LocalStack:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "prefect", *args],
                 cwd=cwd,
-                env={**self.env, **(env or {})},
+                env={**(self.server_env if name == "server" else self.env), **(env or {})},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -171,7 +239,7 @@ class LocalStack:
             cluster = LocalPostgres(self.home, free_port())
             self.postgres_file.write_text(json.dumps({"data_dir": str(cluster.data_dir), "port": cluster.port}))
             self.database_url = cluster.start()
-        self._spawn("server", "server", "start", "--host", "127.0.0.1", "--port", str(self.port))
+        self._spawn("server", "server", "start", "--host", self.host, "--port", str(self.port))
         self.wait_healthy()
         for pool in POOLS:
             self._prefect("work-pool", "create", pool, "--type", "process", "--overwrite")
@@ -256,8 +324,20 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("DB") or "sqlite",
         help=f"the server's database: sqlite (default) or postgres (${URL_ENV}, else a local cluster)",
     )
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address the API listens on (default 127.0.0.1; 0.0.0.0 for workers on other machines, with auth)",
+    )
+    parser.add_argument(
+        "--no-auth", action="store_true", help="serve without authentication (refused unless --host is a loopback address)"
+    )
     args = parser.parse_args(argv)
-    stack = LocalStack(Path(args.home), port=args.port, store=args.store, db=args.db)
+    try:
+        stack = LocalStack(Path(args.home), port=args.port, store=args.store, db=args.db, host=args.host, auth=not args.no_auth)
+    except ValueError as exc:
+        print(f"make serve: {exc}", file=sys.stderr)
+        return 2
     if args.command == "stop":
         stopped = stack.stop()
         print("Stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
@@ -268,10 +348,25 @@ def main(argv: list[str] | None = None) -> int:
         stack.stop()
         print(f"make serve failed: {exc}", file=sys.stderr)
         return 1
+    secret = f"$(cat {stack.auth_file})" if not os.environ.get(AUTH_ENV) else f"${AUTH_ENV}"
+    if stack.auth_string:
+        remote = stack.api_url if is_loopback(args.host) else f"http://{socket.gethostname()}:{stack.port}/api"
+        login = (
+            f"Login:          the UI asks for a password: enter the whole line in {stack.auth_file} (mode 0600)\n"
+            if not os.environ.get(AUTH_ENV)
+            else f"Login:          the UI asks for a password: enter ${AUTH_ENV}\n"
+        ) + (
+            f"Remote workers: export PREFECT_API_URL={remote} PREFECT_API_AUTH_STRING={secret}; "
+            "prefect worker start --pool gpu --limit <GPUs>\n"
+        )
+    else:
+        secret, login = "", "Login:          none (--no-auth; loopback only)\n"
     print(
         f"Prefect UI:     {stack.ui_url}\n"
+        f"{login}"
         f"Database:       {stack.db}" + (f" ({stack.database_url.split('@')[-1]})" if stack.database_url else "") + "\n"
-        f"API:            {stack.api_url}   (export PREFECT_API_URL={stack.api_url} to use the CLI against it)\n"
+        f"API:            {stack.api_url}   (the CLI against it: export PREFECT_API_URL={stack.api_url} "
+        f"PREFECT_API_AUTH_STRING={secret})\n"
         f"Deployments:    mnist-retrain/nightly (cron 0 2 * * * UTC, pool gpu; one run at a time, others queue)\n"
         f"Artifact store: {stack.store}\n"
         f"Workers:        gpu-worker-local, at most {worker_limit()} flow run(s) at once (one per GPU)\n"

@@ -1,8 +1,9 @@
 """Where and how the pipeline's artifacts live. No other package builds a path by hand."""
 
+from storage.credentials import strip_credentials
 from storage.digests import code_digest, sha256_bytes, sha256_json, sha256_stream
 from storage.keys import StoreKey, StoreName, UnsafeKey, confine_key, confine_name, damage
-from storage.store import DEFAULT_STORE, SIDECAR_LIMIT, STORE_ENV, DamagedArtifact, Store, StoreError
+from storage.store import DEFAULT_STORE, SIDECAR_LIMIT, STORE_ENV, DamagedArtifact, Store, StoreError, WriteConflict
 
 __all__ = [
     "code_digest",
@@ -17,7 +18,9 @@ __all__ = [
     "StoreError",
     "StoreKey",
     "StoreName",
+    "strip_credentials",
     "UnsafeKey",
+    "WriteConflict",
     "sha256_bytes",
     "sha256_json",
     "sha256_stream",

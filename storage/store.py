@@ -30,6 +30,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, Field, ValidationError
 
+from storage.credentials import strip_credentials
 from storage.digests import CHUNK, sha256_bytes, sha256_stream
 from storage.keys import StoreName, confine_key, confine_name, damage
 
@@ -46,6 +47,10 @@ _log = logging.getLogger("mnist.store")
 
 class StoreError(RuntimeError):
     """The store cannot be used: the message names the store and what to do."""
+
+
+class WriteConflict(StoreError):
+    """Another writer replaced the file after it was read: read it again and decide again."""
 
 
 class DamagedArtifact(ValueError):
@@ -68,7 +73,7 @@ class Store:
         distributed_lock: LockFactory | None = None,
         warn: Callable[[str], None] | None = None,
     ) -> None:
-        url = os.fspath(url)
+        url = strip_credentials(os.fspath(url))  # a password in the URL goes to fsspec's config, not into logs
         self.distributed_lock = distributed_lock
         self.warn = warn or _log.warning  # where damaged files are reported (a step's run logger)
         self._swept: set[str] = set()
@@ -201,6 +206,11 @@ class Store:
 
     def evaluation_info_file(self, key: str) -> str:
         return self.key("evaluations", key, "evaluation.json")
+
+    def model_predictions_info_file(self, key: str) -> str:
+        """Which stored file holds every test image's prediction by one model (by model digest and evaluation
+        code): what the gate pairs a champion's predictions from, without loading the champion."""
+        return self.key("evaluations", "by-model", confine_name(key), "test_predictions.json")
 
     def test_predictions_file(self, key: str) -> str:
         """Every test image's prediction: what a champion/challenger comparison pairs image by image."""
@@ -375,6 +385,62 @@ class Store:
         """Copy a local file into the store atomically."""
         with self.writing(path) as tmp:
             self.fs.put_file(local, tmp)
+
+    # ---- read, decide, write: files that several machines replace (the champion pointer) -------------
+    @property
+    def conditional_writes(self) -> bool:
+        """Whether a write can be made conditional on the object read (S3's If-Match / If-None-Match)."""
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        return any(p in ("s3", "s3a") for p in protocols)
+
+    def read_versioned(self, key: str, limit: int = SIDECAR_LIMIT) -> tuple[bytes | None, str | None]:
+        """The bytes of ``key`` (None if absent) and the version they are (S3: the object's ETag, which
+        s3fs also makes the read conditional on, so bytes and version belong together)."""
+        path = self.path(key)
+        if not self.conditional_writes:
+            return (self.read_bytes(key, limit) if self.exists(key) else None), None
+        self.fs.invalidate_cache(path)
+        try:
+            with self.fs.open(path, "rb") as f:
+                data = f.read(limit + 1)
+                version = f.details.get("ETag")
+        except FileNotFoundError:
+            return None, None
+        if len(data) > limit:
+            raise StoreError(f"{self.location(key)} is larger than the {limit} bytes expected of it: not read")
+        return data, version
+
+    def version(self, key: str) -> str | None:
+        """The version of ``key`` now (S3: its ETag), without reading it; None where writes are not conditional."""
+        if not self.conditional_writes:
+            return None
+        self.fs.invalidate_cache(self.path(key))
+        try:
+            return self.fs.info(self.path(key)).get("ETag")
+        except FileNotFoundError:
+            return None
+
+    def write_if_unchanged(self, key: str, data: bytes, version: str | None) -> None:
+        """Replace ``key`` only if it is still the version read (``None``: only if it is still absent).
+
+        On S3 this is one conditional PutObject, atomic across every machine; a losing writer gets
+        ``WriteConflict``. Elsewhere the caller's lock (``Store.lock``) is what serialises writers:
+        an flock on a local store, the server's concurrency limit for a remote one.
+        """
+        if not self.conditional_writes:
+            self.write_bytes(key, data)
+            return
+        condition = {"IfMatch": version} if version is not None else {"IfNoneMatch": "*"}
+        path = self.path(key)
+        try:
+            self.fs.pipe_file(path, data, **condition)
+        except Exception as exc:  # s3fs turns HTTP 412 (and 409 for concurrent conditional writes) into OSError/ValueError
+            text = f"{exc} {getattr(exc, '__cause__', '')}"
+            if any(code in text for code in ("412", "PreconditionFailed", "409", "ConditionalRequestConflict")):
+                raise WriteConflict(f"{self.location(key)} was replaced by another writer after it was read") from exc
+            raise
+        finally:
+            self.fs.invalidate_cache(path)
 
     def remove(self, key: str, recursive: bool = False) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -1,13 +1,18 @@
 """The champion: which model downstream consumers should use, and every decision that changed it.
 
 The pointer is ``champion.json`` at the store's root; every decision is a row of the
-``promotions`` table. The pointer is replaced atomically and under the store's ``champion`` lock,
-with the comparison made inside the same lock, so two gates finishing together decide one after
-the other against the champion each of them actually replaces.
+``promotions`` table. Every read–decide–write of the pointer (the gate, ``promote``, ``rollback``)
+holds the store's ``champion`` lock, and its write is conditional on the pointer it read (S3's
+If-Match; each write carries a new ``revision``, so even an unchanged champion rewritten is a new
+version). A writer that loses (a laptop's rollback while a worker's gate writes, with no common
+lock between them) reads again and decides again; nothing is overwritten silently, and each
+decision's ``decided_at`` is taken between its read and its write, so the last row of
+``promotions`` is the decision the pointer holds.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -15,13 +20,13 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel
 
-from storage import SIDECAR_LIMIT, Store, StoreError, StoreName, UnsafeKey, damage
+from storage import SIDECAR_LIMIT, Store, StoreError, StoreName, UnsafeKey, WriteConflict, damage
 from storage.tables import read_frame, read_table, write_table
-from tasks.evaluate import EvaluationRef, predict
-from tasks.fetch import DatasetRef, load_mnist
-from tasks.gate import Comparison, Decision, GateRules, compare, decide
+from tasks.evaluate import EvaluationRef, predicted_test_labels
+from tasks.fetch import DatasetRef
+from tasks.gate import Comparison, Decision, GateRules, PointerChange, compare, decide, pointer_change
 from tasks.metrics import recall_per_digit
-from tasks.model import ModelRef, load_model
+from tasks.model import ModelRef
 
 LOCK = "champion"
 MANUAL = "manual"
@@ -43,6 +48,7 @@ class Champion(BaseModel):
     promoted_at: datetime
     reason: str
     forced: bool = False
+    revision: str | None = None  # new with every write of the pointer: what a conditional write compares
 
 
 class ChampionLookup(BaseModel):
@@ -52,6 +58,7 @@ class ChampionLookup(BaseModel):
     model: ModelRef | None = None  # the champion's model, its file checked against the recorded digest
     problem: str | None = None  # one sentence naming the broken pointer, when there was one
     fallback: bool = False  # the champion came from the promotions history, not the pointer
+    version: str | None = None  # the pointer's version as read (S3 ETag): the next write is conditional on it
 
 
 class GateRef(BaseModel):
@@ -102,10 +109,8 @@ def _intact_model(store: Store, key: str, sha256: str | None = None) -> tuple[Mo
 
 
 def read_pointer(store: Store) -> Champion | None:
-    path = store.champion_file()
-    if not store.exists(path):
-        return None
-    return Champion.model_validate_json(store.read_bytes(path, limit=SIDECAR_LIMIT))
+    data, _ = store.read_versioned(store.champion_file(), limit=SIDECAR_LIMIT)
+    return None if data is None else Champion.model_validate_json(data)
 
 
 def promotions(store: Store) -> pd.DataFrame:
@@ -147,21 +152,25 @@ def _first_intact(store: Store, candidates: list[Champion], skip: str | None) ->
 
 def find_champion(store: Store) -> ChampionLookup:
     """The champion in ``champion.json``; if that pointer is broken, the last intact champion in history."""
+    where = store.location(store.champion_file())
+    pointer, problem = None, None
     try:
-        pointer = read_pointer(store)
-    except (ValueError, StoreError) as exc:
-        pointer, problem = None, damage(f"The champion pointer {store.location(store.champion_file())}", exc)
+        data, version = store.read_versioned(store.champion_file(), limit=SIDECAR_LIMIT)
+    except StoreError as exc:  # far too large to be ours
+        problem, version = damage(f"The champion pointer {where}", exc), store.version(store.champion_file())
     else:
-        problem = None
+        try:
+            pointer = None if data is None else Champion.model_validate_json(data)
+        except ValueError as exc:
+            problem = damage(f"The champion pointer {where}", exc)
         if pointer is not None:
             ref, why = _intact_model(store, pointer.model_key, pointer.sha256)
             if ref is not None:
-                return ChampionLookup(champion=pointer, model=ref)
-            where = store.location(store.champion_file())
+                return ChampionLookup(champion=pointer, model=ref, version=version)
             problem = f"The champion pointer {where} names model {pointer.model_key} from run {pointer.run_id}, but {why}"
     history = _champions_in_history(store)
     if pointer is None and problem is None and not history:
-        return ChampionLookup(champion=None)  # no champion yet
+        return ChampionLookup(champion=None, version=version)  # no champion yet
     if problem is None:
         problem = f"The champion pointer {store.location(store.champion_file())} is missing although models were promoted before"
     found = _first_intact(store, history, skip=pointer.model_key if pointer is not None else None)
@@ -172,12 +181,26 @@ def find_champion(store: Store) -> ChampionLookup:
             model=ref,
             problem=f"{problem}; using the last intact champion, run {candidate.run_id}.",
             fallback=True,
+            version=version,
         )
-    return ChampionLookup(champion=None, problem=f"{problem}, and no earlier champion is intact.")
+    return ChampionLookup(champion=None, problem=f"{problem}, and no earlier champion is intact.", version=version)
 
 
-def _write_pointer(store: Store, champion: Champion) -> None:
-    store.write_text(store.champion_file(), champion.model_dump_json(indent=2))
+def _write_pointer(store: Store, champion: Champion, version: str | None) -> Champion:
+    """Write ``champion`` with a new revision, if the pointer is still the ``version`` read (``WriteConflict`` if not)."""
+    written = champion.model_copy(update={"revision": uuid.uuid4().hex})
+    store.write_if_unchanged(store.champion_file(), written.model_dump_json(indent=2).encode(), version)
+    return written
+
+
+POINTER_ATTEMPTS = 20  # a writer that keeps losing the race this often fails with a message instead
+
+
+def _conflict(store: Store, what: str) -> ChampionError:
+    return ChampionError(
+        f"The champion pointer {store.location(store.champion_file())} was replaced by another writer {POINTER_ATTEMPTS} times "
+        f"while {what}; nothing was written. Run it again."
+    )
 
 
 # ---- the decision row ---------------------------------------------------------------------
@@ -234,46 +257,45 @@ def _predicted_labels(store: Store, evaluation: EvaluationRef) -> tuple[np.ndarr
 def gate(
     store: Store, dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef, rules: GateRules, run_id: str, log: Log = print
 ) -> GateRef:
-    """Compare the run's model with the champion on the same images, decide, and record the decision."""
+    """Compare the run's model with the champion on the same images, decide, and record the decision.
+
+    The champion's predictions come from its own stored evaluation (``predicted_test_labels``), so
+    the gate loads no model unless they are missing. The locked part reads, decides (pure:
+    ``judge``), then writes the pointer conditionally and the decision row; a lost race decides again.
+    """
     y_test, challenger, sample = _predicted_labels(store, evaluation)
     with store.lock(LOCK):
-        lookup = find_champion(store)
-        if lookup.problem:
-            log(lookup.problem)
-        before = lookup.champion
-        comparison = None
-        unavailable = None
-        if before is not None and before.model_key == model.key:
-            comparison = compare(y_test, sample, challenger, challenger)
-        elif before is not None:  # find_champion checked its model under this same lock
-            mnist = load_mnist(store, dataset)
-            champion_labels = predict(load_model(store, lookup.model), mnist.x_test).argmax(axis=1)
-            comparison = compare(y_test, sample, challenger, champion_labels)
-        elif lookup.problem:
-            unavailable = lookup.problem
-        decision = decide(evaluation.balanced_accuracy, comparison, rules, unavailable)
-        now = datetime.now(UTC)
-        after = before
-        if decision.promoted and not (before is not None and before.model_key == model.key and not lookup.fallback):
-            after = Champion(
-                model_key=model.key,
-                sha256=model.sha256,
-                run_id=run_id,
-                balanced_accuracy=evaluation.balanced_accuracy,
-                test_accuracy=evaluation.test_accuracy,
-                promoted_at=now,
-                reason=decision.reason,
-                forced=decision.forced,
+        for _ in range(POINTER_ATTEMPTS):
+            lookup = find_champion(store)
+            before = lookup.champion
+            other = before is not None and before.model_key != model.key
+            champion_labels = predicted_test_labels(store, dataset, lookup.model) if other else None
+            comparison, decision, change = judge(
+                lookup, model.key, evaluation.balanced_accuracy, y_test, sample, challenger, champion_labels, rules
             )
-            _write_pointer(store, after)
-        elif decision.promoted:
-            decision = decision.model_copy(
-                update={"reason": f"already the champion (promoted with run {before.run_id}); {decision.reason}"}
+            now = datetime.now(UTC)  # after the read, before the write: rows sort as the pointer changed
+            after = before
+            try:
+                if change is PointerChange.promote:
+                    after = _write_pointer(store, _champion_of(model, evaluation, run_id, decision, now), lookup.version)
+                elif before is not None and (change is PointerChange.repair or store.conditional_writes):
+                    after = _write_pointer(store, before, lookup.version)  # repaired, or confirmed still the one compared against
+            except WriteConflict as exc:
+                log(f"{exc}: deciding again against the pointer now in the store")
+                continue
+            if change is PointerChange.already:
+                decision = decision.model_copy(
+                    update={"reason": f"already the champion (promoted with run {before.run_id}); {decision.reason}"}
+                )
+            if lookup.problem:
+                log(lookup.problem)
+            row = _row(
+                run_id, model.key, evaluation.balanced_accuracy, evaluation.test_accuracy, before, comparison, decision, now
             )
-        elif lookup.fallback:  # repair the pointer, so consumers read a model that exists
-            _write_pointer(store, before)
-        row = _row(run_id, model.key, evaluation.balanced_accuracy, evaluation.test_accuracy, before, comparison, decision, now)
-        _record(store, row)
+            _record(store, row)
+            break
+        else:
+            raise _conflict(store, f"the gate decided on run {run_id}")
     challenger_recall = comparison.challenger_recall if comparison else _sample_recall(y_test, sample, challenger)
     return GateRef(
         run_id=run_id,
@@ -290,24 +312,69 @@ def gate(
     )
 
 
+def judge(
+    lookup: ChampionLookup,
+    challenger_key: str,
+    balanced_accuracy: float,
+    y_test: np.ndarray,
+    sample: np.ndarray,
+    challenger: np.ndarray,
+    champion: np.ndarray | None,
+    rules: GateRules,
+) -> tuple[Comparison | None, Decision, PointerChange]:
+    """The whole decision, without I/O: the comparison on the same images (none without a champion), the
+    rules' verdict, and what it does to the pointer."""
+    before = lookup.champion
+    comparison, unavailable = None, None
+    if before is not None:
+        comparison = compare(y_test, sample, challenger, challenger if champion is None else champion)
+    elif lookup.problem:
+        unavailable = lookup.problem
+    decision = decide(balanced_accuracy, comparison, rules, unavailable)
+    change = pointer_change(before.model_key if before else None, lookup.fallback, challenger_key, decision.promoted)
+    return comparison, decision, change
+
+
+def _champion_of(model: ModelRef, evaluation: EvaluationRef, run_id: str, decision: Decision, now: datetime) -> Champion:
+    return Champion(
+        model_key=model.key,
+        sha256=model.sha256,
+        run_id=run_id,
+        balanced_accuracy=evaluation.balanced_accuracy,
+        test_accuracy=evaluation.test_accuracy,
+        promoted_at=now,
+        reason=decision.reason,
+        forced=decision.forced,
+    )
+
+
 def _sample_recall(y_test: np.ndarray, sample: np.ndarray, predicted: np.ndarray) -> list[float]:
     return recall_per_digit(np.asarray(y_test)[sample].astype(np.int64), np.asarray(predicted)[sample].astype(np.int64)).tolist()
 
 
 # ---- by hand ------------------------------------------------------------------------------
-def _set_by_hand(store: Store, target: Champion, run_id: str) -> dict:
-    """Make ``target`` the champion, recorded as a manual, forced decision in ``run_id``'s partition."""
+def _set_by_hand(store: Store, choose: Callable[[ChampionLookup], Champion], run_id: str | None = None) -> dict:
+    """Make ``choose(current lookup)`` the champion, recorded as a manual, forced decision in its run's
+    partition (or ``run_id``'s). The target is chosen inside the lock, from the pointer just read."""
     with store.lock(LOCK):
-        before = find_champion(store).champion
-        now = datetime.now(UTC)
-        champion = target.model_copy(update={"promoted_at": now, "reason": MANUAL, "forced": True, "run_id": run_id})
-        _write_pointer(store, champion)
-        decision = Decision(promoted=True, forced=True, reason=MANUAL)
-        row = _row(run_id, target.model_key, target.balanced_accuracy, target.test_accuracy, before, None, decision, now)
-        if before is not None:
-            row["champion_balanced_accuracy"], row["champion_test_accuracy"] = before.balanced_accuracy, before.test_accuracy
-        _record(store, row, part=f"manual-{now.strftime('%Y%m%dT%H%M%S%f')}")
-    return _json_row(row)
+        for _ in range(POINTER_ATTEMPTS):
+            lookup = find_champion(store)
+            before = lookup.champion
+            target = choose(lookup)
+            now = datetime.now(UTC)
+            owner = run_id or target.run_id
+            champion = target.model_copy(update={"promoted_at": now, "reason": MANUAL, "forced": True, "run_id": owner})
+            try:
+                _write_pointer(store, champion, lookup.version)
+            except WriteConflict:
+                continue
+            decision = Decision(promoted=True, forced=True, reason=MANUAL)
+            row = _row(owner, target.model_key, target.balanced_accuracy, target.test_accuracy, before, None, decision, now)
+            if before is not None:
+                row["champion_balanced_accuracy"], row["champion_test_accuracy"] = before.balanced_accuracy, before.test_accuracy
+            _record(store, row, part=f"manual-{now.strftime('%Y%m%dT%H%M%S%f')}")
+            return _json_row(row)
+    raise _conflict(store, "a manual promotion chose its target")
 
 
 def promote_run(store: Store, run_id: str) -> dict:
@@ -336,7 +403,7 @@ def promote_run(store: Store, run_id: str) -> dict:
         reason=MANUAL,
         forced=True,
     )
-    return _set_by_hand(store, target, run_id)
+    return _set_by_hand(store, lambda _lookup: target, run_id)
 
 
 def _model_of_run(store: Store, run_id: str) -> str | None:
@@ -345,12 +412,14 @@ def _model_of_run(store: Store, run_id: str) -> str | None:
 
 
 def rollback(store: Store) -> dict:
-    """Make the champion before the current one the champion again."""
-    current = find_champion(store).champion
-    if current is None:
-        raise ChampionError(f"There is no champion in {store.url} to roll back from.")
-    found = _first_intact(store, _champions_in_history(store), skip=current.model_key)
-    if found is not None:
-        candidate, _ = found
-        return _set_by_hand(store, candidate, candidate.run_id)
-    raise ChampionError(f"No earlier champion in {store.url} with an intact model file: nothing to roll back to.")
+    """Make the champion before the current one the champion again, chosen inside the champion lock."""
+
+    def previous(lookup: ChampionLookup) -> Champion:
+        if lookup.champion is None:
+            raise ChampionError(f"There is no champion in {store.url} to roll back from.")
+        found = _first_intact(store, _champions_in_history(store), skip=lookup.champion.model_key)
+        if found is None:
+            raise ChampionError(f"No earlier champion in {store.url} with an intact model file: nothing to roll back to.")
+        return found[0]
+
+    return _set_by_hand(store, previous)

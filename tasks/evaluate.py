@@ -12,7 +12,7 @@ import pandas as pd
 from pydantic import AliasChoices, BaseModel, Field
 
 from storage import Store, StoreKey, StoreName, code_digest, sha256_json
-from storage.tables import write_frame
+from storage.tables import read_frame, write_frame
 from tasks.fetch import DatasetRef, load_mnist
 from tasks.model import ModelRef, load_model, scale
 
@@ -38,6 +38,46 @@ class EvaluationRef(BaseModel):
 def evaluation_code() -> str:
     """The code that determines an evaluation's outputs: sampling, input scaling and prediction."""
     return code_digest(stratified_sample, scale, predict, predictions_frame, _evaluate, PREDICT_BATCH)
+
+
+class ModelPredictionsRef(BaseModel):
+    """Every test image's prediction by one model, made by the evaluation code ``key`` names."""
+
+    key: StoreName
+    model_sha256: str
+    path: StoreKey
+    sha256: str
+
+
+def model_predictions_key(model: ModelRef) -> str:
+    """The model's bytes and the evaluation code: the same key for every evaluation of that model."""
+    return sha256_json({"model": model.sha256, "code": evaluation_code()})[:32]
+
+
+def stored_model_predictions(store: Store, model: ModelRef) -> ModelPredictionsRef | None:
+    ref = store.load_ref(
+        store.model_predictions_info_file(model_predictions_key(model)), ModelPredictionsRef, lambda r: {r.path: r.sha256}
+    )
+    return ref if ref is not None and ref.model_sha256 == model.sha256 else None
+
+
+def publish_model_predictions(store: Store, model: ModelRef, path: str, sha256: str) -> ModelPredictionsRef:
+    ref = ModelPredictionsRef(key=model_predictions_key(model), model_sha256=model.sha256, path=path, sha256=sha256)
+    store.write_text(store.model_predictions_info_file(ref.key), ref.model_dump_json(indent=2))
+    return ref
+
+
+def predicted_test_labels(store: Store, dataset: DatasetRef, model: ModelRef) -> np.ndarray:
+    """The model's predicted label for every test image, in test-set order: from its stored evaluation when
+    there is one (no TensorFlow), else predicted now and stored for the next night."""
+    stored = stored_model_predictions(store, model)
+    if stored is None:
+        mnist = load_mnist(store, dataset)
+        frame = predictions_frame(np.arange(len(mnist.y_test)), mnist.y_test, predict(load_model(store, model), mnist.x_test))
+        path = write_frame(store, store.unique(store.test_predictions_file(model_predictions_key(model))), "predictions", frame)
+        stored = publish_model_predictions(store, model, path, store.digest(path)[0])
+    frame = read_frame(store, stored.path, stored.sha256).sort_values("test_index")
+    return frame["predicted_label"].to_numpy()
 
 
 def evaluation_key(model: ModelRef, n_per_class: int, seed: int) -> str:
@@ -123,4 +163,5 @@ def _evaluate(store: Store, dataset: DatasetRef, model_ref: ModelRef, n_per_clas
         balanced_accuracy=float((frame["predicted_label"] == frame["true_label"]).mean()),
     )
     store.write_text(store.evaluation_info_file(key), ref.model_dump_json(indent=2))
+    publish_model_predictions(store, model_ref, test_path, ref.test_predictions_sha256)
     return ref

@@ -11,6 +11,7 @@ Plain functions on predictions: no store, no Keras, no Prefect.
 from __future__ import annotations
 
 import math
+from enum import Enum
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -205,3 +206,20 @@ def decide(balanced_accuracy: float, comparison: Comparison | None, rules: GateR
 def _p_text(p: float) -> str:
     """Three significant digits; below what a float can hold, say so rather than print 0."""
     return f"{p:.3g}" if p > 0 else "<1e-300"
+
+
+class PointerChange(str, Enum):
+    """What a decision does to ``champion.json``."""
+
+    promote = "promote"  # the challenger becomes champion
+    already = "already"  # promoted, but it already is the champion the pointer names: nothing changes
+    repair = "repair"  # rejected, and the pointer was broken: it is rewritten to the intact champion compared against
+    keep = "keep"  # rejected: the champion stays
+
+
+def pointer_change(champion_key: str | None, from_history: bool, challenger_key: str, promoted: bool) -> PointerChange:
+    """The pointer's change, from the champion compared against (``from_history``: the pointer was broken and
+    this champion came from the promotions history) and the rules' verdict."""
+    if promoted:
+        return PointerChange.already if champion_key == challenger_key and not from_history else PointerChange.promote
+    return PointerChange.repair if from_history else PointerChange.keep
