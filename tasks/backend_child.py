@@ -20,8 +20,9 @@ def _send(**message) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """The child's side: train with ``tasks.train`` on this process's backend and report back."""
-    arguments = json.loads(argv[0])
+    """The child's side: train with ``tasks.train`` on this process's backend and report back. The arguments
+    come on standard input (a JSON object), never the command line, which every user of the machine can read."""
+    arguments = json.loads(argv[0] if argv else sys.stdin.readline())
     store = Store(arguments["store"])
     ref = _train(
         store,

@@ -51,15 +51,18 @@ def run_in_backend(
 ) -> dict:
     """Train in a child process on ``backend``; returns the child's result (a ``ModelRef`` as a dict).
 
-    The child inherits this process's environment, so the store's credentials travel with it.
+    The child inherits this process's environment, so the store's credentials travel with it (fsspec's
+    ``FSSPEC_*`` variables, ``storage.credentials``); its arguments go on standard input, not on its command line.
     """
     env = {**os.environ, BACKEND_ENV: backend.value}
-    command = [sys.executable, "-m", "tasks.backend_child", json.dumps(arguments)]
+    command = [sys.executable, "-m", "tasks.backend_child"]
     result: dict | None = None
     with subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent
+        command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent
     ) as child:
-        assert child.stdout is not None
+        assert child.stdin is not None and child.stdout is not None
+        child.stdin.write(json.dumps(arguments) + "\n")
+        child.stdin.close()
         for line in child.stdout:
             if not line.startswith(MESSAGE):
                 print(line, end="")  # the child's own prints (a library's warning, say): not ours to drop

@@ -203,3 +203,38 @@ def test_references_written_by_the_previous_version_still_load(tmp_path):
     store = Store(tmp_path / "store")
     store.write_text("evaluations/k/evaluation.json", '{"key": "k", "path": "/p"}')  # an evaluation of an older layout
     assert store.load_ref("evaluations/k/evaluation.json", EvaluationRef, lambda ref: {}) is None
+
+
+@pytest.mark.slow
+def test_a_cached_night_whose_champion_is_another_runs_model_imports_no_tensorflow(mnist_store: Store, prefect_harness, tmp_path):
+    """The gate pairs the champion's stored predictions (its own evaluation's), so a fully cached night loads no model."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from flows.pipeline import mnist_retrain
+
+    store = with_mnist(Store(tmp_path / "store"), mnist_store)
+    base = PipelineParameters(epochs=1, train_limit=1000, n_per_class=10, store=store.url, gate={"min_balanced_accuracy": 0.5})
+    champion = mnist_retrain(base.model_copy(update={"seed": 1}))
+    assert champion.decision == "promoted"
+    night = base.model_copy(update={"seed": 2, "gate": {"min_balanced_accuracy": 0.999}})  # rejected: the champion stays
+    first = mnist_retrain(PipelineParameters.model_validate(night.model_dump()))
+    assert first.decision == "rejected" and first.champion_run_id == champion.run_id
+    script = (
+        "import json, sys\n"
+        "from flows.params import PipelineParameters\n"
+        "from flows.pipeline import mnist_retrain\n"
+        f"summary = mnist_retrain(PipelineParameters.model_validate_json({night.model_dump_json()!r}))\n"
+        "print(json.dumps({'states': summary.step_states, 'decision': summary.decision,"
+        " 'champion': summary.champion_run_id, 'tensorflow': 'tensorflow' in sys.modules}))\n"
+    )
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "fresh-home"), "PYTHONPATH": str(repo)}
+    done = subprocess.run([sys.executable, "-c", script], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    again = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(again["states"].values()) == {"Cached"} and again["decision"] == "rejected"
+    assert again["champion"] == champion.run_id and again["tensorflow"] is False

@@ -93,7 +93,7 @@ class Ops:
 @pytest.fixture(scope="module")
 def ops(tmp_path_factory: pytest.TempPathFactory, mnist_store: Store):
     from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import temporary_settings
 
     tmp = tmp_path_factory.mktemp("operations")
     store = Store(tmp / "store")
@@ -106,7 +106,7 @@ def ops(tmp_path_factory: pytest.TempPathFactory, mnist_store: Store):
         env.delenv("PREFECT_API_DATABASE_CONNECTION_URL", raising=False)
         try:
             stack.start()  # one worker, "gpu-worker-local", --limit 1 on this GPU-less machine
-            with temporary_settings({PREFECT_API_URL: stack.api_url}), get_client(sync_client=True) as client:
+            with temporary_settings(stack.client_settings()), get_client(sync_client=True) as client:
                 yield Ops(stack, store, client)
         finally:
             stack.stop()

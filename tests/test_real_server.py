@@ -5,14 +5,19 @@ cached), a failing run, webhook alerts received on loopback, and the summary art
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from flows.database import LocalPostgres, postgres_binary
 from flows.serve import LocalStack, free_port
 from storage import Store
 from storage.tables import read_table
@@ -78,10 +83,38 @@ def test_nightly_deployment_runs_and_reruns_from_cache(stack, receiver, tmp_path
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
     from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import temporary_settings
 
     local, store = stack
-    with temporary_settings({PREFECT_API_URL: local.api_url}):
+    with pytest.raises(urllib.error.HTTPError) as refused:  # the API without the auth string
+        urllib.request.urlopen(f"{local.api_url}/admin/version", timeout=10)
+    assert refused.value.code == 401
+    worker_env = Path(f"/proc/{local._pids()['worker-gpu']}/environ").read_bytes()
+    assert b"PREFECT_API_DATABASE_CONNECTION_URL" not in worker_env and b"PREFECT_API_AUTH_STRING=" in worker_env
+    if local.db == "postgres":  # the database takes no connection without its password, which only the server has
+        cluster = LocalPostgres(local.home, json.loads(local.postgres_file.read_text())["port"])
+        assert cluster.password.encode() not in worker_env
+        psql = shutil.which("psql") or postgres_binary("psql")
+        env = {k: v for k, v in os.environ.items() if k != "PGPASSWORD"}
+        done = subprocess.run(
+            [psql, "-w", "-h", "127.0.0.1", "-p", str(cluster.port), "-U", "prefect", "-d", "prefect", "-c", "select 1"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+        )
+        assert done.returncode != 0 and "password" in done.stderr, done.stderr
+        done = subprocess.run(
+            [psql, "-w", "-h", "127.0.0.1", "-p", str(cluster.port), "-U", "prefect", "-d", "prefect", "-tAc", "select 1"],
+            capture_output=True,
+            text=True,
+            env={**env, "PGPASSWORD": cluster.password},
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+        )
+        assert done.stdout.strip() == "1", done.stderr
+    with temporary_settings(local.client_settings()):
         with get_client(sync_client=True) as client:
             deployment = client.read_deployment_by_name("mnist-retrain/nightly")
             (schedule,) = deployment.schedules
@@ -126,15 +159,19 @@ def test_nightly_deployment_runs_and_reruns_from_cache(stack, receiver, tmp_path
 
             # one epoch on 3000 images is far below the default floor: the gate rejects, the run still completes
             assert "**REJECTED**" in by_key["mnist-run-summary"].data and "below the floor" in by_key["mnist-run-summary"].data
-            blocker = tmp_path / "a-file"
-            blocker.write_text("not a directory")
+            # a run pointed at a store this worker does not serve fails before any work, and writes nothing there;
+            # its name holds a quote, and the alert still arrives as valid JSON
+            elsewhere = tmp_path / "elsewhere"
             failing = run_deployment(
                 "mnist-retrain/nightly",
-                parameters={"params": {**PARAMS["params"], "store": str(blocker / "s")}},
+                parameters={"params": {**PARAMS["params"], "store": str(elsewhere)}},
+                flow_run_name='a"b',
                 timeout=300,
                 poll_interval=2,
             )
             assert failing.state.is_failed(), failing.state
+            assert "Parameter store=" in failing.state.message and "MNIST_ALLOWED_STORES" in failing.state.message
+            assert not elsewhere.exists()
             bodies = receiver.wait_for({"mnist.model.rejected", "prefect.flow-run.Failed"})
             alerts = {b["alert"]: b for b in bodies}
             assert {"mnist.model.rejected", "prefect.flow-run.Failed"} <= set(alerts), bodies
@@ -143,7 +180,8 @@ def test_nightly_deployment_runs_and_reruns_from_cache(stack, receiver, tmp_path
                 and alerts["mnist.model.rejected"]["decision"] == "rejected"
             )
             assert alerts["prefect.flow-run.Failed"]["resource"] == f"prefect.flow-run.{failing.id}"
-            check_images_in_browser(local.ui_url, by_key["mnist-run-summary"].id)
+            assert alerts["prefect.flow-run.Failed"]["name"] == 'a"b'
+            check_images_in_browser(local.ui_url, by_key["mnist-run-summary"].id, local.auth_string, run_name=cold.name)
 
     runs = read_table(store, "runs")
     assert set(runs["run_id"]) == {str(cold.id), str(warm.id)}
@@ -159,8 +197,18 @@ CHROMIUM_ARGS = [
 ]
 
 
-def check_images_in_browser(ui_url: str, artifact_id) -> None:
-    """Open the summary artifact as a person would, in both of Prefect's UIs: every embedded plot decodes."""
+def log_in(page, auth_string: str) -> None:
+    """What a person does on the login page: the password field takes the whole auth string."""
+    password = page.locator("input[type=password]")
+    password.wait_for(timeout=30_000)
+    password.fill(auth_string)
+    page.get_by_role("button", name="Login").click()
+    password.wait_for(state="detached", timeout=30_000)
+
+
+def check_images_in_browser(ui_url: str, artifact_id, auth_string: str, run_name: str) -> None:
+    """Open the summary artifact as a person would, in both of Prefect's UIs: each asks for the password first,
+    then shows the run, and every embedded plot decodes."""
     from playwright.sync_api import sync_playwright
 
     chromium = shutil.which("chromium")
@@ -168,8 +216,12 @@ def check_images_in_browser(ui_url: str, artifact_id) -> None:
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
             for ui in ("", "/v2"):
+                page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()  # a new visitor each time
+                page.goto(f"{ui_url}{ui}/runs", wait_until="networkidle")
+                assert page.get_by_text(run_name).count() == 0, ui or "/"  # nothing is shown before the password
+                log_in(page, auth_string)
+                page.get_by_text(run_name).first.wait_for(timeout=30_000)  # the run, once logged in
                 page.goto(f"{ui_url}{ui}/artifacts/artifact/{artifact_id}", wait_until="networkidle")
                 page.wait_for_function(  # rendered and decoded, not just present in the DOM
                     "(() => { const i = [...document.querySelectorAll('img[src^=\"data:image/png\"]')];"

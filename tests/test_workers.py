@@ -43,10 +43,10 @@ def test_five_runs_on_two_workers_train_each_key_once(topology):
     from prefect.client.schemas.actions import DeploymentUpdate
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import temporary_settings
 
     stack, store = topology
-    with temporary_settings({PREFECT_API_URL: stack.api_url}), get_client(sync_client=True) as client:
+    with temporary_settings(stack.client_settings()), get_client(sync_client=True) as client:
         # a backfill: the nightly deployment's limit of one run (prefect.yaml) lifted, so runs overlap on the two
         # workers (each still one run at a time) and identical ones meet at the training lock
         deployment = client.read_deployment_by_name("mnist-retrain/nightly")

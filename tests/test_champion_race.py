@@ -1,0 +1,126 @@
+"""The champion pointer against every writer: a gate on one machine and a rollback on another, racing on a real
+S3 endpoint (moto's) with no lock in common, many rounds in both orders. Each decision is kept, and the
+pointer always names the champion of the last decision in ``promotions``. The models are stand-ins (their
+files are bytes with digests; their stored predictions are what the gate pairs), so no network is trained."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import threading
+
+import numpy as np
+import pytest
+
+from storage import Store, sha256_bytes
+from storage.tables import write_frame
+from tasks.champion import ChampionError, gate, promotions, read_pointer, rollback
+from tasks.evaluate import EvaluationRef, predictions_frame, publish_model_predictions
+from tasks.fetch import DatasetRef
+from tasks.gate import GateRules
+from tasks.model import ModelRef
+
+N = 1000
+LABELS = np.arange(N) % 10
+SAMPLE = np.arange(0, N, 2)
+PROMOTE = GateRules(min_balanced_accuracy=0.0, max_regression=1.0, max_digit_drop=1.0)
+REJECT = GateRules(min_balanced_accuracy=1.0)
+DATASET = DatasetRef(sha256="d" * 64, files={}, sources=["store"])  # not read: every model's predictions are stored
+
+
+def stand_in(store: Store, key: str, correct: float) -> tuple[ModelRef, EvaluationRef]:
+    """A model whose stored predictions are right on the first ``correct`` share of each digit's images."""
+    blob = key.encode() * 100
+    path = store.model_file(key)
+    store.write_bytes(path, blob)
+    model = ModelRef(
+        key=key,
+        path=path,
+        sha256=sha256_bytes(blob),
+        history_path=store.history_file(key),
+        network="seed",
+        device="CPU:0",
+        precision="float32",
+        epochs=1,
+        resumed_from_epoch=0,
+        train_images=1,
+        train_seconds=1.0,
+        val_accuracy=correct,
+    )
+    store.write_text(store.model_info_file(key), model.model_dump_json())
+    predicted = np.where(np.arange(N) < correct * N, LABELS, (LABELS + 1) % 10)
+    probabilities = np.eye(10, dtype=np.float32)[predicted]
+    everything = write_frame(
+        store,
+        store.unique(store.test_predictions_file(key)),
+        "predictions",
+        predictions_frame(np.arange(N), LABELS, probabilities),
+    )
+    sample = write_frame(
+        store,
+        store.unique(store.evaluation_file(key)),
+        "predictions",
+        predictions_frame(SAMPLE, LABELS[SAMPLE], probabilities[SAMPLE]),
+    )
+    evaluation = EvaluationRef(
+        key=key,
+        path=sample,
+        model_sha256=model.sha256,
+        dataset_sha256=DATASET.sha256,
+        n_per_class=len(SAMPLE) // 10,
+        seed=0,
+        predictions_sha256=store.digest(sample)[0],
+        test_path=everything,
+        test_predictions_sha256=store.digest(everything)[0],
+        n_evaluated=len(SAMPLE),
+        test_images=N,
+        test_accuracy=float((predicted == LABELS).mean()),
+        balanced_accuracy=float((predicted[SAMPLE] == LABELS[SAMPLE]).mean()),
+    )
+    publish_model_predictions(store, model, everything, evaluation.test_predictions_sha256)
+    return model, evaluation
+
+
+def champion_of_last_decision(store: Store) -> str:
+    last = promotions(store).iloc[-1]
+    return last["challenger_model_key"] if last["decision"] == "promoted" else last["champion_model_key"]
+
+
+def racer(barrier: threading.Barrier, failures: list, what, args: tuple, delay: float) -> None:
+    barrier.wait()
+    threading.Event().wait(delay)
+    try:
+        what(*args)
+    except ChampionError as exc:  # e.g. nothing to roll back to: a refusal, not expected here
+        failures.append(exc)
+
+
+@pytest.mark.slow
+def test_a_rollback_racing_a_gate_loses_no_decision_and_leaves_the_pointer_consistent(s3_server):
+    url = s3_server.bucket("race") + "/store"
+    no_lock = lambda name: contextlib.nullcontext()  # noqa: E731 (two machines, no server: nothing in common)
+    worker, laptop = Store(url, distributed_lock=no_lock), Store(url, distributed_lock=no_lock)
+    models = {name: stand_in(worker, name, share) for name, share in (("a", 0.90), ("b", 0.95), ("c", 0.95))}
+    gate(worker, DATASET, *models["a"], PROMOTE, "run-a")
+    gate(worker, DATASET, *models["b"], PROMOTE, "run-b")
+    rng = random.Random(7)
+    rounds = 16
+    for i in range(rounds):
+        challenger = "c" if i % 2 else "a"
+        rules = PROMOTE if i % 4 < 2 else REJECT
+        barrier, failures = threading.Barrier(2), []
+        first, second = rng.uniform(0, 0.05), rng.uniform(0, 0.05)
+        order = (first, second) if i % 2 else (second, first)
+        night = (gate, (worker, DATASET, *models[challenger], rules, f"run-{i}"))
+        threads = [
+            threading.Thread(target=racer, args=(barrier, failures, *night, order[0])),
+            threading.Thread(target=racer, args=(barrier, failures, rollback, (laptop,), order[1])),
+        ]
+        before = len(promotions(worker))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not failures, failures
+        assert len(promotions(worker)) == before + 2, f"round {i}: a decision was lost"
+        assert read_pointer(worker).model_key == champion_of_last_decision(worker), f"round {i}: {promotions(worker).tail(3)}"

@@ -1,0 +1,71 @@
+"""What a deployed run may point its worker at, and how ``make serve`` guards the API: unit checks, no server
+(the real server's refusals are in tests/test_real_server.py)."""
+
+from __future__ import annotations
+
+import stat
+
+import pytest
+
+from flows.confinement import NotServed, check_deployed_run
+from flows.params import PipelineParameters
+from flows.serve import LocalStack
+
+
+@pytest.fixture
+def worker(tmp_path, monkeypatch):
+    served = tmp_path / "served"
+    other = tmp_path / "other"
+    source = tmp_path / "idx"
+    monkeypatch.setenv("MNIST_STORE", str(served))
+    monkeypatch.setenv("MNIST_ALLOWED_STORES", f"s3://team-bucket/mnist, {other}")
+    monkeypatch.setenv("MNIST_SOURCE", str(source))
+    monkeypatch.delenv("MNIST_ALLOWED_SOURCES", raising=False)
+    monkeypatch.delenv("MNIST_ALLOW_FORCE_PROMOTE", raising=False)
+    return tmp_path
+
+
+def test_the_stores_and_sources_a_worker_serves_pass(worker):
+    for store in (None, str(worker / "served"), str(worker / "served") + "/", str(worker / "other"), "s3://team-bucket/mnist"):
+        check_deployed_run(PipelineParameters(store=store, mnist_source=str(worker / "idx")))
+
+
+@pytest.mark.parametrize("store", ["{tmp}/elsewhere", "{tmp}/served/../elsewhere", "s3://attacker-bucket/x", "memory://x"])
+def test_a_store_the_worker_does_not_serve_is_refused_naming_the_parameter_and_the_setting(worker, store):
+    with pytest.raises(NotServed) as refused:
+        check_deployed_run(PipelineParameters(store=store.format(tmp=worker)))
+    assert "Parameter store=" in str(refused.value) and "MNIST_ALLOWED_STORES" in str(refused.value)
+    assert not (worker / "elsewhere").exists()
+
+
+def test_a_source_directory_or_a_forced_promotion_the_worker_does_not_allow_is_refused(worker, monkeypatch):
+    with pytest.raises(NotServed, match="mnist_source=.*MNIST_ALLOWED_SOURCES"):
+        check_deployed_run(PipelineParameters(mnist_source="/etc"))
+    with pytest.raises(NotServed, match="force_promote.*MNIST_ALLOW_FORCE_PROMOTE=1"):
+        check_deployed_run(PipelineParameters(gate={"force_promote": True}))
+    monkeypatch.setenv("MNIST_ALLOW_FORCE_PROMOTE", "1")
+    check_deployed_run(PipelineParameters(gate={"force_promote": True}))
+
+
+def test_serve_makes_a_private_auth_string_and_refuses_the_network_without_one(tmp_path, monkeypatch):
+    monkeypatch.delenv("PREFECT_SERVER_API_AUTH_STRING", raising=False)
+    stack = LocalStack(tmp_path / "home", port=4999)
+    secret = stack.auth_string
+    assert secret.startswith("admin:") and len(secret) > 30 and stack.auth_string == secret  # made once, then kept
+    assert stat.S_IMODE(stack.auth_file.stat().st_mode) == 0o600
+    assert stack.env["PREFECT_API_AUTH_STRING"] == secret and "PREFECT_SERVER_API_AUTH_STRING" not in stack.env
+    assert stack.server_env["PREFECT_SERVER_API_AUTH_STRING"] == secret
+    assert stack.server_env["PREFECT_SERVER_CSRF_PROTECTION_ENABLED"] == "true"
+    assert LocalStack(tmp_path / "home2", port=4999, host="0.0.0.0").server_env["PREFECT_SERVER_API_HOST"] == "0.0.0.0"
+    with pytest.raises(ValueError, match="without authentication"):
+        LocalStack(tmp_path / "home3", port=4999, host="0.0.0.0", auth=False)
+    assert LocalStack(tmp_path / "home4", port=4999, auth=False).auth_string is None  # loopback may go without
+    monkeypatch.setenv("PREFECT_SERVER_API_AUTH_STRING", "ops:given")
+    assert LocalStack(tmp_path / "home5", port=4999).auth_string == "ops:given"
+
+
+def test_the_database_url_reaches_the_server_alone(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", "postgresql+asyncpg://prefect:pw@db:5432/prefect")
+    stack = LocalStack(tmp_path / "home", port=4999, db="postgres")
+    assert "PREFECT_API_DATABASE_CONNECTION_URL" not in stack.env
+    assert stack.server_env["PREFECT_API_DATABASE_CONNECTION_URL"].endswith("@db:5432/prefect")
