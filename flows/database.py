@@ -81,7 +81,7 @@ class LocalPostgres:
         if not (self.data_dir / "PG_VERSION").exists():
             self.data_dir.mkdir(parents=True, exist_ok=True)
             self.data_dir.chmod(0o700)
-            pwfile = self.data_dir / ".pwfile"  # initdb reads the password from a file its owner can read
+            pwfile = self.data_dir.parent / f".{self.data_dir.name}.pwfile"  # readable by the cluster's owner alone
             pwfile.write_text(self.password)
             pwfile.chmod(0o600)
             if self.user:
