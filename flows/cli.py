@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import enum
 import json
 import logging
 import os
 import sys
 import threading
+import typing
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
 from flows.params import PipelineParameters, describe_errors
-from tasks.model import DEFAULT_EPOCHS
 
 EXIT_FAILED = 1
 EXIT_BAD_PARAMETERS = 2
@@ -26,61 +28,45 @@ def _quiet_environment() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+GROUPS = {"gate": ("champion gate", "when this run's model replaces the champion (compared on the same images)")}
+
+
+def _flag_options(field: FieldInfo) -> dict:
+    """argparse options for one pydantic field: its type (an enum's values as choices), default and help,
+    so every flag says what the UI form says; bounds are checked by pydantic, with the field's name."""
+    kinds = [t for t in (typing.get_args(field.annotation) or (field.annotation,)) if t is not type(None)]
+    kind = kinds[0]
+    default = field.get_default(call_default_factory=True)
+    text = field.description or field.title or ""
+    if kind is bool:
+        return {"action": "store_true", "help": text.replace("%", "%%")}
+    options: dict = {"default": default.value if isinstance(default, enum.Enum) else default}
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        options["choices"] = [member.value for member in kind]
+    else:
+        options["type"] = kind
+    shown = "empty" if options["default"] is None else "%(default)s"
+    options["help"] = f"{text.replace('%', '%%')} (default {shown})"
+    return options
+
+
+def _add_model_flags(parser, model: type[BaseModel]) -> None:
+    """One ``--flag-name`` per field of ``model``; a field that is itself a model becomes an argument group."""
+    for name, field in model.model_fields.items():
+        if name in GROUPS:
+            group_model = typing.get_args(field.annotation) or (field.annotation,)
+            _add_model_flags(parser.add_argument_group(*GROUPS[name]), group_model[0])
+            continue
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, **_flag_options(field))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mnist-pipeline", description="Nightly MNIST retrain pipeline (Prefect + Keras).")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the flow once and print where its tables and plots are")
-    defaults = PipelineParameters()
-    run.add_argument("--model", default=defaults.model.value, help="network: seed (default) or strong")
-    run.add_argument(
-        "--epochs",
-        type=int,
-        default=None,
-        help="training epochs (default: the model's own, " + ", ".join(f"{m.value} {n}" for m, n in DEFAULT_EPOCHS.items()) + ")",
-    )
-    run.add_argument("--batch-size", type=int, default=defaults.batch_size, help="batch size (default %(default)s)")
-    run.add_argument(
-        "--n-per-class", type=int, default=defaults.n_per_class, help="evaluation images per digit (default %(default)s)"
-    )
-    run.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default %(default)s)")
-    run.add_argument(
-        "--train-limit", type=int, default=None, help="train on a stratified subset of this many images (default: all 60000)"
-    )
-    run.add_argument(
-        "--precision", default=defaults.precision.value, help="auto (default), float32, mixed_bfloat16, mixed_float16"
-    )
-    run.add_argument(
-        "--backend", default=None, help="Keras backend: tensorflow, jax or torch (default: $KERAS_BACKEND, else tensorflow)"
-    )
-    run.add_argument(
-        "--store", default=None, help="artifact store directory or fsspec URL (default: $MNIST_STORE, else ./artifacts)"
-    )
-    run.add_argument(
-        "--mnist-source", default=None, help="directory with the four MNIST IDX files, tried first (default: $MNIST_SOURCE)"
-    )
-    rules = defaults.gate
-    gate = run.add_argument_group("champion gate", "when this run's model replaces the champion (compared on the same images)")
-    gate.add_argument(
-        "--min-balanced-accuracy",
-        type=float,
-        default=rules.min_balanced_accuracy,
-        help="value floor for the new model (default %(default)s)",
-    )
-    gate.add_argument(
-        "--max-regression",
-        type=float,
-        default=rules.max_regression,
-        help="how far the balanced accuracy may fall below the champion's (default %(default)s)",
-    )
-    gate.add_argument(
-        "--max-digit-drop",
-        type=float,
-        default=rules.max_digit_drop,
-        help="how far any digit's recall may fall below the champion's (default %(default)s)",
-    )
-    gate.add_argument("--force-promote", action="store_true", help="promote whatever the rules say (recorded as forced)")
+    _add_model_flags(run, PipelineParameters)  # the flags are the parameters: declared once, in flows/params.py
 
-    store_help = "artifact store directory or fsspec URL (default: $MNIST_STORE, else ./artifacts)"
+    store_help = PipelineParameters.model_fields["store"].description
     champion = sub.add_parser("champion", help="print the current champion (run, model, metrics)")
     champion.add_argument("--store", default=None, help=store_help)
     champion.add_argument("--json", action="store_true", help="print JSON, for scripts")
@@ -93,24 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parameters_from(args: argparse.Namespace) -> PipelineParameters:
-    return PipelineParameters(
-        model=args.model,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        n_per_class=args.n_per_class,
-        seed=args.seed,
-        train_limit=args.train_limit,
-        precision=args.precision,
-        backend=args.backend,
-        store=args.store,
-        mnist_source=args.mnist_source,
-        gate={
-            "min_balanced_accuracy": args.min_balanced_accuracy,
-            "max_regression": args.max_regression,
-            "max_digit_drop": args.max_digit_drop,
-            "force_promote": args.force_promote,
-        },
-    )
+    values = vars(args)
+
+    def fields_of(model: type[BaseModel]) -> dict:
+        found = {}
+        for name, field in model.model_fields.items():
+            if name in GROUPS:
+                found[name] = fields_of((typing.get_args(field.annotation) or (field.annotation,))[0])
+            elif name in values:
+                found[name] = values[name]
+        return found
+
+    return PipelineParameters(**fields_of(PipelineParameters))
 
 
 def champion_command(args: argparse.Namespace) -> int:
