@@ -40,6 +40,7 @@ from tasks.metrics import wilson_interval  # noqa: E402
 from tasks.model import build_seed_model  # noqa: E402
 from tasks.plots import render_plots  # noqa: E402
 from tasks.report import publish_report  # noqa: E402
+from tasks.run_record import RunRecord  # noqa: E402
 from tasks.tabulate import tabulate  # noqa: E402
 from tasks.train import TrainConfig, train_model  # noqa: E402
 
@@ -150,10 +151,11 @@ def main() -> None:
         evaluation = evaluate_model(store, dataset, model, n_per_class=800, seed=args.seed, reuse=False)
         plots = render_plots(store, dataset, model, evaluation)
         decided = gate(store, dataset, model, evaluation, GateRules(), "bench", log=lambda _: None)
-        tables = tabulate(
-            store, "bench", dataset, model, evaluation, {"bench": True}, decided.promoted, decided.champion_model_key
+        run = RunRecord(
+            run_id="bench", parameters={"bench": True}, dataset=dataset, model=model, evaluation=evaluation, gate=decided
         )
-        publish_report(store, "bench", dataset, model, evaluation, plots, tables, decided)
+        tables = tabulate(store, run)
+        publish_report(store, run, plots, tables)
         eval_tables_plots = time.perf_counter() - started
 
         flow_store = Store(tmp / "flow-store")

@@ -16,6 +16,7 @@ from flows.params import PipelineParameters, run_seed
 from flows.results import result_storage
 from flows.summary import RunSummary
 from storage import Store
+from tasks.run_record import RunRecord
 
 
 @flow(
@@ -56,36 +57,23 @@ def mnist_retrain(params: PipelineParameters = PipelineParameters()) -> RunSumma
     plotted = cached(steps.plot, store.url, dataset, model, evaluation)
     plots = plotted.result()
     decided = steps.gate(store.url, run_id, dataset, model, evaluation, params.gate)
-    tables = steps.tabulate(store.url, run_id, dataset, model, evaluation, params.model_dump(mode="json"), decided, attempt)
-    report = steps.report(store.url, run_id, dataset, model, evaluation, plots, tables, decided)
+    run = RunRecord(
+        run_id=run_id,
+        parameters=params.model_dump(mode="json"),
+        dataset=dataset,
+        model=model,
+        evaluation=evaluation,
+        gate=decided,
+        execution=attempt.execution(),
+    )
+    tables = steps.tabulate(store.url, run)
+    report = steps.report(store.url, run, plots, tables)
 
     states = {
         name: state.name
         for name, state in (("fetch-mnist", fetched), ("train", trained), ("evaluate", evaluated), ("plot", plotted))
     }
-    summary = RunSummary(
-        run_id=run_id,
-        seed=seed,
-        test_accuracy=evaluation.test_accuracy,
-        balanced_accuracy=evaluation.balanced_accuracy,
-        n_evaluated=evaluation.n_evaluated,
-        network=model.network,
-        backend=model.backend,
-        device=model.device,
-        precision=model.precision,
-        model_path=store.location(model.path),
-        tables_dir=store.location("tables"),
-        report_dir=store.location(report.directory),
-        report_index=store.location(report.files["index.md"]),
-        step_states=states,
-        decision=decided.decision,
-        decision_reason=decided.reason,
-        forced=decided.forced,
-        champion_model_key=decided.champion_model_key,
-        champion_run_id=decided.champion_after.run_id if decided.champion_after else None,
-        attempt=attempt,
-        resumed_from_epoch=model.resumed_from_epoch if states["train"] == "Completed" else 0,
-    )
+    summary = RunSummary.of(run, store, report, states, seed, attempt)
     artifacts.publish(store, tables, artifacts.summary_markdown(store, summary, decided, report))
     logger.info("Steps: %s", ", ".join(f"{k} {v}" for k, v in states.items()))
     return summary

@@ -21,8 +21,30 @@ import argparse
 import sys
 from datetime import UTC, datetime, timedelta
 
+from pydantic import BaseModel
+
 from flows.alerts import prepare_automations
-from tasks.tabulate import Attempt
+from tasks.run_record import Execution
+
+
+class Attempt(BaseModel):
+    """One execution of a run: which attempt, why there were earlier ones, when it was due and when it began.
+
+    Read from the run's state history by ``current_attempt``; what the tables record of it is ``execution``.
+    """
+
+    number: int = 1
+    crashed: list[str] = []  # the messages of earlier attempts' Crashed states
+    scheduled_start: datetime | None = None  # when the scheduler meant it to run; None outside a deployment
+    started_at: datetime
+
+    @property
+    def restarted(self) -> bool:
+        return self.number > 1
+
+    def execution(self) -> Execution:
+        return Execution(attempt=self.number, scheduled_start=self.scheduled_start, started_at=self.started_at)
+
 
 HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
 HEARTBEAT_SECONDS = 30  # Prefect's minimum

@@ -28,7 +28,8 @@ from tasks.gate import GateRules
 from tasks.model import ModelRef
 from tasks.plots import PlotsRef, render_plots
 from tasks.report import ReportRef, publish_report
-from tasks.tabulate import Attempt, TablesRef
+from tasks.run_record import RunRecord
+from tasks.tabulate import TablesRef
 from tasks.train import TrainConfig, train_model
 
 PROGRESS_KEY = "mnist-training-progress"
@@ -110,38 +111,10 @@ def gate(
 
 
 @task(name="tabulate", cache_policy=NO_CACHE)
-def tabulate(
-    store_url: str,
-    run_id: str,
-    dataset: DatasetRef,
-    model: ModelRef,
-    evaluation: EvaluationRef,
-    parameters: dict,
-    decided: GateRef,
-    attempt: Attempt,
-) -> TablesRef:
-    return tasks.tabulate.tabulate(
-        open_store(store_url),
-        run_id,
-        dataset,
-        model,
-        evaluation,
-        parameters,
-        decided.promoted,
-        decided.champion_model_key,
-        attempt,
-    )
+def tabulate(store_url: str, run: RunRecord) -> TablesRef:
+    return tasks.tabulate.tabulate(open_store(store_url), run)
 
 
 @task(name="report", cache_policy=NO_CACHE)
-def report(
-    store_url: str,
-    run_id: str,
-    dataset: DatasetRef,
-    model: ModelRef,
-    evaluation: EvaluationRef,
-    plots: PlotsRef,
-    tables: TablesRef,
-    decided: GateRef,
-) -> ReportRef:
-    return publish_report(open_store(store_url), run_id, dataset, model, evaluation, plots, tables, decided)
+def report(store_url: str, run: RunRecord, plots: PlotsRef, tables: TablesRef) -> ReportRef:
+    return publish_report(open_store(store_url), run, plots, tables)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from tasks.tabulate import Attempt
+from flows.recovery import Attempt
+from storage import Store
+from tasks.report import ReportRef
+from tasks.run_record import RunRecord
 
 
 class RunSummary(BaseModel):
@@ -29,3 +32,30 @@ class RunSummary(BaseModel):
     champion_run_id: str | None
     attempt: Attempt  # attempt 2 and up: this run restarted after crashing
     resumed_from_epoch: int  # training this run did resumed from the checkpoint after this epoch (0: from scratch)
+
+    @classmethod
+    def of(cls, run: RunRecord, store: Store, report: ReportRef, step_states: dict[str, str], seed: int, attempt: Attempt):
+        model, evaluation, decided = run.model, run.evaluation, run.gate
+        return cls(
+            run_id=run.run_id,
+            seed=seed,
+            test_accuracy=evaluation.test_accuracy,
+            balanced_accuracy=evaluation.balanced_accuracy,
+            n_evaluated=evaluation.n_evaluated,
+            network=model.network,
+            backend=model.backend,
+            device=model.device,
+            precision=model.precision,
+            model_path=store.location(model.path),
+            tables_dir=store.location("tables"),
+            report_dir=store.location(report.directory),
+            report_index=store.location(report.files["index.md"]),
+            step_states=step_states,
+            decision=decided.decision,
+            decision_reason=decided.reason,
+            forced=decided.forced,
+            champion_model_key=decided.champion_model_key,
+            champion_run_id=decided.champion_after.run_id if decided.champion_after else None,
+            attempt=attempt,
+            resumed_from_epoch=model.resumed_from_epoch if step_states["train"] == "Completed" else 0,
+        )

@@ -12,12 +12,10 @@ from pydantic import BaseModel
 from storage import Store
 from storage.tables import NUM_CLASSES, read_frame, read_table
 from tasks.champion import GateRef
-from tasks.evaluate import EvaluationRef
-from tasks.fetch import DatasetRef
 from tasks.gate import mcnemar_text
 from tasks.metrics import wilson_interval
-from tasks.model import ModelRef
-from tasks.plots import DIGITS, png_bytes
+from tasks.plots import DIGITS, PlotsRef, png_bytes
+from tasks.run_record import RunRecord
 from tasks.tabulate import TablesRef
 
 PROMOTED = "#1e8449"
@@ -167,18 +165,10 @@ def _with_ci(p: float, n: int) -> str:
     return f"**{p:.4f}** ({float(low[0]):.4f}–{float(high[0]):.4f})"
 
 
-def publish_report(
-    store: Store,
-    run_id: str,
-    dataset: DatasetRef,
-    model: ModelRef,
-    evaluation: EvaluationRef,
-    plots,
-    tables: TablesRef,
-    gate: GateRef,
-) -> ReportRef:
+def publish_report(store: Store, run: RunRecord, plots: PlotsRef, tables: TablesRef) -> ReportRef:
     """Copy the evaluation's figures, draw this run's own, and write ``index.md``; figures come from
     this run's tables and the store's whole history, so the report is the run's record."""
+    run_id, dataset, model, evaluation, gate = run.run_id, run.dataset, run.model, run.evaluation, run.gate
     files = {}
     for name, path in plots.files.items():  # the bytes checked are the bytes copied
         files[name] = store.report_file(run_id, name)

@@ -20,6 +20,7 @@ from tasks.champion import ChampionError, find_champion, gate, promote_run, read
 from tasks.evaluate import evaluate_model
 from tasks.fetch import fetch_mnist
 from tasks.gate import GateRules
+from tasks.run_record import RunRecord
 from tasks.tabulate import tabulate
 from tasks.train import TrainConfig, train_model
 from tests.conftest import reference_mcnemar
@@ -61,9 +62,10 @@ def store(tmp_path: Path, mnist_store: Store, lab) -> Store:
 def decide(store: Store, lab, name: str, run_id: str, rules: GateRules = LENIENT, log=lambda _: None):
     dataset, model, evaluation = lab[name]
     decided = gate(store, dataset, model, evaluation, rules, run_id, log=log)
-    tabulate(
-        store, run_id, dataset, model, evaluation, {"seed": model.key}, decided.promoted, decided.champion_model_key
-    )  # the runs table
+    record = RunRecord(
+        run_id=run_id, parameters={"seed": model.key}, dataset=dataset, model=model, evaluation=evaluation, gate=decided
+    )
+    tabulate(store, record)  # the runs table
     return decided
 
 

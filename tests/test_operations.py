@@ -226,8 +226,7 @@ def test_a_night_due_while_workers_were_away_runs_when_they_return(ops):
 def test_a_run_that_keeps_crashing_fails_instead_of_looping():
     from datetime import UTC, datetime
 
-    from flows.recovery import check_attempt
-    from tasks.tabulate import Attempt
+    from flows.recovery import Attempt, check_attempt
 
     crashes = [CRASH_MESSAGE.format(automation="mnist-crash-silent-runs")] * MAX_ATTEMPTS
     check_attempt(Attempt(number=MAX_ATTEMPTS, crashed=crashes[:-1], started_at=datetime.now(UTC)))  # may still try
