@@ -18,6 +18,7 @@ from typing import Any
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 
+from flows.locks import open_store
 from flows.results import UntrustedRecord, check_record
 from storage import SIDECAR_LIMIT, Store, StoreError, code_digest
 from tasks.evaluate import EvaluationRef, evaluation_key, stored_evaluation
@@ -58,7 +59,7 @@ class StoredArtifactPolicy(CachePolicy):
         """Drop the cached record if it is not one we write (``flows.results.check_record``: it is
         never deserialized), if it names another artifact than the store holds under its key, or if
         that artifact is gone or altered; True if it was dropped. ``warn`` hears why, once."""
-        store = Store(inputs["store_url"], warn=warn)
+        store = open_store(inputs["store_url"], warn=warn)
         record = store.result_record(self.record_key(inputs))
         stored = self.lookup(store, self.content_key(inputs))
         if stored is None:

@@ -95,10 +95,10 @@ def parameters_from(args: argparse.Namespace) -> PipelineParameters:
 
 def champion_command(args: argparse.Namespace) -> int:
     """``champion``, ``promote`` and ``rollback``: read and set the pointer in the store, no Prefect run needed."""
-    from storage import Store
+    from flows.locks import open_store
     from tasks.champion import ChampionError, find_champion, promote_run, rollback
 
-    store = Store.resolve(args.store)
+    store = open_store(args.store)
     try:
         if args.command == "promote":
             row = promote_run(store, args.run_id)
@@ -192,10 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         print(describe_errors(exc), file=sys.stderr)
         return EXIT_BAD_PARAMETERS
 
-    from storage import Store, StoreError
+    from flows.locks import open_store
+    from storage import StoreError
 
     try:  # seconds, not the ephemeral server's start-up (or fifteen epochs), before saying the store is unusable
-        Store.resolve(params.store).check_writable()
+        open_store(params.store).check_writable()
     except StoreError as exc:
         print(f"mnist-pipeline: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -8,7 +8,7 @@ keep their flock (``storage.Store.lock``); this is what ``flows/steps.py`` gives
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
@@ -40,11 +40,13 @@ def artifact_lock(name: str) -> Iterator[None]:
         yield
 
 
-def open_store(url: str) -> Store:
-    """The store for a step: a remote one is locked through the server when there is one, and a
-    damaged file it meets is reported in the run's log."""
-    try:
-        warn = get_run_logger().warning
-    except MissingContextError:
-        warn = None
-    return Store(url, distributed_lock=artifact_lock if server_in_use() else None, warn=warn)
+def open_store(url: str | None = None, warn: Callable[[str], None] | None = None) -> Store:
+    """The one way flows/ opens a store (steps, the cache policy, the CLI): ``url``, else ``$MNIST_STORE``,
+    else ``./artifacts``; a remote one is locked through the server when there is one, and a damaged
+    file it meets is reported to ``warn``, else to the run's log."""
+    if warn is None:
+        try:
+            warn = get_run_logger().warning
+        except MissingContextError:
+            warn = None
+    return Store.resolve(url, distributed_lock=artifact_lock if server_in_use() else None, warn=warn)

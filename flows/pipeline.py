@@ -12,10 +12,10 @@ from prefect.runtime import deployment, flow_run
 from flows import artifacts, recovery, steps
 from flows.caching import call_cached
 from flows.confinement import check_deployed_run
+from flows.locks import open_store
 from flows.params import PipelineParameters, run_seed
 from flows.results import result_storage
 from flows.summary import RunSummary
-from storage import Store
 from tasks.run_record import RunRecord
 
 
@@ -28,7 +28,7 @@ def mnist_retrain(params: PipelineParameters = PipelineParameters()) -> RunSumma
     logger = get_run_logger()
     if deployment.get_id() is not None:  # started through the API: only what this worker serves
         check_deployed_run(params)
-    store = Store.resolve(params.store)
+    store = open_store(params.store)
     store.check_writable()  # before any download or training, not after fifteen epochs
     attempt = recovery.current_attempt()
     recovery.check_attempt(attempt)

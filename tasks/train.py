@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from storage import Store, code_digest, sha256_bytes, sha256_json
 from tasks import model as networks
 from tasks.backends import Backend, process_backend, run_in_backend
+from tasks.checkpoints import drop_checkpoint, pull_checkpoint, push_checkpoint
 from tasks.fetch import DatasetRef, load_mnist
 from tasks.keras_runtime import import_keras
 from tasks.model import DEFAULT_EPOCHS, ModelName, ModelRef, build_model, make_optimizer, scale, stamp_keras_file
@@ -353,10 +354,10 @@ def _train(store: Store, dataset: DatasetRef, config: TrainConfig, key: str, log
     keras.utils.set_random_seed(config.seed)
     backup = Path(store.checkpoint_dir(key))
     backup.mkdir(parents=True, exist_ok=True)
-    if (pulled := store.pull_checkpoint(key)) is not None:
+    if (pulled := pull_checkpoint(store, key)) is not None:
         log(f"Found a checkpoint after epoch {pulled} in the store")
     recorder = _epoch_recorder(
-        backup / "history.json", log, on_epoch, config.epochs, on_backup=lambda epoch: store.push_checkpoint(key, epoch)
+        backup / "history.json", log, on_epoch, config.epochs, on_backup=lambda epoch: push_checkpoint(store, key, epoch)
     )
 
     steps_per_epoch = int(np.ceil(len(x_train) / config.batch_size))
@@ -409,5 +410,5 @@ def _train(store: Store, dataset: DatasetRef, config: TrainConfig, key: str, log
         val_accuracy=float(history["val_accuracy"].iloc[-1]),
     )
     store.write_text(store.model_info_file(key), ref.model_dump_json(indent=2))  # the publish: replaced last
-    store.drop_checkpoint(key)
+    drop_checkpoint(store, key)
     return ref

@@ -22,6 +22,7 @@ import pytest
 from storage import DamagedArtifact, Store, UnsafeKey, confine_key, sha256_bytes
 from storage.tables import read_table, write_table
 from tasks.champion import Champion, find_champion
+from tasks.checkpoints import pull_checkpoint, push_checkpoint
 from tasks.fetch import DirectorySource, FileSpec, HttpMirror, SourceError, fetch_mnist
 from tasks.model import ModelRef, load_model
 from tasks.plots import PlotsRef, stored_plots
@@ -151,11 +152,11 @@ def test_a_checkpoint_pointer_naming_another_bucket_deletes_nothing_outside_the_
     base = store.key("checkpoints", "k")
     for folder in ("s3://victim/data", "/victim/data", "../../victim/data", "../other"):
         store.write_text(store.key(base, "latest.json"), json.dumps({"epoch": 3, "folder": folder}))
-        assert store.pull_checkpoint("k") is None  # not a checkpoint: training starts afresh
+        assert pull_checkpoint(store, "k") is None  # not a checkpoint: training starts afresh
         local = Path(store.checkpoint_dir("k"))
         local.mkdir(parents=True, exist_ok=True)
         (local / "history.json").write_text("[]")
-        store.push_checkpoint("k", 4)  # replaces the pointer and would delete the previous folder
+        push_checkpoint(store, "k", 4)  # replaces the pointer and would delete the previous folder
         assert fs.cat("victim/data/keep.txt") == b"not the pipeline's" and fs.cat("mnist/other/keep.txt") == b"beside the store"
         assert json.loads(store.read_bytes(store.key(base, "latest.json")))["epoch"] == 4
     assert len(said) == 8 and all("checkpoint pointer" in line and "field 'folder'" in line for line in said)
