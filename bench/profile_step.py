@@ -24,9 +24,10 @@ import numpy as np  # noqa: E402
 
 from storage import Store  # noqa: E402
 from tasks.fetch import fetch_mnist, load_mnist  # noqa: E402
+from tasks.input_pipeline import STEPS_PER_EXECUTION, VALIDATION_SPLIT, input_pipeline  # noqa: E402
 from tasks.keras_runtime import import_keras  # noqa: E402
 from tasks.model import build_model, make_optimizer, scale  # noqa: E402
-from tasks.train import STEPS_PER_EXECUTION, VALIDATION_SPLIT, dtype_policy, input_pipeline, select_device  # noqa: E402
+from tasks.precision import dtype_policy, select_device  # noqa: E402
 
 BATCH = 128
 REPEATS = 150

@@ -12,7 +12,8 @@ import sys
 from storage import Store
 from tasks.backends import MESSAGE
 from tasks.fetch import DatasetRef
-from tasks.train import TrainConfig, _train
+from tasks.train import TrainConfig
+from tasks.training_loop import train_and_store
 
 
 def _send(**message) -> None:
@@ -24,7 +25,7 @@ def main(argv: list[str]) -> int:
     come on standard input (a JSON object), never the command line, which every user of the machine can read."""
     arguments = json.loads(argv[0] if argv else sys.stdin.readline())
     store = Store(arguments["store"])
-    ref = _train(
+    ref = train_and_store(
         store,
         DatasetRef.model_validate(arguments["dataset"]),
         TrainConfig.model_validate(arguments["config"]),

@@ -178,6 +178,20 @@ def scale(images: np.ndarray) -> np.ndarray:
     return (images.astype(np.float32) / 255.0)[..., np.newaxis]
 
 
+# The network code a trained model depends on: part of the training key (``tasks.train.training_code``).
+NETWORK_CODE = (
+    build_seed_model,
+    build_strong_model,
+    build_model,
+    make_optimizer,
+    ema_momentum,
+    loss_and_targets,
+    LABEL_SMOOTHING,
+    scale,
+    INPUT_SHAPE,
+)
+
+
 def stamp_keras_file(path: str, **facts: str) -> None:
     """Add ``facts`` (the backend it was trained on, say) to the ``metadata.json`` inside a ``.keras`` file.
 

@@ -87,10 +87,22 @@ EDITS = {
         set(),
     ),
     "a comment and a docstring in the training loop": (
-        "tasks/train.py",
-        r"^(def _train\(.*\n)",
+        "tasks/training_loop.py",
+        r"^(def train_and_store\((?:.*\n)*?.*-> ModelRef:\n)",
         r'\1    """Edited docstring."""  # and a comment\n',
         set(),
+    ),
+    "a new helper in the input pipeline, listed nowhere": (
+        "tasks/input_pipeline.py",
+        r"^VALIDATION_SPLIT = 0\.1$",
+        "VALIDATION_SPLIT = 0.1\n\n\ndef _unlisted_helper(images):\n    return images[::-1]",
+        {"train"},
+    ),
+    "a new helper in the training loop, listed nowhere": (
+        "tasks/training_loop.py",
+        r"^HISTORY_COLUMNS = ",
+        "def _unlisted_helper(rows):\n    return rows\n\n\nHISTORY_COLUMNS = ",
+        {"train"},
     ),
     "the optimizer": (
         "tasks/model.py",

@@ -3,43 +3,44 @@
 import pytest
 import tensorflow as tf
 
-from tasks import train
+from tasks import precision
 from tasks.backends import Backend
+from tasks.model import build_model
 
 
 def test_cpu_uses_bf16_only_where_the_cpu_has_it(monkeypatch):
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
-    monkeypatch.setattr(train, "cpu_has_bf16", lambda: True)
-    assert train.select_device("auto") == ("CPU:0", "mixed_bfloat16")
-    monkeypatch.setattr(train, "cpu_has_bf16", lambda: False)
-    assert train.select_device("auto") == ("CPU:0", "float32")
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    assert precision.select_device("auto") == ("CPU:0", "mixed_bfloat16")
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    assert precision.select_device("auto") == ("CPU:0", "float32")
 
 
 def test_a_visible_gpu_is_chosen_with_mixed_float16(monkeypatch):
     fake_gpu = tf.config.PhysicalDevice(name="/physical_device:GPU:0", device_type="GPU")
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [fake_gpu] if kind == "GPU" else [])
-    assert train.select_device("auto") == ("GPU:0", "mixed_float16")
-    assert train.select_device("float32") == ("GPU:0", "float32")
+    assert precision.select_device("auto") == ("GPU:0", "mixed_float16")
+    assert precision.select_device("float32") == ("GPU:0", "float32")
 
 
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
 def test_softmax_output_stays_float32_under_any_policy(policy):
-    with train.dtype_policy(policy):
-        model = train.build_model("seed")
+    with precision.dtype_policy(policy):
+        model = build_model("seed")
     assert model.layers[-1].dtype_policy.compute_dtype == "float32"
     assert model.layers[0].dtype_policy.compute_dtype == ("bfloat16" if policy == "mixed_bfloat16" else "float32")
 
 
 @pytest.mark.parametrize("backend", [Backend.jax, Backend.torch], ids=lambda b: b.value)
 def test_jax_and_torch_use_bf16_on_a_gpu_and_float32_on_a_cpu(monkeypatch, backend):
-    monkeypatch.setattr(train, "has_gpu", lambda b: True)
-    assert train.select_device("auto", backend) == ("GPU:0", "mixed_bfloat16")
-    assert train.select_device("mixed_float16", backend) == ("GPU:0", "mixed_float16")
-    monkeypatch.setattr(train, "has_gpu", lambda b: False)
-    monkeypatch.setattr(train, "cpu_has_bf16", lambda: True)
-    assert train.select_device("auto", backend) == ("CPU:0", "float32")
+    monkeypatch.setattr(precision, "has_gpu", lambda b: True)
+    assert precision.select_device("auto", backend) == ("GPU:0", "mixed_bfloat16")
+    assert precision.select_device("mixed_float16", backend) == ("GPU:0", "mixed_float16")
+    monkeypatch.setattr(precision, "has_gpu", lambda b: False)
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    assert precision.select_device("auto", backend) == ("CPU:0", "float32")
 
 
 @pytest.mark.parametrize("backend", list(Backend), ids=lambda b: b.value)
 def test_each_backend_asks_its_own_runtime_for_a_gpu(backend):
-    assert train.has_gpu(backend) is False  # this machine has none, and each runtime says so
+    assert precision.has_gpu(backend) is False  # this machine has none, and each runtime says so

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from tasks.evaluate import stratified_sample
-from tasks.train import stratified_subset
+from tasks.input_pipeline import stratified_subset
 
 
 @pytest.fixture

@@ -1,0 +1,165 @@
+"""The training loop: fit with Keras' ``BackupAndRestore`` (resume after a crash from the last completed epoch),
+record every epoch, store the model and its history. Part of the training key whole (``tasks.train.training_code``).
+
+Resume after a crash uses Keras' own ``BackupAndRestore``: weights, optimizer state and the epoch
+counter are backed up after every epoch under a directory named by the training key, so the next run
+with the same parameters carries on from the last completed epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from storage import Store, sha256_bytes
+from tasks import model as networks
+from tasks.backends import Backend, process_backend
+from tasks.checkpoints import drop_checkpoint, pull_checkpoint, push_checkpoint
+from tasks.fetch import DatasetRef, load_mnist
+from tasks.input_pipeline import (
+    VALIDATION_BATCH,
+    VALIDATION_SPLIT,
+    input_pipeline,
+    shuffled_batches,
+    steps_per_execution,
+    stratified_subset,
+)
+from tasks.keras_runtime import import_keras
+from tasks.model import ModelRef, build_model, make_optimizer, scale, stamp_keras_file
+from tasks.precision import dtype_policy, select_device
+from tasks.training_config import TrainConfig
+
+HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds")
+Log = Callable[[str], None]
+OnEpoch = Callable[[int, int, dict], None]
+
+
+def _epoch_recorder(state_file: Path, log: Log, on_epoch: OnEpoch | None, total: int, on_backup: Callable[[int], None]):
+    keras = import_keras()
+
+    class EpochRecorder(keras.callbacks.Callback):
+        """Logs each epoch and keeps the history across a resume (Keras' History restarts at the resume)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows: list[dict] = json.loads(state_file.read_text()) if state_file.exists() else []
+            self.resumed_from: int | None = None
+            self._t0 = 0.0
+
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            if self.resumed_from is None:
+                self.resumed_from = epoch
+                self.rows = [r for r in self.rows if r["epoch"] <= epoch]
+                if epoch:
+                    log(f"Resuming from the checkpoint after epoch {epoch}/{total}")
+            self._t0 = time.perf_counter()
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            row = {"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}}
+            row["seconds"] = time.perf_counter() - self._t0
+            self.rows = [r for r in self.rows if r["epoch"] < epoch + 1] + [row]
+            tmp = state_file.with_name(f".{state_file.name}.tmp")
+            tmp.write_text(json.dumps(self.rows))
+            os.replace(tmp, state_file)
+            on_backup(epoch + 1)  # Keras' backup of this epoch is written (its callback runs first)
+            log(
+                f"Epoch {epoch + 1}/{total}: loss {row.get('loss', float('nan')):.4f} "
+                f"accuracy {row.get('accuracy', float('nan')):.4f} val_accuracy {row.get('val_accuracy', float('nan')):.4f} "
+                f"({row['seconds']:.1f} s)"
+            )
+            if on_epoch is not None:
+                on_epoch(epoch + 1, total, row)
+
+    return EpochRecorder()
+
+
+def train_and_store(
+    store: Store, dataset: DatasetRef, config: TrainConfig, key: str, log: Log, on_epoch: OnEpoch | None
+) -> ModelRef:
+    keras = import_keras()
+
+    mnist = load_mnist(store, dataset)
+    subset = stratified_subset(mnist.y_train, config.train_limit, config.seed)
+    rng = np.random.default_rng(config.seed)
+    order = rng.permutation(subset)
+    n_val = max(int(round(len(order) * VALIDATION_SPLIT)), 1)
+    train_idx, val_idx = order[:-n_val], order[-n_val:]
+    x_train, y_train = scale(mnist.x_train[train_idx]), mnist.y_train[train_idx]
+    x_val, y_val = scale(mnist.x_train[val_idx]), mnist.y_train[val_idx]
+
+    backend = process_backend()
+    if backend is not config.backend:
+        raise RuntimeError(f"this process's Keras backend is {backend.value}, the configuration asks for {config.backend.value}")
+    device, policy = select_device(config.precision, backend)
+    log(
+        f"Training {config.model.value} on {device} ({backend.value}) with dtype policy {policy}: "
+        f"{len(x_train)} images, {len(x_val)} for validation"
+    )
+    keras.utils.set_random_seed(config.seed)
+    backup = Path(store.checkpoint_dir(key))
+    backup.mkdir(parents=True, exist_ok=True)
+    if (pulled := pull_checkpoint(store, key)) is not None:
+        log(f"Found a checkpoint after epoch {pulled} in the store")
+    recorder = _epoch_recorder(
+        backup / "history.json", log, on_epoch, config.epochs, on_backup=lambda epoch: push_checkpoint(store, key, epoch)
+    )
+
+    steps_per_epoch = int(np.ceil(len(x_train) / config.batch_size))
+    started = time.perf_counter()
+    with dtype_policy(policy):
+        model = build_model(config.model)
+        loss, y_train = networks.loss_and_targets(config.model, y_train)
+        _, y_val = networks.loss_and_targets(config.model, y_val)
+        model.compile(
+            optimizer=make_optimizer(config.model, config.learning_rate, config.epochs * steps_per_epoch),
+            loss=loss,
+            metrics=["accuracy"],
+            steps_per_execution=steps_per_execution(backend),
+        )
+        batches = input_pipeline if backend is Backend.tensorflow else shuffled_batches
+        model.fit(
+            batches(x_train, y_train, config.batch_size, config.seed, training=True),
+            epochs=config.epochs,
+            validation_data=batches(x_val, y_val, VALIDATION_BATCH, None, training=False),
+            callbacks=[keras.callbacks.BackupAndRestore(str(backup), delete_checkpoint=False), recorder],
+            shuffle=False,  # the input reshuffles every epoch itself
+            verbose=0,
+        )
+    seconds = time.perf_counter() - started
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "model.keras")
+        model.save(local)
+        stamp_keras_file(local, backend=backend.value, device=device, dtype_policy=policy)
+        digest = sha256_bytes(Path(local).read_bytes())
+        model_file = store.unique(store.model_file(key))
+        store.put_file(local, model_file)
+    history = pd.DataFrame(recorder.rows).reindex(columns=list(HISTORY_COLUMNS))
+    history["epoch"] = history["epoch"].astype("int32")
+    history_file = store.unique(store.history_file(key))
+    store.write_bytes(history_file, history.to_parquet(index=False))
+    ref = ModelRef(
+        key=key,
+        path=model_file,
+        sha256=digest,
+        history_path=history_file,
+        network=config.model.value,
+        backend=backend.value,
+        device=device,
+        precision=policy,
+        epochs=config.epochs,
+        resumed_from_epoch=recorder.resumed_from or 0,
+        train_images=len(x_train),
+        train_seconds=seconds,
+        val_accuracy=float(history["val_accuracy"].iloc[-1]),
+    )
+    store.write_text(store.model_info_file(key), ref.model_dump_json(indent=2))  # the publish: replaced last
+    drop_checkpoint(store, key)
+    return ref
