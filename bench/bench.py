@@ -89,7 +89,7 @@ def ours(store: Store, dataset, epochs: int, seed: int) -> tuple[dict, object]:
     import pandas as pd
 
     ref = train_model(store, dataset, TrainConfig(epochs=epochs, seed=seed), log=lambda _: None, reuse=False)
-    history = pd.read_parquet(store.path(ref.history_path))
+    history = pd.read_parquet(store.path(ref.history_key))
     evaluation = evaluate_model(store, dataset, ref, n_per_class=800, seed=seed, reuse=False)
     return {
         "seed": seed,

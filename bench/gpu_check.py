@@ -50,7 +50,7 @@ def export_mnist(directory: Path) -> None:
     dataset = fetch_mnist(store, sources=default_sources(), log=progress)
     directory.mkdir(parents=True, exist_ok=True)
     for name, stored in dataset.files.items():
-        (directory / f"{name}.gz").write_bytes(gzip.compress(store.read_bytes(stored.path), mtime=0))
+        (directory / f"{name}.gz").write_bytes(gzip.compress(store.read_bytes(stored.key), mtime=0))
     progress(f"wrote the four IDX files (gzipped) to {directory}")
 
 
@@ -94,7 +94,7 @@ def train_one(args: argparse.Namespace) -> dict:
         wall = time.perf_counter() - started
         mnist = load_mnist(store, dataset)
         correct = int((predict(load_model(store, ref), mnist.x_test).argmax(axis=1) == mnist.y_test).sum())
-        history = store.read_bytes(ref.history_path)
+        history = store.read_bytes(ref.history_key)
     seconds = pd.read_parquet(io.BytesIO(history))["seconds"].tolist()
     steady = statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0]  # epoch 1 includes compilation
     low, high = wilson_interval(np.array(correct), np.array(len(mnist.y_test)))

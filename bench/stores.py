@@ -54,7 +54,7 @@ def main() -> None:
         source = tmp / "idx"
         source.mkdir()
         for name, stored in dataset.files.items():
-            (source / name).write_bytes(data.read_bytes(stored.path))
+            (source / name).write_bytes(data.read_bytes(stored.key))
 
         port = free_port()
         endpoint = f"http://127.0.0.1:{port}"

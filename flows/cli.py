@@ -125,7 +125,7 @@ def print_champion(store, lookup, as_json: bool) -> int:
             json.dumps(
                 None
                 if champion is None
-                else {**champion.model_dump(mode="json"), "model_path": store.location(lookup.model.path)}
+                else {**champion.model_dump(mode="json"), "model_path": store.location(lookup.model.file_key)}
             )
         )
         return 0
@@ -134,7 +134,7 @@ def print_champion(store, lookup, as_json: bool) -> int:
         return 0
     print(
         f"Champion run:       {champion.run_id}\n"
-        f"Model:              {champion.model_key} → {store.location(lookup.model.path)}\n"
+        f"Model:              {champion.model_key} → {store.location(lookup.model.file_key)}\n"
         f"SHA-256:            {champion.sha256}\n"
         f"Balanced accuracy:  {champion.balanced_accuracy:.4f}\n"
         f"Test accuracy:      {champion.test_accuracy:.4f}\n"

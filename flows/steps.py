@@ -63,7 +63,7 @@ def train(store_url: str, dataset: DatasetRef, config: TrainConfig, reuse: bool 
 
     ref = train_model(open_store(store_url), dataset, config, log=logger.info, on_epoch=on_epoch, reuse=reuse)
     update_progress_artifact(progress, 100.0)
-    logger.info("Model %s: %s (sha256 %s)", ref.network, ref.path, ref.sha256[:12])
+    logger.info("Model %s: %s (sha256 %s)", ref.network, ref.file_key, ref.sha256[:12])
     return ref
 
 

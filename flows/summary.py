@@ -46,7 +46,7 @@ class RunSummary(BaseModel):
             backend=model.backend,
             device=model.device,
             precision=model.precision,
-            model_path=store.location(model.path),
+            model_path=store.location(model.file_key),
             tables_dir=store.location("tables"),
             report_dir=store.location(report.directory),
             report_index=store.location(report.files["index.md"]),

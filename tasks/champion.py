@@ -101,10 +101,13 @@ def _intact_model(store: Store, key: str, sha256: str | None = None) -> tuple[Mo
     except ValueError as exc:
         return None, damage(f"its model record {store.location(info)}", exc)
     expected = sha256 or recorded.sha256
-    if not store.exists(recorded.path):
-        return None, f"its model file {store.location(recorded.path)} is missing"
-    if store.digest(recorded.path)[0] != expected:
-        return None, f"its model file {store.location(recorded.path)} does not match the SHA-256 {expected[:12]}… recorded for it"
+    if not store.exists(recorded.file_key):
+        return None, f"its model file {store.location(recorded.file_key)} is missing"
+    if store.digest(recorded.file_key)[0] != expected:
+        return (
+            None,
+            f"its model file {store.location(recorded.file_key)} does not match the SHA-256 {expected[:12]}… recorded for it",
+        )
     return recorded, None
 
 
@@ -249,8 +252,8 @@ def _json_row(row: dict) -> dict:
 # ---- the gate -----------------------------------------------------------------------------
 def _predicted_labels(store: Store, evaluation: EvaluationRef) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(test labels, challenger's predicted labels on every test image, this run's balanced sample)."""
-    everything = read_frame(store, evaluation.test_path, evaluation.test_predictions_sha256).sort_values("test_index")
-    sample = read_frame(store, evaluation.path, evaluation.predictions_sha256)["test_index"].to_numpy()
+    everything = read_frame(store, evaluation.test_predictions_key, evaluation.test_predictions_sha256).sort_values("test_index")
+    sample = read_frame(store, evaluation.predictions_key, evaluation.predictions_sha256)["test_index"].to_numpy()
     return everything["true_label"].to_numpy(), everything["predicted_label"].to_numpy(), sample
 
 

@@ -21,13 +21,15 @@ PREDICT_BATCH = 1024
 
 class EvaluationRef(BaseModel):
     key: StoreName
-    path: StoreKey
+    predictions_key: StoreKey = Field(validation_alias=AliasChoices("predictions_key", "path"))  # the balanced sample's
     model_sha256: str
     dataset_sha256: str = Field(validation_alias=AliasChoices("dataset_sha256", "dataset_digest"))
     n_per_class: int
     seed: int
     predictions_sha256: str
-    test_path: StoreKey  # every test image's prediction, for paired comparisons with another model
+    test_predictions_key: StoreKey = Field(
+        validation_alias=AliasChoices("test_predictions_key", "test_path")
+    )  # every test image's prediction, for paired comparisons with another model
     test_predictions_sha256: str
     n_evaluated: int
     test_images: int
@@ -45,7 +47,7 @@ class ModelPredictionsRef(BaseModel):
 
     key: StoreName
     model_sha256: str
-    path: StoreKey
+    file_key: StoreKey
     sha256: str
 
 
@@ -56,13 +58,13 @@ def model_predictions_key(model: ModelRef) -> str:
 
 def stored_model_predictions(store: Store, model: ModelRef) -> ModelPredictionsRef | None:
     ref = store.load_ref(
-        store.model_predictions_info_file(model_predictions_key(model)), ModelPredictionsRef, lambda r: {r.path: r.sha256}
+        store.model_predictions_info_file(model_predictions_key(model)), ModelPredictionsRef, lambda r: {r.file_key: r.sha256}
     )
     return ref if ref is not None and ref.model_sha256 == model.sha256 else None
 
 
 def publish_model_predictions(store: Store, model: ModelRef, path: str, sha256: str) -> ModelPredictionsRef:
-    ref = ModelPredictionsRef(key=model_predictions_key(model), model_sha256=model.sha256, path=path, sha256=sha256)
+    ref = ModelPredictionsRef(key=model_predictions_key(model), model_sha256=model.sha256, file_key=path, sha256=sha256)
     store.write_text(store.model_predictions_info_file(ref.key), ref.model_dump_json(indent=2))
     return ref
 
@@ -76,7 +78,7 @@ def predicted_test_labels(store: Store, dataset: DatasetRef, model: ModelRef) ->
         frame = predictions_frame(np.arange(len(mnist.y_test)), mnist.y_test, predict(load_model(store, model), mnist.x_test))
         path = write_frame(store, store.unique(store.test_predictions_file(model_predictions_key(model))), "predictions", frame)
         stored = publish_model_predictions(store, model, path, store.digest(path)[0])
-    frame = read_frame(store, stored.path, stored.sha256).sort_values("test_index")
+    frame = read_frame(store, stored.file_key, stored.sha256).sort_values("test_index")
     return frame["predicted_label"].to_numpy()
 
 
@@ -122,7 +124,7 @@ def stored_evaluation(store: Store, key: str) -> EvaluationRef | None:
     return store.load_ref(
         store.evaluation_info_file(key),
         EvaluationRef,
-        lambda ref: {ref.path: ref.predictions_sha256, ref.test_path: ref.test_predictions_sha256},
+        lambda ref: {ref.predictions_key: ref.predictions_sha256, ref.test_predictions_key: ref.test_predictions_sha256},
     )
 
 
@@ -149,10 +151,10 @@ def _evaluate(store: Store, dataset: DatasetRef, model_ref: ModelRef, n_per_clas
     test_path = write_frame(store, store.unique(store.test_predictions_file(key)), "predictions", everything)
     ref = EvaluationRef(
         key=key,
-        path=path,
+        predictions_key=path,
         model_sha256=model_ref.sha256,
         predictions_sha256=store.digest(path)[0],
-        test_path=test_path,
+        test_predictions_key=test_path,
         test_predictions_sha256=store.digest(test_path)[0],
         dataset_sha256=dataset.sha256,
         n_per_class=n_per_class,

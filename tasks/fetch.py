@@ -70,7 +70,7 @@ class MnistUnavailable(RuntimeError):
 
 class StoredFile(BaseModel):
     name: str
-    path: StoreKey
+    key: StoreKey = Field(validation_alias=AliasChoices("key", "path"))  # "path" before
     sha256: str
     size: int
 
@@ -253,7 +253,7 @@ def _stored_ok(store: Store, spec: FileSpec) -> bool:
 
 
 def _ref(store: Store, files: Sequence[FileSpec], sources: list[str]) -> DatasetRef:
-    stored = {s.name: StoredFile(name=s.name, path=store.object_path(s.sha256), sha256=s.sha256, size=s.size) for s in files}
+    stored = {s.name: StoredFile(name=s.name, key=store.object_path(s.sha256), sha256=s.sha256, size=s.size) for s in files}
     return DatasetRef(sha256=dataset_digest(files), files=stored, sources=sources)
 
 
@@ -326,10 +326,10 @@ def load_mnist(store: Store, ref: DatasetRef) -> Mnist:
     """Parse the verified files; a stored file that no longer matches its digest is an error, not data."""
     arrays: dict[str, np.ndarray] = {}
     for name, stored in ref.files.items():
-        data = store.read_bytes(stored.path, limit=stored.size)
+        data = store.read_bytes(stored.key, limit=stored.size)
         if sha256_bytes(data) != stored.sha256:
             raise idx.IDXFormatError(
-                f"{name} in the store ({store.location(stored.path)}) no longer matches its SHA-256; re-run to fetch it again"
+                f"{name} in the store ({store.location(stored.key)}) no longer matches its SHA-256; re-run to fetch it again"
             )
         parse = idx.parse_labels if "labels" in name else idx.parse_images
         arrays[name] = parse(data, name)

@@ -38,10 +38,10 @@ DEFAULT_EPOCHS: dict[ModelName, int] = {
 class ModelRef(BaseModel):
     """A trained model in the store: a reference and a digest, never the weights themselves."""
 
-    key: StoreName
-    path: StoreKey
+    key: StoreName  # the training key
+    file_key: StoreKey = Field(validation_alias=AliasChoices("file_key", "path"))  # the .keras file ("path" before)
     sha256: str
-    history_path: StoreKey
+    history_key: StoreKey = Field(validation_alias=AliasChoices("history_key", "history_path"))
     network: str = Field(validation_alias=AliasChoices("network", "model"))  # the ModelName it was built from ("model" before)
     backend: str = "tensorflow"  # the Keras backend it was trained on (references made before the choice: TensorFlow)
     device: str
@@ -225,17 +225,17 @@ def load_model(store: Store, ref: ModelRef):
     """
     keras = import_keras()
 
-    with store.verified_copy(ref.path, ref.sha256, suffix=".keras") as local:
+    with store.verified_copy(ref.file_key, ref.sha256, suffix=".keras") as local:
         try:
             with zipfile.ZipFile(local) as archive:
                 names = set(archive.namelist())
         except zipfile.BadZipFile as exc:
             raise DamagedArtifact(
-                f"model {store.location(ref.path)} is not a .keras archive (HDF5 and other formats are refused)"
+                f"model {store.location(ref.file_key)} is not a .keras archive (HDF5 and other formats are refused)"
             ) from exc
         if not KERAS_ARCHIVE_ENTRIES <= names:
             raise DamagedArtifact(
-                f"model {store.location(ref.path)} is not a .keras archive (it lacks config.json or metadata.json)"
+                f"model {store.location(ref.file_key)} is not a .keras archive (it lacks config.json or metadata.json)"
             )
         # predicting only: no optimizer state to restore
         return keras.models.load_model(local, compile=False, safe_mode=True)

@@ -194,8 +194,8 @@ def stored_plots(store: Store, key: str) -> PlotsRef | None:
 
 def render_plots(store: Store, dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef) -> PlotsRef:
     """Render every figure of an evaluation into ``plots/<key>/``."""
-    predictions = read_frame(store, evaluation.path, evaluation.predictions_sha256)
-    history = read_frame(store, model.history_path)
+    predictions = read_frame(store, evaluation.predictions_key, evaluation.predictions_sha256)
+    history = read_frame(store, model.history_key)
     images = load_mnist(store, dataset).x_test
     cm = confusion_matrix(predictions["true_label"].to_numpy(), predictions["predicted_label"].to_numpy())
     gallery, pair = most_confused(predictions, cm, images)

@@ -16,7 +16,7 @@ from tasks.run_record import RunRecord
 
 class TablesRef(BaseModel):
     run_id: str
-    paths: dict[str, str]
+    keys: dict[str, str]  # table name → this run's partition
 
 
 def run_frame(run: RunRecord) -> pd.DataFrame:
@@ -49,12 +49,12 @@ def run_frame(run: RunRecord) -> pd.DataFrame:
 def tabulate(store: Store, run: RunRecord) -> TablesRef:
     """Write this run's partition of every table; ``runs`` last, so a run listed there is complete."""
     evaluation = run.evaluation
-    predictions = read_frame(store, evaluation.path, evaluation.predictions_sha256)
+    predictions = read_frame(store, evaluation.predictions_key, evaluation.predictions_sha256)
     cm = confusion_matrix(predictions["true_label"].to_numpy(), predictions["predicted_label"].to_numpy())
-    paths = {
+    keys = {
         "confusion": write_table(store, "confusion", run.run_id, confusion_frame(cm)),
         "per_class": write_table(store, "per_class", run.run_id, per_class_frame(cm)),
         "predictions": write_table(store, "predictions", run.run_id, predictions),
     }
-    paths["runs"] = write_table(store, "runs", run.run_id, run_frame(run))
-    return TablesRef(run_id=run.run_id, paths=paths)
+    keys["runs"] = write_table(store, "runs", run.run_id, run_frame(run))
+    return TablesRef(run_id=run.run_id, keys=keys)

@@ -29,7 +29,7 @@ def training_key(dataset: DatasetRef, config: TrainConfig) -> str:
 
 def stored_model(store: Store, key: str) -> ModelRef | None:
     """The model already trained under ``key``, if its file is there and still matches its digest."""
-    return store.load_ref(store.model_info_file(key), ModelRef, lambda ref: {ref.path: ref.sha256})
+    return store.load_ref(store.model_info_file(key), ModelRef, lambda ref: {ref.file_key: ref.sha256})
 
 
 def train_model(

@@ -147,9 +147,9 @@ def train_and_store(
     store.write_bytes(history_file, history.to_parquet(index=False))
     ref = ModelRef(
         key=key,
-        path=model_file,
+        file_key=model_file,
         sha256=digest,
-        history_path=history_file,
+        history_key=history_file,
         network=config.model.value,
         backend=backend.value,
         device=device,

@@ -39,7 +39,7 @@ def cli(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProc
 def export_idx(store: Store, directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     for name, stored in fetch_mnist(store, sources=[], log=lambda _: None).files.items():
-        (directory / name).write_bytes(store.read_bytes(stored.path))
+        (directory / name).write_bytes(store.read_bytes(stored.key))
     return directory
 
 
@@ -130,11 +130,11 @@ def test_training_killed_mid_way_resumes_from_the_last_epoch(tmp_path, mnist_sto
     ref = train_model(store, dataset, config, log=logs.append)
     assert ref.resumed_from_epoch >= done_before  # the epoch whose backup was written before the kill
     assert any(line.startswith("Resuming from the checkpoint after epoch") for line in logs)
-    trained = pd.read_parquet(store.path(ref.history_path))
+    trained = pd.read_parquet(store.path(ref.history_key))
     assert trained["epoch"].tolist() == [1, 2, 3, 4, 5, 6]  # history kept across the kill
     import keras
 
-    model = keras.models.load_model(store.path(ref.path))
+    model = keras.models.load_model(store.path(ref.file_key))
     steps_per_epoch = int(np.ceil(ref.train_images / config.batch_size))
     assert int(model.optimizer.iterations.numpy()) == 6 * steps_per_epoch  # same epochs as an uninterrupted run
     assert not Path(store.checkpoint_dir(key)).exists()

@@ -132,7 +132,7 @@ def test_wrong_file_under_the_right_name_is_named_in_the_error(synthetic, store,
 
 def test_loading_checks_the_stored_bytes_again(synthetic, store):
     ref = fetch_mnist(store, sources=[DirectorySource(synthetic.write_raw())], files=synthetic.specs, log=lambda _: None)
-    path = ref.files["t10k-labels-idx1-ubyte"].path
+    path = ref.files["t10k-labels-idx1-ubyte"].key
     store.write_bytes(path, b"\x00" * 20)
     with pytest.raises(IDXFormatError, match="no longer matches its SHA-256"):
         load_mnist(store, ref)

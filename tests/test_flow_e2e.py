@@ -66,8 +66,8 @@ def test_flow_end_to_end(mnist_store: Store, prefect_harness) -> None:
     summary = mnist_retrain(params)
     check_run(mnist_store, summary.run_id, n_per_class=30, epochs=1)
     model = stored_model(mnist_store, Path(summary.model_path).parent.name)  # model.json names the files it published
-    assert mnist_store.path(model.path) == summary.model_path
-    history = pd.read_parquet(mnist_store.path(model.history_path))
+    assert mnist_store.path(model.file_key) == summary.model_path
+    history = pd.read_parquet(mnist_store.path(model.history_key))
     assert list(history.columns) == ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"] and len(history) == 1
 
 
@@ -77,7 +77,7 @@ def test_console_script_with_a_directory_source(mnist_store: Store, tmp_path: Pa
     source.mkdir()
     dataset = fetch_mnist(mnist_store, sources=[], log=lambda _: None)  # all in the store already
     for name, stored in dataset.files.items():
-        (source / name).write_bytes(mnist_store.read_bytes(stored.path))
+        (source / name).write_bytes(mnist_store.read_bytes(stored.key))
     out = tmp_path / "store"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
     done = subprocess.run(

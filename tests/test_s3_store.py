@@ -25,7 +25,7 @@ def export_idx(mnist_store: Store, directory: Path) -> Path:
     directory.mkdir()
     dataset = fetch_mnist(mnist_store, sources=[], log=lambda _: None)
     for name, stored in dataset.files.items():
-        (directory / name).write_bytes(mnist_store.read_bytes(stored.path))
+        (directory / name).write_bytes(mnist_store.read_bytes(stored.key))
     return directory
 
 
@@ -117,7 +117,7 @@ def test_a_training_killed_on_one_worker_resumes_on_another(s3_server, mnist_sto
     ref = train_model(store, dataset, config, log=logs.append)
     assert f"Found a checkpoint after epoch {in_store} in the store" in logs
     assert ref.resumed_from_epoch == in_store
-    assert read_history_epochs(store, ref.history_path) == [1, 2, 3, 4, 5, 6]
+    assert read_history_epochs(store, ref.history_key) == [1, 2, 3, 4, 5, 6]
     assert not store.exists(store.key("checkpoints", ref.key))  # dropped once the model was stored
 
 

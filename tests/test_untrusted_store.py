@@ -222,7 +222,7 @@ def test_a_model_swapped_after_its_digest_was_checked_is_not_loaded(two_models, 
     real_load = keras.models.load_model
 
     def swap_then_load(path, *args, **kwargs):  # another writer replaces the store's file between check and load
-        Path(store.path(ref.path)).write_bytes(two_models[1].read_bytes())
+        Path(store.path(ref.file_key)).write_bytes(two_models[1].read_bytes())
         return real_load(path, *args, **kwargs)
 
     monkeypatch.setattr(keras.models, "load_model", swap_then_load)
