@@ -109,10 +109,11 @@ def _checked(content: bytes, path: str) -> bytes:
     return content
 
 
-class CheckedLocalResults(LocalFileSystem):
-    """Prefect's local result storage, refusing any record that ``check_record`` refuses."""
+class CheckedReads:
+    """A result storage block's reads, refusing any record that ``check_record`` refuses (sync and async alike).
 
-    _block_type_name = "MNIST checked local results"
+    Mixed in before Prefect's own filesystem block; the block supplies ``_resolve_path`` and ``_open``.
+    """
 
     async def aread_path(self, path: str) -> bytes:
         return self.read_path(path, _sync=True)
@@ -120,25 +121,28 @@ class CheckedLocalResults(LocalFileSystem):
     @async_dispatch(aread_path)
     def read_path(self, path: str) -> bytes:
         resolved = self._resolve_path(path)
-        if not resolved.is_file():
-            raise ValueError(f"Path {resolved} is not a file.")
-        with open(resolved, "rb") as f:
+        with self._open(resolved) as f:
             return _checked(f.read(SIDECAR_LIMIT + 1), str(resolved))
 
 
-class CheckedRemoteResults(RemoteFileSystem):
-    """Prefect's fsspec result storage (a bucket), refusing any record that ``check_record`` refuses."""
+class CheckedLocalResults(CheckedReads, LocalFileSystem):
+    """Prefect's local result storage, checked."""
+
+    _block_type_name = "MNIST checked local results"
+
+    def _open(self, resolved):
+        if not resolved.is_file():
+            raise ValueError(f"Path {resolved} is not a file.")
+        return open(resolved, "rb")
+
+
+class CheckedRemoteResults(CheckedReads, RemoteFileSystem):
+    """Prefect's fsspec result storage (a bucket), checked."""
 
     _block_type_name = "MNIST checked remote results"
 
-    async def aread_path(self, path: str) -> bytes:
-        return self.read_path(path, _sync=True)
-
-    @async_dispatch(aread_path)
-    def read_path(self, path: str) -> bytes:
-        resolved = self._resolve_path(path)
-        with self.filesystem.open(resolved, "rb") as f:
-            return _checked(f.read(SIDECAR_LIMIT + 1), resolved)
+    def _open(self, resolved):
+        return self.filesystem.open(resolved, "rb")
 
 
 def result_storage(store: Store) -> LocalFileSystem | RemoteFileSystem:

@@ -27,6 +27,7 @@ from tasks import idx
 from tasks.evaluate import predictions_frame
 from tasks.fetch import FileSpec, MnistUnavailable, fetch_mnist
 from tasks.metrics import confusion_frame, confusion_matrix, per_class_frame
+from tasks.model import ModelRef
 
 
 class SyntheticMnist:
@@ -64,6 +65,21 @@ def synthetic(tmp_path: Path) -> SyntheticMnist:
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
     return Store(tmp_path / "store")
+
+
+def model_ref(key: str = "k1", file_key: str = "m", sha256: str = "a" * 64, history_key: str = "h", **facts) -> ModelRef:
+    """A model reference for tests that need one, not the weights (the facts of a 1-epoch seed model by default)."""
+    defaults = dict(
+        network="seed",
+        device="CPU:0",
+        precision="float32",
+        epochs=1,
+        resumed_from_epoch=0,
+        train_images=10,
+        train_seconds=1.0,
+        val_accuracy=0.5,
+    )
+    return ModelRef(key=key, file_key=file_key, sha256=sha256, history_key=history_key, **(defaults | facts))
 
 
 def with_mnist(store: Store, mnist_store: Store) -> Store:

@@ -11,7 +11,7 @@ from tasks.evaluate import EvaluationRef
 from tasks.fetch import DatasetRef, StoredFile
 from tasks.model import ModelRef
 from tasks.train import TrainConfig
-from tests.conftest import with_mnist
+from tests.conftest import model_ref, with_mnist
 
 
 def dataset(digest: str = "d" * 64) -> DatasetRef:
@@ -19,20 +19,7 @@ def dataset(digest: str = "d" * 64) -> DatasetRef:
 
 
 def model(sha: str = "a" * 64, key: str = "k1") -> ModelRef:
-    return ModelRef(
-        key=key,
-        path="m",
-        sha256=sha,
-        history_path="h",
-        network="seed",
-        device="CPU:0",
-        precision="float32",
-        epochs=1,
-        resumed_from_epoch=0,
-        train_images=10,
-        train_seconds=1.0,
-        val_accuracy=0.5,
-    )
+    return model_ref(key=key, sha256=sha)
 
 
 def evaluation(key: str = "e1") -> EvaluationRef:

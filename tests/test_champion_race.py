@@ -19,6 +19,7 @@ from tasks.evaluate import EvaluationRef, predictions_frame, publish_model_predi
 from tasks.fetch import DatasetRef
 from tasks.gate import GateRules
 from tasks.model import ModelRef
+from tests.conftest import model_ref
 
 N = 1000
 LABELS = np.arange(N) % 10
@@ -33,19 +34,8 @@ def stand_in(store: Store, key: str, correct: float) -> tuple[ModelRef, Evaluati
     blob = key.encode() * 100
     path = store.model_file(key)
     store.write_bytes(path, blob)
-    model = ModelRef(
-        key=key,
-        path=path,
-        sha256=sha256_bytes(blob),
-        history_path=store.history_file(key),
-        network="seed",
-        device="CPU:0",
-        precision="float32",
-        epochs=1,
-        resumed_from_epoch=0,
-        train_images=1,
-        train_seconds=1.0,
-        val_accuracy=correct,
+    model = model_ref(
+        key=key, file_key=path, sha256=sha256_bytes(blob), history_key=store.history_file(key), val_accuracy=correct
     )
     store.write_text(store.model_info_file(key), model.model_dump_json())
     predicted = np.where(np.arange(N) < correct * N, LABELS, (LABELS + 1) % 10)

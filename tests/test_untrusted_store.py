@@ -27,7 +27,7 @@ from tasks.fetch import DirectorySource, FileSpec, HttpMirror, SourceError, fetc
 from tasks.model import ModelRef, load_model
 from tasks.plots import PlotsRef, stored_plots
 from tasks.train import stored_model
-from tests.conftest import Mirror, sample_frames, with_mnist
+from tests.conftest import Mirror, model_ref, sample_frames, with_mnist
 
 REPO = Path(__file__).resolve().parent.parent
 MARKER_ENV = "MNIST_TEST_MARKER"
@@ -186,23 +186,11 @@ def two_models(tmp_path_factory):
     return files
 
 
-def model_ref(store: Store, file: Path, key: str = "k") -> ModelRef:
+def stored_model_ref(store: Store, file: Path, key: str = "k") -> ModelRef:
+    """``file`` put in the store as model ``key``, and its reference."""
     path = store.model_file(key)
     store.put_file(str(file), path)
-    return ModelRef(
-        key=key,
-        path=path,
-        sha256=sha256_bytes(file.read_bytes()),
-        history_path=store.history_file(key),
-        network="seed",
-        device="CPU:0",
-        precision="float32",
-        epochs=1,
-        resumed_from_epoch=0,
-        train_images=1,
-        train_seconds=1.0,
-        val_accuracy=0.5,
-    )
+    return model_ref(key=key, file_key=path, sha256=sha256_bytes(file.read_bytes()), history_key=store.history_file(key))
 
 
 def first_kernel(model) -> np.ndarray:
@@ -214,7 +202,7 @@ def test_a_model_swapped_after_its_digest_was_checked_is_not_loaded(two_models, 
     from tasks.keras_runtime import import_keras
 
     keras = import_keras()
-    ref = model_ref(store, two_models[0])
+    ref = stored_model_ref(store, two_models[0])
     expected = first_kernel(keras.models.load_model(two_models[0], compile=False))
     other = first_kernel(keras.models.load_model(two_models[1], compile=False))
     assert not np.allclose(expected, other)
@@ -236,9 +224,9 @@ def test_a_model_swapped_after_its_digest_was_checked_is_not_loaded(two_models, 
 @pytest.mark.slow
 def test_only_keras_archives_load_and_safe_mode_refuses_code(two_models, store):
     with pytest.raises(DamagedArtifact, match="not a .keras archive"):
-        load_model(store, model_ref(store, two_models["h5"], key="h5"))
+        load_model(store, stored_model_ref(store, two_models["h5"], key="h5"))
     with pytest.raises(ValueError, match="safe_mode"):
-        load_model(store, model_ref(store, two_models["lambda"], key="lambda"))
+        load_model(store, stored_model_ref(store, two_models["lambda"], key="lambda"))
 
 
 # ---- durable, self-healing writes ----------------------------------------------------------
