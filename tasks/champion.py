@@ -1,4 +1,4 @@
-"""The champion: which model downstream consumers should use, and every decision that changed it.
+"""The champion gate and the operator's overrides: every decision that changes which model is champion.
 
 The pointer is ``champion.json`` at the store's root; every decision is a row of the
 ``promotions`` table. Every read–decide–write of the pointer (the gate, ``promote``, ``rollback``)
@@ -12,7 +12,6 @@ decision's ``decided_at`` is taken between its read and its write, so the last r
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -20,45 +19,45 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel
 
-from storage import SIDECAR_LIMIT, Store, StoreError, StoreName, UnsafeKey, WriteConflict, damage
+from storage import Store, WriteConflict
 from storage.tables import read_frame, read_table, write_table
+from tasks.champion_pointer import (
+    POINTER_ATTEMPTS,
+    Champion,
+    ChampionError,
+    ChampionLookup,
+    champions_in_history,
+    find_champion,
+    first_intact,
+    intact_model,
+    pointer_conflict,
+    promotions,
+    read_pointer,
+    write_pointer,
+)
 from tasks.evaluate import EvaluationRef, predicted_test_labels
 from tasks.fetch import DatasetRef
 from tasks.gate import Comparison, Decision, GateRules, PointerChange, compare, decide, pointer_change
 from tasks.metrics import recall_per_digit
 from tasks.model import ModelRef
 
+__all__ = [
+    "Champion",
+    "ChampionError",
+    "ChampionLookup",
+    "GateRef",
+    "find_champion",
+    "gate",
+    "judge",
+    "promote_run",
+    "promotions",
+    "read_pointer",
+    "rollback",
+]
+
 LOCK = "champion"
 MANUAL = "manual"
 Log = Callable[[str], None]
-
-
-class ChampionError(RuntimeError):
-    """A champion operation cannot be carried out: the message says why and what to do."""
-
-
-class Champion(BaseModel):
-    """What ``champion.json`` holds."""
-
-    model_key: StoreName
-    sha256: str
-    run_id: str
-    balanced_accuracy: float
-    test_accuracy: float
-    promoted_at: datetime
-    reason: str
-    forced: bool = False
-    revision: str | None = None  # new with every write of the pointer: what a conditional write compares
-
-
-class ChampionLookup(BaseModel):
-    """The champion to compare against, and what was wrong with the pointer if it could not be used."""
-
-    champion: Champion | None
-    model: ModelRef | None = None  # the champion's model, its file checked against the recorded digest
-    problem: str | None = None  # one sentence naming the broken pointer, when there was one
-    fallback: bool = False  # the champion came from the promotions history, not the pointer
-    version: str | None = None  # the pointer's version as read (S3 ETag): the next write is conditional on it
 
 
 class GateRef(BaseModel):
@@ -84,126 +83,6 @@ class GateRef(BaseModel):
     def champion_model_key(self) -> str | None:
         """The champion after this run (what the ``runs`` table records)."""
         return self.champion_after.model_key if self.champion_after else None
-
-
-# ---- the pointer --------------------------------------------------------------------------
-def _intact_model(store: Store, key: str, sha256: str | None = None) -> tuple[ModelRef | None, str | None]:
-    """The model under ``key`` in this store, if the file its ``model.json`` names is there and matches
-    the digest the pointer recorded (else the one in ``model.json``); else why not, in a few words."""
-    try:
-        info = store.model_info_file(key)
-    except UnsafeKey as exc:  # a key from the pointer or the promotions table that leaves the store
-        return None, f"its model key is refused: {exc}"
-    if not store.exists(info):
-        return None, f"its model record {store.location(info)} is missing"
-    try:
-        recorded = ModelRef.model_validate_json(store.read_bytes(info, limit=SIDECAR_LIMIT))
-    except ValueError as exc:
-        return None, damage(f"its model record {store.location(info)}", exc)
-    expected = sha256 or recorded.sha256
-    if not store.exists(recorded.file_key):
-        return None, f"its model file {store.location(recorded.file_key)} is missing"
-    if store.digest(recorded.file_key)[0] != expected:
-        return (
-            None,
-            f"its model file {store.location(recorded.file_key)} does not match the SHA-256 {expected[:12]}… recorded for it",
-        )
-    return recorded, None
-
-
-def read_pointer(store: Store) -> Champion | None:
-    data, _ = store.read_versioned(store.champion_file(), limit=SIDECAR_LIMIT)
-    return None if data is None else Champion.model_validate_json(data)
-
-
-def promotions(store: Store) -> pd.DataFrame:
-    """Every decision so far, oldest first."""
-    return read_table(store, "promotions").sort_values("decided_at", kind="stable").reset_index(drop=True)
-
-
-def _champions_in_history(store: Store) -> list[Champion]:
-    """Every model that was ever made champion, latest first, as pointers (their files not yet checked)."""
-    rows = promotions(store)
-    rows = rows[rows["decision"] == "promoted"].iloc[::-1]
-    found = []
-    for r in rows.itertuples():
-        found.append(
-            Champion(
-                model_key=r.challenger_model_key,
-                sha256="",  # filled in by _first_intact from the model's own record
-                run_id=r.run_id,
-                balanced_accuracy=r.challenger_balanced_accuracy,
-                test_accuracy=r.challenger_test_accuracy,
-                promoted_at=r.decided_at.to_pydatetime(),
-                reason=r.reason,
-                forced=bool(r.forced),
-            )
-        )
-    return found
-
-
-def _first_intact(store: Store, candidates: list[Champion], skip: str | None) -> tuple[Champion, ModelRef] | None:
-    """The first candidate (other than model ``skip``) whose model file is intact, with its SHA-256, and its model."""
-    for candidate in candidates:
-        if candidate.model_key == skip:
-            continue
-        ref, _ = _intact_model(store, candidate.model_key)
-        if ref is not None:
-            return candidate.model_copy(update={"sha256": ref.sha256}), ref
-    return None
-
-
-def find_champion(store: Store) -> ChampionLookup:
-    """The champion in ``champion.json``; if that pointer is broken, the last intact champion in history."""
-    where = store.location(store.champion_file())
-    pointer, problem = None, None
-    try:
-        data, version = store.read_versioned(store.champion_file(), limit=SIDECAR_LIMIT)
-    except StoreError as exc:  # far too large to be ours
-        problem, version = damage(f"The champion pointer {where}", exc), store.version(store.champion_file())
-    else:
-        try:
-            pointer = None if data is None else Champion.model_validate_json(data)
-        except ValueError as exc:
-            problem = damage(f"The champion pointer {where}", exc)
-        if pointer is not None:
-            ref, why = _intact_model(store, pointer.model_key, pointer.sha256)
-            if ref is not None:
-                return ChampionLookup(champion=pointer, model=ref, version=version)
-            problem = f"The champion pointer {where} names model {pointer.model_key} from run {pointer.run_id}, but {why}"
-    history = _champions_in_history(store)
-    if pointer is None and problem is None and not history:
-        return ChampionLookup(champion=None, version=version)  # no champion yet
-    if problem is None:
-        problem = f"The champion pointer {store.location(store.champion_file())} is missing although models were promoted before"
-    found = _first_intact(store, history, skip=pointer.model_key if pointer is not None else None)
-    if found is not None:
-        candidate, ref = found
-        return ChampionLookup(
-            champion=candidate,
-            model=ref,
-            problem=f"{problem}; using the last intact champion, run {candidate.run_id}.",
-            fallback=True,
-            version=version,
-        )
-    return ChampionLookup(champion=None, problem=f"{problem}, and no earlier champion is intact.", version=version)
-
-
-def _write_pointer(store: Store, champion: Champion, version: str | None) -> Champion:
-    """Write ``champion`` with a new revision, if the pointer is still the ``version`` read (``WriteConflict`` if not)."""
-    written = champion.model_copy(update={"revision": uuid.uuid4().hex})
-    store.write_if_unchanged(store.champion_file(), written.model_dump_json(indent=2).encode(), version)
-    return written
-
-
-POINTER_ATTEMPTS = 20  # a writer that keeps losing the race this often fails with a message instead
-
-
-def _conflict(store: Store, what: str) -> ChampionError:
-    return ChampionError(
-        f"The champion pointer {store.location(store.champion_file())} was replaced by another writer {POINTER_ATTEMPTS} times "
-        f"while {what}; nothing was written. Run it again."
-    )
 
 
 # ---- the decision row ---------------------------------------------------------------------
@@ -280,9 +159,9 @@ def gate(
             after = before
             try:
                 if change is PointerChange.promote:
-                    after = _write_pointer(store, _champion_of(model, evaluation, run_id, decision, now), lookup.version)
+                    after = write_pointer(store, _champion_of(model, evaluation, run_id, decision, now), lookup.version)
                 elif before is not None and (change is PointerChange.repair or store.conditional_writes):
-                    after = _write_pointer(store, before, lookup.version)  # repaired, or confirmed still the one compared against
+                    after = write_pointer(store, before, lookup.version)  # repaired, or confirmed still the one compared against
             except WriteConflict as exc:
                 log(f"{exc}: deciding again against the pointer now in the store")
                 continue
@@ -298,7 +177,7 @@ def gate(
             _record(store, row)
             break
         else:
-            raise _conflict(store, f"the gate decided on run {run_id}")
+            raise pointer_conflict(store, f"the gate decided on run {run_id}")
     challenger_recall = comparison.challenger_recall if comparison else _sample_recall(y_test, sample, challenger)
     return GateRef(
         run_id=run_id,
@@ -368,7 +247,7 @@ def _set_by_hand(store: Store, choose: Callable[[ChampionLookup], Champion], run
             owner = run_id or target.run_id
             champion = target.model_copy(update={"promoted_at": now, "reason": MANUAL, "forced": True, "run_id": owner})
             try:
-                _write_pointer(store, champion, lookup.version)
+                write_pointer(store, champion, lookup.version)
             except WriteConflict:
                 continue
             decision = Decision(promoted=True, forced=True, reason=MANUAL)
@@ -377,7 +256,7 @@ def _set_by_hand(store: Store, choose: Callable[[ChampionLookup], Champion], run
                 row["champion_balanced_accuracy"], row["champion_test_accuracy"] = before.balanced_accuracy, before.test_accuracy
             _record(store, row, part=f"manual-{now.strftime('%Y%m%dT%H%M%S%f')}")
             return _json_row(row)
-    raise _conflict(store, "a manual promotion chose its target")
+    raise pointer_conflict(store, "a manual promotion chose its target")
 
 
 def promote_run(store: Store, run_id: str) -> dict:
@@ -391,7 +270,7 @@ def promote_run(store: Store, run_id: str) -> dict:
     info = _model_of_run(store, run_id)
     if info is None:
         raise ChampionError(f"Run {run_id}'s model is not in the promotions table of {store.url}, so its model cannot be found.")
-    ref, why = _intact_model(store, info)
+    ref, why = intact_model(store, info)
     if ref is None:
         raise ChampionError(
             f"Run {run_id}'s model {info} cannot be promoted: {why}. Retrain it (rerun with the run's parameters)."
@@ -420,7 +299,7 @@ def rollback(store: Store) -> dict:
     def previous(lookup: ChampionLookup) -> Champion:
         if lookup.champion is None:
             raise ChampionError(f"There is no champion in {store.url} to roll back from.")
-        found = _first_intact(store, _champions_in_history(store), skip=lookup.champion.model_key)
+        found = first_intact(store, champions_in_history(store), skip=lookup.champion.model_key)
         if found is None:
             raise ChampionError(f"No earlier champion in {store.url} with an intact model file: nothing to roll back to.")
         return found[0]

@@ -1,0 +1,165 @@
+"""The champion pointer: ``champion.json`` at the store's root names the model downstream consumers should use.
+
+Reading it checks the model it names (its record and file digest) and falls back to the last intact
+champion in the ``promotions`` history when the pointer is broken. Writing it is conditional on the
+version read (``Store.write_if_unchanged``), with a new ``revision`` every time, so a writer that lost
+a race learns it (``WriteConflict``) instead of overwriting another's decision.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+import pandas as pd
+from pydantic import BaseModel
+
+from storage import SIDECAR_LIMIT, Store, StoreError, StoreName, UnsafeKey, damage
+from storage.tables import read_table
+from tasks.model import ModelRef
+
+POINTER_ATTEMPTS = 20  # a writer that keeps losing the race this often fails with a message instead
+
+
+class ChampionError(RuntimeError):
+    """A champion operation cannot be carried out: the message says why and what to do."""
+
+
+class Champion(BaseModel):
+    """What ``champion.json`` holds."""
+
+    model_key: StoreName
+    sha256: str
+    run_id: str
+    balanced_accuracy: float
+    test_accuracy: float
+    promoted_at: datetime
+    reason: str
+    forced: bool = False
+    revision: str | None = None  # new with every write of the pointer: what a conditional write compares
+
+
+class ChampionLookup(BaseModel):
+    """The champion to compare against, and what was wrong with the pointer if it could not be used."""
+
+    champion: Champion | None
+    model: ModelRef | None = None  # the champion's model, its file checked against the recorded digest
+    problem: str | None = None  # one sentence naming the broken pointer, when there was one
+    fallback: bool = False  # the champion came from the promotions history, not the pointer
+    version: str | None = None  # the pointer's version as read (S3 ETag): the next write is conditional on it
+
+
+def intact_model(store: Store, key: str, sha256: str | None = None) -> tuple[ModelRef | None, str | None]:
+    """The model under ``key`` in this store, if the file its ``model.json`` names is there and matches
+    the digest the pointer recorded (else the one in ``model.json``); else why not, in a few words."""
+    try:
+        info = store.model_info_file(key)
+    except UnsafeKey as exc:  # a key from the pointer or the promotions table that leaves the store
+        return None, f"its model key is refused: {exc}"
+    if not store.exists(info):
+        return None, f"its model record {store.location(info)} is missing"
+    try:
+        recorded = ModelRef.model_validate_json(store.read_bytes(info, limit=SIDECAR_LIMIT))
+    except ValueError as exc:
+        return None, damage(f"its model record {store.location(info)}", exc)
+    expected = sha256 or recorded.sha256
+    if not store.exists(recorded.file_key):
+        return None, f"its model file {store.location(recorded.file_key)} is missing"
+    if store.digest(recorded.file_key)[0] != expected:
+        return (
+            None,
+            f"its model file {store.location(recorded.file_key)} does not match the SHA-256 {expected[:12]}… recorded for it",
+        )
+    return recorded, None
+
+
+def read_pointer(store: Store) -> Champion | None:
+    data, _ = store.read_versioned(store.champion_file(), limit=SIDECAR_LIMIT)
+    return None if data is None else Champion.model_validate_json(data)
+
+
+def promotions(store: Store) -> pd.DataFrame:
+    """Every decision so far, oldest first."""
+    return read_table(store, "promotions").sort_values("decided_at", kind="stable").reset_index(drop=True)
+
+
+def champions_in_history(store: Store) -> list[Champion]:
+    """Every model that was ever made champion, latest first, as pointers (their files not yet checked)."""
+    rows = promotions(store)
+    rows = rows[rows["decision"] == "promoted"].iloc[::-1]
+    found = []
+    for r in rows.itertuples():
+        found.append(
+            Champion(
+                model_key=r.challenger_model_key,
+                sha256="",  # filled in by first_intact from the model's own record
+                run_id=r.run_id,
+                balanced_accuracy=r.challenger_balanced_accuracy,
+                test_accuracy=r.challenger_test_accuracy,
+                promoted_at=r.decided_at.to_pydatetime(),
+                reason=r.reason,
+                forced=bool(r.forced),
+            )
+        )
+    return found
+
+
+def first_intact(store: Store, candidates: list[Champion], skip: str | None) -> tuple[Champion, ModelRef] | None:
+    """The first candidate (other than model ``skip``) whose model file is intact, with its SHA-256, and its model."""
+    for candidate in candidates:
+        if candidate.model_key == skip:
+            continue
+        ref, _ = intact_model(store, candidate.model_key)
+        if ref is not None:
+            return candidate.model_copy(update={"sha256": ref.sha256}), ref
+    return None
+
+
+def find_champion(store: Store) -> ChampionLookup:
+    """The champion in ``champion.json``; if that pointer is broken, the last intact champion in history."""
+    where = store.location(store.champion_file())
+    pointer, problem = None, None
+    try:
+        data, version = store.read_versioned(store.champion_file(), limit=SIDECAR_LIMIT)
+    except StoreError as exc:  # far too large to be ours
+        problem, version = damage(f"The champion pointer {where}", exc), store.version(store.champion_file())
+    else:
+        try:
+            pointer = None if data is None else Champion.model_validate_json(data)
+        except ValueError as exc:
+            problem = damage(f"The champion pointer {where}", exc)
+        if pointer is not None:
+            ref, why = intact_model(store, pointer.model_key, pointer.sha256)
+            if ref is not None:
+                return ChampionLookup(champion=pointer, model=ref, version=version)
+            problem = f"The champion pointer {where} names model {pointer.model_key} from run {pointer.run_id}, but {why}"
+    history = champions_in_history(store)
+    if pointer is None and problem is None and not history:
+        return ChampionLookup(champion=None, version=version)  # no champion yet
+    if problem is None:
+        problem = f"The champion pointer {store.location(store.champion_file())} is missing although models were promoted before"
+    found = first_intact(store, history, skip=pointer.model_key if pointer is not None else None)
+    if found is not None:
+        candidate, ref = found
+        return ChampionLookup(
+            champion=candidate,
+            model=ref,
+            problem=f"{problem}; using the last intact champion, run {candidate.run_id}.",
+            fallback=True,
+            version=version,
+        )
+    return ChampionLookup(champion=None, problem=f"{problem}, and no earlier champion is intact.", version=version)
+
+
+def write_pointer(store: Store, champion: Champion, version: str | None) -> Champion:
+    """Write ``champion`` with a new revision, if the pointer is still the ``version`` read (``WriteConflict`` if not)."""
+    written = champion.model_copy(update={"revision": uuid.uuid4().hex})
+    store.write_if_unchanged(store.champion_file(), written.model_dump_json(indent=2).encode(), version)
+    return written
+
+
+def pointer_conflict(store: Store, what: str) -> ChampionError:
+    return ChampionError(
+        f"The champion pointer {store.location(store.champion_file())} was replaced by another writer {POINTER_ATTEMPTS} times "
+        f"while {what}; nothing was written. Run it again."
+    )
