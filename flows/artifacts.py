@@ -100,9 +100,9 @@ def attempt_rows(summary: RunSummary) -> str:
 def summary_markdown(store: Store, summary: RunSummary, decided: GateRef, report: ReportRef) -> str:
     steps = "\n".join(f"| {step} | {state} |" for step, state in summary.step_states.items())
     figures = "\n\n".join(
-        f"### {title}\n{embedded_png(store.read_bytes(report.files[name]), title)}"
+        f"### {title}\n{embedded_png(store.read_bytes(report.file_keys[name]), title)}"
         for title, name in SUMMARY_FIGURES
-        if name in report.files
+        if name in report.file_keys
     )
     return f"""# MNIST retrain {summary.run_id}
 

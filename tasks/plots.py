@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from pydantic import BaseModel
+from pydantic import AliasChoices, BaseModel, Field
 
 from storage import Store, StoreKey, StoreName, code_digest, sha256_bytes, sha256_json
 from storage.tables import NUM_CLASSES, read_frame
@@ -157,7 +157,7 @@ class PlotsRef(BaseModel):
     """The rendered PNGs of one evaluation: identical for every run that reuses that evaluation."""
 
     key: StoreName
-    files: dict[StoreName, StoreKey]  # figure name (also its name in each report) → its key
+    file_keys: dict[StoreName, StoreKey] = Field(validation_alias=AliasChoices("file_keys", "files"))  # figure name → key
     sha256: dict[StoreName, str]
     most_confused: tuple[int, int] | None
 
@@ -188,7 +188,7 @@ def plots_key(model: ModelRef, evaluation: EvaluationRef) -> str:
 
 def stored_plots(store: Store, key: str) -> PlotsRef | None:
     return store.load_ref(
-        store.plots_file(key, "plots.json"), PlotsRef, lambda ref: {p: ref.sha256[n] for n, p in ref.files.items()}
+        store.plots_file(key, "plots.json"), PlotsRef, lambda ref: {p: ref.sha256[n] for n, p in ref.file_keys.items()}
     )
 
 
@@ -214,6 +214,6 @@ def render_plots(store: Store, dataset: DatasetRef, model: ModelRef, evaluation:
         files[name] = store.unique(store.plots_file(key, name))
         digests[name] = sha256_bytes(png)
         store.write_bytes(files[name], png)
-    ref = PlotsRef(key=key, files=files, sha256=digests, most_confused=pair)
+    ref = PlotsRef(key=key, file_keys=files, sha256=digests, most_confused=pair)
     store.write_text(store.plots_file(key, "plots.json"), ref.model_dump_json(indent=2))
     return ref

@@ -28,8 +28,8 @@ PNG_LIMIT = 16 << 20  # a figure is a few hundred KB
 
 class ReportRef(BaseModel):
     run_id: str
-    directory: str
-    files: dict[str, str]
+    directory_key: str
+    file_keys: dict[str, str]  # file name → key
 
 
 def nightly_trend(runs: pd.DataFrame, current_run: str | None = None) -> Figure:
@@ -170,7 +170,7 @@ def publish_report(store: Store, run: RunRecord, plots: PlotsRef, tables: Tables
     this run's tables and the store's whole history, so the report is the run's record."""
     run_id, dataset, model, evaluation, gate = run.run_id, run.dataset, run.model, run.evaluation, run.gate
     files = {}
-    for name, path in plots.files.items():  # the bytes checked are the bytes copied
+    for name, path in plots.file_keys.items():  # the bytes checked are the bytes copied
         files[name] = store.report_file(run_id, name)
         store.write_bytes(files[name], store.verified_bytes(path, plots.sha256[name], limit=PNG_LIMIT))
     for name, fig in (
@@ -225,4 +225,4 @@ def publish_report(store: Store, run: RunRecord, plots: PlotsRef, tables: Tables
 """
     files["index.md"] = store.report_file(run_id, "index.md")
     store.write_text(files["index.md"], index)
-    return ReportRef(run_id=run_id, directory=store.report_dir(run_id), files=files)
+    return ReportRef(run_id=run_id, directory_key=store.report_dir(run_id), file_keys=files)

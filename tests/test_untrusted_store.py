@@ -363,7 +363,7 @@ def test_a_record_that_is_not_ours_is_refused_before_prefect_parses_it(tmp_path,
 
     marker = tmp_path / "marker"
     monkeypatch.setenv(MARKER_ENV, str(marker))
-    ref = PlotsRef(key="k", files={"a.png": "plots/k/a.png"}, sha256={"a.png": "0" * 64}, most_confused=None)
+    ref = PlotsRef(key="k", file_keys={"a.png": "plots/k/a.png"}, sha256={"a.png": "0" * 64}, most_confused=None)
     good = {"metadata": {"serializer": {"type": "mnist-reference"}}, "result": ReferenceSerializer().dumps(ref).decode()}
     assert check_record(json.dumps(good).encode()) == ref
     bad = {
@@ -371,7 +371,7 @@ def test_a_record_that_is_not_ours_is_refused_before_prefect_parses_it(tmp_path,
         json_decoder_record({"class": "PlotsRef", "data": ref.model_dump()}): "serializer 'json'",
         json.dumps(good | {"metadata": {"serializer": {"type": "mnist-reference", "picklelib": "os"}}}).encode(): "serializer",
         json.dumps(good | {"result": json.dumps({"class": "Popen", "data": {}})}).encode(): "not one of the references",
-        json.dumps(good | {"result": good["result"].replace("plots/k/a.png", "../../a.png")}).encode(): "field 'files.a.png'",
+        json.dumps(good | {"result": good["result"].replace("plots/k/a.png", "../../a.png")}).encode(): "field 'file_keys.a.png'",
         b"\x80\x04garbage": "not JSON",
     }
     for content, why in bad.items():
@@ -413,7 +413,7 @@ def test_malicious_records_for_every_step_run_no_code_and_train_nothing_new(
     assert not marker.exists()
     assert second.model_path == first.model_path and second.test_accuracy == first.test_accuracy  # trained nothing new
     assert set(second.step_states.values()) == {"Completed"}  # each record refused: a miss, served from the checked sidecar
-    ignored = [r.getMessage() for r in caplog.records if "Ignoring the cache record" in r.getMessage()]
+    ignored = {r.getMessage() for r in caplog.records if "Ignoring the cache record" in r.getMessage()}  # once per record
     assert len(ignored) == 4 and all(any(r.name in line for r in records) for line in ignored)
     assert any("zz-damaged" in r.getMessage() and "Skipping the damaged partition" in r.getMessage() for r in caplog.records)
     third = mnist_retrain(params)
