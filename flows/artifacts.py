@@ -39,8 +39,8 @@ def confusion_rows(confusion: pd.DataFrame) -> list[dict]:
 
 
 def publish(store: Store, tables: TablesRef, summary_markdown: str) -> None:
-    per_class = read_frame(store, tables.keys["per_class"])
-    confusion = read_frame(store, tables.keys["confusion"])
+    per_class = read_frame(store, tables.partition_keys["per_class"])
+    confusion = read_frame(store, tables.partition_keys["confusion"])
     create_table_artifact(
         per_digit_rows(per_class), key=PER_DIGIT_KEY, description="Per-digit accuracy with 95 % Wilson interval"
     )

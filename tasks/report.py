@@ -179,7 +179,7 @@ def publish_report(store: Store, run: RunRecord, plots: PlotsRef, tables: Tables
     ):
         files[name] = store.report_file(run_id, name)
         store.write_bytes(files[name], png_bytes(fig))
-    per_class = read_frame(store, tables.keys["per_class"])
+    per_class = read_frame(store, tables.partition_keys["per_class"])
     pair = plots.most_confused
     pair_text = f"true {pair[0]} predicted as {pair[1]}" if pair else "none"
     worst = per_class.loc[per_class["accuracy"].idxmin()]

@@ -16,7 +16,7 @@ from tasks.run_record import RunRecord
 
 class TablesRef(BaseModel):
     run_id: str
-    keys: dict[str, str]  # table name → this run's partition
+    partition_keys: dict[str, str]  # table name → this run's partition (not "keys": that would shadow the mapping protocol)
 
 
 def run_frame(run: RunRecord) -> pd.DataFrame:
@@ -57,4 +57,4 @@ def tabulate(store: Store, run: RunRecord) -> TablesRef:
         "predictions": write_table(store, "predictions", run.run_id, predictions),
     }
     keys["runs"] = write_table(store, "runs", run.run_id, run_frame(run))
-    return TablesRef(run_id=run.run_id, keys=keys)
+    return TablesRef(run_id=run.run_id, partition_keys=keys)
