@@ -41,6 +41,28 @@ def test_jax_and_torch_use_bf16_on_a_gpu_and_float32_on_a_cpu(monkeypatch, backe
     assert precision.select_device("auto", backend) == ("CPU:0", "float32")
 
 
+def runtime_sees_a_gpu(backend: Backend) -> bool:
+    """What each runtime itself reports, asked directly (true on a GPU runner, false here)."""
+    if backend is Backend.jax:
+        import jax
+
+        return any(d.platform == "gpu" for d in jax.devices())
+    if backend is Backend.torch:
+        import torch
+
+        return torch.cuda.is_available()
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
 @pytest.mark.parametrize("backend", list(Backend), ids=lambda b: b.value)
-def test_each_backend_asks_its_own_runtime_for_a_gpu(backend):
-    assert precision.has_gpu(backend) is False  # this machine has none, and each runtime says so
+def test_each_backend_asks_its_own_runtime_for_a_gpu(backend, monkeypatch):
+    assert precision.has_gpu(backend) is runtime_sees_a_gpu(backend)  # on a GPU runner as on this CPU
+    if backend is Backend.tensorflow:  # and it follows the runtime's answer, whichever it is
+        fake_gpu = tf.config.PhysicalDevice(name="/physical_device:GPU:0", device_type="GPU")
+        monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [fake_gpu] if kind == "GPU" else [])
+        assert precision.has_gpu(backend) is True
+    elif backend is Backend.torch:
+        import torch
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        assert precision.has_gpu(backend) is True
