@@ -12,16 +12,30 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: run test venv clean serve stop bench bench-quick bench-stores profile browser torch-cpu gpu-check gpu-check-bundle
+.PHONY: run test venv lock clean serve stop bench bench-quick bench-stores profile browser torch-cpu gpu-check gpu-check-bundle
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Installs are pinned: every package at the version in requirements.lock, checked against its hashes, then this
+# project itself without resolving anything. `make lock` refreshes the lock after pyproject.toml changed
+# (tests/test_lock.py fails until then).
+LOCK := requirements.lock
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	$(MAKE) --no-print-directory torch-cpu
 	touch $(STAMP)
+
+# The lock: pyproject.toml's ranges (with the dev extras) resolved for Python 3.11 on x86-64 Linux, each package
+# kept at the version this venv has (what the suite passed with) unless the ranges exclude it; hashes of every file.
+lock: $(STAMP)
+	$(BIN)/python -m pip freeze --exclude-editable --disable-pip-version-check | grep -v '^torch==' > .lock-constraints.txt
+	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	  --generate-hashes --no-header -c .lock-constraints.txt -o $(LOCK) --quiet
+	sed -i '/^    #   -c .lock-constraints.txt$$/d' $(LOCK)
+	rm -f .lock-constraints.txt
 
 # PyTorch for the torch backend's tests, CPU build (about 190 MB, not PyPI's multi-GB CUDA build): a wheel kept in
 # $(TORCH_WHEELS) when this machine has one, else PyTorch's CPU index. Skipped when torch is already installed.
