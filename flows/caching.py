@@ -20,7 +20,7 @@ from prefect.context import TaskRunContext
 
 from flows.locks import open_store
 from flows.results import UntrustedRecord, check_record
-from storage import SIDECAR_LIMIT, Store, StoreError, code_digest
+from storage import SIDECAR_LIMIT, Store, code_digest
 from tasks.evaluate import EvaluationRef, evaluation_key, stored_evaluation
 from tasks.fetch import DatasetRef, StoredFile, dataset_key, stored_dataset
 from tasks.model import ModelRef
@@ -71,7 +71,7 @@ class StoredArtifactPolicy(CachePolicy):
             cached = check_record(store.read_bytes(record, limit=SIDECAR_LIMIT + 1))
             if not same_artifact(cached, stored):
                 raise UntrustedRecord("it names other files than the checked reference in the store")
-        except (UntrustedRecord, StoreError) as exc:
+        except Exception as exc:  # noqa: BLE001 (whatever is wrong with it, a record must not stop the night)
             store.warn(
                 f"Ignoring the cache record {store.location(record)} of step {self.step}: {exc}; the step runs and rewrites it"
             )

@@ -90,7 +90,12 @@ def parameters_from(args: argparse.Namespace) -> PipelineParameters:
                 found[name] = values[name]
         return found
 
-    return PipelineParameters(**fields_of(PipelineParameters))
+    found = fields_of(PipelineParameters)
+    if found.get("store"):  # a person at their own terminal: a password in the URL goes to fsspec's config, not
+        from storage import strip_credentials  # into the flow run's parameters, the log or the runs table
+
+        found["store"] = strip_credentials(found["store"])
+    return PipelineParameters(**found)
 
 
 def champion_command(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ import os
 
 from flows.params import PipelineParameters
 from storage import STORE_ENV, Store
+from storage.credentials import has_credentials
 from tasks.fetch import SOURCE_ENV
 
 ALLOWED_STORES_ENV = "MNIST_ALLOWED_STORES"
@@ -48,18 +49,29 @@ def _canonical(url: str) -> str:
     return os.path.realpath(store.url) if store.is_local else store.url
 
 
-def check_deployed_run(params: PipelineParameters) -> None:
-    """Refuse, before any work and any write, a deployed run that names what its worker does not serve."""
+def check_deployed_run(params: PipelineParameters) -> PipelineParameters:
+    """Refuse, before any work and any write, a deployed run that names what its worker does not serve; return
+    the parameters with the store and source resolved as checked (a symbolic link swapped later cannot move them)."""
+    if params.store and has_credentials(params.store):
+        raise NotServed(
+            "Parameter store carries a user or password: a deployed run may not bring credentials (they would replace "
+            f"the worker's own, and Prefect keeps run parameters in its database). Put them in the worker's settings "
+            f"(${STORE_ENV}, or the filesystem's own, such as AWS_ACCESS_KEY_ID) and name the store without them."
+        )
+    resolved = {}
     if params.store:
         wanted = _canonical(params.store)
         served = served_stores()
+        resolved["store"] = wanted
         if wanted not in served:
             raise NotServed(
                 f"Parameter store={params.store!r} is not a store this worker serves ({', '.join(sorted(served))}). "
                 f"A deployed run may use only the stores in the worker's ${STORE_ENV} and ${ALLOWED_STORES_ENV} "
                 f"(comma-separated): add it there and restart the worker, or leave store empty."
             )
-    if params.mnist_source and os.path.realpath(params.mnist_source) not in served_sources():
+    if params.mnist_source:
+        resolved["mnist_source"] = os.path.realpath(params.mnist_source)
+    if params.mnist_source and resolved["mnist_source"] not in served_sources():
         raise NotServed(
             f"Parameter mnist_source={params.mnist_source!r} is not a source directory this worker serves. "
             f"A deployed run may read only the directories in the worker's ${SOURCE_ENV} and ${ALLOWED_SOURCES_ENV} "
@@ -70,3 +82,4 @@ def check_deployed_run(params: PipelineParameters) -> None:
             f"Parameter gate.force_promote is refused for deployed runs on this worker: set {FORCE_PROMOTE_ENV}=1 on the "
             "worker to allow it, or promote by hand (`mnist-pipeline promote RUN_ID`), which needs write access to the store."
         )
+    return params.model_copy(update=resolved)

@@ -9,9 +9,8 @@ from __future__ import annotations
 import hashlib
 from copy import copy
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from storage import strip_credentials
 from tasks.backends import Backend, process_backend
 from tasks.gate import GateRules
 from tasks.model import ModelName
@@ -73,13 +72,6 @@ class PipelineParameters(BaseModel):
         title="MNIST source directory",
         description="A directory holding the four IDX files, tried before the network; empty for $MNIST_SOURCE.",
     )
-
-    @field_validator("store")
-    @classmethod
-    def _credentials_out_of_the_url(cls, store: str | None) -> str | None:
-        """A password in the store URL moves to fsspec's configuration here, before the parameters are
-        logged, recorded as the flow run's parameters or written to the runs table."""
-        return strip_credentials(store) if store else store
 
     def train_config(self, seed: int) -> TrainConfig:
         """The training part of these parameters, with the seed this run uses."""

@@ -27,8 +27,10 @@ from tasks.run_record import RunRecord
 def mnist_retrain(params: PipelineParameters = PipelineParameters()) -> RunSummary:
     logger = get_run_logger()
     if deployment.get_id() is not None:  # started through the API: only what this worker serves
-        check_deployed_run(params)
+        params = check_deployed_run(params)
     store = open_store(params.store)
+    if params.store:  # as the store spells itself: no credentials, whatever the caller passed
+        params = params.model_copy(update={"store": store.url})
     store.check_writable()  # before any download or training, not after fifteen epochs
     attempt = recovery.current_attempt()
     recovery.check_attempt(attempt)

@@ -54,17 +54,28 @@ class ReferenceSerializer(Serializer):
         return parse_reference(blob)
 
 
+def _json(blob: bytes | str, what: str):
+    """Plain ``json.loads`` (no hooks); anything it cannot parse, nested too deep included, is not ours."""
+    try:
+        return json.loads(blob)
+    except (ValueError, RecursionError) as exc:
+        raise UntrustedRecord(f"{what} is not JSON (a pickle, or damaged)") from exc
+
+
 def parse_reference(blob: bytes | str) -> BaseModel:
     """The reference in a record's ``result``, validated (keys confined to the store); else ``UntrustedRecord``."""
-    try:
-        payload = json.loads(blob)
-    except ValueError as exc:
-        raise UntrustedRecord("its result is not JSON") from exc
-    if not isinstance(payload, dict) or set(payload) != {"class", "data"} or payload["class"] not in REFERENCES:
+    payload = _json(blob, "its result")
+    if (
+        not isinstance(payload, dict)
+        or set(payload) != {"class", "data"}
+        or not isinstance(payload["class"], str)
+        or payload["class"] not in REFERENCES
+        or not isinstance(payload["data"], dict)
+    ):
         raise UntrustedRecord(f"its result is not one of the references {', '.join(REFERENCES)}")
     try:
         return REFERENCES[payload["class"]].model_validate(payload["data"])
-    except ValidationError as exc:
+    except (ValidationError, RecursionError) as exc:
         raise UntrustedRecord(damage("its result", exc)) from exc
 
 
@@ -81,10 +92,7 @@ def check_record(content: bytes) -> BaseModel:
     """
     if len(content) > SIDECAR_LIMIT:
         raise UntrustedRecord(f"it is larger than {SIDECAR_LIMIT} bytes")
-    try:
-        record = json.loads(content)
-    except ValueError as exc:
-        raise UntrustedRecord("it is not JSON (a pickle, or damaged)") from exc
+    record = _json(content, "it")
     if not isinstance(record, dict) or set(record) != RECORD_FIELDS or not isinstance(record["metadata"], dict):
         raise UntrustedRecord("it is not a Prefect result record of the shape this pipeline writes")
     metadata = record["metadata"]

@@ -20,18 +20,55 @@ CREDENTIAL_OPTIONS: dict[str, tuple[str, str]] = {"s3": ("key", "secret"), "s3a"
 DEFAULT_OPTIONS = ("username", "password")  # sftp, ssh, ftp, smb, webdav (webdav4), ...
 
 
+class CredentialsInUrl(ValueError):
+    """A URL holds a user or password where it may not (a deployed run's parameter), or one that cannot be parsed."""
+
+
+def split_credentials(url: str) -> tuple[str, dict[str, dict[str, str]]]:
+    """``url`` without user info, and the fsspec options it held per protocol; no side effect.
+
+    Each link of a chained URL (``simplecache::sftp://user:pw@host/x``) is split. A password holding an
+    unencoded ``/``, ``?`` or ``#`` cannot be told from the path: it is refused rather than left in the URL.
+    """
+    links, options = [], {}
+    for link in url.split("::"):
+        parts = urllib.parse.urlsplit(link)
+        if not parts.scheme or len(parts.scheme) == 1 or "://" not in link:  # a path, a drive letter
+            links.append(link)
+            continue
+        rest = link.split("://", 1)[1]
+        if "@" not in parts.netloc:
+            if "@" in rest and ":" in rest.split("@", 1)[0]:
+                raise CredentialsInUrl(
+                    f"The store URL for {parts.scheme}:// holds a user and password that cannot be parsed: "
+                    "percent-encode '/', '?' and '#' in the password, or give the credentials through the "
+                    "filesystem's own settings (for S3: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)."
+                )
+            links.append(link)
+            continue
+        userinfo, host = parts.netloc.rsplit("@", 1)
+        user, _, password = userinfo.partition(":")
+        protocol = parts.scheme.lower()
+        names = CREDENTIAL_OPTIONS.get(protocol, DEFAULT_OPTIONS)
+        found = {name: urllib.parse.unquote(value) for name, value in zip(names, (user, password)) if value}
+        options.setdefault(protocol, {}).update(found)
+        links.append(urllib.parse.urlunsplit(parts._replace(netloc=host)))
+    return "::".join(links), options
+
+
+def has_credentials(url: str) -> bool:
+    try:
+        return bool(split_credentials(url)[1])
+    except CredentialsInUrl:
+        return True
+
+
 def strip_credentials(url: str) -> str:
-    """``url`` without its user info; the user and password become fsspec options for its protocol."""
-    parts = urllib.parse.urlsplit(url)
-    if not parts.scheme or len(parts.scheme) == 1 or "@" not in parts.netloc:  # a path, a drive letter, no user info
-        return url
-    userinfo, host = parts.netloc.rsplit("@", 1)
-    user, _, password = userinfo.partition(":")
-    protocol = parts.scheme.lower()
-    names = CREDENTIAL_OPTIONS.get(protocol, DEFAULT_OPTIONS)
-    for name, value in zip(names, (user, password)):
-        if value:
-            value = urllib.parse.unquote(value)
+    """``url`` without its user info; the user and password become fsspec options for its protocol, for
+    this process (``fsspec.config.conf``) and the processes it starts (``FSSPEC_<PROTOCOL>_<OPTION>``)."""
+    clean, options = split_credentials(url)
+    for protocol, found in options.items():
+        for name, value in found.items():
             fsspec.config.conf.setdefault(protocol, {})[name] = value
             os.environ[f"FSSPEC_{protocol.upper()}_{name.upper()}"] = value
-    return urllib.parse.urlunsplit(parts._replace(netloc=host))
+    return clean

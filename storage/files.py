@@ -26,7 +26,7 @@ from fsspec import AbstractFileSystem
 from pydantic import ValidationError
 
 from storage.digests import CHUNK, sha256_bytes, sha256_stream
-from storage.keys import confine_key, damage
+from storage.keys import UnsafeKey, confine_key, damage
 
 RefT = TypeVar("RefT")  # a pydantic model describing stored files
 STORE_ENV = "MNIST_STORE"
@@ -68,7 +68,14 @@ class StoreFiles:
         key = posixpath.join(*parts)
         if key.startswith(self.root + "/"):
             key = key[len(self.root) + 1 :]
-        return posixpath.join(self.root, confine_key(key))
+        path = posixpath.join(self.root, confine_key(key))
+        if self.is_local and os.path.commonpath([os.path.realpath(path), self._real_root]) != self._real_root:
+            raise UnsafeKey(f"{key[:120]!r} leads outside the store through a symbolic link: not followed")
+        return path
+
+    @property
+    def _real_root(self) -> str:
+        return os.path.realpath(self.root)
 
     def location(self, key: str) -> str:
         """What to show a person: the local path, or the full URL (``s3://bucket/...``) of a remote one."""
@@ -99,15 +106,19 @@ class StoreFiles:
         return data
 
     @contextlib.contextmanager
-    def verified_copy(self, key: str, sha256: str, suffix: str = "") -> Iterator[str]:
+    def verified_copy(self, key: str, sha256: str, suffix: str = "", limit: int = 1 << 31) -> Iterator[str]:
         """A private local copy of ``key``, hashed while it is copied, for libraries that insist on a
         filename (Keras' loader). Local stores are copied too: a file checked in place could be
         swapped before the loader opens it."""
         with tempfile.TemporaryDirectory(prefix="mnist-verified-") as tmp:
             local = os.path.join(tmp, "file" + suffix)
             h = hashlib.sha256()
+            copied = 0
             with self.fs.open(self.path(key), "rb") as source, open(local, "wb") as target:
                 while chunk := source.read(CHUNK):
+                    copied += len(chunk)
+                    if copied > limit:
+                        raise DamagedArtifact(f"{self.location(key)} is larger than the {limit} bytes expected of it: not copied")
                     h.update(chunk)
                     target.write(chunk)
             if h.hexdigest() != sha256:

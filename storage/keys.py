@@ -19,6 +19,7 @@ from pydantic import AfterValidator, ValidationError
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # s3:, file:, C: ...
 MAX_KEY_LENGTH = 1024
+UNSAFE_CHARACTERS = "*?[]{}#%"  # no key of ours holds one
 
 
 class UnsafeKey(ValueError):
@@ -34,6 +35,8 @@ def confine_key(key: str) -> str:
         why = f"it is longer than {MAX_KEY_LENGTH} characters"
     elif "\0" in key or "\\" in key:
         why = "it holds a NUL or a backslash"
+    elif any(c in key for c in UNSAFE_CHARACTERS):
+        why = "it holds a glob or URL character (one of * ? [ ] { } # %), which fsspec would expand or a URL would cut"
     elif key.startswith("/") or key.startswith("~"):
         why = "it is an absolute path"
     elif _SCHEME.match(key) or "://" in key:

