@@ -121,7 +121,7 @@ def test_a_forced_promotion_is_recorded_as_forced(store, lab):
 def test_a_broken_pointer_falls_back_to_the_last_intact_champion(store, lab):
     decide(store, lab, "weak", "run-1")
     decide(store, lab, "medium", "run-2")
-    medium_file = Path(store.path(lab["medium"][1].path))
+    medium_file = Path(store.path(lab["medium"][1].file_key))
     medium_file.write_bytes(medium_file.read_bytes() + b"tampered")
     said = []
     decided = decide(store, lab, "better", "run-3", log=said.append)
@@ -134,7 +134,7 @@ def test_a_broken_pointer_falls_back_to_the_last_intact_champion(store, lab):
 
 def test_a_broken_pointer_with_no_intact_champion_promotes_nothing(store, lab):
     decide(store, lab, "weak", "run-1")
-    os.remove(store.path(lab["weak"][1].path))
+    os.remove(store.path(lab["weak"][1].file_key))
     decided = decide(store, lab, "better", "run-2")
     assert not decided.promoted and "no comparison could be made" in decided.reason and "is missing" in decided.reason
     assert read_pointer(store).run_id == "run-1"  # left as it was: the operator decides
