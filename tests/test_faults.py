@@ -163,7 +163,7 @@ def test_two_runs_at_once_on_one_store_both_complete_with_whole_artifacts(tmp_pa
     runs = read_table(store, "runs")
     assert len(runs) == 2 and runs["model_sha256"].nunique() == 1  # trained once, shared
     for table in TABLES:
-        for path in store.fs.glob(store.path("tables", table, "*", "*")):
+        for path in store.fs.glob(store.path("tables", table) + "/*/*"):
             pq.read_table(path)  # every file whole
     assert not [p for p in store.fs.find(store.root) if os.path.basename(p).startswith(".") and ".tmp-" in p]
     for run_id in runs["run_id"]:

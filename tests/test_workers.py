@@ -71,7 +71,7 @@ def test_five_runs_on_two_workers_train_each_key_once(topology):
     table = read_table(store, "runs")
     assert len(table) == 5 and table["model_sha256"].nunique() == 3
     for name in TABLES:
-        for path in store.fs.glob(store.path("tables", name, "*", "*.parquet")):
+        for path in store.fs.glob(store.path("tables", name) + "/*/*.parquet"):
             with store.fs.open(path, "rb") as handle:  # glob gives filesystem paths, not store keys
                 pq.read_table(handle)
     assert not [p for p in store.fs.find(store.root) if "/." in p]  # no temporary objects left in the bucket
