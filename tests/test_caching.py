@@ -9,6 +9,7 @@ from flows.params import PipelineParameters
 from storage import Store
 from tasks.evaluate import EvaluationRef
 from tasks.fetch import DatasetRef, StoredFile
+from tasks.gate import GateRules
 from tasks.model import ModelRef
 from tasks.train import TrainConfig
 from tests.conftest import model_ref, with_mnist
@@ -207,8 +208,8 @@ def test_a_cached_night_whose_champion_is_another_runs_model_imports_no_tensorfl
     base = PipelineParameters(epochs=1, train_limit=1000, n_per_class=10, store=store.url, gate={"min_balanced_accuracy": 0.5})
     champion = mnist_retrain(base.model_copy(update={"seed": 1}))
     assert champion.decision == "promoted"
-    night = base.model_copy(update={"seed": 2, "gate": {"min_balanced_accuracy": 0.999}})  # rejected: the champion stays
-    first = mnist_retrain(PipelineParameters.model_validate(night.model_dump()))
+    night = base.model_copy(update={"seed": 2, "gate": GateRules(min_balanced_accuracy=0.999)})  # rejected: champion stays
+    first = mnist_retrain(night)
     assert first.decision == "rejected" and first.champion_run_id == champion.run_id
     script = (
         "import json, sys\n"

@@ -222,14 +222,11 @@ def check_images_in_browser(ui_url: str, artifact_id, auth_string: str, run_name
                 log_in(page, auth_string)
                 page.get_by_text(run_name).first.wait_for(timeout=30_000)  # the run, once logged in
                 page.goto(f"{ui_url}{ui}/artifacts/artifact/{artifact_id}", wait_until="networkidle")
-                page.wait_for_function(  # rendered and decoded, not just present in the DOM
+                widths = page.wait_for_function(  # rendered and decoded, not just present; read in the same instant
                     "(() => { const i = [...document.querySelectorAll('img[src^=\"data:image/png\"]')];"
-                    " return i.length >= 8 && i.every(e => e.complete && e.naturalWidth > 0); })()",
+                    " return i.length >= 8 && i.every(e => e.complete && e.naturalWidth > 0) && i.map(e => e.naturalWidth); })()",
                     timeout=30_000,
-                )
-                widths = page.eval_on_selector_all(
-                    'img[src^="data:image/png"]', "els => els.map(e => e.complete ? e.naturalWidth : 0)"
-                )
+                ).json_value()
                 assert len(widths) == 8 and min(widths) > 0, (ui or "/", widths)
                 assert page.get_by_text("Champion decision").count() >= 1
         finally:
