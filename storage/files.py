@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import logging
 import os
 import posixpath
 import re
@@ -33,7 +32,6 @@ STORE_ENV = "MNIST_STORE"
 SIDECAR_LIMIT = 1 << 20  # a reference, pointer or record is a few KB: more is not ours
 STALE_TMP_SECONDS = 24 * 3600  # a temporary file this old belongs to a writer that was killed
 _TMP_NAME = re.compile(r"^\..+\.tmp-[0-9a-f]{32}$")
-_log = logging.getLogger("mnist.store")
 
 
 class StoreError(RuntimeError):
@@ -56,6 +54,7 @@ class StoreFiles:
     url: str
     is_local: bool
     warn: Callable[[str], None]
+    real_root: str  # the root with its symbolic links resolved: what every local path must stay under
     _swept: set[str]
 
     def path(self, *parts: str) -> str:
@@ -69,13 +68,9 @@ class StoreFiles:
         if key.startswith(self.root + "/"):
             key = key[len(self.root) + 1 :]
         path = posixpath.join(self.root, confine_key(key))
-        if self.is_local and os.path.commonpath([os.path.realpath(path), self._real_root]) != self._real_root:
+        if self.is_local and os.path.commonpath([os.path.realpath(path), self.real_root]) != self.real_root:
             raise UnsafeKey(f"{key[:120]!r} leads outside the store through a symbolic link: not followed")
         return path
-
-    @property
-    def _real_root(self) -> str:
-        return os.path.realpath(self.root)
 
     def location(self, key: str) -> str:
         """What to show a person: the local path, or the full URL (``s3://bucket/...``) of a remote one."""

@@ -37,6 +37,7 @@ class Store(Layout, StoreFiles, StoreLocks):
         self.fs, root = fsspec.core.url_to_fs(url)
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self.root = os.path.abspath(root) if self.is_local else root.rstrip("/")
+        self.real_root = os.path.realpath(self.root) if self.is_local else self.root
         self.url = self.root if self.is_local else url.rstrip("/")
 
     @classmethod
