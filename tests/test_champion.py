@@ -25,7 +25,7 @@ from tasks.tabulate import tabulate
 from tasks.train import TrainConfig, train_model
 from tests.conftest import reference_mcnemar
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("champion")]  # one worker shares the module's fixtures
 REPO = Path(__file__).resolve().parent.parent
 N_PER_CLASS = 100
 LENIENT = GateRules(min_balanced_accuracy=0.5, max_digit_drop=1.0)  # tiny trainings: one digit may lag

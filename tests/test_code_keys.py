@@ -15,6 +15,8 @@ import pytest
 
 from storage import code_digest
 
+pytestmark = pytest.mark.xdist_group("code-keys")  # one worker shares the module's fixtures
+
 REPO = Path(__file__).resolve().parent.parent
 
 KEYS = textwrap.dedent(

@@ -29,8 +29,8 @@ from tests.conftest import Mirror, sample_frames, with_mnist
 REPO = Path(__file__).resolve().parent.parent
 
 
-def cli(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PREFECT_HOME": str(tmp_path / f"prefect-{time.monotonic_ns()}"), **env}
+def cli(args: list[str], tmp_path: Path, api: dict[str, str], **env: str) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PREFECT_HOME": str(tmp_path / f"prefect-{time.monotonic_ns()}"), **api, **env}
     return subprocess.run(
         [sys.executable, "-m", "flows.cli", "run", *args], capture_output=True, text=True, timeout=900, env=full_env, cwd=REPO
     )
@@ -45,16 +45,17 @@ def export_idx(store: Store, directory: Path) -> Path:
 
 # 1. corrupt or truncated download -------------------------------------------------------------
 @pytest.mark.slow
-def test_every_source_corrupt_exits_non_zero_listing_each_source_and_stores_nothing(tmp_path, mnist_store):
+def test_every_source_corrupt_exits_non_zero_listing_each_source_and_stores_nothing(tmp_path, mnist_store, prefect_api):
     source = export_idx(mnist_store, tmp_path / "truncated")
     for f in source.iterdir():
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    altered = {f"{f.name}.gz": gzip.compress(f.read_bytes()[::-1]) for f in source.iterdir()}
+    altered = {f"{f.name}.gz": gzip.compress(f.read_bytes()[::-1], compresslevel=1) for f in source.iterdir()}
     mirror = Mirror(altered)
     try:
         done = cli(
             ["--epochs", "1", "--store", str(tmp_path / "store"), "--mnist-source", str(source)],
             tmp_path,
+            prefect_api,
             MNIST_MIRRORS=mirror.url,
             MNIST_NPM_PACKAGE="",
         )
@@ -119,7 +120,7 @@ def test_training_killed_mid_way_resumes_from_the_last_epoch(tmp_path, mnist_sto
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not (history.exists() and len(json.loads(history.read_text())) >= 2):
         assert proc.poll() is None, proc.stdout.read().decode()
-        time.sleep(0.05)
+        time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done_before = len(json.loads(history.read_text()))
@@ -142,11 +143,11 @@ def test_training_killed_mid_way_resumes_from_the_last_epoch(tmp_path, mnist_sto
 
 # 4. concurrent runs on one store --------------------------------------------------------------
 @pytest.mark.slow
-def test_two_runs_at_once_on_one_store_both_complete_with_whole_artifacts(tmp_path, mnist_store):
+def test_two_runs_at_once_on_one_store_both_complete_with_whole_artifacts(tmp_path, mnist_store, prefect_api):
     store = Store(tmp_path / "store")
     source = export_idx(mnist_store, tmp_path / "idx")
     args = ["--epochs", "1", "--train-limit", "3000", "--n-per-class", "20", "--store", store.url, "--mnist-source", str(source)]
-    env = {**os.environ, "MNIST_MIRRORS": "", "MNIST_NPM_PACKAGE": ""}
+    env = {**os.environ, **prefect_api, "MNIST_MIRRORS": "", "MNIST_NPM_PACKAGE": ""}
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "flows.cli", "run", *args],
@@ -174,7 +175,7 @@ def test_two_runs_at_once_on_one_store_both_complete_with_whole_artifacts(tmp_pa
 def test_unwritable_store_fails_before_any_work(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    done = cli(["--epochs", "1", "--store", str(blocker / "store")], tmp_path)
+    done = cli(["--epochs", "1", "--store", str(blocker / "store")], tmp_path, api={})  # refused before Prefect starts
     assert done.returncode == 1
     assert f"The artifact store {blocker / 'store'} cannot be written (Not a directory)" in done.stderr
     assert "fetch-mnist" not in done.stdout + done.stderr and "Training" not in done.stdout + done.stderr

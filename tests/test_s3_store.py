@@ -29,30 +29,32 @@ def export_idx(mnist_store: Store, directory: Path) -> Path:
     return directory
 
 
-def run_on(machine: Path, store_url: str, *extra: str) -> subprocess.CompletedProcess:
-    """``mnist-pipeline run`` as a separate machine would: its own working directory, Prefect home and cache."""
+def run_on(machine: Path, store_url: str, api: dict[str, str], *extra: str) -> subprocess.CompletedProcess:
+    """``mnist-pipeline run`` as a separate machine would: its own working directory, Prefect home and cache
+    (the API is the session's: machines of one deployment share a server)."""
     machine.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,
+        **api,
         "PREFECT_HOME": str(machine / "prefect"),
         "XDG_CACHE_HOME": str(machine / "cache"),
         "PYTHONPATH": str(REPO),
     }
-    args = ["run", "--epochs", "1", "--train-limit", "6000", "--n-per-class", "100", "--store", store_url, *extra]
+    args = ["run", "--epochs", "1", "--train-limit", "3000", "--n-per-class", "20", "--store", store_url, *extra]
     return subprocess.run(
         [sys.executable, "-m", "flows.cli", *args], cwd=machine, env=env, capture_output=True, text=True, timeout=600
     )
 
 
-def test_the_flow_on_an_s3_store_from_two_machines(s3_server, mnist_store: Store, tmp_path: Path):
+def test_the_flow_on_an_s3_store_from_two_machines(s3_server, mnist_store: Store, tmp_path: Path, prefect_api):
     url = s3_server.bucket("mnist") + "/quick"
     source = export_idx(mnist_store, tmp_path / "idx")
-    first = run_on(tmp_path / "machine-a", url, "--mnist-source", str(source))
+    first = run_on(tmp_path / "machine-a", url, prefect_api, "--mnist-source", str(source))
     assert first.returncode == 0, first.stderr[-3000:]
     assert "Steps:              fetch-mnist Completed, train Completed, evaluate Completed, plot Completed" in first.stdout
     assert f"{url}/tables" in first.stdout  # the URL a person can use, not a bare bucket path
 
-    second = run_on(tmp_path / "machine-b", url)  # no MNIST source at all: everything must come from the bucket
+    second = run_on(tmp_path / "machine-b", url, prefect_api)  # no MNIST source at all: everything must come from the bucket
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Steps:              fetch-mnist Cached, train Cached, evaluate Cached, plot Cached" in second.stdout
 
