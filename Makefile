@@ -61,7 +61,7 @@ PYTEST_ARGS ?=
 test: $(STAMP) browser
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15 $(PYTEST_ARGS)
 
 # The inner loop: no training, no Prefect server, no npm download (under a minute). See README "Tests".
 test-quick: $(STAMP)
