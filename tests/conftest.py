@@ -19,7 +19,6 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -30,24 +29,6 @@ from tasks.evaluate import predictions_frame
 from tasks.fetch import FileSpec, MnistUnavailable, fetch_mnist
 from tasks.metrics import confusion_frame, confusion_matrix, per_class_frame
 from tasks.model import ModelRef
-
-
-def _share_the_cores() -> None:
-    """Under pytest-xdist each worker's trainings (and their child processes: CLI runs, workers, backends) get
-    an equal share of the cores. Each runtime would otherwise size its thread pool to the whole machine, and
-    two trainings at once on 2 cores then spend their time spinning for each other: measured here, the suite
-    on two workers took 18 min against 20 on one. Only speed changes: no test reads a thread count."""
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if workers < 2:
-        return
-    threads = str(max(1, (os.cpu_count() or 1) // workers))
-    for name in ("TF_NUM_INTRAOP_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(name, threads)
-    os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
-    os.environ.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={threads}")
-
-
-_share_the_cores()
 
 
 class SyntheticMnist:
