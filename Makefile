@@ -68,10 +68,10 @@ test-quick: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow and not network" $(PYTEST_ARGS)
 
-# The whole suite in a random order (pytest-randomly; it prints the seed: PYTEST_ARGS="-p randomly -p 'randomly_seed=N'"
-# repeats one order). make test keeps the files' order.
+# The whole suite in a random order (pytest-randomly; it prints "Using --randomly-seed=N", and
+# `make test-shuffled PYTEST_ARGS=--randomly-seed=N` repeats that order). make test keeps a fixed order.
 test-shuffled: $(STAMP) browser
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -p randomly $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup -p randomly $(PYTEST_ARGS)
 
 # The UI test drives Debian's chromium through Playwright (Playwright's own browser download needs the open web).
 browser:
