@@ -55,23 +55,24 @@ run: $(STAMP)
 
 # Two pytest workers (pytest-xdist): one test's waits (a server starting, heartbeats missed, a training in a child
 # process) overlap another's work. Tests that share a module's server or trained models stay on one worker
-# (--dist loadgroup, pytest.mark.xdist_group).
+# (--dist loadgroup, pytest.mark.xdist_group); --no-loadscope-reorder keeps the collection order (long modules
+# first, tests/conftest.py) instead of xdist's largest-group-first.
 TEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 test: $(STAMP) browser
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=15 $(PYTEST_ARGS)
 
 # The inner loop: no training, no Prefect server, no npm download (under a minute). See README "Tests".
 test-quick: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow and not network" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow and not network" $(PYTEST_ARGS)
 
 # The whole suite in a random order (pytest-randomly; it prints "Using --randomly-seed=N", and
 # `make test-shuffled PYTEST_ARGS=--randomly-seed=N` repeats that order). make test keeps a fixed order.
 test-shuffled: $(STAMP) browser
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup -p randomly $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder -p randomly $(PYTEST_ARGS)
 
 # The UI test drives Debian's chromium through Playwright (Playwright's own browser download needs the open web).
 browser:

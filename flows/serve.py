@@ -225,7 +225,11 @@ class LocalStack:
         if pid is None:
             return False
         try:  # a killed child of this process stays a zombie (and answers signal 0) until it is reaped
-            os.waitpid(pid, os.WNOHANG)
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:  # reaped now: forget it, its pid may be reused
+                pids = self._pids()
+                pids.pop(name, None)
+                self.pids_file.write_text(json.dumps(pids))
+                return False
         except ChildProcessError:
             pass
         try:

