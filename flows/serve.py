@@ -78,6 +78,14 @@ def worker_limit() -> int:
     return max(gpu_count(), 1)
 
 
+def _reaped(pid: int) -> bool:
+    """Reap ``pid`` if it is an exited child of this process (a zombie still answers signal 0); True if it was."""
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] == pid
+    except ChildProcessError:  # not our child, or reaped already
+        return False
+
+
 class LocalStack:
     """Processes are started in their own sessions and recorded in ``<home>/pids.json``."""
 
@@ -224,14 +232,11 @@ class LocalStack:
         pid = self._pids().get(name)
         if pid is None:
             return False
-        try:  # a killed child of this process stays a zombie (and answers signal 0) until it is reaped
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:  # reaped now: forget it, its pid may be reused
-                pids = self._pids()
-                pids.pop(name, None)
-                self.pids_file.write_text(json.dumps(pids))
-                return False
-        except ChildProcessError:
-            pass
+        if _reaped(pid):  # a killed child answers signal 0 until reaped; forget it, its pid may be reused
+            pids = self._pids()
+            pids.pop(name, None)
+            self.pids_file.write_text(json.dumps(pids))
+            return False
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
@@ -298,10 +303,7 @@ class LocalStack:
                 os.kill(pid, 0)
             except ProcessLookupError:
                 break
-            try:  # reap our own child so it does not linger as a zombie
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
+            _reaped(pid)  # our own child must not linger as a zombie
             time.sleep(0.2)
         else:
             try:
