@@ -1,5 +1,5 @@
 """Who hears about a bad night: a Prefect automation that calls a webhook when a run of the nightly
-deployment fails or crashes, or when a model is rejected by the champion gate.
+deployment fails or crashes, when a model is rejected by the champion gate, or when a new batch is quarantined.
 
 ``make serve`` runs this against its server (``python -m flows.alerts``). The webhook is a Prefect
 ``Webhook`` block named ``mnist-alerts`` made from ``$MNIST_ALERT_WEBHOOK``, so it can be changed
@@ -15,7 +15,7 @@ ALERT_ENV = "MNIST_ALERT_WEBHOOK"
 BLOCK_NAME = "mnist-alerts"
 AUTOMATION_NAME = "mnist-nightly-alerts"
 DEPLOYMENT = "mnist-retrain/nightly"
-ALERT_EVENTS = ("prefect.flow-run.Failed", "prefect.flow-run.Crashed", "mnist.model.rejected")
+ALERT_EVENTS = ("prefect.flow-run.Failed", "prefect.flow-run.Crashed", "mnist.model.rejected", "mnist.batch.quarantined")
 
 # The webhook's JSON body: what happened, to what, and why (the gate's reason, when there is one). The whole
 # body is one value serialised by `tojson`, never strings pasted between quotes: a run named `a"b` (or a
@@ -61,7 +61,8 @@ def configure_alerts(webhook_url: str | None, deployment: str = DEPLOYMENT) -> s
     deployment_id = prepare_automations(deployment, AUTOMATION_NAME)
     Automation(
         name=AUTOMATION_NAME,
-        description=f"Call the {BLOCK_NAME} webhook when a {deployment} run fails or crashes, or a model is rejected.",
+        description=f"Call the {BLOCK_NAME} webhook when a {deployment} run fails or crashes, a model is rejected, "
+        "or a new batch is quarantined.",
         trigger=EventTrigger(
             expect=set(ALERT_EVENTS),
             match_related={"prefect.resource.id": f"prefect.deployment.{deployment_id}"},

@@ -10,8 +10,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from flows.summary import RunSummary
 from storage import Store
 from storage.tables import read_frame
-from tasks.champion import GateRef
-from tasks.report import ReportRef, decision_markdown
+from tasks.report import ReportRef, batches_markdown, decision_markdown, slices_markdown
+from tasks.run_record import RunRecord
+from tasks.splits import SLICE_TEST
 from tasks.tabulate import TablesRef
 
 PER_DIGIT_KEY = "mnist-per-digit-accuracy"
@@ -41,6 +42,7 @@ def confusion_rows(confusion: pd.DataFrame) -> list[dict]:
 def publish(store: Store, tables: TablesRef, summary_markdown: str) -> None:
     per_class = read_frame(store, tables.partition_keys["per_class"])
     confusion = read_frame(store, tables.partition_keys["confusion"])
+    per_class, confusion = (frame[frame["slice"] == SLICE_TEST] for frame in (per_class, confusion))
     create_table_artifact(
         per_digit_rows(per_class), key=PER_DIGIT_KEY, description="Per-digit accuracy with 95 % Wilson interval"
     )
@@ -53,6 +55,7 @@ def publish(store: Store, tables: TablesRef, summary_markdown: str) -> None:
 # the figures the summary shows, in order; each is embedded in the markdown, so the UI needs no file access
 SUMMARY_FIGURES = (
     ("Challenger versus champion", "champion_vs_challenger.png"),
+    ("Slices night by night", "slice_trend.png"),
     ("Night by night", "trend.png"),
     ("Per-digit accuracy", "per_class_accuracy.png"),
     ("Confusion matrix", "confusion.png"),
@@ -97,17 +100,29 @@ def attempt_rows(summary: RunSummary) -> str:
     return "\n".join(rows)
 
 
-def summary_markdown(store: Store, summary: RunSummary, decided: GateRef, report: ReportRef) -> str:
+def summary_markdown(store: Store, summary: RunSummary, run: RunRecord, report: ReportRef) -> str:
+    decided = run.gate
     steps = "\n".join(f"| {step} | {state} |" for step, state in summary.step_states.items())
     figures = "\n\n".join(
         f"### {title}\n{embedded_png(store.read_bytes(report.file_keys[name]), title)}"
         for title, name in SUMMARY_FIGURES
         if name in report.file_keys
     )
+    drift = "\n\n".join(
+        embedded_png(store.read_bytes(key), name) for name, key in report.file_keys.items() if name.startswith("batch-")
+    )
     return f"""# MNIST retrain {summary.run_id}
 
 ## Champion decision
 {decision_markdown(decided)}
+
+## Slices
+{slices_markdown(run.evaluation, decided)}
+
+## New data tonight
+{batches_markdown(run.batches, run.dataset)}
+
+{drift}
 
 ## This run
 | | |

@@ -21,7 +21,8 @@ from prefect.context import TaskRunContext
 from flows.locks import open_store
 from flows.results import UntrustedRecord, check_record
 from storage import SIDECAR_LIMIT, Store, code_digest
-from tasks.evaluate import EvaluationRef, evaluation_key, stored_evaluation
+from tasks.batch_format import AcceptedBatch, BatchPart
+from tasks.evaluate import EvaluationRef, SliceEvaluation, evaluation_key, stored_evaluation
 from tasks.fetch import DatasetRef, StoredFile, dataset_key, stored_dataset
 from tasks.model import ModelRef
 from tasks.plots import PlotsRef, plots_key, stored_plots
@@ -87,7 +88,10 @@ def same_artifact(cached: Any, stored: Any) -> bool:
 
 
 FETCH = StoredArtifactPolicy(
-    step="fetch", key=dataset_key, lookup=lambda store, _key: stored_dataset(store), returns=(DatasetRef, StoredFile)
+    step="fetch",
+    key=dataset_key,
+    lookup=lambda store, _key: stored_dataset(store),
+    returns=(DatasetRef, StoredFile, AcceptedBatch, BatchPart),
 )
 TRAIN = StoredArtifactPolicy(
     step="train", key=training_key, inputs=("dataset", "config"), lookup=stored_model, returns=(ModelRef,)
@@ -95,9 +99,9 @@ TRAIN = StoredArtifactPolicy(
 EVALUATE = StoredArtifactPolicy(
     step="evaluate",
     key=evaluation_key,
-    inputs=("model", "n_per_class", "seed"),
+    inputs=("dataset", "model", "n_per_class", "seed"),
     lookup=stored_evaluation,
-    returns=(EvaluationRef,),
+    returns=(EvaluationRef, SliceEvaluation),
 )
 PLOT = StoredArtifactPolicy(step="plot", key=plots_key, inputs=("model", "evaluation"), lookup=stored_plots, returns=(PlotsRef,))
 

@@ -28,7 +28,10 @@ def _quiet_environment() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-GROUPS = {"gate": ("champion gate", "when this run's model replaces the champion (compared on the same images)")}
+GROUPS = {
+    "gate": ("champion gate", "when this run's model replaces the champion (compared on the same images)"),
+    "ingest": ("new-data checks", "when a new batch is quarantined instead of trained on"),
+}
 
 
 def _flag_options(field: FieldInfo) -> dict:
@@ -75,6 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--store", default=None, help=store_help)
     rollback = sub.add_parser("rollback", help="make the previous champion the champion again (recorded as manual)")
     rollback.add_argument("--store", default=None, help=store_help)
+    for name, verb in (
+        ("release", "accept a quarantined batch: the next night trains on it"),
+        ("quarantine", "set an accepted batch aside: the next night trains without it"),
+    ):
+        batch = sub.add_parser(name, help=f"{verb} (recorded in the batches table as the operator's)")
+        batch.add_argument("batch", help="the batch's digest, or its first 8+ characters (see the batches table)")
+        batch.add_argument("--store", default=None, help=store_help)
+    simulate = sub.add_parser("simulate-arrivals", help="write night K's batch of the scripted week into the incoming location")
+    simulate.add_argument("--night", type=int, required=True, choices=range(1, 8), metavar="K", help="night of the week, 1–7")
+    simulate.add_argument("--store", default=None, help=store_help)
+    simulate.add_argument("--held-back", type=int, default=None, help="held-back images the nights run with (default 10000)")
+    simulate.add_argument("--images", type=int, default=None, help="images per batch (default 1500)")
     return parser
 
 
@@ -96,6 +111,49 @@ def parameters_from(args: argparse.Namespace) -> PipelineParameters:
 
         found["store"] = strip_credentials(found["store"])
     return PipelineParameters(**found)
+
+
+def batch_command(args: argparse.Namespace) -> int:
+    """``release`` and ``quarantine``: an operator overrules the ingest step's decision on one batch."""
+    from flows.locks import open_store
+    from tasks.ingest import BatchNotFound, set_status
+
+    store = open_store(args.store)
+    try:
+        record = set_status(store, args.batch, "accepted" if args.command == "release" else "quarantined")
+    except BatchNotFound as exc:
+        print(f"mnist-pipeline {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"Batch {record.digest[:12]} ({record.file}) is now {record.status}; the next night's dataset version follows.")
+    return 0
+
+
+def simulate_command(args: argparse.Namespace) -> int:
+    """``simulate-arrivals``: night K of the scripted week, from MNIST (fetched into the store if missing)."""
+    from flows.locks import open_store
+    from tasks import simulate
+    from tasks.fetch import MnistUnavailable, default_sources, fetch_mnist, load_mnist
+    from tasks.ingest import INCOMING_ENV, incoming_store
+
+    store = open_store(args.store)
+    try:
+        mnist = load_mnist(store, fetch_mnist(store, default_sources(), log=lambda line: None))
+    except MnistUnavailable as exc:
+        print(f"mnist-pipeline simulate-arrivals: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    held_back = args.held_back if args.held_back is not None else simulate.HELD_BACK
+    images = args.images if args.images is not None else simulate.BATCH_IMAGES
+    try:
+        where = simulate.write_night(
+            incoming_store(store, os.environ.get(INCOMING_ENV) or None), mnist, args.night, held_back, images
+        )
+    except ValueError as exc:
+        print(f"mnist-pipeline simulate-arrivals: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(
+        f"Night {args.night} ({simulate.NIGHTS[args.night]}): {images} images → {where}; run the night with --held-back {held_back}"
+    )
+    return 0
 
 
 def champion_command(args: argparse.Namespace) -> int:
@@ -200,6 +258,10 @@ def entry() -> None:
 def main(argv: list[str] | None = None) -> int:
     _quiet_environment()
     args = build_parser().parse_args(argv)
+    if args.command in ("release", "quarantine"):
+        return batch_command(args)
+    if args.command == "simulate-arrivals":
+        return simulate_command(args)
     if args.command != "run":
         return champion_command(args)
     try:
@@ -229,9 +291,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nmnist-pipeline: the run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     logging.getLogger("prefect").setLevel(logging.WARNING)  # the decision, not the ephemeral server's goodbye, ends the output
+    new_data = (
+        f"{summary.new_data_balanced_accuracy:.4f} ({summary.new_data_images} images)"
+        if summary.new_data_balanced_accuracy is not None
+        else "none yet"
+    )
+    tonight = list(summary.batches_tonight.values())
     print(
-        f"\nTest accuracy:      {summary.test_accuracy:.4f} (all 10000 test images)\n"
-        f"Balanced accuracy:  {summary.balanced_accuracy:.4f} ({summary.n_evaluated} images, {params.n_per_class} per digit)\n"
+        f"\nSelection:          {summary.selection_balanced_accuracy:.4f} balanced accuracy on mnist-selection (decides)\n"
+        f"New data:           {new_data} (decides)\n"
+        f"Test accuracy:      {summary.test_accuracy:.4f} (all 10000 test images; reports only)\n"
+        f"Balanced accuracy:  {summary.balanced_accuracy:.4f} ({summary.n_evaluated} test images, {params.n_per_class} per digit)\n"
+        f"Dataset version:    {summary.dataset_version[:16]} (MNIST and {summary.batches_accepted} accepted batches; tonight "
+        f"{tonight.count('accepted')} accepted, {tonight.count('quarantined')} quarantined)\n"
         f"Model:              {summary.network} on {summary.device} ({summary.backend}, {summary.precision}) → {summary.model_path}\n"
         f"Parquet tables:     {summary.tables_dir}\n"
         f"Plots and report:   {summary.report_dir} (open {summary.report_index})\n"

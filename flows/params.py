@@ -12,6 +12,7 @@ from copy import copy
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks.backends import Backend, process_backend
+from tasks.data_checks import IngestRules
 from tasks.gate import GateRules
 from tasks.model import ModelName
 from tasks.train import SEED_MAX, Precision, TrainConfig
@@ -41,8 +42,14 @@ class PipelineParameters(BaseModel):
         le=SEED_MAX,
         title="Seed",
         description=f"Seeds initialisation, shuffling, subsets and the evaluation sample (0–{SEED_MAX}). "
-        "Empty: draw a new seed at run time, as the nightly deployment does, so each night trains a new model; "
-        "the seed is drawn from the run's id (a crashed run restarted keeps it), logged, and recorded in the runs table.",
+        "Empty, as the nightly deployment leaves it: derived from the dataset version, so a night with new data "
+        "trains a new model and a night without reuses the last one (see new_seed); logged and recorded in the runs table.",
+    )
+    new_seed: bool = Field(
+        False,
+        title="New seed on unchanged data",
+        description="With seed empty: draw the seed from the run's id instead (a crashed run restarted keeps it), "
+        "so even a night without new data trains a new model.",
     )
     train_limit: int | None = copy(TRAINING["train_limit"])
     precision: Precision = copy(TRAINING["precision"])
@@ -56,6 +63,19 @@ class PipelineParameters(BaseModel):
         default_factory=GateRules,
         title="Champion gate",
         description="When this run's model replaces the champion: compared on the same images, with a paired McNemar test.",
+    )
+    held_back: int = Field(
+        0,
+        ge=0,
+        le=25_000,
+        title="Held-back MNIST images",
+        description="MNIST training images kept out of the base training set, which `simulate-arrivals` releases "
+        "night by night as new batches (0 in production; 10000 for the scripted week).",
+    )
+    ingest: IngestRules = Field(
+        default_factory=IngestRules,
+        title="New-data checks",
+        description="When a new batch is quarantined instead of trained on: leakage, drift, and labels the champion contradicts.",
     )
     refresh: bool = Field(
         False,
@@ -81,9 +101,15 @@ class PipelineParameters(BaseModel):
 
 
 def run_seed(run_id: str) -> int:
-    """The seed a run with an empty ``seed`` uses: drawn from its id, which is random, so each night trains a
-    new model, and kept by the run's id, so a run restarted after a crash trains (and resumes) the same one."""
+    """The seed of an empty ``seed`` with ``new_seed``: drawn from the run's id, which is random, so the night
+    trains a new model, and kept by the run's id, so a run restarted after a crash trains (and resumes) the same one."""
     return int(hashlib.sha256(run_id.encode()).hexdigest(), 16) % (SEED_MAX + 1)
+
+
+def data_seed(dataset_version: str) -> int:
+    """The seed of an empty ``seed``: drawn from the dataset version, so the same data gives the same training
+    key (the model is reused, a crashed run resumes it) and new data a new model."""
+    return int(hashlib.sha256(f"seed:{dataset_version}".encode()).hexdigest(), 16) % (SEED_MAX + 1)
 
 
 def describe_errors(error: ValidationError) -> str:
@@ -92,7 +118,8 @@ def describe_errors(error: ValidationError) -> str:
     for item in error.errors():
         loc = item["loc"]
         field = ".".join(str(p) for p in loc) or "parameters"
-        fields = GateRules.model_fields if len(loc) > 1 and loc[0] == "gate" else PipelineParameters.model_fields
+        groups = {"gate": GateRules.model_fields, "ingest": IngestRules.model_fields}
+        fields = groups.get(str(loc[0]), PipelineParameters.model_fields) if len(loc) > 1 else PipelineParameters.model_fields
         info = fields.get(str(loc[-1])) if loc else None
         allowed = f" ({info.description})" if info is not None and info.description else ""
         lines.append(f"{field}={item.get('input')!r}: {item['msg']}{allowed}")

@@ -1,5 +1,6 @@
-"""The nightly retrain: fetch verified MNIST, train the CNN, evaluate it on a balanced sample, decide
-whether it replaces the champion, publish confusion tables as Parquet, and render the report."""
+"""The nightly retrain: fetch verified MNIST, check the new batches that arrived, train the CNN on both, evaluate
+it on every slice, decide on the selection and new-data slices whether it replaces the champion, publish
+confusion tables as Parquet, and render the report."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from flows import artifacts, recovery, steps
 from flows.caching import call_cached
 from flows.confinement import check_deployed_run
 from flows.locks import open_store
-from flows.params import PipelineParameters, run_seed
+from flows.params import PipelineParameters, data_seed, run_seed
 from flows.results import result_storage
 from flows.summary import RunSummary
 from tasks.run_record import RunRecord
@@ -37,10 +38,6 @@ def mnist_retrain(params: PipelineParameters = PipelineParameters()) -> RunSumma
     if attempt.restarted:
         logger.warning("Attempt %d of this run: the previous one crashed (%s)", attempt.number, attempt.crashed[-1])
     run_id = flow_run.get_id() or uuid.uuid4().hex
-    seed = params.seed if params.seed is not None else run_seed(run_id)
-    if params.seed is None:
-        logger.info("Drew seed %d for this run (seed left empty): a new model is trained", seed)
-    params = params.model_copy(update={"seed": seed})
     logger.info("Run %s writing to store %s", run_id, store.url)
 
     results = result_storage(store)
@@ -51,7 +48,14 @@ def mnist_retrain(params: PipelineParameters = PipelineParameters()) -> RunSumma
         return call_cached(step, *args, result_storage=results, refresh=refresh, warn=logger.warning)
 
     fetched = cached(steps.fetch_mnist, store.url, params.mnist_source)
-    dataset = fetched.result()
+    ingested = steps.ingest(store.url, fetched.result(), params.ingest, run_id, params.held_back)
+    dataset = ingested.dataset
+    seed = params.seed
+    if seed is None:
+        seed = run_seed(run_id) if params.new_seed else data_seed(dataset.version)
+        how = "from the run id (new_seed): a new model is trained" if params.new_seed else "from the dataset version"
+        logger.info("Seed %d for this run (seed left empty; drawn %s)", seed, how)
+    params = params.model_copy(update={"seed": seed})
     trained = cached(steps.train, store.url, dataset, params.train_config(seed), reuse)
     model = trained.result()
     evaluated = cached(steps.evaluate, store.url, dataset, model, params.n_per_class, seed, reuse)
@@ -67,6 +71,7 @@ def mnist_retrain(params: PipelineParameters = PipelineParameters()) -> RunSumma
         evaluation=evaluation,
         gate=decided,
         execution=attempt.execution(),
+        batches=ingested.night,
     )
     tables = steps.tabulate(store.url, run)
     report = steps.report(store.url, run, plots, tables)
@@ -76,6 +81,6 @@ def mnist_retrain(params: PipelineParameters = PipelineParameters()) -> RunSumma
         for name, state in (("fetch-mnist", fetched), ("train", trained), ("evaluate", evaluated), ("plot", plotted))
     }
     summary = RunSummary.of(run, store, report, states, seed, attempt)
-    artifacts.publish(store, tables, artifacts.summary_markdown(store, summary, decided, report))
+    artifacts.publish(store, tables, artifacts.summary_markdown(store, summary, run, report))
     logger.info("Steps: %s", ", ".join(f"{k} {v}" for k, v in states.items()))
     return summary

@@ -9,6 +9,8 @@ folder) always runs, as it is the record of that run.
 
 from __future__ import annotations
 
+import os
+
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
@@ -17,14 +19,17 @@ from prefect.logging import get_run_logger
 
 import tasks.champion
 import tasks.fetch
+import tasks.ingest
 import tasks.tabulate
 from flows import caching
 from flows.locks import open_store
 from flows.results import ReferenceSerializer
 from tasks.champion import GateRef
+from tasks.data_checks import IngestRules
 from tasks.evaluate import EvaluationRef, evaluate_model
 from tasks.fetch import DatasetRef, default_sources
 from tasks.gate import GateRules
+from tasks.ingest import INCOMING_ENV, IngestRef
 from tasks.model import ModelRef
 from tasks.plots import PlotsRef, render_plots
 from tasks.report import ReportRef, publish_report
@@ -48,6 +53,37 @@ def fetch_mnist(store_url: str, mnist_source: str | None = None) -> DatasetRef:
     logger = get_run_logger()
     ref = tasks.fetch.fetch_mnist(open_store(store_url), sources=default_sources(mnist_source), log=logger.info)
     logger.info("MNIST %s verified (from %s)", ref.sha256[:12], ", ".join(ref.sources))
+    return ref
+
+
+BATCH_EVENT = "mnist.batch.{decision}"
+
+
+@task(name="ingest", cache_policy=NO_CACHE)
+def ingest(store_url: str, dataset: DatasetRef, rules: IngestRules, run_id: str, held_back: int = 0) -> IngestRef:
+    """Check the batches waiting in the incoming location (``$MNIST_INCOMING``, else ``<store>/incoming``: the
+    worker's setting, never a run parameter, so an API caller cannot point a worker at files to read and
+    delete); never cached, since it reads what arrived. A quarantined batch emits an event and the night goes on."""
+    logger = get_run_logger()
+    store = open_store(store_url, warn=logger.warning)
+    incoming = tasks.ingest.incoming_store(store, os.environ.get(INCOMING_ENV) or None)
+    base = dataset.model_copy(update={"held_back": held_back})
+    ref = tasks.ingest.ingest_batches(store, incoming, base, rules, run_id, log=logger.info)
+    for record in ref.night:
+        emit_event(
+            event=BATCH_EVENT.format(decision=record.status),
+            resource={"prefect.resource.id": f"mnist.batch.{record.digest}", "prefect.resource.name": f"batch {record.file}"},
+            payload={"decision": record.status, "reason": record.reason, "digest": record.digest, "file": record.file},
+        )
+        if record.status == "quarantined":
+            logger.warning("Batch %s (%s) quarantined: %s", record.digest[:12], record.file, record.reason)
+    logger.info(
+        "Dataset version %s: MNIST and %d accepted batches (%d new tonight, %d quarantined)",
+        ref.dataset.version[:12],
+        len(ref.dataset.batches),
+        len(ref.night) - len(ref.quarantined),
+        len(ref.quarantined),
+    )
     return ref
 
 

@@ -8,6 +8,7 @@ from flows.recovery import Attempt
 from storage import Store
 from tasks.report import ReportRef
 from tasks.run_record import RunRecord
+from tasks.splits import SLICE_NEW, SLICE_SELECTION
 
 
 class RunSummary(BaseModel):
@@ -32,10 +33,17 @@ class RunSummary(BaseModel):
     champion_run_id: str | None
     attempt: Attempt  # attempt 2 and up: this run restarted after crashing
     resumed_from_epoch: int  # training this run did resumed from the checkpoint after this epoch (0: from scratch)
+    selection_balanced_accuracy: float  # where the gate decides, with new-data
+    new_data_balanced_accuracy: float | None  # None until a batch was accepted
+    new_data_images: int
+    dataset_version: str
+    batches_accepted: int  # in the dataset version
+    batches_tonight: dict[str, str] = {}  # digest → accepted / quarantined
 
     @classmethod
     def of(cls, run: RunRecord, store: Store, report: ReportRef, step_states: dict[str, str], seed: int, attempt: Attempt):
         model, evaluation, decided = run.model, run.evaluation, run.gate
+        new = evaluation.slice(SLICE_NEW)
         return cls(
             run_id=run.run_id,
             seed=seed,
@@ -58,4 +66,10 @@ class RunSummary(BaseModel):
             champion_run_id=decided.champion_after.run_id if decided.champion_after else None,
             attempt=attempt,
             resumed_from_epoch=model.resumed_from_epoch if step_states["train"] == "Completed" else 0,
+            selection_balanced_accuracy=evaluation.slice(SLICE_SELECTION).balanced_accuracy,
+            new_data_balanced_accuracy=new.balanced_accuracy if new else None,
+            new_data_images=new.images if new else 0,
+            dataset_version=run.dataset.version,
+            batches_accepted=len(run.dataset.batches),
+            batches_tonight={b.digest: b.status for b in run.batches},
         )

@@ -79,6 +79,23 @@ class Layout:
         """Every test image's prediction: what a champion/challenger comparison pairs image by image."""
         return self.key("evaluations", key, "test_predictions.parquet")
 
+    def slice_predictions_file(self, key: str, slice_name: str) -> str:
+        """Every image's prediction on one evaluation slice (``mnist-selection``, ``new-data``, ``mnist-test``)."""
+        return self.key("evaluations", confine_name(key), f"{confine_name(slice_name)}.parquet")
+
+    def incoming_url(self) -> str:
+        """Where new labelled batches land unless ``$MNIST_INCOMING`` says otherwise: ``<store>/incoming``."""
+        return posixpath.join(self.url, "incoming") if not self.is_local else os.path.join(self.root, "incoming")
+
+    def batch_dir(self) -> str:
+        """Every batch ever ingested, accepted or quarantined, under its content digest."""
+        return self.key("batches")
+
+    def batch_file(self, digest: str, name: str) -> str:
+        """One file of the batch ``digest``: its record (``batch.json``), the incoming file as it arrived
+        (``incoming.parquet``), its training and holdout shares, its drift plot."""
+        return self.key("batches", confine_name(digest), confine_name(name))
+
     def champion_file(self) -> str:
         """The pointer to the model in use, at the store's root where consumers look for it first."""
         return self.key("champion.json")

@@ -5,6 +5,14 @@ Each table is a dataset under ``<store>/tables/<name>/`` partitioned by ``run_id
 ``write_to_dataset`` does, so ``pyarrow.dataset`` and ``pandas.read_parquet`` return it as a
 column. ``schema_version`` sits in each file's schema metadata; it changes only when a column
 changes meaning or type.
+
+Schema 2 (nights with new data): ``confusion``, ``per_class`` and ``predictions`` gain ``slice``
+(``mnist-selection``, ``mnist-test``, ``new-data``); the promotions' balanced accuracy and McNemar
+columns are now those of ``mnist-selection`` (schema 1: the test set), and ``slices`` holds the rules
+on every deciding slice; ``runs`` gains the dataset version and the deciding slices' accuracies; the
+``batches`` table is new. A schema-1 partition read through these schemas gets nulls in the new
+columns (a null ``slice`` is ``mnist-test``, the only slice schema 1 had), so old and new partitions
+read side by side with one ``pyarrow.dataset`` call.
 """
 
 from __future__ import annotations
@@ -16,9 +24,25 @@ import pyarrow.parquet as pq
 
 from storage.store import Store
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 NUM_CLASSES = 10  # MNIST's digits: the width of the probabilities column, and every per-digit table
 RUN_ID = pa.field("run_id", pa.string(), nullable=False)
+SLICE = pa.field("slice", pa.string())  # schema 2; null in schema-1 partitions, which hold mnist-test only
+SLICE_RULES = pa.struct(
+    [
+        pa.field("slice", pa.string()),
+        pa.field("images", pa.int64()),
+        pa.field("challenger_balanced_accuracy", pa.float64()),
+        pa.field("champion_balanced_accuracy", pa.float64()),
+        pa.field("mcnemar_b", pa.int64()),
+        pa.field("mcnemar_c", pa.int64()),
+        pa.field("mcnemar_p", pa.float64()),
+        pa.field("worst_digit", pa.int8()),
+        pa.field("worst_digit_drop", pa.float64()),
+        pa.field("passed", pa.bool_()),
+        pa.field("failed_rules", pa.list_(pa.string())),
+    ]
+)
 
 SCHEMAS: dict[str, pa.Schema] = {
     "confusion": pa.schema(
@@ -27,6 +51,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("predicted_label", pa.int8(), nullable=False),
             pa.field("count", pa.int64(), nullable=False),
             pa.field("share_of_true", pa.float64(), nullable=False),
+            SLICE,
         ]
     ),
     "per_class": pa.schema(
@@ -40,6 +65,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("f1", pa.float64()),
             pa.field("accuracy_ci_low", pa.float64(), nullable=False),
             pa.field("accuracy_ci_high", pa.float64(), nullable=False),
+            SLICE,
         ]
     ),
     "predictions": pa.schema(
@@ -49,6 +75,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("predicted_label", pa.int8(), nullable=False),
             pa.field("confidence", pa.float32(), nullable=False),
             pa.field("probabilities", pa.list_(pa.float32(), NUM_CLASSES), nullable=False),
+            SLICE,  # test_index: the image's index within its slice (for mnist-test, the test-set index)
         ]
     ),
     "runs": pa.schema(
@@ -72,6 +99,12 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("scheduled_start", pa.timestamp("us", tz="UTC")),  # when the schedule meant it to run
             pa.field("started_at", pa.timestamp("us", tz="UTC")),  # when this attempt actually began
             pa.field("backend", pa.string()),  # the Keras backend the model was trained on (null before the choice)
+            # schema 2: the data the night used and the slices the gate decided on
+            pa.field("dataset_version", pa.string()),  # MNIST plus the accepted batches (a digest over their digests)
+            pa.field("batches_accepted", pa.int32()),  # accepted batches in that version
+            pa.field("selection_balanced_accuracy", pa.float64()),
+            pa.field("new_data_balanced_accuracy", pa.float64()),  # null before any batch was accepted
+            pa.field("new_data_images", pa.int32()),
         ]
     ),
     "promotions": pa.schema(
@@ -91,6 +124,35 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("reason", pa.string(), nullable=False),
             pa.field("forced", pa.bool_(), nullable=False),
             pa.field("decided_at", pa.timestamp("us", tz="UTC"), nullable=False),
+            pa.field("slices", pa.list_(SLICE_RULES)),  # schema 2: the rules on every deciding slice
+        ]
+    ),
+    "batches": pa.schema(
+        [
+            pa.field("digest", pa.string(), nullable=False),  # SHA-256 of the incoming file: the batch's identity
+            pa.field("file", pa.string(), nullable=False),  # its name in the incoming location
+            pa.field("rows", pa.int64(), nullable=False),
+            pa.field("decision", pa.string(), nullable=False),  # accepted or quarantined
+            pa.field("reason", pa.string(), nullable=False),
+            pa.field("decided_by", pa.string(), nullable=False),  # ingest, or operator (release / quarantine)
+            pa.field("decided_at", pa.timestamp("us", tz="UTC"), nullable=False),
+            pa.field("source", pa.string()),
+            pa.field("leaked_test", pa.int64()),  # exact copies of MNIST test images, dropped
+            pa.field("leaked_selection", pa.int64()),  # exact copies of selection-split images, dropped
+            pa.field("train_rows", pa.int64()),
+            pa.field("holdout_rows", pa.int64()),
+            pa.field("label_chi2_p", pa.float64()),  # label distribution against MNIST's training set
+            pa.field("label_shift", pa.float64()),  # total variation distance of the two label distributions
+            pa.field("mean_intensity", pa.float64()),  # mean pixel value (0–1) of the batch; MNIST's is about 0.13
+            pa.field("mean_intensity_ks", pa.float64()),  # two-sample Kolmogorov–Smirnov statistic against MNIST
+            pa.field("mean_intensity_p", pa.float64()),
+            pa.field("ink_fraction", pa.float64()),  # share of pixels above half intensity
+            pa.field("ink_fraction_ks", pa.float64()),
+            pa.field("ink_fraction_p", pa.float64()),
+            pa.field("disagreement", pa.float64()),  # share of labels the champion disagrees with
+            pa.field("confident_disagreement", pa.float64()),  # the same, on images it is confident about
+            pa.field("champion_confident_disagreement", pa.float64()),  # the champion's own, on mnist-selection
+            pa.field("champion_model_key", pa.string()),
         ]
     ),
 }
@@ -105,6 +167,8 @@ def schema(table: str) -> pa.Schema:
 def to_arrow(table: str, frame: pd.DataFrame) -> pa.Table:
     """Convert and validate: a missing column or a value of the wrong type fails here, not downstream."""
     target = schema(table)
+    if SLICE.name in target.names and SLICE.name not in frame.columns:  # one slice's own file: the slice is its name
+        frame = frame.assign(slice=None)
     missing = [f.name for f in target if f.name not in frame.columns]
     if missing:
         raise ValueError(f"table {table!r} is missing columns {missing}")

@@ -35,11 +35,22 @@ from tasks.champion_pointer import (
     read_pointer,
     write_pointer,
 )
-from tasks.evaluate import EvaluationRef, predicted_test_labels
+from tasks.evaluate import EvaluationRef, predicted_labels
 from tasks.fetch import DatasetRef
-from tasks.gate import Comparison, Decision, GateRules, PointerChange, compare, decide, pointer_change
+from tasks.gate import (
+    Comparison,
+    Decision,
+    GateRules,
+    PointerChange,
+    SliceVerdict,
+    compare,
+    decide_slices,
+    judge_slice,
+    pointer_change,
+)
 from tasks.metrics import recall_per_digit
 from tasks.model import ModelRef
+from tasks.splits import SLICE_SELECTION
 
 __all__ = [
     "Champion",
@@ -68,8 +79,9 @@ class GateRef(BaseModel):
     decision: str
     reason: str
     forced: bool
-    comparison: Comparison | None
-    challenger_recall: list[float]
+    comparison: Comparison | None  # on mnist-selection
+    slices: list[SliceVerdict] = []  # every deciding slice, with the rules it failed
+    challenger_recall: list[float]  # per digit on mnist-selection
     champion_before: Champion | None
     champion_after: Champion | None
     pointer_problem: str | None
@@ -95,9 +107,10 @@ def _row(
     comparison: Comparison | None,
     decision: Decision,
     decided_at: datetime,
+    slices: list[SliceVerdict] = (),
 ) -> dict:
     cmp = comparison
-    return {
+    row = {
         "run_id": run_id,
         "challenger_model_key": challenger_key,
         "champion_model_key": champion.model_key if champion else None,
@@ -106,7 +119,7 @@ def _row(
         if cmp
         else (champion.balanced_accuracy if champion else None),
         "challenger_test_accuracy": challenger_test,
-        "champion_test_accuracy": cmp.champion_test_accuracy if cmp else (champion.test_accuracy if champion else None),
+        "champion_test_accuracy": champion.test_accuracy if champion else None,
         "mcnemar_b": cmp.mcnemar_b if cmp else None,
         "mcnemar_c": cmp.mcnemar_c if cmp else None,
         "mcnemar_p": cmp.mcnemar_p if cmp else None,
@@ -117,10 +130,31 @@ def _row(
         "forced": decision.forced,
         "decided_at": decided_at,
     }
+    row["slices"] = [_slice_row(v) for v in slices]
+    return row
+
+
+def _slice_row(verdict: SliceVerdict) -> dict:
+    cmp = verdict.comparison
+    return {
+        "slice": verdict.slice,
+        "images": verdict.images,
+        "challenger_balanced_accuracy": verdict.challenger_balanced_accuracy,
+        "champion_balanced_accuracy": cmp.champion_balanced_accuracy if cmp else None,
+        "mcnemar_b": cmp.mcnemar_b if cmp else None,
+        "mcnemar_c": cmp.mcnemar_c if cmp else None,
+        "mcnemar_p": cmp.mcnemar_p if cmp else None,
+        "worst_digit": cmp.worst_digit if cmp else None,
+        "worst_digit_drop": cmp.worst_digit_drop if cmp else None,
+        "passed": not verdict.failed,
+        "failed_rules": list(verdict.failed),
+    }
 
 
 def _record(store: Store, row: dict, part: str = "part-0") -> None:
     frame = pd.DataFrame([row]).astype({"mcnemar_b": "Int64", "mcnemar_c": "Int64", "worst_digit": "Int8"})
+    if "slices" not in frame:
+        frame["slices"] = [[]]
     write_table(store, "promotions", row["run_id"], frame, part=part)
 
 
@@ -129,32 +163,43 @@ def _json_row(row: dict) -> dict:
 
 
 # ---- the gate -----------------------------------------------------------------------------
-def _predicted_labels(store: Store, evaluation: EvaluationRef) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(test labels, challenger's predicted labels on every test image, this run's balanced sample)."""
-    everything = read_frame(store, evaluation.test_predictions_key, evaluation.test_predictions_sha256).sort_values("test_index")
-    sample = read_frame(store, evaluation.predictions_key, evaluation.predictions_sha256)["test_index"].to_numpy()
-    return everything["true_label"].to_numpy(), everything["predicted_label"].to_numpy(), sample
+Slices = dict[str, tuple[np.ndarray, np.ndarray]]  # deciding slice → (true labels, predicted labels), in slice order
+
+
+def _challenger_slices(store: Store, evaluation: EvaluationRef) -> Slices:
+    """The challenger's predictions on every deciding slice, each file checked against its digest."""
+    slices = {}
+    for part in evaluation.slices:
+        frame = read_frame(store, part.predictions_key, part.predictions_sha256).sort_values("test_index")
+        slices[part.name] = (frame["true_label"].to_numpy(), frame["predicted_label"].to_numpy())
+    if SLICE_SELECTION not in slices:
+        raise ChampionError(f"evaluation {evaluation.key} has no {SLICE_SELECTION} slice: the gate cannot decide without it")
+    return slices
 
 
 def gate(
     store: Store, dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef, rules: GateRules, run_id: str, log: Log = print
 ) -> GateRef:
-    """Compare the run's model with the champion on the same images, decide, and record the decision.
+    """Compare the run's model with the champion on the same images of every deciding slice, decide, and
+    record the decision. The test set is not read here: its accuracy is only copied into the row.
 
-    The champion's predictions come from its own stored evaluation (``predicted_test_labels``), so
-    the gate loads no model unless they are missing. The locked part reads, decides (pure:
-    ``judge``), then writes the pointer conditionally and the decision row; a lost race decides again.
+    The champion's predictions come from its own stored evaluation (``predicted_labels``), so the gate
+    loads no model unless they are missing (a new-data holdout that grew since the champion's night is
+    predicted once, and stored). The locked part reads, decides (pure: ``judge``), then writes the
+    pointer conditionally and the decision row; a lost race decides again.
     """
-    y_test, challenger, sample = _predicted_labels(store, evaluation)
+    challenger = _challenger_slices(store, evaluation)
     with store.lock(LOCK):
         for _ in range(POINTER_ATTEMPTS):
             lookup = find_champion(store)
             before = lookup.champion
             other = before is not None and before.model_key != model.key
-            champion_labels = predicted_test_labels(store, dataset, lookup.model) if other else None
-            comparison, decision, change = judge(
-                lookup, model.key, evaluation.balanced_accuracy, y_test, sample, challenger, champion_labels, rules
+            champion_labels = (
+                {name: predicted_labels(store, dataset, lookup.model, name)["predicted_label"].to_numpy() for name in challenger}
+                if other
+                else None
             )
+            verdicts, decision, change = judge(lookup, model.key, challenger, champion_labels, rules)
             now = datetime.now(UTC)  # after the read, before the write: rows sort as the pointer changed
             after = before
             try:
@@ -171,22 +216,32 @@ def gate(
                 )
             if lookup.problem:
                 log(lookup.problem)
+            selection = verdicts[0]
             row = _row(
-                run_id, model.key, evaluation.balanced_accuracy, evaluation.test_accuracy, before, comparison, decision, now
+                run_id,
+                model.key,
+                selection.challenger_balanced_accuracy,
+                evaluation.test_accuracy,
+                before,
+                selection.comparison,
+                decision,
+                now,
+                verdicts,
             )
             _record(store, row)
             break
         else:
             raise pointer_conflict(store, f"the gate decided on run {run_id}")
-    challenger_recall = comparison.challenger_recall if comparison else _sample_recall(y_test, sample, challenger)
+    y, predicted = challenger[SLICE_SELECTION]
     return GateRef(
         run_id=run_id,
         challenger_model_key=model.key,
         decision=decision.name,
         reason=decision.reason,
         forced=decision.forced,
-        comparison=comparison,
-        challenger_recall=challenger_recall,
+        comparison=selection.comparison,
+        slices=verdicts,
+        challenger_recall=_recall(y, predicted),
         champion_before=before,
         champion_after=after,
         pointer_problem=lookup.problem,
@@ -197,24 +252,34 @@ def gate(
 def judge(
     lookup: ChampionLookup,
     challenger_key: str,
-    balanced_accuracy: float,
-    y_test: np.ndarray,
-    sample: np.ndarray,
-    challenger: np.ndarray,
-    champion: np.ndarray | None,
+    challenger: Slices,
+    champion: dict[str, np.ndarray] | None,
     rules: GateRules,
-) -> tuple[Comparison | None, Decision, PointerChange]:
-    """The whole decision, without I/O: the comparison on the same images (none without a champion), the
-    rules' verdict, and what it does to the pointer."""
+) -> tuple[list[SliceVerdict], Decision, PointerChange]:
+    """The whole decision, without I/O: each deciding slice's comparison on the same images (none without a
+    champion; ``mnist-selection`` first), the rules' verdict, and what it does to the pointer."""
     before = lookup.champion
-    comparison, unavailable = None, None
-    if before is not None:
-        comparison = compare(y_test, sample, challenger, challenger if champion is None else champion)
-    elif lookup.problem:
-        unavailable = lookup.problem
-    decision = decide(balanced_accuracy, comparison, rules, unavailable)
+    unavailable = lookup.problem if before is None and lookup.problem else None
+    verdicts = []
+    for name in sorted(challenger, key=lambda n: n != SLICE_SELECTION):
+        y, predicted = challenger[name]
+        comparison = None
+        if before is not None:
+            everything = np.arange(len(y))
+            theirs = predicted if champion is None else champion[name]
+            comparison = compare(y, everything, predicted, theirs, min_support=rules.min_digit_images)
+        verdicts.append(judge_slice(name, len(y), _balanced(y, predicted), comparison, rules))
+    decision = decide_slices(verdicts, rules, unavailable)
     change = pointer_change(before.model_key if before else None, lookup.fallback, challenger_key, decision.promoted)
-    return comparison, decision, change
+    return verdicts, decision, change
+
+
+def _recall(y: np.ndarray, predicted: np.ndarray) -> list[float]:
+    return recall_per_digit(np.asarray(y, np.int64), np.asarray(predicted, np.int64)).tolist()
+
+
+def _balanced(y: np.ndarray, predicted: np.ndarray) -> float:
+    return float(np.nanmean(_recall(y, predicted)))
 
 
 def _champion_of(model: ModelRef, evaluation: EvaluationRef, run_id: str, decision: Decision, now: datetime) -> Champion:
@@ -222,16 +287,12 @@ def _champion_of(model: ModelRef, evaluation: EvaluationRef, run_id: str, decisi
         model_key=model.key,
         sha256=model.sha256,
         run_id=run_id,
-        balanced_accuracy=evaluation.balanced_accuracy,
+        balanced_accuracy=evaluation.slice(SLICE_SELECTION).balanced_accuracy,
         test_accuracy=evaluation.test_accuracy,
         promoted_at=now,
         reason=decision.reason,
         forced=decision.forced,
     )
-
-
-def _sample_recall(y_test: np.ndarray, sample: np.ndarray, predicted: np.ndarray) -> list[float]:
-    return recall_per_digit(np.asarray(y_test)[sample].astype(np.int64), np.asarray(predicted)[sample].astype(np.int64)).tolist()
 
 
 # ---- by hand ------------------------------------------------------------------------------
@@ -279,7 +340,7 @@ def promote_run(store: Store, run_id: str) -> dict:
         model_key=ref.key,
         sha256=ref.sha256,
         run_id=run_id,
-        balanced_accuracy=run.balanced_accuracy,
+        balanced_accuracy=run.balanced_accuracy if pd.isna(run.selection_balanced_accuracy) else run.selection_balanced_accuracy,
         test_accuracy=run.test_accuracy,
         promoted_at=datetime.now(UTC),
         reason=MANUAL,

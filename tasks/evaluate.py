@@ -1,8 +1,9 @@
-"""Balanced, stratified evaluation: the same number of test images of every digit, drawn without replacement.
+"""Evaluation per slice: the test set as a balanced, stratified sample (reported), and the slices the gate
+decides on (``mnist-selection``, ``new-data``: ``tasks.splits``), each predicted whole.
 
 Accuracy on a balanced sample is the mean per-digit recall (balanced accuracy), so a model that
 is weak on a rare digit cannot hide behind the common ones. Full test-set accuracy is computed
-alongside, from the same forward pass.
+alongside, from the same forward pass. On every slice, balanced accuracy is the mean per-digit recall.
 """
 
 from __future__ import annotations
@@ -14,9 +15,23 @@ from pydantic import AliasChoices, BaseModel, Field
 from storage import Store, StoreKey, StoreName, code_digest, sha256_json
 from storage.tables import read_frame, write_frame
 from tasks.fetch import DatasetRef, load_mnist
+from tasks.metrics import recall_per_digit
 from tasks.model import ModelRef, load_model, scale
+from tasks.slices import slice_digest, slice_images
+from tasks.splits import DECIDING_SLICES, SLICE_TEST
 
 PREDICT_BATCH = 1024
+
+
+class SliceEvaluation(BaseModel):
+    """One slice the gate decides on, predicted whole by the evaluated model."""
+
+    name: str
+    predictions_key: StoreKey
+    predictions_sha256: str
+    images: int
+    accuracy: float
+    balanced_accuracy: float  # mean per-digit recall on the slice
 
 
 class EvaluationRef(BaseModel):
@@ -34,16 +49,39 @@ class EvaluationRef(BaseModel):
     n_evaluated: int
     test_images: int
     test_accuracy: float
-    balanced_accuracy: float
+    balanced_accuracy: float  # on the test set's balanced sample: reported, never decided on
+    slices: list[SliceEvaluation] = []  # mnist-selection, and new-data once a batch was accepted
+
+    def slice(self, name: str) -> SliceEvaluation | None:
+        return next((s for s in self.slices if s.name == name), None)
+
+    def files(self) -> dict[str, str]:
+        """Every file this evaluation names, with its digest: what a reader checks before trusting it."""
+        named = {self.predictions_key: self.predictions_sha256, self.test_predictions_key: self.test_predictions_sha256}
+        return named | {s.predictions_key: s.predictions_sha256 for s in self.slices}
 
 
 def evaluation_code() -> str:
     """The code that determines an evaluation's outputs: sampling, input scaling and prediction."""
-    return code_digest(stratified_sample, scale, predict, predictions_frame, _evaluate, PREDICT_BATCH)
+    from tasks import batch_format, slices, splits  # which images each slice holds
+
+    return code_digest(
+        stratified_sample,
+        scale,
+        predict,
+        predictions_frame,
+        _evaluate,
+        _predict_slice,
+        balanced_accuracy,
+        PREDICT_BATCH,
+        splits,
+        slices,
+        batch_format,
+    )
 
 
 class ModelPredictionsRef(BaseModel):
-    """Every test image's prediction by one model, made by the evaluation code ``key`` names."""
+    """Every image's prediction by one model on one slice, made by the evaluation code ``key`` names."""
 
     key: StoreName
     model_sha256: str
@@ -51,39 +89,51 @@ class ModelPredictionsRef(BaseModel):
     sha256: str
 
 
-def model_predictions_key(model: ModelRef) -> str:
-    """The model's bytes and the evaluation code: the same key for every evaluation of that model."""
-    return sha256_json({"model": model.sha256, "code": evaluation_code()})[:32]
+def model_predictions_key(model: ModelRef, dataset: DatasetRef, name: str = SLICE_TEST) -> str:
+    """The model's bytes, the slice's images and the evaluation code: the same key for every evaluation of
+    that model on that slice."""
+    return sha256_json({"model": model.sha256, "slice": slice_digest(dataset, name), "code": evaluation_code()})[:32]
 
 
-def stored_model_predictions(store: Store, model: ModelRef) -> ModelPredictionsRef | None:
-    ref = store.load_ref(
-        store.model_predictions_info_file(model_predictions_key(model)), ModelPredictionsRef, lambda r: {r.file_key: r.sha256}
-    )
+def stored_model_predictions(store: Store, model: ModelRef, key: str) -> ModelPredictionsRef | None:
+    ref = store.load_ref(store.model_predictions_info_file(key), ModelPredictionsRef, lambda r: {r.file_key: r.sha256})
     return ref if ref is not None and ref.model_sha256 == model.sha256 else None
 
 
-def publish_model_predictions(store: Store, model: ModelRef, path: str, sha256: str) -> ModelPredictionsRef:
-    ref = ModelPredictionsRef(key=model_predictions_key(model), model_sha256=model.sha256, file_key=path, sha256=sha256)
+def publish_model_predictions(store: Store, model: ModelRef, key: str, path: str, sha256: str) -> ModelPredictionsRef:
+    ref = ModelPredictionsRef(key=key, model_sha256=model.sha256, file_key=path, sha256=sha256)
     store.write_text(store.model_predictions_info_file(ref.key), ref.model_dump_json(indent=2))
     return ref
 
 
-def predicted_test_labels(store: Store, dataset: DatasetRef, model: ModelRef) -> np.ndarray:
-    """The model's predicted label for every test image, in test-set order: from its stored evaluation when
-    there is one (no TensorFlow), else predicted now and stored for the next night."""
-    stored = stored_model_predictions(store, model)
+def predicted_labels(store: Store, dataset: DatasetRef, model: ModelRef, name: str = SLICE_TEST) -> pd.DataFrame:
+    """The model's predictions on every image of slice ``name``, in slice order: from a stored evaluation
+    when there is one (no TensorFlow), else predicted now and stored for the next night."""
+    key = model_predictions_key(model, dataset, name)
+    stored = stored_model_predictions(store, model, key)
     if stored is None:
-        mnist = load_mnist(store, dataset)
-        frame = predictions_frame(np.arange(len(mnist.y_test)), mnist.y_test, predict(load_model(store, model), mnist.x_test))
-        path = write_frame(store, store.unique(store.test_predictions_file(model_predictions_key(model))), "predictions", frame)
-        stored = publish_model_predictions(store, model, path, store.digest(path)[0])
-    frame = read_frame(store, stored.file_key, stored.sha256).sort_values("test_index")
-    return frame["predicted_label"].to_numpy()
+        images = slice_images(store, dataset, name)
+        frame = predictions_frame(np.arange(len(images.y)), images.y, predict(load_model(store, model), images.x))
+        path = write_frame(store, store.unique(store.slice_predictions_file(key, name)), "predictions", frame)
+        stored = publish_model_predictions(store, model, key, path, store.digest(path)[0])
+    return read_frame(store, stored.file_key, stored.sha256).sort_values("test_index").reset_index(drop=True)
 
 
-def evaluation_key(model: ModelRef, n_per_class: int, seed: int) -> str:
-    return sha256_json({"model": model.sha256, "n_per_class": n_per_class, "seed": seed, "code": evaluation_code()})[:32]
+def predicted_test_labels(store: Store, dataset: DatasetRef, model: ModelRef) -> np.ndarray:
+    """The model's predicted label for every test image, in test-set order."""
+    return predicted_labels(store, dataset, model, SLICE_TEST)["predicted_label"].to_numpy()
+
+
+def balanced_accuracy(labels: np.ndarray, predicted: np.ndarray) -> float:
+    """Mean per-digit recall over the digits present."""
+    return float(np.nanmean(recall_per_digit(np.asarray(labels, np.int64), np.asarray(predicted, np.int64))))
+
+
+def evaluation_key(dataset: DatasetRef, model: ModelRef, n_per_class: int, seed: int) -> str:
+    slices = {name: slice_digest(dataset, name) for name in DECIDING_SLICES}
+    return sha256_json(
+        {"model": model.sha256, "n_per_class": n_per_class, "seed": seed, "slices": slices, "code": evaluation_code()}
+    )[:32]
 
 
 def stratified_sample(labels: np.ndarray, n_per_class: int, seed: int) -> np.ndarray:
@@ -121,22 +171,39 @@ def predictions_frame(indices: np.ndarray, labels: np.ndarray, probabilities: np
 
 def stored_evaluation(store: Store, key: str) -> EvaluationRef | None:
     """The evaluation already made under ``key``, if its predictions are there and match their digest."""
-    return store.load_ref(
-        store.evaluation_info_file(key),
-        EvaluationRef,
-        lambda ref: {ref.predictions_key: ref.predictions_sha256, ref.test_predictions_key: ref.test_predictions_sha256},
-    )
+    return store.load_ref(store.evaluation_info_file(key), EvaluationRef, EvaluationRef.files)
 
 
 def evaluate_model(
     store: Store, dataset: DatasetRef, model_ref: ModelRef, n_per_class: int, seed: int, reuse: bool = True
 ) -> EvaluationRef:
     """Predict the whole test set once; keep the balanced sample's predictions in the store."""
-    key = evaluation_key(model_ref, n_per_class, seed)
+    key = evaluation_key(dataset, model_ref, n_per_class, seed)
     with store.lock(f"evaluate-{key}"):
         if reuse and (existing := stored_evaluation(store, key)) is not None:
             return existing
         return _evaluate(store, dataset, model_ref, n_per_class, seed, key)
+
+
+def _predict_slice(
+    store: Store, dataset: DatasetRef, model_ref: ModelRef, model, name: str, key: str, mnist
+) -> SliceEvaluation | None:
+    images = slice_images(store, dataset, name, mnist)
+    if not len(images.y):
+        return None
+    frame = predictions_frame(np.arange(len(images.y)), images.y, predict(model, images.x))
+    path = write_frame(store, store.unique(store.slice_predictions_file(key, name)), "predictions", frame)
+    sha256 = store.digest(path)[0]
+    publish_model_predictions(store, model_ref, model_predictions_key(model_ref, dataset, name), path, sha256)
+    predicted = frame["predicted_label"].to_numpy()
+    return SliceEvaluation(
+        name=name,
+        predictions_key=path,
+        predictions_sha256=sha256,
+        images=len(images.y),
+        accuracy=float((predicted == images.y).mean()),
+        balanced_accuracy=balanced_accuracy(images.y, predicted),
+    )
 
 
 def _evaluate(store: Store, dataset: DatasetRef, model_ref: ModelRef, n_per_class: int, seed: int, key: str) -> EvaluationRef:
@@ -149,6 +216,7 @@ def _evaluate(store: Store, dataset: DatasetRef, model_ref: ModelRef, n_per_clas
     path = write_frame(store, store.unique(store.evaluation_file(key)), "predictions", frame)
     everything = predictions_frame(np.arange(len(mnist.y_test)), mnist.y_test, probabilities)
     test_path = write_frame(store, store.unique(store.test_predictions_file(key)), "predictions", everything)
+    slices = [_predict_slice(store, dataset, model_ref, model, name, key, mnist) for name in DECIDING_SLICES]
     ref = EvaluationRef(
         key=key,
         predictions_key=path,
@@ -163,7 +231,9 @@ def _evaluate(store: Store, dataset: DatasetRef, model_ref: ModelRef, n_per_clas
         test_images=len(mnist.y_test),
         test_accuracy=float((predicted == mnist.y_test).mean()),
         balanced_accuracy=float((frame["predicted_label"] == frame["true_label"]).mean()),
+        slices=[s for s in slices if s is not None],
     )
     store.write_text(store.evaluation_info_file(key), ref.model_dump_json(indent=2))
-    publish_model_predictions(store, model_ref, test_path, ref.test_predictions_sha256)
+    test_key = model_predictions_key(model_ref, dataset, SLICE_TEST)
+    publish_model_predictions(store, model_ref, test_key, test_path, ref.test_predictions_sha256)
     return ref

@@ -26,6 +26,7 @@ from pydantic import AliasChoices, BaseModel, Field
 
 from storage import Store, StoreKey, sha256_bytes, sha256_json
 from tasks import idx
+from tasks.batch_format import AcceptedBatch
 
 SOURCE_ENV = "MNIST_SOURCE"
 MIRRORS_ENV = "MNIST_MIRRORS"  # comma-separated base URLs; set but empty: skip the web
@@ -76,11 +77,22 @@ class StoredFile(BaseModel):
 
 
 class DatasetRef(BaseModel):
-    """A small, serialisable reference to verified MNIST in a store: what tasks pass around."""
+    """A small, serialisable reference to the data a night uses: verified MNIST in a store, and (after the
+    ingest step) the new batches accepted so far. What tasks pass around."""
 
-    sha256: str = Field(validation_alias=AliasChoices("sha256", "digest"))  # the four pinned digests together
+    sha256: str = Field(validation_alias=AliasChoices("sha256", "digest"))  # the four pinned MNIST digests together
     files: dict[str, StoredFile]
     sources: list[str]
+    held_back: int = 0  # MNIST training images kept out of the base training set (``tasks.splits``)
+    batches: list[AcceptedBatch] = []  # accepted new batches, by digest
+
+    @property
+    def version(self) -> str:
+        """The dataset version: MNIST alone is its own digest; with held-back images or accepted batches, a
+        digest over MNIST's and theirs. Nothing new arrived: the version, and so the training key, is unchanged."""
+        if not self.batches and not self.held_back:
+            return self.sha256
+        return sha256_json({"mnist": self.sha256, "held_back": self.held_back, "batches": sorted(b.digest for b in self.batches)})
 
 
 class Mnist(NamedTuple):

@@ -1,9 +1,11 @@
 """The champion gate's rules: does the night's model (the challenger) replace the one in use?
 
-Both models are compared on the *same images*: the full test set for the paired McNemar test,
-and this run's balanced sample for balanced accuracy and per-digit recall. A difference in
-accuracy between two classifiers on one test set is only evidence if it survives a paired test
-(Dietterich 1998): the exact McNemar test looks only at the images the two models disagree on.
+Both models are compared on the *same images*, slice by slice: the fixed ``mnist-selection`` split of
+MNIST's training images and, once batches were accepted, the ``new-data`` holdout (``tasks.splits``).
+The test set is never one of them: it only reports. Every rule applies to each deciding slice: the
+floor, the regression, the per-digit drop and the paired McNemar test. A difference in accuracy
+between two classifiers on one set is only evidence if it survives a paired test (Dietterich 1998):
+the exact McNemar test looks only at the images the two models disagree on.
 
 Plain functions on predictions: no store, no Keras, no Prefect.
 """
@@ -47,6 +49,14 @@ class GateRules(BaseModel):
         le=1.0,
         title="Largest allowed per-digit drop",
         description="No digit's recall may fall more than this below the champion's (0–1).",
+    )
+    min_digit_images: int = Field(
+        50,
+        ge=1,
+        le=100_000,
+        title="Images per digit for the per-digit rule",
+        description="The per-digit drop is judged only on digits with at least this many images in a slice: "
+        "on a small new-data holdout one image is several points of recall, which is noise, not a drop.",
     )
     force_promote: bool = Field(
         False,
@@ -107,8 +117,12 @@ def mcnemar_exact(b: int, c: int) -> float:
     return min(1.0, 2.0 * tail)
 
 
-def compare(y_test: np.ndarray, sample: np.ndarray, challenger: np.ndarray, champion: np.ndarray) -> Comparison:
-    """Pair two models' predicted labels for every test image; ``sample`` indexes this run's balanced sample."""
+def compare(
+    y_test: np.ndarray, sample: np.ndarray, challenger: np.ndarray, champion: np.ndarray, min_support: int = 1
+) -> Comparison:
+    """Pair two models' predicted labels for every image of a slice; ``sample`` indexes the images balanced
+    accuracy and recall are read on (the whole slice for a deciding slice). Digits with fewer than
+    ``min_support`` images there are left out of the per-digit drop."""
     y_test, challenger, champion = (np.asarray(a, dtype=np.int64) for a in (y_test, challenger, champion))
     if not (len(y_test) == len(challenger) == len(champion)):
         raise ValueError(
@@ -120,11 +134,14 @@ def compare(y_test: np.ndarray, sample: np.ndarray, challenger: np.ndarray, cham
     c = int((new_right & ~old_right).sum())
     new_recall = recall_per_digit(y_test[sample], challenger[sample])
     old_recall = recall_per_digit(y_test[sample], champion[sample])
-    drops = old_recall - new_recall
+    support = np.bincount(y_test[sample], minlength=len(new_recall))[: len(new_recall)]
+    drops = np.where(support >= min_support, old_recall - new_recall, np.nan)
+    if np.isnan(drops).all():
+        drops = np.zeros_like(drops)  # no digit has enough images to judge: no drop is evidence
     worst = int(np.nanargmax(drops))
     return Comparison(
-        challenger_balanced_accuracy=float(new_right[sample].mean()),
-        champion_balanced_accuracy=float(old_right[sample].mean()),
+        challenger_balanced_accuracy=float(np.nanmean(new_recall)),
+        champion_balanced_accuracy=float(np.nanmean(old_recall)),
         challenger_test_accuracy=float(new_right.mean()),
         champion_test_accuracy=float(old_right.mean()),
         challenger_recall=new_recall.tolist(),
@@ -159,7 +176,7 @@ def _failures(balanced_accuracy: float, comparison: Comparison | None, rules: Ga
             f"{cmp.champion_recall[d]:.4f}; allowed: {rules.max_digit_drop:.4f})"
         )
     if cmp.significantly_worse:
-        failed.append(f"significantly worse than the champion on the {cmp.n_test} paired test images ({mcnemar_text(cmp)})")
+        failed.append(f"significantly worse than the champion on the {cmp.n_test} paired images ({mcnemar_text(cmp)})")
     return failed
 
 
@@ -174,33 +191,68 @@ def mcnemar_text(cmp: Comparison) -> str:
     return f"McNemar b={cmp.mcnemar_b}, c={cmp.mcnemar_c}, p={_p_text(cmp.mcnemar_p)}: {verdict}"
 
 
+class SliceVerdict(BaseModel):
+    """The rules on one deciding slice: what the promotions table records per slice."""
+
+    slice: str
+    images: int
+    challenger_balanced_accuracy: float
+    comparison: Comparison | None  # None without a champion to compare with
+    failed: list[str]
+
+
+def judge_slice(
+    name: str, images: int, balanced_accuracy: float, comparison: Comparison | None, rules: GateRules
+) -> SliceVerdict:
+    return SliceVerdict(
+        slice=name,
+        images=images,
+        challenger_balanced_accuracy=balanced_accuracy,
+        comparison=comparison,
+        failed=_failures(balanced_accuracy, comparison, rules),
+    )
+
+
 def decide(balanced_accuracy: float, comparison: Comparison | None, rules: GateRules, unavailable: str | None = None) -> Decision:
-    """Apply the rules. ``comparison`` is None when there is no champion; ``unavailable`` says why a
-    champion exists but could not be compared, and then nothing is promoted unless forced."""
+    """The rules on one set of images (see ``decide_slices``)."""
+    return decide_slices([judge_slice("", 0, balanced_accuracy, comparison, rules)], rules, unavailable)
+
+
+def decide_slices(verdicts: list[SliceVerdict], rules: GateRules, unavailable: str | None = None) -> Decision:
+    """Apply the rules to every deciding slice: promoted only if every slice passes. A verdict without a
+    comparison means there is no champion; ``unavailable`` says why a champion exists but could not be
+    compared, and then nothing is promoted unless forced."""
+    named = [v for v in verdicts if v.slice]
+
+    def where(v: SliceVerdict) -> str:
+        return f"{v.slice} ({v.images} images): " if v.slice else ""
+
     if unavailable is not None:
         failed = [f"no comparison could be made ({unavailable})"]
     else:
-        failed = _failures(balanced_accuracy, comparison, rules)
+        failed = [where(v) + text for v in verdicts for text in v.failed]
     if rules.force_promote:
         without = "; ".join(failed) if failed else "it would have been promoted anyway"
         return Decision(promoted=True, forced=True, reason=f"forced by the operator (the rules alone: {without})")
     if failed:
         return Decision(promoted=False, forced=False, reason="; ".join(failed))
-    if comparison is None:
+    if all(v.comparison is None for v in verdicts):
+        accuracies = ", ".join(f"{v.slice} {v.challenger_balanced_accuracy:.4f}" for v in named)
+        shown = accuracies or f"{verdicts[0].challenger_balanced_accuracy:.4f}"
         return Decision(
             promoted=True,
             forced=False,
-            reason=f"first champion: balanced accuracy {balanced_accuracy:.4f} meets the floor {rules.min_balanced_accuracy:.4f}",
+            reason=f"first champion: balanced accuracy {shown} meets the floor {rules.min_balanced_accuracy:.4f}",
         )
-    return Decision(
-        promoted=True,
-        forced=False,
-        reason=(
-            f"passes every rule: balanced accuracy {comparison.challenger_balanced_accuracy:.4f} against the champion's "
-            f"{comparison.champion_balanced_accuracy:.4f}, largest digit drop {comparison.worst_digit_drop:.4f} "
-            f"(digit {comparison.worst_digit}), {mcnemar_text(comparison)}"
-        ),
-    )
+    passes = []
+    for v in verdicts:
+        c = v.comparison
+        passes.append(
+            where(v)
+            + f"balanced accuracy {c.challenger_balanced_accuracy:.4f} against the champion's {c.champion_balanced_accuracy:.4f}, "
+            f"largest digit drop {c.worst_digit_drop:.4f} (digit {c.worst_digit}), {mcnemar_text(c)}"
+        )
+    return Decision(promoted=True, forced=False, reason="passes every rule: " + "; ".join(passes))
 
 
 def _p_text(p: float) -> str:

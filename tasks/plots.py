@@ -217,3 +217,34 @@ def render_plots(store: Store, dataset: DatasetRef, model: ModelRef, evaluation:
     ref = PlotsRef(key=key, file_keys=files, sha256=digests, most_confused=pair)
     store.write_text(store.plots_file(key, "plots.json"), ref.model_dump_json(indent=2))
     return ref
+
+
+def batch_drift(
+    name: str,
+    labels: np.ndarray,
+    intensity: np.ndarray,
+    reference_labels: np.ndarray,
+    reference_intensity: np.ndarray,
+    decision: str,
+) -> Figure:
+    """One incoming batch against MNIST's training set: its digits and its images' mean intensity."""
+    fig = Figure(figsize=(9, 3.4))
+    left, right = fig.subplots(1, 2)
+    x = np.arange(NUM_CLASSES)
+    for offset, values, label, colour in (
+        (-0.2, reference_labels, "MNIST training set", "#999"),
+        (0.2, labels, "this batch", "#2e86c1"),
+    ):
+        share = np.bincount(np.asarray(values, np.int64), minlength=NUM_CLASSES) / max(len(values), 1)
+        left.bar(x + offset, share, width=0.4, color=colour, label=label)
+    left.set_xticks(x)
+    left.set_xlabel("digit")
+    left.set_ylabel("share of images")
+    left.legend(fontsize=7)
+    bins = np.linspace(0, 1, 41)
+    right.hist(reference_intensity, bins=bins, density=True, color="#999", alpha=0.6, label="MNIST training set")
+    right.hist(intensity, bins=bins, density=True, color="#2e86c1", alpha=0.6, label="this batch")
+    right.set_xlabel("mean intensity per image")
+    right.legend(fontsize=7)
+    fig.suptitle(f"Batch {name}: {decision}", color=MISTAKE if decision != "accepted" else "#1e8449")
+    return fig

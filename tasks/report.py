@@ -12,10 +12,14 @@ from pydantic import BaseModel
 from storage import Store
 from storage.tables import NUM_CLASSES, read_frame, read_table
 from tasks.champion import GateRef
+from tasks.evaluate import EvaluationRef
+from tasks.fetch import DatasetRef
 from tasks.gate import mcnemar_text
+from tasks.ingest import BatchRecord
 from tasks.metrics import wilson_interval
 from tasks.plots import DIGITS, PlotsRef, png_bytes
 from tasks.run_record import RunRecord
+from tasks.splits import SLICE_TEST
 from tasks.tabulate import TablesRef
 
 PROMOTED = "#1e8449"
@@ -87,8 +91,70 @@ def nightly_trend(runs: pd.DataFrame, current_run: str | None = None) -> Figure:
     return fig
 
 
+SLICE_COLUMNS = (
+    ("selection_balanced_accuracy", "mnist-selection (decides)", "#1e8449"),
+    ("new_data_balanced_accuracy", "new-data (decides)", "#2e86c1"),
+    ("balanced_accuracy", "mnist-test balanced sample (reports)", "#999"),
+)
+
+
+def slice_trend(runs: pd.DataFrame, current_run: str | None = None) -> Figure:
+    """Balanced accuracy per slice, night by night: the slices the gate decides on, and the test set beside them."""
+    runs = runs.sort_values("finished_at").reset_index(drop=True)
+    x = np.arange(len(runs))
+    fig = Figure(figsize=(9, 3.6))
+    ax = fig.subplots()
+    for column, label, colour in SLICE_COLUMNS:
+        if column in runs and runs[column].notna().any():
+            values = runs[column].to_numpy(dtype=float)
+            ax.plot(x, values, marker="o", ms=4, color=colour, label=label)
+    if current_run is not None and (runs["run_id"] == current_run).any():
+        ax.axvline(int(np.flatnonzero(runs["run_id"] == current_run)[0]), color="#888", ls=":", lw=1)
+    ticks = x[:: max(1, len(runs) // 12)]
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([str(t + 1) for t in ticks])
+    ax.set_xlabel("night (run) in this store")
+    ax.set_ylabel("balanced accuracy")
+    ax.set_title("Balanced accuracy per slice, night by night")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def slices_markdown(evaluation: EvaluationRef, gate: GateRef) -> str:
+    """The slices side by side: images, balanced accuracy, the champion's on the same images, the verdict."""
+    verdicts = {v.slice: v for v in gate.slices}
+    lines = ["| slice | role | images | balanced accuracy | champion's | McNemar p | rules |", "|---|---|---|---|---|---|---|"]
+    for part in evaluation.slices:
+        v = verdicts.get(part.name)
+        cmp = v.comparison if v else None
+        rules = "n/a" if v is None else ("passed" if not v.failed else "**failed**: " + "; ".join(v.failed))
+        champion = f"{cmp.champion_balanced_accuracy:.4f}" if cmp else "none"
+        p = f"{cmp.mcnemar_p:.3g}" if cmp else ""
+        lines.append(f"| {part.name} | decides | {part.images} | **{part.balanced_accuracy:.4f}** | {champion} | {p} | {rules} |")
+    lines.append(
+        f"| mnist-test | reports only | {evaluation.n_evaluated} of {evaluation.test_images} | "
+        f"**{evaluation.balanced_accuracy:.4f}** (test accuracy {evaluation.test_accuracy:.4f}) | | | read by no rule |"
+    )
+    return "\n".join(lines)
+
+
+def batches_markdown(batches: list[BatchRecord], dataset: DatasetRef) -> str:
+    """Tonight's batches with their decisions, and the dataset version they lead to."""
+    head = f"Dataset version `{dataset.version[:16]}`: MNIST and {len(dataset.batches)} accepted batches."
+    if not batches:
+        return head + " No new batch arrived tonight."
+    lines = [head, "", "| batch | file | images | decision | reason |", "|---|---|---|---|---|"]
+    for b in batches:
+        decision = f"**{b.status.upper()}**" if b.status == "quarantined" else b.status
+        cells = (b.file[:60], b.reason)  # a file name is whatever the sender chose: it must not break the table
+        file, reason = (c.replace("|", "\\|").replace("\n", " ") for c in cells)
+        lines.append(f"| `{b.digest[:12]}` | {file} | {b.row.get('rows', 0)} | {decision} | {reason} |")
+    return "\n".join(lines)
+
+
 def champion_vs_challenger(gate: GateRef) -> Figure:
-    """Per-digit recall of both models on this run's balanced sample, side by side."""
+    """Per-digit recall of both models on the mnist-selection slice, side by side."""
     fig = Figure(figsize=(9, 4.2))
     ax = fig.subplots()
     new = np.asarray(gate.challenger_recall, dtype=float)
@@ -112,7 +178,7 @@ def champion_vs_challenger(gate: GateRef) -> Figure:
     ax.set_ylim(max(0.0, low - 0.03), 1.005)
     ax.set_xticks(x)
     ax.set_xlabel("digit")
-    ax.set_ylabel("recall on the balanced sample")
+    ax.set_ylabel("recall on mnist-selection")
     colour = PROMOTED if gate.promoted else REJECTED
     ax.set_title(
         f"Challenger versus champion: {gate.decision}" + (" (forced)" if gate.forced else "") + f"\n{subtitle}", color=colour
@@ -143,14 +209,14 @@ def decision_markdown(gate: GateRef) -> str:
             "| | challenger (this run) | champion |",
             "|---|---|---|",
             f"| model | `{gate.challenger_model_key}` | `{before.model_key}` (run {before.run_id[:8]}) |",
-            f"| balanced accuracy ({cmp.n_sample} images) | {_with_ci(cmp.challenger_balanced_accuracy, cmp.n_sample)} | "
-            f"{_with_ci(cmp.champion_balanced_accuracy, cmp.n_sample)} |",
-            f"| test accuracy ({cmp.n_test} images) | {_with_ci(cmp.challenger_test_accuracy, cmp.n_test)} | "
+            f"| balanced accuracy on mnist-selection ({cmp.n_sample} images) | "
+            f"{_with_ci(cmp.challenger_balanced_accuracy, cmp.n_sample)} | {_with_ci(cmp.champion_balanced_accuracy, cmp.n_sample)} |",
+            f"| accuracy on mnist-selection | {_with_ci(cmp.challenger_test_accuracy, cmp.n_test)} | "
             f"{_with_ci(cmp.champion_test_accuracy, cmp.n_test)} |",
             f"| worst digit | {cmp.worst_digit}: {cmp.challenger_recall[cmp.worst_digit]:.4f} | "
             f"{cmp.champion_recall[cmp.worst_digit]:.4f} (drop {cmp.worst_digit_drop:+.4f}) |",
             "",
-            f"Paired test on the {cmp.n_test} test images: {mcnemar_text(cmp)} "
+            f"Paired test on the {cmp.n_test} mnist-selection images: {mcnemar_text(cmp)} "
             "(b: only the champion right, c: only the challenger right).",
             "",
         ]
@@ -176,10 +242,18 @@ def publish_report(store: Store, run: RunRecord, plots: PlotsRef, tables: Tables
     for name, fig in (
         ("trend.png", nightly_trend(trend_frame(store), run_id)),
         ("champion_vs_challenger.png", champion_vs_challenger(gate)),
+        ("slice_trend.png", slice_trend(trend_frame(store), run_id)),
     ):
         files[name] = store.report_file(run_id, name)
         store.write_bytes(files[name], png_bytes(fig))
+    for batch in run.batches:  # each batch's drift figure, checked as it is copied
+        if batch.drift_plot is not None:
+            name = f"batch-{batch.digest[:12]}-drift.png"
+            files[name] = store.report_file(run_id, name)
+            store.write_bytes(files[name], store.verified_bytes(batch.drift_plot.key, batch.drift_plot.sha256, limit=PNG_LIMIT))
     per_class = read_frame(store, tables.partition_keys["per_class"])
+    per_class = per_class[per_class["slice"] == SLICE_TEST]
+    drift_figures = "\n".join(f"![{n}]({n})" for n in files if n.startswith("batch-"))
     pair = plots.most_confused
     pair_text = f"true {pair[0]} predicted as {pair[1]}" if pair else "none"
     worst = per_class.loc[per_class["accuracy"].idxmin()]
@@ -189,6 +263,16 @@ def publish_report(store: Store, run: RunRecord, plots: PlotsRef, tables: Tables
 {decision_markdown(gate)}
 
 ![challenger versus champion](champion_vs_challenger.png)
+
+## Slices
+{slices_markdown(evaluation, gate)}
+
+![slices night by night](slice_trend.png)
+
+## New data tonight
+{batches_markdown(run.batches, dataset)}
+
+{drift_figures}
 
 ## Night by night
 ![trend](trend.png)
@@ -202,7 +286,8 @@ def publish_report(store: Store, run: RunRecord, plots: PlotsRef, tables: Tables
 | most confused pair | {pair_text} |
 | model | `{model.network}`, {model.epochs} epochs on {model.device} ({model.precision}), {model.train_seconds:.0f} s |
 | model sha256 | `{model.sha256}` |
-| dataset sha256 | `{dataset.sha256}` |
+| MNIST sha256 | `{dataset.sha256}` |
+| dataset version | `{dataset.version}` ({len(dataset.batches)} accepted batches) |
 | tables | `{store.location("tables")}` |
 
 ## Confusion matrix

@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 from tasks.champion import GateRef
 from tasks.evaluate import EvaluationRef
 from tasks.fetch import DatasetRef
+from tasks.ingest import BatchRecord
 from tasks.model import ModelRef
 
 
@@ -32,3 +33,4 @@ class RunRecord(BaseModel):
     evaluation: EvaluationRef
     gate: GateRef
     execution: Execution = Field(default_factory=Execution)
+    batches: list[BatchRecord] = []  # the batches this night ingested, accepted or quarantined

@@ -1,4 +1,8 @@
-"""The Parquet tables a run publishes: confusion, per-digit metrics, predictions and the run itself."""
+"""The Parquet tables a run publishes: confusion, per-digit metrics and predictions per slice, and the run itself.
+
+The ``mnist-test`` slice's rows are the balanced test sample (as in schema 1); ``mnist-selection`` and
+``new-data`` hold every image of the slice, as the gate compared them.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from storage import Store
 from storage.tables import read_frame, write_table
 from tasks.metrics import confusion_frame, confusion_matrix, per_class_frame
 from tasks.run_record import RunRecord
+from tasks.splits import SLICE_NEW, SLICE_SELECTION, SLICE_TEST
 
 
 class TablesRef(BaseModel):
@@ -21,6 +26,7 @@ class TablesRef(BaseModel):
 
 def run_frame(run: RunRecord) -> pd.DataFrame:
     model, evaluation, execution = run.model, run.evaluation, run.execution
+    selection, new = evaluation.slice(SLICE_SELECTION), evaluation.slice(SLICE_NEW)
     return pd.DataFrame(
         [
             {
@@ -41,20 +47,37 @@ def run_frame(run: RunRecord) -> pd.DataFrame:
                 "resumed_from_epoch": model.resumed_from_epoch,
                 "scheduled_start": execution.scheduled_start,
                 "started_at": execution.started_at,
+                "dataset_version": run.dataset.version,
+                "batches_accepted": len(run.dataset.batches),
+                "selection_balanced_accuracy": selection.balanced_accuracy if selection else None,
+                "new_data_balanced_accuracy": new.balanced_accuracy if new else None,
+                "new_data_images": new.images if new else 0,
             }
         ]
     )
 
 
+def _slice_frames(store: Store, run: RunRecord) -> dict[str, pd.DataFrame]:
+    evaluation = run.evaluation
+    frames = {SLICE_TEST: read_frame(store, evaluation.predictions_key, evaluation.predictions_sha256)}
+    for part in evaluation.slices:
+        frames[part.name] = read_frame(store, part.predictions_key, part.predictions_sha256)
+    return frames
+
+
 def tabulate(store: Store, run: RunRecord) -> TablesRef:
     """Write this run's partition of every table; ``runs`` last, so a run listed there is complete."""
-    evaluation = run.evaluation
-    predictions = read_frame(store, evaluation.predictions_key, evaluation.predictions_sha256)
-    cm = confusion_matrix(predictions["true_label"].to_numpy(), predictions["predicted_label"].to_numpy())
+    tables: dict[str, list[pd.DataFrame]] = {"confusion": [], "per_class": [], "predictions": []}
+    for name, predictions in _slice_frames(store, run).items():
+        cm = confusion_matrix(predictions["true_label"].to_numpy(), predictions["predicted_label"].to_numpy())
+        for table, frame in (
+            ("confusion", confusion_frame(cm)),
+            ("per_class", per_class_frame(cm)),
+            ("predictions", predictions),
+        ):
+            tables[table].append(frame.assign(slice=name))
     keys = {
-        "confusion": write_table(store, "confusion", run.run_id, confusion_frame(cm)),
-        "per_class": write_table(store, "per_class", run.run_id, per_class_frame(cm)),
-        "predictions": write_table(store, "predictions", run.run_id, predictions),
+        table: write_table(store, table, run.run_id, pd.concat(frames, ignore_index=True)) for table, frames in tables.items()
     }
     keys["runs"] = write_table(store, "runs", run.run_id, run_frame(run))
     return TablesRef(run_id=run.run_id, partition_keys=keys)

@@ -6,7 +6,7 @@ on the device ``tasks/precision.py`` picks, with the networks of ``tasks/model.p
 from __future__ import annotations
 
 from storage import Store, code_digest, sha256_json
-from tasks import input_pipeline, precision, training_loop
+from tasks import batch_format, input_pipeline, precision, slices, splits, training_loop
 from tasks.backends import process_backend, run_in_backend
 from tasks.fetch import DatasetRef
 from tasks.model import NETWORK_CODE, ModelRef
@@ -19,12 +19,13 @@ __all__ = ["SEED_MAX", "TRAIN_IMAGES", "Precision", "TrainConfig", "stored_model
 
 def training_code() -> str:
     """The code that determines the trained weights: the networks' group in ``tasks/model.py`` and the three
-    training modules whole, so a helper added to any of them is part of the key without anyone listing it."""
-    return code_digest(*NETWORK_CODE, input_pipeline, precision, training_loop)
+    training modules whole, so a helper added to any of them is part of the key without anyone listing it; and the
+    modules that say which images train (the splits, the batch parser, the slices)."""
+    return code_digest(*NETWORK_CODE, input_pipeline, precision, training_loop, splits, slices, batch_format)
 
 
 def training_key(dataset: DatasetRef, config: TrainConfig) -> str:
-    return sha256_json({"dataset": dataset.sha256, "config": config.model_dump(mode="json"), "code": training_code()})[:32]
+    return sha256_json({"dataset": dataset.version, "config": config.model_dump(mode="json"), "code": training_code()})[:32]
 
 
 def stored_model(store: Store, key: str) -> ModelRef | None:

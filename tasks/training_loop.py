@@ -34,6 +34,7 @@ from tasks.input_pipeline import (
 from tasks.keras_runtime import import_keras
 from tasks.model import ModelRef, build_model, make_optimizer, scale, stamp_keras_file
 from tasks.precision import dtype_policy, select_device
+from tasks.slices import base_training, new_training_images
 from tasks.training_config import TrainConfig
 
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds")
@@ -86,13 +87,19 @@ def train_and_store(
     keras = import_keras()
 
     mnist = load_mnist(store, dataset)
-    subset = stratified_subset(mnist.y_train, config.train_limit, config.seed)
+    base = base_training(mnist, dataset)  # never the selection split (nor held-back images)
+    subset = base[stratified_subset(mnist.y_train[base], config.train_limit, config.seed)]
+    new = new_training_images(store, dataset)  # accepted batches' training shares, whole
+    images = np.concatenate([mnist.x_train[subset], new.x])
+    labels = np.concatenate([mnist.y_train[subset].astype(np.int64), new.y]).astype(mnist.y_train.dtype)
     rng = np.random.default_rng(config.seed)
-    order = rng.permutation(subset)
+    order = rng.permutation(len(images))
     n_val = max(int(round(len(order) * VALIDATION_SPLIT)), 1)
     train_idx, val_idx = order[:-n_val], order[-n_val:]
-    x_train, y_train = scale(mnist.x_train[train_idx]), mnist.y_train[train_idx]
-    x_val, y_val = scale(mnist.x_train[val_idx]), mnist.y_train[val_idx]
+    x_train, y_train = scale(images[train_idx]), labels[train_idx]
+    x_val, y_val = scale(images[val_idx]), labels[val_idx]
+    if len(new.y):
+        log(f"Training data: {len(subset)} MNIST images and {len(new.y)} from {len(dataset.batches)} accepted batches")
 
     backend = process_backend()
     if backend is not config.backend:

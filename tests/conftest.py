@@ -24,6 +24,7 @@ import pandas as pd
 import pytest
 
 from storage import Store, sha256_bytes
+from storage.tables import SCHEMAS, write_frame
 from tasks import idx
 from tasks.evaluate import predictions_frame
 from tasks.fetch import FileSpec, MnistUnavailable, fetch_mnist
@@ -195,6 +196,11 @@ def sample_frames(seed: int) -> dict[str, pd.DataFrame]:
                 "scheduled_start": datetime(2026, 11, 25, 2, 0, tzinfo=UTC),
                 "started_at": datetime(2026, 11, 25, 2, 0, 5, tzinfo=UTC),
                 "backend": "tensorflow",
+                "dataset_version": "d" * 64,
+                "batches_accepted": 0,
+                "selection_balanced_accuracy": 0.97,
+                "new_data_balanced_accuracy": None,
+                "new_data_images": 0,
             }
         ]
     )
@@ -216,16 +222,98 @@ def sample_frames(seed: int) -> dict[str, pd.DataFrame]:
                 "reason": "first champion",
                 "forced": False,
                 "decided_at": datetime(2026, 11, 25, 2, 5, tzinfo=UTC),
+                "slices": [
+                    {
+                        "slice": "mnist-selection",
+                        "images": 50,
+                        "challenger_balanced_accuracy": 0.98,
+                        "passed": True,
+                        "failed_rules": [],
+                    }
+                ],
             }
         ]
     )
+    batches = pd.DataFrame(
+        [
+            {
+                "digest": f"{seed:064x}",
+                "file": "night-1.parquet",
+                "rows": 100,
+                "decision": "accepted",
+                "reason": "passed every check",
+                "decided_by": "ingest",
+                "decided_at": datetime(2026, 11, 25, 2, 1, tzinfo=UTC),
+                "train_rows": 80,
+                "holdout_rows": 20,
+            }
+        ]
+    ).reindex(columns=[f.name for f in SCHEMAS["batches"]])
     return {
-        "confusion": confusion_frame(cm),
-        "per_class": per_class_frame(cm),
-        "predictions": predictions,
+        "confusion": confusion_frame(cm).assign(slice="mnist-test"),
+        "per_class": per_class_frame(cm).assign(slice="mnist-test"),
+        "predictions": predictions.assign(slice="mnist-test"),
         "runs": runs,
         "promotions": promotions,
+        "batches": batches,
     }
+
+
+def stand_in(
+    store: Store, key: str, labels: dict[str, np.ndarray], predicted: dict[str, np.ndarray], dataset, test_sample: np.ndarray
+):
+    """A model that is bytes with a digest, and an evaluation of it: ``predicted[slice]`` on ``labels[slice]``
+    for ``mnist-test`` and every deciding slice, each stored as the evaluation step stores it (and as the
+    model's own predictions, which the gate pairs a champion's from). No network is trained."""
+    from tasks.evaluate import EvaluationRef, SliceEvaluation, balanced_accuracy, model_predictions_key, publish_model_predictions
+    from tasks.splits import SLICE_TEST
+
+    blob = key.encode() * 100
+    path = store.model_file(key)
+    store.write_bytes(path, blob)
+    model = model_ref(key=key, file_key=path, sha256=sha256_bytes(blob), history_key=store.history_file(key))
+    store.write_text(store.model_info_file(key), model.model_dump_json())
+    written = {}
+    for name, y in labels.items():
+        frame = predictions_frame(np.arange(len(y)), y, np.eye(10, dtype=np.float32)[predicted[name]])
+        file = write_frame(store, store.unique(store.slice_predictions_file(key, name)), "predictions", frame)
+        written[name] = (file, store.digest(file)[0])
+        publish_model_predictions(store, model, model_predictions_key(model, dataset, name), *written[name])
+    y_test, p_test = labels[SLICE_TEST], predicted[SLICE_TEST]
+    sample = write_frame(
+        store,
+        store.unique(store.evaluation_file(key)),
+        "predictions",
+        predictions_frame(test_sample, y_test[test_sample], np.eye(10, dtype=np.float32)[p_test[test_sample]]),
+    )
+    evaluation = EvaluationRef(
+        key=key,
+        path=sample,
+        model_sha256=model.sha256,
+        dataset_sha256=dataset.sha256,
+        n_per_class=len(test_sample) // 10,
+        seed=0,
+        predictions_sha256=store.digest(sample)[0],
+        test_path=written[SLICE_TEST][0],
+        test_predictions_sha256=written[SLICE_TEST][1],
+        n_evaluated=len(test_sample),
+        test_images=len(y_test),
+        test_accuracy=float((p_test == y_test).mean()),
+        balanced_accuracy=float((p_test[test_sample] == y_test[test_sample]).mean()),
+        slices=[
+            SliceEvaluation(
+                name=name,
+                predictions_key=written[name][0],
+                predictions_sha256=written[name][1],
+                images=len(labels[name]),
+                accuracy=float((predicted[name] == labels[name]).mean()),
+                balanced_accuracy=balanced_accuracy(labels[name], predicted[name]),
+            )
+            for name in labels
+            if name != SLICE_TEST
+        ],
+    )
+    return model, evaluation
 
 
 def reference_mcnemar(b: int, c: int) -> float:

@@ -49,7 +49,7 @@ def keys(
     return {
         "fetch": caching.FETCH.content_key({}),
         "train": caching.TRAIN.content_key({"dataset": ds, "config": config}),
-        "evaluate": caching.EVALUATE.content_key({"model": m, "n_per_class": n_per_class, "seed": seed}),
+        "evaluate": caching.EVALUATE.content_key({"dataset": ds, "model": m, "n_per_class": n_per_class, "seed": seed}),
     }
 
 
@@ -69,6 +69,15 @@ def test_a_training_parameter_invalidates_training_only(field, value):
     assert changed(keys(TrainConfig()), keys(TrainConfig(**{field: value}))) == {"train"}
 
 
+def test_an_accepted_batch_changes_the_dataset_version_so_training_and_evaluation_rerun():
+    from tasks.batch_format import AcceptedBatch, BatchPart
+
+    part = BatchPart(key="batches/x/train.parquet", sha256="1" * 64, size=1, rows=1)
+    grown = dataset().model_copy(update={"batches": [AcceptedBatch(digest="2" * 64, train=part, holdout=part)]})
+    assert grown.version != dataset().version and dataset().version == dataset().sha256  # nothing new: MNIST's own
+    assert changed(keys(TrainConfig()), keys(TrainConfig(), ds=grown)) == {"train", "evaluate"}
+
+
 def test_a_new_model_digest_invalidates_evaluation_not_training():
     assert changed(keys(TrainConfig()), keys(TrainConfig(), m=model(sha="b" * 64))) == {"evaluate"}
 
@@ -79,7 +88,8 @@ def test_evaluation_parameters_invalidate_evaluation_only():
 
 
 def test_other_data_invalidates_training_not_the_download():
-    assert changed(keys(TrainConfig()), keys(TrainConfig(), ds=dataset("e" * 64))) == {"train"}
+    # other MNIST bytes are other selection and test images too, so the evaluation follows
+    assert changed(keys(TrainConfig()), keys(TrainConfig(), ds=dataset("e" * 64))) == {"train", "evaluate"}
 
 
 def test_plots_follow_the_evaluation_and_the_training_history():
@@ -95,7 +105,7 @@ def test_plots_follow_the_evaluation_and_the_training_history():
 def test_compute_key_names_the_step_and_has_no_side_effect(tmp_path):
     store = Store(tmp_path / "store")
     store.write_text(store.result_record("evaluate-x"), "{}")
-    inputs = {"store_url": store.url, "model": model(), "n_per_class": 5, "seed": 0}
+    inputs = {"store_url": store.url, "dataset": dataset(), "model": model(), "n_per_class": 5, "seed": 0}
     key = caching.EVALUATE.compute_key(None, inputs, {})
     assert key.startswith(f"evaluate-{caching.EVALUATE.content_key(inputs)}-") and store.exists(store.result_record("evaluate-x"))
     store.write_text(store.result_record(key), "{}")  # a record whose predictions are not in the store

@@ -12,14 +12,14 @@ import threading
 import numpy as np
 import pytest
 
-from storage import Store, sha256_bytes
-from storage.tables import write_frame
+from storage import Store
 from tasks.champion import ChampionError, gate, promotions, read_pointer, rollback
-from tasks.evaluate import EvaluationRef, predictions_frame, publish_model_predictions
+from tasks.evaluate import EvaluationRef
 from tasks.fetch import DatasetRef
 from tasks.gate import GateRules
 from tasks.model import ModelRef
-from tests.conftest import model_ref
+from tasks.splits import SLICE_SELECTION, SLICE_TEST
+from tests.conftest import stand_in as stand_in_model
 
 N = 1000
 LABELS = np.arange(N) % 10
@@ -30,45 +30,10 @@ DATASET = DatasetRef(sha256="d" * 64, files={}, sources=["store"])  # not read: 
 
 
 def stand_in(store: Store, key: str, correct: float) -> tuple[ModelRef, EvaluationRef]:
-    """A model whose stored predictions are right on the first ``correct`` share of each digit's images."""
-    blob = key.encode() * 100
-    path = store.model_file(key)
-    store.write_bytes(path, blob)
-    model = model_ref(
-        key=key, file_key=path, sha256=sha256_bytes(blob), history_key=store.history_file(key), val_accuracy=correct
-    )
-    store.write_text(store.model_info_file(key), model.model_dump_json())
+    """A model whose stored predictions are right on the first ``correct`` share of the images, on every slice."""
     predicted = np.where(np.arange(N) < correct * N, LABELS, (LABELS + 1) % 10)
-    probabilities = np.eye(10, dtype=np.float32)[predicted]
-    everything = write_frame(
-        store,
-        store.unique(store.test_predictions_file(key)),
-        "predictions",
-        predictions_frame(np.arange(N), LABELS, probabilities),
-    )
-    sample = write_frame(
-        store,
-        store.unique(store.evaluation_file(key)),
-        "predictions",
-        predictions_frame(SAMPLE, LABELS[SAMPLE], probabilities[SAMPLE]),
-    )
-    evaluation = EvaluationRef(
-        key=key,
-        path=sample,
-        model_sha256=model.sha256,
-        dataset_sha256=DATASET.sha256,
-        n_per_class=len(SAMPLE) // 10,
-        seed=0,
-        predictions_sha256=store.digest(sample)[0],
-        test_path=everything,
-        test_predictions_sha256=store.digest(everything)[0],
-        n_evaluated=len(SAMPLE),
-        test_images=N,
-        test_accuracy=float((predicted == LABELS).mean()),
-        balanced_accuracy=float((predicted[SAMPLE] == LABELS[SAMPLE]).mean()),
-    )
-    publish_model_predictions(store, model, everything, evaluation.test_predictions_sha256)
-    return model, evaluation
+    slices = (SLICE_SELECTION, SLICE_TEST)
+    return stand_in_model(store, key, dict.fromkeys(slices, LABELS), dict.fromkeys(slices, predicted), DATASET, SAMPLE)
 
 
 def champion_of_last_decision(store: Store) -> str:

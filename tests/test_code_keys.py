@@ -36,7 +36,7 @@ KEYS = textwrap.dedent(
                                test_images=100, test_accuracy=0.5, balanced_accuracy=0.5)
     print(json.dumps({
         "train": caching.TRAIN.content_key({"dataset": dataset, "config": TrainConfig()}),
-        "evaluate": caching.EVALUATE.content_key({"model": model, "n_per_class": 5, "seed": 0}),
+        "evaluate": caching.EVALUATE.content_key({"dataset": dataset, "model": model, "n_per_class": 5, "seed": 0}),
         "plot": caching.PLOT.content_key({"model": model, "evaluation": evaluation}),
     }))
     """
@@ -117,6 +117,12 @@ EDITS = {
         r'ax\.set_xlabel\("predicted digit"\)',
         'ax.set_xlabel("predicted")',
         {"plot"},
+    ),
+    "the selection split (no night trains on it, the gate decides on it)": (
+        "tasks/splits.py",
+        r"^SELECTION_PER_DIGIT = 500",
+        "SELECTION_PER_DIGIT = 400",
+        {"train", "evaluate"},
     ),
     "how the evaluation's predictions are made": (
         "tasks/evaluate.py",

@@ -50,6 +50,7 @@ def test_round_trip_keeps_values_and_types(store, two_runs):
         "f1",
         "accuracy_ci_low",
         "accuracy_ci_high",
+        "slice",
         "run_id",
     ]
 
@@ -97,6 +98,7 @@ def test_promotions_has_exactly_the_documented_columns(store, two_runs):
         "reason",
         "forced",
         "decided_at",
+        "slices",
         "run_id",
     ]
     assert len(promotions) == 2 and promotions["champion_model_key"].isna().all()
@@ -109,6 +111,28 @@ def test_runs_written_before_the_gate_read_with_empty_gate_columns(store, two_ru
     pq.write_table(pa.Table.from_pandas(old, preserve_index=False), path)  # a partition in the old layout
     runs = read_table(store, "runs").set_index("run_id")
     assert pd.isna(runs.loc["run-old", "promoted"]) and runs.loc["run-b", "promoted"] == True  # noqa: E712
+
+
+def test_schema_1_and_schema_2_partitions_read_side_by_side(store, two_runs):
+    """A consumer's pyarrow.dataset over partitions from before and after the slices, as the README shows it."""
+    old = sample_frames(5)["per_class"].drop(columns=["slice"])
+    path = store.path(store.table_file("per_class", "run-v1"))
+    store.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    arrow = pa.Table.from_pandas(old, preserve_index=False).replace_schema_metadata({"schema_version": "1", "table": "per_class"})
+    pq.write_table(arrow, path)  # written by a schema-1 pipeline: no slice column
+    root = store.path(store.table_dir("per_class"))
+    files = ds.dataset(root, partitioning="hive").files
+    unified = pa.unify_schemas([pq.read_schema(f) for f in files]).append(pa.field("run_id", pa.string()))  # the README's recipe
+    table = ds.dataset(root, schema=unified, partitioning="hive")
+    frame = table.to_table().to_pandas()
+    assert frame.groupby("run_id")["slice"].apply(lambda s: s.isna().all()).to_dict() == {
+        "run-a": False,
+        "run-b": False,
+        "run-v1": True,
+    }
+    assert frame["slice"].fillna("mnist-test").eq("mnist-test").all() and len(frame) == 30
+    ours = read_table(store, "per_class")  # and the pipeline's own reader, with the current schema
+    assert sorted(ours["run_id"].unique()) == ["run-a", "run-b", "run-v1"] and ours["slice"].isna().sum() == 10
 
 
 def test_a_table_no_run_has_written_reads_as_empty(store):

@@ -1,0 +1,148 @@
+"""The format of an incoming batch of labelled images, and the one parser every batch goes through.
+
+A batch is one Parquet file: ``image`` (784 uint8 values per row, row-major 28×28, a white digit on
+black as in MNIST), ``label`` (0–9), and optional metadata columns (``source``, ``collected_at``).
+Whoever can write the incoming location writes these files, so the parser treats them as untrusted:
+sizes are checked from the Parquet footer before any column is decompressed, only the two columns are
+read, every value's type and range is checked, and nothing in the file is ever executed or imported
+(no pandas metadata, no pickled objects).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import BaseModel, Field
+
+from storage import StoreKey
+
+PIXELS = 28 * 28
+MAX_BATCH_BYTES = 64 << 20  # one file as it lies in the incoming location
+MAX_BATCH_ROWS = 100_000
+MAX_UNCOMPRESSED_BYTES = 2 * MAX_BATCH_ROWS * PIXELS  # what the footer may say the columns decompress to
+COLUMNS = ("image", "label")
+METADATA = ("source", "collected_at")  # optional, shown, never interpreted
+SHA256 = r"^[0-9a-f]{64}$"
+
+
+class BatchRejected(ValueError):
+    """The file is not a batch we can read: the message says what is wrong and how to fix it."""
+
+
+class Batch(NamedTuple):
+    images: np.ndarray  # (n, 28, 28) uint8
+    labels: np.ndarray  # (n,) int64, 0–9
+    source: str | None = None  # the optional ``source`` column's values, as text for the batches table
+
+
+class BatchPart(BaseModel):
+    """One Parquet file of batch images that the store holds (its training or holdout share)."""
+
+    key: StoreKey
+    sha256: str = Field(pattern=SHA256)
+    size: int = Field(ge=0)
+    rows: int = Field(ge=0)
+
+
+class AcceptedBatch(BaseModel):
+    """An accepted batch as training and evaluation use it: its digest and its two checked shares."""
+
+    digest: str = Field(pattern=SHA256)  # SHA-256 of the incoming file: the batch's identity
+    train: BatchPart
+    holdout: BatchPart
+
+
+def _integers(column: pa.ChunkedArray | pa.Array, what: str, low: int, high: int) -> np.ndarray:
+    if not pa.types.is_integer(column.type):
+        raise BatchRejected(f"{what} must be integers, not {column.type}")
+    if column.null_count:
+        raise BatchRejected(f"{what} holds {column.null_count} missing values")
+    if len(column):
+        lo, hi = pc.min_max(column).values()
+        if lo.as_py() < low or hi.as_py() > high:
+            raise BatchRejected(f"{what} must lie in {low}–{high}; this file has values from {lo.as_py()} to {hi.as_py()}")
+    return np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
+def _check_footer(data: bytes) -> pq.ParquetFile:
+    try:
+        parquet = pq.ParquetFile(pa.BufferReader(data))
+    except (pa.ArrowException, OSError) as exc:
+        raise BatchRejected(f"it is not a readable Parquet file ({str(exc).splitlines()[0][:160]})") from exc
+    meta = parquet.metadata
+    names = set(parquet.schema_arrow.names)
+    missing = [c for c in COLUMNS if c not in names]
+    if missing:
+        raise BatchRejected(f"it has no column {' or '.join(missing)} (columns: {', '.join(sorted(names))[:200]})")
+    if meta.num_rows == 0:
+        raise BatchRejected("it holds no rows")
+    if meta.num_rows > MAX_BATCH_ROWS:
+        raise BatchRejected(f"it holds {meta.num_rows} rows, more than the {MAX_BATCH_ROWS} a batch may hold: split it")
+    chunks = [
+        meta.row_group(g).column(i)
+        for g in range(meta.num_row_groups)
+        for i in range(meta.num_columns)
+        if meta.schema.column(i).path.split(".")[0] in COLUMNS
+    ]
+    unpacked = sum(c.total_uncompressed_size for c in chunks)
+    if unpacked > MAX_UNCOMPRESSED_BYTES:
+        raise BatchRejected(f"its columns would decompress to {unpacked} bytes, more than {MAX_UNCOMPRESSED_BYTES}: refused")
+    # run-length encoding packs a million equal values in a few bytes: count the values, not the bytes
+    values = sum(c.num_values for c in chunks if c.path_in_schema.split(".")[0] == "image")
+    if values > meta.num_rows * PIXELS:
+        raise BatchRejected(f"it declares {values} pixel values for {meta.num_rows} images (at most {PIXELS} each): refused")
+    return parquet
+
+
+def parse_batch(data: bytes) -> Batch:
+    """The images and labels of one batch file, or ``BatchRejected`` saying why not."""
+    if len(data) > MAX_BATCH_BYTES:
+        raise BatchRejected(f"it is {len(data)} bytes, more than the {MAX_BATCH_BYTES} a batch file may be: split it")
+    parquet = _check_footer(data)
+    try:
+        wanted = list(COLUMNS) + (["source"] if "source" in parquet.schema_arrow.names else [])
+        table = parquet.read(columns=wanted, use_pandas_metadata=False)
+    except (pa.ArrowException, OSError) as exc:
+        raise BatchRejected(f"its columns cannot be read ({str(exc).splitlines()[0][:160]})") from exc
+    image = table.column("image").combine_chunks()
+    if not (pa.types.is_list(image.type) or pa.types.is_large_list(image.type) or pa.types.is_fixed_size_list(image.type)):
+        raise BatchRejected(f"column image must be a list of {PIXELS} integers per row, not {image.type}")
+    if image.null_count:
+        raise BatchRejected(f"column image has {image.null_count} missing rows")
+    lengths = pc.list_value_length(image).to_numpy(zero_copy_only=False)
+    if len(lengths) and (lengths.min() != PIXELS or lengths.max() != PIXELS):
+        bad = int(np.flatnonzero(lengths != PIXELS)[0])
+        raise BatchRejected(f"row {bad}'s image has {lengths[bad]} values; every image must have {PIXELS} (28×28, row-major)")
+    pixels = _integers(pc.list_flatten(image), "pixel values (column image)", 0, 255)
+    labels = _integers(table.column("label"), "column label", 0, 9)
+    return Batch(pixels.astype(np.uint8).reshape(-1, 28, 28), labels, _source(table))
+
+
+def _source(table: pa.Table) -> str | None:
+    if "source" not in table.column_names or not pa.types.is_string(table.schema.field("source").type):
+        return None
+    values = [v for v in pc.unique(table.column("source")).to_pylist() if v]
+    shown = ", ".join(str(v)[:80] for v in values[:3]) + (f" and {len(values) - 3} more" if len(values) > 3 else "")
+    return shown or None
+
+
+def batch_table(images: np.ndarray, labels: np.ndarray, **metadata) -> pa.Table:
+    """A batch in the documented format (what ``simulate-arrivals`` writes and the store keeps)."""
+    flat = pa.array(np.asarray(images, dtype=np.uint8).reshape(-1), type=pa.uint8())
+    columns = {
+        "image": pa.FixedSizeListArray.from_arrays(flat, PIXELS),
+        "label": pa.array(np.asarray(labels, dtype=np.int8), type=pa.int8()),
+    }
+    for name, value in metadata.items():
+        columns[name] = pa.array([value] * len(labels)) if not isinstance(value, list | np.ndarray) else pa.array(value)
+    return pa.table(columns)
+
+
+def batch_bytes(images: np.ndarray, labels: np.ndarray, **metadata) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(batch_table(images, labels, **metadata), sink, compression="zstd")
+    return sink.getvalue().to_pybytes()

@@ -1,0 +1,370 @@
+"""The ingest step: new labelled batches from the incoming location are checked before they can harm a model.
+
+For each file not seen before (a batch is its content digest, read once), in this order: the format
+(``tasks.batch_format``), leakage (exact copies of MNIST test or selection images are dropped), drift
+against MNIST's training set, and label quality judged by the champion (``tasks.data_checks``). Every
+batch gets a row in the ``batches`` table and a record under ``batches/<digest>/`` in the store; an
+accepted one gives a stratified share to the new-data holdout and the rest to training. A quarantined
+batch never stops the night: it is kept aside with its reason, and an operator can ``release`` it (or
+``quarantine`` an accepted one). The incoming file is removed once its record is written.
+
+The incoming location is untrusted input: only plain ``*.parquet`` files directly in it are read, each
+bounded in size, through a store confined to that location (no path leaves it, no link is followed out).
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Callable
+from datetime import UTC, datetime
+from functools import cached_property
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, Field
+
+from storage import Store, StoreError, UnsafeKey, confine_name, sha256_bytes
+from storage.tables import schema, write_table
+from tasks.batch_format import MAX_BATCH_BYTES, SHA256, AcceptedBatch, Batch, BatchPart, BatchRejected, batch_bytes, parse_batch
+from tasks.data_checks import (
+    REFERENCE_IMAGES,
+    IngestRules,
+    drift,
+    drift_problems,
+    holdout_rows,
+    image_hashes,
+    image_statistics,
+    label_quality,
+    leaked,
+)
+from tasks.fetch import DatasetRef, load_mnist
+from tasks.splits import SLICE_SELECTION, SPLIT_SEED, base_training_indices, selection_indices
+
+INCOMING_ENV = "MNIST_INCOMING"
+LOCK = "ingest"
+RECORD = "batch.json"
+Log = Callable[[str], None]
+
+
+class BatchRecord(BaseModel):
+    """``batches/<digest>/batch.json``: what was decided about one batch, and the files it left."""
+
+    digest: str = Field(pattern=SHA256)
+    file: str = Field(max_length=255)
+    status: Literal["accepted", "quarantined"]
+    reason: str
+    run_id: str  # the run that ingested it (its rows are in that run's partition of ``batches``)
+    decided_at: datetime
+    decided_by: Literal["ingest", "operator"] = "ingest"
+    incoming: BatchPart  # the file as it arrived
+    train: BatchPart | None = None  # None: it could not be read, so it can never be trained on
+    holdout: BatchPart | None = None
+    drift_plot: BatchPart | None = None
+    row: dict = {}  # the figures of its ``batches`` row, JSON-able
+
+    def files(self) -> dict[str, str]:
+        parts = (self.incoming, self.train, self.holdout, self.drift_plot)
+        return {p.key: p.sha256 for p in parts if p is not None}
+
+
+class IngestRef(BaseModel):
+    """The night's data after ingest: the dataset version to train on, and this night's batches."""
+
+    dataset: DatasetRef
+    night: list[BatchRecord] = []
+
+    @property
+    def quarantined(self) -> list[BatchRecord]:
+        return [b for b in self.night if b.status == "quarantined"]
+
+
+class BatchNotFound(LookupError):
+    """An operator named a batch the store does not hold: the message lists what it holds."""
+
+
+# ---- what the checks compare with, computed once a night and only if a batch arrived ------------------
+class References:
+    def __init__(self, store: Store, dataset: DatasetRef, log: Log) -> None:
+        self.store, self.dataset, self.log = store, dataset, log
+
+    @cached_property
+    def mnist(self):
+        return load_mnist(self.store, self.dataset)
+
+    @cached_property
+    def protected(self) -> tuple[set[bytes], set[bytes]]:
+        """Digests of every MNIST test image and every selection image: a batch may copy neither."""
+        selection = selection_indices(self.mnist.y_train)
+        return set(image_hashes(self.mnist.x_test)), set(image_hashes(self.mnist.x_train[selection]))
+
+    @cached_property
+    def reference(self) -> tuple[np.ndarray, np.ndarray]:
+        """MNIST's base training images (a fixed sample) and all their labels: what drift is measured against."""
+        base = base_training_indices(self.mnist.y_train, self.dataset.held_back)
+        sample = np.random.default_rng(SPLIT_SEED).choice(base, size=min(REFERENCE_IMAGES, len(base)), replace=False)
+        return self.mnist.y_train[base], self.mnist.x_train[np.sort(sample)]
+
+    @cached_property
+    def champion(self):
+        """(champion's model key, Keras model, its predictions on mnist-selection), or None before the first champion."""
+        from tasks.champion import find_champion
+        from tasks.evaluate import predicted_labels
+        from tasks.model import load_model
+
+        lookup = find_champion(self.store)
+        if lookup.champion is None or lookup.model is None:
+            if lookup.problem:
+                self.log(lookup.problem)
+            return None
+        selection = predicted_labels(self.store, self.dataset, lookup.model, SLICE_SELECTION)
+        return lookup.champion.model_key, load_model(self.store, lookup.model), selection
+
+
+# ---- one batch ----------------------------------------------------------------------------------------
+def _part(store: Store, key: str, data: bytes, rows: int) -> BatchPart:
+    store.write_bytes(key, data)
+    return BatchPart(key=key, sha256=sha256_bytes(data), size=len(data), rows=rows)
+
+
+def _check(batch: Batch, digest: str, refs: References, rules: IngestRules) -> tuple[dict, list[str], np.ndarray]:
+    """The figures and the problems of one readable batch, and which of its rows are kept (not leaked)."""
+    test_hashes, selection_hashes = refs.protected
+    copies_test = leaked(batch.images, test_hashes)
+    copies_selection = leaked(batch.images, selection_hashes) & ~copies_test
+    keep = ~(copies_test | copies_selection)
+    row: dict = {"source": batch.source, "leaked_test": int(copies_test.sum()), "leaked_selection": int(copies_selection.sum())}
+    problems = []
+    share = 1.0 - keep.mean()
+    if share > rules.max_leaked_share:
+        problems.append(
+            f"leakage: {int((~keep).sum())} of its {len(keep)} images are exact copies of MNIST test images "
+            f"({row['leaked_test']}) or of the selection split ({row['leaked_selection']}): {share:.0%}, more than "
+            f"the {rules.max_leaked_share:.0%} allowed"
+        )
+    images, labels = batch.images[keep], batch.labels[keep]
+    if not len(labels):
+        return row, problems, keep
+    reference_labels, reference_images = refs.reference
+    figures = drift(labels, images, reference_labels, reference_images)
+    row |= figures.model_dump()
+    problems += drift_problems(figures, rules)
+    champion = refs.champion
+    if champion is None:
+        refs.log(f"Batch {digest[:12]}: no champion yet, so its labels are not checked against one")
+    else:
+        from tasks.evaluate import predict
+
+        key, model, selection = champion
+        probabilities = predict(model, images)
+        quality, label_problems = label_quality(
+            labels,
+            probabilities.argmax(axis=1),
+            probabilities.max(axis=1),
+            selection["true_label"].to_numpy(),
+            selection["predicted_label"].to_numpy(),
+            selection["confidence"].to_numpy(),
+            rules,
+        )
+        row |= quality.model_dump() | {"champion_model_key": key}
+        problems += label_problems
+    return row, problems, keep
+
+
+def _ingest_one(
+    store: Store, name: str, data: bytes, digest: str, refs: References, rules: IngestRules, run_id: str
+) -> BatchRecord:
+    incoming = _part(store, store.batch_file(digest, "incoming.parquet"), data, 0)
+    record = {"digest": digest, "file": name, "run_id": run_id, "decided_at": datetime.now(UTC), "incoming": incoming}
+    try:
+        batch = parse_batch(data)
+    except BatchRejected as exc:
+        reason = f"unreadable: {exc}"
+        return BatchRecord(**record, status="quarantined", reason=reason, row={"rows": 0})
+    row, problems, keep = _check(batch, digest, refs, rules)
+    images, labels = batch.images[keep], batch.labels[keep]
+    held = np.zeros(len(labels), dtype=bool)
+    held[holdout_rows(labels, rules.holdout_share, digest)] = True
+    train = _part(store, store.batch_file(digest, "train.parquet"), batch_bytes(images[~held], labels[~held]), int((~held).sum()))
+    holdout = _part(store, store.batch_file(digest, "holdout.parquet"), batch_bytes(images[held], labels[held]), int(held.sum()))
+    row |= {"rows": len(batch.labels), "train_rows": train.rows, "holdout_rows": holdout.rows}
+    if not len(labels) and not problems:
+        problems.append("no image is left once the leaked ones are dropped")
+    status = "quarantined" if problems else "accepted"
+    reason = "; ".join(problems) if problems else _passed(row)
+    plot = None
+    if len(labels):
+        from tasks.plots import batch_drift, png_bytes
+
+        reference_labels, reference_images = refs.reference
+        figure = batch_drift(
+            name, labels, image_statistics(images)[0], reference_labels, image_statistics(reference_images)[0], status
+        )
+        plot = _part(store, store.batch_file(digest, "drift.png"), png_bytes(figure), 0)
+    return BatchRecord(**record, status=status, reason=reason, train=train, holdout=holdout, drift_plot=plot, row=row)
+
+
+def _passed(row: dict) -> str:
+    said = [f"{row['rows']} images, {row['leaked_test'] + row['leaked_selection']} leaked and dropped"]
+    if "label_shift" in row:
+        said.append(f"label shift {row['label_shift']:.3f}, intensity drift {row['mean_intensity_ks']:.3f}")
+    if row.get("confident_disagreement") is not None:
+        said.append(
+            f"champion confidently disagrees with {row['confident_disagreement']:.1%} of labels "
+            f"({row['champion_confident_disagreement']:.1%} on the selection split)"
+        )
+    else:
+        said.append("labels not checked (no champion yet)")
+    return "passed every check: " + ", ".join(said)
+
+
+# ---- the table and the records ------------------------------------------------------------------------
+def _table_row(record: BatchRecord) -> pd.DataFrame:
+    row = {"source": None, **record.row}
+    row |= {
+        "digest": record.digest,
+        "file": record.file,
+        "decision": record.status,
+        "reason": record.reason,
+        "decided_by": record.decided_by,
+        "decided_at": record.decided_at,
+    }
+    return pd.DataFrame([row]).reindex(columns=schema("batches").names)  # figures a check did not reach: null
+
+
+def _publish(store: Store, record: BatchRecord) -> None:
+    """The table row (what people read), then the record (what training reads, and what says it was seen):
+    a crash between the two leaves the file in incoming, to be ingested again, never a decision without its row."""
+    part = f"{record.decided_by}-{record.digest[:16]}-{record.decided_at:%Y%m%dT%H%M%S%f}"
+    write_table(store, "batches", record.run_id, _table_row(record), part=part)
+    store.write_text(store.batch_file(record.digest, RECORD), record.model_dump_json(indent=2))
+
+
+def batch_record(store: Store, digest: str) -> BatchRecord | None:
+    """The record of batch ``digest`` if it and every file it names are intact, else None (with a warning)."""
+    try:
+        info = store.batch_file(digest, RECORD)
+    except UnsafeKey:
+        return None
+    record = store.load_ref(info, BatchRecord, BatchRecord.files)
+    if record is not None and record.digest != digest:
+        store.warn(f"The batch record {store.location(info)} names batch {record.digest[:12]}, not {digest[:12]}: not used")
+        return None
+    return record
+
+
+def batch_records(store: Store) -> list[BatchRecord]:
+    """Every intact batch record in the store, by digest."""
+    if not store.exists(store.batch_dir()):
+        return []
+    records = []
+    for name in sorted(store.list_files(store.batch_dir())):
+        if len(name) != 64 or any(c not in "0123456789abcdef" for c in name):
+            continue  # not a batch folder of ours
+        record = batch_record(store, name)
+        if record is None:
+            store.warn(f"Batch {name[:12]}: its record or one of its files is missing or damaged, so it is not used")
+            continue
+        records.append(record)
+    return records
+
+
+def accepted_batches(store: Store) -> list[AcceptedBatch]:
+    return [
+        AcceptedBatch(digest=r.digest, train=r.train, holdout=r.holdout)
+        for r in batch_records(store)
+        if r.status == "accepted" and r.train is not None and r.holdout is not None
+    ]
+
+
+def incoming_store(store: Store, url: str | None = None) -> Store:
+    """The incoming location, as a store of its own: every key it reads is confined to it."""
+    return Store(url or store.incoming_url(), warn=store.warn)
+
+
+def incoming_files(incoming: Store) -> list[tuple[str, int]]:
+    """(name, size) of the batch files waiting: plain ``*.parquet`` files directly in the location; names
+    starting with ``.`` or ``_`` are files still being written."""
+    try:
+        entries = incoming.fs.ls(incoming.root, detail=True)
+    except FileNotFoundError:
+        return []
+    found = []
+    for entry in entries:
+        name = posixpath.basename(str(entry["name"]).rstrip("/"))
+        if not name.endswith(".parquet") or name.startswith((".", "_")):
+            continue
+        if entry.get("islink"):
+            incoming.warn(f"Incoming file {name[:80]!r} is a symbolic link: not followed, not read")
+            continue
+        if entry.get("type") != "file":
+            continue
+        try:
+            incoming.path(confine_name(name))
+        except UnsafeKey as exc:
+            incoming.warn(f"Incoming file {name[:80]!r} is not read: {exc}")
+            continue
+        found.append((name, int(entry.get("size") or 0)))
+    return sorted(found)
+
+
+def ingest_batches(
+    store: Store, incoming: Store, dataset: DatasetRef, rules: IngestRules, run_id: str, log: Log = print
+) -> IngestRef:
+    """Check every new batch, record each decision, and return the dataset version to train on."""
+    night: list[BatchRecord] = []
+    with store.lock(LOCK):
+        refs = References(store, dataset, log)
+        for name, size in incoming_files(incoming):
+            if size > MAX_BATCH_BYTES:
+                log(f"Incoming file {name} is {size} bytes, more than a batch may be ({MAX_BATCH_BYTES}): left where it is")
+                continue
+            try:
+                data = incoming.read_bytes(name, limit=MAX_BATCH_BYTES)
+            except (StoreError, OSError, UnsafeKey) as exc:
+                log(f"Incoming file {name} cannot be read ({exc}): left where it is")
+                continue
+            digest = sha256_bytes(data)
+            known = batch_record(store, digest)
+            if known is not None:
+                log(f"Incoming file {name} is batch {digest[:12]}, already {known.status} (run {known.run_id}): removed")
+            else:
+                known = _ingest_one(store, name, data, digest, refs, rules, run_id)
+                _publish(store, known)
+                night.append(known)
+                log(f"Batch {digest[:12]} ({name}): {known.status.upper()}: {known.reason}")
+            incoming.remove(name)
+    accepted = accepted_batches(store)
+    return IngestRef(dataset=dataset.model_copy(update={"batches": accepted}), night=night)
+
+
+# ---- the operator's overrides -------------------------------------------------------------------------
+def find_batch(store: Store, prefix: str) -> BatchRecord:
+    """The batch whose digest starts with ``prefix`` (at least 8 characters, as the tables show them)."""
+    records = batch_records(store)
+    matches = [r for r in records if len(prefix) >= 8 and r.digest.startswith(prefix.lower())]
+    if len(matches) != 1:
+        held = ", ".join(f"{r.digest[:12]} ({r.status}, {r.file})" for r in records) or "none"
+        why = "matches several batches" if matches else "matches no batch"
+        raise BatchNotFound(f"{prefix!r} {why} in {store.url} (give at least 8 characters of the digest; batches: {held})")
+    return matches[0]
+
+
+def set_status(store: Store, prefix: str, status: Literal["accepted", "quarantined"]) -> BatchRecord:
+    """Release (accept) or quarantine a batch by hand: recorded in ``batches`` as the operator's decision."""
+    with store.lock(LOCK):
+        record = find_batch(store, prefix)
+        if status == "accepted" and record.train is None:
+            raise BatchNotFound(f"Batch {record.digest[:12]} cannot be released: it never parsed ({record.reason})")
+        if record.status == status:
+            raise BatchNotFound(f"Batch {record.digest[:12]} is already {status}: nothing to change")
+        changed = record.model_copy(
+            update={
+                "status": status,
+                "reason": f"{'released' if status == 'accepted' else 'quarantined'} by an operator (was: {record.reason})",
+                "decided_by": "operator",
+                "decided_at": datetime.now(UTC),
+            }
+        )
+        _publish(store, changed)
+    return changed

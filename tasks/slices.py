@@ -1,0 +1,64 @@
+"""The images of each use, from one dataset reference: what a night trains on, and each slice it is judged on.
+
+* training: the base MNIST training images (``tasks.splits``) plus every accepted batch's training share;
+* ``mnist-selection``: the fixed selection split of MNIST's training images (where the gate decides);
+* ``mnist-test``: MNIST's test set (reported, never decided on);
+* ``new-data``: every accepted batch's holdout share, growing night by night (where the gate decides too).
+
+Batch shares are read from the store through their recorded digests, parsed by the one batch parser.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from storage import Store, sha256_json
+from tasks.batch_format import BatchPart, parse_batch
+from tasks.fetch import DatasetRef, Mnist, load_mnist
+from tasks.splits import SLICE_NEW, SLICE_SELECTION, SLICE_TEST, base_training_indices, selection_indices
+
+
+class Images(NamedTuple):
+    x: np.ndarray  # (n, 28, 28) uint8
+    y: np.ndarray  # (n,) labels
+
+
+def _parts(store: Store, parts: list[BatchPart]) -> Images:
+    loaded = [parse_batch(store.verified_bytes(p.key, p.sha256, limit=p.size)) for p in parts]
+    if not loaded:
+        return Images(np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.int64))
+    return Images(np.concatenate([b.images for b in loaded]), np.concatenate([b.labels for b in loaded]))
+
+
+def new_training_images(store: Store, dataset: DatasetRef) -> Images:
+    return _parts(store, [b.train for b in dataset.batches])
+
+
+def slice_images(store: Store, dataset: DatasetRef, name: str, mnist: Mnist | None = None) -> Images:
+    if name == SLICE_NEW:
+        return _parts(store, [b.holdout for b in dataset.batches])
+    mnist = mnist or load_mnist(store, dataset)
+    if name == SLICE_TEST:
+        return Images(mnist.x_test, mnist.y_test.astype(np.int64))
+    if name == SLICE_SELECTION:
+        chosen = selection_indices(mnist.y_train)
+        return Images(mnist.x_train[chosen], mnist.y_train[chosen].astype(np.int64))
+    raise ValueError(f"unknown slice {name!r}")
+
+
+def slice_size(dataset: DatasetRef, name: str) -> int | None:
+    """Images in the new-data slice (known from the references alone); None for the MNIST slices."""
+    return sum(b.holdout.rows for b in dataset.batches) if name == SLICE_NEW else None
+
+
+def slice_digest(dataset: DatasetRef, name: str) -> str:
+    """What a slice's images are: the same digest, the same images (a champion's predictions on it are reusable)."""
+    if name == SLICE_NEW:
+        return sha256_json({"slice": name, "parts": [b.holdout.sha256 for b in dataset.batches]})
+    return sha256_json({"slice": name, "mnist": dataset.sha256})
+
+
+def base_training(mnist: Mnist, dataset: DatasetRef) -> np.ndarray:
+    return base_training_indices(mnist.y_train, dataset.held_back)

@@ -1,0 +1,311 @@
+"""New batches: the format, each check, what is recorded, the operator's overrides, and the incoming location and
+the batch records as untrusted input. Small synthetic MNIST, no training (the week on real MNIST: test_week.py)."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from storage import Store
+from storage.tables import read_table
+from tasks import batch_format, splits
+from tasks.batch_format import BatchRejected, batch_bytes, parse_batch
+from tasks.data_checks import IngestRules, holdout_rows, label_quality
+from tasks.fetch import DirectorySource, fetch_mnist, load_mnist
+from tasks.ingest import BatchNotFound, accepted_batches, batch_records, incoming_store, ingest_batches, set_status
+from tasks.slices import new_training_images, slice_images
+
+RULES = IngestRules()
+
+
+@pytest.fixture
+def small(tmp_path, synthetic):
+    """A store holding tiny synthetic MNIST (120 training, 60 test images), its reference and its arrays."""
+    store = Store(tmp_path / "store")
+    dataset = fetch_mnist(store, sources=[DirectorySource(synthetic.write_raw())], files=synthetic.specs, log=lambda m: None)
+    return store, dataset, load_mnist(store, dataset)
+
+
+def fresh_images(n: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """New images from the synthetic set's own distribution (uniform noise), labels 0–9 in turn."""
+    return np.random.default_rng(seed).integers(0, 256, (n, 28, 28), dtype=np.uint8), np.arange(n) % 10
+
+
+def arrive(store: Store, name: str, data: bytes) -> None:
+    incoming_store(store).write_bytes(name, data)
+
+
+def ingest(store, dataset, run_id="run-1", rules=RULES):
+    lines: list[str] = []
+    ref = ingest_batches(store, incoming_store(store), dataset, rules, run_id, log=lines.append)
+    return ref, lines
+
+
+# ---- the format -----------------------------------------------------------------------------------------
+def test_a_batch_written_with_pandas_as_the_readme_shows_parses():
+    x, y = fresh_images(20)
+    frame = pd.DataFrame({"image": list(x.reshape(20, -1)), "label": y, "source": "scanner-3"})
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer)
+    batch = parse_batch(buffer.getvalue())
+    assert (batch.images == x).all() and (batch.labels == y).all()
+
+
+@pytest.mark.parametrize(
+    "frame, said",
+    [
+        (pd.DataFrame({"image": [[0] * 784], "digit": [1]}), "no column label"),
+        (pd.DataFrame({"image": [[0] * 783], "label": [1]}), "has 783 values"),
+        (pd.DataFrame({"image": [[256] * 784], "label": [1]}), "must lie in 0–255"),
+        (pd.DataFrame({"image": [[-1] * 784], "label": [1]}), "must lie in 0–255"),
+        (pd.DataFrame({"image": [[0.5] * 784], "label": [1]}), "must be integers"),
+        (pd.DataFrame({"image": [[0] * 784], "label": [10]}), "must lie in 0–9"),
+        (pd.DataFrame({"image": [[0] * 784, None], "label": [1, 2]}), "missing rows"),
+        (pd.DataFrame({"image": [[0] * 784, [0] * 784], "label": [1, None]}), "must be integers"),
+        (pd.DataFrame({"image": pd.Series([], dtype=object), "label": pd.Series([], dtype="int64")}), "no rows"),
+    ],
+)
+def test_a_malformed_batch_is_refused_saying_what_is_wrong(frame, said):
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer)
+    with pytest.raises(BatchRejected, match=said):
+        parse_batch(buffer.getvalue())
+
+
+def test_not_parquet_and_oversized_batches_are_refused_before_decompressing(monkeypatch):
+    with pytest.raises(BatchRejected, match="not a readable Parquet file"):
+        parse_batch(b"PAR1 not really")
+    bomb = io.BytesIO()  # one "image" of ten million zeros: a few kilobytes on disk, run-length encoded
+    zeros = pa.array([np.zeros(10_000_000, dtype=np.uint8)], type=pa.list_(pa.uint8()))
+    pq.write_table(pa.table({"image": zeros, "label": pa.array([1], pa.int8())}), bomb, compression="zstd")
+    assert len(bomb.getvalue()) < 100_000
+    with pytest.raises(BatchRejected, match="declares 10000000 pixel values for 1 images"):
+        parse_batch(bomb.getvalue())
+    x, y = fresh_images(50)
+    data = batch_bytes(x, y)
+    monkeypatch.setattr(batch_format, "MAX_UNCOMPRESSED_BYTES", 20 * 784)
+    with pytest.raises(BatchRejected, match="would decompress to"):
+        parse_batch(data)
+    monkeypatch.setattr(batch_format, "MAX_BATCH_ROWS", 10)
+    with pytest.raises(BatchRejected, match="50 rows, more than the 10"):
+        parse_batch(data)
+
+
+# ---- the splits -----------------------------------------------------------------------------------------
+def test_the_selection_split_is_fixed_balanced_and_never_trained_on():
+    y = np.random.default_rng(0).integers(0, 10, 60_000)
+    selection = splits.selection_indices(y)
+    assert len(selection) == 5000 and (np.bincount(y[selection]) == 500).all()
+    assert (selection == splits.selection_indices(y.copy())).all()  # no seed, no state: the same every night
+    held = splits.held_back_indices(y, 10_000)
+    base = splits.base_training_indices(y, 10_000)
+    assert not set(selection) & set(base) and not set(held) & set(base) and not set(held) & set(selection)
+    assert len(base) == 60_000 - 5000 - 10_000
+    assert (splits.held_back_indices(y, 3000) == held[:3000]).all()  # released in one fixed order
+
+
+def test_the_holdout_is_a_stratified_share_fixed_by_the_batch_digest():
+    labels = np.repeat(np.arange(10), 50)
+    rows = holdout_rows(labels, 0.2, "ab" * 32)
+    assert (np.bincount(labels[rows]) == 10).all()
+    assert (rows == holdout_rows(labels, 0.2, "ab" * 32)).all() and not (rows == holdout_rows(labels, 0.2, "cd" * 32)).all()
+
+
+# ---- the checks -----------------------------------------------------------------------------------------
+def test_label_quality_flags_labels_the_champion_confidently_contradicts():
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 10, 1000)
+    predicted = np.where(rng.random(1000) < 0.99, truth, (truth + 1) % 10)  # a champion right 99 % of the time
+    confidence = np.full(1000, 0.99)
+    clean, problems = label_quality(truth, predicted, confidence, truth, predicted, confidence, RULES)
+    assert not problems and clean.confident_disagreement == pytest.approx(clean.champion_confident_disagreement)
+    wrong = truth.copy()
+    flipped = rng.choice(1000, 400, replace=False)
+    wrong[flipped] = (wrong[flipped] + rng.integers(1, 10, 400)) % 10  # 40 % of the labels wrong
+    figures, problems = label_quality(wrong, predicted, confidence, truth, predicted, confidence, RULES)
+    assert figures.confident_disagreement > 0.35 and len(problems) == 1 and "likely mislabelled" in problems[0]
+
+
+def test_a_clean_batch_is_accepted_split_recorded_and_changes_the_version(small):
+    store, dataset, _ = small
+    x, y = fresh_images(60)
+    arrive(store, "night-1.parquet", batch_bytes(x, y, source="scanner-3"))
+    ref, lines = ingest(store, dataset)
+    (record,) = ref.night
+    assert record.status == "accepted" and record.reason.startswith("passed every check"), record.reason
+    assert "not checked" in record.reason  # no champion yet to judge the labels
+    assert (record.train.rows, record.holdout.rows) == (50, 10)
+    assert ref.dataset.version != dataset.version and [b.digest for b in ref.dataset.batches] == [record.digest]
+    assert not incoming_store(store).exists("night-1.parquet")  # moved aside once recorded
+    row = read_table(store, "batches").iloc[0]
+    assert (row["decision"], row["rows"], row["source"], row["run_id"]) == ("accepted", 60, "scanner-3", "run-1")
+    assert row["label_chi2_p"] > 0.01 and row["mean_intensity_ks"] < 0.3
+    # its shares are what training and the new-data slice read
+    assert len(new_training_images(store, ref.dataset).y) == 50 and len(slice_images(store, ref.dataset, "new-data").y) == 10
+    # the same file arriving again is the same batch: read once, not ingested twice
+    arrive(store, "again.parquet", batch_bytes(x, y, source="scanner-3"))
+    again, lines = ingest(store, dataset, run_id="run-2")
+    assert not again.night and any("already accepted" in line for line in lines) and len(read_table(store, "batches")) == 1
+    assert again.dataset.version == ref.dataset.version
+
+
+def test_copies_of_test_or_selection_images_are_dropped_and_a_mostly_copied_batch_quarantined(small):
+    store, dataset, mnist = small
+    selection = splits.selection_indices(mnist.y_train)
+    x, y = fresh_images(40)
+    x[:2], y[:2] = mnist.x_test[:2], mnist.y_test[:2]  # two test images slipped in
+    x[2], y[2] = mnist.x_train[selection[0]], mnist.y_train[selection[0]]  # and one selection image
+    arrive(store, "a.parquet", batch_bytes(x, y))
+    copies = np.concatenate([mnist.x_test[:30], x[30:]])
+    arrive(store, "b.parquet", batch_bytes(copies, np.concatenate([mnist.y_test[:30], y[30:]])))
+    ref, _ = ingest(store, dataset)
+    a, b = sorted(ref.night, key=lambda r: r.file)
+    assert a.status == "accepted" and (a.row["leaked_test"], a.row["leaked_selection"]) == (2, 1)
+    assert a.train.rows + a.holdout.rows == 37
+    assert b.status == "quarantined" and b.reason.startswith("leakage: 30 of its 40 images are exact copies of MNIST test")
+    assert [x.digest for x in ref.dataset.batches] == [a.digest]
+
+
+def test_a_drifted_batch_is_quarantined_with_its_figures(small):
+    store, dataset, _ = small
+    x, y = fresh_images(60)
+    arrive(store, "dark.parquet", batch_bytes(x // 8, y))  # the same digits, far darker than anything seen
+    (record,), _ = ingest(store, dataset)[0].night, None
+    assert record.status == "quarantined" and "image drift: mean intensity" in record.reason
+    assert record.row["mean_intensity_ks"] > 0.9 and record.drift_plot is not None
+    assert not accepted_batches(store)
+
+
+def test_a_label_shifted_batch_is_quarantined(small):
+    store, dataset, _ = small
+    x, _ = fresh_images(200)
+    arrive(store, "ones.parquet", batch_bytes(x, np.ones(200, dtype=int)))  # every label says 1
+    (record,) = ingest(store, dataset)[0].night
+    assert record.status == "quarantined" and "label drift" in record.reason and record.row["label_shift"] > 0.8
+
+
+def test_an_unreadable_file_is_quarantined_and_the_night_goes_on(small):
+    store, dataset, _ = small
+    arrive(store, "broken.parquet", b"not parquet at all")
+    x, y = fresh_images(60)
+    arrive(store, "good.parquet", batch_bytes(x, y))
+    ref, _ = ingest(store, dataset)
+    decisions = {r.file: r.status for r in ref.night}
+    assert decisions == {"broken.parquet": "quarantined", "good.parquet": "accepted"}
+    broken = next(r for r in ref.night if r.file == "broken.parquet")
+    assert broken.reason.startswith("unreadable: it is not a readable Parquet file") and broken.train is None
+    with pytest.raises(BatchNotFound, match="never parsed"):
+        set_status(store, broken.digest[:12], "accepted")
+
+
+# ---- the operator -----------------------------------------------------------------------------------------
+def test_release_and_quarantine_overrule_the_checks_and_are_recorded(small, capsys):
+    from flows.cli import main
+
+    store, dataset, _ = small
+    x, y = fresh_images(60)
+    arrive(store, "dark.parquet", batch_bytes(x // 8, y))
+    (record,) = ingest(store, dataset)[0].night
+    assert record.status == "quarantined"
+    assert main(["release", record.digest[:10], "--store", store.url]) == 0
+    assert "is now accepted" in capsys.readouterr().out
+    assert [b.digest for b in accepted_batches(store)] == [record.digest]
+    rows = read_table(store, "batches").sort_values("decided_at")
+    assert rows["decision"].tolist() == ["quarantined", "accepted"] and rows["decided_by"].tolist() == ["ingest", "operator"]
+    assert main(["quarantine", record.digest[:10], "--store", store.url]) == 0 and not accepted_batches(store)
+    assert main(["release", "deadbeef00", "--store", store.url]) == 1
+    assert "matches no batch" in capsys.readouterr().err
+    assert main(["release", "ab", "--store", store.url]) == 1  # too short to name one batch surely
+
+
+# ---- untrusted input ----------------------------------------------------------------------------------------
+def test_only_plain_batch_files_inside_the_incoming_location_are_read(small, tmp_path, monkeypatch):
+    store, dataset, _ = small
+    incoming = incoming_store(store)
+    x, y = fresh_images(60)
+    outside = tmp_path / "victim.parquet"
+    outside.write_bytes(batch_bytes(x, y))
+    os.makedirs(incoming.root, exist_ok=True)
+    os.symlink(outside, os.path.join(incoming.root, "link.parquet"))  # leads out of the location
+    incoming.write_bytes(".in-flight.parquet", batch_bytes(x, y))  # still being written
+    incoming.write_bytes("notes.txt", b"hello")
+    incoming.fs.makedirs(incoming.path("folder.parquet"), exist_ok=True)
+    (tmp_path / "store" / "incoming" / "glob[1].parquet").write_bytes(batch_bytes(x, y))  # fsspec would expand it
+    monkeypatch.setattr("tasks.ingest.MAX_BATCH_BYTES", 1000)
+    incoming.write_bytes("huge.parquet", batch_bytes(x, y))
+    warnings: list[str] = []
+    store.warn = incoming.warn = warnings.append
+    ref = ingest_batches(store, incoming, dataset, RULES, "run-1", log=warnings.append)
+    assert not ref.night and not store.exists(store.batch_dir())
+    assert outside.exists() and incoming.exists("huge.parquet")  # nothing outside touched, nothing too large read
+    said = "\n".join(warnings)
+    assert "link.parquet" in said and "symbolic link" in said and "glob[1].parquet" in said and "huge.parquet" in said
+
+
+def test_a_planted_batch_record_cannot_reach_outside_the_store_or_swap_its_files(small, tmp_path):
+    store, dataset, _ = small
+    x, y = fresh_images(60)
+    arrive(store, "night-1.parquet", batch_bytes(x, y))
+    (record,) = ingest(store, dataset)[0].night
+    info = store.batch_file(record.digest, "batch.json")
+    good = store.read_bytes(info)
+    (tmp_path / "secret.parquet").write_bytes(batch_bytes(x, y))
+    warnings: list[str] = []
+    store.warn = warnings.append
+    for planted in (
+        record.model_copy(update={"train": record.train.model_copy(update={"key": "../../secret.parquet"})}),
+        record.model_copy(update={"train": record.train.model_copy(update={"key": str(tmp_path / "secret.parquet")})}),
+        record.model_copy(update={"train": record.train.model_copy(update={"sha256": "0" * 64})}),  # not the file's bytes
+        record.model_copy(update={"digest": "f" * 64}),  # another batch's name
+    ):
+        store.write_text(info, planted.model_dump_json())
+        assert accepted_batches(store) == [], planted
+    assert "is not a key inside the store" in "\n".join(warnings)
+    store.write_bytes(store.batch_file(record.digest, "train.parquet"), batch_bytes(x[:5], y[:5]))  # swapped shares
+    store.write_bytes(info, good)
+    assert accepted_batches(store) == [] and batch_records(store) == []
+
+
+# ---- the gate, per slice --------------------------------------------------------------------------------------
+def test_the_gate_decides_on_selection_and_new_data_and_never_reads_the_test_set(tmp_path):
+    from tasks.champion import gate, promotions
+    from tasks.fetch import DatasetRef
+    from tasks.gate import GateRules
+    from tests.conftest import stand_in
+
+    store = Store(tmp_path / "store")
+    dataset = DatasetRef(sha256="d" * 64, files={}, sources=["store"])  # not read: every prediction is stored
+    n = 1000
+    labels = {name: np.arange(n) % 10 for name in ("mnist-selection", "new-data", "mnist-test")}
+    sample = np.arange(0, n, 2)
+
+    def right_on(share: float) -> np.ndarray:
+        return np.where(np.arange(n) < share * n, labels["mnist-test"], (labels["mnist-test"] + 1) % 10)
+
+    def model(key: str, selection: float, new: float, test: float):
+        predicted = {"mnist-selection": right_on(selection), "new-data": right_on(new), "mnist-test": right_on(test)}
+        return stand_in(store, key, labels, predicted, dataset, sample)
+
+    rules = GateRules(min_balanced_accuracy=0.5, min_digit_images=10)
+    assert gate(store, dataset, *model("a" * 32, 0.95, 0.95, 0.95), rules, "run-a").promoted
+    # better on both deciding slices; its test-set predictions are terrible in one copy and perfect in the other
+    poor_test = gate(store, dataset, *model("b" * 32, 0.97, 0.97, 0.10), rules, "run-b")
+    store.remove("champion.json")  # the same comparison again, against the same champion
+    gate(store, dataset, *model("a" * 32, 0.95, 0.95, 0.95), GateRules(force_promote=True), "run-a2")
+    fine_test = gate(store, dataset, *model("c" * 32, 0.97, 0.97, 1.00), rules, "run-c")
+    assert poor_test.decision == fine_test.decision == "promoted"
+    assert poor_test.reason == fine_test.reason and poor_test.row["slices"] == fine_test.row["slices"]
+    assert [s.slice for s in poor_test.slices] == ["mnist-selection", "new-data"]  # the test set is not one of them
+    # as good on mnist-selection, worse only on new-data: rejected, saying where
+    worse = gate(store, dataset, *model("d" * 32, 0.97, 0.80, 1.00), rules, "run-d")
+    assert worse.decision == "rejected" and worse.reason.startswith("new-data (1000 images): balanced accuracy 0.8000")
+    row = promotions(store).set_index("run_id").loc["run-d"]
+    verdicts = {s["slice"]: s for s in row["slices"]}
+    assert verdicts["mnist-selection"]["passed"] and not verdicts["new-data"]["passed"]
+    assert verdicts["new-data"]["mcnemar_p"] < 0.05 and row["challenger_balanced_accuracy"] == pytest.approx(0.97)

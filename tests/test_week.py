@@ -1,0 +1,85 @@
+"""Nights with new data on real MNIST: the scripted week's batches arrive, are checked, and what a night trains
+and decides on follows them. Small trainings (2 epochs on 2 000 base images) keep it quick."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows.params import PipelineParameters
+from storage import Store
+from storage.tables import read_table
+from tasks.fetch import load_mnist, stored_dataset
+from tasks.ingest import accepted_batches, incoming_store, set_status
+from tasks.simulate import write_night
+from tests.conftest import with_mnist
+
+IMAGES = 600  # per batch: 120 join the new-data holdout
+
+
+def quarantine_events(run_ids: list[str]) -> list[dict]:
+    """The ``mnist.batch.quarantined`` events the API holds for these runs (what the alert automation hears)."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
+
+    query = EventFilter(
+        event=EventNameFilter(name=["mnist.batch.quarantined"]),
+        related=EventRelatedFilter(id=[f"prefect.flow-run.{r}" for r in run_ids]),
+    )
+    with get_client(sync_client=True) as client:
+        return [e.payload for e in client.read_events(query, limit=50).events]
+
+
+def test_a_week_of_arrivals_is_checked_trained_on_and_judged_per_slice(mnist_store: Store, prefect_harness, tmp_path):
+    import time
+
+    from flows.pipeline import mnist_retrain
+
+    store = with_mnist(Store(tmp_path / "store"), mnist_store)
+    mnist = load_mnist(store, stored_dataset(store))
+    incoming = incoming_store(store)
+    params = PipelineParameters(
+        epochs=2, train_limit=2000, n_per_class=20, seed=None, held_back=10_000, store=store.url, gate={"min_balanced_accuracy": 0.5}
+    )
+
+    def night(*arrivals: int):
+        for k in arrivals:
+            write_night(incoming, mnist, k, images=IMAGES)
+        return mnist_retrain(params)
+
+    first = night(1)  # a clean batch: accepted, trained on, and the first champion
+    assert list(first.batches_tonight.values()) == ["accepted"] and first.decision == "promoted"
+    assert first.new_data_images == IMAGES // 5 and first.batches_accepted == 1
+
+    same = night()  # nothing new: the same dataset version, the same seed, the same model
+    assert same.dataset_version == first.dataset_version and same.seed == first.seed
+    assert same.step_states["train"] == "Cached" and same.champion_model_key == first.champion_model_key
+
+    bad = night(2, 3, 5)  # mislabelled, test copies, inverted: each quarantined, and the night completes
+    tonight = read_table(store, "batches", run_id=bad.run_id).set_index("file")
+    assert tonight["decision"].eq("quarantined").all() and len(tonight) == 3
+    assert tonight.loc["night-2.parquet", "reason"].startswith("likely mislabelled")
+    assert tonight.loc["night-2.parquet", "confident_disagreement"] > 0.2 > tonight.loc["night-2.parquet", "champion_confident_disagreement"]
+    assert tonight.loc["night-3.parquet", "reason"].startswith("leakage") and tonight.loc["night-3.parquet", "leaked_test"] == IMAGES
+    assert "image drift" in tonight.loc["night-5.parquet", "reason"]
+    assert bad.dataset_version == first.dataset_version and bad.step_states["train"] == "Cached"
+    deadline = time.monotonic() + 30
+    while len(events := quarantine_events([bad.run_id])) < 3 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert sorted(e["file"] for e in events) == ["night-2.parquet", "night-3.parquet", "night-5.parquet"]
+
+    fourth = night(4)  # clean again: a new version, a new model, judged on a grown holdout
+    assert fourth.dataset_version != first.dataset_version and fourth.step_states["train"] == "Completed"
+    assert fourth.new_data_images == 2 * IMAGES // 5 and fourth.batches_accepted == 2
+    decision = read_table(store, "promotions", run_id=fourth.run_id).iloc[0]
+    assert [s["slice"] for s in decision["slices"]] == ["mnist-selection", "new-data"]
+    assert {s["images"] for s in decision["slices"]} == {5000, 2 * IMAGES // 5}
+
+    mislabelled = tonight.loc["night-2.parquet", "digest"]
+    set_status(store, mislabelled, "accepted")  # an operator overrules: the next night trains on it
+    released = night()
+    assert released.batches_accepted == 3 and released.step_states["train"] == "Completed"
+    holdout = {b.digest: b.holdout.rows for b in accepted_batches(store)}  # a stratified 20 %, rounded per digit
+    assert mislabelled in holdout and released.new_data_images == sum(holdout.values())
+    runs = read_table(store, "runs").sort_values("finished_at")
+    assert runs["dataset_version"].nunique() == 3
+    assert runs["new_data_images"].tolist() == [120, 120, 120, 240, released.new_data_images]
