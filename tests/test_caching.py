@@ -156,7 +156,7 @@ def test_runs_reuse_every_heavy_step_and_recompute_a_damaged_one(mnist_store: St
 
 
 @pytest.mark.slow
-def test_an_empty_seed_draws_a_new_one_and_records_it(mnist_store: Store, prefect_harness, tmp_path):
+def test_an_empty_seed_follows_the_data_and_new_seed_draws_one(mnist_store: Store, prefect_harness, tmp_path):
     import json
 
     from flows.pipeline import mnist_retrain
@@ -165,10 +165,15 @@ def test_an_empty_seed_draws_a_new_one_and_records_it(mnist_store: Store, prefec
     store = Store(tmp_path / "store")
     with_mnist(store, mnist_store)
     params = PipelineParameters(epochs=1, train_limit=500, n_per_class=5, seed=None, store=store.url)
-    a, b = mnist_retrain(params), mnist_retrain(params)
-    assert a.seed != b.seed and b.step_states["fetch-mnist"] == "Cached" and b.step_states["train"] == "Completed"
+    a, b = mnist_retrain(params), mnist_retrain(params)  # nothing new arrived: the same seed, the same model
+    assert a.seed == b.seed and b.step_states["train"] == "Cached" and b.dataset_version == a.dataset_version
+    c = mnist_retrain(params.model_copy(update={"new_seed": True}))  # asked to: a seed from the run id, a new model
+    assert c.seed != a.seed and c.step_states["fetch-mnist"] == "Cached" and c.step_states["train"] == "Completed"
     runs = read_table(store, "runs").set_index("run_id")
-    assert json.loads(runs.loc[a.run_id, "parameters"])["seed"] == a.seed
+    assert (
+        json.loads(runs.loc[a.run_id, "parameters"])["seed"] == a.seed
+        and json.loads(runs.loc[c.run_id, "parameters"])["seed"] == c.seed
+    )
 
 
 @pytest.mark.slow
@@ -215,7 +220,7 @@ def test_a_cached_night_whose_champion_is_another_runs_model_imports_no_tensorfl
     from flows.pipeline import mnist_retrain
 
     store = with_mnist(Store(tmp_path / "store"), mnist_store)
-    base = PipelineParameters(epochs=1, train_limit=1000, n_per_class=10, store=store.url, gate={"min_balanced_accuracy": 0.5})
+    base = PipelineParameters(epochs=1, train_limit=1000, n_per_class=10, store=store.url, gate={"min_balanced_accuracy": 0.1})
     champion = mnist_retrain(base.model_copy(update={"seed": 1}))
     assert champion.decision == "promoted"
     night = base.model_copy(update={"seed": 2, "gate": GateRules(min_balanced_accuracy=0.999)})  # rejected: champion stays

@@ -168,7 +168,7 @@ def test_two_runs_at_once_on_one_store_both_complete_with_whole_artifacts(tmp_pa
             pq.read_table(path)  # every file whole
     assert not [p for p in store.fs.find(store.root) if os.path.basename(p).startswith(".") and ".tmp-" in p]
     for run_id in runs["run_id"]:
-        assert len(os.listdir(store.path(store.report_dir(run_id)))) == 9  # eight figures and index.md
+        assert len(os.listdir(store.path(store.report_dir(run_id)))) == 10  # nine figures and index.md
 
 
 # 5. unwritable or full store ------------------------------------------------------------------

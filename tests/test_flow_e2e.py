@@ -32,11 +32,18 @@ PLOTS = (
     "training_curves.png",
     "trend.png",
     "champion_vs_challenger.png",
+    "slice_trend.png",
 )
 
 
 def check_run(store: Store, run_id: str, n_per_class: int, epochs: int) -> None:
-    tables = {t: read_table(store, t, run_id=run_id) for t in TABLES if t != "promotions"}
+    tables = {t: read_table(store, t, run_id=run_id) for t in TABLES if t not in ("promotions", "batches")}
+    assert {frozenset(tables[t]["slice"]) for t in ("confusion", "per_class", "predictions")} == {
+        frozenset({"mnist-test", "mnist-selection"})  # no batch arrived: no new-data slice
+    }
+    selection = tables["per_class"][tables["per_class"]["slice"] == "mnist-selection"]
+    assert (selection["support"] == 500).all()  # every selection image, 500 per digit
+    tables = {t: frame[frame["slice"] == "mnist-test"] if "slice" in frame else frame for t, frame in tables.items()}
     confusion, per_class, predictions, runs = (tables[t] for t in ("confusion", "per_class", "predictions", "runs"))
     n = 10 * n_per_class
     assert len(confusion) == 100 and confusion["count"].sum() == n
@@ -153,6 +160,6 @@ def test_three_nights_promote_reject_promote(mnist_store: Store, prefect_harness
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[second])))
     (summary,) = [a for a in artifacts if a.key == "mnist-run-summary"]
     assert "**REJECTED**" in summary.data and "McNemar b=" in summary.data
-    assert summary.data.count("](data:image/png;base64,") == 8
+    assert summary.data.count("](data:image/png;base64,") == 9 and "| mnist-selection | decides | 5000 |" in summary.data
     index = (Path(store.path(store.report_dir(second))) / "index.md").read_text()
     assert "**REJECTED**" in index and "](trend.png)" in index and "](champion_vs_challenger.png)" in index

@@ -3,8 +3,6 @@ and decides on follows them. Small trainings (2 epochs on 2 000 base images) kee
 
 from __future__ import annotations
 
-import pytest
-
 from flows.params import PipelineParameters
 from storage import Store
 from storage.tables import read_table
@@ -38,7 +36,13 @@ def test_a_week_of_arrivals_is_checked_trained_on_and_judged_per_slice(mnist_sto
     mnist = load_mnist(store, stored_dataset(store))
     incoming = incoming_store(store)
     params = PipelineParameters(
-        epochs=2, train_limit=2000, n_per_class=20, seed=None, held_back=10_000, store=store.url, gate={"min_balanced_accuracy": 0.5}
+        epochs=2,
+        train_limit=2000,
+        n_per_class=20,
+        seed=None,
+        held_back=10_000,
+        store=store.url,
+        gate={"min_balanced_accuracy": 0.5},
     )
 
     def night(*arrivals: int):
@@ -58,8 +62,14 @@ def test_a_week_of_arrivals_is_checked_trained_on_and_judged_per_slice(mnist_sto
     tonight = read_table(store, "batches", run_id=bad.run_id).set_index("file")
     assert tonight["decision"].eq("quarantined").all() and len(tonight) == 3
     assert tonight.loc["night-2.parquet", "reason"].startswith("likely mislabelled")
-    assert tonight.loc["night-2.parquet", "confident_disagreement"] > 0.2 > tonight.loc["night-2.parquet", "champion_confident_disagreement"]
-    assert tonight.loc["night-3.parquet", "reason"].startswith("leakage") and tonight.loc["night-3.parquet", "leaked_test"] == IMAGES
+    assert (
+        tonight.loc["night-2.parquet", "confident_disagreement"]
+        > 0.2
+        > tonight.loc["night-2.parquet", "champion_confident_disagreement"]
+    )
+    assert (
+        tonight.loc["night-3.parquet", "reason"].startswith("leakage") and tonight.loc["night-3.parquet", "leaked_test"] == IMAGES
+    )
     assert "image drift" in tonight.loc["night-5.parquet", "reason"]
     assert bad.dataset_version == first.dataset_version and bad.step_states["train"] == "Cached"
     deadline = time.monotonic() + 30
