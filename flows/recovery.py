@@ -8,8 +8,10 @@ Two automations, created by ``make serve`` (``python -m flows.recovery``):
 - ``mnist-restart-crashed-runs``: a run of the nightly deployment crashed *by that automation* (matched on
   the state message, so a run that crashed for another reason is left for a person) is put back to
   ``Scheduled`` as ``AwaitingRetry``, the state Prefect's own "Retry" button uses. It keeps its id and its
-  parameters, and the seed an empty ``seed`` derives from the run id (``flows.params.run_seed``), so any
-  worker of the pool picks it up and training carries on from the checkpoint in the store.
+  parameters, and the seed an empty ``seed`` derives from the dataset version (``flows.params.data_seed``; the
+  batches it ingested are recorded, so the version is the same unless another batch arrived meanwhile) or,
+  with ``new_seed``, from the run id (``flows.params.run_seed``), so any worker of the pool picks it up and
+  training carries on from the checkpoint in the store.
 
 Heartbeats need ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` (30 s or more) where flow runs execute; ``make serve``
 sets it for its workers. A run that crashed ``MAX_ATTEMPTS`` times fails on its next attempt instead of looping.

@@ -51,12 +51,12 @@ class GateRules(BaseModel):
         description="No digit's recall may fall more than this below the champion's (0–1).",
     )
     min_digit_images: int = Field(
-        50,
+        200,
         ge=1,
         le=100_000,
         title="Images per digit for the per-digit rule",
         description="The per-digit drop is judged only on digits with at least this many images in a slice: "
-        "on a small new-data holdout one image is several points of recall, which is noise, not a drop.",
+        "with fewer, one image is more than the allowed drop (1/60 of a digit is 1.7 points), which is noise, not a drop.",
     )
     force_promote: bool = Field(
         False,

@@ -153,7 +153,9 @@ def test_a_run_triggered_during_the_nights_run_waits_for_it(ops, two_workers):
 
 
 def test_a_killed_workers_run_is_crashed_restarted_elsewhere_and_resumes(ops, two_workers):
-    run = ops.trigger(epochs=4, train_limit=30000, n_per_class=20, seed=None)  # the seed is drawn by the run
+    run = ops.trigger(
+        epochs=4, train_limit=30000, n_per_class=20, seed=None
+    )  # the seed is derived by the run (from the dataset version)
     checkpoints = Path(ops.store.path("checkpoints"))
 
     def epochs_backed_up() -> int:
@@ -201,7 +203,7 @@ def test_a_killed_workers_run_is_crashed_restarted_elsewhere_and_resumes(ops, tw
     assert len(mine) == 1  # the crashed attempt left no row; the restart wrote one
     (row,) = mine.itertuples()
     assert row.attempt == 2 and row.resumed_from_epoch == at_kill, (row.attempt, row.resumed_from_epoch, at_kill)
-    assert json.loads(row.parameters)["seed"] is not None  # the drawn seed, the same both attempts (same training key)
+    assert json.loads(row.parameters)["seed"] is not None  # the derived seed, the same both attempts (same training key)
     assert len(list(checkpoints.glob("*/history.json"))) == 0  # the checkpoint went with the published model
     summary = ops.summary(run.id)
     assert (
