@@ -41,6 +41,7 @@ SLICE_RULES = pa.struct(
         pa.field("worst_digit_drop", pa.float64()),
         pa.field("passed", pa.bool_()),
         pa.field("failed_rules", pa.list_(pa.string())),
+        pa.field("note", pa.string()),  # why a slice was not compared although there was a champion
     ]
 )
 

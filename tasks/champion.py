@@ -148,6 +148,7 @@ def _slice_row(verdict: SliceVerdict) -> dict:
         "worst_digit_drop": cmp.worst_digit_drop if cmp else None,
         "passed": not verdict.failed,
         "failed_rules": list(verdict.failed),
+        "note": verdict.note,
     }
 
 
@@ -199,7 +200,8 @@ def gate(
                 if other
                 else None
             )
-            verdicts, decision, change = judge(lookup, model.key, challenger, champion_labels, rules)
+            learned = {SLICE_SELECTION} if other and lookup.model is not None and not lookup.model.selection_held_out else set()
+            verdicts, decision, change = judge(lookup, model.key, challenger, champion_labels, rules, learned)
             now = datetime.now(UTC)  # after the read, before the write: rows sort as the pointer changed
             after = before
             try:
@@ -255,20 +257,25 @@ def judge(
     challenger: Slices,
     champion: dict[str, np.ndarray] | None,
     rules: GateRules,
+    learned: set[str] = frozenset(),
 ) -> tuple[list[SliceVerdict], Decision, PointerChange]:
     """The whole decision, without I/O: each deciding slice's comparison on the same images (none without a
-    champion; ``mnist-selection`` first), the rules' verdict, and what it does to the pointer."""
+    champion; ``mnist-selection`` first), the rules' verdict, and what it does to the pointer. ``learned``: the
+    slices the champion was trained on (a model made before the selection split existed): there the
+    challenger meets the floor alone, since the champion's accuracy on images it learned says nothing."""
     before = lookup.champion
     unavailable = lookup.problem if before is None and lookup.problem else None
     verdicts = []
     for name in sorted(challenger, key=lambda n: n != SLICE_SELECTION):
         y, predicted = challenger[name]
-        comparison = None
-        if before is not None:
+        comparison, note = None, None
+        if before is not None and name in learned:
+            note = f"not compared: the champion (run {before.run_id}) was trained on these images, before the selection split existed"
+        elif before is not None:
             everything = np.arange(len(y))
             theirs = predicted if champion is None else champion[name]
             comparison = compare(y, everything, predicted, theirs, min_support=rules.min_digit_images)
-        verdicts.append(judge_slice(name, len(y), _balanced(y, predicted), comparison, rules))
+        verdicts.append(judge_slice(name, len(y), _balanced(y, predicted), comparison, rules, note))
     decision = decide_slices(verdicts, rules, unavailable)
     change = pointer_change(before.model_key if before else None, lookup.fallback, challenger_key, decision.promoted)
     return verdicts, decision, change

@@ -197,12 +197,13 @@ class SliceVerdict(BaseModel):
     slice: str
     images: int
     challenger_balanced_accuracy: float
-    comparison: Comparison | None  # None without a champion to compare with
+    comparison: Comparison | None  # None without a champion to compare with, or one that trained on these images
     failed: list[str]
+    note: str | None = None  # why there is no comparison although there is a champion
 
 
 def judge_slice(
-    name: str, images: int, balanced_accuracy: float, comparison: Comparison | None, rules: GateRules
+    name: str, images: int, balanced_accuracy: float, comparison: Comparison | None, rules: GateRules, note: str | None = None
 ) -> SliceVerdict:
     return SliceVerdict(
         slice=name,
@@ -210,6 +211,7 @@ def judge_slice(
         challenger_balanced_accuracy=balanced_accuracy,
         comparison=comparison,
         failed=_failures(balanced_accuracy, comparison, rules),
+        note=note,
     )
 
 
@@ -236,7 +238,8 @@ def decide_slices(verdicts: list[SliceVerdict], rules: GateRules, unavailable: s
         return Decision(promoted=True, forced=True, reason=f"forced by the operator (the rules alone: {without})")
     if failed:
         return Decision(promoted=False, forced=False, reason="; ".join(failed))
-    if all(v.comparison is None for v in verdicts):
+    notes = "; ".join(f"{v.slice}: {v.note}" for v in verdicts if v.note)
+    if all(v.comparison is None for v in verdicts) and not notes:
         accuracies = ", ".join(f"{v.slice} {v.challenger_balanced_accuracy:.4f}" for v in named)
         shown = accuracies or f"{verdicts[0].challenger_balanced_accuracy:.4f}"
         return Decision(
@@ -247,12 +250,19 @@ def decide_slices(verdicts: list[SliceVerdict], rules: GateRules, unavailable: s
     passes = []
     for v in verdicts:
         c = v.comparison
+        if c is None:
+            passes.append(
+                where(v)
+                + f"balanced accuracy {v.challenger_balanced_accuracy:.4f} meets the floor {rules.min_balanced_accuracy:.4f}"
+            )
+            continue
         passes.append(
             where(v)
             + f"balanced accuracy {c.challenger_balanced_accuracy:.4f} against the champion's {c.champion_balanced_accuracy:.4f}, "
             f"largest digit drop {c.worst_digit_drop:.4f} (digit {c.worst_digit}), {mcnemar_text(c)}"
         )
-    return Decision(promoted=True, forced=False, reason="passes every rule: " + "; ".join(passes))
+    reason = "passes every rule: " + "; ".join(passes) + (f" ({notes})" if notes else "")
+    return Decision(promoted=True, forced=False, reason=reason)
 
 
 def _p_text(p: float) -> str:

@@ -166,6 +166,7 @@ def train_and_store(
         train_images=len(x_train),
         train_seconds=seconds,
         val_accuracy=float(history["val_accuracy"].iloc[-1]),
+        selection_held_out=True,
     )
     store.write_text(store.model_info_file(key), ref.model_dump_json(indent=2))  # the publish: replaced last
     drop_checkpoint(store, key)

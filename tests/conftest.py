@@ -260,7 +260,13 @@ def sample_frames(seed: int) -> dict[str, pd.DataFrame]:
 
 
 def stand_in(
-    store: Store, key: str, labels: dict[str, np.ndarray], predicted: dict[str, np.ndarray], dataset, test_sample: np.ndarray
+    store: Store,
+    key: str,
+    labels: dict[str, np.ndarray],
+    predicted: dict[str, np.ndarray],
+    dataset,
+    test_sample: np.ndarray,
+    selection_held_out: bool = True,
 ):
     """A model that is bytes with a digest, and an evaluation of it: ``predicted[slice]`` on ``labels[slice]``
     for ``mnist-test`` and every deciding slice, each stored as the evaluation step stores it (and as the
@@ -268,10 +274,11 @@ def stand_in(
     from tasks.evaluate import EvaluationRef, SliceEvaluation, balanced_accuracy, model_predictions_key, publish_model_predictions
     from tasks.splits import SLICE_TEST
 
+    facts = {"selection_held_out": selection_held_out}
     blob = key.encode() * 100
     path = store.model_file(key)
     store.write_bytes(path, blob)
-    model = model_ref(key=key, file_key=path, sha256=sha256_bytes(blob), history_key=store.history_file(key))
+    model = model_ref(key=key, file_key=path, sha256=sha256_bytes(blob), history_key=store.history_file(key), **facts)
     store.write_text(store.model_info_file(key), model.model_dump_json())
     written = {}
     for name, y in labels.items():

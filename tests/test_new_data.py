@@ -309,3 +309,32 @@ def test_the_gate_decides_on_selection_and_new_data_and_never_reads_the_test_set
     verdicts = {s["slice"]: s for s in row["slices"]}
     assert verdicts["mnist-selection"]["passed"] and not verdicts["new-data"]["passed"]
     assert verdicts["new-data"]["mcnemar_p"] < 0.05 and row["challenger_balanced_accuracy"] == pytest.approx(0.97)
+
+
+def test_a_champion_trained_before_the_selection_split_is_not_compared_on_images_it_learned(tmp_path):
+    from tasks.champion import gate
+    from tasks.fetch import DatasetRef
+    from tasks.gate import GateRules
+    from tests.conftest import stand_in
+
+    store = Store(tmp_path / "store")
+    dataset = DatasetRef(sha256="d" * 64, files={}, sources=["store"])
+    labels = {name: np.arange(1000) % 10 for name in ("mnist-selection", "new-data", "mnist-test")}
+    sample = np.arange(0, 1000, 2)
+    wrong = (labels["mnist-test"] + 1) % 10
+    good = np.where(np.arange(1000) < 950, labels["mnist-test"], wrong)
+    old = stand_in(
+        store, "o" * 32, labels, dict.fromkeys(labels, labels["mnist-test"]), dataset, sample, selection_held_out=False
+    )
+    rules = GateRules(min_balanced_accuracy=0.9, min_digit_images=10)
+    assert gate(store, dataset, *old, rules, "run-old").promoted  # it scores 100 %: it learned these images
+    new = stand_in(store, "n" * 32, labels, {**dict.fromkeys(labels, good), "new-data": labels["new-data"]}, dataset, sample)
+    decided = gate(store, dataset, *new, rules, "run-new")
+    assert decided.promoted, decided.reason  # 95 % on selection is not "worse than 100 %" on images the old one saw
+    assert "mnist-selection: not compared: the champion (run run-old) was trained on these images" in decided.reason
+    verdict = {v.slice: v for v in decided.slices}
+    assert verdict["mnist-selection"].comparison is None and verdict["new-data"].comparison is not None
+    worse = stand_in(store, "w" * 32, labels, dict.fromkeys(labels, good), dataset, sample)  # new-data still compares
+    store.remove("champion.json")
+    gate(store, dataset, *old, GateRules(force_promote=True), "run-old-again")
+    assert not gate(store, dataset, *worse, rules, "run-worse").promoted
