@@ -14,6 +14,7 @@ import hashlib
 import os
 import posixpath
 import re
+import stat
 import tempfile
 import time
 import uuid
@@ -87,6 +88,25 @@ class StoreFiles:
             return self.fs.cat_file(self.path(key))
         with self.fs.open(self.path(key), "rb") as f:
             data = f.read(limit + 1)
+        if len(data) > limit:
+            raise StoreError(f"{self.location(key)} is larger than the {limit} bytes expected of it: not read")
+        return data
+
+    def read_regular(self, key: str, limit: int) -> bytes:
+        """The bytes of ``key`` if it is a regular file, for a location others write (incoming batches): on a
+        local filesystem it is opened without following a link and without blocking, and checked to be a
+        regular file on the open descriptor, so a name swapped for a link or a pipe after it was listed is
+        refused, not followed or waited on."""
+        if not self.is_local:
+            return self.read_bytes(key, limit)
+        fd = os.open(self.path(key), os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise StoreError(f"{self.location(key)} is not a regular file: not read")
+            with os.fdopen(os.dup(fd), "rb") as f:
+                data = f.read(limit + 1)
+        finally:
+            os.close(fd)
         if len(data) > limit:
             raise StoreError(f"{self.location(key)} is larger than the {limit} bytes expected of it: not read")
         return data

@@ -5,11 +5,20 @@ black as in MNIST), ``label`` (0–9), and optional metadata columns (``source``
 Whoever can write the incoming location writes these files, so the parser treats them as untrusted:
 sizes are checked from the Parquet footer before any column is decompressed, only the two columns are
 read, every value's type and range is checked, and nothing in the file is ever executed or imported
-(no pandas metadata, no pickled objects).
+(no pandas metadata, no pickled objects). A Parquet file can still lie about what its pages hold (a
+footer that says 784 values over a page of a hundred million), so an incoming file is parsed in a child
+process with a memory and time limit (``parse_untrusted``); what it yields is kept in the store as a raw,
+fixed-size share (``share_bytes``) that later nights read without any Parquet parser.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import resource
+import struct
+import subprocess
+import sys
 from typing import NamedTuple
 
 import numpy as np
@@ -24,6 +33,8 @@ PIXELS = 28 * 28
 MAX_BATCH_BYTES = 64 << 20  # one file as it lies in the incoming location
 MAX_BATCH_ROWS = 100_000
 MAX_UNCOMPRESSED_BYTES = 2 * MAX_BATCH_ROWS * PIXELS  # what the footer may say the columns decompress to
+PARSE_MEMORY = 3 << 29  # 1.5 GiB of address space for the child that parses one incoming file
+PARSE_SECONDS = 120
 COLUMNS = ("image", "label")
 METADATA = ("source", "collected_at")  # optional, shown, never interpreted
 SHA256 = r"^[0-9a-f]{64}$"
@@ -40,7 +51,8 @@ class Batch(NamedTuple):
 
 
 class BatchPart(BaseModel):
-    """One Parquet file of batch images that the store holds (its training or holdout share)."""
+    """One file of batch images that the store holds: the incoming file as it arrived, or a raw share
+    (training or holdout, ``share_bytes``), whose size is exactly ``rows`` × 785 bytes."""
 
     key: StoreKey
     sha256: str = Field(pattern=SHA256)
@@ -57,6 +69,9 @@ class AcceptedBatch(BaseModel):
 
 
 def _integers(column: pa.ChunkedArray | pa.Array, what: str, low: int, high: int) -> np.ndarray:
+    """The values as uint8 (every range here fits), checked in Arrow before any copy."""
+    if pa.types.is_dictionary(column.type):
+        column = column.cast(column.type.value_type)
     if not pa.types.is_integer(column.type):
         raise BatchRejected(f"{what} must be integers, not {column.type}")
     if column.null_count:
@@ -65,7 +80,7 @@ def _integers(column: pa.ChunkedArray | pa.Array, what: str, low: int, high: int
         lo, hi = pc.min_max(column).values()
         if lo.as_py() < low or hi.as_py() > high:
             raise BatchRejected(f"{what} must lie in {low}–{high}; this file has values from {lo.as_py()} to {hi.as_py()}")
-    return np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.int64)
+    return np.asarray(pc.cast(column, pa.uint8()).to_numpy(zero_copy_only=False), dtype=np.uint8)
 
 
 def _check_footer(data: bytes) -> pq.ParquetFile:
@@ -74,7 +89,11 @@ def _check_footer(data: bytes) -> pq.ParquetFile:
     except (pa.ArrowException, OSError) as exc:
         raise BatchRejected(f"it is not a readable Parquet file ({str(exc).splitlines()[0][:160]})") from exc
     meta = parquet.metadata
-    names = set(parquet.schema_arrow.names)
+    all_names = parquet.schema_arrow.names
+    doubled = sorted({n for n in all_names if all_names.count(n) > 1})
+    if doubled:
+        raise BatchRejected(f"it has more than one column named {', '.join(doubled)[:120]}")
+    names = set(all_names)
     missing = [c for c in COLUMNS if c not in names]
     if missing:
         raise BatchRejected(f"it has no column {' or '.join(missing)} (columns: {', '.join(sorted(names))[:200]})")
@@ -82,6 +101,9 @@ def _check_footer(data: bytes) -> pq.ParquetFile:
         raise BatchRejected("it holds no rows")
     if meta.num_rows > MAX_BATCH_ROWS:
         raise BatchRejected(f"it holds {meta.num_rows} rows, more than the {MAX_BATCH_ROWS} a batch may hold: split it")
+    groups = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+    if sum(groups) != meta.num_rows or any(n < 0 or n > MAX_BATCH_ROWS for n in groups):
+        raise BatchRejected(f"its row groups ({sum(groups)} rows) disagree with the {meta.num_rows} rows it declares: refused")
     chunks = [
         meta.row_group(g).column(i)
         for g in range(meta.num_row_groups)
@@ -99,7 +121,19 @@ def _check_footer(data: bytes) -> pq.ParquetFile:
 
 
 def parse_batch(data: bytes) -> Batch:
-    """The images and labels of one batch file, or ``BatchRejected`` saying why not."""
+    """The images and labels of one batch file, or ``BatchRejected`` saying why not. In this process: for
+    an untrusted file use ``parse_untrusted``."""
+    try:
+        return _parse(data)
+    except BatchRejected:
+        raise
+    except Exception as exc:  # noqa: BLE001 (whatever a crafted file makes pyarrow raise, it is a bad batch)
+        raise BatchRejected(
+            f"it cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})"
+        ) from exc
+
+
+def _parse(data: bytes) -> Batch:
     if len(data) > MAX_BATCH_BYTES:
         raise BatchRejected(f"it is {len(data)} bytes, more than the {MAX_BATCH_BYTES} a batch file may be: split it")
     parquet = _check_footer(data)
@@ -118,14 +152,17 @@ def parse_batch(data: bytes) -> Batch:
         bad = int(np.flatnonzero(lengths != PIXELS)[0])
         raise BatchRejected(f"row {bad}'s image has {lengths[bad]} values; every image must have {PIXELS} (28×28, row-major)")
     pixels = _integers(pc.list_flatten(image), "pixel values (column image)", 0, 255)
-    labels = _integers(table.column("label"), "column label", 0, 9)
-    return Batch(pixels.astype(np.uint8).reshape(-1, 28, 28), labels, _source(table))
+    labels = _integers(table.column("label"), "column label", 0, 9).astype(np.int64)
+    return Batch(pixels.reshape(-1, 28, 28), labels, _source(table))
 
 
 def _source(table: pa.Table) -> str | None:
     if "source" not in table.column_names or not pa.types.is_string(table.schema.field("source").type):
         return None
-    values = [v for v in pc.unique(table.column("source")).to_pylist() if v]
+    column = table.column("source")
+    if column.nbytes > 1 << 20:
+        return None  # metadata only: not worth holding
+    values = [v.decode("utf-8", "replace") for v in pc.unique(column.cast(pa.binary())).to_pylist() if v]
     shown = ", ".join(str(v)[:80] for v in values[:3]) + (f" and {len(values) - 3} more" if len(values) > 3 else "")
     return shown or None
 
@@ -146,3 +183,70 @@ def batch_bytes(images: np.ndarray, labels: np.ndarray, **metadata) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(batch_table(images, labels, **metadata), sink, compression="zstd")
     return sink.getvalue().to_pybytes()
+
+
+# ---- an incoming file, parsed where a lying file cannot exhaust the worker ---------------------------------
+def _limit_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (PARSE_MEMORY, PARSE_MEMORY))
+
+
+def parse_untrusted(data: bytes) -> Batch:
+    """``parse_batch`` in a child process limited to ``PARSE_MEMORY`` and ``PARSE_SECONDS``: a file whose pages
+    decode to far more than its footer said is refused instead of taking the worker down."""
+    if len(data) > MAX_BATCH_BYTES:
+        raise BatchRejected(f"it is {len(data)} bytes, more than the {MAX_BATCH_BYTES} a batch file may be: split it")
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "tasks.batch_format"],
+            input=data,
+            env={**os.environ, "ARROW_DEFAULT_MEMORY_POOL": "system"},  # malloc: no large reservations under the limit
+            capture_output=True,
+            timeout=PARSE_SECONDS,
+            preexec_fn=_limit_memory,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise BatchRejected(f"parsing it took more than {PARSE_SECONDS} s: refused") from exc
+    if done.returncode != 0 or len(done.stdout) < 4:
+        raise BatchRejected(
+            f"parsing it needed more than {PARSE_MEMORY >> 20} MiB of memory or failed (exit {done.returncode}): "
+            "its pages hold far more than its footer declares (a decompression bomb?): refused"
+        )
+    (size,) = struct.unpack(">I", done.stdout[:4])
+    header = json.loads(done.stdout[4 : 4 + size])
+    if not header["ok"]:
+        raise BatchRejected(header["reason"])
+    batch = parse_share(done.stdout[4 + size :], header["rows"])
+    return batch._replace(source=header["source"])
+
+
+def share_bytes(images: np.ndarray, labels: np.ndarray) -> bytes:
+    """A share of a batch as the store keeps it: every image's 784 bytes, then every label's byte."""
+    return np.ascontiguousarray(images, dtype=np.uint8).tobytes() + np.asarray(labels, dtype=np.uint8).tobytes()
+
+
+def parse_share(data: bytes, rows: int) -> Batch:
+    """A share written by ``share_bytes``: its size must be exactly ``rows`` × 785, its labels 0–9."""
+    if rows < 0 or len(data) != rows * (PIXELS + 1):
+        raise BatchRejected(f"a share of {rows} images must be {rows * (PIXELS + 1)} bytes, not {len(data)}")
+    images = np.frombuffer(data, dtype=np.uint8, count=rows * PIXELS).reshape(rows, 28, 28)
+    labels = np.frombuffer(data, dtype=np.uint8, offset=rows * PIXELS).astype(np.int64)
+    if rows and labels.max() > 9:
+        raise BatchRejected(f"a share holds label {labels.max()}: labels are 0–9")
+    return Batch(images, labels)
+
+
+def _child() -> None:
+    data = sys.stdin.buffer.read()
+    try:
+        batch = parse_batch(data)
+        header = {"ok": True, "rows": len(batch.labels), "source": batch.source}
+        body = share_bytes(batch.images, batch.labels)
+    except BatchRejected as exc:
+        header, body = {"ok": False, "reason": str(exc)}, b""
+    encoded = json.dumps(header).encode()
+    sys.stdout.buffer.write(struct.pack(">I", len(encoded)) + encoded + body)
+
+
+if __name__ == "__main__":
+    _child()

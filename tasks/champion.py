@@ -50,7 +50,7 @@ from tasks.gate import (
 )
 from tasks.metrics import recall_per_digit
 from tasks.model import ModelRef
-from tasks.splits import SLICE_SELECTION
+from tasks.splits import SLICE_NEW, SLICE_SELECTION
 
 __all__ = [
     "Champion",
@@ -190,6 +190,9 @@ def gate(
     pointer conditionally and the decision row; a lost race decides again.
     """
     challenger = _challenger_slices(store, evaluation)
+    small = [n for n, (y, _) in challenger.items() if n == SLICE_NEW and len(y) < rules.min_new_data_images]
+    for name in small:  # reported, not yet deciding
+        del challenger[name]
     with store.lock(LOCK):
         for _ in range(POINTER_ATTEMPTS):
             lookup = find_champion(store)

@@ -72,6 +72,14 @@ class IngestRules(BaseModel):
         description="A batch whose labels the champion confidently contradicts this much more often than it "
         "contradicts the selection split's labels is quarantined as likely mislabelled (0–1).",
     )
+    min_batch_images: int = Field(
+        20,
+        ge=1,
+        le=100_000,
+        title="Smallest batch",
+        description="A batch with fewer images, once repeats and leaked copies are dropped, is quarantined: "
+        "its label and image statistics would say nothing.",
+    )
     holdout_share: float = Field(
         0.2,
         gt=0.0,
@@ -83,7 +91,7 @@ class IngestRules(BaseModel):
 
 def image_hashes(images: np.ndarray) -> np.ndarray:
     """One digest per image, of its 784 bytes: equal images, equal digests."""
-    flat = np.ascontiguousarray(np.asarray(images, dtype=np.uint8).reshape(len(images), -1))
+    flat = np.ascontiguousarray(np.asarray(images, dtype=np.uint8).reshape(len(images), 28 * 28))
     return np.array([hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in flat], dtype=object)
 
 

@@ -22,11 +22,21 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from storage import Store, StoreError, UnsafeKey, confine_name, sha256_bytes
 from storage.tables import schema, write_table
-from tasks.batch_format import MAX_BATCH_BYTES, SHA256, AcceptedBatch, Batch, BatchPart, BatchRejected, batch_bytes, parse_batch
+from tasks.batch_format import (
+    MAX_BATCH_BYTES,
+    PIXELS,
+    SHA256,
+    AcceptedBatch,
+    Batch,
+    BatchPart,
+    BatchRejected,
+    parse_untrusted,
+    share_bytes,
+)
 from tasks.data_checks import (
     REFERENCE_IMAGES,
     IngestRules,
@@ -36,15 +46,43 @@ from tasks.data_checks import (
     image_hashes,
     image_statistics,
     label_quality,
-    leaked,
 )
 from tasks.fetch import DatasetRef, load_mnist
+from tasks.slices import new_holdout_images, new_training_images
 from tasks.splits import SLICE_SELECTION, SPLIT_SEED, base_training_indices, selection_indices
 
 INCOMING_ENV = "MNIST_INCOMING"
 LOCK = "ingest"
 RECORD = "batch.json"
+PARTS = {"incoming": "incoming.parquet", "train": "train.u8", "holdout": "holdout.u8", "drift_plot": "drift.png"}
 Log = Callable[[str], None]
+
+
+class BatchFigures(BaseModel):
+    """What the checks measured: the figures of a ``batches`` row (None where a check did not get that far)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rows: int = 0
+    source: str | None = Field(None, max_length=300)
+    duplicates: int | None = None  # exact repeats of an image within the batch, dropped
+    leaked_test: int | None = None
+    leaked_selection: int | None = None
+    leaked_holdout: int | None = None  # copies of images already in the new-data holdout, dropped
+    train_rows: int | None = None
+    holdout_rows: int | None = None
+    label_chi2_p: float | None = None
+    label_shift: float | None = None
+    mean_intensity: float | None = None
+    mean_intensity_ks: float | None = None
+    mean_intensity_p: float | None = None
+    ink_fraction: float | None = None
+    ink_fraction_ks: float | None = None
+    ink_fraction_p: float | None = None
+    disagreement: float | None = None
+    confident_disagreement: float | None = None
+    champion_confident_disagreement: float | None = None
+    champion_model_key: str | None = Field(None, max_length=64)
 
 
 class BatchRecord(BaseModel):
@@ -53,15 +91,15 @@ class BatchRecord(BaseModel):
     digest: str = Field(pattern=SHA256)
     file: str = Field(max_length=255)
     status: Literal["accepted", "quarantined"]
-    reason: str
-    run_id: str  # the run that ingested it (its rows are in that run's partition of ``batches``)
+    reason: str = Field(max_length=4000)
+    run_id: str = Field(max_length=64)  # the run that ingested it (its rows are in that run's partition of ``batches``)
     decided_at: datetime
     decided_by: Literal["ingest", "operator"] = "ingest"
     incoming: BatchPart  # the file as it arrived
     train: BatchPart | None = None  # None: it could not be read, so it can never be trained on
     holdout: BatchPart | None = None
     drift_plot: BatchPart | None = None
-    row: dict = {}  # the figures of its ``batches`` row, JSON-able
+    row: BatchFigures = BatchFigures()
 
     def files(self) -> dict[str, str]:
         parts = (self.incoming, self.train, self.holdout, self.drift_plot)
@@ -93,10 +131,21 @@ class References:
         return load_mnist(self.store, self.dataset)
 
     @cached_property
-    def protected(self) -> tuple[set[bytes], set[bytes]]:
-        """Digests of every MNIST test image and every selection image: a batch may copy neither."""
+    def protected(self) -> dict[str, set[bytes]]:
+        """Digests of the images no batch may copy: every MNIST test image, every selection image and every
+        image already in the new-data holdout (a copy in training would make them a test of memory)."""
         selection = selection_indices(self.mnist.y_train)
-        return set(image_hashes(self.mnist.x_test)), set(image_hashes(self.mnist.x_train[selection]))
+        holdout = new_holdout_images(self.store, self.dataset)
+        return {
+            "test": set(image_hashes(self.mnist.x_test)),
+            "selection": set(image_hashes(self.mnist.x_train[selection])),
+            "holdout": set(image_hashes(holdout.x)),
+        }
+
+    @cached_property
+    def trained(self) -> set[bytes]:
+        """Digests of every image a night may train on: a holdout image must be none of them."""
+        return set(image_hashes(self.mnist.x_train)) | set(image_hashes(new_training_images(self.store, self.dataset).x))
 
     @cached_property
     def reference(self) -> tuple[np.ndarray, np.ndarray]:
@@ -122,29 +171,52 @@ class References:
 
 
 # ---- one batch ----------------------------------------------------------------------------------------
-def _part(store: Store, key: str, data: bytes, rows: int) -> BatchPart:
+def _part(store: Store, digest: str, part: str, data: bytes, rows: int) -> BatchPart:
+    key = store.batch_file(digest, PARTS[part])
     store.write_bytes(key, data)
     return BatchPart(key=key, sha256=sha256_bytes(data), size=len(data), rows=rows)
 
 
-def _check(batch: Batch, digest: str, refs: References, rules: IngestRules) -> tuple[dict, list[str], np.ndarray]:
-    """The figures and the problems of one readable batch, and which of its rows are kept (not leaked)."""
-    test_hashes, selection_hashes = refs.protected
-    copies_test = leaked(batch.images, test_hashes)
-    copies_selection = leaked(batch.images, selection_hashes) & ~copies_test
-    keep = ~(copies_test | copies_selection)
-    row: dict = {"source": batch.source, "leaked_test": int(copies_test.sum()), "leaked_selection": int(copies_selection.sum())}
+def _first_copies(hashes: np.ndarray) -> np.ndarray:
+    """True for the first occurrence of each image, False for its exact repeats within the batch."""
+    seen: set[bytes] = set()
+    first = np.zeros(len(hashes), dtype=bool)
+    for i, h in enumerate(hashes):
+        first[i] = h not in seen
+        seen.add(h)
+    return first
+
+
+def _check(batch: Batch, digest: str, refs: References, rules: IngestRules) -> tuple[dict, list[str], np.ndarray, np.ndarray]:
+    """The figures and problems of one readable batch, which rows are kept (not repeated, not leaked), and
+    which of the kept rows may join the holdout (images no night could have trained on)."""
+    hashes = image_hashes(batch.images)
+    protected = refs.protected
+    unique = _first_copies(hashes)
+    copies = {name: np.array([h in protected[name] for h in hashes], dtype=bool) for name in ("test", "selection", "holdout")}
+    copies["selection"] &= ~copies["test"]
+    copies["holdout"] &= ~(copies["test"] | copies["selection"])
+    leaked = copies["test"] | copies["selection"] | copies["holdout"]
+    keep = unique & ~leaked
+    row: dict = {"source": batch.source, "duplicates": int((~unique).sum())}
+    row |= {f"leaked_{name}": int((mask & unique).sum()) for name, mask in copies.items()}
     problems = []
-    share = 1.0 - keep.mean()
+    share = float(leaked.mean())
     if share > rules.max_leaked_share:
         problems.append(
-            f"leakage: {int((~keep).sum())} of its {len(keep)} images are exact copies of MNIST test images "
-            f"({row['leaked_test']}) or of the selection split ({row['leaked_selection']}): {share:.0%}, more than "
-            f"the {rules.max_leaked_share:.0%} allowed"
+            f"leakage: {int(leaked.sum())} of its {len(keep)} images are exact copies of MNIST test images "
+            f"({row['leaked_test']}), of the selection split ({row['leaked_selection']}) or of the new-data holdout "
+            f"({row['leaked_holdout']}): {share:.0%}, more than the {rules.max_leaked_share:.0%} allowed"
+        )
+    if keep.sum() < rules.min_batch_images:
+        problems.append(
+            f"too small: {int(keep.sum())} images once repeats and copies are dropped, fewer than the "
+            f"{rules.min_batch_images} its statistics need"
         )
     images, labels = batch.images[keep], batch.labels[keep]
+    may_hold_out = np.array([h not in refs.trained for h in hashes[keep]], dtype=bool)
     if not len(labels):
-        return row, problems, keep
+        return row, problems, keep, may_hold_out
     reference_labels, reference_images = refs.reference
     figures = drift(labels, images, reference_labels, reference_images)
     row |= figures.model_dump()
@@ -168,28 +240,26 @@ def _check(batch: Batch, digest: str, refs: References, rules: IngestRules) -> t
         )
         row |= quality.model_dump() | {"champion_model_key": key}
         problems += label_problems
-    return row, problems, keep
+    return row, problems, keep, may_hold_out
 
 
 def _ingest_one(
     store: Store, name: str, data: bytes, digest: str, refs: References, rules: IngestRules, run_id: str
 ) -> BatchRecord:
-    incoming = _part(store, store.batch_file(digest, "incoming.parquet"), data, 0)
+    incoming = _part(store, digest, "incoming", data, 0)
     record = {"digest": digest, "file": name, "run_id": run_id, "decided_at": datetime.now(UTC), "incoming": incoming}
     try:
-        batch = parse_batch(data)
+        batch = parse_untrusted(data)
     except BatchRejected as exc:
-        reason = f"unreadable: {exc}"
-        return BatchRecord(**record, status="quarantined", reason=reason, row={"rows": 0})
-    row, problems, keep = _check(batch, digest, refs, rules)
+        return BatchRecord(**record, status="quarantined", reason=f"unreadable: {exc}")
+    row, problems, keep, may_hold_out = _check(batch, digest, refs, rules)
     images, labels = batch.images[keep], batch.labels[keep]
     held = np.zeros(len(labels), dtype=bool)
-    held[holdout_rows(labels, rules.holdout_share, digest)] = True
-    train = _part(store, store.batch_file(digest, "train.parquet"), batch_bytes(images[~held], labels[~held]), int((~held).sum()))
-    holdout = _part(store, store.batch_file(digest, "holdout.parquet"), batch_bytes(images[held], labels[held]), int(held.sum()))
+    candidates = np.flatnonzero(may_hold_out)
+    held[candidates[holdout_rows(labels[candidates], rules.holdout_share, digest)]] = True
+    train = _part(store, digest, "train", share_bytes(images[~held], labels[~held]), int((~held).sum()))
+    holdout = _part(store, digest, "holdout", share_bytes(images[held], labels[held]), int(held.sum()))
     row |= {"rows": len(batch.labels), "train_rows": train.rows, "holdout_rows": holdout.rows}
-    if not len(labels) and not problems:
-        problems.append("no image is left once the leaked ones are dropped")
     status = "quarantined" if problems else "accepted"
     reason = "; ".join(problems) if problems else _passed(row)
     plot = None
@@ -197,30 +267,37 @@ def _ingest_one(
         from tasks.plots import batch_drift, png_bytes
 
         reference_labels, reference_images = refs.reference
-        figure = batch_drift(
-            name, labels, image_statistics(images)[0], reference_labels, image_statistics(reference_images)[0], status
-        )
-        plot = _part(store, store.batch_file(digest, "drift.png"), png_bytes(figure), 0)
-    return BatchRecord(**record, status=status, reason=reason, train=train, holdout=holdout, drift_plot=plot, row=row)
+        intensity, reference_intensity = image_statistics(images)[0], image_statistics(reference_images)[0]
+        figure = batch_drift(digest[:12], labels, intensity, reference_labels, reference_intensity, status)
+        plot = _part(store, digest, "drift_plot", png_bytes(figure), 0)
+    figures = BatchFigures(**row)
+    return BatchRecord(**record, status=status, reason=reason, train=train, holdout=holdout, drift_plot=plot, row=figures)
 
 
 def _passed(row: dict) -> str:
-    said = [f"{row['rows']} images, {row['leaked_test'] + row['leaked_selection']} leaked and dropped"]
-    if "label_shift" in row:
-        said.append(f"label shift {row['label_shift']:.3f}, intensity drift {row['mean_intensity_ks']:.3f}")
-    if row.get("confident_disagreement") is not None:
+    dropped = row["duplicates"] + row["leaked_test"] + row["leaked_selection"] + row["leaked_holdout"]
+    said = [f"{row['rows']} images, {dropped} repeated or leaked and dropped"]
+    said.append(f"label shift {row['label_shift']:.3f}, intensity drift {row['mean_intensity_ks']:.3f}")
+    if row.get("confident_disagreement") is not None and row.get("champion_confident_disagreement") is not None:
         said.append(
             f"champion confidently disagrees with {row['confident_disagreement']:.1%} of labels "
             f"({row['champion_confident_disagreement']:.1%} on the selection split)"
         )
+    elif row.get("champion_model_key"):
+        said.append("labels not checked (the champion is confident about none of these images, or none of the selection split)")
     else:
         said.append("labels not checked (no champion yet)")
     return "passed every check: " + ", ".join(said)
 
 
+def _safe_name(name: str) -> str:
+    """A sender's file name as text we can record and show: valid UTF-8, at most 255 characters."""
+    return name.encode("utf-8", "replace").decode("utf-8")[:255]
+
+
 # ---- the table and the records ------------------------------------------------------------------------
 def _table_row(record: BatchRecord) -> pd.DataFrame:
-    row = {"source": None, **record.row}
+    row = record.row.model_dump()
     row |= {
         "digest": record.digest,
         "file": record.file,
@@ -244,12 +321,26 @@ def batch_record(store: Store, digest: str) -> BatchRecord | None:
     """The record of batch ``digest`` if it and every file it names are intact, else None (with a warning)."""
     try:
         info = store.batch_file(digest, RECORD)
-    except UnsafeKey:
+        record = store.load_ref(info, BatchRecord, BatchRecord.files)
+    except (UnsafeKey, StoreError, OSError, ValueError) as exc:  # a link, a folder where a file should be, …
+        store.warn(f"The record of batch {digest[:12]} cannot be read ({str(exc)[:200]}): not used")
         return None
-    record = store.load_ref(info, BatchRecord, BatchRecord.files)
-    if record is not None and record.digest != digest:
-        store.warn(f"The batch record {store.location(info)} names batch {record.digest[:12]}, not {digest[:12]}: not used")
+    if record is None:
         return None
+    expected = {part: store.batch_file(digest, name) for part, name in PARTS.items()}
+    named = {part: getattr(record, part) for part in PARTS if getattr(record, part) is not None}
+    wrong = [part for part, ref in named.items() if ref.key != expected[part]]
+    if record.digest != digest or record.incoming.sha256 != digest or wrong:
+        what = f"files of another place ({', '.join(wrong)})" if wrong else f"batch {record.digest[:12]}, not its own"
+        store.warn(f"The batch record {store.location(info)} names {what}: not used")
+        return None
+    for part in ("train", "holdout"):
+        ref = named.get(part)
+        if ref is not None and ref.size != ref.rows * (PIXELS + 1):
+            store.warn(
+                f"The batch record {store.location(info)} gives its {part} share a size that does not fit its rows: not used"
+            )
+            return None
     return record
 
 
@@ -269,12 +360,12 @@ def batch_records(store: Store) -> list[BatchRecord]:
     return records
 
 
+def _trainable(record: BatchRecord) -> bool:
+    return record.status == "accepted" and record.train is not None and record.holdout is not None
+
+
 def accepted_batches(store: Store) -> list[AcceptedBatch]:
-    return [
-        AcceptedBatch(digest=r.digest, train=r.train, holdout=r.holdout)
-        for r in batch_records(store)
-        if r.status == "accepted" and r.train is not None and r.holdout is not None
-    ]
+    return [AcceptedBatch(digest=r.digest, train=r.train, holdout=r.holdout) for r in batch_records(store) if _trainable(r)]
 
 
 def incoming_store(store: Store, url: str | None = None) -> Store:
@@ -308,33 +399,54 @@ def incoming_files(incoming: Store) -> list[tuple[str, int]]:
     return sorted(found)
 
 
+def _take(
+    store: Store, incoming: Store, name: str, refs: References, rules: IngestRules, run_id: str, log: Log
+) -> BatchRecord | None:
+    """One incoming file: read (regular files only), identified, checked, recorded, removed. None: left where it is."""
+    try:
+        data = incoming.read_regular(name, limit=MAX_BATCH_BYTES)
+    except (StoreError, OSError, UnsafeKey) as exc:
+        log(f"Incoming file {name!r} cannot be read ({exc}): left where it is")
+        return None
+    digest = sha256_bytes(data)
+    known = batch_record(store, digest)
+    fresh = known is None
+    if fresh:
+        try:
+            known = _ingest_one(store, _safe_name(name), data, digest, refs, rules, run_id)
+        except Exception as exc:  # noqa: BLE001 (a batch must not stop the night, whatever went wrong with it)
+            reason = f"could not be checked ({type(exc).__name__}: {str(exc)[:300]})"
+            incoming_part = _part(store, digest, "incoming", data, 0)
+            known = BatchRecord(
+                digest=digest, file=_safe_name(name), status="quarantined", reason=reason, run_id=run_id,
+                decided_at=datetime.now(UTC), incoming=incoming_part,
+            )  # fmt: skip
+        _publish(store, known)
+        log(f"Batch {digest[:12]} ({known.file}): {known.status.upper()}: {known.reason}")
+    else:
+        log(f"Incoming file {name!r} is batch {digest[:12]}, already {known.status} (run {known.run_id}): removed")
+    try:
+        incoming.remove(name)
+    except (UnsafeKey, OSError) as exc:
+        log(f"Incoming file {name!r} could not be removed ({exc}); it is known by its digest and will not be ingested again")
+    return known if fresh else None
+
+
 def ingest_batches(
     store: Store, incoming: Store, dataset: DatasetRef, rules: IngestRules, run_id: str, log: Log = print
 ) -> IngestRef:
-    """Check every new batch, record each decision, and return the dataset version to train on."""
-    night: list[BatchRecord] = []
+    """Check every new batch, record each decision, and return the dataset version to train on. The night's
+    batches are every batch this run ingested, also in an attempt that crashed before this one."""
     with store.lock(LOCK):
         refs = References(store, dataset, log)
         for name, size in incoming_files(incoming):
             if size > MAX_BATCH_BYTES:
-                log(f"Incoming file {name} is {size} bytes, more than a batch may be ({MAX_BATCH_BYTES}): left where it is")
+                log(f"Incoming file {name!r} is {size} bytes, more than a batch may be ({MAX_BATCH_BYTES}): left where it is")
                 continue
-            try:
-                data = incoming.read_bytes(name, limit=MAX_BATCH_BYTES)
-            except (StoreError, OSError, UnsafeKey) as exc:
-                log(f"Incoming file {name} cannot be read ({exc}): left where it is")
-                continue
-            digest = sha256_bytes(data)
-            known = batch_record(store, digest)
-            if known is not None:
-                log(f"Incoming file {name} is batch {digest[:12]}, already {known.status} (run {known.run_id}): removed")
-            else:
-                known = _ingest_one(store, name, data, digest, refs, rules, run_id)
-                _publish(store, known)
-                night.append(known)
-                log(f"Batch {digest[:12]} ({name}): {known.status.upper()}: {known.reason}")
-            incoming.remove(name)
-    accepted = accepted_batches(store)
+            _take(store, incoming, name, refs, rules, run_id, log)
+        records = batch_records(store)
+    night = sorted((r for r in records if r.run_id == run_id and r.decided_by == "ingest"), key=lambda r: r.decided_at)
+    accepted = [AcceptedBatch(digest=r.digest, train=r.train, holdout=r.holdout) for r in records if _trainable(r)]
     return IngestRef(dataset=dataset.model_copy(update={"batches": accepted}), night=night)
 
 

@@ -246,5 +246,6 @@ def batch_drift(
     right.hist(intensity, bins=bins, density=True, color="#2e86c1", alpha=0.6, label="this batch")
     right.set_xlabel("mean intensity per image")
     right.legend(fontsize=7)
-    fig.suptitle(f"Batch {name}: {decision}", color=MISTAKE if decision != "accepted" else "#1e8449")
+    title = f"Batch {name}: {decision}".replace("$", r"\$")  # no mathtext from a sender's text
+    fig.suptitle(title, color=MISTAKE if decision != "accepted" else "#1e8449")
     return fig

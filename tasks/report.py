@@ -128,10 +128,14 @@ def slices_markdown(evaluation: EvaluationRef, gate: GateRef) -> str:
     for part in evaluation.slices:
         v = verdicts.get(part.name)
         cmp = v.comparison if v else None
-        rules = "n/a" if v is None else ("passed" if not v.failed else "**failed**: " + "; ".join(v.failed))
+        if v is None:
+            role, rules = "reports (too few images to decide yet)", "not applied"
+        else:
+            role, rules = "decides", ("passed" if not v.failed else "**failed**: " + "; ".join(v.failed))
+            rules += f" ({v.note})" if v.note else ""
         champion = f"{cmp.champion_balanced_accuracy:.4f}" if cmp else "none"
         p = f"{cmp.mcnemar_p:.3g}" if cmp else ""
-        lines.append(f"| {part.name} | decides | {part.images} | **{part.balanced_accuracy:.4f}** | {champion} | {p} | {rules} |")
+        lines.append(f"| {part.name} | {role} | {part.images} | **{part.balanced_accuracy:.4f}** | {champion} | {p} | {rules} |")
     lines.append(
         f"| mnist-test | reports only | {evaluation.n_evaluated} of {evaluation.test_images} | "
         f"**{evaluation.balanced_accuracy:.4f}** (test accuracy {evaluation.test_accuracy:.4f}) | | | read by no rule |"
@@ -149,7 +153,7 @@ def batches_markdown(batches: list[BatchRecord], dataset: DatasetRef) -> str:
         decision = f"**{b.status.upper()}**" if b.status == "quarantined" else b.status
         cells = (b.file[:60], b.reason)  # a file name is whatever the sender chose: it must not break the table
         file, reason = (c.replace("|", "\\|").replace("\n", " ") for c in cells)
-        lines.append(f"| `{b.digest[:12]}` | {file} | {b.row.get('rows', 0)} | {decision} | {reason} |")
+        lines.append(f"| `{b.digest[:12]}` | {file} | {b.row.rows} | {decision} | {reason} |")
     return "\n".join(lines)
 
 
@@ -165,11 +169,12 @@ def champion_vs_challenger(gate: GateRef) -> Figure:
         ax.bar(x + 0.2, new, width=0.4, color="#2e86c1", label="challenger (this run)")
         worst = gate.comparison.worst_digit
         drop = gate.comparison.worst_digit_drop
-        subtitle = (
-            f"largest drop: digit {worst}, {drop:.4f}"
-            if drop > 0
-            else f"better on every digit (least gain: digit {worst}, {-drop:.4f})"
-        )
+        if worst is None:
+            subtitle = "per-digit rule not applied (too few images per digit)"
+        elif drop > 0:
+            subtitle = f"largest drop: digit {worst}, {drop:.4f}"
+        else:
+            subtitle = f"better on every digit (least gain: digit {worst}, {-drop:.4f})"
         low = np.nanmin(np.concatenate([old, new]))
     else:
         ax.bar(x, new, width=0.6, color="#2e86c1", label="challenger (this run); no champion to compare with")
@@ -213,8 +218,12 @@ def decision_markdown(gate: GateRef) -> str:
             f"{_with_ci(cmp.challenger_balanced_accuracy, cmp.n_sample)} | {_with_ci(cmp.champion_balanced_accuracy, cmp.n_sample)} |",
             f"| accuracy on mnist-selection | {_with_ci(cmp.challenger_test_accuracy, cmp.n_test)} | "
             f"{_with_ci(cmp.champion_test_accuracy, cmp.n_test)} |",
-            f"| worst digit | {cmp.worst_digit}: {cmp.challenger_recall[cmp.worst_digit]:.4f} | "
-            f"{cmp.champion_recall[cmp.worst_digit]:.4f} (drop {cmp.worst_digit_drop:+.4f}) |",
+            (
+                f"| worst digit | {cmp.worst_digit}: {cmp.challenger_recall[cmp.worst_digit]:.4f} | "
+                f"{cmp.champion_recall[cmp.worst_digit]:.4f} (drop {cmp.worst_digit_drop:+.4f}) |"
+                if cmp.worst_digit is not None
+                else "| worst digit | per-digit rule not applied | |"
+            ),
             "",
             f"Paired test on the {cmp.n_test} mnist-selection images: {mcnemar_text(cmp)} "
             "(b: only the champion right, c: only the challenger right).",

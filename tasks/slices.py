@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 
 from storage import Store, sha256_json
-from tasks.batch_format import BatchPart, parse_batch
+from tasks.batch_format import BatchPart, parse_share
 from tasks.fetch import DatasetRef, Mnist, load_mnist
 from tasks.splits import SLICE_NEW, SLICE_SELECTION, SLICE_TEST, base_training_indices, selection_indices
 
@@ -26,7 +26,7 @@ class Images(NamedTuple):
 
 
 def _parts(store: Store, parts: list[BatchPart]) -> Images:
-    loaded = [parse_batch(store.verified_bytes(p.key, p.sha256, limit=p.size)) for p in parts]
+    loaded = [parse_share(store.verified_bytes(p.key, p.sha256, limit=p.size), p.rows) for p in parts]
     if not loaded:
         return Images(np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.int64))
     return Images(np.concatenate([b.images for b in loaded]), np.concatenate([b.labels for b in loaded]))
@@ -36,9 +36,13 @@ def new_training_images(store: Store, dataset: DatasetRef) -> Images:
     return _parts(store, [b.train for b in dataset.batches])
 
 
+def new_holdout_images(store: Store, dataset: DatasetRef) -> Images:
+    return _parts(store, [b.holdout for b in dataset.batches])
+
+
 def slice_images(store: Store, dataset: DatasetRef, name: str, mnist: Mnist | None = None) -> Images:
     if name == SLICE_NEW:
-        return _parts(store, [b.holdout for b in dataset.batches])
+        return new_holdout_images(store, dataset)
     mnist = mnist or load_mnist(store, dataset)
     if name == SLICE_TEST:
         return Images(mnist.x_test, mnist.y_test.astype(np.int64))

@@ -108,3 +108,16 @@ def test_force_promotes_and_records_what_the_rules_said():
 def test_nothing_is_promoted_on_a_comparison_that_could_not_be_made():
     decision = decide(0.999, None, RULES, unavailable="the champion's model file is missing")
     assert not decision.promoted and "no comparison could be made" in decision.reason
+
+
+def test_the_per_digit_rule_is_not_applied_on_too_few_images_and_says_so():
+    y = np.repeat(np.arange(10), 30)
+    champion = y.copy()
+    challenger = np.where(y == 3, 4, y)  # digit 3 lost entirely: a drop of 1.0, on 30 images of it
+    few = compare(y, np.arange(len(y)), challenger, champion, min_support=200)
+    assert few.worst_digit is None and few.worst_digit_drop is None
+    lenient = GateRules(min_balanced_accuracy=0.0, max_regression=1.0, min_digit_images=200)
+    reason = decide(few.challenger_balanced_accuracy, few, lenient).reason
+    assert "per-digit rule not applied (no digit has 200 images)" in reason and "digit 0" not in reason
+    enough = compare(y, np.arange(len(y)), challenger, champion, min_support=30)
+    assert (enough.worst_digit, enough.worst_digit_drop) == (3, 1.0)

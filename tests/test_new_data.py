@@ -166,7 +166,7 @@ def test_copies_of_test_or_selection_images_are_dropped_and_a_mostly_copied_batc
     arrive(store, "b.parquet", batch_bytes(copies, np.concatenate([mnist.y_test[:30], y[30:]])))
     ref, _ = ingest(store, dataset)
     a, b = sorted(ref.night, key=lambda r: r.file)
-    assert a.status == "accepted" and (a.row["leaked_test"], a.row["leaked_selection"]) == (2, 1)
+    assert a.status == "accepted" and (a.row.leaked_test, a.row.leaked_selection) == (2, 1)
     assert a.train.rows + a.holdout.rows == 37
     assert b.status == "quarantined" and b.reason.startswith("leakage: 30 of its 40 images are exact copies of MNIST test")
     assert [x.digest for x in ref.dataset.batches] == [a.digest]
@@ -178,7 +178,7 @@ def test_a_drifted_batch_is_quarantined_with_its_figures(small):
     arrive(store, "dark.parquet", batch_bytes(x // 8, y))  # the same digits, far darker than anything seen
     (record,), _ = ingest(store, dataset)[0].night, None
     assert record.status == "quarantined" and "image drift: mean intensity" in record.reason
-    assert record.row["mean_intensity_ks"] > 0.9 and record.drift_plot is not None
+    assert record.row.mean_intensity_ks > 0.9 and record.drift_plot is not None
     assert not accepted_batches(store)
 
 
@@ -187,7 +187,7 @@ def test_a_label_shifted_batch_is_quarantined(small):
     x, _ = fresh_images(200)
     arrive(store, "ones.parquet", batch_bytes(x, np.ones(200, dtype=int)))  # every label says 1
     (record,) = ingest(store, dataset)[0].night
-    assert record.status == "quarantined" and "label drift" in record.reason and record.row["label_shift"] > 0.8
+    assert record.status == "quarantined" and "label drift" in record.reason and record.row.label_shift > 0.8
 
 
 def test_an_unreadable_file_is_quarantined_and_the_night_goes_on(small):
@@ -267,7 +267,7 @@ def test_a_planted_batch_record_cannot_reach_outside_the_store_or_swap_its_files
         store.write_text(info, planted.model_dump_json())
         assert accepted_batches(store) == [], planted
     assert "is not a key inside the store" in "\n".join(warnings)
-    store.write_bytes(store.batch_file(record.digest, "train.parquet"), batch_bytes(x[:5], y[:5]))  # swapped shares
+    store.write_bytes(store.batch_file(record.digest, "train.u8"), b"\0" * 785 * 50)  # its share swapped
     store.write_bytes(info, good)
     assert accepted_batches(store) == [] and batch_records(store) == []
 
@@ -338,3 +338,110 @@ def test_a_champion_trained_before_the_selection_split_is_not_compared_on_images
     store.remove("champion.json")
     gate(store, dataset, *old, GateRules(force_promote=True), "run-old-again")
     assert not gate(store, dataset, *worse, rules, "run-worse").promoted
+
+
+# ---- a hostile sender ---------------------------------------------------------------------------------------
+def test_a_file_that_needs_more_memory_than_allowed_is_refused_and_the_worker_lives(monkeypatch):
+    from tasks.batch_format import parse_untrusted
+
+    x, y = fresh_images(20_000)
+    data = batch_bytes(x, y)  # honest, but more than this limit lets the parsing child hold
+    assert len(parse_untrusted(data).labels) == 20_000
+    monkeypatch.setattr(batch_format, "PARSE_MEMORY", 200 << 20)
+    with pytest.raises(BatchRejected, match="needed more than 200 MiB"):
+        parse_untrusted(data)
+
+
+@pytest.mark.parametrize(
+    "table, said",
+    [
+        (lambda img, lab: pa.Table.from_arrays([img, lab, lab], names=["image", "label", "label"]), "more than one column"),
+        (lambda img, lab: pa.table({"image": img, "label": lab.cast(pa.bool_())}), "must be integers"),
+        (
+            lambda img, lab: pa.table(
+                {"image": img, "label": lab, "source": pa.array([b"\xff"] * 3, pa.binary()).view(pa.string())}
+            ),
+            None,
+        ),
+    ],
+)
+def test_odd_columns_are_refused_or_read_never_raised(table, said):
+    from tasks.batch_format import parse_untrusted
+
+    img = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(3 * 784, np.uint8)), 784)
+    buffer = io.BytesIO()
+    pq.write_table(table(img, pa.array([1, 2, 3], pa.int8())), buffer)
+    if said is None:
+        assert parse_untrusted(buffer.getvalue()).source == "\ufffd"  # invalid UTF-8 shown, not raised
+    else:
+        with pytest.raises(BatchRejected, match=said):
+            parse_untrusted(buffer.getvalue())
+
+
+def test_repeats_within_a_batch_and_copies_of_the_holdout_never_reach_both_training_and_holdout(small):
+    from tasks.data_checks import image_hashes
+    from tasks.slices import new_holdout_images
+
+    store, dataset, mnist = small
+    x, y = fresh_images(60)
+    arrive(store, "twice.parquet", batch_bytes(np.concatenate([x, x]), np.concatenate([y, y])))  # every image twice
+    (record,) = ingest(store, dataset)[0].night
+    assert record.status == "accepted" and record.row.duplicates == 60 and record.train.rows + record.holdout.rows == 60
+    ref = ingest(store, dataset, run_id="run-2")[0]
+    holdout = set(image_hashes(new_holdout_images(store, ref.dataset).x))
+    trained = set(image_hashes(new_training_images(store, ref.dataset).x)) | set(image_hashes(mnist.x_train))
+    assert holdout and not holdout & trained
+    # a later batch copying holdout images: the copies are dropped as leakage, the holdout stays unseen
+    held_x = new_holdout_images(store, ref.dataset).x
+    z, w = fresh_images(40, seed=9)
+    arrive(store, "resent.parquet", batch_bytes(np.concatenate([held_x, z]), np.concatenate([np.zeros(len(held_x), int), w])))
+    (again,) = ingest(store, ref.dataset, run_id="run-3")[0].night
+    assert again.row.leaked_holdout == len(held_x) and again.train.rows + again.holdout.rows == 40
+
+
+def test_a_name_a_plot_would_parse_and_a_pipe_swapped_in_stop_nothing(small, monkeypatch):
+    store, dataset, _ = small
+    x, y = fresh_images(60)
+    arrive(store, "a$^^$b.parquet", batch_bytes(x, y))  # mathtext, if it reached a plot title
+    incoming = incoming_store(store)
+    os.mkfifo(incoming.path("pipe.parquet"))
+    listed = ["a$^^$b.parquet", "pipe.parquet"]  # as if the pipe had been a file when the location was listed
+    monkeypatch.setattr("tasks.ingest.incoming_files", lambda _incoming: [(n, 10) for n in listed])
+    ref, lines = ingest(store, dataset)
+    assert [r.status for r in ref.night] == ["accepted"] and ref.night[0].file == "a$^^$b.parquet"
+    assert any("pipe.parquet" in line and "not a regular file" in line for line in lines)
+
+
+def test_whatever_goes_wrong_inside_a_check_quarantines_that_batch_and_the_night_goes_on(small, monkeypatch):
+    store, dataset, _ = small
+    x, y = fresh_images(60)
+    arrive(store, "a.parquet", batch_bytes(x, y))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in a check")
+
+    monkeypatch.setattr("tasks.ingest.drift", broken)
+    (record,) = ingest(store, dataset)[0].night
+    assert record.status == "quarantined" and record.reason == "could not be checked (RuntimeError: a bug in a check)"
+    assert not incoming_store(store).exists("a.parquet") and read_table(store, "batches")["decision"].tolist() == ["quarantined"]
+
+
+def test_a_planted_record_naming_other_files_or_a_link_is_not_used_and_stops_nothing(small, tmp_path):
+    store, dataset, _ = small
+    x, y = fresh_images(60)
+    arrive(store, "night-1.parquet", batch_bytes(x, y))
+    (record,) = ingest(store, dataset)[0].night
+    info = store.batch_file(record.digest, "batch.json")
+    other = store.batch_file(record.digest, "holdout.u8")
+    for planted in (
+        record.model_copy(update={"train": record.holdout.model_copy(update={"key": other})}),  # train = holdout
+        record.model_copy(update={"incoming": record.incoming.model_copy(update={"sha256": record.train.sha256})}),
+    ):
+        store.write_text(info, planted.model_dump_json())
+        assert accepted_batches(store) == []
+    os.remove(store.path(info))
+    (tmp_path / "elsewhere.json").write_text(record.model_dump_json())
+    os.symlink(tmp_path / "elsewhere.json", store.path(info))  # a record that is a link out of the store
+    warnings: list[str] = []
+    store.warn = warnings.append
+    assert accepted_batches(store) == [] and any("cannot be read" in w for w in warnings)

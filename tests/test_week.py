@@ -42,7 +42,7 @@ def test_a_week_of_arrivals_is_checked_trained_on_and_judged_per_slice(mnist_sto
         seed=None,
         held_back=10_000,
         store=store.url,
-        gate={"min_balanced_accuracy": 0.5},
+        gate={"min_balanced_accuracy": 0.5, "min_new_data_images": 200},  # new-data decides from night 4's holdout
     )
 
     def night(*arrivals: int):
@@ -52,6 +52,8 @@ def test_a_week_of_arrivals_is_checked_trained_on_and_judged_per_slice(mnist_sto
 
     first = night(1)  # a clean batch: accepted, trained on, and the first champion
     assert list(first.batches_tonight.values()) == ["accepted"] and first.decision == "promoted"
+    first_slices = read_table(store, "promotions", run_id=first.run_id).iloc[0]["slices"]
+    assert [s["slice"] for s in first_slices] == ["mnist-selection"]  # 120 new-data images: reported, not deciding
     assert first.new_data_images == IMAGES // 5 and first.batches_accepted == 1
 
     same = night()  # nothing new: the same dataset version, the same seed, the same model
