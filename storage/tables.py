@@ -138,8 +138,10 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("decided_by", pa.string(), nullable=False),  # ingest, or operator (release / quarantine)
             pa.field("decided_at", pa.timestamp("us", tz="UTC"), nullable=False),
             pa.field("source", pa.string()),
+            pa.field("duplicates", pa.int64()),  # exact repeats of an image within the batch, dropped
             pa.field("leaked_test", pa.int64()),  # exact copies of MNIST test images, dropped
             pa.field("leaked_selection", pa.int64()),  # exact copies of selection-split images, dropped
+            pa.field("leaked_holdout", pa.int64()),  # exact copies of new-data holdout images, dropped
             pa.field("train_rows", pa.int64()),
             pa.field("holdout_rows", pa.int64()),
             pa.field("label_chi2_p", pa.float64()),  # label distribution against MNIST's training set
