@@ -196,10 +196,10 @@ def check_images_in_browser(ui_url: str, artifact_id, auth_string: str, run_name
                 page.goto(f"{ui_url}{ui}/artifacts/artifact/{artifact_id}", wait_until="networkidle")
                 widths = page.wait_for_function(  # rendered and decoded, not just present; read in the same instant
                     "(() => { const i = [...document.querySelectorAll('img[src^=\"data:image/png\"]')];"
-                    " return i.length >= 8 && i.every(e => e.complete && e.naturalWidth > 0) && i.map(e => e.naturalWidth); })()",
+                    " return i.length >= 9 && i.every(e => e.complete && e.naturalWidth > 0) && i.map(e => e.naturalWidth); })()",
                     timeout=30_000,
                 ).json_value()
-                assert len(widths) == 8 and min(widths) > 0, (ui or "/", widths)
+                assert len(widths) == 9 and min(widths) > 0, (ui or "/", widths)  # the nine figures of the summary
                 assert page.get_by_text("Champion decision").count() >= 1
         finally:
             browser.close()
