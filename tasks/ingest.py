@@ -144,8 +144,10 @@ class References:
 
     @cached_property
     def trained(self) -> set[bytes]:
-        """Digests of every image a night may train on: a holdout image must be none of them."""
-        return set(image_hashes(self.mnist.x_train)) | set(image_hashes(new_training_images(self.store, self.dataset).x))
+        """Digests of every image a night may train on (MNIST's base training images, every accepted batch's
+        training share): a holdout image must be none of them. Held-back and selection images are not."""
+        base = self.mnist.x_train[base_training_indices(self.mnist.y_train, self.dataset.held_back)]
+        return set(image_hashes(base)) | set(image_hashes(new_training_images(self.store, self.dataset).x))
 
     @cached_property
     def reference(self) -> tuple[np.ndarray, np.ndarray]:

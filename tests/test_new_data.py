@@ -389,7 +389,8 @@ def test_repeats_within_a_batch_and_copies_of_the_holdout_never_reach_both_train
     assert record.status == "accepted" and record.row.duplicates == 60 and record.train.rows + record.holdout.rows == 60
     ref = ingest(store, dataset, run_id="run-2")[0]
     holdout = set(image_hashes(new_holdout_images(store, ref.dataset).x))
-    trained = set(image_hashes(new_training_images(store, ref.dataset).x)) | set(image_hashes(mnist.x_train))
+    base = mnist.x_train[splits.base_training_indices(mnist.y_train)]
+    trained = set(image_hashes(new_training_images(store, ref.dataset).x)) | set(image_hashes(base))
     assert holdout and not holdout & trained
     # a later batch copying holdout images: the copies are dropped as leakage, the holdout stays unseen
     held_x = new_holdout_images(store, ref.dataset).x
@@ -445,3 +446,19 @@ def test_a_planted_record_naming_other_files_or_a_link_is_not_used_and_stops_not
     warnings: list[str] = []
     store.warn = warnings.append
     assert accepted_batches(store) == [] and any("cannot be read" in w for w in warnings)
+
+
+def test_a_batch_copying_base_training_images_trains_on_them_but_holds_none_out(small):
+    store, dataset, mnist = small
+    base = splits.base_training_indices(mnist.y_train)
+    x, y = fresh_images(60)
+    labels = np.concatenate([mnist.y_train[base[:60]], y])
+    arrive(store, "mixed.parquet", batch_bytes(np.concatenate([mnist.x_train[base[:60]], x]), labels))  # 60 seen, 60 new
+    (record,) = ingest(store, dataset)[0].night
+    assert record.status == "accepted" and record.train.rows + record.holdout.rows == 120
+    from tasks.data_checks import image_hashes
+    from tasks.slices import new_holdout_images
+
+    ref = ingest(store, dataset, run_id="run-2")[0]
+    held = set(image_hashes(new_holdout_images(store, ref.dataset).x))
+    assert len(held) == record.holdout.rows > 0 and not held & set(image_hashes(mnist.x_train[base]))
