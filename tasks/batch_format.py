@@ -186,8 +186,8 @@ def batch_bytes(images: np.ndarray, labels: np.ndarray, **metadata) -> bytes:
 
 
 # ---- an incoming file, parsed where a lying file cannot exhaust the worker ---------------------------------
-def _limit_memory() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (PARSE_MEMORY, PARSE_MEMORY))
+def _limit_memory(limit: int) -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
 def parse_untrusted(data: bytes) -> Batch:
@@ -197,12 +197,11 @@ def parse_untrusted(data: bytes) -> Batch:
         raise BatchRejected(f"it is {len(data)} bytes, more than the {MAX_BATCH_BYTES} a batch file may be: split it")
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "tasks.batch_format"],
+            [sys.executable, "-m", "tasks.batch_format", str(PARSE_MEMORY)],  # the child limits itself first
             input=data,
             env={**os.environ, "ARROW_DEFAULT_MEMORY_POOL": "system"},  # malloc: no large reservations under the limit
             capture_output=True,
             timeout=PARSE_SECONDS,
-            preexec_fn=_limit_memory,
             check=False,
         )
     except subprocess.TimeoutExpired as exc:
@@ -237,6 +236,9 @@ def parse_share(data: bytes, rows: int) -> Batch:
 
 
 def _child() -> None:
+    """The parsing child: its own memory limit first (set here, not by a ``preexec_fn`` in the parent, which is
+    unsafe in a worker running TensorFlow's or JAX's threads), then the one batch on stdin."""
+    _limit_memory(int(sys.argv[1]))
     data = sys.stdin.buffer.read()
     try:
         batch = parse_batch(data)

@@ -120,11 +120,7 @@ def _row(
         else (champion.balanced_accuracy if champion else None),
         "challenger_test_accuracy": challenger_test,
         "champion_test_accuracy": champion.test_accuracy if champion else None,
-        "mcnemar_b": cmp.mcnemar_b if cmp else None,
-        "mcnemar_c": cmp.mcnemar_c if cmp else None,
-        "mcnemar_p": cmp.mcnemar_p if cmp else None,
-        "worst_digit": cmp.worst_digit if cmp else None,
-        "worst_digit_drop": cmp.worst_digit_drop if cmp else None,
+        **_paired(cmp),
         "decision": decision.name,
         "reason": decision.reason,
         "forced": decision.forced,
@@ -134,6 +130,14 @@ def _row(
     return row
 
 
+PAIRED = ("mcnemar_b", "mcnemar_c", "mcnemar_p", "worst_digit", "worst_digit_drop")
+
+
+def _paired(cmp: Comparison | None) -> dict:
+    """The paired comparison's columns, null without one."""
+    return {name: getattr(cmp, name) if cmp else None for name in PAIRED}
+
+
 def _slice_row(verdict: SliceVerdict) -> dict:
     cmp = verdict.comparison
     return {
@@ -141,11 +145,7 @@ def _slice_row(verdict: SliceVerdict) -> dict:
         "images": verdict.images,
         "challenger_balanced_accuracy": verdict.challenger_balanced_accuracy,
         "champion_balanced_accuracy": cmp.champion_balanced_accuracy if cmp else None,
-        "mcnemar_b": cmp.mcnemar_b if cmp else None,
-        "mcnemar_c": cmp.mcnemar_c if cmp else None,
-        "mcnemar_p": cmp.mcnemar_p if cmp else None,
-        "worst_digit": cmp.worst_digit if cmp else None,
-        "worst_digit_drop": cmp.worst_digit_drop if cmp else None,
+        **_paired(cmp),
         "passed": not verdict.failed,
         "failed_rules": list(verdict.failed),
         "note": verdict.note,

@@ -156,7 +156,7 @@ def test_nightly_deployment_runs_and_reruns_from_cache(stack, receiver, tmp_path
 
     runs = read_table(store, "runs")
     assert set(runs["run_id"]) == {str(cold.id), str(warm.id)}
-    assert len(read_table(store, "confusion")) == 200
+    assert len(read_table(store, "confusion")) == 400  # 2 runs × 2 slices (mnist-selection, mnist-test) × 100 pairs
 
 
 CHROMIUM_ARGS = [
