@@ -296,10 +296,15 @@ def main(argv: list[str] | None = None) -> int:
         if summary.new_data_balanced_accuracy is not None
         else "none yet"
     )
+    role = (
+        "decides"
+        if summary.new_data_images >= params.gate.min_new_data_images
+        else f"decides from {params.gate.min_new_data_images} images"
+    )
     tonight = list(summary.batches_tonight.values())
     print(
         f"\nSelection:          {summary.selection_balanced_accuracy:.4f} balanced accuracy on mnist-selection (decides)\n"
-        f"New data:           {new_data} (decides)\n"
+        f"New data:           {new_data} ({role})\n"
         f"Test accuracy:      {summary.test_accuracy:.4f} (all 10000 test images; reports only)\n"
         f"Balanced accuracy:  {summary.balanced_accuracy:.4f} ({summary.n_evaluated} test images, {params.n_per_class} per digit)\n"
         f"Dataset version:    {summary.dataset_version[:16]} (MNIST and {summary.batches_accepted} accepted batches; tonight "
