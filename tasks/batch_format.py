@@ -36,7 +36,6 @@ MAX_UNCOMPRESSED_BYTES = 2 * MAX_BATCH_ROWS * PIXELS  # what the footer may say 
 PARSE_MEMORY = 3 << 29  # 1.5 GiB of address space for the child that parses one incoming file
 PARSE_SECONDS = 120
 COLUMNS = ("image", "label")
-METADATA = ("source", "collected_at")  # optional, shown, never interpreted
 SHA256 = r"^[0-9a-f]{64}$"
 
 

@@ -35,7 +35,7 @@ from tasks.champion_pointer import (
     read_pointer,
     write_pointer,
 )
-from tasks.evaluate import EvaluationRef, predicted_labels
+from tasks.evaluate import EvaluationRef, balanced_accuracy, predicted_labels
 from tasks.fetch import DatasetRef
 from tasks.gate import (
     Comparison,
@@ -278,7 +278,7 @@ def judge(
             everything = np.arange(len(y))
             theirs = predicted if champion is None else champion[name]
             comparison = compare(y, everything, predicted, theirs, min_support=rules.min_digit_images)
-        verdicts.append(judge_slice(name, len(y), _balanced(y, predicted), comparison, rules, note))
+        verdicts.append(judge_slice(name, len(y), balanced_accuracy(y, predicted), comparison, rules, note))
     decision = decide_slices(verdicts, rules, unavailable)
     change = pointer_change(before.model_key if before else None, lookup.fallback, challenger_key, decision.promoted)
     return verdicts, decision, change
@@ -286,10 +286,6 @@ def judge(
 
 def _recall(y: np.ndarray, predicted: np.ndarray) -> list[float]:
     return recall_per_digit(np.asarray(y, np.int64), np.asarray(predicted, np.int64)).tolist()
-
-
-def _balanced(y: np.ndarray, predicted: np.ndarray) -> float:
-    return float(np.nanmean(_recall(y, predicted)))
 
 
 def _champion_of(model: ModelRef, evaluation: EvaluationRef, run_id: str, decision: Decision, now: datetime) -> Champion:

@@ -95,13 +95,6 @@ def image_hashes(images: np.ndarray) -> np.ndarray:
     return np.array([hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in flat], dtype=object)
 
 
-def leaked(images: np.ndarray, protected: set[bytes]) -> np.ndarray:
-    """Which images are exact copies of a protected one (test set, selection split)."""
-    if not len(images):
-        return np.zeros(0, dtype=bool)
-    return np.array([h in protected for h in image_hashes(images)], dtype=bool)
-
-
 def image_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per image: mean intensity (0–1) and ink fraction (share of pixels at or above half intensity)."""
     flat = np.asarray(images, dtype=np.uint8).reshape(len(images), -1)

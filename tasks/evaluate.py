@@ -119,11 +119,6 @@ def predicted_labels(store: Store, dataset: DatasetRef, model: ModelRef, name: s
     return read_frame(store, stored.file_key, stored.sha256).sort_values("test_index").reset_index(drop=True)
 
 
-def predicted_test_labels(store: Store, dataset: DatasetRef, model: ModelRef) -> np.ndarray:
-    """The model's predicted label for every test image, in test-set order."""
-    return predicted_labels(store, dataset, model, SLICE_TEST)["predicted_label"].to_numpy()
-
-
 def balanced_accuracy(labels: np.ndarray, predicted: np.ndarray) -> float:
     """Mean per-digit recall over the digits present."""
     return float(np.nanmean(recall_per_digit(np.asarray(labels, np.int64), np.asarray(predicted, np.int64))))

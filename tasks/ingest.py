@@ -48,8 +48,8 @@ from tasks.data_checks import (
     label_quality,
 )
 from tasks.fetch import DatasetRef, load_mnist
-from tasks.slices import new_holdout_images, new_training_images
-from tasks.splits import SLICE_SELECTION, SPLIT_SEED, base_training_indices, selection_indices
+from tasks.slices import base_training, new_holdout_images, new_training_images
+from tasks.splits import SLICE_SELECTION, SPLIT_SEED, selection_indices
 
 INCOMING_ENV = "MNIST_INCOMING"
 LOCK = "ingest"
@@ -146,13 +146,13 @@ class References:
     def trained(self) -> set[bytes]:
         """Digests of every image a night may train on (MNIST's base training images, every accepted batch's
         training share): a holdout image must be none of them. Held-back and selection images are not."""
-        base = self.mnist.x_train[base_training_indices(self.mnist.y_train, self.dataset.held_back)]
+        base = self.mnist.x_train[base_training(self.mnist, self.dataset)]
         return set(image_hashes(base)) | set(image_hashes(new_training_images(self.store, self.dataset).x))
 
     @cached_property
     def reference(self) -> tuple[np.ndarray, np.ndarray]:
         """MNIST's base training images (a fixed sample) and all their labels: what drift is measured against."""
-        base = base_training_indices(self.mnist.y_train, self.dataset.held_back)
+        base = base_training(self.mnist, self.dataset)
         sample = np.random.default_rng(SPLIT_SEED).choice(base, size=min(REFERENCE_IMAGES, len(base)), replace=False)
         return self.mnist.y_train[base], self.mnist.x_train[np.sort(sample)]
 

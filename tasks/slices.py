@@ -52,11 +52,6 @@ def slice_images(store: Store, dataset: DatasetRef, name: str, mnist: Mnist | No
     raise ValueError(f"unknown slice {name!r}")
 
 
-def slice_size(dataset: DatasetRef, name: str) -> int | None:
-    """Images in the new-data slice (known from the references alone); None for the MNIST slices."""
-    return sum(b.holdout.rows for b in dataset.batches) if name == SLICE_NEW else None
-
-
 def slice_digest(dataset: DatasetRef, name: str) -> str:
     """What a slice's images are: the same digest, the same images (a champion's predictions on it are reusable)."""
     if name == SLICE_NEW:
