@@ -76,3 +76,29 @@ def test_empty_epochs_mean_the_models_own_default_and_the_form_shows_it():
     field = PipelineParameters.model_json_schema()["properties"]["epochs"]
     assert field["default"] is None and {"type": "null"} in field["anyOf"]
     assert "Empty: the model's own default, seed 15, strong" in field["description"]
+
+
+@pytest.mark.parametrize(
+    "values, field, said",
+    [
+        ({"held_back": -1}, "held_back", "simulate-arrivals"),
+        ({"held_back": 30_000}, "held_back", "simulate-arrivals"),
+        ({"ingest": {"max_leaked_share": 1.5}}, "ingest.max_leaked_share", "Exact copies of MNIST test images"),
+        ({"ingest": {"confident_probability": 0.3}}, "ingest.confident_probability", "top probability"),
+        ({"ingest": {"holdout_share": 1.0}}, "ingest.holdout_share", "never trained on"),
+        ({"gate": {"min_new_data_images": 0}}, "gate.min_new_data_images", "holds this many images"),
+    ],
+)
+def test_the_new_data_fields_refuse_bad_values_naming_the_field_and_what_it_means(values, field, said):
+    with pytest.raises(ValidationError) as info:
+        PipelineParameters(**values)
+    message = describe_errors(info.value)
+    assert message.startswith(f"Invalid parameters:\n  {field}=") and said in message, message
+
+
+def test_the_incoming_location_is_no_parameter_so_an_api_caller_cannot_point_a_worker_at_files():
+    for name in ("incoming", "mnist_incoming"):
+        with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+            PipelineParameters(**{name: "/etc"})
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        PipelineParameters(ingest={"incoming": "s3://elsewhere"})
