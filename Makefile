@@ -54,9 +54,9 @@ run: $(STAMP)
 	$(BIN)/mnist-pipeline run $(RUN_ARGS)
 
 # Two pytest workers (pytest-xdist): one test's waits (a server starting, heartbeats missed, a training in a child
-# process) overlap another's work. Tests that share a module's server or trained models stay on one worker
-# (--dist loadgroup, pytest.mark.xdist_group); --no-loadscope-reorder keeps the collection order (long modules
-# first, tests/conftest.py) instead of xdist's largest-group-first.
+# process) overlap another's work. Modules that share a server stack or trained models stay on one worker
+# (--dist loadgroup, scheduled by tests/conftest.py's SHARED_WORKER: xdist_group is ignored under pytest 9.2);
+# --no-loadscope-reorder keeps the collection order (long modules first) instead of xdist's largest-group-first.
 TEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 test: $(STAMP) browser

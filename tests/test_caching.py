@@ -113,7 +113,9 @@ def test_compute_key_names_the_step_and_has_no_side_effect(tmp_path):
 
 
 @pytest.mark.slow
-def test_runs_reuse_every_heavy_step_and_recompute_a_damaged_one(mnist_store: Store, prefect_harness, tmp_path, monkeypatch):
+def test_runs_reuse_every_heavy_step_recompute_a_damaged_one_and_hit_in_a_copied_store(
+    mnist_store: Store, prefect_harness, tmp_path, monkeypatch
+):
     from flows.pipeline import mnist_retrain
 
     store = Store(tmp_path / "store")
@@ -154,6 +156,15 @@ def test_runs_reuse_every_heavy_step_and_recompute_a_damaged_one(mnist_store: St
     assert refreshed.step_states["fetch-mnist"] == "Cached"
     assert {refreshed.step_states[s] for s in ("train", "evaluate", "plot")} == {"Completed"}
 
+    # references and sidecars name files relative to the store: a copied (or synced, or renamed) store still hits
+    import shutil
+
+    shutil.copytree(store.root, tmp_path / "copy")
+    shutil.rmtree(store.root)  # nothing may still point at the old place
+    copied = mnist_retrain(params.model_copy(update={"store": str(tmp_path / "copy")}))
+    assert copied.step_states == {"fetch-mnist": "Cached", "train": "Cached", "evaluate": "Cached", "plot": "Cached"}
+    assert copied.model_path.startswith(str(tmp_path / "copy")) and copied.test_accuracy == refreshed.test_accuracy
+
 
 @pytest.mark.slow
 def test_an_empty_seed_follows_the_data_and_new_seed_draws_one(mnist_store: Store, prefect_harness, tmp_path):
@@ -174,25 +185,6 @@ def test_an_empty_seed_follows_the_data_and_new_seed_draws_one(mnist_store: Stor
         json.loads(runs.loc[a.run_id, "parameters"])["seed"] == a.seed
         and json.loads(runs.loc[c.run_id, "parameters"])["seed"] == c.seed
     )
-
-
-@pytest.mark.slow
-def test_a_store_copied_elsewhere_keeps_its_cache_hits(mnist_store: Store, prefect_harness, tmp_path):
-    """References and sidecars name files relative to the store: a copied (or synced, or renamed) store still hits."""
-    import shutil
-
-    from flows.pipeline import mnist_retrain
-
-    original = Store(tmp_path / "original")
-    with_mnist(original, mnist_store)
-    params = PipelineParameters(epochs=1, train_limit=500, n_per_class=5, seed=8)
-    first = mnist_retrain(params.model_copy(update={"store": original.url}))
-    assert first.step_states["train"] == "Completed"
-    shutil.copytree(original.root, tmp_path / "copy")
-    shutil.rmtree(original.root)  # nothing may still point at the old place
-    copied = mnist_retrain(params.model_copy(update={"store": str(tmp_path / "copy")}))
-    assert copied.step_states == {"fetch-mnist": "Cached", "train": "Cached", "evaluate": "Cached", "plot": "Cached"}
-    assert copied.model_path.startswith(str(tmp_path / "copy")) and copied.test_accuracy == first.test_accuracy
 
 
 def test_references_written_by_the_previous_version_still_load(tmp_path):

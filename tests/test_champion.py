@@ -25,7 +25,7 @@ from tasks.tabulate import tabulate
 from tasks.train import TrainConfig, train_model
 from tests.conftest import reference_mcnemar
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("champion")]  # one worker shares the module's fixtures
+pytestmark = pytest.mark.slow  # conftest.SHARED_WORKER runs this module on one xdist worker: its models are trained once
 REPO = Path(__file__).resolve().parent.parent
 N_PER_CLASS = 100
 LENIENT = GateRules(min_balanced_accuracy=0.5, max_digit_drop=1.0)  # tiny trainings: one digit may lag
@@ -173,18 +173,19 @@ def test_two_gates_at_once_leave_one_consistent_pointer(store, lab):
     assert json.loads(Path(store.path(store.champion_file())).read_text())["run_id"] == "run-b"
 
 
-def test_manual_promote_and_rollback_through_the_cli(store, lab):
+def test_manual_promote_and_rollback_through_the_cli(store, lab, capsys):
     decide(store, lab, "weak", "run-1")
     decide(store, lab, "better", "run-2")
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "flows.cli", *args, "--store", store.url],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            timeout=120,
-        )
+        """The CLI's own entry point in this process (a fresh interpreter per command costs seconds of imports;
+        test_a_broken_pointer_with_no_intact_champion_promotes_nothing runs one as a user would)."""
+        from flows.cli import main
+
+        capsys.readouterr()
+        code = main([*args, "--store", store.url])
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
 
     done = cli("rollback")
     assert done.returncode == 0, done.stderr

@@ -15,43 +15,52 @@ import pytest
 
 from storage import code_digest
 
-pytestmark = pytest.mark.xdist_group("code-keys")  # one worker shares the module's fixtures
+# conftest.SHARED_WORKER runs this module on one xdist worker: its module fixtures are made once
 
 REPO = Path(__file__).resolve().parent.parent
 
 KEYS = textwrap.dedent(
     """
-    import json
-    from flows import caching
-    from tasks.evaluate import EvaluationRef
-    from tasks.fetch import DatasetRef
-    from tasks.model import ModelRef
-    from tasks.train import TrainConfig
+    import json, sys
 
-    dataset = DatasetRef(sha256="d" * 64, files={}, sources=["store"])
-    model = ModelRef(key="k", path="m", sha256="a" * 64, history_path="h", network="seed", device="CPU:0",
-                     precision="float32", epochs=1, resumed_from_epoch=0, train_images=10, train_seconds=1.0, val_accuracy=0.5)
-    evaluation = EvaluationRef(key="e", path="p", model_sha256="a" * 64, dataset_sha256="d" * 64, predictions_sha256="p" * 64,
-                               test_path="t", test_predictions_sha256="t" * 64, n_per_class=5, seed=0, n_evaluated=50,
-                               test_images=100, test_accuracy=0.5, balanced_accuracy=0.5)
-    print(json.dumps({
-        "train": caching.TRAIN.content_key({"dataset": dataset, "config": TrainConfig()}),
-        "evaluate": caching.EVALUATE.content_key({"dataset": dataset, "model": model, "n_per_class": 5, "seed": 0}),
-        "plot": caching.PLOT.content_key({"model": model, "evaluation": evaluation}),
-    }))
+    def keys_of(tree):
+        # this tree's flows/, tasks/ and storage/, imported afresh: third-party modules (TensorFlow) stay loaded
+        for name in [m for m in sys.modules if m.split(".")[0] in ("flows", "tasks", "storage")]:
+            del sys.modules[name]
+        sys.path[0] = tree
+        from flows import caching
+        from tasks.evaluate import EvaluationRef
+        from tasks.fetch import DatasetRef
+        from tasks.model import ModelRef
+        from tasks.train import TrainConfig
+
+        dataset = DatasetRef(sha256="d" * 64, files={}, sources=["store"])
+        model = ModelRef(key="k", path="m", sha256="a" * 64, history_path="h", network="seed", device="CPU:0",
+                         precision="float32", epochs=1, resumed_from_epoch=0, train_images=10, train_seconds=1.0,
+                         val_accuracy=0.5)
+        evaluation = EvaluationRef(key="e", path="p", model_sha256="a" * 64, dataset_sha256="d" * 64,
+                                   predictions_sha256="p" * 64, test_path="t", test_predictions_sha256="t" * 64,
+                                   n_per_class=5, seed=0, n_evaluated=50, test_images=100, test_accuracy=0.5,
+                                   balanced_accuracy=0.5)
+        assert caching.__file__.startswith(tree), (caching.__file__, tree)
+        return {
+            "train": caching.TRAIN.content_key({"dataset": dataset, "config": TrainConfig()}),
+            "evaluate": caching.EVALUATE.content_key({"dataset": dataset, "model": model, "n_per_class": 5, "seed": 0}),
+            "plot": caching.PLOT.content_key({"model": model, "evaluation": evaluation}),
+        }
+
+    print(json.dumps({tree: keys_of(tree) for tree in sys.argv[1:]}))
     """
 )
 
 
-def keys_of(tree: Path) -> dict[str, str]:
-    done = subprocess.run([sys.executable, "-c", KEYS], cwd=tree, capture_output=True, text=True, timeout=120)
+def keys_of(*trees: Path) -> dict[Path, dict[str, str]]:
+    """The keys each tree's code gives, in one fresh interpreter (one TensorFlow import for every tree)."""
+    done = subprocess.run(
+        [sys.executable, "-c", KEYS, *map(str, trees)], cwd=trees[0], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout)
-
-
-@pytest.fixture(scope="module")
-def original(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    return keys_of(copy_repo(tmp_path_factory.mktemp("original")))
+    return {Path(tree): keys for tree, keys in json.loads(done.stdout).items()}
 
 
 def copy_repo(target: Path) -> Path:
@@ -133,12 +142,21 @@ EDITS = {
 }
 
 
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, str]]:
+    """The keys of the original source and of each edited copy: {"original" or the edit's name: {step: key}}."""
+    trees = {"original": copy_repo(tmp_path_factory.mktemp("original"))}
+    for i, (what, (module, pattern, replacement, _)) in enumerate(EDITS.items()):
+        trees[what] = copy_repo(tmp_path_factory.mktemp(f"edit-{i}"))
+        edit(trees[what], module, pattern, replacement)
+    found = keys_of(*trees.values())
+    return {what: found[tree] for what, tree in trees.items()}
+
+
 @pytest.mark.parametrize("what", list(EDITS))
-def test_an_edit_changes_exactly_the_keys_of_the_steps_that_run_it(what, original, tmp_path):
-    module, pattern, replacement, expected = EDITS[what]
-    tree = copy_repo(tmp_path)
-    edit(tree, module, pattern, replacement)
-    changed = {step for step, key in keys_of(tree).items() if key != original[step]}
+def test_an_edit_changes_exactly_the_keys_of_the_steps_that_run_it(what, keys):
+    expected = EDITS[what][3]
+    changed = {step for step, key in keys[what].items() if key != keys["original"][step]}
     assert changed == expected
 
 

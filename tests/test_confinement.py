@@ -1,5 +1,5 @@
 """What a deployed run may point its worker at, and how ``make serve`` guards the API: unit checks, no server
-(the real server's refusals are in tests/test_real_server.py)."""
+(the real server's refusals are in tests/test_deployment.py)."""
 
 from __future__ import annotations
 

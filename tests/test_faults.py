@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import errno
 import gzip
-import json
 import multiprocessing
 import os
-import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
@@ -23,8 +19,7 @@ from storage import Store, StoreError, sha256_bytes
 from storage.tables import TABLES, read_table, write_table
 from tasks.fetch import DirectorySource, FileSpec, fetch_mnist, load_mnist
 from tasks.idx import IDXFormatError
-from tasks.train import TrainConfig, stored_model, train_model, training_key
-from tests.conftest import Mirror, sample_frames, with_mnist
+from tests.conftest import Mirror, sample_frames
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -87,58 +82,7 @@ def test_label_file_of_another_set_is_named(synthetic, store, tmp_path):
         load_mnist(store, ref)
 
 
-# 3. training killed mid-way -------------------------------------------------------------------
-KILLABLE = textwrap.dedent(
-    """
-    import sys
-    from storage import Store
-    from tasks.fetch import fetch_mnist
-    from tasks.train import TrainConfig, train_model
-    store = Store(sys.argv[1])
-    config = TrainConfig.model_validate_json(sys.argv[2])
-    train_model(store, fetch_mnist(store, sources=[]), config, log=lambda m: print(m, flush=True))
-    """
-)
-
-
-@pytest.mark.slow
-def test_training_killed_mid_way_resumes_from_the_last_epoch(tmp_path, mnist_store):
-    store = Store(tmp_path / "store")
-    with_mnist(store, mnist_store)
-    dataset = fetch_mnist(store, sources=[], log=lambda _: None)
-    config = TrainConfig(epochs=6, train_limit=12000, seed=2)
-    key = training_key(dataset, config)
-    history = Path(store.checkpoint_dir(key)) / "history.json"
-
-    proc = subprocess.Popen(
-        [sys.executable, "-c", KILLABLE, store.url, config.model_dump_json()],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-    )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not (history.exists() and len(json.loads(history.read_text())) >= 2):
-        assert proc.poll() is None, proc.stdout.read().decode()
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done_before = len(json.loads(history.read_text()))
-    assert 2 <= done_before < 6, "the kill came too late to test a resume"
-    assert stored_model(store, key) is None  # nothing half-trained was published as the model
-
-    logs: list[str] = []
-    ref = train_model(store, dataset, config, log=logs.append)
-    assert ref.resumed_from_epoch >= done_before  # the epoch whose backup was written before the kill
-    assert any(line.startswith("Resuming from the checkpoint after epoch") for line in logs)
-    trained = pd.read_parquet(store.path(ref.history_key))
-    assert trained["epoch"].tolist() == [1, 2, 3, 4, 5, 6]  # history kept across the kill
-    import keras
-
-    model = keras.models.load_model(store.path(ref.file_key))
-    steps_per_epoch = int(np.ceil(ref.train_images / config.batch_size))
-    assert int(model.optimizer.iterations.numpy()) == 6 * steps_per_epoch  # same epochs as an uninterrupted run
-    assert not Path(store.checkpoint_dir(key)).exists()
+# 3. training killed mid-way: tests/test_s3_store.py kills it with SIGKILL on one machine and resumes it on another
 
 
 # 4. concurrent runs on one store --------------------------------------------------------------

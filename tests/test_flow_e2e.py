@@ -78,15 +78,16 @@ def test_flow_end_to_end(mnist_store: Store, prefect_harness) -> None:
     assert list(history.columns) == ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"] and len(history) == 1
 
 
-def test_console_script_with_a_directory_source(mnist_store: Store, tmp_path: Path) -> None:
-    """``mnist-pipeline run`` as a user types it, with MNIST from a directory and a fresh store."""
+def test_console_script_with_a_directory_source(mnist_store: Store, tmp_path: Path, prefect_api) -> None:
+    """``mnist-pipeline run`` as a user types it, with MNIST from a directory and a fresh store (on the session's
+    API: tests/test_secrets.py runs it on Prefect's temporary server, as `make run` does)."""
     source = tmp_path / "idx"
     source.mkdir()
     dataset = fetch_mnist(mnist_store, sources=[], log=lambda _: None)  # all in the store already
     for name, stored in dataset.files.items():
         (source / name).write_bytes(mnist_store.read_bytes(stored.key))
     out = tmp_path / "store"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), **prefect_api}
     done = subprocess.run(
         [
             sys.executable,
@@ -96,7 +97,7 @@ def test_console_script_with_a_directory_source(mnist_store: Store, tmp_path: Pa
             "--epochs",
             "1",
             "--train-limit",
-            "6000",
+            "3000",
             "--n-per-class",
             "100",
             "--store",

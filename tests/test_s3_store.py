@@ -85,17 +85,23 @@ train_model(store, fetch_mnist(store, sources=[]), TrainConfig.model_validate_js
 
 
 def test_a_training_killed_on_one_worker_resumes_on_another(s3_server, mnist_store: Store, tmp_path: Path, monkeypatch):
+    """SIGKILL during training on one machine; another machine, with nothing local, resumes from the last epoch
+    backed up in the bucket and ends where an uninterrupted training would."""
     import json
     import signal
     import time
 
-    from tasks.train import TrainConfig, train_model, training_key
+    import keras
+    import numpy as np
+
+    from tasks.train import TrainConfig, stored_model, train_model, training_key
 
     store = Store(s3_server.bucket("resume") + "/mnist")
     with_mnist(store, mnist_store)
     dataset = fetch_mnist(store, sources=[], log=lambda _: None)
-    config = TrainConfig(epochs=6, train_limit=24000, seed=4)  # epochs of ~1.5 s: time to see the pointer and kill
-    pointer = store.key("checkpoints", training_key(dataset, config), "latest.json")
+    config = TrainConfig(epochs=4, train_limit=12000, seed=4)  # epochs of a few seconds: time to see the pointer and kill
+    key = training_key(dataset, config)
+    pointer = store.key("checkpoints", key, "latest.json")
 
     worker_a = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "worker-a"), "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
@@ -112,14 +118,21 @@ def test_a_training_killed_on_one_worker_resumes_on_another(s3_server, mnist_sto
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     in_store = json.loads(store.read_bytes(pointer))["epoch"]
-    assert 2 <= in_store < 6, "the kill came too late to test a resume"
+    assert 2 <= in_store < 4, "the kill came too late to test a resume"
+    assert stored_model(store, key) is None  # nothing half-trained was published as the model
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "worker-b"))  # another machine: nothing local
     logs: list[str] = []
     ref = train_model(store, dataset, config, log=logs.append)
     assert f"Found a checkpoint after epoch {in_store} in the store" in logs
+    assert any(line.startswith(f"Resuming from the checkpoint after epoch {in_store}") for line in logs), logs
     assert ref.resumed_from_epoch == in_store
-    assert read_history_epochs(store, ref.history_key) == [1, 2, 3, 4, 5, 6]
+    assert read_history_epochs(store, ref.history_key) == [1, 2, 3, 4]  # history kept across the kill
+    local = tmp_path / "model.keras"
+    local.write_bytes(store.read_bytes(ref.file_key))
+    model = keras.models.load_model(local)
+    steps_per_epoch = int(np.ceil(ref.train_images / config.batch_size))
+    assert int(model.optimizer.iterations.numpy()) == 4 * steps_per_epoch  # same steps as an uninterrupted training
     assert not store.exists(store.key("checkpoints", ref.key))  # dropped once the model was stored
 
 

@@ -5,6 +5,7 @@ process's command line while the run is going."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -75,6 +76,10 @@ def test_a_password_in_the_store_url_appears_nowhere_during_a_run(s3_server, mni
     assert run.returncode == 0, run.stderr[-3000:]
     assert "s3://secret-store/x" in run.stdout
     assert SECRET not in run.stdout + run.stderr
+    # a healthy run on Prefect's temporary server (as `make run` starts one) says nothing a newcomer would read as
+    # a failure, TensorFlow's start-up banner included
+    alarming = [line for line in (run.stdout + run.stderr).splitlines() if re.search(r"E0000|ERROR|WARNING|Warning:", line)]
+    assert alarming == []
     assert not seen, seen
     for file in home.rglob("*"):  # Prefect's database (runs, parameters, logs, artifacts, blocks) and its logs
         if file.is_file():

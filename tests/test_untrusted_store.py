@@ -29,7 +29,7 @@ from tasks.plots import PlotsRef, stored_plots
 from tasks.train import stored_model
 from tests.conftest import Mirror, model_ref, sample_frames, with_mnist
 
-pytestmark = pytest.mark.xdist_group("untrusted-store")  # one worker shares the module's fixtures
+# conftest.SHARED_WORKER runs this module on one xdist worker: its module fixtures are made once
 
 REPO = Path(__file__).resolve().parent.parent
 MARKER_ENV = "MNIST_TEST_MARKER"
