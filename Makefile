@@ -18,14 +18,15 @@ venv: $(STAMP)
 
 # Installs are pinned: every package at the version in requirements.lock, checked against its hashes, then this
 # project itself without resolving anything. uv installs them (its own pinned, hashed copy first, through pip):
-# the same checks as pip's --require-hashes, downloads in parallel, a fresh venv in about a minute instead of three. `make lock` refreshes the lock after pyproject.toml changed
+# the same checks as pip's --require-hashes, downloads in parallel, a fresh venv in about a minute instead of three;
+# --compile-bytecode writes the .pyc files at install, not in the first test processes that import TensorFlow. `make lock` refreshes the lock after pyproject.toml changed
 # (tests/test_lock.py fails until then).
 LOCK := requirements.lock
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	awk '/^uv==/ {p = 1} p {print} p && !/\\$$/ {exit}' $(LOCK) > $(VENV)/uv-requirement.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r $(VENV)/uv-requirement.txt
-	$(BIN)/uv pip install --quiet --python $(BIN)/python --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --require-hashes --no-deps --compile-bytecode -r $(LOCK)
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
 	$(MAKE) --no-print-directory torch-cpu
 	touch $(STAMP)

@@ -268,11 +268,20 @@ class LocalStack:
         return f"worker-{pool}" if name == f"{pool}-worker-local" else f"worker-{name}"
 
     def add_worker(
-        self, pool: str, name: str, prefect_home: Path | None = None, cwd: Path = REPO, limit: int | None = None
+        self,
+        pool: str,
+        name: str,
+        prefect_home: Path | None = None,
+        cwd: Path = REPO,
+        limit: int | None = None,
+        cache_home: Path | None = None,
     ) -> int:
-        """A process worker on ``pool``, as another machine would run it: its own Prefect home and directory,
-        at most ``limit`` flow runs at once (default: this machine's GPUs, at least one)."""
+        """A process worker on ``pool``, as another machine would run it: its own Prefect home, directory and
+        cache (``XDG_CACHE_HOME``: checkpoint working copies and the remote store's local locks), at most
+        ``limit`` flow runs at once (default: this machine's GPUs, at least one)."""
         env = {"PREFECT_HOME": str(prefect_home)} if prefect_home else {}
+        if cache_home:
+            env["XDG_CACHE_HOME"] = str(cache_home)
         log_name = self.worker_log_name(pool, name)
         limit = limit or worker_limit()
         return self._spawn(

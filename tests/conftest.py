@@ -131,7 +131,7 @@ def prefect_harness():
 def prefect_api(prefect_harness) -> dict[str, str]:
     """The session's Prefect API, for the environment of a child process (a CLI run as another machine would
     make it: its own PREFECT_HOME, a shared server). Without an API a child starts Prefect's ephemeral server on
-    a fresh database, about 14 s of CPU each on 2 cores; the console-script and secrets tests still do."""
+    a fresh database, about 14 s of CPU each on 2 cores; the secrets test still does, as `make run` does."""
     from prefect.settings import PREFECT_API_URL
 
     return {"PREFECT_API_URL": PREFECT_API_URL.value()}

@@ -59,7 +59,7 @@ def test_a_rollback_racing_a_gate_loses_no_decision_and_leaves_the_pointer_consi
     gate(worker, DATASET, *models["a"], PROMOTE, "run-a")
     gate(worker, DATASET, *models["b"], PROMOTE, "run-b")
     rng = random.Random(7)
-    rounds = 8  # every order and both rule sets, twice
+    rounds = 8  # each rule set, the two random delays swapped between the racers, twice
     for i in range(rounds):
         challenger = "c" if i % 2 else "a"
         rules = PROMOTE if i % 4 < 2 else REJECT

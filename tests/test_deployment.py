@@ -163,6 +163,7 @@ def ops(tmp_path_factory: pytest.TempPathFactory, mnist_store: Store):
                 env.setenv(name, value)
             s3fs.S3FileSystem.clear_instance_cache()
             env.setenv("MNIST_ALERT_WEBHOOK", receiver.url)
+            env.setenv("XDG_CACHE_HOME", str(tmp / "machine-local" / "cache"))  # the stack's own worker: a cache of its own
             env.delenv("PREFECT_API_DATABASE_CONNECTION_URL", raising=False)
             url = s3.bucket("nightly") + "/mnist"
             store = with_mnist(Store(url), mnist_store)
@@ -181,6 +182,7 @@ def ops(tmp_path_factory: pytest.TempPathFactory, mnist_store: Store):
         finally:
             if stack is not None:
                 stopped = stack.stop(grace=5)
+                assert any(s.startswith("server") for s in stopped), stopped
                 assert any(s.startswith("postgres") for s in stopped) and not stack.postgres_file.exists(), stopped
             s3.stop()
             receiver.server.shutdown()
@@ -189,12 +191,12 @@ def ops(tmp_path_factory: pytest.TempPathFactory, mnist_store: Store):
 
 @pytest.fixture
 def two_workers(ops):
-    """Two live workers for the test, whichever tests ran before (one may have killed a worker): the stack's own
-    and another machine's (its own Prefect home and directory)."""
+    """Two live workers for the test, whichever tests ran before (one may have killed a worker), each as its own
+    machine: its own Prefect home, directory and cache, so a resumed training can only come from the bucket."""
     while len(ops.stack.workers()) < 2:
         home = ops.machines / f"machine-{time.monotonic_ns()}"
         home.mkdir(parents=True)
-        ops.stack.add_worker("gpu", f"gpu-worker-{home.name}", prefect_home=home / "prefect", cwd=home)
+        ops.stack.add_worker("gpu", f"gpu-worker-{home.name}", prefect_home=home / "prefect", cwd=home, cache_home=home / "cache")
     return ops.stack.workers()
 
 
@@ -212,7 +214,7 @@ def psql(cluster: LocalPostgres, env: dict[str, str]) -> subprocess.CompletedPro
 
 
 def test_the_stack_is_configured_as_prefect_yaml_says_and_keeps_its_secrets(ops, two_workers):
-    deployment = ops.deployment
+    deployment = ops.client.read_deployment_by_name(DEPLOYMENT)  # as it is now: other tests change and restore the limit
     assert deployment.global_concurrency_limit.limit == 1
     assert deployment.concurrency_options.collision_strategy.value == "ENQUEUE"
     (schedule,) = deployment.schedules
@@ -248,6 +250,7 @@ def test_the_stack_is_configured_as_prefect_yaml_says_and_keeps_its_secrets(ops,
 
 def test_a_run_triggered_during_the_nights_run_waits_for_it_then_finds_every_step_cached(ops, two_workers):
     params = {**QUICK, "seed": 11}
+    ops.receiver.received.clear()  # the alerts of this test's runs only
     night = ops.trigger(**params)
     ops.wait([night.id], lambda rs: rs[0].state.is_running(), 120, "the night's run did not start")
     manual = ops.trigger(**params)  # "Run" clicked in the UI meanwhile, a worker free: only the deployment's limit holds it
@@ -292,6 +295,8 @@ def test_runs_due_while_the_workers_were_away_run_when_they_return_and_train_eac
 
     same = {**QUICK, "seed": 5}
     backfill = [same, same, same, {**same, "seed": 6}]
+    ops.store.fs.invalidate_cache()
+    temporaries_before = {p for p in ops.store.fs.find(ops.store.root) if "/." in p}  # a killed writer's, if that test ran first
     ops.set_deployment_limit(len(backfill))  # a backfill: runs overlap on the two workers, each one run at a time
     ops.pause_pool(True)  # no worker takes runs: as if they were down at 02:00
     try:
@@ -318,14 +323,18 @@ def test_runs_due_while_the_workers_were_away_run_when_they_return_and_train_eac
             [(r.start_time, r.end_time) for r in mine],
         )
 
-    def trainings() -> list[str]:  # the flow's own log line, stored by the server a moment after it is written
-        logs = ops.client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)))
-        return [log.message for log in logs if log.message.startswith("Training seed on")]
+    def messages(run_id) -> list[str]:  # one run's log (a page holds 200 lines), stored a moment after it is written
+        query = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id]))
+        return [log.message for log in ops.client.read_logs(log_filter=query, limit=200)]
 
-    deadline = time.monotonic() + 30
-    while len(trainings()) < 2 and time.monotonic() < deadline:
-        time.sleep(1)
-    assert len(trainings()) == 2, trainings()  # seeds 5 and 6: the three identical runs trained once
+    deadline = time.monotonic() + 60
+    logs = {i: messages(i) for i in ids}
+    while not all(any(m.startswith("Steps: ") for m in lines) for lines in logs.values()) and time.monotonic() < deadline:
+        time.sleep(1)  # each run's last line, "Steps: …": its earlier lines are stored by then
+        logs = {i: messages(i) for i in ids}
+    trainings = [m for lines in logs.values() for m in lines if m.startswith("Training seed on")]
+    assert all(len(lines) < 200 for lines in logs.values()), "a run's log filled the page: count on more pages"
+    assert len(trainings) == 2, trainings  # seeds 5 and 6: the three identical runs trained once
     limits = [lim.name for lim in ops.client.read_global_concurrency_limits(limit=200)]
     assert any(name.startswith("mnist-artifact-") and "train-" in name for name in limits), limits
 
@@ -346,7 +355,8 @@ def test_runs_due_while_the_workers_were_away_run_when_they_return_and_train_eac
         for path in ops.store.fs.glob(ops.store.path("tables", name) + "/*/*.parquet"):
             with ops.store.fs.open(path, "rb") as handle:  # glob gives filesystem paths, not store keys
                 pq.read_table(handle)
-    assert not [p for p in ops.store.fs.find(ops.store.root) if "/." in p]  # no temporary objects left in the bucket
+    temporaries = {p for p in ops.store.fs.find(ops.store.root) if "/." in p} - temporaries_before
+    assert not temporaries  # these runs left no temporary object in the bucket
 
 
 def test_a_killed_workers_run_is_crashed_restarted_elsewhere_and_resumes(ops, two_workers):

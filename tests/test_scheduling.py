@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -31,6 +32,14 @@ def test_every_shared_module_exists_and_only_its_tests_share_a_scope():
         assert (REPO / "tests" / f"{module}.py").exists(), module
     assert shared_scope("tests/test_champion.py::test_a") == shared_scope("tests/test_champion.py::test_b[x]")
     assert shared_scope("tests/test_gate.py::test_a") == "tests/test_gate.py::test_a"
+
+
+def test_every_module_with_a_module_scoped_fixture_is_shared():
+    """A module fixture on two workers is built twice (a second server stack, a second set of trainings)."""
+    with_module_fixtures = {
+        path.stem for path in (REPO / "tests").glob("test_*.py") if re.search(r"scope=[\"']module[\"']", path.read_text())
+    }
+    assert with_module_fixtures and with_module_fixtures <= set(SHARED_WORKER), with_module_fixtures - set(SHARED_WORKER)
 
 
 def test_a_shared_module_runs_on_one_of_two_workers(tmp_path: Path):
