@@ -8,6 +8,7 @@ import gzip
 import json
 import math
 import os
+import re
 import shutil
 import threading
 from datetime import UTC, datetime
@@ -88,6 +89,14 @@ def with_mnist(store: Store, mnist_store: Store) -> Store:
     """``store``, local or in a bucket, with the verified download already in it (the download is tested elsewhere)."""
     store.fs.put(mnist_store.path("objects") + "/", store.path("objects"), recursive=True)
     return store
+
+
+ALARMING = re.compile(r"E0000|ERROR|WARNING|Warning:")
+
+
+def alarming(output: str) -> list[str]:
+    """The lines of a run's output that a newcomer would read as a failure (TensorFlow's start-up banner included)."""
+    return [line for line in output.splitlines() if ALARMING.search(line)]
 
 
 def missing(reason: str) -> None:
@@ -366,6 +375,14 @@ class S3Server:
             "AWS_DEFAULT_REGION": "us-east-1",
         }
 
+    def use(self, env: pytest.MonkeyPatch) -> None:
+        """Point this process and its children at this endpoint through the standard AWS variables."""
+        import s3fs
+
+        for name, value in self.env.items():
+            env.setenv(name, value)
+        s3fs.S3FileSystem.clear_instance_cache()  # fsspec reuses instances: one made for an earlier endpoint would stay
+
     def bucket(self, name: str) -> str:
         import s3fs
 
@@ -384,9 +401,7 @@ def s3_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     import s3fs
 
     server = S3Server(tmp_path)
-    for name, value in server.env.items():
-        monkeypatch.setenv(name, value)
-    s3fs.S3FileSystem.clear_instance_cache()  # fsspec reuses instances: one made for an earlier endpoint would stay
+    server.use(monkeypatch)
     yield server
     server.stop()
     s3fs.S3FileSystem.clear_instance_cache()

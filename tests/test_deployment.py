@@ -159,9 +159,7 @@ def ops(tmp_path_factory: pytest.TempPathFactory, mnist_store: Store):
     stack = None
     with pytest.MonkeyPatch.context() as env:
         try:
-            for name, value in s3.env.items():  # this process and the stack's: the bucket's endpoint
-                env.setenv(name, value)
-            s3fs.S3FileSystem.clear_instance_cache()
+            s3.use(env)  # this process and the stack's: the bucket's endpoint
             env.setenv("MNIST_ALERT_WEBHOOK", receiver.url)
             env.setenv("XDG_CACHE_HOME", str(tmp / "machine-local" / "cache"))  # the stack's own worker: a cache of its own
             env.delenv("PREFECT_API_DATABASE_CONNECTION_URL", raising=False)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from storage import Store
 from storage.tables import TABLES, read_table
 from tasks.fetch import fetch_mnist
 from tasks.train import stored_model
-from tests.conftest import with_mnist
+from tests.conftest import alarming, with_mnist
 
 pytestmark = pytest.mark.slow
 
@@ -117,8 +116,7 @@ def test_console_script_with_a_directory_source(mnist_store: Store, tmp_path: Pa
     check_run(store, run_id, n_per_class=100, epochs=1)
     assert "from directory" in done.stdout + done.stderr
     # a healthy run says nothing a newcomer would read as a failure (TensorFlow's start-up banner included)
-    alarming = [line for line in (done.stdout + done.stderr).splitlines() if re.search(r"E0000|ERROR|WARNING|Warning:", line)]
-    assert alarming == []
+    assert alarming(done.stdout + done.stderr) == []
 
 
 def test_three_nights_promote_reject_promote(mnist_store: Store, prefect_harness, tmp_path: Path) -> None:

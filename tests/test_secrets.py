@@ -5,7 +5,6 @@ process's command line while the run is going."""
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -17,7 +16,7 @@ import pytest
 from storage import Store, strip_credentials
 from storage.credentials import CredentialsInUrl
 from storage.tables import read_table
-from tests.conftest import with_mnist
+from tests.conftest import alarming, with_mnist
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "pw-Zq8rT3xK9vLm2"
@@ -83,8 +82,7 @@ def test_a_password_in_the_store_url_appears_nowhere_during_a_run(s3_server, mni
     assert SECRET not in run.stdout + run.stderr
     # a healthy run on Prefect's temporary server (as `make run` starts one) says nothing a newcomer would read as
     # a failure, TensorFlow's start-up banner included
-    alarming = [line for line in (run.stdout + run.stderr).splitlines() if re.search(r"E0000|ERROR|WARNING|Warning:", line)]
-    assert alarming == []
+    assert alarming(run.stdout + run.stderr) == []
     assert not seen, seen
     for file in home.rglob("*"):  # Prefect's database (runs, parameters, logs, artifacts, blocks) and its logs
         if file.is_file():
