@@ -57,6 +57,13 @@ RESTART_AUTOMATION = "mnist-restart-crashed-runs"
 CRASH_MESSAGE = "No heartbeat from this flow run's process: its worker or machine died. Marked Crashed by {automation}."
 RESTART_MESSAGE = "Restarted by {automation} after its worker stopped sending heartbeats; training resumes from the checkpoint."
 MAX_ATTEMPTS = 3
+# The server's proactive evaluation runs on its events clock, which lags real time by as much as the events it last
+# processed (on a loaded server, a minute or more) and stays there while a dead run sends nothing. The server sweeps
+# an expired bucket after PREFECT_SERVER_EVENTS_EXPIRED_BUCKET_BUFFER (60 s by default); when the clock then jumps,
+# the sweep can take a silent run's bucket before the evaluation sees it, and that run is never marked Crashed.
+# ``make serve`` sets the buffer to 15 minutes: a swept bucket can only be one no evaluation needs.
+BUCKET_BUFFER_ENV = "PREFECT_SERVER_EVENTS_EXPIRED_BUCKET_BUFFER"
+BUCKET_BUFFER_SECONDS = 900
 FINAL_EVENTS = ("prefect.flow-run.Completed", "prefect.flow-run.Failed", "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed")
 
 
