@@ -63,7 +63,7 @@ MAX_ATTEMPTS = 3
 # the sweep can take a silent run's bucket before the evaluation sees it, and that run is never marked Crashed.
 # ``make serve`` sets the buffer to 15 minutes: a swept bucket can only be one no evaluation needs.
 BUCKET_BUFFER_ENV = "PREFECT_SERVER_EVENTS_EXPIRED_BUCKET_BUFFER"
-BUCKET_BUFFER_SECONDS = 900
+BUCKET_BUFFER = "PT900S"  # an ISO 8601 duration: the setting does not read a bare number of seconds
 FINAL_EVENTS = ("prefect.flow-run.Completed", "prefect.flow-run.Failed", "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed")
 
 

@@ -28,7 +28,7 @@ import urllib.request
 from pathlib import Path
 
 from flows.database import DATABASES, URL_ENV, LocalPostgres
-from flows.recovery import BUCKET_BUFFER_ENV, BUCKET_BUFFER_SECONDS, HEARTBEAT_ENV, HEARTBEAT_SECONDS, SILENT_AFTER_SECONDS
+from flows.recovery import BUCKET_BUFFER, BUCKET_BUFFER_ENV, HEARTBEAT_ENV, HEARTBEAT_SECONDS, SILENT_AFTER_SECONDS
 
 REPO = Path(__file__).resolve().parent.parent
 POOLS = ("gpu",)
@@ -149,7 +149,7 @@ class LocalStack:
         """The server's environment: the client one, plus the auth string as a server setting and the database."""
         env = self.env
         env.update(PREFECT_SERVER_API_HOST=self.host, PREFECT_SERVER_CSRF_PROTECTION_ENABLED="true")
-        env[BUCKET_BUFFER_ENV] = str(BUCKET_BUFFER_SECONDS)  # flows/recovery.py: a silent run's bucket is never swept unseen
+        env[BUCKET_BUFFER_ENV] = BUCKET_BUFFER  # flows/recovery.py: a silent run's bucket is never swept unseen
         if self.auth_string:
             env[AUTH_ENV] = self.auth_string
         if self.database_url:

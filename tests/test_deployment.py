@@ -35,7 +35,7 @@ import pytest
 
 from flows.alerts import AUTOMATION_NAME
 from flows.database import LocalPostgres, postgres_binary
-from flows.recovery import BUCKET_BUFFER_ENV, BUCKET_BUFFER_SECONDS, CRASH_MESSAGE, MAX_ATTEMPTS, RESTART_MESSAGE
+from flows.recovery import BUCKET_BUFFER, BUCKET_BUFFER_ENV, CRASH_MESSAGE, MAX_ATTEMPTS, RESTART_MESSAGE
 from flows.serve import LocalStack, free_port
 from storage import Store
 from storage.tables import TABLES, read_table
@@ -283,7 +283,7 @@ def test_the_stack_is_configured_as_prefect_yaml_says_and_keeps_its_secrets(ops,
         assert b"PREFECT_API_DATABASE_CONNECTION_URL" not in environment and b"PREFECT_API_AUTH_STRING=" in environment
         assert cluster.password.encode() not in environment, worker
     server = Path(f"/proc/{ops.stack._pids()['server']}/environ").read_bytes().split(b"\0")
-    assert f"{BUCKET_BUFFER_ENV}={BUCKET_BUFFER_SECONDS}".encode() in server  # a silent run's bucket is not swept unseen
+    assert f"{BUCKET_BUFFER_ENV}={BUCKET_BUFFER}".encode() in server  # a silent run's bucket is not swept unseen
     env = {k: v for k, v in os.environ.items() if k != "PGPASSWORD"}
     denied = psql(cluster, env)
     assert denied.returncode != 0 and "password" in denied.stderr, denied.stderr
