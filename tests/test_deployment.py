@@ -156,13 +156,16 @@ class Ops:
 
         query = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])))
         mine = DeploymentFilter(id=DeploymentFilterId(any_=[self.deployment.id]))
-        deadline, nights = time.monotonic() + timeout, []
-        while not nights and time.monotonic() < deadline:
-            nights = [r for r in self.client.read_flow_runs(flow_run_filter=query, deployment_filter=mine) if r.auto_scheduled]
-            time.sleep(0 if nights else 2)
+
+        def scheduled_nights() -> list:
+            return [r for r in self.client.read_flow_runs(flow_run_filter=query, deployment_filter=mine) if r.auto_scheduled]
+
+        deadline = time.monotonic() + timeout
+        while not (nights := scheduled_nights()) and time.monotonic() < deadline:
+            time.sleep(2)
         (schedule,) = self.deployment.schedules
         self.client.update_deployment_schedule(self.deployment.id, schedule.id, active=False)
-        left = [r for r in self.client.read_flow_runs(flow_run_filter=query, deployment_filter=mine) if r.auto_scheduled]
+        left = scheduled_nights()
         assert not left, f"{len(left)} nights still scheduled after the schedule was switched off"
         return sorted(nights, key=lambda r: r.expected_start_time)
 
