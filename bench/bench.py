@@ -31,18 +31,18 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from storage import Store  # noqa: E402
-from tasks.champion import gate  # noqa: E402
-from tasks.evaluate import evaluate_model  # noqa: E402
-from tasks.fetch import fetch_mnist, load_mnist  # noqa: E402
-from tasks.gate import GateRules  # noqa: E402
-from tasks.keras_runtime import import_keras  # noqa: E402
-from tasks.metrics import wilson_interval  # noqa: E402
-from tasks.model import build_seed_model  # noqa: E402
-from tasks.plots import render_plots  # noqa: E402
-from tasks.report import publish_report  # noqa: E402
-from tasks.run_record import RunRecord  # noqa: E402
-from tasks.tabulate import tabulate  # noqa: E402
-from tasks.train import TrainConfig, train_model  # noqa: E402
+from tasks.champion.gate import GateRules  # noqa: E402
+from tasks.champion.promotion import gate  # noqa: E402
+from tasks.data.fetch import fetch_mnist, load_mnist  # noqa: E402
+from tasks.evaluation.evaluate import evaluate_model  # noqa: E402
+from tasks.evaluation.metrics import wilson_interval  # noqa: E402
+from tasks.evaluation.plots import render_plots  # noqa: E402
+from tasks.publish.report import publish_report  # noqa: E402
+from tasks.publish.run_record import RunRecord  # noqa: E402
+from tasks.publish.tabulate import tabulate  # noqa: E402
+from tasks.training.keras_runtime import import_keras  # noqa: E402
+from tasks.training.model import build_seed_model  # noqa: E402
+from tasks.training.train import TrainConfig, train_model  # noqa: E402
 
 T0 = time.perf_counter()
 

@@ -1,4 +1,4 @@
-"""The GPU check: the seed network trained by ``tasks.train`` on Keras' JAX and PyTorch backends, in float32
+"""The GPU check: the seed network trained by ``tasks.training.train`` on Keras' JAX and PyTorch backends, in float32
 and in mixed precision, on whatever device each backend finds; one JSON object on stdout, progress on stderr.
 
 Run it through ``bench/gpu_check.sh`` on a GPU machine (it installs the wheels brought along in ``.whl/``
@@ -44,7 +44,7 @@ def wheel_list() -> list[str]:
 
 def export_mnist(directory: Path) -> None:
     from storage import Store
-    from tasks.fetch import default_sources, fetch_mnist
+    from tasks.data.fetch import default_sources, fetch_mnist
 
     store = Store.resolve(None)
     dataset = fetch_mnist(store, sources=default_sources(), log=progress)
@@ -75,12 +75,12 @@ def train_one(args: argparse.Namespace) -> dict:
     import pandas as pd
 
     from storage import Store
-    from tasks.backends import process_backend
-    from tasks.evaluate import predict
-    from tasks.fetch import DirectorySource, fetch_mnist, load_mnist
-    from tasks.metrics import wilson_interval
-    from tasks.model import load_model
-    from tasks.train import TrainConfig, train_model
+    from tasks.data.fetch import DirectorySource, fetch_mnist, load_mnist
+    from tasks.evaluation.evaluate import predict
+    from tasks.evaluation.metrics import wilson_interval
+    from tasks.training.backends import process_backend
+    from tasks.training.model import load_model
+    from tasks.training.train import TrainConfig, train_model
 
     assert process_backend().value == args.backend, (process_backend(), args.backend)
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,7 +4,7 @@ loop, Python, TensorFlow's dispatch).
 
 Each part is timed alone, in a compiled ``tf.function`` at the training batch size and dtype policy, less
 the cost of calling a compiled function at all, and scaled to one epoch's steps; the whole is one epoch of
-``model.fit`` as ``tasks/train.py`` compiles it (without validation and checkpoints). Parts timed alone
+``model.fit`` as ``tasks/training/train.py`` compiles it (without validation and checkpoints). Parts timed alone
 miss the fusion TensorFlow does across layers, so they can add up to more than the whole. Prints
 a table on stdout (``make profile``). Figures vary ±10–30 % on a shared machine; compare shares, not digits.
 """
@@ -23,11 +23,11 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 
 from storage import Store  # noqa: E402
-from tasks.fetch import fetch_mnist, load_mnist  # noqa: E402
-from tasks.input_pipeline import STEPS_PER_EXECUTION, VALIDATION_SPLIT, input_pipeline  # noqa: E402
-from tasks.keras_runtime import import_keras  # noqa: E402
-from tasks.model import build_model, make_optimizer, scale  # noqa: E402
-from tasks.precision import dtype_policy, select_device  # noqa: E402
+from tasks.data.fetch import fetch_mnist, load_mnist  # noqa: E402
+from tasks.training.input_pipeline import STEPS_PER_EXECUTION, VALIDATION_SPLIT, input_pipeline  # noqa: E402
+from tasks.training.keras_runtime import import_keras  # noqa: E402
+from tasks.training.model import build_model, make_optimizer, scale  # noqa: E402
+from tasks.training.precision import dtype_policy, select_device  # noqa: E402
 
 BATCH = 128
 REPEATS = 150

@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 
 from flows.serve import free_port  # noqa: E402
 from storage import Store  # noqa: E402
-from tasks.fetch import fetch_mnist  # noqa: E402
+from tasks.data.fetch import fetch_mnist  # noqa: E402
 
 ARGS = ["--epochs", "1", "--train-limit", "6000", "--n-per-class", "100"]
 

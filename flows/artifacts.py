@@ -10,10 +10,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from flows.summary import RunSummary
 from storage import Store
 from storage.tables import read_frame
-from tasks.report import ReportRef, batches_markdown, decision_markdown, slices_markdown
-from tasks.run_record import RunRecord
-from tasks.splits import SLICE_TEST
-from tasks.tabulate import TablesRef
+from tasks.data.splits import SLICE_TEST
+from tasks.publish.report import ReportRef, batches_markdown, decision_markdown, slices_markdown
+from tasks.publish.run_record import RunRecord
+from tasks.publish.tabulate import TablesRef
 
 PER_DIGIT_KEY = "mnist-per-digit-accuracy"
 CONFUSION_KEY = "mnist-confusion-matrix"

@@ -21,12 +21,12 @@ from prefect.context import TaskRunContext
 from flows.locks import open_store
 from flows.results import UntrustedRecord, check_record
 from storage import SIDECAR_LIMIT, Store, code_digest
-from tasks.batch_format import AcceptedBatch, BatchPart
-from tasks.evaluate import EvaluationRef, SliceEvaluation, evaluation_key, stored_evaluation
-from tasks.fetch import DatasetRef, StoredFile, dataset_key, stored_dataset
-from tasks.model import ModelRef
-from tasks.plots import PlotsRef, plots_key, stored_plots
-from tasks.train import stored_model, training_key
+from tasks.data.batch_format import AcceptedBatch, BatchPart
+from tasks.data.fetch import DatasetRef, StoredFile, dataset_key, stored_dataset
+from tasks.evaluation.evaluate import EvaluationRef, SliceEvaluation, evaluation_key, stored_evaluation
+from tasks.evaluation.plots import PlotsRef, plots_key, stored_plots
+from tasks.training.model import ModelRef
+from tasks.training.train import stored_model, training_key
 
 
 @dataclass

@@ -116,7 +116,7 @@ def parameters_from(args: argparse.Namespace) -> PipelineParameters:
 def batch_command(args: argparse.Namespace) -> int:
     """``release`` and ``quarantine``: an operator overrules the ingest step's decision on one batch."""
     from flows.locks import open_store
-    from tasks.ingest import BatchNotFound, set_status
+    from tasks.intake.ingest import BatchNotFound, set_status
 
     store = open_store(args.store)
     try:
@@ -131,9 +131,9 @@ def batch_command(args: argparse.Namespace) -> int:
 def simulate_command(args: argparse.Namespace) -> int:
     """``simulate-arrivals``: night K of the scripted week, from MNIST (fetched into the store if missing)."""
     from flows.locks import open_store
-    from tasks import simulate
-    from tasks.fetch import MnistUnavailable, default_sources, fetch_mnist, load_mnist
-    from tasks.ingest import INCOMING_ENV, incoming_store
+    from tasks.data import simulate
+    from tasks.data.fetch import MnistUnavailable, default_sources, fetch_mnist, load_mnist
+    from tasks.intake.ingest import INCOMING_ENV, incoming_store
 
     store = open_store(args.store)
     try:
@@ -159,7 +159,7 @@ def simulate_command(args: argparse.Namespace) -> int:
 def champion_command(args: argparse.Namespace) -> int:
     """``champion``, ``promote`` and ``rollback``: read and set the pointer in the store, no Prefect run needed."""
     from flows.locks import open_store
-    from tasks.champion import ChampionError, find_champion, promote_run, rollback
+    from tasks.champion.promotion import ChampionError, find_champion, promote_run, rollback
 
     store = open_store(args.store)
     try:

@@ -20,7 +20,7 @@ import os
 from flows.params import PipelineParameters
 from storage import STORE_ENV, Store
 from storage.credentials import has_credentials
-from tasks.fetch import SOURCE_ENV
+from tasks.data.fetch import SOURCE_ENV
 
 ALLOWED_STORES_ENV = "MNIST_ALLOWED_STORES"
 ALLOWED_SOURCES_ENV = "MNIST_ALLOWED_SOURCES"

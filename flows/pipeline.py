@@ -17,7 +17,7 @@ from flows.locks import open_store
 from flows.params import PipelineParameters, data_seed, run_seed
 from flows.results import result_storage
 from flows.summary import RunSummary
-from tasks.run_record import RunRecord
+from tasks.publish.run_record import RunRecord
 
 
 @flow(

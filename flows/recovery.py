@@ -26,7 +26,7 @@ from datetime import UTC, datetime, timedelta
 from pydantic import BaseModel
 
 from flows.alerts import prepare_automations
-from tasks.run_record import Execution
+from tasks.publish.run_record import Execution
 
 
 class Attempt(BaseModel):

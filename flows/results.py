@@ -26,10 +26,10 @@ from prefect.serializers import Serializer
 from pydantic import BaseModel, Field, ValidationError
 
 from storage import SIDECAR_LIMIT, Store, damage, sha256_bytes
-from tasks.evaluate import EvaluationRef
-from tasks.fetch import DatasetRef
-from tasks.model import ModelRef
-from tasks.plots import PlotsRef
+from tasks.data.fetch import DatasetRef
+from tasks.evaluation.evaluate import EvaluationRef
+from tasks.evaluation.plots import PlotsRef
+from tasks.training.model import ModelRef
 
 REFERENCES: dict[str, type[BaseModel]] = {cls.__name__: cls for cls in (DatasetRef, ModelRef, EvaluationRef, PlotsRef)}
 SERIALIZER_TYPE = "mnist-reference"

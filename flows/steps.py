@@ -17,25 +17,25 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 from prefect.logging import get_run_logger
 
-import tasks.champion
-import tasks.fetch
-import tasks.ingest
-import tasks.tabulate
+import tasks.champion.promotion
+import tasks.data.fetch
+import tasks.intake.ingest
+import tasks.publish.tabulate
 from flows import caching
 from flows.locks import open_store
 from flows.results import ReferenceSerializer
-from tasks.champion import GateRef
-from tasks.data_checks import IngestRules
-from tasks.evaluate import EvaluationRef, evaluate_model
-from tasks.fetch import DatasetRef, default_sources
-from tasks.gate import GateRules
-from tasks.ingest import INCOMING_ENV, IngestRef
-from tasks.model import ModelRef
-from tasks.plots import PlotsRef, render_plots
-from tasks.report import ReportRef, publish_report
-from tasks.run_record import RunRecord
-from tasks.tabulate import TablesRef
-from tasks.train import TrainConfig, train_model
+from tasks.champion.gate import GateRules
+from tasks.champion.promotion import GateRef
+from tasks.data.fetch import DatasetRef, default_sources
+from tasks.evaluation.evaluate import EvaluationRef, evaluate_model
+from tasks.evaluation.plots import PlotsRef, render_plots
+from tasks.intake.checks import IngestRules
+from tasks.intake.ingest import INCOMING_ENV, IngestRef
+from tasks.publish.report import ReportRef, publish_report
+from tasks.publish.run_record import RunRecord
+from tasks.publish.tabulate import TablesRef
+from tasks.training.model import ModelRef
+from tasks.training.train import TrainConfig, train_model
 
 PROGRESS_KEY = "mnist-training-progress"
 REFERENCES = ReferenceSerializer()  # cache records hold data only: see flows/results.py
@@ -51,7 +51,7 @@ REFERENCES = ReferenceSerializer()  # cache records hold data only: see flows/re
 )
 def fetch_mnist(store_url: str, mnist_source: str | None = None) -> DatasetRef:
     logger = get_run_logger()
-    ref = tasks.fetch.fetch_mnist(open_store(store_url), sources=default_sources(mnist_source), log=logger.info)
+    ref = tasks.data.fetch.fetch_mnist(open_store(store_url), sources=default_sources(mnist_source), log=logger.info)
     logger.info("MNIST %s verified (from %s)", ref.sha256[:12], ", ".join(ref.sources))
     return ref
 
@@ -66,9 +66,9 @@ def ingest(store_url: str, dataset: DatasetRef, rules: IngestRules, run_id: str,
     delete); never cached, since it reads what arrived. A quarantined batch emits an event and the night goes on."""
     logger = get_run_logger()
     store = open_store(store_url, warn=logger.warning)
-    incoming = tasks.ingest.incoming_store(store, os.environ.get(INCOMING_ENV) or None)
+    incoming = tasks.intake.ingest.incoming_store(store, os.environ.get(INCOMING_ENV) or None)
     base = dataset.model_copy(update={"held_back": held_back})
-    ref = tasks.ingest.ingest_batches(store, incoming, base, rules, run_id, log=logger.info)
+    ref = tasks.intake.ingest.ingest_batches(store, incoming, base, rules, run_id, log=logger.info)
     for record in ref.night:
         emit_event(
             event=BATCH_EVENT.format(decision=record.status),
@@ -133,7 +133,7 @@ def gate(
 ) -> GateRef:
     """Decide whether this run's model replaces the champion; never cached, since the champion moves."""
     logger = get_run_logger()
-    decided = tasks.champion.gate(open_store(store_url), dataset, model, evaluation, rules, run_id, log=logger.warning)
+    decided = tasks.champion.promotion.gate(open_store(store_url), dataset, model, evaluation, rules, run_id, log=logger.warning)
     emit_event(
         event=MODEL_EVENT.format(decision=decided.decision),
         resource={
@@ -148,7 +148,7 @@ def gate(
 
 @task(name="tabulate", cache_policy=NO_CACHE)
 def tabulate(store_url: str, run: RunRecord) -> TablesRef:
-    return tasks.tabulate.tabulate(open_store(store_url), run)
+    return tasks.publish.tabulate.tabulate(open_store(store_url), run)
 
 
 @task(name="report", cache_policy=NO_CACHE)

@@ -6,9 +6,9 @@ from pydantic import BaseModel
 
 from flows.recovery import Attempt
 from storage import Store
-from tasks.report import ReportRef
-from tasks.run_record import RunRecord
-from tasks.splits import SLICE_NEW, SLICE_SELECTION
+from tasks.data.splits import SLICE_NEW, SLICE_SELECTION
+from tasks.publish.report import ReportRef
+from tasks.publish.run_record import RunRecord
 
 
 class RunSummary(BaseModel):

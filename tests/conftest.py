@@ -26,11 +26,11 @@ import pytest
 
 from storage import Store, sha256_bytes
 from storage.tables import SCHEMAS, write_frame
-from tasks import idx
-from tasks.evaluate import predictions_frame
-from tasks.fetch import FileSpec, MnistUnavailable, fetch_mnist
-from tasks.metrics import confusion_frame, confusion_matrix, per_class_frame
-from tasks.model import ModelRef
+from tasks.data import idx
+from tasks.data.fetch import FileSpec, MnistUnavailable, fetch_mnist
+from tasks.evaluation.evaluate import predictions_frame
+from tasks.evaluation.metrics import confusion_frame, confusion_matrix, per_class_frame
+from tasks.training.model import ModelRef
 
 
 class SyntheticMnist:
@@ -280,8 +280,14 @@ def stand_in(
     """A model that is bytes with a digest, and an evaluation of it: ``predicted[slice]`` on ``labels[slice]``
     for ``mnist-test`` and every deciding slice, each stored as the evaluation step stores it (and as the
     model's own predictions, which the gate pairs a champion's from). No network is trained."""
-    from tasks.evaluate import EvaluationRef, SliceEvaluation, balanced_accuracy, model_predictions_key, publish_model_predictions
-    from tasks.splits import SLICE_TEST
+    from tasks.data.splits import SLICE_TEST
+    from tasks.evaluation.evaluate import (
+        EvaluationRef,
+        SliceEvaluation,
+        balanced_accuracy,
+        model_predictions_key,
+        publish_model_predictions,
+    )
 
     facts = {"selection_held_out": selection_held_out}
     blob = key.encode() * 100

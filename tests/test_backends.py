@@ -1,7 +1,7 @@
 """The same network and training code on Keras' JAX and PyTorch backends, on this CPU (tiny subsets).
 
 The pipeline's process stays on TensorFlow; a run that asks for another backend trains in a child
-process with that ``KERAS_BACKEND`` (``tasks/backends.py``), and evaluation loads the model it wrote.
+process with that ``KERAS_BACKEND`` (``tasks/training/backends.py``), and evaluation loads the model it wrote.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import pytest
 from flows.params import PipelineParameters
 from storage import Store
 from storage.tables import read_table
-from tasks.backends import BACKEND_ENV, Backend, process_backend
-from tasks.fetch import fetch_mnist
-from tasks.model import keras_file_metadata
-from tasks.train import TrainConfig, training_key
+from tasks.data.fetch import fetch_mnist
+from tasks.training.backends import BACKEND_ENV, Backend, process_backend
+from tasks.training.model import keras_file_metadata
+from tasks.training.train import TrainConfig, training_key
 from tests.conftest import with_mnist
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,7 +75,7 @@ def test_a_killed_training_resumes_and_the_pipeline_finishes_on_its_backend(back
         "key": key,
     }
     child = subprocess.Popen(
-        [sys.executable, "-m", "tasks.backend_child", json.dumps(arguments)],
+        [sys.executable, "-m", "tasks.training.backend_child", json.dumps(arguments)],
         cwd=REPO,
         env={**os.environ, BACKEND_ENV: backend.value},
         stdout=subprocess.DEVNULL,

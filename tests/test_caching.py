@@ -7,11 +7,11 @@ import pytest
 from flows import caching
 from flows.params import PipelineParameters
 from storage import Store
-from tasks.evaluate import EvaluationRef
-from tasks.fetch import DatasetRef, StoredFile
-from tasks.gate import GateRules
-from tasks.model import ModelRef
-from tasks.train import TrainConfig
+from tasks.champion.gate import GateRules
+from tasks.data.fetch import DatasetRef, StoredFile
+from tasks.evaluation.evaluate import EvaluationRef
+from tasks.training.model import ModelRef
+from tasks.training.train import TrainConfig
 from tests.conftest import model_ref, with_mnist
 
 
@@ -70,7 +70,7 @@ def test_a_training_parameter_invalidates_training_only(field, value):
 
 
 def test_an_accepted_batch_changes_the_dataset_version_so_training_and_evaluation_rerun():
-    from tasks.batch_format import AcceptedBatch, BatchPart
+    from tasks.data.batch_format import AcceptedBatch, BatchPart
 
     part = BatchPart(key="batches/x/train.parquet", sha256="1" * 64, size=1, rows=1)
     grown = dataset().model_copy(update={"batches": [AcceptedBatch(digest="2" * 64, train=part, holdout=part)]})
@@ -132,20 +132,20 @@ def test_runs_reuse_every_heavy_step_recompute_a_damaged_one_and_hit_in_a_copied
     assert second.run_id != first.run_id  # tables and report are the record of each run
 
     # the code a key names: a new sampler recomputes the evaluation (and so its plots), not the training
-    import tasks.evaluate
-    import tasks.plots
+    import tasks.evaluation.evaluate
+    import tasks.evaluation.plots
 
-    sampler = tasks.evaluate.stratified_sample
-    monkeypatch.setattr(tasks.evaluate, "stratified_sample", lambda labels, n, seed: sampler(labels, n, seed + 0))
+    sampler = tasks.evaluation.evaluate.stratified_sample
+    monkeypatch.setattr(tasks.evaluation.evaluate, "stratified_sample", lambda labels, n, seed: sampler(labels, n, seed + 0))
     edited = mnist_retrain(params)
     assert edited.step_states == {"fetch-mnist": "Cached", "train": "Cached", "evaluate": "Completed", "plot": "Completed"}
-    monkeypatch.setattr(tasks.evaluate, "stratified_sample", sampler)
+    monkeypatch.setattr(tasks.evaluation.evaluate, "stratified_sample", sampler)
     # a metric the plots draw: plots recompute, evaluation is served from the cache
-    per_class = tasks.plots.per_class_frame
-    monkeypatch.setattr(tasks.plots, "per_class_frame", lambda cm: per_class(cm).copy())
+    per_class = tasks.evaluation.plots.per_class_frame
+    monkeypatch.setattr(tasks.evaluation.plots, "per_class_frame", lambda cm: per_class(cm).copy())
     replotted = mnist_retrain(params)
     assert replotted.step_states == {"fetch-mnist": "Cached", "train": "Cached", "evaluate": "Cached", "plot": "Completed"}
-    monkeypatch.setattr(tasks.plots, "per_class_frame", per_class)
+    monkeypatch.setattr(tasks.evaluation.plots, "per_class_frame", per_class)
 
     store.remove(first.model_path)  # a cache hit whose file is gone must be recomputed, not crash
     third = mnist_retrain(params)

@@ -16,13 +16,13 @@ import pytest
 
 from storage import Store
 from storage.tables import read_table
-from tasks.champion import ChampionError, find_champion, gate, promote_run, read_pointer, rollback
-from tasks.evaluate import evaluate_model
-from tasks.fetch import fetch_mnist
-from tasks.gate import GateRules
-from tasks.run_record import RunRecord
-from tasks.tabulate import tabulate
-from tasks.train import TrainConfig, train_model
+from tasks.champion.gate import GateRules
+from tasks.champion.promotion import ChampionError, find_champion, gate, promote_run, read_pointer, rollback
+from tasks.data.fetch import fetch_mnist
+from tasks.evaluation.evaluate import evaluate_model
+from tasks.publish.run_record import RunRecord
+from tasks.publish.tabulate import tabulate
+from tasks.training.train import TrainConfig, train_model
 from tests.conftest import reference_mcnemar
 
 pytestmark = pytest.mark.slow  # conftest.SHARED_WORKER runs this module on one xdist worker: its models are trained once

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 from storage import Store
-from tasks.champion import ChampionError, gate, promotions, read_pointer, rollback
-from tasks.evaluate import EvaluationRef
-from tasks.fetch import DatasetRef
-from tasks.gate import GateRules
-from tasks.model import ModelRef
-from tasks.splits import SLICE_SELECTION, SLICE_TEST
+from tasks.champion.gate import GateRules
+from tasks.champion.promotion import ChampionError, gate, promotions, read_pointer, rollback
+from tasks.data.fetch import DatasetRef
+from tasks.data.splits import SLICE_SELECTION, SLICE_TEST
+from tasks.evaluation.evaluate import EvaluationRef
+from tasks.training.model import ModelRef
 from tests.conftest import stand_in as stand_in_model
 
 N = 1000

@@ -29,10 +29,10 @@ KEYS = textwrap.dedent(
             del sys.modules[name]
         sys.path[0] = tree
         from flows import caching
-        from tasks.evaluate import EvaluationRef
-        from tasks.fetch import DatasetRef
-        from tasks.model import ModelRef
-        from tasks.train import TrainConfig
+        from tasks.evaluation.evaluate import EvaluationRef
+        from tasks.data.fetch import DatasetRef
+        from tasks.training.model import ModelRef
+        from tasks.training.train import TrainConfig
 
         dataset = DatasetRef(sha256="d" * 64, files={}, sources=["store"])
         model = ModelRef(key="k", path="m", sha256="a" * 64, history_path="h", network="seed", device="CPU:0",
@@ -82,61 +82,61 @@ def edit(tree: Path, module: str, pattern: str, replacement: str) -> None:
 # (what is edited, the steps whose keys must change)
 EDITS = {
     "the body of stratified_sample": (
-        "tasks/evaluate.py",
+        "tasks/evaluation/evaluate.py",
         r"^(def stratified_sample\(.*\n(?:    .*\n)*?)(    rng = )",
         r"\1    n_per_class = int(n_per_class)\n\2",
         {"evaluate"},
     ),
     "the body of per_class_frame": (
-        "tasks/metrics.py",
+        "tasks/evaluation/metrics.py",
         r"^(def per_class_frame\(.*\n(?:.*\n)*?)(    correct = )",
         r"\1    cm = np.asarray(cm)\n\2",
         {"plot"},
     ),
     "the report's wording": (
-        "tasks/report.py",
+        "tasks/publish/report.py",
         r"## Random evaluated images",
         "## A random handful of evaluated images",
         set(),
     ),
     "a comment and a docstring in the training loop": (
-        "tasks/training_loop.py",
+        "tasks/training/loop.py",
         r"^(def train_and_store\((?:.*\n)*?.*-> ModelRef:\n)",
         r'\1    """Edited docstring."""  # and a comment\n',
         set(),
     ),
     "a new helper in the input pipeline, listed nowhere": (
-        "tasks/input_pipeline.py",
+        "tasks/training/input_pipeline.py",
         r"^VALIDATION_SPLIT = 0\.1$",
         "VALIDATION_SPLIT = 0.1\n\n\ndef _unlisted_helper(images):\n    return images[::-1]",
         {"train"},
     ),
     "a new helper in the training loop, listed nowhere": (
-        "tasks/training_loop.py",
+        "tasks/training/loop.py",
         r"^HISTORY_COLUMNS = ",
         "def _unlisted_helper(rows):\n    return rows\n\n\nHISTORY_COLUMNS = ",
         {"train"},
     ),
     "the optimizer": (
-        "tasks/model.py",
+        "tasks/training/model.py",
         r"return keras\.optimizers\.Adam\(learning_rate=base, use_ema=True, ema_momentum=ema\)",
         "return keras.optimizers.Adam(learning_rate=base, use_ema=True, ema_momentum=ema, epsilon=1e-6)",
         {"train"},
     ),
     "a plot's code": (
-        "tasks/plots.py",
+        "tasks/evaluation/plots.py",
         r'ax\.set_xlabel\("predicted digit"\)',
         'ax.set_xlabel("predicted")',
         {"plot"},
     ),
     "the selection split (no night trains on it, the gate decides on it)": (
-        "tasks/splits.py",
+        "tasks/data/splits.py",
         r"^SELECTION_PER_DIGIT = 500",
         "SELECTION_PER_DIGIT = 400",
         {"train", "evaluate"},
     ),
     "how the evaluation's predictions are made": (
-        "tasks/evaluate.py",
+        "tasks/evaluation/evaluate.py",
         r"^PREDICT_BATCH = 1024",
         "PREDICT_BATCH = 512",
         {"evaluate"},
@@ -180,3 +180,52 @@ def test_code_digest_hashes_syntax_not_text_nor_place(tmp_path):
     assert code_digest(base) == code_digest(commented) == code_digest(moved)
     assert code_digest(base) != code_digest(changed)
     assert code_digest(base, 128) != code_digest(base, 256)  # values a step depends on count too
+
+
+def test_a_module_keeps_its_key_when_tasks_moves_into_stage_folders(tmp_path):
+    """Keys name the code as tasks/ was laid out before its stage folders, so a store's models stay reused."""
+    import importlib.util
+
+    def module(name: str, source: str):
+        path = tmp_path / f"{name}.py"
+        path.write_text(textwrap.dedent(source))
+        spec = importlib.util.spec_from_file_location(name, path)
+        loaded = importlib.util.module_from_spec(spec)
+        loaded.__loader__.get_source = lambda _name, path=path: path.read_text()  # no import is run
+        return loaded
+
+    flat = module(
+        "flat",
+        """
+        import sys
+        from storage import Store
+        from tasks import model as networks
+        from tasks.backends import Backend
+        from tasks.training_loop import train_and_store
+        COMMAND = [sys.executable, "-m", "tasks.batch_format"]
+        """,
+    )
+    staged = module(  # the same module after the move, its imports re-sorted by ruff
+        "staged",
+        """
+        import sys
+        from storage import Store
+        from tasks.training import model as networks
+        from tasks.training.loop import train_and_store
+        from tasks.training.backends import Backend
+        COMMAND = [sys.executable, "-m", "tasks.data.batch_format"]
+        """,
+    )
+    other = module(  # a module that really imports something else is other code
+        "other",
+        """
+        import sys
+        from storage import Store
+        from tasks.training import model as networks
+        from tasks.training.loop import train_and_store
+        from tasks.training.backends import process_backend
+        COMMAND = [sys.executable, "-m", "tasks.data.batch_format"]
+        """,
+    )
+    assert code_digest(flat) == code_digest(staged)
+    assert code_digest(staged) != code_digest(other)

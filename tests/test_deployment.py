@@ -180,7 +180,7 @@ class Ops:
         return sorted(e.received for e in self.client.read_events(query, limit=50).events)
 
     def checkpoints(self) -> list[str]:
-        """The resume points in the bucket now: each training's ``latest.json`` (tasks/checkpoints.py)."""
+        """The resume points in the bucket now: each training's ``latest.json`` (tasks/training/checkpoints.py)."""
         self.store.fs.invalidate_cache()  # s3fs keeps listings: this process would see the bucket as it first listed it
         return self.store.fs.glob(self.store.path("checkpoints") + "/*/latest.json")
 

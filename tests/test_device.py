@@ -3,9 +3,9 @@
 import pytest
 import tensorflow as tf
 
-from tasks import precision
-from tasks.backends import Backend
-from tasks.model import build_model
+from tasks.training import precision
+from tasks.training.backends import Backend
+from tasks.training.model import build_model
 
 
 def test_cpu_uses_bf16_only_where_the_cpu_has_it(monkeypatch):

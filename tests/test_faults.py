@@ -17,8 +17,8 @@ import pytest
 
 from storage import Store, StoreError, sha256_bytes
 from storage.tables import TABLES, read_table, write_table
-from tasks.fetch import DirectorySource, FileSpec, fetch_mnist, load_mnist
-from tasks.idx import IDXFormatError
+from tasks.data.fetch import DirectorySource, FileSpec, fetch_mnist, load_mnist
+from tasks.data.idx import IDXFormatError
 from tests.conftest import Mirror, sample_frames
 
 REPO = Path(__file__).resolve().parent.parent

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from storage import Store
-from tasks.fetch import DirectorySource, HttpMirror, MnistUnavailable, dataset_digest, fetch_mnist, load_mnist
-from tasks.idx import IDXFormatError
+from tasks.data.fetch import DirectorySource, HttpMirror, MnistUnavailable, dataset_digest, fetch_mnist, load_mnist
+from tasks.data.idx import IDXFormatError
 from tests.conftest import Mirror
 
 

@@ -16,8 +16,8 @@ import pytest
 from flows.params import PipelineParameters
 from storage import Store
 from storage.tables import TABLES, read_table
-from tasks.fetch import fetch_mnist
-from tasks.train import stored_model
+from tasks.data.fetch import fetch_mnist
+from tasks.training.train import stored_model
 from tests.conftest import alarming, with_mnist
 
 pytestmark = pytest.mark.slow

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.gate import GateRules, compare, decide, mcnemar_exact
+from tasks.champion.gate import GateRules, compare, decide, mcnemar_exact
 from tests.conftest import reference_mcnemar
 
 

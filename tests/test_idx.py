@@ -5,7 +5,7 @@ import struct
 import numpy as np
 import pytest
 
-from tasks import idx
+from tasks.data import idx
 
 
 def test_round_trip_images_and_labels():

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tasks.keras_runtime import filtered_stderr, is_benign
+from tasks.training.keras_runtime import filtered_stderr, is_benign
 
 REPO = Path(__file__).resolve().parent.parent
 BANNER = [
@@ -35,7 +35,7 @@ def test_a_real_problem_written_at_the_file_descriptor_still_shows(capfd):
 
 def test_importing_keras_prints_nothing_on_a_healthy_machine():
     done = subprocess.run(
-        [sys.executable, "-c", "from tasks.keras_runtime import import_keras; import_keras().layers.Dense(1)"],
+        [sys.executable, "-c", "from tasks.training.keras_runtime import import_keras; import_keras().layers.Dense(1)"],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tasks.metrics import confusion_frame, confusion_matrix, per_class_frame, wilson_interval
+from tasks.evaluation.metrics import confusion_frame, confusion_matrix, per_class_frame, wilson_interval
 
 # 3 classes, 10 samples. true 0: 0,0,0,1   true 1: 1,1,2   true 2: 2,2,0
 Y_TRUE = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])

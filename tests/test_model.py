@@ -2,7 +2,7 @@
 
 import pytest
 
-from tasks.model import ModelName, build_model, build_seed_model
+from tasks.training.model import ModelName, build_model, build_seed_model
 
 
 def test_seed_network_layers_are_exactly_the_seed():
@@ -37,7 +37,7 @@ def test_unknown_model_name_lists_the_choices():
 def test_strong_model_is_an_option_beside_the_seed():
     import keras
 
-    from tasks.model import build_strong_model, make_optimizer
+    from tasks.training.model import build_strong_model, make_optimizer
 
     model = build_strong_model()
     kinds = [type(layer).__name__ for layer in model.layers]
@@ -56,8 +56,8 @@ def test_strong_model_is_an_option_beside_the_seed():
 
 @pytest.mark.slow
 def test_strong_model_trains_and_records_its_name(mnist_store):
-    from tasks.fetch import fetch_mnist
-    from tasks.train import TrainConfig, train_model
+    from tasks.data.fetch import fetch_mnist
+    from tasks.training.train import TrainConfig, train_model
 
     dataset = fetch_mnist(mnist_store, sources=[], log=lambda _: None)
     ref = train_model(mnist_store, dataset, TrainConfig(model="strong", epochs=1, train_limit=1000), log=lambda _: None)
@@ -67,7 +67,7 @@ def test_strong_model_trains_and_records_its_name(mnist_store):
 def test_the_seed_trains_on_sparse_labels_and_strong_on_smoothed_one_hot_labels():
     import numpy as np
 
-    from tasks.model import loss_and_targets
+    from tasks.training.model import loss_and_targets
 
     labels = np.array([3, 0, 9])
     loss, targets = loss_and_targets(ModelName.seed, labels)

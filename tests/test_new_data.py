@@ -14,12 +14,12 @@ import pytest
 
 from storage import Store
 from storage.tables import read_table
-from tasks import batch_format, splits
-from tasks.batch_format import BatchRejected, batch_bytes, parse_batch
-from tasks.data_checks import IngestRules, holdout_rows, label_quality
-from tasks.fetch import DirectorySource, fetch_mnist, load_mnist
-from tasks.ingest import BatchNotFound, accepted_batches, batch_records, incoming_store, ingest_batches, set_status
-from tasks.slices import new_training_images, slice_images
+from tasks.data import batch_format, splits
+from tasks.data.batch_format import BatchRejected, batch_bytes, parse_batch
+from tasks.data.fetch import DirectorySource, fetch_mnist, load_mnist
+from tasks.data.slices import new_training_images, slice_images
+from tasks.intake.checks import IngestRules, holdout_rows, label_quality
+from tasks.intake.ingest import BatchNotFound, accepted_batches, batch_records, incoming_store, ingest_batches, set_status
 
 RULES = IngestRules()
 
@@ -237,7 +237,7 @@ def test_only_plain_batch_files_inside_the_incoming_location_are_read(small, tmp
     incoming.write_bytes("notes.txt", b"hello")
     incoming.fs.makedirs(incoming.path("folder.parquet"), exist_ok=True)
     (tmp_path / "store" / "incoming" / "glob[1].parquet").write_bytes(batch_bytes(x, y))  # fsspec would expand it
-    monkeypatch.setattr("tasks.ingest.MAX_BATCH_BYTES", 1000)
+    monkeypatch.setattr("tasks.intake.ingest.MAX_BATCH_BYTES", 1000)
     incoming.write_bytes("huge.parquet", batch_bytes(x, y))
     warnings: list[str] = []
     store.warn = incoming.warn = warnings.append
@@ -274,9 +274,9 @@ def test_a_planted_batch_record_cannot_reach_outside_the_store_or_swap_its_files
 
 # ---- the gate, per slice --------------------------------------------------------------------------------------
 def test_the_gate_decides_on_selection_and_new_data_and_never_reads_the_test_set(tmp_path):
-    from tasks.champion import gate, promotions
-    from tasks.fetch import DatasetRef
-    from tasks.gate import GateRules
+    from tasks.champion.gate import GateRules
+    from tasks.champion.promotion import gate, promotions
+    from tasks.data.fetch import DatasetRef
     from tests.conftest import stand_in
 
     store = Store(tmp_path / "store")
@@ -312,9 +312,9 @@ def test_the_gate_decides_on_selection_and_new_data_and_never_reads_the_test_set
 
 
 def test_a_champion_trained_before_the_selection_split_is_not_compared_on_images_it_learned(tmp_path):
-    from tasks.champion import gate
-    from tasks.fetch import DatasetRef
-    from tasks.gate import GateRules
+    from tasks.champion.gate import GateRules
+    from tasks.champion.promotion import gate
+    from tasks.data.fetch import DatasetRef
     from tests.conftest import stand_in
 
     store = Store(tmp_path / "store")
@@ -342,7 +342,7 @@ def test_a_champion_trained_before_the_selection_split_is_not_compared_on_images
 
 # ---- a hostile sender ---------------------------------------------------------------------------------------
 def test_a_file_that_needs_more_memory_than_allowed_is_refused_and_the_worker_lives(monkeypatch):
-    from tasks.batch_format import parse_untrusted
+    from tasks.data.batch_format import parse_untrusted
 
     x, y = fresh_images(20_000)
     data = batch_bytes(x, y)  # honest, but more than this limit lets the parsing child hold
@@ -366,7 +366,7 @@ def test_a_file_that_needs_more_memory_than_allowed_is_refused_and_the_worker_li
     ],
 )
 def test_odd_columns_are_refused_or_read_never_raised(table, said):
-    from tasks.batch_format import parse_untrusted
+    from tasks.data.batch_format import parse_untrusted
 
     img = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(3 * 784, np.uint8)), 784)
     buffer = io.BytesIO()
@@ -379,8 +379,8 @@ def test_odd_columns_are_refused_or_read_never_raised(table, said):
 
 
 def test_repeats_within_a_batch_and_copies_of_the_holdout_never_reach_both_training_and_holdout(small):
-    from tasks.data_checks import image_hashes
-    from tasks.slices import new_holdout_images
+    from tasks.data.slices import new_holdout_images
+    from tasks.intake.checks import image_hashes
 
     store, dataset, mnist = small
     x, y = fresh_images(60)
@@ -407,7 +407,7 @@ def test_a_name_a_plot_would_parse_and_a_pipe_swapped_in_stop_nothing(small, mon
     incoming = incoming_store(store)
     os.mkfifo(incoming.path("pipe.parquet"))
     listed = ["a$^^$b.parquet", "pipe.parquet"]  # as if the pipe had been a file when the location was listed
-    monkeypatch.setattr("tasks.ingest.incoming_files", lambda _incoming: [(n, 10) for n in listed])
+    monkeypatch.setattr("tasks.intake.ingest.incoming_files", lambda _incoming: [(n, 10) for n in listed])
     ref, lines = ingest(store, dataset)
     assert [r.status for r in ref.night] == ["accepted"] and ref.night[0].file == "a$^^$b.parquet"
     assert any("pipe.parquet" in line and "not a regular file" in line for line in lines)
@@ -421,7 +421,7 @@ def test_whatever_goes_wrong_inside_a_check_quarantines_that_batch_and_the_night
     def broken(*args, **kwargs):
         raise RuntimeError("a bug in a check")
 
-    monkeypatch.setattr("tasks.ingest.drift", broken)
+    monkeypatch.setattr("tasks.intake.ingest.drift", broken)
     (record,) = ingest(store, dataset)[0].night
     assert record.status == "quarantined" and record.reason == "could not be checked (RuntimeError: a bug in a check)"
     assert not incoming_store(store).exists("a.parquet") and read_table(store, "batches")["decision"].tolist() == ["quarantined"]
@@ -456,8 +456,8 @@ def test_a_batch_copying_base_training_images_trains_on_them_but_holds_none_out(
     arrive(store, "mixed.parquet", batch_bytes(np.concatenate([mnist.x_train[base[:60]], x]), labels))  # 60 seen, 60 new
     (record,) = ingest(store, dataset)[0].night
     assert record.status == "accepted" and record.train.rows + record.holdout.rows == 120
-    from tasks.data_checks import image_hashes
-    from tasks.slices import new_holdout_images
+    from tasks.data.slices import new_holdout_images
+    from tasks.intake.checks import image_hashes
 
     ref = ingest(store, dataset, run_id="run-2")[0]
     held = set(image_hashes(new_holdout_images(store, ref.dataset).x))

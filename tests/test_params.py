@@ -66,8 +66,8 @@ def test_cli_refuses_before_importing_the_pipeline(capsys):
 
 
 def test_empty_epochs_mean_the_models_own_default_and_the_form_shows_it():
-    from tasks.model import DEFAULT_EPOCHS, ModelName
-    from tasks.train import TrainConfig
+    from tasks.training.model import DEFAULT_EPOCHS, ModelName
+    from tasks.training.train import TrainConfig
 
     assert PipelineParameters().train_config(0).epochs == DEFAULT_EPOCHS[ModelName.seed] == 15
     assert PipelineParameters(model="strong").train_config(0).epochs == DEFAULT_EPOCHS[ModelName.strong]

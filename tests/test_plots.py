@@ -8,9 +8,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.evaluate import predictions_frame
-from tasks.metrics import confusion_matrix, per_class_frame
-from tasks.plots import confusion_heatmap, most_confused, per_class_accuracy, png_bytes, random_samples, training_curves
+from tasks.evaluation.evaluate import predictions_frame
+from tasks.evaluation.metrics import confusion_matrix, per_class_frame
+from tasks.evaluation.plots import (
+    confusion_heatmap,
+    most_confused,
+    per_class_accuracy,
+    png_bytes,
+    random_samples,
+    training_curves,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -81,9 +88,9 @@ def test_a_perfect_model_still_gets_a_gallery_image(evaluated):
 def test_report_figures_render_with_and_without_a_champion():
     from datetime import datetime, timedelta
 
-    from tasks.champion import Champion, GateRef
-    from tasks.gate import compare
-    from tasks.report import champion_vs_challenger, nightly_trend
+    from tasks.champion.gate import compare
+    from tasks.champion.promotion import Champion, GateRef
+    from tasks.publish.report import champion_vs_challenger, nightly_trend
 
     y = np.repeat(np.arange(10), 50)
     champion_pred, challenger_pred = y.copy(), y.copy()

@@ -14,7 +14,7 @@ import pytest
 
 from storage import Store
 from storage.tables import read_table
-from tasks.fetch import fetch_mnist
+from tasks.data.fetch import fetch_mnist
 from tests.conftest import with_mnist
 
 pytestmark = pytest.mark.slow
@@ -77,8 +77,8 @@ def test_the_flow_on_an_s3_store_from_two_machines(s3_server, mnist_store: Store
 KILLABLE = """
 import sys
 from storage import Store
-from tasks.fetch import fetch_mnist
-from tasks.train import TrainConfig, train_model
+from tasks.data.fetch import fetch_mnist
+from tasks.training.train import TrainConfig, train_model
 store = Store(sys.argv[1])
 train_model(store, fetch_mnist(store, sources=[]), TrainConfig.model_validate_json(sys.argv[2]), log=lambda m: print(m, flush=True))
 """
@@ -94,7 +94,7 @@ def test_a_training_killed_on_one_worker_resumes_on_another(s3_server, mnist_sto
     import keras
     import numpy as np
 
-    from tasks.train import TrainConfig, stored_model, train_model, training_key
+    from tasks.training.train import TrainConfig, stored_model, train_model, training_key
 
     store = Store(s3_server.bucket("resume") + "/mnist")
     with_mnist(store, mnist_store)

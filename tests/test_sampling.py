@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from tasks.evaluate import stratified_sample
-from tasks.input_pipeline import stratified_subset
+from tasks.evaluation.evaluate import stratified_sample
+from tasks.training.input_pipeline import stratified_subset
 
 
 @pytest.fixture

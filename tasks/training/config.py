@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.backends import Backend
-from tasks.model import DEFAULT_EPOCHS, ModelName
-from tasks.precision import Precision
+from tasks.training.backends import Backend
+from tasks.training.model import DEFAULT_EPOCHS, ModelName
+from tasks.training.precision import Precision
 
 TRAIN_IMAGES = 60_000
 SEED_MAX = 2**31 - 1

@@ -14,9 +14,9 @@ from pydantic import BaseModel
 
 from storage import Store
 from storage.tables import read_frame, write_table
-from tasks.metrics import confusion_frame, confusion_matrix, per_class_frame
-from tasks.run_record import RunRecord
-from tasks.splits import SLICE_NEW, SLICE_SELECTION, SLICE_TEST
+from tasks.data.splits import SLICE_NEW, SLICE_SELECTION, SLICE_TEST
+from tasks.evaluation.metrics import confusion_frame, confusion_matrix, per_class_frame
+from tasks.publish.run_record import RunRecord
 
 
 class TablesRef(BaseModel):

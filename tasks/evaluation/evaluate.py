@@ -1,5 +1,5 @@
 """Evaluation per slice: the test set as a balanced, stratified sample (reported), and the slices the gate
-decides on (``mnist-selection``, ``new-data``: ``tasks.splits``), each predicted whole.
+decides on (``mnist-selection``, ``new-data``: ``tasks.data.splits``), each predicted whole.
 
 Accuracy on a balanced sample is the mean per-digit recall (balanced accuracy), so a model that
 is weak on a rare digit cannot hide behind the common ones. Full test-set accuracy is computed
@@ -14,11 +14,11 @@ from pydantic import AliasChoices, BaseModel, Field
 
 from storage import Store, StoreKey, StoreName, code_digest, sha256_json
 from storage.tables import read_frame, write_frame
-from tasks.fetch import DatasetRef, load_mnist
-from tasks.metrics import recall_per_digit
-from tasks.model import ModelRef, load_model, scale
-from tasks.slices import slice_digest, slice_images
-from tasks.splits import DECIDING_SLICES, SLICE_TEST
+from tasks.data.fetch import DatasetRef, load_mnist
+from tasks.data.slices import slice_digest, slice_images
+from tasks.data.splits import DECIDING_SLICES, SLICE_TEST
+from tasks.evaluation.metrics import recall_per_digit
+from tasks.training.model import ModelRef, load_model, scale
 
 PREDICT_BATCH = 1024
 
@@ -63,7 +63,7 @@ class EvaluationRef(BaseModel):
 
 def evaluation_code() -> str:
     """The code that determines an evaluation's outputs: sampling, input scaling and prediction."""
-    from tasks import batch_format, slices, splits  # which images each slice holds
+    from tasks.data import batch_format, slices, splits  # which images each slice holds
 
     return code_digest(
         stratified_sample,

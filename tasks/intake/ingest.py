@@ -1,8 +1,8 @@
 """The ingest step: new labelled batches from the incoming location are checked before they can harm a model.
 
 For each file not seen before (a batch is its content digest, read once), in this order: the format
-(``tasks.batch_format``), leakage (exact copies of MNIST test or selection images are dropped), drift
-against MNIST's training set, and label quality judged by the champion (``tasks.data_checks``). Every
+(``tasks.data.batch_format``), leakage (exact copies of MNIST test or selection images are dropped), drift
+against MNIST's training set, and label quality judged by the champion (``tasks.intake.checks``). Every
 batch gets a row in the ``batches`` table and a record under ``batches/<digest>/`` in the store; an
 accepted one gives a stratified share to the new-data holdout and the rest to training. A quarantined
 batch never stops the night: it is kept aside with its reason, and an operator can ``release`` it (or
@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from storage import Store, StoreError, UnsafeKey, confine_name, sha256_bytes
 from storage.tables import schema, write_table
-from tasks.batch_format import (
+from tasks.data.batch_format import (
     MAX_BATCH_BYTES,
     PIXELS,
     SHA256,
@@ -37,7 +37,10 @@ from tasks.batch_format import (
     parse_untrusted,
     share_bytes,
 )
-from tasks.data_checks import (
+from tasks.data.fetch import DatasetRef, load_mnist
+from tasks.data.slices import base_training, new_holdout_images, new_training_images
+from tasks.data.splits import SLICE_SELECTION, SPLIT_SEED, selection_indices
+from tasks.intake.checks import (
     REFERENCE_IMAGES,
     IngestRules,
     drift,
@@ -47,9 +50,6 @@ from tasks.data_checks import (
     image_statistics,
     label_quality,
 )
-from tasks.fetch import DatasetRef, load_mnist
-from tasks.slices import base_training, new_holdout_images, new_training_images
-from tasks.splits import SLICE_SELECTION, SPLIT_SEED, selection_indices
 
 INCOMING_ENV = "MNIST_INCOMING"
 LOCK = "ingest"
@@ -159,9 +159,9 @@ class References:
     @cached_property
     def champion(self):
         """(champion's model key, Keras model, its predictions on mnist-selection), or None before the first champion."""
-        from tasks.champion import find_champion
-        from tasks.evaluate import predicted_labels
-        from tasks.model import load_model
+        from tasks.champion.promotion import find_champion
+        from tasks.evaluation.evaluate import predicted_labels
+        from tasks.training.model import load_model
 
         lookup = find_champion(self.store)
         if lookup.champion is None or lookup.model is None:
@@ -227,7 +227,7 @@ def _check(batch: Batch, digest: str, refs: References, rules: IngestRules) -> t
     if champion is None:
         refs.log(f"Batch {digest[:12]}: no champion yet, so its labels are not checked against one")
     else:
-        from tasks.evaluate import predict
+        from tasks.evaluation.evaluate import predict
 
         key, model, selection = champion
         probabilities = predict(model, images)
@@ -266,7 +266,7 @@ def _ingest_one(
     reason = "; ".join(problems) if problems else _passed(row)
     plot = None
     if len(labels):
-        from tasks.plots import batch_drift, png_bytes
+        from tasks.evaluation.plots import batch_drift, png_bytes
 
         reference_labels, reference_images = refs.reference
         intensity, reference_intensity = image_statistics(images)[0], image_statistics(reference_images)[0]

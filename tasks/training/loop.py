@@ -1,5 +1,5 @@
 """The training loop: fit with Keras' ``BackupAndRestore`` (resume after a crash from the last completed epoch),
-record every epoch, store the model and its history. Part of the training key whole (``tasks.train.training_code``).
+record every epoch, store the model and its history. Part of the training key whole (``tasks.training.train.training_code``).
 
 Resume after a crash uses Keras' own ``BackupAndRestore``: weights, optimizer state and the epoch
 counter are backed up after every epoch under a directory named by the training key, so the next run
@@ -19,11 +19,13 @@ import numpy as np
 import pandas as pd
 
 from storage import Store, sha256_bytes
-from tasks import model as networks
-from tasks.backends import Backend, process_backend
-from tasks.checkpoints import drop_checkpoint, pull_checkpoint, push_checkpoint
-from tasks.fetch import DatasetRef, load_mnist
-from tasks.input_pipeline import (
+from tasks.data.fetch import DatasetRef, load_mnist
+from tasks.data.slices import base_training, new_training_images
+from tasks.training import model as networks
+from tasks.training.backends import Backend, process_backend
+from tasks.training.checkpoints import drop_checkpoint, pull_checkpoint, push_checkpoint
+from tasks.training.config import TrainConfig
+from tasks.training.input_pipeline import (
     VALIDATION_BATCH,
     VALIDATION_SPLIT,
     input_pipeline,
@@ -31,11 +33,9 @@ from tasks.input_pipeline import (
     steps_per_execution,
     stratified_subset,
 )
-from tasks.keras_runtime import import_keras
-from tasks.model import ModelRef, build_model, make_optimizer, scale, stamp_keras_file
-from tasks.precision import dtype_policy, select_device
-from tasks.slices import base_training, new_training_images
-from tasks.training_config import TrainConfig
+from tasks.training.keras_runtime import import_keras
+from tasks.training.model import ModelRef, build_model, make_optimizer, scale, stamp_keras_file
+from tasks.training.precision import dtype_policy, select_device
 
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds")
 Log = Callable[[str], None]

@@ -7,11 +7,11 @@ from datetime import UTC, datetime
 
 from pydantic import BaseModel, Field
 
-from tasks.champion import GateRef
-from tasks.evaluate import EvaluationRef
-from tasks.fetch import DatasetRef
-from tasks.ingest import BatchRecord
-from tasks.model import ModelRef
+from tasks.champion.promotion import GateRef
+from tasks.data.fetch import DatasetRef
+from tasks.evaluation.evaluate import EvaluationRef
+from tasks.intake.ingest import BatchRecord
+from tasks.training.model import ModelRef
 
 
 class Execution(BaseModel):

@@ -1,7 +1,7 @@
 """The champion gate's rules: does the night's model (the challenger) replace the one in use?
 
 Both models are compared on the *same images*, slice by slice: the fixed ``mnist-selection`` split of
-MNIST's training images and, once batches were accepted, the ``new-data`` holdout (``tasks.splits``).
+MNIST's training images and, once batches were accepted, the ``new-data`` holdout (``tasks.data.splits``).
 The test set is never one of them: it only reports. Every rule applies to each deciding slice: the
 floor, the regression, the per-digit drop and the paired McNemar test. A difference in accuracy
 between two classifiers on one set is only evidence if it survives a paired test (Dietterich 1998):
@@ -18,7 +18,7 @@ from enum import Enum
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.metrics import recall_per_digit
+from tasks.evaluation.metrics import recall_per_digit
 
 ALPHA = 0.05  # two-sided significance level of the paired test
 

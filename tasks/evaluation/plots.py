@@ -19,10 +19,10 @@ from pydantic import AliasChoices, BaseModel, Field
 
 from storage import Store, StoreKey, StoreName, code_digest, sha256_bytes, sha256_json
 from storage.tables import NUM_CLASSES, read_frame
-from tasks.evaluate import EvaluationRef
-from tasks.fetch import DatasetRef, load_mnist
-from tasks.metrics import confusion_matrix, per_class_frame, wilson_interval
-from tasks.model import ModelRef
+from tasks.data.fetch import DatasetRef, load_mnist
+from tasks.evaluation.evaluate import EvaluationRef
+from tasks.evaluation.metrics import confusion_matrix, per_class_frame, wilson_interval
+from tasks.training.model import ModelRef
 
 DIGITS = list(range(NUM_CLASSES))
 MISTAKE = "#c0392b"

@@ -1,6 +1,6 @@
 """The checks a new batch passes before it can reach a model: leakage, drift and label quality.
 
-Plain functions on arrays, no store: ``tasks/ingest.py`` feeds them and records what they return.
+Plain functions on arrays, no store: ``tasks/intake/ingest.py`` feeds them and records what they return.
 Each check gives numbers (recorded in the ``batches`` table whatever the decision) and, when a
 threshold of ``IngestRules`` is crossed, one sentence saying which and by how much. Drift and
 label-distribution tests need both significance and size: with thousands of images a shift too small

@@ -196,7 +196,7 @@ def parse_untrusted(data: bytes) -> Batch:
         raise BatchRejected(f"it is {len(data)} bytes, more than the {MAX_BATCH_BYTES} a batch file may be: split it")
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "tasks.batch_format", str(PARSE_MEMORY)],  # the child limits itself first
+            [sys.executable, "-m", "tasks.data.batch_format", str(PARSE_MEMORY)],  # the child limits itself first
             input=data,
             env={**os.environ, "ARROW_DEFAULT_MEMORY_POOL": "system"},  # malloc: no large reservations under the limit
             capture_output=True,

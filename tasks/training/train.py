@@ -1,24 +1,26 @@
 """The training step: what a training is configured by (``TrainConfig``), its cache key, and the model already
-trained under that key. The work itself is in ``tasks/training_loop.py``, fed by ``tasks/input_pipeline.py``
-on the device ``tasks/precision.py`` picks, with the networks of ``tasks/model.py``.
+trained under that key. The work itself is in ``tasks/training/loop.py``, fed by ``tasks/training/input_pipeline.py``
+on the device ``tasks/training/precision.py`` picks, with the networks of ``tasks/training/model.py``.
 """
 
 from __future__ import annotations
 
 from storage import Store, code_digest, sha256_json
-from tasks import batch_format, input_pipeline, precision, slices, splits, training_loop
-from tasks.backends import process_backend, run_in_backend
-from tasks.fetch import DatasetRef
-from tasks.model import NETWORK_CODE, ModelRef
-from tasks.precision import Precision
-from tasks.training_config import SEED_MAX, TRAIN_IMAGES, TrainConfig
-from tasks.training_loop import Log, OnEpoch, train_and_store
+from tasks.data import batch_format, slices, splits
+from tasks.data.fetch import DatasetRef
+from tasks.training import input_pipeline, precision
+from tasks.training import loop as training_loop
+from tasks.training.backends import process_backend, run_in_backend
+from tasks.training.config import SEED_MAX, TRAIN_IMAGES, TrainConfig
+from tasks.training.loop import Log, OnEpoch, train_and_store
+from tasks.training.model import NETWORK_CODE, ModelRef
+from tasks.training.precision import Precision
 
 __all__ = ["SEED_MAX", "TRAIN_IMAGES", "Precision", "TrainConfig", "stored_model", "train_model", "training_code", "training_key"]
 
 
 def training_code() -> str:
-    """The code that determines the trained weights: the networks' group in ``tasks/model.py`` and the three
+    """The code that determines the trained weights: the networks' group in ``tasks/training/model.py`` and the three
     training modules whole, so a helper added to any of them is part of the key without anyone listing it; and the
     modules that say which images train (the splits, the batch parser, the slices)."""
     return code_digest(*NETWORK_CODE, input_pipeline, precision, training_loop, splits, slices, batch_format)

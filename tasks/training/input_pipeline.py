@@ -1,12 +1,12 @@
 """The training input: a stratified subset, and batches reshuffled every epoch (tf.data on TensorFlow, Keras'
-``PyDataset`` on JAX and PyTorch). Part of the training key whole (``tasks.train.training_code``)."""
+``PyDataset`` on JAX and PyTorch). Part of the training key whole (``tasks.training.train.training_code``)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from tasks.backends import Backend
-from tasks.keras_runtime import import_keras
+from tasks.training.backends import Backend
+from tasks.training.keras_runtime import import_keras
 
 VALIDATION_SPLIT = 0.1
 

@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from tasks.backends import Backend, process_backend
+from tasks.training.backends import Backend, process_backend
 
 BENIGN = (
     re.compile(r"^WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR$"),

@@ -1,6 +1,6 @@
-"""The child process that trains on another Keras backend than its parent's (see ``tasks/backends.py``).
+"""The child process that trains on another Keras backend than its parent's (see ``tasks/training/backends.py``).
 
-Started as ``python -m tasks.backend_child ARGUMENTS_JSON`` with ``KERAS_BACKEND`` set; it reports on
+Started as ``python -m tasks.training.backend_child ARGUMENTS_JSON`` with ``KERAS_BACKEND`` set; it reports on
 stdout in lines the parent reads: each log line, each finished epoch, then the model's reference.
 """
 
@@ -10,10 +10,10 @@ import json
 import sys
 
 from storage import Store
-from tasks.backends import MESSAGE
-from tasks.fetch import DatasetRef
-from tasks.train import TrainConfig
-from tasks.training_loop import train_and_store
+from tasks.data.fetch import DatasetRef
+from tasks.training.backends import MESSAGE
+from tasks.training.loop import train_and_store
+from tasks.training.train import TrainConfig
 
 
 def _send(**message) -> None:
@@ -21,7 +21,7 @@ def _send(**message) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """The child's side: train with ``tasks.train`` on this process's backend and report back. The arguments
+    """The child's side: train with ``tasks.training.train`` on this process's backend and report back. The arguments
     come on standard input (a JSON object), never the command line, which every user of the machine can read."""
     arguments = json.loads(argv[0] if argv else sys.stdin.readline())
     store = Store(arguments["store"])

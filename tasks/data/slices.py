@@ -1,6 +1,6 @@
 """The images of each use, from one dataset reference: what a night trains on, and each slice it is judged on.
 
-* training: the base MNIST training images (``tasks.splits``) plus every accepted batch's training share;
+* training: the base MNIST training images (``tasks.data.splits``) plus every accepted batch's training share;
 * ``mnist-selection``: the fixed selection split of MNIST's training images (where the gate decides);
 * ``mnist-test``: MNIST's test set (reported, never decided on);
 * ``new-data``: every accepted batch's holdout share, growing night by night (where the gate decides too).
@@ -15,9 +15,9 @@ from typing import NamedTuple
 import numpy as np
 
 from storage import Store, sha256_json
-from tasks.batch_format import BatchPart, parse_share
-from tasks.fetch import DatasetRef, Mnist, load_mnist
-from tasks.splits import SLICE_NEW, SLICE_SELECTION, SLICE_TEST, base_training_indices, selection_indices
+from tasks.data.batch_format import BatchPart, parse_share
+from tasks.data.fetch import DatasetRef, Mnist, load_mnist
+from tasks.data.splits import SLICE_NEW, SLICE_SELECTION, SLICE_TEST, base_training_indices, selection_indices
 
 
 class Images(NamedTuple):

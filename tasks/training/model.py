@@ -14,7 +14,7 @@ from pydantic import AliasChoices, BaseModel, Field
 
 from storage import DamagedArtifact, Store, StoreKey, StoreName
 from storage.tables import NUM_CLASSES
-from tasks.keras_runtime import import_keras
+from tasks.training.keras_runtime import import_keras
 
 if TYPE_CHECKING:  # Keras loads TensorFlow (seconds): only the builders need it
     import keras
@@ -51,7 +51,7 @@ class ModelRef(BaseModel):
     train_images: int
     train_seconds: float
     val_accuracy: float
-    # trained without the mnist-selection split (``tasks.splits``); False for models made before the split existed,
+    # trained without the mnist-selection split (``tasks.data.splits``); False for models made before the split existed,
     # which trained on all 60 000 images: the gate does not compare them on images they learned
     selection_held_out: bool = False
 
@@ -181,7 +181,7 @@ def scale(images: np.ndarray) -> np.ndarray:
     return (images.astype(np.float32) / 255.0)[..., np.newaxis]
 
 
-# The network code a trained model depends on: part of the training key (``tasks.train.training_code``).
+# The network code a trained model depends on: part of the training key (``tasks.training.train.training_code``).
 NETWORK_CODE = (
     build_seed_model,
     build_strong_model,

@@ -2,7 +2,7 @@
 
 Keras fixes its backend when it is first imported, from ``KERAS_BACKEND`` (else ``keras.json`` under
 ``KERAS_HOME``, else TensorFlow). A run that asks for another backend than its process has trains in a
-child process started with that ``KERAS_BACKEND`` (``tasks/backend_child.py``): the same ``tasks.train``
+child process started with that ``KERAS_BACKEND`` (``tasks/training/backend_child.py``): the same ``tasks.training.train``
 code, its log lines and epochs relayed to the caller as JSON lines on stdout, the model's reference last.
 Evaluation and the champion gate stay in the caller: a ``.keras`` file loads on every backend.
 """
@@ -55,10 +55,10 @@ def run_in_backend(
     ``FSSPEC_*`` variables, ``storage.credentials``); its arguments go on standard input, not on its command line.
     """
     env = {**os.environ, BACKEND_ENV: backend.value}
-    command = [sys.executable, "-m", "tasks.backend_child"]
+    command = [sys.executable, "-m", "tasks.training.backend_child"]
     result: dict | None = None
     with subprocess.Popen(
-        command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent
+        command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2]
     ) as child:
         assert child.stdin is not None and child.stdout is not None
         child.stdin.write(json.dumps(arguments) + "\n")

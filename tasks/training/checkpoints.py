@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, ValidationError
 from storage import SIDECAR_LIMIT, Store, StoreError, StoreName, damage
 
 POINTER = "latest.json"
-HISTORY = "history.json"  # what the epoch recorder of tasks/train.py writes beside Keras' backup
+HISTORY = "history.json"  # what the epoch recorder of tasks/training/train.py writes beside Keras' backup
 
 
 class CheckpointPointer(BaseModel):

@@ -25,8 +25,8 @@ import numpy as np
 from pydantic import AliasChoices, BaseModel, Field
 
 from storage import Store, StoreKey, sha256_bytes, sha256_json
-from tasks import idx
-from tasks.batch_format import AcceptedBatch
+from tasks.data import idx
+from tasks.data.batch_format import AcceptedBatch
 
 SOURCE_ENV = "MNIST_SOURCE"
 MIRRORS_ENV = "MNIST_MIRRORS"  # comma-separated base URLs; set but empty: skip the web
@@ -83,7 +83,7 @@ class DatasetRef(BaseModel):
     sha256: str = Field(validation_alias=AliasChoices("sha256", "digest"))  # the four pinned MNIST digests together
     files: dict[str, StoredFile]
     sources: list[str]
-    held_back: int = 0  # MNIST training images kept out of the base training set (``tasks.splits``)
+    held_back: int = 0  # MNIST training images kept out of the base training set (``tasks.data.splits``)
     batches: list[AcceptedBatch] = []  # accepted new batches, by digest
 
     @property

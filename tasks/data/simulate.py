@@ -14,9 +14,9 @@ from __future__ import annotations
 import numpy as np
 
 from storage import Store
-from tasks.batch_format import batch_bytes
-from tasks.fetch import Mnist
-from tasks.splits import held_back_indices
+from tasks.data.batch_format import batch_bytes
+from tasks.data.fetch import Mnist
+from tasks.data.splits import held_back_indices
 
 HELD_BACK = 10_000
 BATCH_IMAGES = 1_500

@@ -11,16 +11,16 @@ from pydantic import BaseModel
 
 from storage import Store
 from storage.tables import NUM_CLASSES, read_frame, read_table
-from tasks.champion import GateRef
-from tasks.evaluate import EvaluationRef
-from tasks.fetch import DatasetRef
-from tasks.gate import mcnemar_text
-from tasks.ingest import BatchRecord
-from tasks.metrics import wilson_interval
-from tasks.plots import DIGITS, PlotsRef, png_bytes
-from tasks.run_record import RunRecord
-from tasks.splits import SLICE_TEST
-from tasks.tabulate import TablesRef
+from tasks.champion.gate import mcnemar_text
+from tasks.champion.promotion import GateRef
+from tasks.data.fetch import DatasetRef
+from tasks.data.splits import SLICE_TEST
+from tasks.evaluation.evaluate import EvaluationRef
+from tasks.evaluation.metrics import wilson_interval
+from tasks.evaluation.plots import DIGITS, PlotsRef, png_bytes
+from tasks.intake.ingest import BatchRecord
+from tasks.publish.run_record import RunRecord
+from tasks.publish.tabulate import TablesRef
 
 PROMOTED = "#1e8449"
 REJECTED = "#c0392b"

@@ -21,7 +21,18 @@ from pydantic import BaseModel
 
 from storage import Store, WriteConflict
 from storage.tables import read_frame, read_table, write_table
-from tasks.champion_pointer import (
+from tasks.champion.gate import (
+    Comparison,
+    Decision,
+    GateRules,
+    PointerChange,
+    SliceVerdict,
+    compare,
+    decide_slices,
+    judge_slice,
+    pointer_change,
+)
+from tasks.champion.pointer import (
     POINTER_ATTEMPTS,
     Champion,
     ChampionError,
@@ -35,22 +46,11 @@ from tasks.champion_pointer import (
     read_pointer,
     write_pointer,
 )
-from tasks.evaluate import EvaluationRef, balanced_accuracy, predicted_labels
-from tasks.fetch import DatasetRef
-from tasks.gate import (
-    Comparison,
-    Decision,
-    GateRules,
-    PointerChange,
-    SliceVerdict,
-    compare,
-    decide_slices,
-    judge_slice,
-    pointer_change,
-)
-from tasks.metrics import recall_per_digit
-from tasks.model import ModelRef
-from tasks.splits import SLICE_NEW, SLICE_SELECTION
+from tasks.data.fetch import DatasetRef
+from tasks.data.splits import SLICE_NEW, SLICE_SELECTION
+from tasks.evaluation.evaluate import EvaluationRef, balanced_accuracy, predicted_labels
+from tasks.evaluation.metrics import recall_per_digit
+from tasks.training.model import ModelRef
 
 __all__ = [
     "Champion",

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from storage import SIDECAR_LIMIT, Store, StoreError, StoreName, UnsafeKey, damage
 from storage.tables import read_table
-from tasks.model import ModelRef
+from tasks.training.model import ModelRef
 
 POINTER_ATTEMPTS = 20  # a writer that keeps losing the race this often fails with a message instead
 

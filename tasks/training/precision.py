@@ -1,5 +1,5 @@
 """Where training runs and in which dtype policy: the GPU with mixed precision when the backend sees one, else
-the CPU (bfloat16 where it computes it natively). Part of the training key whole (``tasks.train.training_code``)."""
+the CPU (bfloat16 where it computes it natively). Part of the training key whole (``tasks.training.train.training_code``)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
 
-from tasks.backends import Backend
-from tasks.keras_runtime import import_keras
+from tasks.training.backends import Backend
+from tasks.training.keras_runtime import import_keras
 
 
 class Precision(str, Enum):
