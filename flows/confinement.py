@@ -7,7 +7,13 @@ would put any model in production. The worker's own settings decide instead:
 
 * ``MNIST_STORE`` and ``MNIST_ALLOWED_STORES`` (comma-separated) name the stores it serves;
 * ``MNIST_SOURCE`` and ``MNIST_ALLOWED_SOURCES`` the directories a run may read MNIST from;
-* ``MNIST_ALLOW_FORCE_PROMOTE=1`` lets deployed runs overrule the gate.
+* ``MNIST_ALLOW_FORCE_PROMOTE=1`` lets deployed runs overrule the gate;
+* ``MNIST_ALLOW_LOOSER_RULES=1`` lets deployed runs set gate and ingest rules looser than the defaults (without
+  it a run may only tighten them: a lower accuracy floor or a larger leaked share would let through what
+  force-promote was kept from).
+
+These are read from the worker's own environment: ``flows/worker.py`` starts every run in it, whatever the
+run's job variables say. Nothing here opens a store or a file before the allow-list said yes.
 
 A person at their own terminal (``make run``, ``mnist-pipeline run``) is trusted: none of this applies
 to a run that is not a deployment's.
@@ -17,14 +23,41 @@ from __future__ import annotations
 
 import os
 
+import fsspec
+
 from flows.params import PipelineParameters
-from storage import STORE_ENV, Store
-from storage.credentials import has_credentials
+from storage import STORE_ENV
+from storage.credentials import CredentialsInUrl, has_credentials, split_credentials
+from storage.store import DEFAULT_STORE
+from tasks.champion.gate import GateRules
 from tasks.data.fetch import SOURCE_ENV
+from tasks.intake.checks import IngestRules
 
 ALLOWED_STORES_ENV = "MNIST_ALLOWED_STORES"
 ALLOWED_SOURCES_ENV = "MNIST_ALLOWED_SOURCES"
 FORCE_PROMOTE_ENV = "MNIST_ALLOW_FORCE_PROMOTE"
+LOOSER_RULES_ENV = "MNIST_ALLOW_LOOSER_RULES"
+
+# Which way each rule loosens: a deployed run may move a rule the other way only (tests/test_confinement.py checks
+# that every field of GateRules and IngestRules is named here, so a new rule cannot be forgotten).
+LOOSER_WHEN_LOWER = {
+    "gate": {"min_balanced_accuracy"},
+    "ingest": {"drift_p", "min_batch_images"},
+}
+LOOSER_WHEN_HIGHER = {
+    "gate": {"max_regression", "max_digit_drop", "min_digit_images", "min_new_data_images"},
+    "ingest": {
+        "max_leaked_share",
+        "max_label_shift",
+        "max_image_drift",
+        "max_disagreement_excess",
+        "confident_probability",
+        "max_excess_disagreements",
+        "max_files_per_night",
+        "max_images_per_night",
+    },
+}
+NOT_A_RULE = {"gate": {"force_promote"}, "ingest": {"holdout_share"}}  # force_promote has its own setting
 
 
 class NotServed(PermissionError):
@@ -36,8 +69,8 @@ def _listed(*names: str) -> list[str]:
 
 
 def served_stores() -> set[str]:
-    """The stores this worker serves, as ``Store.url`` spells them (local ones as real absolute paths)."""
-    return {_canonical(url) for url in [Store.resolve().url, *_listed(ALLOWED_STORES_ENV)]}
+    """The stores this worker serves, spelled as ``_canonical`` does (local ones as real absolute paths)."""
+    return {_canonical(url) for url in [os.environ.get(STORE_ENV) or DEFAULT_STORE, *_listed(ALLOWED_STORES_ENV)]}
 
 
 def served_sources() -> set[str]:
@@ -45,8 +78,27 @@ def served_sources() -> set[str]:
 
 
 def _canonical(url: str) -> str:
-    store = Store(url)
-    return os.path.realpath(store.url) if store.is_local else store.url
+    """A store URL as compared with the allow-list, from its text alone: no filesystem is made, so an ``ftp://``,
+    ``http://`` or ``reference://`` URL is never connected to or read before it is found to be served."""
+    try:
+        url = split_credentials(url)[0]
+    except CredentialsInUrl:
+        return url
+    protocol, path = fsspec.core.split_protocol(url)
+    if protocol in (None, "file", "local"):
+        return os.path.realpath(os.path.abspath(path))
+    return url.rstrip("/")
+
+
+def looser_rules(params: PipelineParameters) -> list[str]:
+    """The gate and ingest rules ``params`` sets looser than their defaults, as ``group.field=value (default d)``."""
+    found = []
+    for group, rules, defaults in (("gate", params.gate, GateRules()), ("ingest", params.ingest, IngestRules())):
+        for name in type(rules).model_fields:
+            value, default = getattr(rules, name), getattr(defaults, name)
+            if (name in LOOSER_WHEN_LOWER[group] and value < default) or (name in LOOSER_WHEN_HIGHER[group] and value > default):
+                found.append(f"{group}.{name}={value} (default {default})")
+    return found
 
 
 def check_deployed_run(params: PipelineParameters) -> PipelineParameters:
@@ -81,5 +133,11 @@ def check_deployed_run(params: PipelineParameters) -> PipelineParameters:
         raise NotServed(
             f"Parameter gate.force_promote is refused for deployed runs on this worker: set {FORCE_PROMOTE_ENV}=1 on the "
             "worker to allow it, or promote by hand (`mnist-pipeline promote RUN_ID`), which needs write access to the store."
+        )
+    if (looser := looser_rules(params)) and os.environ.get(LOOSER_RULES_ENV, "").lower() not in ("1", "true", "yes"):
+        raise NotServed(
+            f"Parameters {', '.join(looser)} loosen the rules this worker enforces for deployed runs: a run may "
+            f"tighten them, not relax them. Set {LOOSER_RULES_ENV}=1 on the worker to allow it, or run it at your own "
+            "terminal (`mnist-pipeline run`)."
         )
     return params.model_copy(update=resolved)

@@ -29,6 +29,8 @@ from pathlib import Path
 
 from flows.database import DATABASES, URL_ENV, LocalPostgres
 from flows.recovery import BUCKET_BUFFER, BUCKET_BUFFER_ENV, HEARTBEAT_ENV, HEARTBEAT_SECONDS, SILENT_AFTER_SECONDS
+from flows.worker import locked_template
+from storage.credentials import CredentialsInUrl, split_credentials
 
 REPO = Path(__file__).resolve().parent.parent
 POOLS = ("gpu",)
@@ -53,6 +55,14 @@ def write_secret(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(text)
     path.chmod(0o600)
+
+
+def shown_url(url: str) -> str:
+    """``url`` as it may be printed: without a user or password (they stay in the workers' environment)."""
+    try:
+        return split_credentials(url)[0]
+    except CredentialsInUrl:
+        return "(a URL with credentials that cannot be parsed: not shown)"
 
 
 def free_port() -> int:
@@ -147,14 +157,30 @@ class LocalStack:
     @property
     def server_env(self) -> dict[str, str]:
         """The server's environment: the client one, plus the auth string as a server setting and the database."""
-        env = self.env
-        env.update(PREFECT_SERVER_API_HOST=self.host, PREFECT_SERVER_CSRF_PROTECTION_ENABLED="true")
+        env = {k: v for k, v in self.env.items() if k != "MNIST_STORE"}  # the store and its credentials: workers' only
+        env.update(
+            PREFECT_SERVER_API_HOST=self.host,
+            PREFECT_SERVER_CSRF_PROTECTION_ENABLED="true",
+            # the UI's own origin only (Prefect allows every origin by default): another site's page in a logged-in
+            # browser gets no CSRF token, so CSRF protection holds
+            PREFECT_SERVER_CORS_ALLOWED_ORIGINS=self.ui_origins,
+        )
         env[BUCKET_BUFFER_ENV] = BUCKET_BUFFER  # flows/recovery.py: a silent run's bucket is never swept unseen
         if self.auth_string:
             env[AUTH_ENV] = self.auth_string
         if self.database_url:
             env[URL_ENV] = self.database_url
         return env
+
+    @property
+    def ui_origins(self) -> str:
+        """The origins the UI is served from: loopback by default, the host's name too when it listens beyond it."""
+        origins = [self.ui_url]
+        if not is_loopback(self.host):
+            origins.append(f"http://{socket.gethostname()}:{self.port}")
+            if self.host not in ("0.0.0.0", "::"):
+                origins.append(f"http://{self.host}:{self.port}")
+        return ",".join(origins)
 
     @property
     def env(self) -> dict[str, str]:
@@ -194,10 +220,10 @@ class LocalStack:
             raise RuntimeError(f"`python {' '.join(args)}` failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
         return done.stdout
 
-    def _spawn(self, name: str, *args: str, cwd: Path = REPO, env: dict[str, str] | None = None) -> int:
+    def _spawn(self, name: str, *args: str, cwd: Path = REPO, env: dict[str, str] | None = None, module: str = "prefect") -> int:
         with open(self.home / f"{name}.log", "ab") as log:  # the child keeps its own copy of the handle
             proc = subprocess.Popen(
-                [sys.executable, "-m", "prefect", *args],
+                [sys.executable, "-m", module, *args],
                 cwd=cwd,
                 env={**(self.server_env if name == "server" else self.env), **(env or {})},
                 stdout=log,
@@ -255,8 +281,10 @@ class LocalStack:
             self.database_url = cluster.start()
         self._spawn("server", "server", "start", "--host", self.host, "--port", str(self.port))
         self.wait_healthy()
+        template = self.home / "job-template.json"  # flows/worker.py: no variable changes what a run executes
+        template.write_text(json.dumps(locked_template(), indent=2))
         for pool in POOLS:
-            self._prefect("work-pool", "create", pool, "--type", "process", "--overwrite")
+            self._prefect("work-pool", "create", pool, "--type", "process", "--base-job-template", str(template), "--overwrite")
         self._prefect("deploy", "--all", "--no-prompt")
         self.alerts = self._python("-m", "flows.alerts").strip()
         self.recovery = self._python("-m", "flows.recovery", "--silent-after", str(self.silent_after)).strip()
@@ -286,19 +314,7 @@ class LocalStack:
         log_name = self.worker_log_name(pool, name)
         limit = limit or worker_limit()
         return self._spawn(
-            log_name,
-            "worker",
-            "start",
-            "--pool",
-            pool,
-            "--type",
-            "process",
-            "--name",
-            name,
-            "--limit",
-            str(limit),
-            cwd=cwd,
-            env=env,
+            log_name, "--pool", pool, "--name", name, "--limit", str(limit), cwd=cwd, env=env, module="flows.worker"
         )
 
     def _terminate(self, pid: int, grace: float) -> bool:
@@ -409,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         f"API:            {stack.api_url}   (the CLI against it: export PREFECT_API_URL={stack.api_url} "
         f"PREFECT_API_AUTH_STRING={secret})\n"
         f"Deployments:    mnist-retrain/nightly (cron 0 2 * * * UTC, pool gpu; one run at a time, others queue)\n"
-        f"Artifact store: {stack.store}\n"
+        f"Artifact store: {shown_url(stack.store)}\n"
         f"Workers:        gpu-worker-local, at most {worker_limit()} flow run(s) at once (one per GPU)\n"
         f"{stack.alerts}\n"
         f"{stack.recovery}\n"

@@ -14,7 +14,6 @@ import hashlib
 import os
 import posixpath
 import re
-import stat
 import tempfile
 import time
 import uuid
@@ -26,7 +25,8 @@ from fsspec import AbstractFileSystem
 from pydantic import ValidationError
 
 from storage.digests import CHUNK, sha256_bytes, sha256_stream
-from storage.keys import UnsafeKey, confine_key, damage
+from storage.door import NotARegularFile
+from storage.keys import confine_key, damage
 
 RefT = TypeVar("RefT")  # a pydantic model describing stored files
 STORE_ENV = "MNIST_STORE"
@@ -55,23 +55,20 @@ class StoreFiles:
     url: str
     is_local: bool
     warn: Callable[[str], None]
-    real_root: str  # the root with its symbolic links resolved: what every local path must stay under
     _swept: set[str]
 
     def path(self, *parts: str) -> str:
         """The filesystem path of a key, for fsspec and pyarrow calls made on ``self.fs``.
 
         The key is confined first (``storage.keys``): whatever a sidecar said, no read, write or
-        delete made through a store reaches outside it. A path this store already resolved (one
-        that starts with its root) is taken as the key below the root, and confined the same way.
+        delete made through a store reaches outside it; on a local store the door (``storage.door``)
+        then refuses a symbolic link at any component. A path this store already resolved (one that
+        starts with its root) is taken as the key below the root, and confined the same way.
         """
         key = posixpath.join(*parts)
         if key.startswith(self.root + "/"):
             key = key[len(self.root) + 1 :]
-        path = posixpath.join(self.root, confine_key(key))
-        if self.is_local and os.path.commonpath([os.path.realpath(path), self.real_root]) != self.real_root:
-            raise UnsafeKey(f"{key[:120]!r} leads outside the store through a symbolic link: not followed")
-        return path
+        return posixpath.join(self.root, confine_key(key))  # links inside a local store: storage/door.py
 
     def location(self, key: str) -> str:
         """What to show a person: the local path, or the full URL (``s3://bucket/...``) of a remote one."""
@@ -80,6 +77,15 @@ class StoreFiles:
 
     def exists(self, key: str) -> bool:
         return self.fs.exists(self.path(key))
+
+    def kind(self, key: str) -> str | None:
+        """What stands at ``key``: ``file``, ``directory``, ``other`` (a link, pipe, socket) or None (nothing)."""
+        try:
+            return self.fs.info(self.path(key)).get("type")
+        except FileNotFoundError:
+            return None
+        except NotARegularFile:  # a link at a folder above it
+            return "other"
 
     def read_bytes(self, key: str, limit: int | None = None) -> bytes:
         """The bytes of ``key``; with ``limit``, reading stops there and a larger file is refused, so a
@@ -97,19 +103,10 @@ class StoreFiles:
         local filesystem it is opened without following a link and without blocking, and checked to be a
         regular file on the open descriptor, so a name swapped for a link or a pipe after it was listed is
         refused, not followed or waited on."""
-        if not self.is_local:
-            return self.read_bytes(key, limit)
-        fd = os.open(self.path(key), os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise StoreError(f"{self.location(key)} is not a regular file: not read")
-            with os.fdopen(os.dup(fd), "rb") as f:
-                data = f.read(limit + 1)
-        finally:
-            os.close(fd)
-        if len(data) > limit:
-            raise StoreError(f"{self.location(key)} is larger than the {limit} bytes expected of it: not read")
-        return data
+            return self.read_bytes(key, limit)
+        except NotARegularFile as exc:
+            raise StoreError(f"{self.location(key)} is not a regular file: not read ({exc.strerror})") from exc
 
     def verified_bytes(self, key: str, sha256: str, limit: int | None = None) -> bytes:
         """The bytes of ``key`` read once and hashed: what is used is what was checked."""
@@ -156,7 +153,11 @@ class StoreFiles:
         This is what lets a cache hit or a second writer trust a stored result: a missing or
         altered file makes it ``None``, and the step runs again.
         """
-        if not self.exists(info_path):
+        kind = self.kind(info_path)
+        if kind is None:
+            return None
+        if kind != "file":
+            self.warn(f"The reference {self.location(info_path)} cannot be read: it is a {kind}, not a file; not used")
             return None
         try:
             ref = ref_type.model_validate_json(self.read_bytes(info_path, limit=SIDECAR_LIMIT))
@@ -179,9 +180,8 @@ class StoreFiles:
 
     def _commit(self, tmp: str, path: str) -> None:
         if self.is_local:
-            _fsync(tmp)  # the bytes reach the disk before the name does: no empty file after a power loss
-            os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file
-            _fsync(os.path.dirname(path))  # and the rename itself is durable
+            self.fs.fsync(tmp)  # the bytes reach the disk before the name does: no empty file after a power loss
+            self.fs.mv(tmp, path)  # atomic rename, then fsync of the folder; a folder planted at ``path`` is set aside
         else:
             self.fs.mv(tmp, path)  # object stores publish a whole object or nothing
 
@@ -311,14 +311,6 @@ class StoreFiles:
     def get_file(self, key: str, local: str) -> None:
         """Copy ``key`` to the local path ``local``."""
         self.fs.get_file(self.path(key), local)
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _mtime(entry: dict) -> float:

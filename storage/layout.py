@@ -53,17 +53,6 @@ class Layout:
         promotions table, so a key that is not one name is refused (``UnsafeKey``)."""
         return self.key("models", confine_name(key), "model.json")
 
-    def checkpoint_dir(self, key: str) -> str:
-        """A local directory for Keras' BackupAndRestore, which needs a real filesystem.
-
-        In a local store it lives inside the store. For a remote store it is a working copy in the
-        user's cache directory, which ``push_checkpoint`` copies into the store after every epoch, so
-        a run killed on one worker resumes on another (``pull_checkpoint``).
-        """
-        if self.is_local:
-            return self.path(self.key("checkpoints", key))
-        return self.cache_dir("checkpoints", confine_name(key))
-
     def evaluation_file(self, key: str) -> str:
         return self.key("evaluations", key, "predictions.parquet")
 

@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable, Iterator
 
 from storage.digests import sha256_bytes
+from storage.door import NotARegularFile
 
 LockFactory = Callable[[str], contextlib.AbstractContextManager]  # a lock name → a context manager holding it
 
@@ -15,6 +16,7 @@ class StoreLocks:
     """Locks of a store (mixed into ``storage.Store``)."""
 
     distributed_lock: LockFactory | None
+    warn: Callable[[str], None]
 
     @contextlib.contextmanager
     def lock(self, name: str) -> Iterator[None]:
@@ -31,9 +33,18 @@ class StoreLocks:
             return
         import fcntl
 
-        path = self.path(self.lock_file(name)) if self.is_local else self._machine_lock_file(name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "a") as handle:
+        if self.is_local:  # through the store's door: a link or pipe planted at the lock file is set aside, not opened
+            path = self.path(self.lock_file(name))
+            try:
+                handle = self.fs.open(path, "ab")
+            except NotARegularFile:
+                self.warn(f"{path} was not a lock file (a link, pipe or folder): set aside as {self.fs.set_aside(path)}")
+                handle = self.fs.open(path, "ab")
+        else:
+            path = self._machine_lock_file(name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            handle = open(path, "a")  # this machine's own cache, not the store
+        with handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield

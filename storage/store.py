@@ -13,6 +13,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from storage.credentials import strip_credentials
+from storage.door import ConfinedLocalFileSystem
 from storage.files import STORE_ENV, StoreFiles
 from storage.layout import Layout
 from storage.locks import LockFactory, StoreLocks
@@ -37,7 +38,8 @@ class Store(Layout, StoreFiles, StoreLocks):
         self.fs, root = fsspec.core.url_to_fs(url)
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self.root = os.path.abspath(root) if self.is_local else root.rstrip("/")
-        self.real_root = os.path.realpath(self.root) if self.is_local else self.root
+        if self.is_local:  # every local read, write, listing and delete goes through the one door (storage/door.py)
+            self.fs = ConfinedLocalFileSystem(self.root)
         self.url = self.root if self.is_local else url.rstrip("/")
 
     @classmethod

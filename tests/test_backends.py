@@ -67,7 +67,7 @@ def test_a_killed_training_resumes_and_the_pipeline_finishes_on_its_backend(back
     params = PipelineParameters(backend=backend, epochs=3, train_limit=3000, seed=3, n_per_class=20, store=store.url)
     config = params.train_config(3)  # what the command below trains: it resumes this very training
     key = training_key(dataset, config)
-    history = Path(store.checkpoint_dir(key)) / "history.json"
+    pointer = store.checkpoint_key(key, "latest.json")  # the checkpoint as the store holds it after each epoch
     arguments = {
         "store": store.url,
         "dataset": dataset.model_dump(mode="json"),
@@ -82,7 +82,7 @@ def test_a_killed_training_resumes_and_the_pipeline_finishes_on_its_backend(back
     )
 
     def epochs_backed_up() -> int:
-        return len(json.loads(history.read_text())) if history.exists() else 0
+        return json.loads(store.read_bytes(pointer))["epoch"] if store.exists(pointer) else 0
 
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and epochs_backed_up() < 1:  # the state we wait for: epoch 1 in the store

@@ -84,3 +84,94 @@ def test_the_database_url_reaches_the_server_alone(tmp_path, monkeypatch):
     stack = LocalStack(tmp_path / "home", port=4999, db="postgres")
     assert "PREFECT_API_DATABASE_CONNECTION_URL" not in stack.env
     assert stack.server_env["PREFECT_API_DATABASE_CONNECTION_URL"].endswith("@db:5432/prefect")
+
+
+def test_a_store_url_is_judged_by_its_text_alone_no_connection_before_the_allow_list(worker):
+    """An ``ftp://`` store makes fsspec connect as it is constructed: a refused one must not even be dialled."""
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.settimeout(0.5)
+        port = listener.getsockname()[1]
+        for url in (f"ftp://127.0.0.1:{port}/x", f"http://127.0.0.1:{port}/x", f"simplecache::ftp://127.0.0.1:{port}/x"):
+            with pytest.raises(NotServed, match="Parameter store="):
+                check_deployed_run(PipelineParameters(store=url))
+        with pytest.raises(TimeoutError):
+            listener.accept()  # nobody dialled
+
+
+LOOSER = [
+    ("gate", "min_balanced_accuracy", 0.5),
+    ("gate", "max_regression", 0.5),
+    ("gate", "max_digit_drop", 0.9),
+    ("gate", "min_digit_images", 10_000),
+    ("gate", "min_new_data_images", 100_000),
+    ("ingest", "max_leaked_share", 1.0),
+    ("ingest", "drift_p", 1e-12),
+    ("ingest", "max_label_shift", 1.0),
+    ("ingest", "max_image_drift", 1.0),
+    ("ingest", "confident_probability", 1.0),
+    ("ingest", "max_disagreement_excess", 1.0),
+    ("ingest", "min_batch_images", 1),
+]
+
+
+@pytest.mark.parametrize(("group", "field", "value"), LOOSER)
+def test_a_deployed_run_may_tighten_a_rule_but_not_loosen_it_unless_the_worker_allows(worker, monkeypatch, group, field, value):
+    with pytest.raises(NotServed, match=f"{group}.{field}=.*MNIST_ALLOW_LOOSER_RULES=1"):
+        check_deployed_run(PipelineParameters(**{group: {field: value}}))
+    monkeypatch.setenv("MNIST_ALLOW_LOOSER_RULES", "1")
+    check_deployed_run(PipelineParameters(**{group: {field: value}}))
+
+
+def test_every_rule_is_judged_in_one_direction_and_the_defaults_pass(worker):
+    from flows.confinement import LOOSER_WHEN_HIGHER, LOOSER_WHEN_LOWER, NOT_A_RULE
+    from tasks.champion.gate import GateRules
+    from tasks.intake.checks import IngestRules
+
+    for group, rules in (("gate", GateRules), ("ingest", IngestRules)):
+        named = [LOOSER_WHEN_LOWER[group], LOOSER_WHEN_HIGHER[group], NOT_A_RULE[group]]
+        for field in rules.model_fields:
+            assert sum(field in names for names in named) == 1, f"{group}.{field}: say which way it loosens"
+    tighter = PipelineParameters(gate={"min_balanced_accuracy": 0.99, "max_regression": 0.0}, ingest={"drift_p": 0.5})
+    check_deployed_run(tighter)
+    check_deployed_run(PipelineParameters())
+
+
+def test_the_pool_template_exposes_nothing_that_changes_what_or_where_a_run_executes():
+    from flows.worker import locked_template
+
+    template = locked_template()
+    assert set(template["variables"]["properties"]) == {"name", "labels", "stream_output"}
+    assert template["variables"]["additionalProperties"] is False
+    assert not {"command", "env", "working_dir"} & set(template["job_configuration"])
+
+
+def test_the_worker_runs_only_this_checkouts_deployment():
+    import uuid
+
+    from prefect.client.schemas.responses import DeploymentResponse
+
+    from flows.worker import CODE, ENTRYPOINT, WORKING_DIRECTORY_STEP, RefusedRun, check_deployment
+
+    def deployment(entrypoint: str = ENTRYPOINT, steps: list | None = None) -> DeploymentResponse:
+        steps = [{WORKING_DIRECTORY_STEP: {"directory": str(CODE)}}] if steps is None else steps
+        return DeploymentResponse(id=uuid.uuid4(), name="nightly", flow_id=uuid.uuid4(), entrypoint=entrypoint, pull_steps=steps)
+
+    check_deployment(deployment())
+    with pytest.raises(RefusedRun, match="without a deployment"):
+        check_deployment(None)
+    with pytest.raises(RefusedRun, match="entrypoint 'evil.py:flow'"):
+        check_deployment(deployment(entrypoint="evil.py:flow"))
+    shell = {"prefect.deployments.steps.run_shell_script": {"script": "touch /tmp/marker"}}
+    for steps in (
+        [],
+        [shell],
+        [{WORKING_DIRECTORY_STEP: {"directory": str(CODE)}}, shell],
+        [{WORKING_DIRECTORY_STEP: {"directory": "/tmp"}}],
+        [{WORKING_DIRECTORY_STEP: {"directory": str(CODE)}, "prefect.deployments.steps.git_clone": {"repository": "x"}}],
+    ):
+        with pytest.raises(RefusedRun, match="pull steps"):
+            check_deployment(deployment(steps=steps))

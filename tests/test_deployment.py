@@ -285,13 +285,55 @@ def test_the_stack_is_configured_as_prefect_yaml_says_and_keeps_its_secrets(ops,
         environment = Path(f"/proc/{pid}/environ").read_bytes()
         assert b"PREFECT_API_DATABASE_CONNECTION_URL" not in environment and b"PREFECT_API_AUTH_STRING=" in environment
         assert cluster.password.encode() not in environment, worker
+        assert command[1:3] == [b"-m", b"flows.worker"], command  # the worker that decides (flows/worker.py)
     server = Path(f"/proc/{ops.stack._pids()['server']}/environ").read_bytes().split(b"\0")
     assert f"{BUCKET_BUFFER_ENV}={BUCKET_BUFFER}".encode() in server  # a silent run's bucket is not swept unseen
+    assert f"PREFECT_SERVER_CORS_ALLOWED_ORIGINS={ops.stack.ui_url}".encode() in server  # the UI's origin alone
+    assert not any(v.startswith(b"MNIST_STORE=") for v in server)  # the store and its credentials: workers' only
     env = {k: v for k, v in os.environ.items() if k != "PGPASSWORD"}
     denied = psql(cluster, env)
     assert denied.returncode != 0 and "password" in denied.stderr, denied.stderr
     allowed = psql(cluster, {**env, "PGPASSWORD": cluster.password})
     assert allowed.stdout.strip() == "1", allowed.stderr
+
+
+def test_an_api_caller_cannot_change_what_a_run_executes_where_or_with_which_environment(ops, two_workers, tmp_path):
+    """Job variables are refused by the pool; a pool template or deployment opened by an administrator changes
+    nothing either: the worker runs its own command, in its own environment, on its own checkout's flow only."""
+    from prefect.client.schemas.actions import DeploymentUpdate, WorkPoolUpdate
+    from prefect.workers.process import ProcessWorker
+
+    marker = tmp_path / "ran-the-callers-command"
+    deployment = ops.client.read_deployment_by_name(DEPLOYMENT)
+    forced = {"params": {**QUICK, "gate": {"force_promote": True}}}  # refused unless the worker allows it
+    hostile = {"command": f"touch {marker}", "env": {"MNIST_ALLOW_FORCE_PROMOTE": "1"}, "working_dir": str(tmp_path)}
+    for name, value in hostile.items():  # 1. the pool's own template: refused when the run is created
+        with pytest.raises(Exception, match=f"{name}.*(unexpected|not allowed)|(unexpected|not allowed).*{name}") as refused:
+            ops.client.create_flow_run_from_deployment(deployment.id, parameters=forced, job_variables={name: value})
+        assert "422" in str(refused.value) or "Unprocessable" in repr(refused.value)
+
+    # 2. an administrator puts Prefect's default template back (which offers all three) and starts such a run
+    pool = ops.client.read_work_pool("gpu")
+    ops.client.update_work_pool("gpu", WorkPoolUpdate(base_job_template=ProcessWorker.get_default_base_job_template()))
+    try:
+        run = ops.client.create_flow_run_from_deployment(deployment.id, parameters=forced, job_variables=hostile)
+        (done,) = ops.finished([run.id], timeout=240, completed=False)
+    finally:
+        ops.client.update_work_pool("gpu", WorkPoolUpdate(base_job_template=pool.base_job_template))
+    assert done.state.is_failed(), (done.state.name, done.state.message)  # our flow ran, in the worker's environment
+    assert "MNIST_ALLOW_FORCE_PROMOTE" in done.state.message, done.state.message
+    assert not marker.exists()
+
+    # 3. an administrator edits the deployment to run a shell step first: the worker refuses to start it
+    shell = {"prefect.deployments.steps.run_shell_script": {"script": f"touch {marker}"}}
+    ops.client.update_deployment(deployment.id, DeploymentUpdate(pull_steps=[*deployment.pull_steps, shell]))
+    try:
+        run = ops.client.create_flow_run_from_deployment(deployment.id, parameters={"params": QUICK})
+        (done,) = ops.finished([run.id], timeout=240, completed=False)
+    finally:
+        ops.client.update_deployment(deployment.id, DeploymentUpdate(pull_steps=deployment.pull_steps))
+    assert done.state.is_crashed() and "RefusedRun" in done.state.message and "pull steps" in done.state.message
+    assert not marker.exists()
 
 
 def test_a_run_triggered_during_the_nights_run_waits_for_it_then_finds_every_step_cached(ops, two_workers):

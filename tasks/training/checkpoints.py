@@ -1,22 +1,23 @@
 """A training's resume point on a remote store, so a run killed on one worker resumes on another.
 
-Keras' ``BackupAndRestore`` needs a real filesystem: it writes into a working copy on this machine
-(``Store.checkpoint_dir``; inside the store when the store is local). After every epoch the working
-copy is published to the store under a folder of its own, then the one small pointer ``latest.json``
-is replaced, then the previous folder goes. The pointer is store content, so it is checked like any
+Keras' ``BackupAndRestore`` needs a real filesystem: it writes into a private temporary folder on this
+machine, never into the store (a link planted in the store cannot redirect Keras' or the epoch recorder's plain
+file writes). After every epoch the working copy is published to the store, local or remote alike, through the
+store's own writer under a folder of its own, then the one small pointer ``latest.json`` is replaced, then the
+previous folder goes. The pointer is store content, so it is checked like any
 other: a folder that is not one name of ours is reported and ignored, never deleted.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
+import posixpath
 import uuid
 from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError
 
 from storage import SIDECAR_LIMIT, Store, StoreError, StoreName, damage
+from storage.keys import confine_name
 
 POINTER = "latest.json"
 HISTORY = "history.json"  # what the epoch recorder of tasks/training/train.py writes beside Keras' backup
@@ -29,12 +30,9 @@ class CheckpointPointer(BaseModel):
     folder: StoreName
 
 
-def push_checkpoint(store: Store, key: str, epoch: int) -> None:
-    """Publish the working copy of ``key``'s checkpoint after ``epoch`` (nothing to do on a local store)."""
-    if store.is_local:
-        return  # the checkpoint already lives in the store
+def push_checkpoint(store: Store, key: str, epoch: int, local: Path) -> None:
+    """Publish the working copy ``local`` of ``key``'s checkpoint after ``epoch``, through the store's own writer."""
     folder = f"epoch-{epoch:04d}-{uuid.uuid4().hex[:8]}"
-    local = Path(store.checkpoint_dir(key))
     for file in sorted(p for p in local.iterdir() if p.is_file()):
         store.put_file(str(file), store.checkpoint_key(key, folder, file.name))
     previous = _pointer(store, key)
@@ -43,28 +41,31 @@ def push_checkpoint(store: Store, key: str, epoch: int) -> None:
         store.remove(store.checkpoint_key(key, previous.folder), recursive=True)
 
 
-def pull_checkpoint(store: Store, key: str) -> int | None:
-    """Bring the store's checkpoint of ``key`` into the working copy when it is further along than the one
-    here (another machine trained it); returns the epoch it holds, if any."""
-    pointer = None if store.is_local else _pointer(store, key)
+def pull_checkpoint(store: Store, key: str, local: Path) -> int | None:
+    """Copy the store's checkpoint of ``key`` (another run's, on this machine or another) into the empty working
+    folder ``local``; returns the epoch it holds, if any. Whatever is wrong with it (a folder, link or pipe among its
+    files, a file that cannot be read) makes it damaged: reported, and training starts afresh."""
+    pointer = _pointer(store, key)
     if pointer is None:
         return None
-    local = Path(store.checkpoint_dir(key))
-    history = local / HISTORY
-    here = len(json.loads(history.read_text())) if history.exists() else 0
-    if pointer.epoch > here:
-        local.mkdir(parents=True, exist_ok=True)
-        folder = store.checkpoint_key(key, pointer.folder)
-        for name in store.list_files(folder):
+    folder = store.checkpoint_key(key, pointer.folder)
+    try:
+        for entry in store.fs.ls(store.path(folder), detail=True):
+            name = confine_name(posixpath.basename(entry["name"].rstrip("/")))
+            if entry.get("type") != "file":
+                raise StoreError(f"{name!r} is not a file")
             store.get_file(store.key(folder, name), str(local / name))
+    except Exception as exc:  # noqa: BLE001 (store content: any error means this checkpoint is not used)
+        store.warn(damage(f"The checkpoint {store.location(folder)}", exc) + "; training starts from epoch 0")
+        for file in local.iterdir():
+            file.unlink()
+        return None
     return pointer.epoch
 
 
 def drop_checkpoint(store: Store, key: str) -> None:
-    """The model is stored: its resume point is no longer needed, here or in the store."""
-    shutil.rmtree(store.checkpoint_dir(key), ignore_errors=True)
-    if not store.is_local:
-        store.remove(store.checkpoint_key(key), recursive=True)
+    """The model is stored: its resume point is no longer needed."""
+    store.remove(store.checkpoint_key(key), recursive=True)
 
 
 def _pointer(store: Store, key: str) -> CheckpointPointer | None:

@@ -23,7 +23,7 @@ from tasks.data.fetch import DatasetRef, load_mnist
 from tasks.data.slices import base_training, new_training_images
 from tasks.training import model as networks
 from tasks.training.backends import Backend, process_backend
-from tasks.training.checkpoints import drop_checkpoint, pull_checkpoint, push_checkpoint
+from tasks.training.checkpoints import HISTORY, drop_checkpoint, pull_checkpoint, push_checkpoint
 from tasks.training.config import TrainConfig
 from tasks.training.input_pipeline import (
     VALIDATION_BATCH,
@@ -110,35 +110,38 @@ def train_and_store(
         f"{len(x_train)} images, {len(x_val)} for validation"
     )
     keras.utils.set_random_seed(config.seed)
-    backup = Path(store.checkpoint_dir(key))
-    backup.mkdir(parents=True, exist_ok=True)
-    if (pulled := pull_checkpoint(store, key)) is not None:
-        log(f"Found a checkpoint after epoch {pulled} in the store")
-    recorder = _epoch_recorder(
-        backup / "history.json", log, on_epoch, config.epochs, on_backup=lambda epoch: push_checkpoint(store, key, epoch)
-    )
-
     steps_per_epoch = int(np.ceil(len(x_train) / config.batch_size))
-    started = time.perf_counter()
-    with dtype_policy(policy):
-        model = build_model(config.model)
-        loss, y_train = networks.loss_and_targets(config.model, y_train)
-        _, y_val = networks.loss_and_targets(config.model, y_val)
-        model.compile(
-            optimizer=make_optimizer(config.model, config.learning_rate, config.epochs * steps_per_epoch),
-            loss=loss,
-            metrics=["accuracy"],
-            steps_per_execution=steps_per_execution(backend),
+    with tempfile.TemporaryDirectory(prefix="mnist-checkpoint-") as work:  # private to this process, never the store
+        backup = Path(work)
+        if (pulled := pull_checkpoint(store, key, backup)) is not None:
+            log(f"Found a checkpoint after epoch {pulled} in the store")
+        recorder = _epoch_recorder(
+            backup / HISTORY,
+            log,
+            on_epoch,
+            config.epochs,
+            on_backup=lambda epoch: push_checkpoint(store, key, epoch, backup),
         )
-        batches = input_pipeline if backend is Backend.tensorflow else shuffled_batches
-        model.fit(
-            batches(x_train, y_train, config.batch_size, config.seed, training=True),
-            epochs=config.epochs,
-            validation_data=batches(x_val, y_val, VALIDATION_BATCH, None, training=False),
-            callbacks=[keras.callbacks.BackupAndRestore(str(backup), delete_checkpoint=False), recorder],
-            shuffle=False,  # the input reshuffles every epoch itself
-            verbose=0,
-        )
+        started = time.perf_counter()
+        with dtype_policy(policy):
+            model = build_model(config.model)
+            loss, y_train = networks.loss_and_targets(config.model, y_train)
+            _, y_val = networks.loss_and_targets(config.model, y_val)
+            model.compile(
+                optimizer=make_optimizer(config.model, config.learning_rate, config.epochs * steps_per_epoch),
+                loss=loss,
+                metrics=["accuracy"],
+                steps_per_execution=steps_per_execution(backend),
+            )
+            batches = input_pipeline if backend is Backend.tensorflow else shuffled_batches
+            model.fit(
+                batches(x_train, y_train, config.batch_size, config.seed, training=True),
+                epochs=config.epochs,
+                validation_data=batches(x_val, y_val, VALIDATION_BATCH, None, training=False),
+                callbacks=[keras.callbacks.BackupAndRestore(str(backup), delete_checkpoint=False), recorder],
+                shuffle=False,  # the input reshuffles every epoch itself
+                verbose=0,
+            )
     seconds = time.perf_counter() - started
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,0 +1,126 @@
+"""The worker decides what a run may do, not whoever created the run.
+
+In open-source Prefect, whoever holds the API's auth string can create a run with ``job_variables`` (the UI's
+custom-run form, ``prefect deployment run --job-variable``), edit the work pool's base job template, and edit a
+deployment's entrypoint and pull steps. Prefect's process worker honours all of them: a run's ``command`` is
+a shell command on the worker, its ``env`` overrides the worker's own settings (the allow-lists of
+``flows/confinement.py``), its ``working_dir`` picks the code. So this worker takes none of them:
+
+* every run starts as ``python -m prefect.engine`` in the worker's own environment (start-up environment plus
+  Prefect's run settings), whatever the template or the run's job variables say;
+* only runs of a deployment whose entrypoint is this project's flow and whose only pull step sets the working
+  directory to this worker's own code are started; an ad-hoc bundle submitted to the pool, a deployment edited
+  to pull or run other code, is refused (the run is marked Crashed with the reason);
+* the pool's base job template (``locked_template``) exposes no variable but ``name``, ``labels`` and
+  ``stream_output`` and allows no other (``additionalProperties: false``), so the server itself refuses a
+  run created with ``command``, ``env`` or ``working_dir`` (HTTP 422), before anything reaches a worker.
+
+``make serve`` starts this worker (``python -m flows.worker --pool gpu``); a worker on another machine is started
+the same way, from a checkout of this repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from prefect.workers.process import ProcessJobConfiguration, ProcessWorker
+
+CODE = Path(__file__).resolve().parent.parent  # the code this worker runs: its own checkout
+ENTRYPOINT = "flows/pipeline.py:mnist_retrain"
+WORKING_DIRECTORY_STEP = "prefect.deployments.steps.set_working_directory"
+TEMPLATE_VARIABLES = ("name", "labels", "stream_output")  # what a run may set: none changes what runs or where
+
+
+class RefusedRun(PermissionError):
+    """A run asks this worker to run code it does not serve: the message says what and where to change it."""
+
+
+def locked_template() -> dict[str, Any]:
+    """Prefect's process template without ``command``, ``env`` and ``working_dir``, and no variable beyond it."""
+    template = copy.deepcopy(ProcessWorker.get_default_base_job_template())
+    variables = template["variables"]
+    variables["properties"] = {k: v for k, v in variables["properties"].items() if k in TEMPLATE_VARIABLES}
+    variables["additionalProperties"] = False
+    variables.pop("required", None)
+    template["job_configuration"] = {k: v for k, v in template["job_configuration"].items() if k in TEMPLATE_VARIABLES}
+    return template
+
+
+def check_deployment(deployment: Any) -> None:
+    """Refuse a run that is not of this project's deployment as ``prefect deploy`` made it from this checkout."""
+    if deployment is None:
+        raise RefusedRun(
+            "This worker runs only deployments of the MNIST pipeline; a run without a deployment (an ad-hoc flow "
+            "submitted to the pool) would run code it was handed. Submit it as `prefect deploy` made it."
+        )
+    if deployment.entrypoint != ENTRYPOINT:
+        raise RefusedRun(
+            f"Deployment {deployment.name!r} has entrypoint {deployment.entrypoint!r}; this worker runs only "
+            f"{ENTRYPOINT!r}. Redeploy from the repository (`prefect deploy --all`)."
+        )
+    steps = deployment.pull_steps or []
+    directories = [step.get(WORKING_DIRECTORY_STEP, {}).get("directory") for step in steps if isinstance(step, dict)]
+    allowed = len(steps) == 1 and len(steps[0]) == 1 and directories[0] is not None
+    if not allowed or os.path.realpath(str(directories[0])) != str(CODE):
+        raise RefusedRun(
+            f"Deployment {deployment.name!r} has pull steps {str(steps)[:300]}; this worker runs only its own checkout "
+            f"({CODE}), set by one {WORKING_DIRECTORY_STEP} step. Redeploy from that checkout (`prefect deploy --all`), "
+            "or start the worker from the checkout the deployment names."
+        )
+
+
+class ConfinedJobConfiguration(ProcessJobConfiguration):
+    """A process job whose command, environment and directory are the worker's, never the run's."""
+
+    def prepare_for_flow_run(
+        self,
+        flow_run: Any,
+        deployment: Any = None,
+        flow: Any = None,
+        work_pool: Any = None,
+        worker_name: str | None = None,
+        worker_id: Any = None,
+    ) -> None:
+        check_deployment(deployment)
+        self.command = None  # Prefect's own: python -m prefect.engine
+        self.env = {}  # the worker's environment, plus Prefect's settings for this run
+        self.working_dir = None
+        super().prepare_for_flow_run(flow_run, deployment, flow, work_pool, worker_name, worker_id=worker_id)
+
+
+with warnings.catch_warnings():  # Prefect registers every worker class by its type; ours is a "process" worker too
+    warnings.filterwarnings("ignore", message=".*matches existing registered type.*")
+
+    class ConfinedProcessWorker(ProcessWorker):
+        """Prefect's process worker with ``ConfinedJobConfiguration``: a pool of type ``process`` serves it as is."""
+
+        job_configuration = ConfinedJobConfiguration
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.worker", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pool", required=True, help="work pool to serve (created by make serve with locked_template)")
+    parser.add_argument("--name", default=None, help="worker name (default: Prefect's)")
+    parser.add_argument("--limit", type=int, default=None, help="most flow runs at once (default: no limit)")
+    args = parser.parse_args(argv)
+
+    async def serve() -> None:
+        async with ConfinedProcessWorker(work_pool_name=args.pool, name=args.name, limit=args.limit) as worker:
+            await worker.start()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""The one door to a local store (storage/door.py): links, pipes and folders planted where the pipeline reads or
+writes change nothing outside the store, block nothing, and stop nothing.
+
+Each attack is made on a real local store, as whoever can write into it would make it."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from storage import Store
+from storage.door import NotARegularFile
+from storage.tables import read_table, write_table
+from tests.conftest import sample_frames, with_mnist
+
+
+@pytest.fixture(autouse=True)
+def no_hang():
+    """A pipe that blocked would hang the suite: fail instead, after a minute."""
+
+    def hung(*_):
+        raise TimeoutError("blocked on a planted pipe")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(120)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A folder of another user's: nothing the store does may read or change it."""
+    folder = tmp_path / "home-of-someone-else"
+    folder.mkdir()
+    (folder / ".bashrc").write_text("# theirs\n")
+    (folder / "history.json").write_text("[]")
+    return folder
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def plant(store: Store, key: str) -> Path:
+    path = Path(store.root) / key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def test_a_link_at_any_component_is_not_followed_a_read_is_a_miss_and_a_write_stays_inside(store, outside):
+    before = snapshot(outside)
+    os.symlink(outside, plant(store, "reports"))  # a folder component
+    os.symlink(outside / ".bashrc", plant(store, "models/k/model.json"))  # the last component
+    assert not store.exists("reports/.bashrc") and not store.exists("models/k/model.json")
+    with pytest.raises(NotARegularFile):
+        store.read_bytes("reports/.bashrc")
+    with pytest.raises(NotARegularFile):
+        store.read_bytes("models/k/model.json")
+    store.write_text("reports/run1/index.md", "report")  # the link is set aside, a real folder takes its place
+    store.write_text("models/k/model.json", "{}")  # the rename replaces the link itself
+    assert snapshot(outside) == before
+    assert store.read_bytes("reports/run1/index.md") == b"report" and store.read_bytes("models/k/model.json") == b"{}"
+    assert [p.name for p in Path(store.root).iterdir() if p.name.startswith(".damaged-reports")]
+
+
+def test_a_pipe_where_a_file_or_lock_is_expected_blocks_nothing(store):
+    for key in ("champion.json", "locks/champion.lock", "batches/abc/batch.json"):
+        os.mkfifo(plant(store, key))
+    assert not store.exists("champion.json")  # a miss, read without waiting for a writer
+    with pytest.raises(NotARegularFile):
+        store.read_bytes("champion.json", limit=1 << 20)
+    said: list[str] = []
+    store.warn = said.append
+    with store.lock("champion"):  # the pipe is set aside, a lock file made
+        store.write_text("champion.json", "{}")  # the rename replaces the pipe
+    assert store.read_bytes("champion.json") == b"{}" and any("not a lock file" in line for line in said)
+    assert [e["type"] for e in store.fs.ls(store.path("batches/abc"), detail=True)] == ["other"]
+
+
+def test_a_folder_where_a_file_is_written_is_set_aside(store):
+    plant(store, "champion.json/inner").mkdir(parents=True)
+    assert store.exists("champion.json")  # a folder: reading it as a file is refused, not hung on
+    with pytest.raises(NotARegularFile):
+        store.read_bytes("champion.json")
+    store.write_text("champion.json", '{"ok": 1}')
+    assert store.read_bytes("champion.json") == b'{"ok": 1}'
+    assert [p for p in Path(store.root).iterdir() if p.name.startswith(".damaged-champion.json")]
+
+
+def test_table_discovery_skips_a_partition_linked_out_of_the_store_and_a_planted_pipe(store, outside):
+    frames = sample_frames(seed=1)
+    write_table(store, "runs", "run-a", frames["runs"])
+    elsewhere = outside / "run_id=evil"
+    elsewhere.mkdir()
+    (elsewhere / "part-0.parquet").write_bytes(Path(store.path(store.table_file("runs", "run-a"))).read_bytes())
+    os.symlink(elsewhere, plant(store, "tables/runs/run_id=evil"))
+    os.mkfifo(plant(store, "tables/runs/run_id=pipe/part-0.parquet"))
+    rows = read_table(store, "runs")
+    assert set(rows["run_id"]) == {"run-a"} and len(rows) == len(frames["runs"])
+
+
+@pytest.mark.slow
+def test_training_writes_its_checkpoints_and_history_through_the_store_never_through_a_planted_link(
+    tmp_path, outside, mnist_store
+):
+    """Keras' backup folder and the epoch recorder's history.json live in a private temporary folder; the store only
+    sees copies written through its door. Links planted at the checkpoint folder and a pipe at the training lock
+    change nothing outside and the training completes."""
+    from tasks.data.fetch import fetch_mnist
+    from tasks.training.train import TrainConfig, train_model, training_key
+
+    store = with_mnist(Store(tmp_path / "store"), mnist_store)
+    dataset = fetch_mnist(store, sources=[], log=lambda _: None)
+    config = TrainConfig(epochs=2, train_limit=500, seed=5)
+    key = training_key(dataset, config)
+    before = snapshot(outside)
+    os.symlink(outside, plant(store, f"checkpoints/{key}"))
+    os.mkfifo(plant(store, f"locks/train-{key}.lock"))
+    said: list[str] = []
+    store.warn = said.append
+    ref = train_model(store, dataset, config, log=said.append)
+    assert snapshot(outside) == before, "a file outside the store was written"
+    assert ref.epochs == 2 and store.exists(ref.file_key)
+    history = pd.read_parquet(store.path(ref.history_key))
+    assert list(history["epoch"]) == [1, 2] and np.isfinite(history["val_accuracy"]).all()
+    assert not store.exists(f"checkpoints/{key}/latest.json")  # dropped once the model is stored
