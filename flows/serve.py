@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
             else f"Login:          the UI asks for a password: enter ${AUTH_ENV}\n"
         ) + (
             f"Remote workers: export PREFECT_API_URL={remote} PREFECT_API_AUTH_STRING={secret}; "
-            "prefect worker start --pool gpu --limit <GPUs>\n"
+            "python -m flows.worker --pool gpu --limit <GPUs>\n"
         )
     else:
         secret, login = "", "Login:          none (--no-auth; loopback only)\n"

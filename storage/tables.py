@@ -213,27 +213,46 @@ def dataset(store: Store, table: str) -> ds.Dataset:
     )
 
 
+# What one run's partition of a table may hold before it is read: its footer's row count and uncompressed size are
+# checked first, so a small file that decodes to millions of rows (146 KiB → 500 MiB) is skipped, never materialised.
+# A night writes one row to runs, a few to promotions and batches, and every prediction of its slices.
+PARTITION_ROWS = {"runs": 1_000, "promotions": 1_000, "batches": 10_000}
+PARTITION_ROWS_DEFAULT = 500_000
+PARTITION_BYTES = 256 << 20
+
+
+def _check_size(fragment: ds.ParquetFileFragment, table: str) -> None:
+    """Refuse a partition whose footer declares more rows or uncompressed bytes than a night writes."""
+    metadata = fragment.metadata
+    rows = metadata.num_rows
+    size = sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
+    limit = PARTITION_ROWS.get(table, PARTITION_ROWS_DEFAULT)
+    if rows > limit or size > PARTITION_BYTES:
+        raise ValueError(
+            f"it declares {rows} rows and {size} uncompressed bytes, more than a night writes "
+            f"({limit} rows, {PARTITION_BYTES >> 20} MiB): not read"
+        )
+
+
 def read_table(store: Store, table: str, run_id: str | None = None) -> pd.DataFrame:
     """All runs of ``table`` (or one) as a DataFrame, ``run_id`` included.
 
-    A partition that cannot be read (empty after a crash, truncated, not Parquet, another schema) is
-    skipped with a warning naming its file, so one bad file in a shared store cannot stop every
-    later night's report, trend and gate history.
+    Each partition is read on its own after its footer is checked (``_check_size``). One that cannot be read (empty
+    after a crash, truncated, not Parquet, another schema, too large) is skipped with a warning naming its file, so
+    one bad file in a shared store cannot stop every later night's report, trend and gate history. Links, pipes and
+    hidden names in a local store are never discovered (``storage/door.py``).
     """
     full = schema(table).append(RUN_ID)
     if not store.exists(store.table_dir(table)):  # no run has written it yet
         return full.empty_table().to_pandas()
     data = dataset(store, table)
     flt = ds.field("run_id") == run_id if run_id is not None else None
-    try:
-        return data.to_table(filter=flt).to_pandas()
-    except (pa.ArrowException, OSError):
-        pass  # at least one partition is damaged: read them one by one, the same way
     parts = []
     for fragment in data.get_fragments(filter=flt):
         try:
+            _check_size(fragment, table)
             parts.append(fragment.to_table(schema=data.schema, filter=flt))
-        except (pa.ArrowException, OSError) as exc:
+        except (pa.ArrowException, OSError, ValueError) as exc:
             where = store.fs.unstrip_protocol(fragment.path) if not store.is_local else fragment.path
             store.warn(f"Skipping the damaged partition {where} of table {table!r}: {str(exc).splitlines()[0][:200]}")
     return (pa.concat_tables(parts) if parts else full.empty_table()).to_pandas()

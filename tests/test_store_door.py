@@ -130,3 +130,19 @@ def test_training_writes_its_checkpoints_and_history_through_the_store_never_thr
     history = pd.read_parquet(store.path(ref.history_key))
     assert list(history["epoch"]) == [1, 2] and np.isfinite(history["val_accuracy"]).all()
     assert not store.exists(f"checkpoints/{key}/latest.json")  # dropped once the model is stored
+
+
+def test_a_small_partition_that_decodes_to_millions_of_rows_is_skipped_before_it_is_read(store):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write_table(store, "runs", "run-a", sample_frames(seed=2)["runs"])
+    bomb = pa.table({"model_key": pa.array(["x"] * 2_000_000)})  # dictionary-encoded: a few KiB on disk
+    path = plant(store, "tables/runs/run_id=bomb/part-0.parquet")
+    pq.write_table(bomb, path, compression="zstd")
+    assert path.stat().st_size < 200_000
+    said: list[str] = []
+    store.warn = said.append
+    rows = read_table(store, "runs")
+    assert set(rows["run_id"]) == {"run-a"}
+    assert any("run_id=bomb" in line and "2000000 rows" in line for line in said), said
