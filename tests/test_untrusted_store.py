@@ -455,3 +455,28 @@ def test_malicious_records_for_every_step_run_no_code_and_train_nothing_new(
     assert any("zz-damaged" in r.getMessage() and "Skipping the damaged partition" in r.getMessage() for r in caplog.records)
     third = mnist_retrain(params)
     assert set(third.step_states.values()) == {"Cached"} and not marker.exists()
+
+
+def test_the_child_that_parses_an_incoming_file_gets_none_of_the_workers_secrets(monkeypatch):
+    """A hostile Parquet file is parsed in a child process: it starts with an empty environment, so even code run
+    by a parser bug could not read the API's auth string or the store's credentials."""
+    import subprocess
+
+    import numpy as np
+
+    from tasks.data.batch_format import batch_bytes, parse_untrusted
+
+    monkeypatch.setenv("PREFECT_API_AUTH_STRING", "admin:secret")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "also-secret")
+    seen: list[dict] = []
+    real_run = subprocess.run
+
+    def run(*args, **kwargs):  # the real child runs; this only keeps what it was given
+        seen.append(kwargs.get("env"))
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", run)
+    images = np.zeros((3, 28, 28), dtype=np.uint8)
+    assert len(parse_untrusted(batch_bytes(images, np.array([1, 2, 3]))).labels) == 3
+    (env,) = seen
+    assert env is not None and set(env) <= {"ARROW_DEFAULT_MEMORY_POOL", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"}

@@ -19,6 +19,7 @@ import resource
 import struct
 import subprocess
 import sys
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -35,6 +36,11 @@ MAX_BATCH_ROWS = 100_000
 MAX_UNCOMPRESSED_BYTES = 2 * MAX_BATCH_ROWS * PIXELS  # what the footer may say the columns decompress to
 PARSE_MEMORY = 3 << 29  # 1.5 GiB of address space for the child that parses one incoming file
 PARSE_SECONDS = 120
+# The parsing child's whole environment: malloc for Arrow (no large reservations under the memory limit), and the
+# OpenBLAS settings some processors need for numpy to load; never the worker's secrets.
+PARSE_ENV = {"ARROW_DEFAULT_MEMORY_POOL": "system"} | {
+    name: os.environ[name] for name in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if name in os.environ
+}
 COLUMNS = ("image", "label")
 SHA256 = r"^[0-9a-f]{64}$"
 
@@ -198,7 +204,8 @@ def parse_untrusted(data: bytes) -> Batch:
         done = subprocess.run(
             [sys.executable, "-m", "tasks.data.batch_format", str(PARSE_MEMORY)],  # the child limits itself first
             input=data,
-            env={**os.environ, "ARROW_DEFAULT_MEMORY_POOL": "system"},  # malloc: no large reservations under the limit
+            env=PARSE_ENV,  # nothing of the worker's: no API auth string, no store credentials for a hostile file
+            cwd=Path(__file__).resolve().parents[2],  # where ``-m tasks.data.batch_format`` is found
             capture_output=True,
             timeout=PARSE_SECONDS,
             check=False,
