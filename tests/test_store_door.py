@@ -146,3 +146,19 @@ def test_a_small_partition_that_decodes_to_millions_of_rows_is_skipped_before_it
     rows = read_table(store, "runs")
     assert set(rows["run_id"]) == {"run-a"}
     assert any("run_id=bomb" in line and "2000000 rows" in line for line in said), said
+
+
+@pytest.mark.parametrize("planted", ["pipe", "folder", "link"])
+def test_an_odd_object_at_champion_json_is_a_damaged_pointer_not_a_stopped_night(store, tmp_path, planted):
+    from tasks.champion.pointer import find_champion
+
+    path = plant(store, "champion.json")
+    if planted == "pipe":
+        os.mkfifo(path)
+    elif planted == "folder":
+        path.mkdir()
+    else:
+        (tmp_path / "theirs.json").write_text("{}")
+        os.symlink(tmp_path / "theirs.json", path)
+    lookup = find_champion(store)  # no champion was ever promoted here: none, and the night goes on
+    assert lookup.champion is None and lookup.model is None

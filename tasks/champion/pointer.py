@@ -121,7 +121,7 @@ def find_champion(store: Store) -> ChampionLookup:
     pointer, problem = None, None
     try:
         data, version = store.read_versioned(store.champion_file(), limit=SIDECAR_LIMIT)
-    except StoreError as exc:  # far too large to be ours
+    except (StoreError, OSError) as exc:  # far too large to be ours; a folder, not a file (storage/door.py)
         problem, version = damage(f"The champion pointer {where}", exc), store.version(store.champion_file())
     else:
         try:
