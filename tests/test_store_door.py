@@ -162,3 +162,25 @@ def test_an_odd_object_at_champion_json_is_a_damaged_pointer_not_a_stopped_night
         os.symlink(tmp_path / "theirs.json", path)
     lookup = find_champion(store)  # no champion was ever promoted here: none, and the night goes on
     assert lookup.champion is None and lookup.model is None
+
+
+def test_a_folder_like_entry_in_a_checkpoint_on_s3_is_a_damaged_checkpoint_not_a_failed_training(s3_server, tmp_path):
+    import s3fs
+
+    from tasks.training.checkpoints import pull_checkpoint, push_checkpoint
+
+    s3_server.bucket("mnist")
+    store = Store("s3://mnist/store")
+    said: list[str] = []
+    store.warn = said.append
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "history.json").write_text("[]")
+    push_checkpoint(store, "k", 2, work)
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server.endpoint, key="testing", secret="testing")
+    (folder,) = [p for p in fs.ls("mnist/store/checkpoints/k") if not p.endswith("latest.json")]
+    fs.pipe(f"{folder}/nested/inner.bin", b"x")  # the checkpoint folder now lists a folder-like entry
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    assert pull_checkpoint(store, "k", fresh) is None  # training starts from epoch 0 instead of failing
+    assert list(fresh.iterdir()) == [] and any("checkpoint" in line and "not a file" in line for line in said), said
