@@ -479,4 +479,8 @@ def test_the_child_that_parses_an_incoming_file_gets_none_of_the_workers_secrets
     images = np.zeros((3, 28, 28), dtype=np.uint8)
     assert len(parse_untrusted(batch_bytes(images, np.array([1, 2, 3]))).labels) == 3
     (env,) = seen
-    assert env is not None and set(env) <= {"ARROW_DEFAULT_MEMORY_POOL", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"}
+    assert env is not None and not {"PREFECT_API_AUTH_STRING", "AWS_SECRET_ACCESS_KEY"} & set(env)
+    assert set(env) <= {"ARROW_DEFAULT_MEMORY_POOL", "MALLOC_ARENA_MAX", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"} | {
+        "OPENBLAS_CORETYPE",
+        "OPENBLAS_L2_SIZE",
+    }

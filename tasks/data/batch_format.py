@@ -36,11 +36,16 @@ MAX_BATCH_ROWS = 100_000
 MAX_UNCOMPRESSED_BYTES = 2 * MAX_BATCH_ROWS * PIXELS  # what the footer may say the columns decompress to
 PARSE_MEMORY = 3 << 29  # 1.5 GiB of address space for the child that parses one incoming file
 PARSE_SECONDS = 120
-# The parsing child's whole environment: malloc for Arrow (no large reservations under the memory limit), and the
-# OpenBLAS settings some processors need for numpy to load; never the worker's secrets.
-PARSE_ENV = {"ARROW_DEFAULT_MEMORY_POOL": "system"} | {
-    name: os.environ[name] for name in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if name in os.environ
-}
+# The parsing child's whole environment, never the worker's secrets: malloc for Arrow, one malloc arena and one
+# thread, so the address-space limit measures the batch rather than the threads' reservations (measured 2026-12-06:
+# under 400 MiB, 20 images parse and 20 000 are refused on every try; with glibc's default arenas the same limit
+# refused 20 images too); and the OpenBLAS settings some processors need for numpy to load.
+PARSE_ENV = {
+    "ARROW_DEFAULT_MEMORY_POOL": "system",
+    "MALLOC_ARENA_MAX": "1",
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+} | {name: os.environ[name] for name in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if name in os.environ}
 COLUMNS = ("image", "label")
 SHA256 = r"^[0-9a-f]{64}$"
 
