@@ -21,11 +21,12 @@ import json
 from typing import Any, Literal
 
 from prefect._internal.compatibility.async_dispatch import async_dispatch
-from prefect.filesystems import LocalFileSystem, RemoteFileSystem
+from prefect.filesystems import RemoteFileSystem
 from prefect.serializers import Serializer
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from storage import SIDECAR_LIMIT, Store, damage, sha256_bytes
+from storage.door import ConfinedLocalFileSystem
 from tasks.data.fetch import DatasetRef
 from tasks.evaluation.evaluate import EvaluationRef
 from tasks.evaluation.plots import PlotsRef
@@ -133,15 +134,27 @@ class CheckedReads:
             return _checked(f.read(SIDECAR_LIMIT + 1), str(resolved))
 
 
-class CheckedLocalResults(CheckedReads, LocalFileSystem):
-    """Prefect's local result storage, checked."""
+class CheckedStoreResults(CheckedReads, RemoteFileSystem):
+    """Prefect's result storage in a local store, through the store's door (``storage/door.py``): a link or pipe
+    planted at ``prefect-results`` or at a record is never followed, a file planted there is set aside."""
 
-    _block_type_name = "MNIST checked local results"
+    _block_type_name = "MNIST checked store results"
+
+    @field_validator("basepath")
+    def check_basepath(cls, value: str) -> str:  # noqa: N805 (pydantic's validator; replaces the URL-only check)
+        """A local store's folder, as an absolute path (Prefect's remote block insists on a URL with a host)."""
+        if not value.startswith("/"):
+            raise ValueError(f"{value!r}: the results folder of a local store is an absolute path")
+        return value
+
+    @property
+    def filesystem(self) -> ConfinedLocalFileSystem:
+        if not self._filesystem:
+            self._filesystem = ConfinedLocalFileSystem.store_folder(self.basepath)
+        return self._filesystem
 
     def _open(self, resolved):
-        if not resolved.is_file():
-            raise ValueError(f"Path {resolved} is not a file.")
-        return open(resolved, "rb")
+        return self.filesystem.open(resolved, "rb")
 
 
 class CheckedRemoteResults(CheckedReads, RemoteFileSystem):
@@ -153,11 +166,11 @@ class CheckedRemoteResults(CheckedReads, RemoteFileSystem):
         return self.filesystem.open(resolved, "rb")
 
 
-def result_storage(store: Store) -> LocalFileSystem | RemoteFileSystem:
+def result_storage(store: Store) -> RemoteFileSystem:
     """The checked result storage for ``store``, saved under a name derived from the store, as Prefect
     requires of result storage for deployed runs."""
     block: Any = (
-        CheckedLocalResults(basepath=store.results_dir())
+        CheckedStoreResults(basepath=store.results_dir())
         if store.is_local
         else CheckedRemoteResults(basepath=store.results_dir())
     )

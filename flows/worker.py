@@ -6,11 +6,14 @@ deployment's entrypoint and pull steps. Prefect's process worker honours all of 
 a shell command on the worker, its ``env`` overrides the worker's own settings (the allow-lists of
 ``flows/confinement.py``), its ``working_dir`` picks the code. So this worker takes none of them:
 
-* every run starts as ``python -m prefect.engine`` in the worker's own environment (start-up environment plus
-  Prefect's run settings), whatever the template or the run's job variables say;
-* only runs of a deployment whose entrypoint is this project's flow and whose only pull step sets the working
-  directory to this worker's own code are started; an ad-hoc bundle submitted to the pool, a deployment edited
-  to pull or run other code, is refused (the run is marked Crashed with the reason);
+* every run starts as ``python -m flows.engine`` in the worker's own checkout and environment (start-up
+  environment plus Prefect's run settings), whatever the template or the run's job variables say; that engine
+  runs this checkout's flow and never a deployment's pull steps or entrypoint, which the API can change even
+  after the check below;
+* only runs of a deployment as ``prefect deploy`` made it from this checkout are started (this project's
+  entrypoint, one pull step setting the working directory to this checkout, literally, nothing else in it); an
+  ad-hoc bundle submitted to the pool, a deployment edited to pull or run other code, is refused (the run is
+  marked Crashed with the reason);
 * the pool's base job template (``locked_template``) exposes no variable but ``name``, ``labels`` and
   ``stream_output`` and allows no other (``additionalProperties: false``), so the server itself refuses a
   run created with ``command``, ``env`` or ``working_dir`` (HTTP 422), before anything reaches a worker.
@@ -24,7 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
-import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -66,9 +69,7 @@ def check_deployment(deployment: Any) -> None:
             f"{ENTRYPOINT!r}. Redeploy from the repository (`prefect deploy --all`)."
         )
     steps = deployment.pull_steps or []
-    directories = [step.get(WORKING_DIRECTORY_STEP, {}).get("directory") for step in steps if isinstance(step, dict)]
-    allowed = len(steps) == 1 and len(steps[0]) == 1 and directories[0] is not None
-    if not allowed or os.path.realpath(str(directories[0])) != str(CODE):
+    if steps != [{WORKING_DIRECTORY_STEP: {"directory": str(CODE)}}]:  # literally: no template, no "requires"
         raise RefusedRun(
             f"Deployment {deployment.name!r} has pull steps {str(steps)[:300]}; this worker runs only its own checkout "
             f"({CODE}), set by one {WORKING_DIRECTORY_STEP} step. Redeploy from that checkout (`prefect deploy --all`), "
@@ -89,9 +90,9 @@ class ConfinedJobConfiguration(ProcessJobConfiguration):
         worker_id: Any = None,
     ) -> None:
         check_deployment(deployment)
-        self.command = None  # Prefect's own: python -m prefect.engine
+        self.command = shlex.join([sys.executable, "-m", "flows.engine"])  # this checkout's flow, no pull step
         self.env = {}  # the worker's environment, plus Prefect's settings for this run
-        self.working_dir = None
+        self.working_dir = CODE
         super().prepare_for_flow_run(flow_run, deployment, flow, work_pool, worker_name, worker_id=worker_id)
 
 

@@ -40,9 +40,22 @@ class ConfinedLocalFileSystem(LocalFileSystem):
 
     cachable = False  # one instance per store: its root is part of what it is
 
-    def __init__(self, root: str, **kwargs: Any) -> None:
+    def __init__(self, root: str, anchor: str | None = None, **kwargs: Any) -> None:
+        """``anchor``: a trusted folder above ``root`` (the store a location such as ``incoming`` belongs to); the
+        folders from it down to ``root`` are store content, so they are walked without following a link too."""
         super().__init__(**kwargs)
         self.root = os.path.abspath(root)
+        self.anchor = os.path.abspath(anchor) if anchor else self.root
+        if self.anchor != self.root and not self.root.startswith(self.anchor + os.sep):
+            raise UnsafeKey(f"{self.root!r} is not inside {self.anchor!r}")
+        self.below = [] if self.anchor == self.root else self.root[len(self.anchor) + 1 :].split(os.sep)
+
+    @classmethod
+    def store_folder(cls, folder: str) -> ConfinedLocalFileSystem:
+        """The door to ``folder`` of a store (Prefect's ``prefect-results``): anchored at the store, so a link
+        planted at the folder itself is not followed either."""
+        folder = os.path.abspath(cls._strip_protocol(folder))
+        return cls(folder, anchor=os.path.dirname(folder))
 
     # ---- walking: every component opened relative to the last, never through a link ----------------------
     def _parts(self, path: str) -> list[str]:
@@ -59,10 +72,10 @@ class ConfinedLocalFileSystem(LocalFileSystem):
     def _open_dir(self, parts: list[str], create: bool = False) -> int:
         """A descriptor of the folder ``parts`` below the root, each component opened without following a link."""
         if create:
-            os.makedirs(self.root, exist_ok=True)  # the store itself is the worker's own setting: made as named
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            os.makedirs(self.anchor, exist_ok=True)  # the store itself is the worker's own setting: made as named
+        fd = os.open(self.anchor, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            for part in parts:
+            for part in [*self.below, *parts]:
                 try:
                     child = os.open(part, _DIR, dir_fd=fd)
                 except FileNotFoundError:
@@ -103,7 +116,11 @@ class ConfinedLocalFileSystem(LocalFileSystem):
     def _lstat(self, path: str) -> os.stat_result:
         parts = self._parts(path)
         if not parts:
-            return os.stat(self.root)
+            fd = self._open_dir([])  # the root itself, reached without a link from the anchor
+            try:
+                return os.fstat(fd)
+            finally:
+                os.close(fd)
         with self._parent(path) as (fd, name):
             return os.stat(name, dir_fd=fd, follow_symlinks=False)
 

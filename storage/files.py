@@ -78,6 +78,17 @@ class StoreFiles:
     def exists(self, key: str) -> bool:
         return self.fs.exists(self.path(key))
 
+    def matches(self, key: str, sha256: str, size: int | None = None) -> bool:
+        """Whether ``key`` is a regular file with these bytes: absent, a folder, a link, a pipe or other bytes all
+        mean no, so whatever stands there is a miss and never an error that stops a step."""
+        if self.kind(key) != "file":
+            return False
+        try:
+            digest, got = self.digest(key)
+        except (OSError, StoreError):
+            return False
+        return digest == sha256 and (size is None or got == size)
+
     def kind(self, key: str) -> str | None:
         """What stands at ``key``: ``file``, ``directory``, ``other`` (a link, pipe, socket) or None (nothing)."""
         try:
@@ -170,7 +181,7 @@ class StoreFiles:
             self.warn(damage(f"The reference {self.location(info_path)}", exc))
             return None
         for path, sha256 in named.items():
-            if not self.exists(path) or self.digest(path)[0] != sha256:
+            if not self.matches(path, sha256):
                 return None
         return ref
 
@@ -287,7 +298,7 @@ class StoreFiles:
             self.fs.invalidate_cache(path)
 
     def remove(self, key: str, recursive: bool = False) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError, NotARegularFile):  # a link above it: nothing of ours is there
             self.fs.rm(self.path(key), recursive=recursive)
 
     def check_writable(self) -> None:

@@ -30,7 +30,10 @@ class Store(Layout, StoreFiles, StoreLocks):
         url: str | os.PathLike[str],
         distributed_lock: LockFactory | None = None,
         warn: Callable[[str], None] | None = None,
+        anchor: str | None = None,
     ) -> None:
+        """``anchor``: for a local store that is a folder of another store (its ``incoming`` location), that store's
+        root: the folders between are walked without following a link (``storage/door.py``)."""
         url = strip_credentials(os.fspath(url))  # a password in the URL goes to fsspec's config, not into logs
         self.distributed_lock = distributed_lock
         self.warn = warn or _log.warning  # where damaged files are reported (a step's run logger)
@@ -39,7 +42,7 @@ class Store(Layout, StoreFiles, StoreLocks):
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self.root = os.path.abspath(root) if self.is_local else root.rstrip("/")
         if self.is_local:  # every local read, write, listing and delete goes through the one door (storage/door.py)
-            self.fs = ConfinedLocalFileSystem(self.root)
+            self.fs = ConfinedLocalFileSystem(self.root, anchor=anchor)
         self.url = self.root if self.is_local else url.rstrip("/")
 
     @classmethod

@@ -172,6 +172,38 @@ def test_the_worker_runs_only_this_checkouts_deployment():
         [{WORKING_DIRECTORY_STEP: {"directory": str(CODE)}}, shell],
         [{WORKING_DIRECTORY_STEP: {"directory": "/tmp"}}],
         [{WORKING_DIRECTORY_STEP: {"directory": str(CODE)}, "prefect.deployments.steps.git_clone": {"repository": "x"}}],
+        [{WORKING_DIRECTORY_STEP: {"directory": str(CODE), "requires": ["evil @ https://example.invalid/evil.tgz"]}}],
+        [{WORKING_DIRECTORY_STEP: {"directory": f"{CODE}/{{{{ prefect.variables.code }}}}/.."}}],  # a template
+        [{WORKING_DIRECTORY_STEP: {"directory": f"{CODE}/flows/.."}}],  # the same folder, not the same text
     ):
         with pytest.raises(RefusedRun, match="pull steps"):
             check_deployment(deployment(steps=steps))
+
+
+def test_the_worker_runs_its_own_engine_in_its_own_checkout_whatever_the_job_variables_say(prefect_api):
+    """The command, environment and directory a confined job gets, from Prefect's default template with hostile
+    job variables (as an administrator who re-opened the pool's template would send them)."""
+    import asyncio
+    import shlex
+    import sys
+    import uuid
+
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.client.schemas.responses import DeploymentResponse
+    from prefect.workers.process import ProcessWorker
+
+    from flows.worker import CODE, ENTRYPOINT, WORKING_DIRECTORY_STEP, ConfinedJobConfiguration
+
+    hostile = {"command": "touch /tmp/marker", "env": {"MNIST_ALLOW_FORCE_PROMOTE": "1"}, "working_dir": "/tmp"}
+    template = ProcessWorker.get_default_base_job_template()
+    job = asyncio.run(ConfinedJobConfiguration.from_template_and_values(template, hostile))
+    deployment = DeploymentResponse(
+        id=uuid.uuid4(),
+        name="nightly",
+        flow_id=uuid.uuid4(),
+        entrypoint=ENTRYPOINT,
+        pull_steps=[{WORKING_DIRECTORY_STEP: {"directory": str(CODE)}}],
+    )
+    job.prepare_for_flow_run(FlowRun(flow_id=deployment.flow_id, deployment_id=deployment.id, name="n"), deployment)
+    assert shlex.split(job.command) == [sys.executable, "-m", "flows.engine"]
+    assert job.working_dir == CODE and job.env.get("MNIST_ALLOW_FORCE_PROMOTE") == os.environ.get("MNIST_ALLOW_FORCE_PROMOTE")

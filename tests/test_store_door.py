@@ -184,3 +184,44 @@ def test_a_folder_like_entry_in_a_checkpoint_on_s3_is_a_damaged_checkpoint_not_a
     fresh.mkdir()
     assert pull_checkpoint(store, "k", fresh) is None  # training starts from epoch 0 instead of failing
     assert list(fresh.iterdir()) == [] and any("checkpoint" in line and "not a file" in line for line in said), said
+
+
+def test_a_link_or_file_at_prefect_results_sends_no_record_outside_and_stops_no_step(store, outside):
+    from flows.results import CheckedStoreResults, UntrustedRecord
+
+    before = snapshot(outside)
+    store.write_text("x", "1")
+    os.symlink(outside, plant(store, "prefect-results"))
+    results = CheckedStoreResults(basepath=store.results_dir())
+    results.write_path("train-abc", b"{}")  # the link is set aside; the record lands inside the store
+    assert snapshot(outside) == before and (Path(store.root) / "prefect-results" / "train-abc").is_file()
+    with pytest.raises(UntrustedRecord):  # read through the door, then checked as before
+        results.read_path("train-abc")
+    os.remove(Path(store.root) / "prefect-results" / "train-abc")
+    os.rmdir(Path(store.root) / "prefect-results")
+    plant(store, "prefect-results").write_text("a file where the folder belongs")
+    store.remove(store.result_record("train-abc"))  # what forgetting a stale record does: nothing there, no error
+    CheckedStoreResults(basepath=store.results_dir()).write_path("train-abc", b"{}")
+
+
+def test_a_folder_at_any_file_a_reference_names_is_a_miss(tmp_path, mnist_store):
+    """Folders planted at a model's file, its record and a downloaded MNIST object: the lookups that decide
+    whether a step runs answer "not there", they do not raise."""
+    from tasks.champion.pointer import intact_model
+    from tasks.data.fetch import fetch_mnist, stored_dataset
+    from tasks.training.train import stored_model
+    from tests.conftest import model_ref
+
+    store = with_mnist(Store(tmp_path / "store"), mnist_store)
+    dataset = fetch_mnist(store, sources=[], log=lambda _: None)
+    ref = model_ref(key="k1", file_key="models/k1/model-1.keras")
+    store.write_text(store.model_info_file("k1"), ref.model_dump_json())
+    plant(store, "models/k1/model-1.keras/inner").mkdir(parents=True)
+    assert stored_model(store, "k1") is None
+    assert intact_model(store, "k1")[0] is None
+    plant(store, "models/k2/model.json/inner").mkdir(parents=True)
+    assert intact_model(store, "k2")[0] is None and stored_model(store, "k2") is None
+    (name, first), *_ = dataset.files.items()
+    os.remove(store.path(first.key))
+    plant(store, first.key + "/inner").mkdir(parents=True)
+    assert stored_dataset(store) is None  # the download is fetched again instead

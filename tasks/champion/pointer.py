@@ -56,16 +56,16 @@ def intact_model(store: Store, key: str, sha256: str | None = None) -> tuple[Mod
         info = store.model_info_file(key)
     except UnsafeKey as exc:  # a key from the pointer or the promotions table that leaves the store
         return None, f"its model key is refused: {exc}"
-    if not store.exists(info):
-        return None, f"its model record {store.location(info)} is missing"
+    if store.kind(info) != "file":
+        return None, f"its model record {store.location(info)} is missing (or not a file)"
     try:
         recorded = ModelRef.model_validate_json(store.read_bytes(info, limit=SIDECAR_LIMIT))
-    except ValueError as exc:
+    except (ValueError, OSError, StoreError) as exc:
         return None, damage(f"its model record {store.location(info)}", exc)
     expected = sha256 or recorded.sha256
-    if not store.exists(recorded.file_key):
-        return None, f"its model file {store.location(recorded.file_key)} is missing"
-    if store.digest(recorded.file_key)[0] != expected:
+    if store.kind(recorded.file_key) != "file":
+        return None, f"its model file {store.location(recorded.file_key)} is missing (or not a file)"
+    if not store.matches(recorded.file_key, expected):
         return (
             None,
             f"its model file {store.location(recorded.file_key)} does not match the SHA-256 {expected[:12]}… recorded for it",
@@ -90,7 +90,7 @@ def champions_in_history(store: Store) -> list[Champion]:
     found = []
     for r in rows.itertuples():
         found.append(
-            Champion(
+            Champion.model_construct(
                 model_key=r.challenger_model_key,
                 sha256="",  # filled in by first_intact from the model's own record
                 run_id=r.run_id,

@@ -265,7 +265,7 @@ def verify(spec: FileSpec, data: bytes) -> None:
 
 def _stored_ok(store: Store, spec: FileSpec) -> bool:
     path = store.object_path(spec.sha256)
-    return store.exists(path) and store.digest(path) == (spec.sha256, spec.size)
+    return store.matches(path, spec.sha256, spec.size)
 
 
 def _ref(store: Store, files: Sequence[FileSpec], sources: list[str]) -> DatasetRef:
