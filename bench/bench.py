@@ -141,7 +141,7 @@ def main() -> None:
                 figures = baselines[-1]
             else:
                 store = Store(tmp / f"train-store-{seed}")
-                store.fs.copy(data_store.path("objects"), store.path("objects"), recursive=True)
+                store.fs.put(data_store.path("objects") + "/", store.path("objects"), recursive=True)
                 figures, (model, _) = ours(store, dataset, args.epochs, seed)
                 ours_runs.append(figures)
             progress(f"   {figures['seconds_per_epoch']:.2f} s/epoch, test accuracy {figures['test_accuracy']:.4f}")
@@ -159,7 +159,7 @@ def main() -> None:
         eval_tables_plots = time.perf_counter() - started
 
         flow_store = Store(tmp / "flow-store")
-        flow_store.fs.copy(data_store.path("objects"), flow_store.path("objects"), recursive=True)
+        flow_store.fs.put(data_store.path("objects") + "/", flow_store.path("objects"), recursive=True)
         cli_args = ["--epochs", str(args.epochs), "--seed", str(args.seed), "--store", flow_store.url]
         progress("the whole flow, cold (mnist-pipeline run)")
         cold, cold_rss = timed_cli(cli_args, tmp / "prefect")

@@ -55,7 +55,7 @@ def store(tmp_path: Path, mnist_store: Store, lab) -> Store:
     """A copy of the lab's store (data, models, evaluations) with no champion yet."""
     fresh = Store(tmp_path / "store")
     for folder in ("objects", "models", "evaluations"):  # references name files relative to the store
-        fresh.fs.copy(mnist_store.path(folder), fresh.path(folder), recursive=True)
+        fresh.fs.put(mnist_store.path(folder) + "/", fresh.path(folder), recursive=True)  # into it, through its door
     return fresh
 
 
