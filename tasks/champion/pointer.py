@@ -89,18 +89,21 @@ def champions_in_history(store: Store) -> list[Champion]:
     rows = rows[rows["decision"] == "promoted"].iloc[::-1]
     found = []
     for r in rows.itertuples():
-        found.append(
-            Champion.model_construct(
-                model_key=r.challenger_model_key,
-                sha256="",  # filled in by first_intact from the model's own record
-                run_id=r.run_id,
-                balanced_accuracy=r.challenger_balanced_accuracy,
-                test_accuracy=r.challenger_test_accuracy,
-                promoted_at=r.decided_at.to_pydatetime(),
-                reason=r.reason,
-                forced=bool(r.forced),
+        try:
+            found.append(
+                Champion(
+                    model_key=r.challenger_model_key,
+                    sha256="",  # filled in by first_intact from the model's own record
+                    run_id=r.run_id,
+                    balanced_accuracy=r.challenger_balanced_accuracy,
+                    test_accuracy=r.challenger_test_accuracy,
+                    promoted_at=r.decided_at.to_pydatetime(),
+                    reason=r.reason,
+                    forced=bool(r.forced),
+                )
             )
-        )
+        except ValueError as exc:  # a planted row (a model key outside the store): that row is damaged, not history
+            store.warn(damage(f"A promotions row of run {str(r.run_id)[:64]!r}", exc))
     return found
 
 
