@@ -207,3 +207,37 @@ def test_the_worker_runs_its_own_engine_in_its_own_checkout_whatever_the_job_var
     job.prepare_for_flow_run(FlowRun(flow_id=deployment.flow_id, deployment_id=deployment.id, name="n"), deployment)
     assert shlex.split(job.command) == [sys.executable, "-m", "flows.engine"]
     assert job.working_dir == CODE and job.env.get("MNIST_ALLOW_FORCE_PROMOTE") == os.environ.get("MNIST_ALLOW_FORCE_PROMOTE")
+
+
+def test_the_workers_engine_never_runs_a_deployments_pull_steps_even_edited_after_the_check(prefect_api, tmp_path, worker):
+    """``python -m flows.engine`` for a run of a deployment whose pull steps were changed to a shell script (as an
+    administrator could do between the worker's check and the run's start): the script never runs; the flow does,
+    and refuses the unserved store it was given, so the run ends Failed in seconds."""
+    import subprocess
+    import sys
+
+    from prefect import get_client
+
+    from flows.pipeline import mnist_retrain
+
+    marker = tmp_path / "pull-step-ran"
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow(mnist_retrain)
+        deployment_id = client.create_deployment(
+            flow_id=flow_id,
+            name=f"edited-{tmp_path.name}",
+            entrypoint="flows/pipeline.py:mnist_retrain",
+            pull_steps=[{"prefect.deployments.steps.run_shell_script": {"script": f"touch {marker}"}}],
+        )
+        run = client.create_flow_run_from_deployment(deployment_id, parameters={"params": {"store": str(tmp_path / "x")}})
+        done = subprocess.run(
+            [sys.executable, "-m", "flows.engine", str(run.id)],
+            cwd=tmp_path,  # not the checkout: the engine's flow comes from the installed code beside it
+            env={**os.environ, **prefect_api},
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        state = client.read_flow_run(run.id).state
+    assert not marker.exists(), "a deployment's pull step ran"
+    assert state.is_failed() and "is not a store this worker serves" in (state.message or "") + done.stdout + done.stderr
