@@ -209,7 +209,7 @@ class StoreFiles:
             return
         for entry in entries:
             name = posixpath.basename(entry["name"].rstrip("/"))
-            if entry.get("type") == "file" and _TMP_NAME.match(name) and _mtime(entry) < cutoff:
+            if entry.get("type") == "file" and _TMP_NAME.match(name) and listed_mtime(entry) < cutoff:
                 with contextlib.suppress(FileNotFoundError, OSError):
                     self.fs.rm_file(entry["name"])
 
@@ -324,7 +324,7 @@ class StoreFiles:
         self.fs.get_file(self.path(key), local)
 
 
-def _mtime(entry: dict) -> float:
+def listed_mtime(entry: dict) -> float:
     """Modification time of an fsspec listing entry (local: ``mtime``; S3: ``LastModified``), else now."""
     for field in ("mtime", "LastModified", "last_modified", "updated", "created"):
         value = entry.get(field)

@@ -102,3 +102,27 @@ def test_a_file_already_ingested_is_removed_from_the_incoming_location_when_it_a
     ref, lines = ingest(store, dataset, run_id="run-2")
     assert ref.night == [] and not incoming_store(store).exists("tuesday.parquet")
     assert any("tuesday.parquet" in line and first.digest[:12] in line and "removed" in line for line in lines), lines
+
+
+def test_a_link_planted_at_the_incoming_folder_is_not_a_way_out_of_the_store(small, tmp_path):
+    """Whoever writes the store replaces ``incoming`` by a link to another folder: nothing there is read, copied
+    into the store or deleted."""
+    from tasks.intake.ingest import incoming_store
+
+    store, dataset, _ = small
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    x, y = fresh_images(60)
+    (outside / "data.parquet").write_bytes(batch_bytes(x, y))
+    (outside / "authorized_keys").write_text("theirs")
+    old = os.path.getmtime(outside) - 3 * 24 * 3600
+    for f in outside.iterdir():
+        os.utime(f, (old, old))
+    os.makedirs(store.root, exist_ok=True)
+    os.symlink(outside, os.path.join(store.root, "incoming"))
+    warnings: list[str] = []
+    store.warn = warnings.append
+    ref, _ = ingest(store, dataset)
+    assert ref.night == [] and not store.exists(store.batch_dir())
+    assert sorted(p.name for p in outside.iterdir()) == ["authorized_keys", "data.parquet"]
+    assert incoming_store(store).exists("data.parquet") is False

@@ -448,14 +448,15 @@ def test_a_planted_record_naming_other_files_or_a_link_is_not_used_and_stops_not
     assert accepted_batches(store) == [] and any("cannot be read" in w for w in warnings)
 
 
-def test_a_batch_copying_base_training_images_trains_on_them_but_holds_none_out(small):
+def test_a_batch_copying_base_training_images_drops_the_copies_and_holds_none_out(small):
     store, dataset, mnist = small
     base = splits.base_training_indices(mnist.y_train)
     x, y = fresh_images(60)
     labels = np.concatenate([mnist.y_train[base[:60]], y])
     arrive(store, "mixed.parquet", batch_bytes(np.concatenate([mnist.x_train[base[:60]], x]), labels))  # 60 seen, 60 new
     (record,) = ingest(store, dataset)[0].night
-    assert record.status == "accepted" and record.train.rows + record.holdout.rows == 120
+    assert record.status == "accepted" and record.train.rows + record.holdout.rows == 60  # the 60 copies dropped
+    assert record.row.trained_copies == 60 and "60 copies of images already trained on" in record.reason
     from tasks.data.slices import new_holdout_images
     from tasks.intake.checks import image_hashes
 

@@ -1,12 +1,17 @@
 """The ingest step: new labelled batches from the incoming location are checked before they can harm a model.
 
-For each file not seen before (a batch is its content digest, read once), in this order: the format
-(``tasks.data.batch_format``), leakage (exact copies of MNIST test or selection images are dropped), drift
-against MNIST's training set, and label quality judged by the champion (``tasks.intake.checks``). Every
-batch gets a row in the ``batches`` table and a record under ``batches/<digest>/`` in the store; an
-accepted one gives a stratified share to the new-data holdout and the rest to training. A quarantined
-batch never stops the night: it is kept aside with its reason, and an operator can ``release`` it (or
-``quarantine`` an accepted one). The incoming file is removed once its record is written.
+For each file not seen before (a batch is its content digest, read once), oldest first, in this order: the
+format (``tasks.data.batch_format``), leakage (exact and near copies of MNIST test or selection images, or of
+the new-data holdout, are dropped), repeats (copies of images already trained on are dropped), drift against
+MNIST's training set, and label quality judged by the champion (``tasks.intake.checks``). Every batch gets a
+row in the ``batches`` table and a record under ``batches/<digest>/`` in the store; an accepted one gives a
+stratified share to the new-data holdout and the rest to training. A quarantined batch never stops the night:
+it is kept aside with its reason, and an operator can ``release`` it (or ``quarantine`` an accepted one). The
+incoming file is removed once its record is written.
+
+A night takes at most ``max_files_per_night`` files and ``max_images_per_night`` images; the rest wait where
+they are, untouched, for a later night. Files the pipeline never reads (names starting with ``.`` or ``_``,
+other names, files too large) are removed once they are a day old.
 
 The incoming location is untrusted input: only plain ``*.parquet`` files directly in it are read, each
 bounded in size, through a store confined to that location (no path leaves it, no link is followed out).
@@ -15,7 +20,9 @@ bounded in size, through a store confined to that location (no path leaves it, n
 from __future__ import annotations
 
 import posixpath
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
 from typing import Literal
@@ -25,6 +32,8 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage import Store, StoreError, UnsafeKey, confine_name, sha256_bytes
+from storage.door import NotARegularFile
+from storage.files import listed_mtime  # the store's own reading of a listing's time (local or S3)
 from storage.tables import schema, write_table
 from tasks.data.batch_format import (
     MAX_BATCH_BYTES,
@@ -41,7 +50,10 @@ from tasks.data.fetch import DatasetRef, load_mnist
 from tasks.data.slices import base_training, new_holdout_images, new_training_images
 from tasks.data.splits import SLICE_SELECTION, SPLIT_SEED, selection_indices
 from tasks.intake.checks import (
+    NEAR_COPY_PIXELS,
+    PIXEL_TOLERANCE,
     REFERENCE_IMAGES,
+    ImageIndex,
     IngestRules,
     drift,
     drift_problems,
@@ -49,12 +61,14 @@ from tasks.intake.checks import (
     image_hashes,
     image_statistics,
     label_quality,
+    near_copies,
 )
 
 INCOMING_ENV = "MNIST_INCOMING"
 LOCK = "ingest"
 RECORD = "batch.json"
 PARTS = {"incoming": "incoming.parquet", "train": "train.u8", "holdout": "holdout.u8", "drift_plot": "drift.png"}
+STALE_SECONDS = 24 * 3600  # a file the pipeline never reads is removed from the incoming location at this age
 Log = Callable[[str], None]
 
 
@@ -69,6 +83,9 @@ class BatchFigures(BaseModel):
     leaked_test: int | None = None
     leaked_selection: int | None = None
     leaked_holdout: int | None = None  # copies of images already in the new-data holdout, dropped
+    # exact or near copies of images already trained on (base MNIST, accepted batches' training shares) or accepted
+    # earlier the same night, dropped; the batches table has no column for it (its schema is storage's): the reason says it
+    trained_copies: int | None = None
     train_rows: int | None = None
     holdout_rows: int | None = None
     label_chi2_p: float | None = None
@@ -82,6 +99,8 @@ class BatchFigures(BaseModel):
     disagreement: float | None = None
     confident_disagreement: float | None = None
     champion_confident_disagreement: float | None = None
+    confident_images: int | None = None  # not in the batches table: kept in batch.json
+    excess_disagreements: float | None = None  # not in the batches table: kept in batch.json and said in the reason
     champion_model_key: str | None = Field(None, max_length=64)
 
 
@@ -131,23 +150,29 @@ class References:
         return load_mnist(self.store, self.dataset)
 
     @cached_property
-    def protected(self) -> dict[str, set[bytes]]:
-        """Digests of the images no batch may copy: every MNIST test image, every selection image and every
+    def protected(self) -> dict[str, ImageIndex]:
+        """The images no batch may copy, exactly or nearly: every MNIST test image, every selection image and every
         image already in the new-data holdout (a copy in training would make them a test of memory)."""
         selection = selection_indices(self.mnist.y_train)
         holdout = new_holdout_images(self.store, self.dataset)
         return {
-            "test": set(image_hashes(self.mnist.x_test)),
-            "selection": set(image_hashes(self.mnist.x_train[selection])),
-            "holdout": set(image_hashes(holdout.x)),
+            "test": ImageIndex(self.mnist.x_test),
+            "selection": ImageIndex(self.mnist.x_train[selection]),
+            "holdout": ImageIndex(holdout.x),
         }
 
     @cached_property
-    def trained(self) -> set[bytes]:
-        """Digests of every image a night may train on (MNIST's base training images, every accepted batch's
-        training share): a holdout image must be none of them. Held-back and selection images are not."""
+    def trained(self) -> ImageIndex:
+        """Every image a night may train on (MNIST's base training images, every accepted batch's training share):
+        a copy sent again would count twice in training, and, held out, would be a test of memory."""
         base = self.mnist.x_train[base_training(self.mnist, self.dataset)]
-        return set(image_hashes(base)) | set(image_hashes(new_training_images(self.store, self.dataset).x))
+        return ImageIndex(base, new_training_images(self.store, self.dataset).x)
+
+    def remember(self, images: np.ndarray) -> None:
+        """A batch accepted tonight (both shares): a later batch of the same night that copies its images has them
+        dropped, as copies of an earlier night's are. They are counted with the copies of trained images, not as
+        leaked, so tonight's order of arrival does not change which batch counts as leaking."""
+        self.trained.add(images)
 
     @cached_property
     def reference(self) -> tuple[np.ndarray, np.ndarray]:
@@ -189,36 +214,46 @@ def _first_copies(hashes: np.ndarray) -> np.ndarray:
     return first
 
 
-def _check(batch: Batch, digest: str, refs: References, rules: IngestRules) -> tuple[dict, list[str], np.ndarray, np.ndarray]:
-    """The figures and problems of one readable batch, which rows are kept (not repeated, not leaked), and
-    which of the kept rows may join the holdout (images no night could have trained on)."""
-    hashes = image_hashes(batch.images)
-    protected = refs.protected
-    unique = _first_copies(hashes)
-    copies = {name: np.array([h in protected[name] for h in hashes], dtype=bool) for name in ("test", "selection", "holdout")}
-    copies["selection"] &= ~copies["test"]
-    copies["holdout"] &= ~(copies["test"] | copies["selection"])
+def _copies(images: np.ndarray, refs: References) -> dict[str, np.ndarray]:
+    """Which images copy, exactly or nearly, a test image, else a selection image, else a holdout image (leaked),
+    else an image already trained on: each image counted once, under the first of these it copies."""
+    found: dict[str, np.ndarray] = {}
+    taken = np.zeros(len(images), dtype=bool)
+    for name, index in (*refs.protected.items(), ("trained", refs.trained)):
+        found[name] = np.zeros(len(images), dtype=bool)
+        found[name][~taken] = near_copies(images[~taken], index)
+        taken |= found[name]
+    return found
+
+
+def _check(batch: Batch, digest: str, refs: References, rules: IngestRules) -> tuple[dict, list[str], np.ndarray]:
+    """The figures and problems of one readable batch, and which rows are kept: not repeated, not leaked, not a
+    copy of an image already trained on (so any kept row may join the holdout)."""
+    unique = _first_copies(image_hashes(batch.images))
+    copies = _copies(batch.images, refs)
     leaked = copies["test"] | copies["selection"] | copies["holdout"]
-    keep = unique & ~leaked
+    keep = unique & ~leaked & ~copies["trained"]
     row: dict = {"source": batch.source, "duplicates": int((~unique).sum())}
-    row |= {f"leaked_{name}": int((mask & unique).sum()) for name, mask in copies.items()}
+    row |= {f"leaked_{name}": int((copies[name] & unique).sum()) for name in ("test", "selection", "holdout")}
+    row["trained_copies"] = int((copies["trained"] & unique).sum())
     problems = []
     share = float(leaked.mean())
     if share > rules.max_leaked_share:
         problems.append(
-            f"leakage: {int(leaked.sum())} of its {len(keep)} images are exact copies of MNIST test images "
-            f"({row['leaked_test']}), of the selection split ({row['leaked_selection']}) or of the new-data holdout "
-            f"({row['leaked_holdout']}): {share:.0%}, more than the {rules.max_leaked_share:.0%} allowed"
+            f"leakage: {int(leaked.sum())} of its {len(keep)} images are exact copies of MNIST test images, of the "
+            f"selection split or of the new-data holdout, or near copies of them (at most {NEAR_COPY_PIXELS} pixels "
+            f"differ by more than {PIXEL_TOLERANCE}/255, also once centred): test {row['leaked_test']}, selection "
+            f"{row['leaked_selection']}, holdout {row['leaked_holdout']}; {share:.0%}, more than the "
+            f"{rules.max_leaked_share:.0%} allowed"
         )
     if keep.sum() < rules.min_batch_images:
         problems.append(
-            f"too small: {int(keep.sum())} images once repeats and copies are dropped, fewer than the "
-            f"{rules.min_batch_images} its statistics need"
+            f"too small: {int(keep.sum())} images once repeats, leaked copies and copies of images already trained on "
+            f"are dropped, fewer than the {rules.min_batch_images} its statistics need"
         )
     images, labels = batch.images[keep], batch.labels[keep]
-    may_hold_out = np.array([h not in refs.trained for h in hashes[keep]], dtype=bool)
     if not len(labels):
-        return row, problems, keep, may_hold_out
+        return row, problems, keep
     reference_labels, reference_images = refs.reference
     figures = drift(labels, images, reference_labels, reference_images)
     row |= figures.model_dump()
@@ -242,28 +277,66 @@ def _check(batch: Batch, digest: str, refs: References, rules: IngestRules) -> t
         )
         row |= quality.model_dump() | {"champion_model_key": key}
         problems += label_problems
-    return row, problems, keep, may_hold_out
+    return row, problems, keep
+
+
+class Waits(Exception):
+    """This night has no room for the file: it stays in the incoming location, untouched, for a later night."""
+
+
+@dataclass
+class NightRoom:
+    """What a night may still take: files and images left under ``max_files_per_night`` and ``max_images_per_night``."""
+
+    files: int
+    images: int
+    limit: int  # max_images_per_night, to say it
+
+    @classmethod
+    def of(cls, rules: IngestRules) -> NightRoom:
+        return cls(files=rules.max_files_per_night, images=rules.max_images_per_night, limit=rules.max_images_per_night)
+
+    def take_images(self, n: int) -> None:
+        """Count ``n`` images against the night, or raise ``Waits`` saying why they do not fit."""
+        if n > self.limit:
+            raise Waits(
+                f"it holds {n} images, more than the {self.limit} a night takes (max_images_per_night): it waits until "
+                "that limit is raised, or split it into smaller files"
+            )
+        if n > self.images:
+            raise Waits(
+                f"it holds {n} images and tonight has room for {self.images} more of its {self.limit} "
+                "(max_images_per_night): it waits for a later night"
+            )
+        self.images -= n
+
+
+def _record_fields(store: Store, name: str, data: bytes, digest: str, run_id: str) -> dict:
+    """The fields every record has, the file as it arrived written first."""
+    incoming = _part(store, digest, "incoming", data, 0)
+    return {"digest": digest, "file": name, "run_id": run_id, "decided_at": datetime.now(UTC), "incoming": incoming}
 
 
 def _ingest_one(
-    store: Store, name: str, data: bytes, digest: str, refs: References, rules: IngestRules, run_id: str
+    store: Store, name: str, data: bytes, digest: str, refs: References, rules: IngestRules, run_id: str, room: NightRoom
 ) -> BatchRecord:
-    incoming = _part(store, digest, "incoming", data, 0)
-    record = {"digest": digest, "file": name, "run_id": run_id, "decided_at": datetime.now(UTC), "incoming": incoming}
+    """Check one new file and write its parts; ``Waits`` (before anything is written) if tonight has no room for it."""
     try:
         batch = parse_untrusted(data)
     except BatchRejected as exc:
+        record = _record_fields(store, name, data, digest, run_id)
         return BatchRecord(**record, status="quarantined", reason=f"unreadable: {exc}")
-    row, problems, keep, may_hold_out = _check(batch, digest, refs, rules)
+    room.take_images(len(batch.labels))
+    record = _record_fields(store, name, data, digest, run_id)
+    row, problems, keep = _check(batch, digest, refs, rules)
     images, labels = batch.images[keep], batch.labels[keep]
     held = np.zeros(len(labels), dtype=bool)
-    candidates = np.flatnonzero(may_hold_out)
-    held[candidates[holdout_rows(labels[candidates], rules.holdout_share, digest)]] = True
+    held[holdout_rows(labels, rules.holdout_share, digest)] = True
     train = _part(store, digest, "train", share_bytes(images[~held], labels[~held]), int((~held).sum()))
     holdout = _part(store, digest, "holdout", share_bytes(images[held], labels[held]), int(held.sum()))
     row |= {"rows": len(batch.labels), "train_rows": train.rows, "holdout_rows": holdout.rows}
     status = "quarantined" if problems else "accepted"
-    reason = "; ".join(problems) if problems else _passed(row)
+    reason = "; ".join([*problems, _dropped(row)]) if problems else _passed(row)
     plot = None
     if len(labels):
         from tasks.evaluation.plots import batch_drift, png_bytes
@@ -273,17 +346,29 @@ def _ingest_one(
         figure = batch_drift(digest[:12], labels, intensity, reference_labels, reference_intensity, status)
         plot = _part(store, digest, "drift_plot", png_bytes(figure), 0)
     figures = BatchFigures(**row)
+    if status == "accepted":
+        refs.remember(images)
     return BatchRecord(**record, status=status, reason=reason, train=train, holdout=holdout, drift_plot=plot, row=figures)
 
 
+def _dropped(row: dict) -> str:
+    """What was dropped before the checks, in words: the reason is where the count of copies of trained images is kept
+    (the batches table has no column for it)."""
+    leaked = row["leaked_test"] + row["leaked_selection"] + row["leaked_holdout"]
+    return (
+        f"dropped: {row['duplicates']} repeats within the batch, {leaked} leaked copies, "
+        f"{row['trained_copies']} copies of images already trained on"
+    )
+
+
 def _passed(row: dict) -> str:
-    dropped = row["duplicates"] + row["leaked_test"] + row["leaked_selection"] + row["leaked_holdout"]
-    said = [f"{row['rows']} images, {dropped} repeated or leaked and dropped"]
+    said = [f"{row['rows']} images", _dropped(row)]
     said.append(f"label shift {row['label_shift']:.3f}, intensity drift {row['mean_intensity_ks']:.3f}")
     if row.get("confident_disagreement") is not None and row.get("champion_confident_disagreement") is not None:
         said.append(
             f"champion confidently disagrees with {row['confident_disagreement']:.1%} of labels "
-            f"({row['champion_confident_disagreement']:.1%} on the selection split)"
+            f"({row['champion_confident_disagreement']:.1%} on the selection split, "
+            f"{row['excess_disagreements']:.0f} disagreements beyond that rate)"
         )
     elif row.get("champion_model_key"):
         said.append("labels not checked (the champion is confident about none of these images, or none of the selection split)")
@@ -371,21 +456,40 @@ def accepted_batches(store: Store) -> list[AcceptedBatch]:
 
 
 def incoming_store(store: Store, url: str | None = None) -> Store:
-    """The incoming location, as a store of its own: every key it reads is confined to it."""
-    return Store(url or store.incoming_url(), warn=store.warn)
+    """The incoming location, as a store of its own: every key it reads is confined to it. The default location is
+    a folder of the store, so it is reached from the store's root without following a link (a link planted at
+    ``incoming`` is not a way out of the store); ``$MNIST_INCOMING`` is the worker's own setting, opened as named."""
+    if url:
+        return Store(url, warn=store.warn)
+    return Store(store.incoming_url(), warn=store.warn, anchor=store.root if store.is_local else None)
+
+
+def _listing(incoming: Store) -> list[dict]:
+    try:
+        return incoming.fs.ls(incoming.root, detail=True)
+    except FileNotFoundError:
+        return []
+    except NotARegularFile:
+        incoming.warn(f"The incoming location {incoming.url} is a link or not a folder: nothing is read from it")
+        return []
+
+
+def _entry_name(entry: dict) -> str:
+    return posixpath.basename(str(entry["name"]).rstrip("/"))
+
+
+def _batch_name(name: str) -> bool:
+    """A name the pipeline reads: ``*.parquet``, not starting with ``.`` or ``_`` (files still being written)."""
+    return name.endswith(".parquet") and not name.startswith((".", "_"))
 
 
 def incoming_files(incoming: Store) -> list[tuple[str, int]]:
-    """(name, size) of the batch files waiting: plain ``*.parquet`` files directly in the location; names
-    starting with ``.`` or ``_`` are files still being written."""
-    try:
-        entries = incoming.fs.ls(incoming.root, detail=True)
-    except FileNotFoundError:
-        return []
+    """(name, size) of the batch files waiting, oldest first (by modification time, then name): plain ``*.parquet``
+    files directly in the location; names starting with ``.`` or ``_`` are files still being written."""
     found = []
-    for entry in entries:
-        name = posixpath.basename(str(entry["name"]).rstrip("/"))
-        if not name.endswith(".parquet") or name.startswith((".", "_")):
+    for entry in _listing(incoming):
+        name = _entry_name(entry)
+        if not _batch_name(name):
             continue
         if entry.get("islink"):
             incoming.warn(f"Incoming file {name[:80]!r} is a symbolic link: not followed, not read")
@@ -397,14 +501,43 @@ def incoming_files(incoming: Store) -> list[tuple[str, int]]:
         except UnsafeKey as exc:
             incoming.warn(f"Incoming file {name[:80]!r} is not read: {exc}")
             continue
-        found.append((name, int(entry.get("size") or 0)))
-    return sorted(found)
+        found.append((listed_mtime(entry), name, int(entry.get("size") or 0)))
+    return [(name, size) for _, name, size in sorted(found)]
+
+
+def remove_stale(incoming: Store, log: Log, now: float | None = None) -> list[str]:
+    """Remove the files the pipeline never reads (names starting with ``.`` or ``_``, other names, files larger than a
+    batch may be) once they are ``STALE_SECONDS`` old: a sender's abandoned upload or stray file must not pile up
+    in the incoming location. Links and folders are left alone, and said once they are that old."""
+    cutoff = (time.time() if now is None else now) - STALE_SECONDS
+    removed = []
+    for entry in _listing(incoming):
+        name = _entry_name(entry)
+        size = int(entry.get("size") or 0)
+        if (_batch_name(name) and size <= MAX_BATCH_BYTES) or listed_mtime(entry) >= cutoff:
+            continue
+        if entry.get("islink") or entry.get("type") != "file":
+            log(f"Incoming {name[:80]!r} is not a batch file and is more than a day old: left alone (remove it by hand)")
+            continue
+        try:
+            incoming.remove(confine_name(name))
+        except (UnsafeKey, OSError) as exc:
+            log(f"Incoming file {name[:80]!r} is never read and more than a day old, but could not be removed ({exc})")
+            continue
+        removed.append(name)
+    if removed:
+        shown = ", ".join(repr(n[:80]) for n in removed[:10]) + (", …" if len(removed) > 10 else "")
+        log(
+            f"Removed {len(removed)} files the pipeline never reads, each more than a day old, from the incoming location: {shown}"
+        )
+    return removed
 
 
 def _take(
-    store: Store, incoming: Store, name: str, refs: References, rules: IngestRules, run_id: str, log: Log
+    store: Store, incoming: Store, name: str, refs: References, rules: IngestRules, run_id: str, log: Log, room: NightRoom
 ) -> BatchRecord | None:
-    """One incoming file: read (regular files only), identified, checked, recorded, removed. None: left where it is."""
+    """One incoming file: read (regular files only), identified, checked, recorded, removed. None: not ingested
+    tonight (already known, unreadable, or no room left: a file without room is left where it is, untouched)."""
     try:
         data = incoming.read_regular(name, limit=MAX_BATCH_BYTES)
     except (StoreError, OSError, UnsafeKey) as exc:
@@ -415,7 +548,10 @@ def _take(
     fresh = known is None
     if fresh:
         try:
-            known = _ingest_one(store, _safe_name(name), data, digest, refs, rules, run_id)
+            known = _ingest_one(store, _safe_name(name), data, digest, refs, rules, run_id, room)
+        except Waits as exc:
+            log(f"Incoming file {name!r} is left where it is: {exc}")
+            return None
         except Exception as exc:  # noqa: BLE001 (a batch must not stop the night, whatever went wrong with it)
             reason = f"could not be checked ({type(exc).__name__}: {str(exc)[:300]})"
             incoming_part = _part(store, digest, "incoming", data, 0)
@@ -423,6 +559,7 @@ def _take(
                 digest=digest, file=_safe_name(name), status="quarantined", reason=reason, run_id=run_id,
                 decided_at=datetime.now(UTC), incoming=incoming_part,
             )  # fmt: skip
+        room.files -= 1
         _publish(store, known)
         log(f"Batch {digest[:12]} ({known.file}): {known.status.upper()}: {known.reason}")
     else:
@@ -437,15 +574,27 @@ def _take(
 def ingest_batches(
     store: Store, incoming: Store, dataset: DatasetRef, rules: IngestRules, run_id: str, log: Log = print
 ) -> IngestRef:
-    """Check every new batch, record each decision, and return the dataset version to train on. The night's
-    batches are every batch this run ingested, also in an attempt that crashed before this one."""
+    """Check the new batches, oldest first and as many as the night takes, record each decision, and return the
+    dataset version to train on. The night's batches are every batch this run ingested, also in an attempt that
+    crashed before this one."""
     with store.lock(LOCK):
         refs = References(store, dataset, log)
+        room = NightRoom.of(rules)
+        waiting = []
         for name, size in incoming_files(incoming):
             if size > MAX_BATCH_BYTES:
                 log(f"Incoming file {name!r} is {size} bytes, more than a batch may be ({MAX_BATCH_BYTES}): left where it is")
-                continue
-            _take(store, incoming, name, refs, rules, run_id, log)
+            elif room.files <= 0:
+                waiting.append(name)  # not read: a file known already would be removed, and that can wait too
+            else:
+                _take(store, incoming, name, refs, rules, run_id, log, room)
+        if waiting:
+            shown = ", ".join(repr(n[:80]) for n in waiting[:10]) + (", …" if len(waiting) > 10 else "")
+            log(
+                f"{len(waiting)} incoming files wait for a later night, untouched: tonight took the "
+                f"{rules.max_files_per_night} files it may (max_files_per_night): {shown}"
+            )
+        remove_stale(incoming, log)
         records = batch_records(store)
     night = sorted((r for r in records if r.run_id == run_id and r.decided_by == "ingest"), key=lambda r: r.decided_at)
     accepted = [AcceptedBatch(digest=r.digest, train=r.train, holdout=r.holdout) for r in records if _trainable(r)]
