@@ -86,10 +86,10 @@ browser:
 # given on make's command line counts: shells such as zsh set HOST to the machine's name.
 SERVE_HOST := $(if $(filter command line,$(origin HOST)),$(HOST),127.0.0.1)
 serve: $(STAMP)
-	$(BIN)/python -m flows.serve start --db $(DB) --host $(SERVE_HOST)
+	$(BIN)/mnist-pipeline serve start --db $(DB) --host $(SERVE_HOST)
 
 stop:
-	$(BIN)/python -m flows.serve stop
+	$(BIN)/mnist-pipeline serve stop
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py --epochs 15

@@ -1,4 +1,5 @@
-"""``mnist-pipeline``: run the retrain flow once from a shell (ephemeral Prefect unless PREFECT_API_URL is set)."""
+"""``mnist-pipeline``: run the retrain flow once, and look at and steer what the nights decided (champion, batches,
+runs), from a shell; ephemeral Prefect unless PREFECT_API_URL is set."""
 
 from __future__ import annotations
 
@@ -53,6 +54,19 @@ def _flag_options(field: FieldInfo) -> dict:
     return options
 
 
+CLI_DEFAULTS = {"seed": None}  # empty: derived from the dataset version, as prefect.yaml's nightly deployment has it
+
+
+def _optional(kind: type):
+    """An argparse type that reads an empty value (``--seed ''``) as empty, the way the UI's form leaves it."""
+
+    def parse(text: str):
+        return None if text.strip() == "" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
+
+
 def _add_model_flags(parser, model: type[BaseModel]) -> None:
     """One ``--flag-name`` per field of ``model``; a field that is itself a model becomes an argument group."""
     for name, field in model.model_fields.items():
@@ -60,37 +74,147 @@ def _add_model_flags(parser, model: type[BaseModel]) -> None:
             group_model = typing.get_args(field.annotation) or (field.annotation,)
             _add_model_flags(parser.add_argument_group(*GROUPS[name]), group_model[0])
             continue
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, **_flag_options(field))
+        options = _flag_options(field)
+        if name in CLI_DEFAULTS:  # the command line behaves as the nightly deployment does
+            options["default"], options["type"] = CLI_DEFAULTS[name], _optional(options["type"])
+            options["help"] = options["help"].replace("(default 0)", "(default empty)")
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, **options)
+
+
+ENVIRONMENT = """environment:
+  MNIST_STORE              the artifact store (a directory or an fsspec URL) when --store is not given
+  MNIST_SOURCE             a directory holding MNIST's four IDX files, tried before the web mirrors (run)
+  MNIST_INCOMING           where new labelled batches arrive (default <store>/incoming)
+  KERAS_BACKEND            tensorflow, jax or torch, when --backend is not given (run)
+  PREFECT_API_URL          a Prefect server to record runs in and take locks from (else a temporary one)
+  PREFECT_API_AUTH_STRING  that server's auth string
+"""
+
+# Old flat names: still accepted for one release, with a line on stderr naming the new command.
+DEPRECATED = {
+    "promote": ("champion", "promote"),
+    "rollback": ("champion", "rollback"),
+    "release": ("batches", "release"),
+    "quarantine": ("batches", "quarantine"),
+    "simulate-arrivals": ("demo", "simulate-arrivals"),
+}
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("mnist-nightly-retrain")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _store_flag(parser: argparse.ArgumentParser) -> None:
+    """``--store``, absent from the namespace unless given: a group's and its verb's flags do not overwrite each other."""
+    parser.add_argument(
+        "--store",
+        default=argparse.SUPPRESS,
+        help=PipelineParameters.model_fields["store"].description + " (default $MNIST_STORE)",
+    )
+
+
+def _json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON, for scripts")
+
+
+def _group(sub, name: str, help_text: str) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    group = sub.add_parser(name, help=help_text, description=help_text, epilog=ENVIRONMENT, formatter_class=_Format)
+    return group, group.add_subparsers(dest="verb", metavar="VERB")
+
+
+class _Format(argparse.RawDescriptionHelpFormatter):
+    """Help text as written (the environment list keeps its columns)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mnist-pipeline", description="Nightly MNIST retrain pipeline (Prefect + Keras).")
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the flow once and print where its tables and plots are")
+    parser = argparse.ArgumentParser(
+        prog="mnist-pipeline",
+        description="Nightly MNIST retrain pipeline (Prefect + Keras): run it once, look at and steer what the nights decided.",
+        epilog=ENVIRONMENT,
+        formatter_class=_Format,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = sub.add_parser(
+        "run", help="run the flow once and print where its tables and plots are", epilog=ENVIRONMENT, formatter_class=_Format
+    )
     _add_model_flags(run, PipelineParameters)  # the flags are the parameters: declared once, in flows/params.py
 
-    store_help = PipelineParameters.model_fields["store"].description
-    champion = sub.add_parser("champion", help="print the current champion (run, model, metrics)")
-    champion.add_argument("--store", default=None, help=store_help)
-    champion.add_argument("--json", action="store_true", help="print JSON, for scripts")
-    promote = sub.add_parser("promote", help="make a run's model the champion (recorded as manual)")
-    promote.add_argument("run_id", help="the run whose model becomes the champion (see the runs table)")
-    promote.add_argument("--store", default=None, help=store_help)
-    rollback = sub.add_parser("rollback", help="make the previous champion the champion again (recorded as manual)")
-    rollback.add_argument("--store", default=None, help=store_help)
+    champion_group, champion = _group(
+        sub, "champion", "the model in use: show it, list its history, promote a run's model, roll back"
+    )
+    _store_flag(champion_group)  # `mnist-pipeline champion --json` is `champion show --json`
+    _json_flag(champion_group)
+    show = champion.add_parser("show", help="print the current champion (run, model, metrics)")
+    history = champion.add_parser("history", help="every model that was made champion, oldest first")
+    promote = champion.add_parser("promote", help="make a run's model the champion (recorded as manual)")
+    promote.add_argument("run_id", help="the run whose model becomes the champion (see `mnist-pipeline runs list`)")
+    rollback = champion.add_parser("rollback", help="make the previous champion the champion again (recorded as manual)")
+    for verb in (show, history, promote, rollback):
+        _store_flag(verb)
+    for verb in (show, history):
+        _json_flag(verb)
+
+    _, batches = _group(sub, "batches", "new labelled batches: list them, show one, release or quarantine one")
+    listed = batches.add_parser("list", help="every batch ingested, newest first, with its decision")
+    one = batches.add_parser("show", help="one batch's record: its figures, decision and files")
+    one.add_argument("batch", help="the batch's digest, or its first 8+ characters")
+    verbs = [listed, one]
     for name, verb in (
         ("release", "accept a quarantined batch: the next night trains on it"),
         ("quarantine", "set an accepted batch aside: the next night trains without it"),
     ):
-        batch = sub.add_parser(name, help=f"{verb} (recorded in the batches table as the operator's)")
-        batch.add_argument("batch", help="the batch's digest, or its first 8+ characters (see the batches table)")
-        batch.add_argument("--store", default=None, help=store_help)
-    simulate = sub.add_parser("simulate-arrivals", help="write night K's batch of the scripted week into the incoming location")
-    simulate.add_argument("--night", type=int, required=True, choices=range(1, 8), metavar="K", help="night of the week, 1–7")
-    simulate.add_argument("--store", default=None, help=store_help)
-    simulate.add_argument("--held-back", type=int, default=None, help="held-back images the nights run with (default 10000)")
-    simulate.add_argument("--images", type=int, default=None, help="images per batch (default 1500)")
+        changed = batches.add_parser(name, help=f"{verb} (recorded in the batches table as the operator's)")
+        changed.add_argument("batch", help="the batch's digest, or its first 8+ characters (see `mnist-pipeline batches list`)")
+        verbs.append(changed)
+    for verb in verbs:
+        _store_flag(verb)
+    for verb in (listed, one):
+        _json_flag(verb)
+
+    _, runs = _group(sub, "runs", "the nights that ran: list them")
+    runs_list = runs.add_parser("list", help="every run, newest first: its model, accuracy and decision")
+    runs_list.add_argument("--last", type=int, default=20, help="show this many runs (default 20; 0 for all)")
+    _store_flag(runs_list)
+    _json_flag(runs_list)
+
+    _, serve = _group(sub, "serve", "the local Prefect stack of `make serve`: start, stop, status")
+    for verb, text in (
+        ("start", "start the server, the gpu pool, the deployments, automations and a worker (`make serve`)"),
+        ("stop", "stop everything `serve start` started, by pid (`make stop`)"),
+        ("status", "which processes of the stack are running"),
+    ):
+        serve.add_parser(verb, help=f"{text}; options: `mnist-pipeline serve {verb} --help`", add_help=False)
+
+    _, demo = _group(sub, "demo", "demonstrations on real MNIST")
+    simulate = demo.add_parser("simulate-arrivals", help="write night K's batch of the scripted week into the incoming location")
+    _simulate_flags(simulate)
+
+    for old, (_, verb) in DEPRECATED.items():  # hidden: kept for one release
+        legacy = sub.add_parser(old)
+        if verb in ("promote",):
+            legacy.add_argument("run_id")
+        elif verb in ("release", "quarantine"):
+            legacy.add_argument("batch")
+        if verb == "simulate-arrivals":
+            _simulate_flags(legacy)
+        else:
+            _store_flag(legacy)
+    sub._choices_actions = [a for a in sub._choices_actions if a.dest not in DEPRECATED]  # not in the help
     return parser
+
+
+def _simulate_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--night", type=int, required=True, choices=range(1, 8), metavar="K", help="night of the week, 1–7")
+    _store_flag(parser)
+    parser.add_argument("--held-back", type=int, default=None, help="held-back images the nights run with (default 10000)")
+    parser.add_argument("--images", type=int, default=None, help="images per batch (default 1500)")
 
 
 def parameters_from(args: argparse.Namespace) -> PipelineParameters:
@@ -113,33 +237,91 @@ def parameters_from(args: argparse.Namespace) -> PipelineParameters:
     return PipelineParameters(**found)
 
 
-def batch_command(args: argparse.Namespace) -> int:
-    """``release`` and ``quarantine``: an operator overrules the ingest step's decision on one batch."""
+def _store(args: argparse.Namespace):
     from flows.locks import open_store
+
+    return open_store(getattr(args, "store", None))
+
+
+def _print_frame(frame, as_json: bool, empty: str) -> int:
+    """A list command's rows: a readable table, or JSON records for scripts (an empty list prints ``[]``)."""
+    if as_json:
+        print(frame.to_json(orient="records", date_format="iso"))
+    elif frame.empty:
+        print(empty)
+    else:
+        print(frame.to_string(index=False, max_colwidth=60))
+    return 0
+
+
+def batch_command(args: argparse.Namespace) -> int:
+    """``batches release|quarantine``: an operator overrules the ingest step's decision on one batch."""
     from tasks.intake.ingest import BatchNotFound, set_status
 
-    store = open_store(args.store)
     try:
-        record = set_status(store, args.batch, "accepted" if args.command == "release" else "quarantined")
+        record = set_status(_store(args), args.batch, "accepted" if args.verb == "release" else "quarantined")
     except BatchNotFound as exc:
-        print(f"mnist-pipeline {args.command}: {exc}", file=sys.stderr)
+        print(f"mnist-pipeline batches {args.verb}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     print(f"Batch {record.digest[:12]} ({record.file}) is now {record.status}; the next night's dataset version follows.")
     return 0
 
 
+def batches_list_command(args: argparse.Namespace) -> int:
+    """``batches list``: each batch once, with its latest decision (an operator's overrules the ingest step's)."""
+    from storage.tables import read_table
+
+    store = _store(args)
+    rows = read_table(store, "batches").sort_values("decided_at", kind="stable")
+    latest = rows.drop_duplicates("digest", keep="last").sort_values("decided_at", ascending=False, kind="stable")
+    shown = latest[["digest", "file", "rows", "decision", "decided_by", "decided_at", "reason"]].assign(
+        digest=lambda f: f["digest"].str[:12]
+    )
+    return _print_frame(shown, getattr(args, "json", False), f"No batch has arrived in {store.url} yet.")
+
+
+def batches_show_command(args: argparse.Namespace) -> int:
+    from tasks.intake.ingest import BatchNotFound, find_batch
+
+    store = _store(args)
+    try:
+        record = find_batch(store, args.batch)
+    except BatchNotFound as exc:
+        print(f"mnist-pipeline batches show: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if getattr(args, "json", False):
+        print(record.model_dump_json())
+        return 0
+    print(
+        f"Batch:     {record.digest}\nFile:      {record.file}\nDecision:  {record.status} ({record.decided_by})\n"
+        f"Reason:    {record.reason}\nRun:       {record.run_id}"
+    )
+    return 0
+
+
+def runs_list_command(args: argparse.Namespace) -> int:
+    from storage.tables import read_table
+
+    store = _store(args)
+    runs = read_table(store, "runs").sort_values("finished_at", ascending=False, kind="stable")
+    if args.last:
+        runs = runs.head(args.last)
+    columns = ["run_id", "finished_at", "model", "epochs", "test_accuracy", "balanced_accuracy", "promoted", "champion_model_key"]
+    shown = runs[columns].rename(columns={"balanced_accuracy": "test_balanced_accuracy"})  # the test sample's, not the gate's
+    return _print_frame(shown, getattr(args, "json", False), f"No run has finished in {store.url} yet.")
+
+
 def simulate_command(args: argparse.Namespace) -> int:
-    """``simulate-arrivals``: night K of the scripted week, from MNIST (fetched into the store if missing)."""
-    from flows.locks import open_store
+    """``demo simulate-arrivals``: night K of the scripted week, from MNIST (fetched into the store if missing)."""
     from tasks.data import simulate
     from tasks.data.fetch import MnistUnavailable, default_sources, fetch_mnist, load_mnist
     from tasks.intake.ingest import INCOMING_ENV, incoming_store
 
-    store = open_store(args.store)
+    store = _store(args)
     try:
         mnist = load_mnist(store, fetch_mnist(store, default_sources(), log=lambda line: None))
     except MnistUnavailable as exc:
-        print(f"mnist-pipeline simulate-arrivals: {exc}", file=sys.stderr)
+        print(f"mnist-pipeline demo simulate-arrivals: {exc}", file=sys.stderr)
         return EXIT_FAILED
     held_back = args.held_back if args.held_back is not None else simulate.HELD_BACK
     images = args.images if args.images is not None else simulate.BATCH_IMAGES
@@ -148,7 +330,7 @@ def simulate_command(args: argparse.Namespace) -> int:
             incoming_store(store, os.environ.get(INCOMING_ENV) or None), mnist, args.night, held_back, images
         )
     except ValueError as exc:
-        print(f"mnist-pipeline simulate-arrivals: {exc}", file=sys.stderr)
+        print(f"mnist-pipeline demo simulate-arrivals: {exc}", file=sys.stderr)
         return EXIT_FAILED
     print(
         f"Night {args.night} ({simulate.NIGHTS[args.night]}): {images} images → {where}; run the night with --held-back {held_back}"
@@ -157,20 +339,19 @@ def simulate_command(args: argparse.Namespace) -> int:
 
 
 def champion_command(args: argparse.Namespace) -> int:
-    """``champion``, ``promote`` and ``rollback``: read and set the pointer in the store, no Prefect run needed."""
-    from flows.locks import open_store
+    """``champion show|promote|rollback``: read and set the pointer in the store, no Prefect run needed."""
     from tasks.champion.promotion import ChampionError, find_champion, promote_run, rollback
 
-    store = open_store(args.store)
+    store = _store(args)
     try:
-        if args.command == "promote":
+        if args.verb == "promote":
             row = promote_run(store, args.run_id)
-        elif args.command == "rollback":
+        elif args.verb == "rollback":
             row = rollback(store)
         else:
-            return print_champion(store, find_champion(store), as_json=args.json)
+            return print_champion(store, find_champion(store), as_json=getattr(args, "json", False))
     except ChampionError as exc:
-        print(f"mnist-pipeline {args.command}: {exc}", file=sys.stderr)
+        print(f"mnist-pipeline champion {args.verb}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     before = row["champion_model_key"] or "none"
     print(
@@ -205,6 +386,20 @@ def print_champion(store, lookup, as_json: bool) -> int:
         f"Reason:             {champion.reason}"
     )
     return 0
+
+
+def champion_history_command(args: argparse.Namespace) -> int:
+    """``champion history``: every pointer change, oldest first (the nightly gate's promotions and the operators')."""
+    from tasks.champion.pointer import promotions
+
+    store = _store(args)
+    rows = promotions(store)
+    promoted = rows[rows["decision"] == "promoted"]
+    columns = ["decided_at", "run_id", "challenger_model_key", "challenger_balanced_accuracy", "reason", "forced"]
+    shown = promoted[columns].rename(
+        columns={"challenger_model_key": "model_key", "challenger_balanced_accuracy": "selection_balanced_accuracy"}
+    )
+    return _print_frame(shown, getattr(args, "json", False), f"No model has been champion in {store.url} yet.")
 
 
 TEMPORARY_API_START_SECONDS = 120
@@ -255,15 +450,49 @@ def entry() -> None:
     sys.exit(code[0])
 
 
+COMMANDS = {
+    ("champion", "show"): champion_command,
+    ("champion", "promote"): champion_command,
+    ("champion", "rollback"): champion_command,
+    ("champion", "history"): champion_history_command,
+    ("batches", "list"): batches_list_command,
+    ("batches", "show"): batches_show_command,
+    ("batches", "release"): batch_command,
+    ("batches", "quarantine"): batch_command,
+    ("runs", "list"): runs_list_command,
+    ("demo", "simulate-arrivals"): simulate_command,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_environment()
-    args = build_parser().parse_args(argv)
-    if args.command in ("release", "quarantine"):
-        return batch_command(args)
-    if args.command == "simulate-arrivals":
-        return simulate_command(args)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"] and argv[1:2] and argv[1] in ("start", "stop", "status"):  # its options are flows/serve.py's
+        from flows import serve
+
+        return serve.main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # no arguments: what there is to do
+        parser.print_help()
+        return 0
+    if args.command in DEPRECATED:
+        group, verb = DEPRECATED[args.command]
+        print(
+            f"mnist-pipeline {args.command} is deprecated and goes in the next release: use `mnist-pipeline {group} {verb}`",
+            file=sys.stderr,
+        )
+        args.command, args.verb = group, verb
     if args.command != "run":
-        return champion_command(args)
+        verb = getattr(args, "verb", None) or ("show" if args.command == "champion" else None)
+        if verb is None:
+            parser.parse_args([args.command, "--help"])  # a group without a verb: its help (exits)
+        args.verb = verb
+        return COMMANDS[(args.command, verb)](args)
+    return run_command(args)
+
+
+def run_command(args: argparse.Namespace) -> int:
     try:
         params = parameters_from(args)
     except ValidationError as exc:

@@ -368,8 +368,8 @@ class LocalStack:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__)
-    parser.add_argument("command", choices=["start", "stop"])
+    parser = argparse.ArgumentParser(prog="mnist-pipeline serve", description=__doc__)
+    parser.add_argument("command", choices=["start", "stop", "status"])
     parser.add_argument("--home", default=str(REPO / ".serve"), help="PREFECT_HOME, logs and pids (default .serve/)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("PREFECT_PORT", 4200)))
     parser.add_argument(
@@ -395,6 +395,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"make serve: {exc}", file=sys.stderr)
         return 2
+    if args.command == "status":
+        running = {name: pid for name, pid in stack._pids().items() if stack._alive(name)}
+        print("\n".join(f"{name:<24} pid {pid}" for name, pid in running.items()) or f"Nothing of {stack.home} is running.")
+        if "server" in running:
+            print(f"API: {stack.api_url}")
+        return 0 if running else 3  # as `systemctl status` says of a unit that is not running
     if args.command == "stop":
         stopped = stack.stop()
         print("Stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
