@@ -447,6 +447,8 @@ SHARED_WORKER = {
     "test_champion": "champion-lab",
     "test_code_keys": "code-keys",
     "test_untrusted_store": "untrusted-store",
+    "test_poison": "poison-index",  # real MNIST and its near-copy index, built once
+    "test_protections": "protections-s3",  # one moto server for the module
 }
 
 # The modules that take longest (servers, heartbeats, several runs) go first: with two workers the short tests
