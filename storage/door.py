@@ -278,18 +278,18 @@ class ConfinedLocalFileSystem(LocalFileSystem):
         with self._parent(path) as (fd, name):
             os.unlink(name, dir_fd=fd)
 
-    def _rm_tree(self, fd: int) -> None:
-        for name in os.listdir(fd):
-            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            if stat.S_ISDIR(st.st_mode):
-                child = os.open(name, _DIR, dir_fd=fd)
-                try:
-                    self._rm_tree(child)
-                finally:
-                    os.close(child)
-                os.rmdir(name, dir_fd=fd)
-            else:
-                os.unlink(name, dir_fd=fd)  # a link is removed, never followed
+    def _rm_dir(self, parent: int, name: str) -> None:
+        """Remove folder ``name`` of ``parent`` and all it holds, every entry reached without following a link."""
+        fd = os.open(name, _DIR, dir_fd=parent)
+        try:
+            for entry in os.listdir(fd):
+                if stat.S_ISDIR(os.stat(entry, dir_fd=fd, follow_symlinks=False).st_mode):
+                    self._rm_dir(fd, entry)
+                else:
+                    os.unlink(entry, dir_fd=fd)  # a link is removed, never followed
+        finally:
+            os.close(fd)
+        os.rmdir(name, dir_fd=parent)
 
     def rm(self, path: str | list[str], recursive: bool = False, maxdepth: int | None = None) -> None:
         for one in [path] if isinstance(path, str) else path:
@@ -300,12 +300,7 @@ class ConfinedLocalFileSystem(LocalFileSystem):
             if not recursive:
                 raise IsADirectoryError(errno.EISDIR, "a folder: remove it with recursive=True", one)
             with self._parent(one) as (parent, name):
-                fd = os.open(name, _DIR, dir_fd=parent)
-                try:
-                    self._rm_tree(fd)
-                finally:
-                    os.close(fd)
-                os.rmdir(name, dir_fd=parent)
+                self._rm_dir(parent, name)
 
     def set_aside(self, path: str) -> str:
         """Move whatever stands at ``path`` (a pipe, a folder) to a hidden name beside it; returns that name."""

@@ -66,6 +66,16 @@ def synthetic(tmp_path: Path) -> SyntheticMnist:
 
 
 @pytest.fixture
+def small(tmp_path: Path, synthetic: SyntheticMnist):
+    """A store holding tiny synthetic MNIST (120 training, 60 test images), its reference and its arrays."""
+    from tasks.data.fetch import DirectorySource, fetch_mnist, load_mnist
+
+    store = Store(tmp_path / "store")
+    dataset = fetch_mnist(store, sources=[DirectorySource(synthetic.write_raw())], files=synthetic.specs, log=lambda m: None)
+    return store, dataset, load_mnist(store, dataset)
+
+
+@pytest.fixture
 def store(tmp_path: Path) -> Store:
     return Store(tmp_path / "store")
 

@@ -7,22 +7,12 @@ import os
 
 import pytest
 
-from storage import Store
 from tasks.data import batch_format
 from tasks.data.batch_format import BatchRejected, batch_bytes, parse_untrusted
-from tasks.data.fetch import DirectorySource, fetch_mnist, load_mnist
 from tasks.intake.checks import DriftFigures, IngestRules, drift_problems
 from tests.test_new_data import arrive, fresh_images, ingest
 
 RULES = IngestRules()
-
-
-@pytest.fixture
-def small(tmp_path, synthetic):
-    """A store holding tiny synthetic MNIST, its reference and its arrays (as in tests/test_new_data.py)."""
-    store = Store(tmp_path / "store")
-    dataset = fetch_mnist(store, sources=[DirectorySource(synthetic.write_raw())], files=synthetic.specs, log=lambda m: None)
-    return store, dataset, load_mnist(store, dataset)
 
 
 SIGNIFICANT, INSIGNIFICANT = RULES.drift_p / 10, min(RULES.drift_p * 10, 0.5)

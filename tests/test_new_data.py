@@ -16,20 +16,11 @@ from storage import Store
 from storage.tables import read_table
 from tasks.data import batch_format, splits
 from tasks.data.batch_format import BatchRejected, batch_bytes, parse_batch
-from tasks.data.fetch import DirectorySource, fetch_mnist, load_mnist
 from tasks.data.slices import new_training_images, slice_images
 from tasks.intake.checks import IngestRules, holdout_rows, label_quality
 from tasks.intake.ingest import BatchNotFound, accepted_batches, batch_records, incoming_store, ingest_batches, set_status
 
 RULES = IngestRules()
-
-
-@pytest.fixture
-def small(tmp_path, synthetic):
-    """A store holding tiny synthetic MNIST (120 training, 60 test images), its reference and its arrays."""
-    store = Store(tmp_path / "store")
-    dataset = fetch_mnist(store, sources=[DirectorySource(synthetic.write_raw())], files=synthetic.specs, log=lambda m: None)
-    return store, dataset, load_mnist(store, dataset)
 
 
 def fresh_images(n: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
