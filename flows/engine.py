@@ -5,7 +5,8 @@ Prefect's engine reads the run's deployment from the API in this process and run
 entrypoint. Whoever holds the API's auth string can edit those at any moment, also after the worker checked
 them (``flows/worker.py``), and a pull step can install packages (``requires``) or run a shell script. This engine
 reads the flow run from the API and runs ``flows.pipeline.mnist_retrain`` from the code beside it: no pull step, no
-entrypoint and no code path from the API is ever used.
+entrypoint and no code path from the API is ever used; and it ends on the run's final state without reading its
+result, which a caller could have forced to name a block and a serializer of their choosing.
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ def main() -> None:
         flow_run = load_flow_run(flow_run_id=flow_run_id)
         run_logger = flow_run_logger(flow_run=flow_run)
         with RunMetrics(flow_run, mnist_retrain):
-            result = run_flow(mnist_retrain, flow_run=flow_run, error_logger=run_logger)
-            _drive_run_flow_result(mnist_retrain, result)
+            # The final state, never its result: a state forced through the API (Completed, with result metadata
+            # naming a block and the pickle serializer) would otherwise be read and unpickled here.
+            state = run_flow(mnist_retrain, flow_run=flow_run, error_logger=run_logger, return_type="state")
+            _drive_run_flow_result(mnist_retrain, state)
 
 
 if __name__ == "__main__":

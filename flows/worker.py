@@ -33,6 +33,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import prefect.workers.process
 from prefect.workers.process import ProcessJobConfiguration, ProcessWorker
 
 CODE = Path(__file__).resolve().parent.parent  # the code this worker runs: its own checkout
@@ -94,6 +95,18 @@ class ConfinedJobConfiguration(ProcessJobConfiguration):
         self.env = {}  # the worker's environment, plus Prefect's settings for this run
         self.working_dir = CODE
         super().prepare_for_flow_run(flow_run, deployment, flow, work_pool, worker_name, worker_id=worker_id)
+
+
+async def this_checkouts_flow(flow_run: Any) -> Any:
+    """The flow whose hooks the worker runs for a run that crashed or was cancelled: this checkout's. Prefect's
+    process worker would load the flow the run's deployment names, running the deployment's pull steps in the
+    worker's own process, after any edit made through the API since the check above."""
+    from flows.pipeline import mnist_retrain
+
+    return mnist_retrain
+
+
+prefect.workers.process.load_flow_from_flow_run = this_checkouts_flow  # the hook runner's flow, in this process
 
 
 with warnings.catch_warnings():  # Prefect registers every worker class by its type; ours is a "process" worker too

@@ -241,3 +241,17 @@ def test_the_workers_engine_never_runs_a_deployments_pull_steps_even_edited_afte
         state = client.read_flow_run(run.id).state
     assert not marker.exists(), "a deployment's pull step ran"
     assert state.is_failed() and "is not a store this worker serves" in (state.message or "") + done.stdout + done.stderr
+
+
+def test_the_workers_hooks_run_this_checkouts_flow_never_the_deployments():
+    """A crashed run's hooks: Prefect's process worker loads the flow from the run's deployment (running its pull
+    steps in the worker); the confined worker hands it this checkout's flow."""
+    import asyncio
+
+    import prefect.workers.process
+
+    from flows.pipeline import mnist_retrain
+    from flows.worker import this_checkouts_flow
+
+    assert prefect.workers.process.load_flow_from_flow_run is this_checkouts_flow
+    assert asyncio.run(this_checkouts_flow(object())) is mnist_retrain
