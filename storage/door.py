@@ -31,6 +31,14 @@ from storage.keys import UnsafeKey
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # os.listdir's surrogate escapes of bytes that are not UTF-8
+        return False
+    return True
+
+
 class NotARegularFile(OSError):
     """A link, pipe, socket, device or folder stands where a store file was expected: it is not followed or read."""
 
@@ -136,6 +144,14 @@ class ConfinedLocalFileSystem(LocalFileSystem):
         else:
             raise ValueError(f"mode {mode!r} is not one the store uses")
         with self._parent(path, create="r" not in mode) as (parent, name):
+            if flags & os.O_TRUNC:  # a new file, never one rewritten in place: a hard link planted here stays as it was
+                try:
+                    os.unlink(name, dir_fd=parent)
+                except FileNotFoundError:
+                    pass
+                except IsADirectoryError:  # a folder planted where the file goes: set aside
+                    os.rename(name, f".damaged-{name}-{uuid.uuid4().hex[:8]}", src_dir_fd=parent, dst_dir_fd=parent)
+                flags = (flags & ~os.O_TRUNC) | os.O_EXCL
             try:
                 fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666, dir_fd=parent)
             except OSError as exc:
@@ -233,7 +249,8 @@ class ConfinedLocalFileSystem(LocalFileSystem):
             return [self.info(path) if detail else path]
         fd = self._open_dir(self._parts(path))
         try:
-            names = sorted(os.listdir(fd))
+            # a name that is not UTF-8 cannot be one of ours, and pyarrow cannot even spell it: not listed
+            names = sorted(n for n in os.listdir(fd) if _is_utf8(n))
             entries = []
             for name in names:
                 st = os.stat(name, dir_fd=fd, follow_symlinks=False)

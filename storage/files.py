@@ -95,7 +95,7 @@ class StoreFiles:
             return self.fs.info(self.path(key)).get("type")
         except FileNotFoundError:
             return None
-        except NotARegularFile:  # a link at a folder above it
+        except OSError:  # a link at a folder above it, a name the filesystem refuses: not a file of ours
             return "other"
 
     def read_bytes(self, key: str, limit: int | None = None) -> bytes:
@@ -298,8 +298,14 @@ class StoreFiles:
             self.fs.invalidate_cache(path)
 
     def remove(self, key: str, recursive: bool = False) -> None:
-        with contextlib.suppress(FileNotFoundError, NotARegularFile):  # a link above it: nothing of ours is there
+        try:
             self.fs.rm(self.path(key), recursive=recursive)
+        except (FileNotFoundError, NotARegularFile):  # a link above it: nothing of ours is there
+            pass
+        except IsADirectoryError:  # a folder planted where a file of ours was: set aside, never an error
+            if not self.is_local:
+                raise
+            self.warn(f"{self.location(key)} is a folder, not a file: set aside as {self.fs.set_aside(self.path(key))}")
 
     def check_writable(self) -> None:
         """Fail now, with the store's name, rather than after fifteen epochs of training."""

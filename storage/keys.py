@@ -43,6 +43,8 @@ def confine_key(key: str) -> str:
         why = "it names another scheme or bucket"
     elif any(part in ("", ".", "..") for part in key.split("/")):
         why = "it has an empty, '.' or '..' part"
+    elif any(len(part.encode("utf-8", "surrogateescape")) > 255 for part in key.split("/")):
+        why = "a part of it is longer than 255 bytes, more than a file name may be"
     if why:
         raise UnsafeKey(f"{key[:120]!r} is not a key inside the store ({why})")
     return key

@@ -245,10 +245,15 @@ def read_table(store: Store, table: str, run_id: str | None = None) -> pd.DataFr
     full = schema(table).append(RUN_ID)
     if not store.exists(store.table_dir(table)):  # no run has written it yet
         return full.empty_table().to_pandas()
-    data = dataset(store, table)
     flt = ds.field("run_id") == run_id if run_id is not None else None
+    try:
+        data = dataset(store, table)
+        fragments = list(data.get_fragments(filter=flt))
+    except (pa.ArrowException, OSError, ValueError) as exc:  # discovery itself failed: no partition can be trusted
+        store.warn(f"Table {table!r} cannot be listed ({str(exc).splitlines()[0][:200]}): read as empty")
+        return full.empty_table().to_pandas()
     parts = []
-    for fragment in data.get_fragments(filter=flt):
+    for fragment in fragments:
         try:
             _check_size(fragment, table)
             parts.append(fragment.to_table(schema=data.schema, filter=flt))

@@ -225,3 +225,44 @@ def test_a_folder_at_any_file_a_reference_names_is_a_miss(tmp_path, mnist_store)
     os.remove(store.path(first.key))
     plant(store, first.key + "/inner").mkdir(parents=True)
     assert stored_dataset(store) is None  # the download is fetched again instead
+
+
+def test_a_folder_at_a_cache_record_or_a_checkpoint_pointer_is_set_aside_or_a_miss(store):
+    """Folders planted at keys every deployment shares (the fetch step's cache record) or a training's
+    checkpoint pointer: forgetting the record sets the folder aside; the pointer is damaged, training starts afresh."""
+    from tasks.training.checkpoints import _pointer
+
+    said: list[str] = []
+    store.warn = said.append
+    record = store.result_record("fetch-0c36ee5df878cc60cfa15d1c190dce40-a085d7dd")
+    plant(store, record + "/inner").mkdir(parents=True)
+    store.remove(record)
+    assert not store.exists(record) and any("is a folder, not a file: set aside" in line for line in said)
+    plant(store, "checkpoints/k/latest.json/inner").mkdir(parents=True)
+    assert _pointer(store, "k") is None and any("checkpoint pointer" in line for line in said)
+
+
+def test_a_name_too_long_for_the_filesystem_or_not_utf8_stops_no_lookup(store, tmp_path):
+    from storage.keys import UnsafeKey, confine_key
+    from tasks.training.train import stored_model
+    from tests.conftest import model_ref
+
+    with pytest.raises(UnsafeKey, match="longer than 255 bytes"):
+        confine_key("models/" + "a" * 300 + "/model.keras")
+    store.write_text(store.model_info_file("k1"), model_ref(key="k1", file_key="models/k1/" + "b" * 250).model_dump_json())
+    assert stored_model(store, "k1") is None
+    write_table(store, "promotions", "run-a", sample_frames(seed=4)["promotions"])
+    os.makedirs(os.path.join(store.root.encode(), b"tables/promotions/run_id=\xff"))
+    with open(os.path.join(store.root.encode(), b"tables/promotions/\xff.parquet"), "wb") as f:
+        f.write(b"not parquet")
+    assert set(read_table(store, "promotions")["run_id"]) == {"run-a"}
+
+
+def test_a_hard_link_planted_at_a_file_the_store_writes_is_not_written_through(store, outside):
+    target = outside / ".bashrc"
+    store.write_text("prefect-results/record", "first")
+    os.remove(store.path("prefect-results/record"))
+    os.link(target, store.path("prefect-results/record"))
+    with store.fs.open(store.path("prefect-results/record"), "wb") as f:  # as Prefect's result storage writes
+        f.write(b'{"overwritten": true}')
+    assert target.read_text() == "# theirs\n" and store.read_bytes("prefect-results/record") == b'{"overwritten": true}'

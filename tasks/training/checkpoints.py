@@ -76,6 +76,6 @@ def _pointer(store: Store, key: str) -> CheckpointPointer | None:
         return None
     try:
         return CheckpointPointer.model_validate_json(store.read_bytes(pointer, limit=SIDECAR_LIMIT))
-    except (ValidationError, StoreError) as exc:
+    except (ValidationError, StoreError, OSError) as exc:  # OSError: a folder, link or pipe at it (storage/door.py)
         store.warn(damage(f"The checkpoint pointer {store.location(pointer)}", exc))
         return None
