@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from storage.files import DamagedArtifact
 from storage.store import Store
 
 SCHEMA_VERSION = "2"
@@ -192,12 +193,20 @@ def write_table(store: Store, table: str, run_id: str, frame: pd.DataFrame, part
 
 
 def read_frame(store: Store, path: str, sha256: str | None = None) -> pd.DataFrame:
-    """One Parquet file as a DataFrame; with ``sha256``, the file is read once, checked, and parsed
-    from those same bytes (``DamagedArtifact`` if they do not match)."""
-    if sha256 is not None:
-        return pq.read_table(pa.BufferReader(store.verified_bytes(path, sha256))).to_pandas()
-    with store.open(path) as handle:
-        return pq.read_table(handle).to_pandas()
+    """One Parquet file as a DataFrame, read once into memory (at most ``PARTITION_BYTES``), its footer checked
+    against the limits of a night's partition before any column is decoded; with ``sha256``, the bytes parsed are
+    the bytes checked (``DamagedArtifact`` if they do not match)."""
+    data = (
+        store.verified_bytes(path, sha256, limit=PARTITION_BYTES)
+        if sha256 is not None
+        else store.read_bytes(path, limit=PARTITION_BYTES)
+    )
+    parquet = pq.ParquetFile(pa.BufferReader(data))
+    try:
+        _check_footer(parquet.metadata, PARTITION_ROWS_DEFAULT)
+    except ValueError as exc:
+        raise DamagedArtifact(f"{store.location(path)}: {exc}") from None
+    return parquet.read().to_pandas()
 
 
 def dataset(store: Store, table: str) -> ds.Dataset:
@@ -223,10 +232,12 @@ PARTITION_BYTES = 256 << 20
 
 def _check_size(fragment: ds.ParquetFileFragment, table: str) -> None:
     """Refuse a partition whose footer declares more rows or uncompressed bytes than a night writes."""
-    metadata = fragment.metadata
+    _check_footer(fragment.metadata, PARTITION_ROWS.get(table, PARTITION_ROWS_DEFAULT))
+
+
+def _check_footer(metadata: pq.FileMetaData, limit: int) -> None:
     rows = metadata.num_rows
     size = sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
-    limit = PARTITION_ROWS.get(table, PARTITION_ROWS_DEFAULT)
     if rows > limit or size > PARTITION_BYTES:
         raise ValueError(
             f"it declares {rows} rows and {size} uncompressed bytes, more than a night writes "

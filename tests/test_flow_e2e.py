@@ -128,6 +128,17 @@ def test_three_nights_promote_reject_promote(mnist_store: Store, prefect_harness
 
     store = Store(tmp_path / "store")
     with_mnist(store, mnist_store)
+    # whoever can write the store planted links and pipes where the nights read and write: they change nothing
+    # outside it and stop no night (storage/door.py)
+    outside = tmp_path / "someone-elses"
+    outside.mkdir()
+    (outside / ".bashrc").write_text("# theirs\n")
+    root = Path(store.root)
+    for name in ("reports", "prefect-results", "checkpoints", "incoming"):
+        os.symlink(outside, root / name)
+    (root / "locks").mkdir()
+    for name in ("champion.json", "locks/champion.lock", "locks/ingest.lock"):
+        os.mkfifo(root / name)
     nights = [(1, 6000, 1), (1, 2000, 2), (2, 12000, 3)]
     summaries = [
         mnist_retrain(
@@ -138,6 +149,7 @@ def test_three_nights_promote_reject_promote(mnist_store: Store, prefect_harness
         for e, n, s in nights
     ]
     assert [s.decision for s in summaries] == ["promoted", "rejected", "promoted"], [s.decision_reason for s in summaries]
+    assert [p.name for p in outside.iterdir()] == [".bashrc"] and (outside / ".bashrc").read_text() == "# theirs\n"
     decisions = read_table(store, "promotions").sort_values("decided_at")
     assert decisions["decision"].tolist() == ["promoted", "rejected", "promoted"]
     assert decisions["run_id"].tolist() == [s.run_id for s in summaries]

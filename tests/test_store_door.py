@@ -266,3 +266,18 @@ def test_a_hard_link_planted_at_a_file_the_store_writes_is_not_written_through(s
     with store.fs.open(store.path("prefect-results/record"), "wb") as f:  # as Prefect's result storage writes
         f.write(b'{"overwritten": true}')
     assert target.read_text() == "# theirs\n" and store.read_bytes("prefect-results/record") == b'{"overwritten": true}'
+
+
+def test_a_stored_frame_that_decodes_to_millions_of_rows_is_refused_before_it_is_read(store):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from storage import DamagedArtifact, sha256_bytes
+    from storage.tables import read_frame
+
+    path = plant(store, "evaluations/k/predictions.parquet")
+    pq.write_table(pa.table({"true_label": pa.array([1] * 2_000_000, pa.int8())}), path, compression="zstd")
+    digest = sha256_bytes(path.read_bytes())  # a writer of the store can rewrite the sidecar's digest too
+    for sha256 in (None, digest):
+        with pytest.raises(DamagedArtifact, match="2000000 rows"):
+            read_frame(store, "evaluations/k/predictions.parquet", sha256)
