@@ -39,6 +39,13 @@ def _is_utf8(name: str) -> bool:
     return True
 
 
+def _set_aside(folder: int, name: str) -> str:
+    """Rename what stands at ``name`` in ``folder`` to a hidden ``.damaged-…`` name beside it (never read as data)."""
+    aside = f".damaged-{name}-{uuid.uuid4().hex[:8]}"
+    os.rename(name, aside, src_dir_fd=folder, dst_dir_fd=folder)
+    return aside
+
+
 class NotARegularFile(OSError):
     """A link, pipe, socket, device or folder stands where a store file was expected: it is not followed or read."""
 
@@ -100,7 +107,7 @@ class ConfinedLocalFileSystem(LocalFileSystem):
                             exc.errno, f"{part!r} in the store is a link or not a folder: not followed", part
                         ) from exc
                     # a write needs the folder: whatever stands there (a planted link) is set aside, never followed
-                    os.rename(part, f".damaged-{part}-{uuid.uuid4().hex[:8]}", src_dir_fd=fd, dst_dir_fd=fd)
+                    _set_aside(fd, part)
                     os.mkdir(part, 0o777, dir_fd=fd)
                     child = os.open(part, _DIR, dir_fd=fd)
                 os.close(fd)
@@ -150,7 +157,7 @@ class ConfinedLocalFileSystem(LocalFileSystem):
                 except FileNotFoundError:
                     pass
                 except IsADirectoryError:  # a folder planted where the file goes: set aside
-                    os.rename(name, f".damaged-{name}-{uuid.uuid4().hex[:8]}", src_dir_fd=parent, dst_dir_fd=parent)
+                    _set_aside(parent, name)
                 flags = (flags & ~os.O_TRUNC) | os.O_EXCL
             try:
                 fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666, dir_fd=parent)
@@ -287,7 +294,7 @@ class ConfinedLocalFileSystem(LocalFileSystem):
             except (IsADirectoryError, OSError) as exc:
                 if exc.errno not in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
                     raise
-                os.rename(name2, f".damaged-{name2}-{uuid.uuid4().hex[:8]}", src_dir_fd=fd2, dst_dir_fd=fd2)
+                _set_aside(fd2, name2)
                 os.rename(name1, name2, src_dir_fd=fd1, dst_dir_fd=fd2)
             os.fsync(fd2)  # the rename itself is durable
 
@@ -322,6 +329,4 @@ class ConfinedLocalFileSystem(LocalFileSystem):
     def set_aside(self, path: str) -> str:
         """Move whatever stands at ``path`` (a pipe, a folder) to a hidden name beside it; returns that name."""
         with self._parent(path) as (fd, name):
-            aside = f".damaged-{name}-{uuid.uuid4().hex[:8]}"
-            os.rename(name, aside, src_dir_fd=fd, dst_dir_fd=fd)
-        return aside
+            return _set_aside(fd, name)
