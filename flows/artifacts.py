@@ -23,19 +23,19 @@ SUMMARY_KEY = "mnist-run-summary"
 def per_digit_rows(per_class: pd.DataFrame) -> list[dict]:
     return [
         {
-            "digit": int(r.label),
+            "digit": int(r.true_label),
             "support": int(r.support),
-            "accuracy": round(float(r.accuracy), 4),
-            "ci_95": f"{r.accuracy_ci_low:.4f}–{r.accuracy_ci_high:.4f}",
+            "recall": round(float(r.recall), 4),
+            "ci_95": f"{r.recall_ci_low:.4f}–{r.recall_ci_high:.4f}",
             "precision": None if pd.isna(r.precision) else round(float(r.precision), 4),
             "f1": None if pd.isna(r.f1) else round(float(r.f1), 4),
         }
-        for r in per_class.sort_values("label").itertuples()
+        for r in per_class.sort_values("true_label").itertuples()
     ]
 
 
 def confusion_rows(confusion: pd.DataFrame) -> list[dict]:
-    wide = confusion.pivot(index="true_label", columns="predicted_label", values="count").sort_index()
+    wide = confusion.pivot(index="true_label", columns="predicted_label", values="images").sort_index()
     return [{"true \\ predicted": int(t), **{str(int(p)): int(wide.loc[t, p]) for p in wide.columns}} for t in wide.index]
 
 
@@ -44,7 +44,7 @@ def publish(store: Store, tables: TablesRef, summary_markdown: str) -> None:
     confusion = read_frame(store, tables.partition_keys["confusion"])
     per_class, confusion = (frame[frame["slice"] == SLICE_TEST] for frame in (per_class, confusion))
     create_table_artifact(
-        per_digit_rows(per_class), key=PER_DIGIT_KEY, description="Per-digit accuracy with 95 % Wilson interval"
+        per_digit_rows(per_class), key=PER_DIGIT_KEY, description="Per-digit recall (accuracy) with 95 % Wilson interval"
     )
     create_table_artifact(
         confusion_rows(confusion), key=CONFUSION_KEY, description="Confusion matrix on the balanced sample (rows: true digit)"
@@ -128,7 +128,7 @@ def summary_markdown(store: Store, summary: RunSummary, run: RunRecord, report: 
 | | |
 |---|---|
 | test accuracy (10 000 images) | **{summary.test_accuracy:.4f}** |
-| balanced accuracy ({summary.n_evaluated} images) | **{summary.balanced_accuracy:.4f}** |
+| balanced accuracy ({summary.n_evaluated} images) | **{summary.test_balanced_accuracy:.4f}** |
 | model | `{summary.network}` on {summary.device} ({summary.backend}, {summary.precision}) |
 | seed | {summary.seed} |
 {attempt_rows(summary)}

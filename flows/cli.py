@@ -306,8 +306,18 @@ def runs_list_command(args: argparse.Namespace) -> int:
     runs = read_table(store, "runs").sort_values("finished_at", ascending=False, kind="stable")
     if args.last:
         runs = runs.head(args.last)
-    columns = ["run_id", "finished_at", "model", "epochs", "test_accuracy", "balanced_accuracy", "promoted", "champion_model_key"]
-    shown = runs[columns].rename(columns={"balanced_accuracy": "test_balanced_accuracy"})  # the test sample's, not the gate's
+    columns = [
+        "run_id",
+        "finished_at",
+        "model",
+        "epochs",
+        "model_key",
+        "selection_balanced_accuracy",
+        "test_accuracy",
+        "promoted",
+        "reused_evaluation",
+    ]
+    shown = runs[columns].assign(model_key=runs["model_key"].str[:12])
     return _print_frame(shown, getattr(args, "json", False), f"No run has finished in {store.url} yet.")
 
 
@@ -353,7 +363,7 @@ def champion_command(args: argparse.Namespace) -> int:
     except ChampionError as exc:
         print(f"mnist-pipeline champion {args.verb}: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    before = row["champion_model_key"] or "none"
+    before = row["champion_before_model_key"] or "none"
     print(
         f"Champion is now model {row['challenger_model_key']} of run {row['run_id']} (was {before}); recorded in promotions as manual."
     )
@@ -380,12 +390,16 @@ def print_champion(store, lookup, as_json: bool) -> int:
         f"Champion run:       {champion.run_id}\n"
         f"Model:              {champion.model_key} → {store.location(lookup.model.file_key)}\n"
         f"SHA-256:            {champion.sha256}\n"
-        f"Balanced accuracy:  {champion.balanced_accuracy:.4f}\n"
+        f"Selection bal. acc: {_figure(champion.selection_balanced_accuracy)} (balanced accuracy on mnist-selection)\n"
         f"Test accuracy:      {champion.test_accuracy:.4f}\n"
         f"Promoted at:        {champion.promoted_at.isoformat()}{' (forced)' if champion.forced else ''}\n"
         f"Reason:             {champion.reason}"
     )
     return 0
+
+
+def _figure(value: float | None) -> str:
+    return "n/a (promoted before the selection split existed)" if value is None else f"{value:.4f}"
 
 
 def champion_history_command(args: argparse.Namespace) -> int:
@@ -395,9 +409,9 @@ def champion_history_command(args: argparse.Namespace) -> int:
     store = _store(args)
     rows = promotions(store)
     promoted = rows[rows["decision"] == "promoted"]
-    columns = ["decided_at", "run_id", "challenger_model_key", "challenger_balanced_accuracy", "reason", "forced"]
+    columns = ["decided_at", "run_id", "challenger_model_key", "challenger_selection_balanced_accuracy", "reason", "forced"]
     shown = promoted[columns].rename(
-        columns={"challenger_model_key": "model_key", "challenger_balanced_accuracy": "selection_balanced_accuracy"}
+        columns={"challenger_model_key": "model_key", "challenger_selection_balanced_accuracy": "selection_balanced_accuracy"}
     )
     return _print_frame(shown, getattr(args, "json", False), f"No model has been champion in {store.url} yet.")
 
@@ -535,7 +549,7 @@ def run_command(args: argparse.Namespace) -> int:
         f"\nSelection:          {summary.selection_balanced_accuracy:.4f} balanced accuracy on mnist-selection (decides)\n"
         f"New data:           {new_data} ({role})\n"
         f"Test accuracy:      {summary.test_accuracy:.4f} (all 10000 test images; reports only)\n"
-        f"Balanced accuracy:  {summary.balanced_accuracy:.4f} ({summary.n_evaluated} test images, {params.n_per_class} per digit)\n"
+        f"Test balanced acc:  {summary.test_balanced_accuracy:.4f} ({summary.n_evaluated} test images, {params.n_per_class} per digit)\n"
         f"Dataset version:    {summary.dataset_version[:16]} (MNIST and {summary.batches_accepted} accepted batches; tonight "
         f"{tonight.count('accepted')} accepted, {tonight.count('quarantined')} quarantined)\n"
         f"Model:              {summary.network} on {summary.device} ({summary.backend}, {summary.precision}) → {summary.model_path}\n"

@@ -15,7 +15,7 @@ class RunSummary(BaseModel):
     run_id: str
     seed: int
     test_accuracy: float
-    balanced_accuracy: float
+    test_balanced_accuracy: float  # on the balanced test sample: reported, never decided on
     n_evaluated: int
     network: str  # seed or strong
     backend: str  # the Keras backend it was trained on
@@ -26,7 +26,7 @@ class RunSummary(BaseModel):
     report_dir: str
     report_index: str
     step_states: dict[str, str]  # fetch-mnist, train, evaluate, plot: Completed, or Cached when reused
-    decision: str  # promoted or rejected
+    decision: str  # promoted, rejected, or unchanged (already the champion)
     decision_reason: str
     forced: bool
     champion_model_key: str | None  # the champion after this run
@@ -48,7 +48,7 @@ class RunSummary(BaseModel):
             run_id=run.run_id,
             seed=seed,
             test_accuracy=evaluation.test_accuracy,
-            balanced_accuracy=evaluation.balanced_accuracy,
+            test_balanced_accuracy=evaluation.balanced_accuracy,
             n_evaluated=evaluation.n_evaluated,
             network=model.network,
             backend=model.backend,

@@ -1,21 +1,20 @@
-"""The Parquet tables downstream consumers read: their schemas and their hive layout.
+"""The Parquet tables downstream consumers read: their schemas, their hive layout, and how old partitions read.
 
 Each table is a dataset under ``<store>/tables/<name>/`` partitioned by ``run_id``
 (``run_id=<id>/part-0.parquet``). The partition column lives in the path, as pyarrow's
 ``write_to_dataset`` does, so ``pyarrow.dataset`` and ``pandas.read_parquet`` return it as a
-column. ``schema_version`` sits in each file's schema metadata; it changes only when a column
-changes meaning or type.
+column. ``schema_version`` sits in each file's schema metadata; it changes when a column is added,
+renamed, or changes meaning. Every column's meaning is its field's ``description`` metadata: the data
+dictionary in the docs is generated from it (``data_dictionary``), so it cannot drift from the files.
 
-Schema 2 (nights with new data): ``confusion``, ``per_class`` and ``predictions`` gain ``slice``
-(``mnist-selection``, ``mnist-test``, ``new-data``); the promotions' balanced accuracy and McNemar
-columns are now those of ``mnist-selection`` (schema 1: the test set), and ``slices`` holds the rules
-on every deciding slice; ``runs`` gains the dataset version and the deciding slices' accuracies; the
-``batches`` table is new. A schema-1 partition read through these schemas gets nulls in the new
-columns (a null ``slice`` is ``mnist-test``, the only slice schema 1 had), so old and new partitions
-read side by side with one ``pyarrow.dataset`` call.
+``read_table`` (and ``open_table`` for a reader with only a path or URL) reads every partition as the
+latest schema: each file is upgraded from the version it declares (``UPGRADES``), so one call over a store
+written by several releases returns one set of columns with one meaning each.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import pandas as pd
 import pyarrow as pa
@@ -25,10 +24,25 @@ import pyarrow.parquet as pq
 from storage.files import DamagedArtifact
 from storage.store import Store
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 NUM_CLASSES = 10  # MNIST's digits: the width of the probabilities column, and every per-digit table
-RUN_ID = pa.field("run_id", pa.string(), nullable=False)
-SLICE = pa.field("slice", pa.string())  # schema 2; null in schema-1 partitions, which hold mnist-test only
+RUN_ID = pa.field("run_id", pa.string(), nullable=False, metadata={"description": "The Prefect flow run that wrote the row."})
+SLICES_DOC = "`mnist-test` (the balanced test sample), `mnist-selection` (the held-out selection split) or `new-data`."
+
+
+def col(name: str, kind: pa.DataType, description: str, nullable: bool = True) -> pa.Field:
+    """A column with its meaning attached: what the generated data dictionary prints."""
+    return pa.field(name, kind, nullable=nullable, metadata={"description": description})
+
+
+EVALUATION_KEY = col(
+    "evaluation_key",
+    pa.string(),
+    "The evaluation the row belongs to (model, data and sample). Each evaluation's rows are written once, by the "
+    "first run that made it; `runs.evaluation_key` joins a run to them.",
+    nullable=False,
+)
+SLICE = col("slice", pa.string(), f"The images evaluated: {SLICES_DOC}", nullable=False)
 SLICE_RULES = pa.struct(
     [
         pa.field("slice", pa.string()),
@@ -49,134 +63,262 @@ SLICE_RULES = pa.struct(
 SCHEMAS: dict[str, pa.Schema] = {
     "confusion": pa.schema(
         [
-            pa.field("true_label", pa.int8(), nullable=False),
-            pa.field("predicted_label", pa.int8(), nullable=False),
-            pa.field("count", pa.int64(), nullable=False),
-            pa.field("share_of_true", pa.float64(), nullable=False),
+            col("true_label", pa.int8(), "The digit the image shows.", nullable=False),
+            col("predicted_label", pa.int8(), "The digit the model predicted.", nullable=False),
+            col(
+                "images", pa.int64(), "Images of `true_label` predicted as `predicted_label` (every pair, zeros included).", False
+            ),
+            col("share_of_true", pa.float64(), "`images` over all images of `true_label` in the slice.", nullable=False),
             SLICE,
+            EVALUATION_KEY,
         ]
     ),
     "per_class": pa.schema(
         [
-            pa.field("label", pa.int8(), nullable=False),
-            pa.field("support", pa.int64(), nullable=False),
-            pa.field("correct", pa.int64(), nullable=False),
-            pa.field("accuracy", pa.float64(), nullable=False),
-            pa.field("precision", pa.float64()),
-            pa.field("recall", pa.float64(), nullable=False),
-            pa.field("f1", pa.float64()),
-            pa.field("accuracy_ci_low", pa.float64(), nullable=False),
-            pa.field("accuracy_ci_high", pa.float64(), nullable=False),
+            col("true_label", pa.int8(), "The digit.", nullable=False),
+            col("support", pa.int64(), "Images of this digit in the slice.", nullable=False),
+            col("correct", pa.int64(), "Of those, predicted correctly.", nullable=False),
+            col("recall", pa.float64(), "`correct / support`: the digit's accuracy.", nullable=False),
+            col("recall_ci_low", pa.float64(), "Lower end of the 95 % Wilson interval of `recall`.", nullable=False),
+            col("recall_ci_high", pa.float64(), "Upper end of the 95 % Wilson interval of `recall`.", nullable=False),
+            col("precision", pa.float64(), "Of the images predicted as this digit, the share that are; null if never predicted."),
+            col("f1", pa.float64(), "Harmonic mean of precision and recall; null with precision."),
             SLICE,
+            EVALUATION_KEY,
         ]
     ),
     "predictions": pa.schema(
         [
-            pa.field("test_index", pa.int32(), nullable=False),
-            pa.field("true_label", pa.int8(), nullable=False),
-            pa.field("predicted_label", pa.int8(), nullable=False),
-            pa.field("confidence", pa.float32(), nullable=False),
-            pa.field("probabilities", pa.list_(pa.float32(), NUM_CLASSES), nullable=False),
-            SLICE,  # test_index: the image's index within its slice (for mnist-test, the test-set index)
+            col(
+                "image_index",
+                pa.int32(),
+                "The image's position in its slice (on `mnist-test`, its index in MNIST's test set).",
+                nullable=False,
+            ),
+            col("true_label", pa.int8(), "The digit the image shows.", nullable=False),
+            col("predicted_label", pa.int8(), "The digit the model predicted.", nullable=False),
+            col("confidence", pa.float32(), "The predicted digit's probability.", nullable=False),
+            col("probabilities", pa.list_(pa.float32(), NUM_CLASSES), "All ten probabilities, digit 0 first.", nullable=False),
+            SLICE,
+            EVALUATION_KEY,
         ]
     ),
     "runs": pa.schema(
         [
-            pa.field("finished_at", pa.timestamp("us", tz="UTC"), nullable=False),
-            pa.field("dataset_sha256", pa.string(), nullable=False),
-            pa.field("model_sha256", pa.string(), nullable=False),
-            pa.field("parameters", pa.string(), nullable=False),  # JSON
-            pa.field("test_accuracy", pa.float64(), nullable=False),
-            pa.field("balanced_accuracy", pa.float64(), nullable=False),
-            pa.field("n_per_class", pa.int32(), nullable=False),
-            pa.field("epochs", pa.int32(), nullable=False),
-            pa.field("model", pa.string(), nullable=False),
-            pa.field("device", pa.string(), nullable=False),
-            # added with the champion gate: null in partitions written before it
-            pa.field("promoted", pa.bool_()),
-            pa.field("champion_model_key", pa.string()),
-            # added with crash restarts and late nights: null in partitions written before them
-            pa.field("attempt", pa.int32()),  # 1, or 2 and up when the run restarted after crashing
-            pa.field("resumed_from_epoch", pa.int32()),  # training resumed from the checkpoint after this epoch (0: fresh)
-            pa.field("scheduled_start", pa.timestamp("us", tz="UTC")),  # when the schedule meant it to run
-            pa.field("started_at", pa.timestamp("us", tz="UTC")),  # when this attempt actually began
-            pa.field("backend", pa.string()),  # the Keras backend the model was trained on (null before the choice)
-            # schema 2: the data the night used and the slices the gate decided on
-            pa.field("dataset_version", pa.string()),  # MNIST plus the accepted batches (a digest over their digests)
-            pa.field("batches_accepted", pa.int32()),  # accepted batches in that version
-            pa.field("selection_balanced_accuracy", pa.float64()),
-            pa.field("new_data_balanced_accuracy", pa.float64()),  # null before any batch was accepted
-            pa.field("new_data_images", pa.int32()),
+            col("finished_at", pa.timestamp("us", tz="UTC"), "When the run wrote its row (UTC).", nullable=False),
+            col("dataset_sha256", pa.string(), "SHA-256 over MNIST's four files as verified.", nullable=False),
+            col(
+                "dataset_version", pa.string(), "MNIST plus the accepted batches the run trained on (a digest of their digests)."
+            ),
+            col("batches_accepted", pa.int32(), "Accepted batches in that version."),
+            col(
+                "model_key",
+                pa.string(),
+                "The trained model's key in the store (`models/<key>/`); the same key is the same model.",
+            ),
+            col("model_sha256", pa.string(), "SHA-256 of the saved `.keras` file.", nullable=False),
+            col("evaluation_key", pa.string(), "The evaluation whose rows `confusion`, `per_class` and `predictions` hold."),
+            col(
+                "reused_evaluation",
+                pa.bool_(),
+                "True when an earlier run already wrote this evaluation's rows (a cached rerun): this run wrote none.",
+            ),
+            col("parameters", pa.string(), "The run's parameters as JSON (credentials removed).", nullable=False),
+            col("model", pa.string(), "The network: `seed` (the user's CNN) or `strong`.", nullable=False),
+            col("epochs", pa.int32(), "Epochs trained.", nullable=False),
+            col("backend", pa.string(), "The Keras backend it trained on (tensorflow, jax or torch)."),
+            col("device", pa.string(), "The device it trained on.", nullable=False),
+            col("test_accuracy", pa.float64(), "Accuracy on all 10 000 MNIST test images (reported, never decided on).", False),
+            col(
+                "test_balanced_accuracy",
+                pa.float64(),
+                "Mean per-digit recall on the balanced test sample (`n_per_class` images per digit).",
+                nullable=False,
+            ),
+            col("n_per_class", pa.int32(), "Test images per digit in the balanced sample.", nullable=False),
+            col(
+                "selection_balanced_accuracy",
+                pa.float64(),
+                "Mean per-digit recall on `mnist-selection`: what the gate decides on.",
+            ),
+            col("new_data_balanced_accuracy", pa.float64(), "The same on the `new-data` holdout; null before any batch."),
+            col("new_data_images", pa.int32(), "Images in the `new-data` holdout."),
+            col("promoted", pa.bool_(), "True when this run's gate made its model the champion (the pointer changed)."),
+            col("champion_after_model_key", pa.string(), "The champion after this run's gate (null: none)."),
+            col("attempt", pa.int32(), "1, or 2 and up when the run restarted after crashing."),
+            col("resumed_from_epoch", pa.int32(), "Training resumed from the checkpoint after this epoch (0: from scratch)."),
+            col("scheduled_start", pa.timestamp("us", tz="UTC"), "When the schedule meant the run to start."),
+            col("started_at", pa.timestamp("us", tz="UTC"), "When this attempt began."),
         ]
     ),
     "promotions": pa.schema(
         [
-            pa.field("challenger_model_key", pa.string(), nullable=False),
-            pa.field("champion_model_key", pa.string()),
-            pa.field("challenger_balanced_accuracy", pa.float64(), nullable=False),
-            pa.field("champion_balanced_accuracy", pa.float64()),
-            pa.field("challenger_test_accuracy", pa.float64(), nullable=False),
-            pa.field("champion_test_accuracy", pa.float64()),
-            pa.field("mcnemar_b", pa.int64()),
-            pa.field("mcnemar_c", pa.int64()),
-            pa.field("mcnemar_p", pa.float64()),
-            pa.field("worst_digit", pa.int8()),
-            pa.field("worst_digit_drop", pa.float64()),
-            pa.field("decision", pa.string(), nullable=False),
-            pa.field("reason", pa.string(), nullable=False),
-            pa.field("forced", pa.bool_(), nullable=False),
-            pa.field("decided_at", pa.timestamp("us", tz="UTC"), nullable=False),
-            pa.field("slices", pa.list_(SLICE_RULES)),  # schema 2: the rules on every deciding slice
+            col(
+                "decided_at",
+                pa.timestamp("us", tz="UTC"),
+                "When the decision was taken, between reading and writing the pointer.",
+                False,
+            ),
+            col(
+                "decision",
+                pa.string(),
+                "`promoted` (the champion pointer changed to the challenger: one row per change), `rejected` (it stayed) "
+                "or `unchanged` (the challenger already was the champion: a cached rerun).",
+                nullable=False,
+            ),
+            col("reason", pa.string(), "Why, in words: the rules that failed, `manual`, or `first champion`.", nullable=False),
+            col(
+                "forced",
+                pa.bool_(),
+                "True for an operator's decision (`champion promote`, `rollback`, `--force-promote`).",
+                False,
+            ),
+            col(
+                "challenger_model_key", pa.string(), "The model decided on; after a `promoted` row, the champion.", nullable=False
+            ),
+            col("champion_before_model_key", pa.string(), "The champion compared against (null: there was none)."),
+            col(
+                "challenger_selection_balanced_accuracy",
+                pa.float64(),
+                "The challenger's mean per-digit recall on `mnist-selection` (null in rows written before that split existed).",
+            ),
+            col("champion_selection_balanced_accuracy", pa.float64(), "The champion's, on the same images."),
+            col("challenger_test_accuracy", pa.float64(), "The challenger's accuracy on the test set (reported only).", False),
+            col("champion_test_accuracy", pa.float64(), "The champion's accuracy on the test set (reported only)."),
+            col("mcnemar_b", pa.int64(), "`mnist-selection` images only the champion got right."),
+            col("mcnemar_c", pa.int64(), "`mnist-selection` images only the challenger got right."),
+            col("mcnemar_p", pa.float64(), "Exact two-sided McNemar p-value of b against c."),
+            col("worst_digit", pa.int8(), "The digit whose recall dropped most from champion to challenger."),
+            col("worst_digit_drop", pa.float64(), "That drop (positive: the challenger is worse)."),
+            col("slices", pa.list_(SLICE_RULES), "Every deciding slice's comparison and the rules it failed."),
         ]
     ),
     "batches": pa.schema(
         [
-            pa.field("digest", pa.string(), nullable=False),  # SHA-256 of the incoming file: the batch's identity
-            pa.field("file", pa.string(), nullable=False),  # its name in the incoming location
-            pa.field("rows", pa.int64(), nullable=False),
-            pa.field("decision", pa.string(), nullable=False),  # accepted or quarantined
-            pa.field("reason", pa.string(), nullable=False),
-            pa.field("decided_by", pa.string(), nullable=False),  # ingest, or operator (release / quarantine)
-            pa.field("decided_at", pa.timestamp("us", tz="UTC"), nullable=False),
-            pa.field("source", pa.string()),
-            pa.field("duplicates", pa.int64()),  # exact repeats of an image within the batch, dropped
-            pa.field("leaked_test", pa.int64()),  # exact copies of MNIST test images, dropped
-            pa.field("leaked_selection", pa.int64()),  # exact copies of selection-split images, dropped
-            pa.field("leaked_holdout", pa.int64()),  # exact copies of new-data holdout images, dropped
-            pa.field("train_rows", pa.int64()),
-            pa.field("holdout_rows", pa.int64()),
-            pa.field("label_chi2_p", pa.float64()),  # label distribution against MNIST's training set
-            pa.field("label_shift", pa.float64()),  # total variation distance of the two label distributions
-            pa.field("mean_intensity", pa.float64()),  # mean pixel value (0–1) of the batch; MNIST's is about 0.13
-            pa.field("mean_intensity_ks", pa.float64()),  # two-sample Kolmogorov–Smirnov statistic against MNIST
-            pa.field("mean_intensity_p", pa.float64()),
-            pa.field("ink_fraction", pa.float64()),  # share of pixels above half intensity
-            pa.field("ink_fraction_ks", pa.float64()),
-            pa.field("ink_fraction_p", pa.float64()),
-            pa.field("disagreement", pa.float64()),  # share of labels the champion disagrees with
-            pa.field("confident_disagreement", pa.float64()),  # the same, on images it is confident about
-            pa.field("champion_confident_disagreement", pa.float64()),  # the champion's own, on mnist-selection
-            pa.field("champion_model_key", pa.string()),
+            col("digest", pa.string(), "SHA-256 of the incoming file: the batch's identity.", nullable=False),
+            col("file", pa.string(), "Its name in the incoming location.", nullable=False),
+            col("rows", pa.int64(), "Images in the file.", nullable=False),
+            col("decision", pa.string(), "`accepted` or `quarantined`; an operator's later row overrules.", nullable=False),
+            col("reason", pa.string(), "Why, in words.", nullable=False),
+            col("decided_by", pa.string(), "`ingest`, or `operator` (`batches release` / `batches quarantine`).", nullable=False),
+            col("decided_at", pa.timestamp("us", tz="UTC"), "When (UTC).", nullable=False),
+            col("source", pa.string(), "The batch's declared source, from its file metadata."),
+            col("duplicates", pa.int64(), "Exact repeats of an image within the batch, dropped."),
+            col("leaked_test", pa.int64(), "Copies or near copies of MNIST test images, dropped."),
+            col("leaked_selection", pa.int64(), "Copies or near copies of selection-split images, dropped."),
+            col("leaked_holdout", pa.int64(), "Copies or near copies of `new-data` holdout images, dropped."),
+            col("train_rows", pa.int64(), "Images added to training."),
+            col("holdout_rows", pa.int64(), "Images added to the `new-data` holdout."),
+            col("label_chi2_p", pa.float64(), "Chi-square p-value of the label distribution against MNIST's training set."),
+            col("label_shift", pa.float64(), "Total variation distance of the two label distributions."),
+            col("mean_intensity", pa.float64(), "Mean pixel value (0–1) of the batch; MNIST's is about 0.13."),
+            col(
+                "mean_intensity_ks", pa.float64(), "Two-sample Kolmogorov–Smirnov statistic of per-image intensity against MNIST."
+            ),
+            col("mean_intensity_p", pa.float64(), "Its p-value."),
+            col("ink_fraction", pa.float64(), "Share of pixels above half intensity."),
+            col("ink_fraction_ks", pa.float64(), "Kolmogorov–Smirnov statistic of the ink fraction against MNIST."),
+            col("ink_fraction_p", pa.float64(), "Its p-value."),
+            col("disagreement", pa.float64(), "Share of labels the champion disagrees with."),
+            col("confident_disagreement", pa.float64(), "The same, on images the champion is confident about."),
+            col(
+                "champion_confident_disagreement", pa.float64(), "The champion's own confident disagreement on `mnist-selection`."
+            ),
+            col("champion_model_key", pa.string(), "The champion that judged the labels."),
         ]
     ),
 }
 TABLES = tuple(SCHEMAS)
 
+# An evaluation's own stored predictions (not a table: one file per slice under the evaluation's key), in the
+# layout evaluations have always had, so a champion's predictions from an earlier release still read.
+PREDICTIONS_FILE = "predictions-file"
+FILE_SCHEMAS: dict[str, pa.Schema] = {
+    PREDICTIONS_FILE: pa.schema(
+        [
+            pa.field("test_index", pa.int32(), nullable=False),  # the image's index within its slice
+            pa.field("true_label", pa.int8(), nullable=False),
+            pa.field("predicted_label", pa.int8(), nullable=False),
+            pa.field("confidence", pa.float32(), nullable=False),
+            pa.field("probabilities", pa.list_(pa.float32(), NUM_CLASSES), nullable=False),
+            pa.field("slice", pa.string()),
+        ]
+    )
+}
+
 
 def schema(table: str) -> pa.Schema:
-    """The on-disk schema of ``table`` with its metadata (the run_id partition is in the path)."""
+    """The on-disk schema of ``table`` (or of a stored file kind) with its metadata (a table's run_id is in the path)."""
+    if table in FILE_SCHEMAS:
+        return FILE_SCHEMAS[table].with_metadata({"schema_version": "2", "file": table})
     return SCHEMAS[table].with_metadata({"schema_version": SCHEMA_VERSION, "table": table})
 
 
 def to_arrow(table: str, frame: pd.DataFrame) -> pa.Table:
     """Convert and validate: a missing column or a value of the wrong type fails here, not downstream."""
     target = schema(table)
-    if SLICE.name in target.names and SLICE.name not in frame.columns:  # one slice's own file: the slice is its name
+    if table in FILE_SCHEMAS and "slice" not in frame.columns:  # one slice's own file: the slice is its name
         frame = frame.assign(slice=None)
     missing = [f.name for f in target if f.name not in frame.columns]
     if missing:
         raise ValueError(f"table {table!r} is missing columns {missing}")
     return pa.Table.from_pandas(frame[target.names], schema=target, preserve_index=False)
+
+
+# ---- reading every schema version as the latest ------------------------------------------------------------------
+# Schema 2 (nights with new data) added ``slice``; a schema-1 row is of ``mnist-test``, the only slice it had.
+# Schema 3 (this release) renamed columns so each says what it measures, added the model and evaluation keys to
+# ``runs``, the evaluation key to the evaluation tables, and the ``unchanged`` decision.
+RENAMED_IN_3: dict[str, dict[str, str]] = {
+    "confusion": {"count": "images"},
+    "per_class": {"label": "true_label", "accuracy_ci_low": "recall_ci_low", "accuracy_ci_high": "recall_ci_high"},
+    "predictions": {"test_index": "image_index"},
+    "runs": {"balanced_accuracy": "test_balanced_accuracy", "champion_model_key": "champion_after_model_key"},
+    "promotions": {
+        "challenger_balanced_accuracy": "challenger_selection_balanced_accuracy",
+        "champion_balanced_accuracy": "champion_selection_balanced_accuracy",
+        "champion_model_key": "champion_before_model_key",
+    },
+}
+ALREADY = "already the champion"  # how schema 1 and 2 worded a cached rerun's "promoted" row
+
+
+def _to_3(table: str, version: str, frame: pd.DataFrame) -> pd.DataFrame:
+    frame = frame.rename(columns=RENAMED_IN_3.get(table, {}))
+    if "slice" in SCHEMAS[table].names:
+        frame["slice"] = frame["slice"].fillna("mnist-test") if "slice" in frame else "mnist-test"
+    if "evaluation_key" in SCHEMAS[table].names and "evaluation_key" not in frame:
+        frame["evaluation_key"] = "run:" + frame["run_id"].astype(str)  # one evaluation per run, as those releases wrote it
+    if table == "promotions":
+        if version == "1":  # the gate compared on the test sample then: not a selection figure
+            frame["challenger_selection_balanced_accuracy"] = None
+            frame["champion_selection_balanced_accuracy"] = None
+        again = (frame["decision"] == "promoted") & frame["reason"].astype(str).str.startswith(ALREADY)
+        frame.loc[again, "decision"] = "unchanged"
+    if table == "runs" and "reused_evaluation" not in frame:
+        frame["reused_evaluation"] = False
+    return frame
+
+
+UPGRADES: dict[str, Callable[[str, str, pd.DataFrame], pd.DataFrame]] = {"1": _to_3, "2": _to_3}
+
+
+def _latest(table: str, fragment: ds.ParquetFileFragment) -> pa.Table:
+    """One partition as the latest schema: read as written, upgraded from the version its metadata declares."""
+    full = schema(table).append(RUN_ID)
+    physical = fragment.physical_schema
+    version = (physical.metadata or {}).get(b"schema_version", b"1").decode()
+    if version == SCHEMA_VERSION:
+        return fragment.to_table(schema=full)
+    if version not in UPGRADES:
+        raise ValueError(f"it declares schema version {version!r}, which this release does not know (newest: {SCHEMA_VERSION})")
+    frame = fragment.to_table(schema=physical).to_pandas()
+    frame["run_id"] = ds.get_partition_keys(fragment.partition_expression).get("run_id")
+    frame = UPGRADES[version](table, version, frame)
+    for name in full.names:
+        if name not in frame:
+            frame[name] = None
+    return pa.Table.from_pandas(frame[full.names], schema=full, preserve_index=False)
 
 
 def write_frame(store: Store, path: str, table: str, frame: pd.DataFrame) -> str:
@@ -267,8 +409,25 @@ def read_table(store: Store, table: str, run_id: str | None = None) -> pd.DataFr
     for fragment in fragments:
         try:
             _check_size(fragment, table)
-            parts.append(fragment.to_table(schema=data.schema, filter=flt))
+            parts.append(_latest(table, fragment))
         except (pa.ArrowException, OSError, ValueError) as exc:
             where = store.fs.unstrip_protocol(fragment.path) if not store.is_local else fragment.path
             store.warn(f"Skipping the damaged partition {where} of table {table!r}: {str(exc).splitlines()[0][:200]}")
     return (pa.concat_tables(parts) if parts else full.empty_table()).to_pandas()
+
+
+def open_table(location: str, table: str, **equals: object) -> pd.DataFrame:
+    """The one-call reader for downstream code: every run of ``table`` in the store at ``location`` (a path or an
+    fsspec URL such as ``s3://bucket/prefix``), every partition upgraded to the latest schema, keeping the rows whose
+    columns equal ``equals`` (``open_table("artifacts", "per_class", slice="mnist-test")``)."""
+    columns = SCHEMAS[table].names + [RUN_ID.name] if table in SCHEMAS else None
+    if columns is None:
+        raise ValueError(f"There is no table {table!r}: the tables are {', '.join(TABLES)}.")
+    unknown = sorted(set(equals) - set(columns))
+    if unknown:
+        raise ValueError(f"Table {table!r} has no column {', '.join(unknown)}; its columns are {', '.join(columns)}.")
+    run_id = equals.pop(RUN_ID.name, None)
+    frame = read_table(Store(location), table, run_id=None if run_id is None else str(run_id))
+    for column, value in equals.items():
+        frame = frame[frame[column] == value]
+    return frame.reset_index(drop=True)

@@ -25,11 +25,12 @@ import pandas as pd
 import pytest
 
 from storage import Store, sha256_bytes
-from storage.tables import SCHEMAS, write_frame
+from storage.tables import PREDICTIONS_FILE, SCHEMAS, write_frame
 from tasks.data import idx
 from tasks.data.fetch import FileSpec, MnistUnavailable, fetch_mnist
 from tasks.evaluation.evaluate import predictions_frame
 from tasks.evaluation.metrics import confusion_frame, confusion_matrix, per_class_frame
+from tasks.publish.tabulate import PUBLISHED_AS
 from tasks.training.model import ModelRef
 
 
@@ -200,16 +201,19 @@ def sample_frames(seed: int) -> dict[str, pd.DataFrame]:
             {
                 "finished_at": datetime(2026, 11, 25, 2, 0, tzinfo=UTC),
                 "dataset_sha256": "d" * 64,
+                "model_key": f"{seed:032x}",
                 "model_sha256": "m" * 64,
+                "evaluation_key": f"e{seed}",
+                "reused_evaluation": False,
                 "parameters": json.dumps({"epochs": 1}),
                 "test_accuracy": 0.99,
-                "balanced_accuracy": 0.98,
+                "test_balanced_accuracy": 0.98,
                 "n_per_class": 5,
                 "epochs": 1,
                 "model": "seed",
                 "device": "CPU:0",
                 "promoted": bool(seed % 2),
-                "champion_model_key": "k" * 32,
+                "champion_after_model_key": "k" * 32,
                 "attempt": 1,
                 "resumed_from_epoch": 0,
                 "scheduled_start": datetime(2026, 11, 25, 2, 0, tzinfo=UTC),
@@ -227,9 +231,9 @@ def sample_frames(seed: int) -> dict[str, pd.DataFrame]:
         [
             {
                 "challenger_model_key": "c" * 32,
-                "champion_model_key": None,
-                "challenger_balanced_accuracy": 0.98,
-                "champion_balanced_accuracy": None,
+                "champion_before_model_key": None,
+                "challenger_selection_balanced_accuracy": 0.98,
+                "champion_selection_balanced_accuracy": None,
                 "challenger_test_accuracy": 0.99,
                 "champion_test_accuracy": None,
                 "mcnemar_b": None,
@@ -268,10 +272,11 @@ def sample_frames(seed: int) -> dict[str, pd.DataFrame]:
             }
         ]
     ).reindex(columns=[f.name for f in SCHEMAS["batches"]])
+    published = {"slice": "mnist-test", "evaluation_key": f"e{seed}"}
     return {
-        "confusion": confusion_frame(cm).assign(slice="mnist-test"),
-        "per_class": per_class_frame(cm).assign(slice="mnist-test"),
-        "predictions": predictions.assign(slice="mnist-test"),
+        "confusion": confusion_frame(cm).rename(columns=PUBLISHED_AS).assign(**published),
+        "per_class": per_class_frame(cm).drop(columns=["accuracy"]).rename(columns=PUBLISHED_AS).assign(**published),
+        "predictions": predictions.rename(columns=PUBLISHED_AS).assign(**published),
         "runs": runs,
         "promotions": promotions,
         "batches": batches,
@@ -308,14 +313,14 @@ def stand_in(
     written = {}
     for name, y in labels.items():
         frame = predictions_frame(np.arange(len(y)), y, np.eye(10, dtype=np.float32)[predicted[name]])
-        file = write_frame(store, store.unique(store.slice_predictions_file(key, name)), "predictions", frame)
+        file = write_frame(store, store.unique(store.slice_predictions_file(key, name)), PREDICTIONS_FILE, frame)
         written[name] = (file, store.digest(file)[0])
         publish_model_predictions(store, model, model_predictions_key(model, dataset, name), *written[name])
     y_test, p_test = labels[SLICE_TEST], predicted[SLICE_TEST]
     sample = write_frame(
         store,
         store.unique(store.evaluation_file(key)),
-        "predictions",
+        PREDICTIONS_FILE,
         predictions_frame(test_sample, y_test[test_sample], np.eye(10, dtype=np.float32)[p_test[test_sample]]),
     )
     evaluation = EvaluationRef(

@@ -75,15 +75,15 @@ def test_the_first_model_becomes_champion(store, lab):
     pointer = read_pointer(store)
     assert pointer.model_key == lab["medium"][1].key and pointer.sha256 == lab["medium"][1].sha256 and pointer.run_id == "run-1"
     (row,) = read_table(store, "promotions").itertuples()
-    assert row.decision == "promoted" and pd.isna(row.champion_model_key) and not row.forced
+    assert row.decision == "promoted" and pd.isna(row.champion_before_model_key) and not row.forced
     runs = read_table(store, "runs")
-    assert runs["promoted"].tolist() == [True] and runs["champion_model_key"].tolist() == [lab["medium"][1].key]
+    assert runs["promoted"].tolist() == [True] and runs["champion_after_model_key"].tolist() == [lab["medium"][1].key]
 
 
 def test_the_first_model_below_the_floor_is_rejected(store, lab):
     decided = decide(store, lab, "weak", "run-1", rules=GateRules(min_balanced_accuracy=0.99))
     assert not decided.promoted and "below the floor" in decided.reason
-    assert read_pointer(store) is None and read_table(store, "runs")["champion_model_key"].isna().all()
+    assert read_pointer(store) is None and read_table(store, "runs")["champion_after_model_key"].isna().all()
 
 
 def test_a_weak_model_is_rejected_against_a_better_champion(store, lab):
@@ -97,9 +97,9 @@ def test_a_weak_model_is_rejected_against_a_better_champion(store, lab):
     assert read_pointer(store).run_id == "run-1"
     rows = read_table(store, "promotions", run_id="run-2")
     assert rows["decision"].item() == "rejected" and rows["mcnemar_p"].item() < 0.05
-    assert rows["champion_model_key"].item() == lab["better"][1].key
+    assert rows["champion_before_model_key"].item() == lab["better"][1].key
     runs = read_table(store, "runs", run_id="run-2")
-    assert not runs["promoted"].item() and runs["champion_model_key"].item() == lab["better"][1].key
+    assert not runs["promoted"].item() and runs["champion_after_model_key"].item() == lab["better"][1].key
 
 
 def test_a_better_model_replaces_a_weaker_champion(store, lab):
@@ -168,7 +168,9 @@ def test_two_gates_at_once_leave_one_consistent_pointer(store, lab):
     decisions = read_table(store, "promotions").sort_values("decided_at")
     assert len(decisions) == 2
     first, second = decisions.itertuples()
-    assert pd.isna(first.champion_model_key) and second.champion_model_key == first.challenger_model_key  # one after the other
+    assert (
+        pd.isna(first.champion_before_model_key) and second.champion_before_model_key == first.challenger_model_key
+    )  # one after the other
     assert read_pointer(store).model_key == lab["better"][1].key  # whichever went first, the better model ends up champion
     assert json.loads(Path(store.path(store.champion_file())).read_text())["run_id"] == "run-b"
 
@@ -198,7 +200,7 @@ def test_manual_promote_and_rollback_through_the_cli(store, lab, capsys):
     assert shown["run_id"] == "run-2" and shown["model_key"] == lab["better"][1].key and shown["forced"]
     manual = read_table(store, "promotions").query("reason == 'manual'").sort_values("decided_at")
     assert manual["challenger_model_key"].tolist() == [lab["weak"][1].key, lab["better"][1].key]
-    assert manual["champion_model_key"].tolist() == [lab["better"][1].key, lab["weak"][1].key]
+    assert manual["champion_before_model_key"].tolist() == [lab["better"][1].key, lab["weak"][1].key]
     assert len(read_table(store, "promotions", run_id="run-2")) == 2  # its nightly decision is kept beside the manual one
     done = cli("promote", "no-such-run")
     assert done.returncode == 1 and "Run no-such-run is not in the runs table" in done.stderr

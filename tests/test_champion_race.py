@@ -38,7 +38,7 @@ def stand_in(store: Store, key: str, correct: float) -> tuple[ModelRef, Evaluati
 
 def champion_of_last_decision(store: Store) -> str:
     last = promotions(store).iloc[-1]
-    return last["challenger_model_key"] if last["decision"] == "promoted" else last["champion_model_key"]
+    return last["challenger_model_key"] if last["decision"] == "promoted" else last["champion_before_model_key"]
 
 
 def racer(barrier: threading.Barrier, failures: list, what, args: tuple, delay: float) -> None:

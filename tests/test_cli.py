@@ -62,11 +62,11 @@ def test_a_list_shows_the_rows_of_the_store(capsys, tmp_path):
     frames = sample_frames(seed=3)
     write_table(store, "runs", "run-a", frames["runs"])
     code, out, _ = run_cli(capsys, "runs", "list", "--store", store.url)
-    assert code == 0 and "test_balanced_accuracy" in out and frames["runs"]["model"].iloc[0] in out
+    assert code == 0 and "selection_balanced_accuracy" in out and frames["runs"]["model"].iloc[0] in out
     code, out, _ = run_cli(capsys, "runs", "list", "--store", store.url, "--json")
     (row,) = json.loads(out)
-    assert row["run_id"] == "run-a" and row["test_balanced_accuracy"] == pytest.approx(
-        frames["runs"]["balanced_accuracy"].iloc[0]
+    assert row["run_id"] == "run-a" and row["selection_balanced_accuracy"] == pytest.approx(
+        frames["runs"]["selection_balanced_accuracy"].iloc[0]
     )
 
 

@@ -45,17 +45,17 @@ def check_run(store: Store, run_id: str, n_per_class: int, epochs: int) -> None:
     tables = {t: frame[frame["slice"] == "mnist-test"] if "slice" in frame else frame for t, frame in tables.items()}
     confusion, per_class, predictions, runs = (tables[t] for t in ("confusion", "per_class", "predictions", "runs"))
     n = 10 * n_per_class
-    assert len(confusion) == 100 and confusion["count"].sum() == n
+    assert len(confusion) == 100 and confusion["images"].sum() == n
     assert sorted(zip(confusion.true_label, confusion.predicted_label)) == [(t, p) for t in range(10) for p in range(10)]
     np.testing.assert_allclose(confusion.groupby("true_label")["share_of_true"].sum(), 1.0)
     assert len(per_class) == 10 and (per_class["support"] == n_per_class).all()
-    assert ((per_class.accuracy_ci_low <= per_class.accuracy) & (per_class.accuracy <= per_class.accuracy_ci_high)).all()
-    assert len(predictions) == n and predictions["test_index"].is_unique
+    assert ((per_class.recall_ci_low <= per_class.recall) & (per_class.recall <= per_class.recall_ci_high)).all()
+    assert len(predictions) == n and predictions["image_index"].is_unique
     assert (predictions.groupby("true_label").size() == n_per_class).all()
     np.testing.assert_allclose(np.stack(predictions["probabilities"]).sum(axis=1), 1.0, atol=1e-3)
     (run,) = runs.itertuples()
     assert run.n_per_class == n_per_class and run.epochs == epochs and len(run.model_sha256) == 64
-    assert run.balanced_accuracy == pytest.approx((predictions.true_label == predictions.predicted_label).mean())
+    assert run.test_balanced_accuracy == pytest.approx((predictions.true_label == predictions.predicted_label).mean())
     assert 0.5 < run.test_accuracy <= 1.0
     report = Path(store.path(store.report_dir(run_id)))
     for name in PLOTS:
@@ -156,8 +156,9 @@ def test_three_nights_promote_reject_promote(mnist_store: Store, prefect_harness
     assert decisions["mcnemar_p"].iloc[1] < 0.05 and "significantly worse" in decisions["reason"].iloc[1]
     runs = read_table(store, "runs").set_index("run_id")
     first, second, third = (s.run_id for s in summaries)
-    assert runs.loc[second, "promoted"] == False and runs.loc[second, "champion_model_key"] == summaries[0].champion_model_key  # noqa: E712
-    assert runs.loc[third, "champion_model_key"] == summaries[2].champion_model_key != summaries[0].champion_model_key
+    assert not runs.loc[second, "promoted"]
+    assert runs.loc[second, "champion_after_model_key"] == summaries[0].champion_model_key
+    assert runs.loc[third, "champion_after_model_key"] == summaries[2].champion_model_key != summaries[0].champion_model_key
 
     done = subprocess.run(
         [sys.executable, "-m", "flows.cli", "champion", "--store", store.url, "--json"],

@@ -299,7 +299,7 @@ def test_the_gate_decides_on_selection_and_new_data_and_never_reads_the_test_set
     row = promotions(store).set_index("run_id").loc["run-d"]
     verdicts = {s["slice"]: s for s in row["slices"]}
     assert verdicts["mnist-selection"]["passed"] and not verdicts["new-data"]["passed"]
-    assert verdicts["new-data"]["mcnemar_p"] < 0.05 and row["challenger_balanced_accuracy"] == pytest.approx(0.97)
+    assert verdicts["new-data"]["mcnemar_p"] < 0.05 and row["challenger_selection_balanced_accuracy"] == pytest.approx(0.97)
 
 
 def test_a_champion_trained_before_the_selection_split_is_not_compared_on_images_it_learned(tmp_path):

@@ -126,11 +126,11 @@ def test_report_figures_render_with_and_without_a_champion():
         {
             "run_id": [f"run-{i}" for i in range(5)],
             "finished_at": [start + timedelta(days=i) for i in range(5)],
-            "balanced_accuracy": [0.990, 0.985, 0.992, 0.991, 0.993],
+            "test_balanced_accuracy": [0.990, 0.985, 0.992, 0.991, 0.993],
             "n_per_class": [800] * 5,
             "promoted": pd.array([None, True, True, False, True], dtype="boolean"),  # the first night predates the gate
             "model_key": [None, "m1", "m2", "m3", "m4"],
-            "champion_model_key": [None, "m1", "m2", "m2", "m4"],
+            "champion_after_model_key": [None, "m1", "m2", "m2", "m4"],
         }
     )
     pixels = decode(png_bytes(nightly_trend(runs, current_run="run-3")))

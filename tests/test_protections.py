@@ -28,7 +28,7 @@ import pytest
 from flows.confinement import NotServed, check_deployed_run
 from flows.params import PipelineParameters
 from storage import DamagedArtifact, Store, StoreError, WriteConflict, sha256_bytes
-from storage.tables import read_frame, write_frame, write_table
+from storage.tables import PREDICTIONS_FILE, read_frame, write_frame, write_table
 from tasks.champion.gate import GateRules
 from tasks.champion.pointer import first_intact, intact_model, write_pointer
 from tasks.champion.promotion import Champion, find_champion, gate, promotions, read_pointer, rollback
@@ -203,11 +203,11 @@ def test_a_rollback_raced_by_a_gate_decides_again_on_the_rivals_pointer(moto):
     assert worker.conflicts == 1
     reads = worker.pointer_reads[reads_before:]
     assert len(reads) == 2 and reads[1] == seen["version"] != reads[0]  # it read again, and read the rival's pointer
-    assert row["champion_model_key"] == "c" and row["challenger_model_key"] == "b"
+    assert row["champion_before_model_key"] == "c" and row["challenger_model_key"] == "b"
     history = promotions(laptop)
     assert history["run_id"].tolist()[-2:] == ["run-c", "run-b"]  # the rival's decision kept, then the rollback's
     last = history.iloc[-1]
-    assert last["reason"] == "manual" and last["champion_model_key"] == "c" and last["challenger_model_key"] == "b"
+    assert last["reason"] == "manual" and last["champion_before_model_key"] == "c" and last["challenger_model_key"] == "b"
     assert read_pointer(laptop).model_key == "b" == last["challenger_model_key"]
 
 
@@ -230,7 +230,7 @@ def test_a_gate_raced_by_a_rollback_compares_again_with_the_rivals_champion(moto
     assert decided.comparison.champion_balanced_accuracy == pytest.approx(0.90)
     history = promotions(laptop)
     last = history.iloc[-1]
-    assert last["run_id"] == "run-c" and last["champion_model_key"] == "a"
+    assert last["run_id"] == "run-c" and last["champion_before_model_key"] == "a"
     assert history.iloc[-2]["reason"] == "manual" and history.iloc[-2]["challenger_model_key"] == "a"
     assert read_pointer(laptop).model_key == ("c" if rules is PROMOTE else "a")
 
@@ -253,7 +253,7 @@ def another_valid_frame(store: Store, key: str) -> None:
         frame["true_label"].to_numpy(),
         np.eye(10, dtype=np.float32)[(frame["predicted_label"].to_numpy() + 3) % 10],
     )
-    write_frame(store, key, "predictions", changed.assign(slice=frame["slice"]))
+    write_frame(store, key, PREDICTIONS_FILE, changed.assign(slice=frame["slice"]))
 
 
 @pytest.mark.parametrize("which", ["balanced-sample", "test-predictions", "selection-slice"])

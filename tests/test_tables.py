@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from storage import Store
-from storage.tables import SCHEMA_VERSION, TABLES, read_table, write_table
+from storage.dictionary import data_dictionary, describe
+from storage.tables import SCHEMA_VERSION, SCHEMAS, TABLES, open_table, read_table, write_table
 from tests.conftest import sample_frames
 
 
@@ -30,9 +31,9 @@ def test_layout_is_hive_partitioned_by_run_id_with_schema_version(store, two_run
 
 
 def test_round_trip_keeps_values_and_types(store, two_runs):
-    back = read_table(store, "predictions", run_id="run-b").sort_values("test_index").reset_index(drop=True)
+    back = read_table(store, "predictions", run_id="run-b").sort_values("image_index").reset_index(drop=True)
     original = two_runs["run-b"]["predictions"]
-    np.testing.assert_array_equal(back["test_index"], original["test_index"])
+    np.testing.assert_array_equal(back["image_index"], original["image_index"])
     np.testing.assert_array_equal(np.stack(back["probabilities"]), np.stack(original["probabilities"]))
     assert back["probabilities"].map(len).eq(10).all()
     schema = ds.dataset(store.path(store.table_dir("predictions")), partitioning="hive").schema
@@ -41,16 +42,16 @@ def test_round_trip_keeps_values_and_types(store, two_runs):
     assert probabilities.value_type == pa.float32()
     per_class = read_table(store, "per_class", run_id="run-a")
     assert list(per_class.columns) == [
-        "label",
+        "true_label",
         "support",
         "correct",
-        "accuracy",
-        "precision",
         "recall",
+        "recall_ci_low",
+        "recall_ci_high",
+        "precision",
         "f1",
-        "accuracy_ci_low",
-        "accuracy_ci_high",
         "slice",
+        "evaluation_key",
         "run_id",
     ]
 
@@ -83,10 +84,14 @@ def test_a_frame_missing_a_column_is_refused(store):
 def test_promotions_has_exactly_the_documented_columns(store, two_runs):
     promotions = read_table(store, "promotions")
     assert list(promotions.columns) == [
+        "decided_at",
+        "decision",
+        "reason",
+        "forced",
         "challenger_model_key",
-        "champion_model_key",
-        "challenger_balanced_accuracy",
-        "champion_balanced_accuracy",
+        "champion_before_model_key",
+        "challenger_selection_balanced_accuracy",
+        "champion_selection_balanced_accuracy",
         "challenger_test_accuracy",
         "champion_test_accuracy",
         "mcnemar_b",
@@ -94,45 +99,105 @@ def test_promotions_has_exactly_the_documented_columns(store, two_runs):
         "mcnemar_p",
         "worst_digit",
         "worst_digit_drop",
-        "decision",
-        "reason",
-        "forced",
-        "decided_at",
         "slices",
         "run_id",
     ]
-    assert len(promotions) == 2 and promotions["champion_model_key"].isna().all()
+    assert len(promotions) == 2 and promotions["champion_before_model_key"].isna().all()
+
+
+def old_partition(store: Store, table: str, run_id: str, frame: pd.DataFrame, version: str | None) -> None:
+    """A partition as an earlier release wrote it: its own columns, and its schema version in the metadata."""
+    path = store.path(store.table_file(table, run_id))
+    store.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    arrow = pa.Table.from_pandas(frame, preserve_index=False)
+    if version is not None:
+        arrow = arrow.replace_schema_metadata({"schema_version": version, "table": table})
+    pq.write_table(arrow, path)
+
+
+SCHEMA_2_RENAMES = {  # the latest name → the name schema 2 wrote
+    "runs": {"test_balanced_accuracy": "balanced_accuracy", "champion_after_model_key": "champion_model_key"},
+    "per_class": {"true_label": "label", "recall_ci_low": "accuracy_ci_low", "recall_ci_high": "accuracy_ci_high"},
+    "confusion": {"images": "count"},
+    "predictions": {"image_index": "test_index"},
+    "promotions": {
+        "champion_before_model_key": "champion_model_key",
+        "challenger_selection_balanced_accuracy": "challenger_balanced_accuracy",
+        "champion_selection_balanced_accuracy": "champion_balanced_accuracy",
+    },
+}
+ADDED_IN_3 = {"runs": ["model_key", "evaluation_key", "reused_evaluation"], "promotions": []}
+
+
+def as_schema_2(table: str, frame: pd.DataFrame) -> pd.DataFrame:
+    frame = frame.drop(columns=ADDED_IN_3.get(table, ["evaluation_key"])).rename(columns=SCHEMA_2_RENAMES[table])
+    return frame.assign(accuracy=frame["recall"]) if table == "per_class" else frame
 
 
 def test_runs_written_before_the_gate_read_with_empty_gate_columns(store, two_runs):
-    old = sample_frames(3)["runs"].drop(columns=["promoted", "champion_model_key"])
-    path = store.path(store.table_file("runs", "run-old"))
-    store.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    pq.write_table(pa.Table.from_pandas(old, preserve_index=False), path)  # a partition in the old layout
+    old = as_schema_2("runs", sample_frames(3)["runs"]).drop(columns=["promoted", "champion_model_key"])
+    old_partition(store, "runs", "run-old", old, version=None)  # before schema versions were recorded
     runs = read_table(store, "runs").set_index("run_id")
     assert pd.isna(runs.loc["run-old", "promoted"]) and runs.loc["run-b", "promoted"] == True  # noqa: E712
+    assert runs.loc["run-old", "test_balanced_accuracy"] == 0.98 and pd.isna(runs.loc["run-old", "model_key"])
 
 
-def test_schema_1_and_schema_2_partitions_read_side_by_side(store, two_runs):
-    """A consumer's pyarrow.dataset over partitions from before and after the slices, as the README shows it."""
-    old = sample_frames(5)["per_class"].drop(columns=["slice"])
-    path = store.path(store.table_file("per_class", "run-v1"))
-    store.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    arrow = pa.Table.from_pandas(old, preserve_index=False).replace_schema_metadata({"schema_version": "1", "table": "per_class"})
-    pq.write_table(arrow, path)  # written by a schema-1 pipeline: no slice column
-    root = store.path(store.table_dir("per_class"))
-    files = ds.dataset(root, partitioning="hive").files
-    unified = pa.unify_schemas([pq.read_schema(f) for f in files]).append(pa.field("run_id", pa.string()))  # the README's recipe
-    table = ds.dataset(root, schema=unified, partitioning="hive")
-    frame = table.to_table().to_pandas()
-    assert frame.groupby("run_id")["slice"].apply(lambda s: s.isna().all()).to_dict() == {
-        "run-a": False,
-        "run-b": False,
-        "run-v1": True,
-    }
-    assert frame["slice"].fillna("mnist-test").eq("mnist-test").all() and len(frame) == 30
-    ours = read_table(store, "per_class")  # and the pipeline's own reader, with the current schema
-    assert sorted(ours["run_id"].unique()) == ["run-a", "run-b", "run-v1"] and ours["slice"].isna().sum() == 10
+@pytest.mark.parametrize("table", ["runs", "per_class", "confusion", "predictions", "promotions"])
+def test_every_schema_version_reads_as_the_latest(store, two_runs, table):
+    """A store written by three releases reads as one set of columns with one meaning each: renamed columns
+    mapped, ``slice`` filled for schema 1, the evaluation key of a pre-3 run its own run."""
+    latest = two_runs["run-a"][table]
+    old_partition(store, table, "run-v2", as_schema_2(table, latest), version="2")
+    v1 = as_schema_2(table, latest).drop(columns=["slice"], errors="ignore")
+    old_partition(store, table, "run-v1", v1, version="1")
+    frame = read_table(store, table)
+    assert list(frame.columns) == [*SCHEMAS[table].names, "run_id"]
+    by_run = {run: rows.drop(columns=["run_id"]).reset_index(drop=True) for run, rows in frame.groupby("run_id")}
+    assert set(by_run) == {"run-a", "run-b", "run-v1", "run-v2"}
+    for run in ("run-v1", "run-v2"):
+        expected = by_run["run-a"].copy()
+        if "evaluation_key" in expected:  # an old run's rows are its own evaluation's: runs joins them on it as before
+            expected["evaluation_key"] = f"run:{run}"
+        if table == "runs":
+            expected["model_key"] = np.nan
+        if table == "promotions" and run == "run-v1":  # schema 1 compared on the test sample: no selection figure
+            expected["challenger_selection_balanced_accuracy"] = np.nan
+        pd.testing.assert_frame_equal(by_run[run], expected, check_dtype=False)
+    if "slice" in frame:
+        assert frame["slice"].eq("mnist-test").all()
+
+
+def test_a_cached_reruns_promoted_row_from_an_earlier_release_reads_as_unchanged(store):
+    row = sample_frames(0)["promotions"].assign(reason="already the champion (promoted with run r0); first champion")
+    old_partition(store, "promotions", "run-again", as_schema_2("promotions", row), version="2")
+    assert read_table(store, "promotions")["decision"].tolist() == ["unchanged"]
+
+
+def test_a_partition_from_a_newer_release_is_skipped_with_a_warning(store, two_runs):
+    warnings = []
+    store.warn = warnings.append
+    old_partition(store, "runs", "run-v9", sample_frames(4)["runs"], version="9")
+    assert sorted(read_table(store, "runs")["run_id"]) == ["run-a", "run-b"]
+    assert any("schema version '9'" in w and "run-v9" in w for w in warnings)
+
+
+def test_the_one_call_reader_takes_a_location_and_filters(store, two_runs):
+    old_partition(store, "per_class", "run-v1", sample_frames(5)["per_class"].drop(columns=["slice", "evaluation_key"]), "1")
+    frame = open_table(store.url, "per_class", slice="mnist-test", evaluation_key="e1")
+    assert sorted(frame["true_label"]) == list(range(10)) and set(frame["run_id"]) == {"run-b"}
+    assert len(open_table(store.url, "per_class", slice="mnist-test")) == 30  # three evaluations, each digit once
+    with pytest.raises(ValueError, match="has no column accuracy; its columns are true_label"):
+        open_table(store.url, "per_class", accuracy=1.0)
+    with pytest.raises(ValueError, match="There is no table 'perclass'"):
+        open_table(store.url, "perclass")
+
+
+def test_every_column_says_what_it_holds(store):
+    missing = [f"{t}.{f.name}" for t, s in SCHEMAS.items() for f in s if not describe(f)]
+    assert missing == []
+    dictionary = data_dictionary()
+    for table, fields in SCHEMAS.items():
+        assert f"### `{table}`" in dictionary and all(f"| `{f.name}` |" in dictionary for f in fields)
 
 
 def test_a_table_no_run_has_written_reads_as_empty(store):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from flows.params import PipelineParameters
 from storage import Store
-from storage.tables import read_table
+from storage.tables import open_table, read_table
 from tasks.data.fetch import load_mnist, stored_dataset
 from tasks.data.simulate import write_night
 from tasks.intake.ingest import accepted_batches, incoming_store, set_status
@@ -59,6 +59,14 @@ def test_a_week_of_arrivals_is_checked_trained_on_and_judged_per_slice(mnist_sto
     same = night()  # nothing new: the same dataset version, the same seed, the same model
     assert same.dataset_version == first.dataset_version and same.seed == first.seed
     assert same.step_states["train"] == "Cached" and same.champion_model_key == first.champion_model_key
+    assert same.decision == "unchanged"  # a rerun is no promotion: one promoted row per change of the pointer
+    assert read_table(store, "promotions").sort_values("decided_at")["decision"].tolist() == ["promoted", "unchanged"]
+    runs = read_table(store, "runs").set_index("run_id")
+    assert runs.loc[same.run_id, "evaluation_key"] == runs.loc[first.run_id, "evaluation_key"]
+    assert runs.loc[same.run_id, "reused_evaluation"] and not runs.loc[first.run_id, "reused_evaluation"]
+    assert not store.exists(store.table_file("per_class", same.run_id))  # its evaluation's rows are the first night's
+    per_class = open_table(store.url, "per_class", slice="mnist-test")  # the documented one-call reader
+    assert sorted(per_class["true_label"]) == list(range(10)) and set(per_class["run_id"]) == {first.run_id}
 
     bad = night(2, 3, 5)  # mislabelled, test copies, inverted: each quarantined, and the night completes
     tonight = read_table(store, "batches", run_id=bad.run_id).set_index("file")

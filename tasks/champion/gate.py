@@ -103,10 +103,11 @@ class Decision(BaseModel):
     promoted: bool
     forced: bool
     reason: str
+    unchanged: bool = False  # the challenger already is the champion: the pointer stays, and it is no promotion
 
     @property
     def name(self) -> str:
-        return "promoted" if self.promoted else "rejected"
+        return "unchanged" if self.unchanged else "promoted" if self.promoted else "rejected"
 
 
 def mcnemar_exact(b: int, c: int) -> float:

@@ -12,7 +12,7 @@ import uuid
 from datetime import datetime
 
 import pandas as pd
-from pydantic import BaseModel
+from pydantic import AliasChoices, BaseModel, Field
 
 from storage import SIDECAR_LIMIT, Store, StoreError, StoreName, UnsafeKey, damage
 from storage.tables import read_table
@@ -31,7 +31,11 @@ class Champion(BaseModel):
     model_key: StoreName
     sha256: str
     run_id: str
-    balanced_accuracy: float
+    # on mnist-selection, as the gate compared (champion.json before this release called it balanced_accuracy);
+    # None for a champion promoted before the selection split existed
+    selection_balanced_accuracy: float | None = Field(
+        validation_alias=AliasChoices("selection_balanced_accuracy", "balanced_accuracy")
+    )
     test_accuracy: float
     promoted_at: datetime
     reason: str
@@ -95,7 +99,9 @@ def champions_in_history(store: Store) -> list[Champion]:
                     model_key=r.challenger_model_key,
                     sha256="",  # filled in by first_intact from the model's own record
                     run_id=r.run_id,
-                    balanced_accuracy=r.challenger_balanced_accuracy,
+                    selection_balanced_accuracy=None
+                    if pd.isna(r.challenger_selection_balanced_accuracy)
+                    else r.challenger_selection_balanced_accuracy,
                     test_accuracy=r.challenger_test_accuracy,
                     promoted_at=r.decided_at.to_pydatetime(),
                     reason=r.reason,

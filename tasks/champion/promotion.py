@@ -113,11 +113,11 @@ def _row(
     row = {
         "run_id": run_id,
         "challenger_model_key": challenger_key,
-        "champion_model_key": champion.model_key if champion else None,
-        "challenger_balanced_accuracy": challenger_balanced,
-        "champion_balanced_accuracy": cmp.champion_balanced_accuracy
+        "champion_before_model_key": champion.model_key if champion else None,
+        "challenger_selection_balanced_accuracy": challenger_balanced,
+        "champion_selection_balanced_accuracy": cmp.champion_balanced_accuracy
         if cmp
-        else (champion.balanced_accuracy if champion else None),
+        else (champion.selection_balanced_accuracy if champion else None),
         "challenger_test_accuracy": challenger_test,
         "champion_test_accuracy": champion.test_accuracy if champion else None,
         **_paired(cmp),
@@ -215,9 +215,13 @@ def gate(
             except WriteConflict as exc:
                 log(f"{exc}: deciding again against the pointer now in the store")
                 continue
-            if change is PointerChange.already:
+            if change is PointerChange.already:  # a rerun changes nothing: not a promotion (one promoted row per change)
                 decision = decision.model_copy(
-                    update={"reason": f"already the champion (promoted with run {before.run_id}); {decision.reason}"}
+                    update={
+                        "promoted": False,
+                        "unchanged": True,
+                        "reason": f"already the champion (promoted with run {before.run_id}); {decision.reason}",
+                    }
                 )
             if lookup.problem:
                 log(lookup.problem)
@@ -293,7 +297,7 @@ def _champion_of(model: ModelRef, evaluation: EvaluationRef, run_id: str, decisi
         model_key=model.key,
         sha256=model.sha256,
         run_id=run_id,
-        balanced_accuracy=evaluation.slice(SLICE_SELECTION).balanced_accuracy,
+        selection_balanced_accuracy=evaluation.slice(SLICE_SELECTION).balanced_accuracy,
         test_accuracy=evaluation.test_accuracy,
         promoted_at=now,
         reason=decision.reason,
@@ -318,9 +322,12 @@ def _set_by_hand(store: Store, choose: Callable[[ChampionLookup], Champion], run
             except WriteConflict:
                 continue
             decision = Decision(promoted=True, forced=True, reason=MANUAL)
-            row = _row(owner, target.model_key, target.balanced_accuracy, target.test_accuracy, before, None, decision, now)
+            row = _row(
+                owner, target.model_key, target.selection_balanced_accuracy, target.test_accuracy, before, None, decision, now
+            )
             if before is not None:
-                row["champion_balanced_accuracy"], row["champion_test_accuracy"] = before.balanced_accuracy, before.test_accuracy
+                row["champion_selection_balanced_accuracy"] = before.selection_balanced_accuracy
+                row["champion_test_accuracy"] = before.test_accuracy
             _record(store, row, part=f"manual-{now.strftime('%Y%m%dT%H%M%S%f')}")
             return _json_row(row)
     raise pointer_conflict(store, "a manual promotion chose its target")
@@ -346,7 +353,7 @@ def promote_run(store: Store, run_id: str) -> dict:
         model_key=ref.key,
         sha256=ref.sha256,
         run_id=run_id,
-        balanced_accuracy=run.balanced_accuracy if pd.isna(run.selection_balanced_accuracy) else run.selection_balanced_accuracy,
+        selection_balanced_accuracy=None if pd.isna(run.selection_balanced_accuracy) else run.selection_balanced_accuracy,
         test_accuracy=run.test_accuracy,
         promoted_at=datetime.now(UTC),
         reason=MANUAL,

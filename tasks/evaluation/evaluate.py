@@ -13,7 +13,7 @@ import pandas as pd
 from pydantic import AliasChoices, BaseModel, Field
 
 from storage import Store, StoreKey, StoreName, code_digest, sha256_json
-from storage.tables import read_frame, write_frame
+from storage.tables import PREDICTIONS_FILE, read_frame, write_frame
 from tasks.data.fetch import DatasetRef, load_mnist
 from tasks.data.slices import slice_digest, slice_images
 from tasks.data.splits import DECIDING_SLICES, SLICE_TEST
@@ -114,7 +114,7 @@ def predicted_labels(store: Store, dataset: DatasetRef, model: ModelRef, name: s
     if stored is None:
         images = slice_images(store, dataset, name)
         frame = predictions_frame(np.arange(len(images.y)), images.y, predict(load_model(store, model), images.x))
-        path = write_frame(store, store.unique(store.slice_predictions_file(key, name)), "predictions", frame)
+        path = write_frame(store, store.unique(store.slice_predictions_file(key, name)), PREDICTIONS_FILE, frame)
         stored = publish_model_predictions(store, model, key, path, store.digest(path)[0])
     return read_frame(store, stored.file_key, stored.sha256).sort_values("test_index").reset_index(drop=True)
 
@@ -187,7 +187,7 @@ def _predict_slice(
     if not len(images.y):
         return None
     frame = predictions_frame(np.arange(len(images.y)), images.y, predict(model, images.x))
-    path = write_frame(store, store.unique(store.slice_predictions_file(key, name)), "predictions", frame)
+    path = write_frame(store, store.unique(store.slice_predictions_file(key, name)), PREDICTIONS_FILE, frame)
     sha256 = store.digest(path)[0]
     publish_model_predictions(store, model_ref, model_predictions_key(model_ref, dataset, name), path, sha256)
     predicted = frame["predicted_label"].to_numpy()
@@ -208,9 +208,9 @@ def _evaluate(store: Store, dataset: DatasetRef, model_ref: ModelRef, n_per_clas
     probabilities = predict(model, mnist.x_test)
     predicted = probabilities.argmax(axis=1)
     frame = predictions_frame(sample, mnist.y_test[sample], probabilities[sample])
-    path = write_frame(store, store.unique(store.evaluation_file(key)), "predictions", frame)
+    path = write_frame(store, store.unique(store.evaluation_file(key)), PREDICTIONS_FILE, frame)
     everything = predictions_frame(np.arange(len(mnist.y_test)), mnist.y_test, probabilities)
-    test_path = write_frame(store, store.unique(store.test_predictions_file(key)), "predictions", everything)
+    test_path = write_frame(store, store.unique(store.test_predictions_file(key)), PREDICTIONS_FILE, everything)
     slices = [_predict_slice(store, dataset, model_ref, model, name, key, mnist) for name in DECIDING_SLICES]
     ref = EvaluationRef(
         key=key,

@@ -41,7 +41,7 @@ def nightly_trend(runs: pd.DataFrame, current_run: str | None = None) -> Figure:
     and the champion in use after each night as a step line."""
     runs = runs.sort_values("finished_at").reset_index(drop=True)
     x = np.arange(len(runs))
-    acc = runs["balanced_accuracy"].to_numpy(dtype=float)
+    acc = runs["test_balanced_accuracy"].to_numpy(dtype=float)
     evaluated = runs["n_per_class"].to_numpy() * NUM_CLASSES
     low, high = wilson_interval(np.round(acc * evaluated), evaluated)
     fig = Figure(figsize=(9, 4.2))
@@ -49,9 +49,11 @@ def nightly_trend(runs: pd.DataFrame, current_run: str | None = None) -> Figure:
     ax.fill_between(x, low, high, color="#5d6d7e", alpha=0.18, lw=0, label="95 % interval")
     ax.plot(x, acc, color="#5d6d7e", lw=1, alpha=0.7)
     promoted = runs["promoted"].astype("boolean")
+    unchanged = ((~promoted).fillna(False) & (runs["model_key"] == runs["champion_after_model_key"]).fillna(False)).to_numpy(bool)
     for mask, style in (
         (promoted.fillna(False).to_numpy(dtype=bool), dict(marker="o", color=PROMOTED, label="promoted")),
-        ((~promoted).fillna(False).to_numpy(dtype=bool), dict(marker="X", color=REJECTED, label="rejected")),
+        ((~promoted).fillna(False).to_numpy(dtype=bool) & ~unchanged, dict(marker="X", color=REJECTED, label="rejected")),
+        (unchanged, dict(marker="o", color=CHAMPION, label="unchanged (already the champion)")),
         (promoted.isna().to_numpy(dtype=bool), dict(marker=".", color="#999", label="before the gate")),
     ):
         if mask.any():
@@ -62,7 +64,7 @@ def nightly_trend(runs: pd.DataFrame, current_run: str | None = None) -> Figure:
     for key, was_promoted, a in zip(models, promoted.fillna(False), acc):
         if was_promoted and key is not None:
             level.setdefault(key, a)
-    champions = runs["champion_model_key"].where(runs["champion_model_key"].notna(), None).tolist()
+    champions = runs["champion_after_model_key"].where(runs["champion_after_model_key"].notna(), None).tolist()
     champion_level = np.array([level.get(k, np.nan) if k is not None else np.nan for k in champions])
     if np.isfinite(champion_level).any():
         ax.step(x, champion_level, where="post", color=CHAMPION, lw=2, label="champion in use")
@@ -94,7 +96,7 @@ def nightly_trend(runs: pd.DataFrame, current_run: str | None = None) -> Figure:
 SLICE_COLUMNS = (
     ("selection_balanced_accuracy", "mnist-selection (decides)", "#1e8449"),
     ("new_data_balanced_accuracy", "new-data (decides)", "#2e86c1"),
-    ("balanced_accuracy", "mnist-test balanced sample (reports)", "#999"),
+    ("test_balanced_accuracy", "mnist-test balanced sample (reports)", "#999"),
 )
 
 
@@ -197,11 +199,14 @@ def champion_vs_challenger(gate: GateRef) -> Figure:
 
 
 def trend_frame(store: Store) -> pd.DataFrame:
-    """Every night of the store with the model it trained (from the promotions table) beside it."""
+    """Every night of the store with the model it trained; a night from before ``runs`` had ``model_key`` takes it
+    from its gate's row in ``promotions``."""
     runs = read_table(store, "runs")
+    if runs["model_key"].notna().all():
+        return runs
     decisions = read_table(store, "promotions")
-    nightly = decisions[decisions["reason"] != "manual"].drop_duplicates("run_id")[["run_id", "challenger_model_key"]]
-    return runs.merge(nightly.rename(columns={"challenger_model_key": "model_key"}), on="run_id", how="left")
+    nightly = decisions[decisions["reason"] != "manual"].drop_duplicates("run_id").set_index("run_id")["challenger_model_key"]
+    return runs.assign(model_key=runs["model_key"].fillna(runs["run_id"].map(nightly)))
 
 
 def decision_markdown(gate: GateRef) -> str:
@@ -265,7 +270,7 @@ def publish_report(store: Store, run: RunRecord, plots: PlotsRef, tables: Tables
     drift_figures = "\n".join(f"![{n}]({n})" for n in files if n.startswith("batch-"))
     pair = plots.most_confused
     pair_text = f"true {pair[0]} predicted as {pair[1]}" if pair else "none"
-    worst = per_class.loc[per_class["accuracy"].idxmin()]
+    worst = per_class.loc[per_class["recall"].idxmin()]
     index = f"""# MNIST run {run_id}
 
 ## Champion decision
@@ -291,7 +296,7 @@ def publish_report(store: Store, run: RunRecord, plots: PlotsRef, tables: Tables
 |---|---|
 | test accuracy (all {evaluation.test_images} test images) | **{evaluation.test_accuracy:.4f}** |
 | balanced accuracy ({evaluation.n_per_class} per digit, {evaluation.n_evaluated} images) | **{evaluation.balanced_accuracy:.4f}** |
-| weakest digit | {int(worst["label"])}: {worst["accuracy"]:.4f} ({worst["accuracy_ci_low"]:.4f}–{worst["accuracy_ci_high"]:.4f}) |
+| weakest digit | {int(worst["true_label"])}: {worst["recall"]:.4f} ({worst["recall_ci_low"]:.4f}–{worst["recall_ci_high"]:.4f}) |
 | most confused pair | {pair_text} |
 | model | `{model.network}`, {model.epochs} epochs on {model.device} ({model.precision}), {model.train_seconds:.0f} s |
 | model sha256 | `{model.sha256}` |

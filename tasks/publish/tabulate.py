@@ -1,7 +1,9 @@
 """The Parquet tables a run publishes: confusion, per-digit metrics and predictions per slice, and the run itself.
 
 The ``mnist-test`` slice's rows are the balanced test sample (as in schema 1); ``mnist-selection`` and
-``new-data`` hold every image of the slice, as the gate compared them.
+``new-data`` hold every image of the slice, as the gate compared them. An evaluation's rows are written once,
+by the first run that made it: a cached rerun adds its ``runs`` row (``reused_evaluation``) and nothing else,
+so counting or averaging over the evaluation tables never counts one model twice.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import pandas as pd
 from pydantic import BaseModel
 
 from storage import Store
-from storage.tables import read_frame, write_table
+from storage.tables import read_frame, read_table, write_table
 from tasks.data.splits import SLICE_NEW, SLICE_SELECTION, SLICE_TEST
 from tasks.evaluation.metrics import confusion_frame, confusion_matrix, per_class_frame
 from tasks.publish.run_record import RunRecord
@@ -24,7 +26,17 @@ class TablesRef(BaseModel):
     partition_keys: dict[str, str]  # table name → this run's partition (not "keys": that would shadow the mapping protocol)
 
 
-def run_frame(run: RunRecord) -> pd.DataFrame:
+# The evaluation tables' columns as published, from the metrics' and the stored predictions' own names.
+PUBLISHED_AS = {
+    "count": "images",
+    "label": "true_label",
+    "accuracy_ci_low": "recall_ci_low",
+    "accuracy_ci_high": "recall_ci_high",
+    "test_index": "image_index",
+}
+
+
+def run_frame(run: RunRecord, reused_evaluation: bool) -> pd.DataFrame:
     model, evaluation, execution = run.model, run.evaluation, run.execution
     selection, new = evaluation.slice(SLICE_SELECTION), evaluation.slice(SLICE_NEW)
     return pd.DataFrame(
@@ -32,17 +44,20 @@ def run_frame(run: RunRecord) -> pd.DataFrame:
             {
                 "finished_at": datetime.now(UTC),
                 "dataset_sha256": run.dataset.sha256,
+                "model_key": model.key,
                 "model_sha256": model.sha256,
+                "evaluation_key": evaluation.key,
+                "reused_evaluation": reused_evaluation,
                 "parameters": json.dumps(run.parameters, sort_keys=True, default=str),
                 "test_accuracy": evaluation.test_accuracy,
-                "balanced_accuracy": evaluation.balanced_accuracy,
+                "test_balanced_accuracy": evaluation.balanced_accuracy,
                 "n_per_class": evaluation.n_per_class,
                 "epochs": model.epochs,
                 "model": model.network,
                 "device": model.device,
                 "backend": model.backend,
                 "promoted": run.gate.promoted,
-                "champion_model_key": run.gate.champion_model_key,  # the champion after this run
+                "champion_after_model_key": run.gate.champion_model_key,
                 "attempt": execution.attempt,
                 "resumed_from_epoch": model.resumed_from_epoch,
                 "scheduled_start": execution.scheduled_start,
@@ -65,19 +80,36 @@ def _slice_frames(store: Store, run: RunRecord) -> dict[str, pd.DataFrame]:
     return frames
 
 
+EVALUATION_TABLES = ("confusion", "per_class", "predictions")
+
+
+def tabulated_by(store: Store, evaluation_key: str) -> str | None:
+    """The earlier run that wrote this evaluation's rows, if one did (its ``runs`` row says so, written last) and its
+    partitions are still there."""
+    runs = read_table(store, "runs")
+    wrote = runs[(runs["evaluation_key"] == evaluation_key) & ~runs["reused_evaluation"].fillna(False).astype(bool)]
+    for run_id in wrote.sort_values("finished_at")["run_id"]:
+        if all(store.exists(store.table_file(table, run_id)) for table in EVALUATION_TABLES):
+            return str(run_id)
+    return None
+
+
 def tabulate(store: Store, run: RunRecord) -> TablesRef:
-    """Write this run's partition of every table; ``runs`` last, so a run listed there is complete."""
-    tables: dict[str, list[pd.DataFrame]] = {"confusion": [], "per_class": [], "predictions": []}
-    for name, predictions in _slice_frames(store, run).items():
-        cm = confusion_matrix(predictions["true_label"].to_numpy(), predictions["predicted_label"].to_numpy())
-        for table, frame in (
-            ("confusion", confusion_frame(cm)),
-            ("per_class", per_class_frame(cm)),
-            ("predictions", predictions),
-        ):
-            tables[table].append(frame.assign(slice=name))
-    keys = {
-        table: write_table(store, table, run.run_id, pd.concat(frames, ignore_index=True)) for table, frames in tables.items()
-    }
-    keys["runs"] = write_table(store, "runs", run.run_id, run_frame(run))
+    """Write this run's partition of every table, the evaluation's rows only if no earlier run wrote them; ``runs``
+    last, so a run listed there is complete."""
+    writer = tabulated_by(store, run.evaluation.key)
+    keys = {table: store.table_file(table, writer) for table in EVALUATION_TABLES} if writer else {}
+    if writer is None:
+        tables: dict[str, list[pd.DataFrame]] = {table: [] for table in EVALUATION_TABLES}
+        for name, predictions in _slice_frames(store, run).items():
+            cm = confusion_matrix(predictions["true_label"].to_numpy(), predictions["predicted_label"].to_numpy())
+            for table, frame in (
+                ("confusion", confusion_frame(cm)),
+                ("per_class", per_class_frame(cm).drop(columns=["accuracy"])),  # recall, under its own name
+                ("predictions", predictions),
+            ):
+                tables[table].append(frame.rename(columns=PUBLISHED_AS).assign(slice=name, evaluation_key=run.evaluation.key))
+        for table, frames in tables.items():
+            keys[table] = write_table(store, table, run.run_id, pd.concat(frames, ignore_index=True))
+    keys["runs"] = write_table(store, "runs", run.run_id, run_frame(run, reused_evaluation=writer is not None))
     return TablesRef(run_id=run.run_id, partition_keys=keys)
