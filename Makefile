@@ -11,8 +11,9 @@ DB ?= sqlite
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
+export NO_MKDOCS_2_WARNING ?= 1
 
-.PHONY: run test test-quick test-shuffled venv lock clean serve stop bench bench-quick bench-stores profile browser torch-cpu gpu-check gpu-check-bundle
+.PHONY: docs run test test-quick test-shuffled venv lock clean serve stop bench bench-quick bench-stores profile browser torch-cpu gpu-check gpu-check-bundle
 
 venv: $(STAMP)
 
@@ -90,6 +91,10 @@ serve: $(STAMP)
 
 stop:
 	$(BIN)/mnist-pipeline serve stop
+
+# The documentation site from docs/ (mkdocs.yml), served with live reload; make test builds it with --strict.
+docs: $(STAMP)
+	$(BIN)/mkdocs serve
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py --epochs 15

@@ -349,7 +349,7 @@ def simulate_command(args: argparse.Namespace) -> int:
 
 
 def champion_command(args: argparse.Namespace) -> int:
-    """``champion show|promote|rollback``: read and set the pointer in the store, no Prefect run needed."""
+    """``champion show|promote|rollback``: read and set the pointer in the store, no flow run (and no TensorFlow) needed."""
     from tasks.champion.promotion import ChampionError, find_champion, promote_run, rollback
 
     store = _store(args)

@@ -463,6 +463,7 @@ SHARED_WORKER = {
     "test_code_keys": "code-keys",
     "test_untrusted_store": "untrusted-store",
     "test_poison": "poison-index",  # real MNIST and its near-copy index, built once
+    "test_docs": "docs-night",  # one real run that every example reads
     "test_protections": "protections-s3",  # one moto server for the module
 }
 

@@ -110,7 +110,7 @@ def test_console_script_with_a_directory_source(mnist_store: Store, tmp_path: Pa
         env=env,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "Test accuracy:" in done.stdout and "Balanced accuracy:" in done.stdout and str(out / "tables") in done.stdout
+    assert "Test accuracy:" in done.stdout and "Test balanced acc:" in done.stdout and str(out / "tables") in done.stdout
     store = Store(out)
     run_id = read_table(store, "runs")["run_id"].item()
     check_run(store, run_id, n_per_class=100, epochs=1)

@@ -13,7 +13,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from storage import Store
-from storage.tables import read_table
+from storage.tables import open_table, read_table
 from tasks.data.fetch import fetch_mnist
 from tests.conftest import with_mnist
 
@@ -69,7 +69,8 @@ def test_the_flow_on_an_s3_store_from_two_machines(s3_server, mnist_store: Store
         endpoint_override=s3_server.endpoint, scheme="http", access_key="testing", secret_key="testing", region="us-east-1"
     )
     confusion = ds.dataset("mnist/quick/tables/confusion", filesystem=s3, format="parquet", partitioning="hive")
-    assert confusion.count_rows() == 400 and "run_id" in confusion.schema.names  # 2 runs × 2 slices × 100 pairs
+    assert confusion.count_rows() == 200 and "run_id" in confusion.schema.names  # 1 evaluation × 2 slices × 100 pairs
+    assert len(open_table(url, "per_class", slice="mnist-test")) == 10  # the one-call reader, from the bucket
     runs = ds.dataset("mnist/quick/tables/runs", filesystem=s3, format="parquet", partitioning="hive").to_table()
     assert sorted(runs.column("run_id").to_pylist()) == sorted(read_table(store, "runs")["run_id"])
 

@@ -1,0 +1,82 @@
+"""MkDocs hooks: the pages that must never be written by hand are generated here, at every build.
+
+``<!-- generated: NAME -->`` in a page is replaced by ``GENERATED[NAME]()``: the data dictionary from
+``storage/tables.py``'s schemas, the CLI reference from ``flows/cli.py``'s parser, and the changelog from
+``CHANGELOG.md``. A page naming a generator that does not exist fails the build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MARKER = re.compile(r"<!-- generated: ([a-z-]+) -->")
+HELP_WIDTH = "100"
+
+
+def _help(parser: argparse.ArgumentParser) -> str:
+    return parser.format_help().rstrip()
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The listed verbs of a parser (hidden, deprecated names are not listed in its help, nor here)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            listed = {choice.dest for choice in action._choices_actions}
+            return {name: sub for name, sub in action.choices.items() if name in listed}
+    return {}
+
+
+def cli_reference() -> str:
+    """Every command's ``--help``, as the installed CLI prints it."""
+    from flows import serve
+    from flows.cli import build_parser
+
+    os.environ["COLUMNS"] = HELP_WIDTH  # argparse wraps to the terminal: the same width on every machine
+    root = build_parser()
+    out = ["## mnist-pipeline", "", "```text", _help(root), "```", ""]
+    for name, command in _subcommands(root).items():
+        if name == "serve":  # its verbs' options are flows/serve.py's own parser
+            text = io.StringIO()
+            with contextlib.redirect_stdout(text), contextlib.suppress(SystemExit):
+                serve.main(["--help"])
+            out += [f"## mnist-pipeline {name}", "", "```text", _help(command), "", text.getvalue().rstrip(), "```", ""]
+            continue
+        out += [f"## mnist-pipeline {name}", "", "```text", _help(command), "```", ""]
+        for verb, sub in _subcommands(command).items():
+            out += [f"### mnist-pipeline {name} {verb}", "", "```text", _help(sub), "```", ""]
+    return "\n".join(out)
+
+
+def data_dictionary() -> str:
+    from storage.dictionary import data_dictionary as generate
+
+    return generate()
+
+
+def changelog() -> str:
+    text = (REPO / "CHANGELOG.md").read_text()
+    return text.split("\n", 1)[1] if text.startswith("# ") else text  # the page has its own title
+
+
+GENERATED: dict[str, Callable[[], str]] = {
+    "cli-reference": cli_reference,
+    "data-dictionary": data_dictionary,
+    "changelog": changelog,
+}
+
+
+def on_page_markdown(markdown: str, page, config, files) -> str:  # noqa: ARG001 (MkDocs' hook signature)
+    def generate(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in GENERATED:
+            raise ValueError(f"{page.file.src_path}: no generator named {name!r} (known: {', '.join(GENERATED)})")
+        return GENERATED[name]()
+
+    return MARKER.sub(generate, markdown)

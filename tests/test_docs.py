@@ -1,0 +1,136 @@
+"""The docs cannot go stale: the site builds with ``--strict``, its generated pages hold what the code holds, the
+first page's sample output is what a run prints, and every runnable example runs against a store a real run made.
+
+Blocks are marked in the Markdown with an HTML comment on the line before them:
+``<!-- docs-test: run -->`` (python: executed; bash: each line run; the working directory holds the store as
+``artifacts``), ``<!-- docs-test: make-run-output -->`` (compared with the run's output, figures and keys masked),
+``<!-- docs-test: skip: why -->``. A python block with no mark fails the suite: each says whether it runs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from storage import Store
+from storage.tables import SCHEMAS
+from tests.conftest import with_mnist
+
+REPO = Path(__file__).resolve().parent.parent
+PAGES = sorted((REPO / "docs").glob("*.md")) + [REPO / "README.md"]
+MARK = re.compile(r"<!-- docs-test: (run|make-run-output|skip: .+?) -->\s*$")
+FENCE = re.compile(r"^```(\w*)\s*$")
+
+
+@dataclass
+class Block:
+    page: Path
+    line: int
+    language: str
+    mark: str | None
+    text: str
+
+    @property
+    def where(self) -> str:
+        return f"{self.page.relative_to(REPO)}:{self.line}"
+
+
+def blocks(page: Path) -> list[Block]:
+    lines = page.read_text().splitlines()
+    found, i = [], 0
+    while i < len(lines):
+        opened = FENCE.match(lines[i])
+        if opened is None:
+            i += 1
+            continue
+        end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
+        before = next((lines[k] for k in range(i - 1, -1, -1) if lines[k].strip()), "")
+        mark = MARK.search(before)
+        found.append(Block(page, i + 1, opened.group(1), mark.group(1) if mark else None, "\n".join(lines[i + 1 : end])))
+        i = end + 1
+    return found
+
+
+ALL = [b for page in PAGES for b in blocks(page)]
+RUNNABLE = [b for b in ALL if b.mark == "run"]
+
+
+def test_every_python_example_runs_or_says_why_not():
+    unmarked = [b.where for b in ALL if b.language == "python" and b.mark is None]
+    assert unmarked == [], "mark each with <!-- docs-test: run --> or <!-- docs-test: skip: why -->"
+    assert len(RUNNABLE) >= 5 and sum(b.mark == "make-run-output" for b in ALL) == 1
+
+
+def test_the_site_builds_strictly_with_its_generated_pages(tmp_path):
+    site = tmp_path / "site"
+    built = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    cli = (site / "cli" / "index.html").read_text()
+    for flag in ("--new-seed", "--held-back", "--force-promote", "--last", "--no-auth", "simulate-arrivals", "MNIST_INCOMING"):
+        assert flag in cli, flag
+    tables = (site / "store" / "index.html").read_text()
+    for table, schema in SCHEMAS.items():
+        assert all(f"<code>{field.name}</code>" in tables for field in schema), table
+    assert "generated:" not in tables and "generated:" not in cli  # every marker replaced
+    assert "Schema version" in tables and "tables schema 3" in (site / "changelog" / "index.html").read_text()
+
+
+@pytest.fixture(scope="module")
+def night(tmp_path_factory, mnist_store, prefect_api) -> tuple[Path, str]:
+    """A real run of the CLI into ``<cwd>/artifacts``, as `make run` makes one, smaller: its folder and stdout."""
+    cwd = tmp_path_factory.mktemp("docs")
+    with_mnist(Store(cwd / "artifacts"), mnist_store)
+    env = {**os.environ, **prefect_api, "PREFECT_HOME": str(cwd / "prefect-home")}
+    args = ["--epochs", "1", "--train-limit", "2000", "--n-per-class", "5", "--min-balanced-accuracy", "0.1"]
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", *args, "--store", "artifacts"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return cwd, done.stdout
+
+
+def masked(text: str) -> list[str]:
+    """A run's output with what changes from run to run masked: ids, keys, figures, the store's folder."""
+    text = re.sub(r"[~/]\S*/artifacts\b", "artifacts", text)  # wherever the checkout is
+    text = re.sub(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", "<id>", text)
+    text = re.sub(r"\b[0-9a-f]{8,64}\b", "<hex>", text)
+    text = re.sub(r"\d+(\.\d+)?", "<n>", text)
+    return [re.sub(r"\s+", " ", line).strip() for line in text.strip().splitlines()]
+
+
+def test_the_first_pages_sample_output_is_what_a_run_prints(night):
+    _, stdout = night
+    (sample,) = [b for b in ALL if b.mark == "make-run-output"]
+    assert masked(sample.text) == masked(stdout), f"{sample.where}: update the sample from a real `make run`"
+
+
+@pytest.mark.parametrize("block", RUNNABLE, ids=[b.where for b in RUNNABLE])
+def test_the_example_runs(night, block):
+    cwd, _ = night
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(REPO)}
+    if block.language == "python":
+        command = [sys.executable, "-c", block.text]
+    elif block.language == "bash":
+        command = ["bash", "-euo", "pipefail", "-c", block.text]
+    else:
+        pytest.fail(f"{block.where}: a runnable block is python or bash, not {block.language!r}")
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{block.where}:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
