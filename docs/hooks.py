@@ -17,7 +17,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 MARKER = re.compile(r"<!-- generated: ([a-z-]+) -->")
-HELP_WIDTH = "100"
+HELP_WIDTH = "80"  # what a code block of the Material theme shows without scrolling
 
 
 def _help(parser: argparse.ArgumentParser) -> str:

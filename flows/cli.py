@@ -82,11 +82,14 @@ def _add_model_flags(parser, model: type[BaseModel]) -> None:
 
 
 ENVIRONMENT = """environment:
-  MNIST_STORE              the artifact store (a directory or an fsspec URL) when --store is not given
-  MNIST_SOURCE             a directory holding MNIST's four IDX files, tried before the web mirrors (run)
+  MNIST_STORE              the artifact store (a directory or an fsspec URL)
+                           when --store is not given
+  MNIST_SOURCE             a directory with MNIST's four IDX files, tried before
+                           the web mirrors (run)
   MNIST_INCOMING           where new labelled batches arrive (default <store>/incoming)
   KERAS_BACKEND            tensorflow, jax or torch, when --backend is not given (run)
-  PREFECT_API_URL          a Prefect server to record runs in and take locks from (else a temporary one)
+  PREFECT_API_URL          a Prefect server to record runs in and take locks from
+                           (else a temporary one)
   PREFECT_API_AUTH_STRING  that server's auth string
 """
 
