@@ -75,3 +75,24 @@ def test_the_seed_trains_on_sparse_labels_and_strong_on_smoothed_one_hot_labels(
     loss, targets = loss_and_targets(ModelName.strong, labels)
     assert loss.get_config()["label_smoothing"] == 0.1
     assert targets.shape == (3, 10) and targets.argmax(axis=1).tolist() == [3, 0, 9] and targets.sum() == 3
+
+
+@pytest.mark.slow
+def test_the_same_seed_on_the_same_machine_trains_the_same_model(mnist_store):
+    """Determinism the docs promise (docs/concepts.md): two trainings of one key, the second not reusing the
+    first, give the same weights bit for bit. Across machines oneDNN's kernels may differ; not promised."""
+    import numpy as np
+
+    from tasks.data.fetch import fetch_mnist
+    from tasks.training.model import load_model
+    from tasks.training.train import TrainConfig, train_model
+
+    dataset = fetch_mnist(mnist_store, sources=[], log=lambda _: None)
+    config = TrainConfig(epochs=2, train_limit=1500, seed=11)
+    first = train_model(mnist_store, dataset, config, log=lambda _: None)
+    again = train_model(mnist_store, dataset, config, log=lambda _: None, reuse=False)
+    assert again.file_key != first.file_key  # trained again, not reused
+    weights = [load_model(mnist_store, ref).get_weights() for ref in (first, again)]
+    assert all(np.array_equal(a, b) for a, b in zip(*weights)) and len(weights[0]) == 6
+    other = train_model(mnist_store, dataset, config.model_copy(update={"seed": 12}), log=lambda _: None)
+    assert not np.array_equal(load_model(mnist_store, other).get_weights()[0], weights[0][0])
