@@ -374,8 +374,9 @@ def test_a_run_triggered_during_the_nights_run_waits_for_it_then_finds_every_ste
     assert alerts["prefect.flow-run.Failed"]["name"] == 'a"b'
     check_images_in_browser(ops.stack.ui_url, by_key["mnist-run-summary"].id, ops.stack.auth_string, run_name=night.name)
 
-    assert len(ops.rows("runs", [night.id, manual.id])) == 2
-    assert len(ops.rows("confusion", [night.id, manual.id])) == 400  # 2 runs × 2 slices (selection, test) × 100 pairs
+    runs = ops.rows("runs", [night.id, manual.id]).set_index("run_id")
+    assert len(runs) == 2 and runs["evaluation_key"].nunique() == 1 and runs.loc[str(manual.id), "reused_evaluation"]
+    assert len(ops.rows("confusion", [night.id, manual.id])) == 200  # 1 evaluation × 2 slices (selection, test) × 100 pairs
 
 
 def test_runs_due_while_the_workers_were_away_run_when_they_return_and_train_each_key_once(ops, two_workers):
