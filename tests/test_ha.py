@@ -167,6 +167,15 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process below it, as when its machine dies."""
+    for victim in [pid, *descendants(pid)]:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def test_a_run_whose_worker_died_during_submission_is_crashed_and_frees_the_slot(ha):
     ha.receiver.received.clear()
     stuck = ha.trigger(**{**QUICK, "seed": 41})
@@ -175,11 +184,7 @@ def test_a_run_whose_worker_died_during_submission_is_crashed_and_frees_the_slot
     while (state := ha.client.read_flow_run(stuck.id).state).is_scheduled() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert state.is_pending(), f"the run went {state.name} before the worker could be killed in submission"
-    for pid in [worker, *descendants(worker)]:  # the worker and the flow-run process it was starting
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_tree(worker)  # the worker and the flow-run process it was starting
     killed = time.monotonic()
     following = ha.trigger(**{**QUICK, "seed": 41})  # the next night: queued behind the stuck run's slot
     (crashed,) = ha.finished([stuck.id], timeout=WATCHDOG.pending_after + 120, completed=False)
@@ -258,6 +263,33 @@ def test_a_night_survives_a_replica_the_services_and_redis_dying(ha):
     assert failing.state.is_failed(), failing.state
     alerts = ha.receiver.wait_for({"prefect.flow-run.Failed"}, timeout=120)  # triggers ran in the restarted services
     assert alerts["prefect.flow-run.Failed"]["resource"] == f"prefect.flow-run.{failing.id}", alerts
+
+
+def test_after_the_restarts_the_zombie_automation_still_crashes_and_restarts_a_silent_run(ha):
+    """Its buckets now live in Redis and its evaluation in the restarted services process."""
+    from flows.recovery import CRASH_MESSAGE, RESTART_MESSAGE
+
+    run = ha.trigger(epochs=3, train_limit=8000, n_per_class=20, seed=51)
+    ha.wait([run.id], lambda rs: rs[0].state.is_running(), 180, "the run did not start")
+    deadline = time.monotonic() + 180
+    while not (heard := ha.heartbeats(run.id)) and time.monotonic() < deadline:
+        assert not ha.client.read_flow_run(run.id).state.is_final(), "the run ended before it could be killed"
+        time.sleep(1)
+    assert heard, "no heartbeat from the run within 180 s"
+    killed = time.monotonic()
+    kill_tree(ha.stack._pids()["worker-gpu"])  # the supervisor starts the worker again; the run's process is gone
+    ha.wait([run.id], lambda rs: rs[0].state.is_crashed() or rs[0].state.is_scheduled(), SILENT_AFTER + 150, "not crashed")
+    crashed_after = time.monotonic() - killed
+    ha.wait([run.id], lambda rs: not rs[0].state.is_crashed(), 60, "the crashed run was not scheduled again")
+    (done,) = ha.finished([run.id], timeout=400)
+    print(f"\nsilent run: Crashed {crashed_after:.0f} s after its worker died, completed {time.monotonic() - killed:.0f} s after")
+    states = ha.client.read_flow_run_states(run.id)
+    crashed = [s for s in states if s.is_crashed()]
+    assert len(crashed) == 1 and crashed[0].message == CRASH_MESSAGE.format(automation="mnist-crash-silent-runs")
+    assert any(
+        s.name == "AwaitingRetry" and s.message == RESTART_MESSAGE.format(automation="mnist-restart-crashed-runs") for s in states
+    )
+    assert done.state.is_completed() and len(ha.rows("runs", [run.id])) == 1
 
 
 def test_a_worker_whose_heartbeat_is_too_slow_for_the_zombie_automation_refuses_to_start(ha):
