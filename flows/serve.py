@@ -397,7 +397,10 @@ class LocalStack:
         return stopped
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, stacks: dict[str, type[LocalStack]] | None = None) -> int:
+    """``make serve``/``make stop``; ``stacks`` maps each topology to its class (flows/topology.py ``serve`` passes
+    both: this module cannot import the HA stack, which is built on it)."""
+    stacks = stacks or {"single": LocalStack}
     parser = argparse.ArgumentParser(prog="mnist-pipeline serve", description=__doc__)
     parser.add_argument("command", choices=["start", "stop", "status"])
     parser.add_argument("--home", default=str(REPO / ".serve"), help="PREFECT_HOME, logs and pids (default .serve/)")
@@ -429,12 +432,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         options = dict(port=args.port, store=args.store, db=args.db, host=args.host, auth=not args.no_auth)
-        if args.topology == "ha":
-            from flows.topology import HAStack
-
-            stack = HAStack(Path(args.home), **options)
-        else:
-            stack = LocalStack(Path(args.home), **options)
+        if args.topology not in stacks:
+            raise ValueError(f"topology {args.topology!r} is started by `mnist-pipeline serve` (make serve TOPOLOGY=ha)")
+        stack = stacks[args.topology](Path(args.home), **options)
     except ValueError as exc:
         print(f"make serve: {exc}", file=sys.stderr)
         return 2

@@ -276,6 +276,13 @@ def running(pid: int | None) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
+def serve(argv: list[str]) -> int:
+    """``mnist-pipeline serve start|stop|status`` (``make serve``), with both topologies to choose from."""
+    from flows import serve as single
+
+    return single.main(argv, stacks={"single": LocalStack, "ha": HAStack})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.topology", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["supervise"])
