@@ -6,6 +6,9 @@ STAMP  := $(VENV)/.installed-stamp
 RUN_ARGS ?=
 # make serve DB=postgres: the Prefect server on PostgreSQL (a local cluster unless PREFECT_API_DATABASE_CONNECTION_URL is set)
 DB ?= sqlite
+# make serve TOPOLOGY=ha: Redis, two API replicas behind HAProxy, the services apart, a supervisor (PostgreSQL implied;
+# docs/scaling.md). The default, single, is one server process.
+TOPOLOGY ?= single
 
 # Telemetry cannot reach out from an offline machine; keep TensorFlow's C++ banner out of logs.
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
@@ -13,7 +16,7 @@ export DO_NOT_TRACK ?= 1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export NO_MKDOCS_2_WARNING ?= 1
 
-.PHONY: docs run test test-quick test-shuffled venv lock clean serve stop bench bench-quick bench-stores profile browser torch-cpu gpu-check gpu-check-bundle
+.PHONY: docs run test test-quick test-shuffled venv lock clean serve stop bench bench-quick bench-stores profile browser ha-tools torch-cpu gpu-check gpu-check-bundle
 
 venv: $(STAMP)
 
@@ -62,7 +65,7 @@ run: $(STAMP)
 # --no-loadscope-reorder keeps the collection order (long modules first) instead of xdist's largest-group-first.
 TEST_WORKERS ?= 3
 PYTEST_ARGS ?=
-test: $(STAMP) browser
+test: $(STAMP) browser ha-tools
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=15 $(PYTEST_ARGS)
@@ -83,11 +86,18 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null); } || \
 	  { echo "make test needs chromium for the UI test: install Debian's chromium package (apt-get install chromium)"; exit 1; }
 
+# The HA topology's Redis and load balancer, from Debian (tests/test_ha.py starts that stack).
+ha-tools:
+	@{ command -v redis-server && { command -v haproxy || test -x /usr/sbin/haproxy; }; } >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server haproxy >/dev/null); } || \
+	  { echo "make test and make serve TOPOLOGY=ha need Redis and HAProxy: install Debian's redis-server and haproxy packages (apt-get install redis-server haproxy)"; exit 1; }
+
 # make serve HOST=0.0.0.0: workers on other machines may connect (the API is authenticated either way). Only a HOST
 # given on make's command line counts: shells such as zsh set HOST to the machine's name.
 SERVE_HOST := $(if $(filter command line,$(origin HOST)),$(HOST),127.0.0.1)
-serve: $(STAMP)
-	$(BIN)/mnist-pipeline serve start --db $(DB) --host $(SERVE_HOST)
+serve: $(STAMP) $(if $(filter ha,$(TOPOLOGY)),ha-tools)
+	$(BIN)/mnist-pipeline serve start --db $(DB) --host $(SERVE_HOST) --topology $(TOPOLOGY)
 
 stop:
 	$(BIN)/mnist-pipeline serve stop

@@ -1,5 +1,6 @@
 """Who hears about a bad night: a Prefect automation that calls a webhook when a run of the nightly
-deployment fails or crashes, when a model is rejected by the champion gate, or when a new batch is quarantined.
+deployment fails or crashes, when a model is rejected by the champion gate, when a new batch is quarantined,
+or when the watchdog (``flows/watchdog.py``) finds no night scheduled or a night that did not start.
 
 ``make serve`` runs this against its server (``python -m flows.alerts``). The webhook is a Prefect
 ``Webhook`` block named ``mnist-alerts`` made from ``$MNIST_ALERT_WEBHOOK``, so it can be changed
@@ -15,7 +16,14 @@ ALERT_ENV = "MNIST_ALERT_WEBHOOK"
 BLOCK_NAME = "mnist-alerts"
 AUTOMATION_NAME = "mnist-nightly-alerts"
 DEPLOYMENT = "mnist-retrain/nightly"
-ALERT_EVENTS = ("prefect.flow-run.Failed", "prefect.flow-run.Crashed", "mnist.model.rejected", "mnist.batch.quarantined")
+ALERT_EVENTS = (
+    "prefect.flow-run.Failed",
+    "prefect.flow-run.Crashed",
+    "mnist.model.rejected",
+    "mnist.batch.quarantined",
+    "mnist.schedule.missing",  # flows/watchdog.py: no night in the next 26 h
+    "mnist.night.late",  # flows/watchdog.py: a night that did not start within its grace
+)
 
 # The webhook's JSON body: what happened, to what, and why (the gate's reason, when there is one). The whole
 # body is one value serialised by `tojson`, never strings pasted between quotes: a run named `a"b` (or a
@@ -62,7 +70,7 @@ def configure_alerts(webhook_url: str | None, deployment: str = DEPLOYMENT) -> s
     Automation(
         name=AUTOMATION_NAME,
         description=f"Call the {BLOCK_NAME} webhook when a {deployment} run fails or crashes, a model is rejected, "
-        "or a new batch is quarantined.",
+        "a new batch is quarantined, or no night is scheduled or started on time.",
         trigger=EventTrigger(
             expect=set(ALERT_EVENTS),
             match_related={"prefect.resource.id": f"prefect.deployment.{deployment_id}"},

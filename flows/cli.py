@@ -485,9 +485,9 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_environment()
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"] and argv[1:2] and argv[1] in ("start", "stop", "status"):  # its options are flows/serve.py's
-        from flows import serve
+        from flows import topology  # flows/serve.py's options, with the HA topology (make serve TOPOLOGY=ha)
 
-        return serve.main(argv[1:])
+        return topology.serve(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:  # no arguments: what there is to do

@@ -15,6 +15,8 @@ The same class drives the real-server test, so what CI proves is what ``make ser
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import ipaddress
 import json
 import os
@@ -25,10 +27,12 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from flows.database import DATABASES, URL_ENV, LocalPostgres
 from flows.recovery import BUCKET_BUFFER, BUCKET_BUFFER_ENV, HEARTBEAT_ENV, HEARTBEAT_SECONDS, SILENT_AFTER_SECONDS
+from flows.watchdog import WatchdogSettings
 from flows.worker import locked_template
 from storage.credentials import CredentialsInUrl, split_credentials
 
@@ -37,6 +41,7 @@ POOLS = ("gpu",)
 AUTH_ENV = "PREFECT_SERVER_API_AUTH_STRING"  # the server's setting
 CLIENT_AUTH_ENV = "PREFECT_API_AUTH_STRING"  # what every client sends
 AUTH_USER = "admin"
+TOPOLOGIES = ("single", "ha")
 
 
 def is_loopback(host: str) -> bool:
@@ -99,6 +104,8 @@ def _reaped(pid: int) -> bool:
 class LocalStack:
     """Processes are started in their own sessions and recorded in ``<home>/pids.json``."""
 
+    api_process = "server"  # the process that answers on ``port``
+
     def __init__(
         self,
         home: Path,
@@ -110,6 +117,7 @@ class LocalStack:
         slot_wait_seconds: float = 30,
         host: str = "127.0.0.1",
         auth: bool = True,
+        watchdog: WatchdogSettings = WatchdogSettings(),
     ) -> None:
         if db not in DATABASES:
             raise ValueError(f"db={db!r}: choose one of {', '.join(DATABASES)}")
@@ -129,6 +137,7 @@ class LocalStack:
         self.poll_seconds = poll_seconds
         self.silent_after = silent_after
         self.slot_wait_seconds = slot_wait_seconds  # how soon a run queued behind the deployment's limit asks again
+        self.watchdog = watchdog
         local = "127.0.0.1" if host in ("0.0.0.0", "::") or not is_loopback(host) else host
         self.api_url = f"http://{local}:{port}/api"
         self.ui_url = f"http://{local}:{port}"
@@ -221,20 +230,31 @@ class LocalStack:
         return done.stdout
 
     def _spawn(self, name: str, *args: str, cwd: Path = REPO, env: dict[str, str] | None = None, module: str = "prefect") -> int:
+        base = self.server_env if name == "server" else self.env
+        return self._spawn_command(name, [sys.executable, "-m", module, *args], {**base, **(env or {})}, cwd)
+
+    def _spawn_command(self, name: str, command: list[str], env: dict[str, str], cwd: Path = REPO) -> int:
+        """Start ``command`` in a session of its own, its output in ``<home>/<name>.log``, its pid recorded."""
         with open(self.home / f"{name}.log", "ab") as log:  # the child keeps its own copy of the handle
             proc = subprocess.Popen(
-                [sys.executable, "-m", module, *args],
-                cwd=cwd,
-                env={**(self.server_env if name == "server" else self.env), **(env or {})},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
+                command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
             )
-        pids = self._pids()
-        pids[name] = proc.pid
-        self.pids_file.write_text(json.dumps(pids))
+        with self._pids_locked() as pids:
+            pids[name] = proc.pid
         return proc.pid
+
+    @contextlib.contextmanager
+    def _pids_locked(self) -> Iterator[dict[str, int]]:
+        """``pids.json`` to change, under a lock, replaced whole: the HA topology's supervisor process writes it
+        too, and neither may lose the other's change or read half a file."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        with open(self.home / "pids.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            pids = self._pids()
+            yield pids
+            partial = self.pids_file.with_name(f".pids.{os.getpid()}.json")
+            partial.write_text(json.dumps(pids))
+            partial.replace(self.pids_file)
 
     def _pids(self) -> dict[str, int]:
         return json.loads(self.pids_file.read_text()) if self.pids_file.exists() else {}
@@ -248,8 +268,8 @@ class LocalStack:
                         return
             except OSError:
                 pass
-            if not self._alive("server"):
-                raise RuntimeError(f"the Prefect server exited; see {self.home / 'server.log'}")
+            if not self._alive(self.api_process):
+                raise RuntimeError(f"the Prefect server exited; see {self.home / f'{self.api_process}.log'}")
             time.sleep(0.5)
         raise TimeoutError(
             f"the Prefect server did not answer on {self.api_url} within {timeout:.0f} s; see {self.home / 'server.log'}"
@@ -260,9 +280,9 @@ class LocalStack:
         if pid is None:
             return False
         if _reaped(pid):  # a killed child answers signal 0 until reaped; forget it, its pid may be reused
-            pids = self._pids()
-            pids.pop(name, None)
-            self.pids_file.write_text(json.dumps(pids))
+            with self._pids_locked() as pids:
+                if pids.get(name) == pid:
+                    pids.pop(name)
             return False
         try:
             os.kill(pid, 0)
@@ -272,14 +292,14 @@ class LocalStack:
 
     def start(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
-        if self._alive("server"):
+        if self._alive(self.api_process):
             raise RuntimeError(f"a stack is already running from {self.home} (pids {self._pids()}); run `make stop` first")
         self.pids_file.unlink(missing_ok=True)
         if self.db == "postgres" and not self.database_url:
             cluster = LocalPostgres(self.home, free_port())
             self.postgres_file.write_text(json.dumps({"data_dir": str(cluster.data_dir), "port": cluster.port}))
             self.database_url = cluster.start()
-        self._spawn("server", "server", "start", "--host", self.host, "--port", str(self.port))
+        self.start_api()
         self.wait_healthy()
         template = self.home / "job-template.json"  # flows/worker.py: no variable changes what a run executes
         template.write_text(json.dumps(locked_template(), indent=2))
@@ -288,8 +308,17 @@ class LocalStack:
         self._prefect("deploy", "--all", "--no-prompt")
         self.alerts = self._python("-m", "flows.alerts").strip()
         self.recovery = self._python("-m", "flows.recovery", "--silent-after", str(self.silent_after)).strip()
+        self._spawn("watchdog", *self.watchdog.args(), module="flows.watchdog")  # flows/watchdog.py: not the scheduler
         for pool in POOLS:
             self.add_worker(pool, f"{pool}-worker-local")
+
+    def describe(self) -> str:
+        """The topology in a line, for ``make serve``'s output."""
+        return "single: one Prefect server process with every background service (make serve TOPOLOGY=ha: docs/scaling.md)"
+
+    def start_api(self) -> None:
+        """The API and every background service in one process (the HA topology overrides this)."""
+        self._spawn("server", "server", "start", "--host", self.host, "--port", str(self.port))
 
     @staticmethod
     def worker_log_name(pool: str, name: str) -> str:
@@ -344,16 +373,17 @@ class LocalStack:
 
     def remove_worker(self, name: str, grace: float = 15) -> None:
         """Stop one worker (its log name, as ``workers()`` gives it), as when a machine leaves the pool."""
-        pids = self._pids()
-        if name in pids:
-            self._terminate(pids.pop(name), grace)
-            self.pids_file.write_text(json.dumps(pids))
+        with self._pids_locked() as pids:
+            pid = pids.pop(name, None)
+        if pid is not None:
+            self._terminate(pid, grace)
 
     def stop(self, grace: float = 15) -> list[str]:
         """Stop every recorded process group (SIGTERM, then SIGKILL after ``grace`` seconds)."""
         stopped = []
         pids = self._pids()
-        for name, pid in reversed(list(pids.items())):  # workers before the server
+        # the HA topology's supervisor first (it would start the others again), then workers before the server
+        for name, pid in sorted(reversed(list(pids.items())), key=lambda item: item[0] != "supervisor"):
             if self._terminate(pid, grace):
                 stopped.append(f"{name} ({pid})")
         self.pids_file.unlink(missing_ok=True)
@@ -367,7 +397,10 @@ class LocalStack:
         return stopped
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, stacks: dict[str, type[LocalStack]] | None = None) -> int:
+    """``make serve``/``make stop``; ``stacks`` maps each topology to its class (flows/topology.py ``serve`` passes
+    both: this module cannot import the HA stack, which is built on it)."""
+    stacks = stacks or {"single": LocalStack}
     parser = argparse.ArgumentParser(prog="mnist-pipeline serve", description=__doc__)
     parser.add_argument("command", choices=["start", "stop", "status"])
     parser.add_argument("--home", default=str(REPO / ".serve"), help="PREFECT_HOME, logs and pids (default .serve/)")
@@ -389,16 +422,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-auth", action="store_true", help="serve without authentication (refused unless --host is a loopback address)"
     )
+    parser.add_argument(
+        "--topology",
+        choices=TOPOLOGIES,
+        default=os.environ.get("TOPOLOGY") or "single",
+        help="single (default): one server process; ha: Redis, two API replicas behind HAProxy, the services apart, "
+        "a supervisor (PostgreSQL implied; docs/scaling.md)",
+    )
     args = parser.parse_args(argv)
     try:
-        stack = LocalStack(Path(args.home), port=args.port, store=args.store, db=args.db, host=args.host, auth=not args.no_auth)
+        options = dict(port=args.port, store=args.store, db=args.db, host=args.host, auth=not args.no_auth)
+        if args.topology not in stacks:
+            raise ValueError(f"topology {args.topology!r} is started by `mnist-pipeline serve` (make serve TOPOLOGY=ha)")
+        stack = stacks[args.topology](Path(args.home), **options)
     except ValueError as exc:
         print(f"make serve: {exc}", file=sys.stderr)
         return 2
     if args.command == "status":
         running = {name: pid for name, pid in stack._pids().items() if stack._alive(name)}
         print("\n".join(f"{name:<24} pid {pid}" for name, pid in running.items()) or f"Nothing of {stack.home} is running.")
-        if "server" in running:
+        if "server" in running or "haproxy" in running:
             print(f"API: {stack.api_url}")
         return 0 if running else 3  # as `systemctl status` says of a unit that is not running
     if args.command == "stop":
@@ -427,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"Prefect UI:     {stack.ui_url}\n"
         f"{login}"
+        f"Topology:       {stack.describe()}\n"
         f"Database:       {stack.db}" + (f" ({stack.database_url.split('@')[-1]})" if stack.database_url else "") + "\n"
         f"API:            {stack.api_url}   (the CLI against it: export PREFECT_API_URL={stack.api_url} "
         f"PREFECT_API_AUTH_STRING={secret})\n"

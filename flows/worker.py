@@ -36,6 +36,8 @@ from typing import Any
 import prefect.workers.process
 from prefect.workers.process import ProcessJobConfiguration, ProcessWorker
 
+from flows.recovery import CRASH_AUTOMATION, HEARTBEAT_ENV, HEARTBEAT_SECONDS
+
 CODE = Path(__file__).resolve().parent.parent  # the code this worker runs: its own checkout
 ENTRYPOINT = "flows/pipeline.py:mnist_retrain"
 WORKING_DIRECTORY_STEP = "prefect.deployments.steps.set_working_directory"
@@ -118,12 +120,51 @@ with warnings.catch_warnings():  # Prefect registers every worker class by its t
         job_configuration = ConfinedJobConfiguration
 
 
+class HeartbeatTooSlow(RuntimeError):
+    """The flow runs this worker starts would beat too rarely for the zombie automation: it would crash healthy runs."""
+
+
+def check_heartbeat(frequency: float | None, silent_after: list[float]) -> None:
+    """Refuse to serve when a run's heartbeat (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``, inherited by every flow run
+    this worker starts) would not beat twice within the zombie automation's window (``flows/recovery.py``, read
+    from the API: ``silent_after``): such a run, healthy and slow, would be marked Crashed between two beats.
+    Prefect 3.9's default is 180 s; ``make serve`` sets 30 s for a 90 s window."""
+    if frequency is None:
+        raise HeartbeatTooSlow(
+            f"Flow-run heartbeats are off ({HEARTBEAT_ENV} unset): a worker or machine that dies mid-run would leave "
+            f"its run Running forever. Start the worker with {HEARTBEAT_ENV}={HEARTBEAT_SECONDS}."
+        )
+    for window in silent_after:
+        if 2 * frequency > window:
+            raise HeartbeatTooSlow(
+                f"{HEARTBEAT_ENV}={frequency:g} s, but the automation {CRASH_AUTOMATION} crashes a run silent for "
+                f"{window:g} s: a healthy run would be crashed between two heartbeats. Start the worker with "
+                f"{HEARTBEAT_ENV}={HEARTBEAT_SECONDS} (as make serve does), or at most {window / 2:g}."
+            )
+
+
+def heartbeat_windows() -> list[float]:
+    """The windows of the zombie automation on the API this worker serves (none if it is not set up there)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        automations = client.read_automations_by_name(CRASH_AUTOMATION)
+    return [a.trigger.within.total_seconds() for a in automations if getattr(a.trigger, "within", None)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.worker", description=__doc__.split("\n\n")[0])
     parser.add_argument("--pool", required=True, help="work pool to serve (created by make serve with locked_template)")
     parser.add_argument("--name", default=None, help="worker name (default: Prefect's)")
     parser.add_argument("--limit", type=int, default=None, help="most flow runs at once (default: no limit)")
     args = parser.parse_args(argv)
+    from prefect.settings import get_current_settings
+
+    try:
+        check_heartbeat(get_current_settings().flows.heartbeat_frequency, heartbeat_windows())
+    except HeartbeatTooSlow as refused:
+        print(f"flows.worker refuses to start: {refused}", file=sys.stderr)
+        return 2
 
     async def serve() -> None:
         async with ConfinedProcessWorker(work_pool_name=args.pool, name=args.name, limit=args.limit) as worker:

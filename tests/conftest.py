@@ -459,6 +459,7 @@ def submissions(client, run_ids, at_least: int = 1, timeout: float = 60) -> dict
 # applied by the scheduler below (the controller sees node ids, not marks); test_scheduling.py checks it.
 SHARED_WORKER = {
     "test_deployment": "server-stack",
+    "test_ha": "ha-stack",  # the HA topology's stack, started once
     "test_champion": "champion-lab",
     "test_code_keys": "code-keys",
     "test_untrusted_store": "untrusted-store",
@@ -469,7 +470,7 @@ SHARED_WORKER = {
 
 # The modules that take longest (servers, heartbeats, several runs) go first: with two workers the short tests
 # then fill the gaps, instead of a long module starting last and running alone.
-LONG_FIRST = ("test_deployment", "test_backends", "test_s3_store", "test_secrets")
+LONG_FIRST = ("test_deployment", "test_ha", "test_backends", "test_s3_store", "test_secrets")
 
 
 def module_of(nodeid: str) -> str:

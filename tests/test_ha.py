@@ -1,0 +1,319 @@
+"""The HA topology (``make serve TOPOLOGY=ha``, flows/topology.py) on this machine: PostgreSQL, Redis, two API
+replicas behind HAProxy, the services apart, the supervisor, the watchdog and a worker. One stack for the module
+(conftest.SHARED_WORKER keeps it on one xdist worker); nights are short (one epoch on 3000 images).
+
+- every Prefect server process carries the Redis settings, the replicas run ``--no-services``, Docket is on Redis,
+  workers know only the balancer, auth holds through it, Redis wants its password, deploy/ says the same;
+- a night survives an API replica, the services process and Redis each killed with SIGKILL and restarted by the
+  supervisor: Completed, no Crashed state, one training, the same scheduled nights, alerts still sent;
+- a run whose worker died during submission is Crashed by the watchdog and frees the slot for the next;
+- the watchdog alerts when the schedule is paused; a worker without a fast enough heartbeat refuses to start.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from flows.database import URL_ENV
+from flows.serve import REPO, free_port
+from flows.topology import REDIS, SERVICES, HAStack, binary, running
+from flows.watchdog import SCHEDULE_MISSING, STUCK_MESSAGE, WatchdogSettings
+from storage import Store
+from tests.conftest import with_mnist
+from tests.test_deployment import QUICK, Ops, Receiver
+
+pytestmark = pytest.mark.slow
+
+SILENT_AFTER = 60
+WATCHDOG = WatchdogSettings(grace=3600, pending_after=45, every=3, settle=20)
+
+
+def far_timezone(now: datetime) -> str:
+    """A fixed-offset zone in which 02:00 is about 12 hours away: the deployed cron (02:00) keeps making nights,
+    none of which falls due while the module runs."""
+    offset = (now.hour + 10) % 24  # hours west of UTC: 02:00 there is (2 + offset) UTC = now + 12 h
+    return f"Etc/GMT+{offset}" if offset <= 12 else f"Etc/GMT-{24 - offset}"
+
+
+def nights(ops: Ops) -> list:
+    """The scheduled runs the scheduler made for the nightly deployment, by start time."""
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    query = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])))
+    mine = DeploymentFilter(id=DeploymentFilterId(any_=[ops.deployment.id]))
+    runs = ops.client.read_flow_runs(flow_run_filter=query, deployment_filter=mine)
+    return sorted((r for r in runs if r.auto_scheduled), key=lambda r: r.expected_start_time)
+
+
+@pytest.fixture(scope="module")
+def ha(tmp_path_factory: pytest.TempPathFactory, mnist_store: Store):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.settings import temporary_settings
+
+    tmp = tmp_path_factory.mktemp("ha")
+    receiver = Receiver()
+    stack = None
+    with pytest.MonkeyPatch.context() as env:
+        try:
+            env.setenv("MNIST_ALERT_WEBHOOK", receiver.url)
+            env.setenv("XDG_CACHE_HOME", str(tmp / "cache"))
+            env.delenv(URL_ENV, raising=False)
+            store = with_mnist(Store(str(tmp / "store")), mnist_store)
+            stack = HAStack(
+                tmp / "server",
+                port=free_port(),
+                store=str(tmp / "store"),
+                poll_seconds=2,
+                silent_after=SILENT_AFTER,
+                slot_wait_seconds=5,
+                watchdog=WATCHDOG,
+            )
+            started = time.monotonic()
+            stack.start()
+            print(f"\nHA stack started in {time.monotonic() - started:.0f} s")
+            with temporary_settings(stack.client_settings()), get_client(sync_client=True) as client:
+                ops = Ops(stack, store, receiver, tmp / "machines", client)
+                (schedule,) = ops.deployment.schedules
+                zone = far_timezone(datetime.now(UTC))
+                client.update_deployment_schedule(
+                    ops.deployment.id, schedule.id, schedule=CronSchedule(cron="0 2 * * *", timezone=zone)
+                )
+                yield ops  # the scheduler makes the moved nights on its next pass (a minute): the first tests need none
+        finally:
+            if stack is not None:
+                stopped = stack.stop(grace=5)
+                names = {s.split(" (")[0] for s in stopped}
+                wanted = {"supervisor", "redis", "haproxy", "services", "api-1", "api-2", "watchdog", "postgres"}
+                assert wanted <= names, stopped
+                assert not [p for p in stack._pids().values() if running(p)]
+            receiver.server.shutdown()
+
+
+def environ(pid: int) -> dict[str, str]:
+    return dict(e.split("=", 1) for e in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in e)
+
+
+def cmdline(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_text().split("\0")[:-1]
+
+
+def test_every_server_process_shares_redis_and_clients_know_only_the_balancer(ha):
+    stack: HAStack = ha.stack
+    pids = stack._pids()
+    settings = stack.redis_settings()
+    redis_port = stack.ports[REDIS]
+    assert (
+        settings["PREFECT_SERVER_DOCKET_URL"].startswith("redis://")
+        and f":{redis_port}/1" in settings["PREFECT_SERVER_DOCKET_URL"]
+    )
+    for name in ("api-1", "api-2", SERVICES):
+        env = environ(pids[name])
+        assert {k: env.get(k) for k in settings} == settings, name  # broker, cache, ordering, leases, Docket, password
+        assert env["PREFECT_SERVER_EVENTS_MESSAGING_BROKER"] == "prefect_redis.messaging"
+        assert env[URL_ENV].startswith("postgresql+asyncpg://") and env["PREFECT_SERVER_CSRF_PROTECTION_ENABLED"] == "true"
+    for name in ("api-1", "api-2"):
+        assert "--no-services" in cmdline(pids[name]) and str(stack.ports[name]) in cmdline(pids[name])
+    assert cmdline(pids[SERVICES])[-3:] == ["server", "services", "start"]
+    worker = environ(pids["worker-gpu"])
+    assert worker["PREFECT_API_URL"] == f"http://127.0.0.1:{stack.port}/api"  # the balancer, not a replica
+    assert not any(k.startswith(("PREFECT_REDIS", "PREFECT_SERVER_DOCKET")) or k == URL_ENV for k in worker)
+    assert stack.redis_password not in "\0".join(f"{k}={v}" for k, v in worker.items())
+    assert (stack.home / "redis.conf").stat().st_mode & 0o077 == 0
+    assert "option httpchk GET /api/health" in (stack.home / "haproxy.cfg").read_text()
+
+    with pytest.raises(urllib.error.HTTPError) as refused:  # auth holds through the balancer
+        urllib.request.urlopen(f"{stack.api_url}/admin/version", timeout=10)
+    assert refused.value.code == 401
+    cli = binary("redis-server").replace("redis-server", "redis-cli")
+    if Path(cli).exists():  # Redis answers only with its password
+        anonymous = subprocess.run([cli, "-p", str(redis_port), "ping"], capture_output=True, text=True, timeout=10)
+        assert "NOAUTH" in anonymous.stdout + anonymous.stderr, anonymous
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.ports['api-2']}/api/health", timeout=10) as answer:
+        assert answer.status == 200
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (a flow-run process may sit in a session of its own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process below it, as when its machine dies."""
+    for victim in [pid, *descendants(pid)]:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_run_whose_worker_died_during_submission_is_crashed_and_frees_the_slot(ha):
+    ha.receiver.received.clear()
+    stuck = ha.trigger(**{**QUICK, "seed": 41})
+    worker = ha.stack._pids()["worker-gpu"]
+    deadline = time.monotonic() + 120
+    while (state := ha.client.read_flow_run(stuck.id).state).is_scheduled() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert state.is_pending(), f"the run went {state.name} before the worker could be killed in submission"
+    kill_tree(worker)  # the worker and the flow-run process it was starting
+    killed = time.monotonic()
+    following = ha.trigger(**{**QUICK, "seed": 41})  # the next night: queued behind the stuck run's slot
+    (crashed,) = ha.finished([stuck.id], timeout=WATCHDOG.pending_after + 120, completed=False)
+    crashed_after = time.monotonic() - killed
+    assert crashed.state.is_crashed() and crashed.state.message.startswith(STUCK_MESSAGE.split("{")[0]), crashed.state
+    assert "Running" not in ha.states(stuck.id), ha.states(stuck.id)
+    (done,) = ha.finished([following.id], timeout=300)  # the slot was released: it ran (on the restarted worker)
+    print(f"\nstuck in Pending: Crashed {crashed_after:.0f} s after its worker died; the next run completed")
+    assert "AwaitingConcurrencySlot" in ha.states(following.id), ha.states(following.id)
+    alerts = ha.receiver.wait_for({"prefect.flow-run.Crashed"}, timeout=120)
+    assert alerts["prefect.flow-run.Crashed"]["resource"] == f"prefect.flow-run.{stuck.id}", alerts
+
+
+def kill_and_wait_restart(stack: HAStack, name: str, timeout: float = 120) -> float:
+    """SIGKILL ``name``'s process group and wait until the supervisor started it again and it serves; seconds taken."""
+    old = stack._pids()[name]
+    log = stack.home / f"{name}.log"
+    logged = log.stat().st_size
+    killed = time.monotonic()
+    os.killpg(old, signal.SIGKILL)
+    deadline = killed + timeout
+    while time.monotonic() < deadline:
+        new = stack._pids().get(name)
+        if new and new != old and running(new):
+            break
+        time.sleep(0.3)
+    else:
+        raise AssertionError(f"the supervisor did not start {name} again within {timeout:.0f} s")
+    if name.startswith("api-"):
+        stack.wait_replica(name, timeout=deadline - time.monotonic())
+    elif name == SERVICES:  # its services are up once it says so, in what it logged since the kill
+        while "Starting services" not in log.read_text()[logged:] and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert "Starting services" in log.read_text()[logged:], log.read_text()[logged:][-2000:]
+    return time.monotonic() - killed
+
+
+def test_a_night_survives_a_replica_the_services_and_redis_dying(ha):
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    deadline = time.monotonic() + 120
+    while len(before := nights(ha)) < 3 and time.monotonic() < deadline:
+        time.sleep(2)
+    assert len(before) >= 3, "the scheduler made no nights: see services.log"
+    assert all(r.expected_start_time - datetime.now(UTC) > timedelta(hours=6) for r in before), before
+    ha.receiver.received.clear()
+    run = ha.trigger(**{**QUICK, "epochs": 2, "train_limit": 6000, "seed": 31})
+    ha.wait([run.id], lambda rs: rs[0].state.is_running(), 180, "the night did not start")
+    took = {}
+    for name in ("api-1", SERVICES, REDIS):  # one at a time, each back before the next dies
+        assert not ha.client.read_flow_run(run.id).state.is_final(), f"the night ended before {name} was killed"
+        took[name] = kill_and_wait_restart(ha.stack, name)
+    print(f"\nkilled and restarted while the night ran: {', '.join(f'{n} in {s:.0f} s' for n, s in took.items())}")
+    (done,) = ha.finished([run.id], timeout=400)
+    states = ha.states(run.id)
+    assert "Crashed" not in states and states.count("Running") == 1, states
+    assert done.state.is_completed()
+
+    assert len(ha.rows("runs", [run.id])) == 1  # one row: the night ran once
+    query = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id]))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        logs = [log.message for log in ha.client.read_logs(log_filter=query, limit=200)]
+        if any(m.startswith("Steps: ") for m in logs):
+            break
+        time.sleep(1)
+    assert len([m for m in logs if m.startswith("Training seed on")]) == 1, logs
+
+    after = nights(ha)  # the restarted scheduler (services) made no second copy of any night
+    starts = [r.expected_start_time for r in after]
+    assert len(starts) == len(set(starts)), starts
+    assert {r.id for r in before} <= {r.id for r in after}, (before, after)
+
+    failing = ha.trigger(name="after-the-restarts", **QUICK, store=str(ha.machines / "elsewhere"))
+    (failing,) = ha.finished([failing.id], completed=False)
+    assert failing.state.is_failed(), failing.state
+    alerts = ha.receiver.wait_for({"prefect.flow-run.Failed"}, timeout=120)  # triggers ran in the restarted services
+    assert alerts["prefect.flow-run.Failed"]["resource"] == f"prefect.flow-run.{failing.id}", alerts
+
+
+def test_after_the_restarts_the_zombie_automation_still_crashes_and_restarts_a_silent_run(ha):
+    """Its buckets now live in Redis and its evaluation in the restarted services process."""
+    from flows.recovery import CRASH_MESSAGE, RESTART_MESSAGE
+
+    run = ha.trigger(epochs=3, train_limit=8000, n_per_class=20, seed=51)
+    ha.wait([run.id], lambda rs: rs[0].state.is_running(), 180, "the run did not start")
+    deadline = time.monotonic() + 180
+    while not (heard := ha.heartbeats(run.id)) and time.monotonic() < deadline:
+        assert not ha.client.read_flow_run(run.id).state.is_final(), "the run ended before it could be killed"
+        time.sleep(1)
+    assert heard, "no heartbeat from the run within 180 s"
+    killed = time.monotonic()
+    kill_tree(ha.stack._pids()["worker-gpu"])  # the supervisor starts the worker again; the run's process is gone
+    ha.wait([run.id], lambda rs: rs[0].state.is_crashed() or rs[0].state.is_scheduled(), SILENT_AFTER + 150, "not crashed")
+    crashed_after = time.monotonic() - killed
+    ha.wait([run.id], lambda rs: not rs[0].state.is_crashed(), 60, "the crashed run was not scheduled again")
+    (done,) = ha.finished([run.id], timeout=400)
+    print(f"\nsilent run: Crashed {crashed_after:.0f} s after its worker died, completed {time.monotonic() - killed:.0f} s after")
+    states = ha.client.read_flow_run_states(run.id)
+    crashed = [s for s in states if s.is_crashed()]
+    assert len(crashed) == 1 and crashed[0].message == CRASH_MESSAGE.format(automation="mnist-crash-silent-runs")
+    assert any(
+        s.name == "AwaitingRetry" and s.message == RESTART_MESSAGE.format(automation="mnist-restart-crashed-runs") for s in states
+    )
+    assert done.state.is_completed() and len(ha.rows("runs", [run.id])) == 1
+
+
+def test_a_worker_whose_heartbeat_is_too_slow_for_the_zombie_automation_refuses_to_start(ha):
+    env = {k: v for k, v in ha.stack.env.items() if k != "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"}
+    for frequency, expected in ((None, "180"), ("45", "45")):  # Prefect's default, 180 s; 45 s beats once in 60 s
+        refused = subprocess.run(
+            [sys.executable, "-m", "flows.worker", "--pool", "gpu", "--name", "slow-heart"],
+            cwd=REPO,
+            env={**env, **({"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": frequency} if frequency else {})},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        assert f"PREFECT_FLOWS_HEARTBEAT_FREQUENCY={expected} s" in refused.stderr and f"{SILENT_AFTER:g} s" in refused.stderr
+
+
+def test_the_watchdog_alerts_when_the_schedule_is_paused(ha):
+    assert nights(ha), "no night scheduled before the pause"
+    ha.receiver.received.clear()
+    (schedule,) = ha.client.read_deployment(ha.deployment.id).schedules
+    paused_at = datetime.now(UTC)
+    ha.client.update_deployment_schedule(ha.deployment.id, schedule.id, active=False)  # Prefect deletes its nights
+    alerts = ha.receiver.wait_for({SCHEDULE_MISSING}, timeout=60)
+    assert SCHEDULE_MISSING in alerts, ha.receiver.received
+    assert "no Scheduled run in the next 26 h" in alerts[SCHEDULE_MISSING]["reason"]
+    assert datetime.fromisoformat(alerts[SCHEDULE_MISSING]["occurred"]) - paused_at < timedelta(seconds=60)
