@@ -35,17 +35,17 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
 
 def cli_reference() -> str:
     """Every command's ``--help``, as the installed CLI prints it."""
-    from flows import serve
+    from flows import topology
     from flows.cli import build_parser
 
     os.environ["COLUMNS"] = HELP_WIDTH  # argparse wraps to the terminal: the same width on every machine
     root = build_parser()
     out = ["## mnist-pipeline", "", "```text", _help(root), "```", ""]
     for name, command in _subcommands(root).items():
-        if name == "serve":  # its verbs' options are flows/serve.py's own parser
+        if name == "serve":  # its verbs' options are flows/serve.py's own parser, with both topologies
             text = io.StringIO()
             with contextlib.redirect_stdout(text), contextlib.suppress(SystemExit):
-                serve.main(["--help"])
+                topology.serve(["--help"])
             out += [f"## mnist-pipeline {name}", "", "```text", _help(command), "", text.getvalue().rstrip(), "```", ""]
             continue
         out += [f"## mnist-pipeline {name}", "", "```text", _help(command), "```", ""]
