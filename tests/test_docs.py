@@ -79,7 +79,16 @@ def test_the_site_builds_strictly_with_its_generated_pages(tmp_path):
     )
     assert built.returncode == 0, built.stderr[-3000:]
     cli = (site / "cli" / "index.html").read_text()
-    for flag in ("--new-seed", "--held-back", "--force-promote", "--last", "--no-auth", "--topology", "simulate-arrivals", "MNIST_INCOMING"):
+    for flag in (
+        "--new-seed",
+        "--held-back",
+        "--force-promote",
+        "--last",
+        "--no-auth",
+        "--topology",
+        "simulate-arrivals",
+        "MNIST_INCOMING",
+    ):
         assert flag in cli, flag
     tables = (site / "store" / "index.html").read_text()
     for table, schema in SCHEMAS.items():
