@@ -35,7 +35,7 @@ from tests.test_deployment import QUICK, Ops, Receiver
 pytestmark = pytest.mark.slow
 
 SILENT_AFTER = 60
-WATCHDOG = WatchdogSettings(grace=3600, pending_after=45, every=3, settle=20)
+WATCHDOG = WatchdogSettings(grace=3600, pending_after=45, every=5, settle=20)
 
 
 def far_timezone(now: datetime) -> str:
