@@ -142,9 +142,8 @@ class Ops:
 
         self.client.update_deployment(self.deployment.id, DeploymentUpdate(concurrency_limit=limit))
 
-    def take_the_schedule(self, timeout: float = 90) -> list:
-        """The nights the server's scheduler created from prefect.yaml's cron; then the schedule is switched off (the
-        server deletes its future runs), so that a suite running across 02:00 UTC does not train a real night."""
+    def scheduled_nights(self) -> list:
+        """The Scheduled runs the server's scheduler made for the nightly deployment, by start time."""
         from prefect.client.schemas.filters import (
             DeploymentFilter,
             DeploymentFilterId,
@@ -156,18 +155,20 @@ class Ops:
 
         query = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])))
         mine = DeploymentFilter(id=DeploymentFilterId(any_=[self.deployment.id]))
+        runs = self.client.read_flow_runs(flow_run_filter=query, deployment_filter=mine)
+        return sorted((r for r in runs if r.auto_scheduled), key=lambda r: r.expected_start_time)
 
-        def scheduled_nights() -> list:
-            return [r for r in self.client.read_flow_runs(flow_run_filter=query, deployment_filter=mine) if r.auto_scheduled]
-
+    def take_the_schedule(self, timeout: float = 90) -> list:
+        """The nights the server's scheduler created from prefect.yaml's cron; then the schedule is switched off (the
+        server deletes its future runs), so that a suite running across 02:00 UTC does not train a real night."""
         deadline = time.monotonic() + timeout
-        while not (nights := scheduled_nights()) and time.monotonic() < deadline:
+        while not (nights := self.scheduled_nights()) and time.monotonic() < deadline:
             time.sleep(2)
         (schedule,) = self.deployment.schedules
         self.client.update_deployment_schedule(self.deployment.id, schedule.id, active=False)
-        left = scheduled_nights()
+        left = self.scheduled_nights()
         assert not left, f"{len(left)} nights still scheduled after the schedule was switched off"
-        return sorted(nights, key=lambda r: r.expected_start_time)
+        return nights
 
     def heartbeats(self, run_id) -> list:
         """When the server received the run's heartbeats (the events it stored)."""

@@ -47,19 +47,7 @@ def far_timezone(now: datetime) -> str:
 
 def nights(ops: Ops) -> list:
     """The scheduled runs the scheduler made for the nightly deployment, by start time."""
-    from prefect.client.schemas.filters import (
-        DeploymentFilter,
-        DeploymentFilterId,
-        FlowRunFilter,
-        FlowRunFilterState,
-        FlowRunFilterStateType,
-    )
-    from prefect.client.schemas.objects import StateType
-
-    query = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])))
-    mine = DeploymentFilter(id=DeploymentFilterId(any_=[ops.deployment.id]))
-    runs = ops.client.read_flow_runs(flow_run_filter=query, deployment_filter=mine)
-    return sorted((r for r in runs if r.auto_scheduled), key=lambda r: r.expected_start_time)
+    return ops.scheduled_nights()
 
 
 @pytest.fixture(scope="module")
