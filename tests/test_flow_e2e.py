@@ -16,9 +16,8 @@ import pytest
 from flows.params import PipelineParameters
 from storage import Store
 from storage.tables import TABLES, read_table
-from tasks.data.fetch import fetch_mnist
 from tasks.training.train import stored_model
-from tests.conftest import alarming, with_mnist
+from tests.conftest import with_mnist
 
 pytestmark = pytest.mark.slow
 
@@ -75,48 +74,6 @@ def test_flow_end_to_end(mnist_store: Store, prefect_harness) -> None:
     assert mnist_store.path(model.file_key) == summary.model_path
     history = pd.read_parquet(mnist_store.path(model.history_key))
     assert list(history.columns) == ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"] and len(history) == 1
-
-
-def test_console_script_with_a_directory_source(mnist_store: Store, tmp_path: Path, prefect_api) -> None:
-    """``mnist-pipeline run`` as a user types it, with MNIST from a directory and a fresh store (on the session's
-    API: tests/test_secrets.py runs it on Prefect's temporary server, as `make run` does)."""
-    source = tmp_path / "idx"
-    source.mkdir()
-    dataset = fetch_mnist(mnist_store, sources=[], log=lambda _: None)  # all in the store already
-    for name, stored in dataset.files.items():
-        (source / name).write_bytes(mnist_store.read_bytes(stored.key))
-    out = tmp_path / "store"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), **prefect_api}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flows.cli",
-            "run",
-            "--epochs",
-            "1",
-            "--train-limit",
-            "3000",
-            "--n-per-class",
-            "100",
-            "--store",
-            str(out),
-            "--mnist-source",
-            str(source),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "Test accuracy:" in done.stdout and "Test balanced acc:" in done.stdout and str(out / "tables") in done.stdout
-    store = Store(out)
-    run_id = read_table(store, "runs")["run_id"].item()
-    check_run(store, run_id, n_per_class=100, epochs=1)
-    assert "from directory" in done.stdout + done.stderr
-    # a healthy run says nothing a newcomer would read as a failure (TensorFlow's start-up banner included)
-    assert alarming(done.stdout + done.stderr) == []
 
 
 def test_three_nights_promote_reject_promote(mnist_store: Store, prefect_harness, tmp_path: Path) -> None:
