@@ -71,7 +71,7 @@ test: $(STAMP) browser ha-tools
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=15 $(PYTEST_ARGS)
 
-# The inner loop: no training, no Prefect server, no npm download (under a minute). See README "Tests".
+# The inner loop: no training, no Prefect server, no npm download (about a minute). See docs/development.md.
 test-quick: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow and not network" $(PYTEST_ARGS)
