@@ -60,7 +60,7 @@ run: $(STAMP)
 
 # Three pytest workers (pytest-xdist) on two cores: the deployment tests hold one worker mostly waiting (a server
 # starting, heartbeats missed, runs in the stack's own processes) while the others keep both cores busy. Four were
-# measured too (2026-12-06): 7:37 to 9:34 of pytest against 8:00 to 8:49 on three; the long modules then all start
+# measured too (2026-12-06): 7:37 to 9:34 of pytest against 8:00 to 8:55 on three; the long modules then all start
 # at once and each runs slower (the backend tests twice as long). Modules
 # that share a server stack or trained models stay on one worker (--dist loadgroup, scheduled by
 # tests/conftest.py's SHARED_WORKER: xdist_group is ignored under pytest 9.2);
