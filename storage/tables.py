@@ -22,6 +22,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from storage.files import DamagedArtifact
+from storage.keys import confine_key
 from storage.store import Store
 
 SCHEMA_VERSION = "3"
@@ -303,8 +304,12 @@ def _to_3(table: str, version: str, frame: pd.DataFrame) -> pd.DataFrame:
 UPGRADES: dict[str, Callable[[str, str, pd.DataFrame], pd.DataFrame]] = {"1": _to_3, "2": _to_3}
 
 
-def _latest(table: str, fragment: ds.ParquetFileFragment) -> pa.Table:
-    """One partition as the latest schema: read as written, upgraded from the version its metadata declares."""
+def _latest(store: Store, table: str, fragment: ds.ParquetFileFragment) -> pa.Table:
+    """One partition as the latest schema: read as written, upgraded from the version its metadata declares. Its
+    run id (the folder's name, URL-decoded) must name a partition this store could hold: every reader uses it as
+    a key (``ValueError`` otherwise, and the partition is skipped)."""
+    run_id = ds.get_partition_keys(fragment.partition_expression).get("run_id")
+    confine_key(store.table_file(table, str(run_id)))
     full = schema(table).append(RUN_ID)
     physical = fragment.physical_schema
     version = (physical.metadata or {}).get(b"schema_version", b"1").decode()
@@ -313,8 +318,11 @@ def _latest(table: str, fragment: ds.ParquetFileFragment) -> pa.Table:
     if version not in UPGRADES:
         raise ValueError(f"it declares schema version {version!r}, which this release does not know (newest: {SCHEMA_VERSION})")
     frame = fragment.to_table(schema=physical).to_pandas()
-    frame["run_id"] = ds.get_partition_keys(fragment.partition_expression).get("run_id")
-    frame = UPGRADES[version](table, version, frame)
+    frame["run_id"] = run_id
+    try:
+        frame = UPGRADES[version](table, version, frame)
+    except (KeyError, TypeError, AttributeError) as exc:  # a file that is not what its version says
+        raise ValueError(f"its columns are not those of schema version {version} ({type(exc).__name__}: {exc})") from None
     for name in full.names:
         if name not in frame:
             frame[name] = None
@@ -409,7 +417,7 @@ def read_table(store: Store, table: str, run_id: str | None = None) -> pd.DataFr
     for fragment in fragments:
         try:
             _check_size(fragment, table)
-            parts.append(_latest(table, fragment))
+            parts.append(_latest(store, table, fragment))
         except (pa.ArrowException, OSError, ValueError) as exc:
             where = store.fs.unstrip_protocol(fragment.path) if not store.is_local else fragment.path
             store.warn(f"Skipping the damaged partition {where} of table {table!r}: {str(exc).splitlines()[0][:200]}")
@@ -420,9 +428,9 @@ def open_table(location: str, table: str, **equals: object) -> pd.DataFrame:
     """The one-call reader for downstream code: every run of ``table`` in the store at ``location`` (a path or an
     fsspec URL such as ``s3://bucket/prefix``), every partition upgraded to the latest schema, keeping the rows whose
     columns equal ``equals`` (``open_table("artifacts", "per_class", slice="mnist-test")``)."""
-    columns = SCHEMAS[table].names + [RUN_ID.name] if table in SCHEMAS else None
-    if columns is None:
+    if table not in SCHEMAS:
         raise ValueError(f"There is no table {table!r}: the tables are {', '.join(TABLES)}.")
+    columns = [*SCHEMAS[table].names, RUN_ID.name]
     unknown = sorted(set(equals) - set(columns))
     if unknown:
         raise ValueError(f"Table {table!r} has no column {', '.join(unknown)}; its columns are {', '.join(columns)}.")

@@ -1,5 +1,7 @@
 """Parquet round trip with the documented schema and hive layout, read as downstream consumers read it."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -9,7 +11,7 @@ import pytest
 
 from storage import Store
 from storage.dictionary import data_dictionary, describe
-from storage.tables import SCHEMA_VERSION, SCHEMAS, TABLES, open_table, read_table, write_table
+from storage.tables import SCHEMA_VERSION, SCHEMAS, TABLES, open_table, read_table, to_arrow, write_table
 from tests.conftest import sample_frames
 
 
@@ -202,3 +204,24 @@ def test_every_column_says_what_it_holds(store):
 
 def test_a_table_no_run_has_written_reads_as_empty(store):
     assert read_table(store, "promotions").empty
+
+
+def test_a_partition_whose_run_id_is_no_key_of_the_store_is_skipped(store, two_runs):
+    """pyarrow URL-decodes a hive folder name: ``run_id=%2F..%2F..%2Fetc`` reads as the run id ``/../../etc``, which
+    every reader (the tables step, ``champion promote``) would use as a key. Such a partition is skipped, not read."""
+    warnings = []
+    store.warn = warnings.append
+    folder = Path(store.path(store.table_dir("runs"))) / "run_id=%2F..%2F..%2Fetc"  # the store itself refuses this key
+    folder.mkdir()
+    pq.write_table(to_arrow("runs", sample_frames(0)["runs"]), folder / "part-0.parquet")
+    assert sorted(read_table(store, "runs")["run_id"]) == ["run-a", "run-b"]
+    assert any("not a key inside the store" in w for w in warnings)
+
+
+def test_a_partition_missing_what_its_schema_version_had_is_skipped_not_fatal(store, two_runs):
+    warnings = []
+    store.warn = warnings.append
+    planted = as_schema_2("promotions", sample_frames(6)["promotions"]).drop(columns=["decision"])
+    old_partition(store, "promotions", "run-odd", planted, version="2")
+    assert sorted(read_table(store, "promotions")["run_id"]) == ["run-a", "run-b"]
+    assert any("not those of schema version 2" in w and "run-odd" in w for w in warnings)
