@@ -197,6 +197,8 @@ def test_the_one_call_reader_takes_a_location_and_filters(store, two_runs):
 def test_every_column_says_what_it_holds(store):
     missing = [f"{t}.{f.name}" for t, s in SCHEMAS.items() for f in s if not describe(f)]
     assert missing == []
+    written = pq.read_schema(store.path(write_table(store, "runs", "run-x", sample_frames(0)["runs"])))
+    assert describe(written.field("model_key")) == describe(SCHEMAS["runs"].field("model_key"))  # in every file too
     dictionary = data_dictionary()
     for table, fields in SCHEMAS.items():
         assert f"### `{table}`" in dictionary and all(f"| `{f.name}` |" in dictionary for f in fields)
