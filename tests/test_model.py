@@ -54,14 +54,60 @@ def test_strong_model_is_an_option_beside_the_seed():
     assert float(schedule(50)) == pytest.approx(2e-3, rel=0.05) and float(schedule(999)) < 1e-4
 
 
+def _moved(images, down: int, right: int):
+    """``images`` moved by whole pixels with NumPy, zeros coming in: what the wrapper's layers must compute."""
+    import numpy as np
+
+    moved = np.zeros_like(images)
+    h, w = images.shape[1:3]
+    rows_from, rows_to = slice(max(-down, 0), h - max(down, 0)), slice(max(down, 0), h - max(-down, 0))
+    cols_from, cols_to = slice(max(-right, 0), w - max(right, 0)), slice(max(right, 0), w - max(-right, 0))
+    moved[:, rows_to, cols_to] = images[:, rows_from, cols_from]
+    return moved
+
+
+def test_the_strong_model_is_saved_as_the_mean_over_its_shifted_views(tmp_path):
+    """Test-time augmentation lives inside the .keras file: a loader (with safe_mode on) gets one model whose
+    probabilities are the mean of the trained network's over SERVING_SHIFTS, built from Keras' own layers."""
+    import keras
+    import numpy as np
+
+    from tasks.training.model import SERVING_SHIFTS, build_seed_model, build_strong_model, for_serving
+
+    network = build_strong_model()
+    served = for_serving("strong", network)
+    served.save(tmp_path / "strong.keras")
+    loaded = keras.models.load_model(tmp_path / "strong.keras", compile=False, safe_mode=True)
+    assert {type(layer).__name__ for layer in loaded.layers} == {
+        "InputLayer",
+        "ZeroPadding2D",
+        "Cropping2D",
+        "Sequential",
+        "Average",
+    }
+    images = np.random.default_rng(0).random((6, 28, 28, 1)).astype("float32")
+    images[:, :2] = images[:, -2:] = images[:, :, :2] = images[:, :, -2:] = 0  # a border, as MNIST digits have
+    shifts = SERVING_SHIFTS[ModelName.strong]
+    assert len(shifts) == len(set(shifts)) > 1 and (0, 0) in shifts
+    expected = np.mean([network.predict(_moved(images, *shift), verbose=0) for shift in shifts], axis=0)
+    np.testing.assert_allclose(loaded.predict(images, verbose=0), expected, atol=1e-6)
+    assert not np.allclose(expected, network.predict(images, verbose=0), atol=1e-6)  # the views do change the answer
+    seed = build_seed_model()
+    assert for_serving("seed", seed) is seed  # the user's network is saved exactly as trained
+
+
 @pytest.mark.slow
 def test_strong_model_trains_and_records_its_name(mnist_store):
     from tasks.data.fetch import fetch_mnist
+    from tasks.training.model import SERVING_SHIFTS, load_model
     from tasks.training.train import TrainConfig, train_model
 
     dataset = fetch_mnist(mnist_store, sources=[], log=lambda _: None)
     ref = train_model(mnist_store, dataset, TrainConfig(model="strong", epochs=1, train_limit=1000), log=lambda _: None)
     assert ref.network == "strong" and ref.epochs == 1 and 0.0 <= ref.val_accuracy <= 1.0
+    served = load_model(mnist_store, ref)  # what the gate and the evaluation predict with
+    assert served.name == f"strong_cnn_over_{len(SERVING_SHIFTS[ModelName.strong])}_views"
+    assert served.get_layer("strong_cnn").count_params() == served.count_params()  # one network, shared by the views
 
 
 def test_the_seed_trains_on_sparse_labels_and_strong_on_smoothed_one_hot_labels():

@@ -146,7 +146,7 @@ def train_and_store(
 
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, "model.keras")
-        model.save(local)
+        networks.for_serving(config.model, model).save(local)  # with its test-time views, if the network has any
         stamp_keras_file(local, backend=backend.value, device=device, dtype_policy=policy)
         digest = sha256_bytes(Path(local).read_bytes())
         model_file = store.unique(store.model_file(key))

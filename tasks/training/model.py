@@ -165,6 +165,57 @@ def make_optimizer(name: ModelName | str, base: float, total_steps: int) -> kera
     return keras.optimizers.Adam(learning_rate=schedule, use_ema=True, ema_momentum=ema)
 
 
+Shift = tuple[int, int]  # (down, right) in pixels; negative: up, left
+
+# The views of each image a saved model averages its probabilities over (test-time augmentation inside the
+# .keras file, so the gate, the tables and every downstream loader see one model and the same predictions).
+# The seed network is saved as trained: it is the user's model, layer for layer.
+SERVING_SHIFTS: dict[ModelName, tuple[Shift, ...]] = {
+    ModelName.seed: (),
+    ModelName.strong: ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)),
+}
+
+
+def _shift_layers(down: int, right: int) -> list:
+    """Zero-pad one side and crop the other: the image moved by whole pixels, built-in layers only
+    (a ``Lambda`` would make the file unloadable with ``safe_mode``). float32, so the unshifted view is
+    bit for bit the network's own input."""
+    from keras import layers
+
+    words = {"down": max(down, 0), "up": max(-down, 0), "right": max(right, 0), "left": max(-right, 0)}
+    name = "shift_" + "_".join(f"{word}{n}" for word, n in words.items() if n)
+    pad = ((words["down"], words["up"]), (words["right"], words["left"]))
+    crop = ((words["up"], words["down"]), (words["left"], words["right"]))
+    return [
+        layers.ZeroPadding2D(pad, dtype="float32", name=f"{name}_pad"),
+        layers.Cropping2D(crop, dtype="float32", name=f"{name}_crop"),
+    ]
+
+
+def averaged_over_shifts(model: keras.Model, shifts: tuple[Shift, ...]) -> keras.Model:
+    """``model`` wrapped to predict the mean of its probabilities over the shifted views of its input;
+    ``model`` itself unchanged when there is at most the identity view. The wrapper shares the weights."""
+    if not shifts or shifts == ((0, 0),):
+        return model
+    keras = import_keras()
+    from keras import layers
+
+    images = keras.Input(shape=INPUT_SHAPE, name="images")
+    views = []
+    for down, right in shifts:
+        view = images
+        for layer in _shift_layers(down, right) if (down, right) != (0, 0) else []:
+            view = layer(view)
+        views.append(model(view))
+    mean = layers.Average(dtype="float32", name="mean_over_views")(views)
+    return keras.Model(images, mean, name=f"{model.name}_over_{len(shifts)}_views")
+
+
+def for_serving(name: ModelName | str, model: keras.Model) -> keras.Model:
+    """The model as it is saved and served: the trained network with its ``SERVING_SHIFTS``."""
+    return averaged_over_shifts(model, SERVING_SHIFTS[ModelName(name)])
+
+
 BUILDERS: dict[ModelName, Callable[[], keras.Model]] = {ModelName.seed: build_seed_model, ModelName.strong: build_strong_model}
 
 
@@ -190,6 +241,10 @@ NETWORK_CODE = (
     ema_momentum,
     loss_and_targets,
     LABEL_SMOOTHING,
+    SERVING_SHIFTS,
+    _shift_layers,
+    averaged_over_shifts,
+    for_serving,
     scale,
     INPUT_SHAPE,
 )
