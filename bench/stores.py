@@ -20,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from flows.serve import free_port  # noqa: E402
+from flows.stack.serve import free_port  # noqa: E402
 from storage import Store  # noqa: E402
 from tasks.data.fetch import fetch_mnist  # noqa: E402
 

@@ -35,14 +35,14 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
 
 def cli_reference() -> str:
     """Every command's ``--help``, as the installed CLI prints it."""
-    from flows import topology
     from flows.cli import build_parser
+    from flows.stack import topology
 
     os.environ["COLUMNS"] = HELP_WIDTH  # argparse wraps to the terminal: the same width on every machine
     root = build_parser()
     out = ["## mnist-pipeline", "", "```text", _help(root), "```", ""]
     for name, command in _subcommands(root).items():
-        if name == "serve":  # its verbs' options are flows/serve.py's own parser, with both topologies
+        if name == "serve":  # its verbs' options are flows/stack/serve.py's own parser, with both topologies
             text = io.StringIO()
             with contextlib.redirect_stdout(text), contextlib.suppress(SystemExit):
                 topology.serve(["--help"])

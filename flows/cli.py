@@ -16,7 +16,7 @@ import typing
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
-from flows.params import PipelineParameters, describe_errors
+from flows.night.params import PipelineParameters, describe_errors
 
 EXIT_FAILED = 1
 EXIT_BAD_PARAMETERS = 2
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run", help="run the flow once and print where its tables and plots are", epilog=ENVIRONMENT, formatter_class=_Format
     )
-    _add_model_flags(run, PipelineParameters)  # the flags are the parameters: declared once, in flows/params.py
+    _add_model_flags(run, PipelineParameters)  # the flags are the parameters: declared once, in flows/night/params.py
 
     champion_group, champion = _group(
         sub, "champion", "the model in use: show it, list its history, promote a run's model, roll back"
@@ -241,7 +241,7 @@ def parameters_from(args: argparse.Namespace) -> PipelineParameters:
 
 
 def _store(args: argparse.Namespace):
-    from flows.locks import open_store
+    from flows.night.locks import open_store
 
     return open_store(getattr(args, "store", None))
 
@@ -484,8 +484,8 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     _quiet_environment()
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["serve"] and argv[1:2] and argv[1] in ("start", "stop", "status"):  # its options are flows/serve.py's
-        from flows import topology  # flows/serve.py's options, with the HA topology (make serve TOPOLOGY=ha)
+    if argv[:1] == ["serve"] and argv[1:2] and argv[1] in ("start", "stop", "status"):  # its options are flows/stack/serve.py's
+        from flows.stack import topology  # flows/stack/serve.py's options, with the HA topology (make serve TOPOLOGY=ha)
 
         return topology.serve(argv[1:])
     parser = build_parser()
@@ -516,7 +516,7 @@ def run_command(args: argparse.Namespace) -> int:
         print(describe_errors(exc), file=sys.stderr)
         return EXIT_BAD_PARAMETERS
 
-    from flows.locks import open_store
+    from flows.night.locks import open_store
     from storage import StoreError
 
     try:  # seconds, not the ephemeral server's start-up (or fifteen epochs), before saying the store is unusable
@@ -526,7 +526,7 @@ def run_command(args: argparse.Namespace) -> int:
         return EXIT_FAILED
 
     api = _start_temporary_api()
-    from flows.pipeline import mnist_retrain  # imports Prefect: only once the input is valid
+    from flows.night.pipeline import mnist_retrain  # imports Prefect: only once the input is valid
 
     if api is not None:
         api.join()

@@ -21,6 +21,7 @@ FLAT_NAMES = {
     "pointer": "champion_pointer",
     "checks": "data_checks",
 }
+FLOW_FOLDERS = ("night", "stack")
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -97,8 +98,11 @@ def _first_party_imports_sorted(body: list[ast.stmt]) -> list[ast.stmt]:
 
 
 def _flat_module(module: str) -> str:
-    """``tasks.<stage>.<name>`` → ``tasks.<name as it was before the stages>``; ``tasks.<stage>`` → ``tasks``."""
+    """``tasks.<stage>.<name>`` → ``tasks.<name as it was before the stages>``; ``tasks.<stage>`` → ``tasks``;
+    ``flows.night.<name>`` and ``flows.stack.<name>`` → ``flows.<name>`` (flows/ was flat before them too)."""
     parts = module.split(".")
+    if len(parts) > 2 and parts[0] == "flows" and parts[1] in FLOW_FOLDERS:
+        return ".".join(["flows", *parts[2:]])
     if len(parts) < 2 or parts[0] != "tasks" or parts[1] not in STAGES:
         return module
     rest = parts[2:]

@@ -109,7 +109,7 @@ class Layout:
     def results_dir(self) -> str:
         """Prefect's result records (the cache): beside the artifacts they point to, shared by every machine.
 
-        The filesystem path (local) or full URL (remote) that ``flows/results.py`` gives Prefect.
+        The filesystem path (local) or full URL (remote) that ``flows/night/results.py`` gives Prefect.
         """
         return self.path("prefect-results") if self.is_local else f"{self.url}/prefect-results"
 

@@ -371,7 +371,7 @@ class S3Server:
         import time
         import urllib.request
 
-        from flows.serve import free_port
+        from flows.stack.serve import free_port
 
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"

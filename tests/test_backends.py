@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.params import PipelineParameters
+from flows.night.params import PipelineParameters
 from storage import Store
 from storage.tables import read_table
 from tasks.data.fetch import fetch_mnist

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from flows import caching
-from flows.params import PipelineParameters
+from flows.night import caching
+from flows.night.params import PipelineParameters
 from storage import Store
 from tasks.champion.gate import GateRules
 from tasks.data.fetch import DatasetRef, StoredFile
@@ -116,7 +116,7 @@ def test_compute_key_names_the_step_and_has_no_side_effect(tmp_path):
 def test_runs_reuse_every_heavy_step_recompute_a_damaged_one_and_hit_in_a_copied_store(
     mnist_store: Store, prefect_harness, tmp_path, monkeypatch
 ):
-    from flows.pipeline import mnist_retrain
+    from flows.night.pipeline import mnist_retrain
 
     store = Store(tmp_path / "store")
     store.fs.makedirs(store.path("objects"), exist_ok=True)
@@ -170,7 +170,7 @@ def test_runs_reuse_every_heavy_step_recompute_a_damaged_one_and_hit_in_a_copied
 def test_an_empty_seed_follows_the_data_and_new_seed_draws_one(mnist_store: Store, prefect_harness, tmp_path):
     import json
 
-    from flows.pipeline import mnist_retrain
+    from flows.night.pipeline import mnist_retrain
     from storage.tables import read_table
 
     store = Store(tmp_path / "store")
@@ -209,7 +209,7 @@ def test_a_cached_night_whose_champion_is_another_runs_model_imports_no_tensorfl
     import sys
     from pathlib import Path
 
-    from flows.pipeline import mnist_retrain
+    from flows.night.pipeline import mnist_retrain
 
     store = with_mnist(Store(tmp_path / "store"), mnist_store)
     base = PipelineParameters(epochs=1, train_limit=1000, n_per_class=10, store=store.url, gate={"min_balanced_accuracy": 0.1})
@@ -220,8 +220,8 @@ def test_a_cached_night_whose_champion_is_another_runs_model_imports_no_tensorfl
     assert first.decision == "rejected" and first.champion_run_id == champion.run_id
     script = (
         "import json, sys\n"
-        "from flows.params import PipelineParameters\n"
-        "from flows.pipeline import mnist_retrain\n"
+        "from flows.night.params import PipelineParameters\n"
+        "from flows.night.pipeline import mnist_retrain\n"
         f"summary = mnist_retrain(PipelineParameters.model_validate_json({night.model_dump_json()!r}))\n"
         "print(json.dumps({'states': summary.step_states, 'decision': summary.decision,"
         " 'champion': summary.champion_run_id, 'tensorflow': 'tensorflow' in sys.modules}))\n"

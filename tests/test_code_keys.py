@@ -28,7 +28,7 @@ KEYS = textwrap.dedent(
         for name in [m for m in sys.modules if m.split(".")[0] in ("flows", "tasks", "storage")]:
             del sys.modules[name]
         sys.path[0] = tree
-        from flows import caching
+        from flows.night import caching
         from tasks.evaluation.evaluate import EvaluationRef
         from tasks.data.fetch import DatasetRef
         from tasks.training.model import ModelRef

@@ -8,9 +8,9 @@ import stat
 
 import pytest
 
-from flows.confinement import NotServed, check_deployed_run
-from flows.params import PipelineParameters
-from flows.serve import LocalStack
+from flows.night.confinement import NotServed, check_deployed_run
+from flows.night.params import PipelineParameters
+from flows.stack.serve import LocalStack
 
 
 @pytest.fixture
@@ -127,7 +127,7 @@ def test_a_deployed_run_may_tighten_a_rule_but_not_loosen_it_unless_the_worker_a
 
 
 def test_every_rule_is_judged_in_one_direction_and_the_defaults_pass(worker):
-    from flows.confinement import LOOSER_WHEN_HIGHER, LOOSER_WHEN_LOWER, NOT_A_RULE
+    from flows.night.confinement import LOOSER_WHEN_HIGHER, LOOSER_WHEN_LOWER, NOT_A_RULE
     from tasks.champion.gate import GateRules
     from tasks.intake.checks import IngestRules
 
@@ -141,7 +141,7 @@ def test_every_rule_is_judged_in_one_direction_and_the_defaults_pass(worker):
 
 
 def test_the_pool_template_exposes_nothing_that_changes_what_or_where_a_run_executes():
-    from flows.worker import locked_template
+    from flows.stack.worker import locked_template
 
     template = locked_template()
     assert set(template["variables"]["properties"]) == {"name", "labels", "stream_output"}
@@ -154,7 +154,7 @@ def test_the_worker_runs_only_this_checkouts_deployment():
 
     from prefect.client.schemas.responses import DeploymentResponse
 
-    from flows.worker import CODE, ENTRYPOINT, WORKING_DIRECTORY_STEP, RefusedRun, check_deployment
+    from flows.stack.worker import CODE, ENTRYPOINT, WORKING_DIRECTORY_STEP, RefusedRun, check_deployment
 
     def deployment(entrypoint: str = ENTRYPOINT, steps: list | None = None) -> DeploymentResponse:
         steps = [{WORKING_DIRECTORY_STEP: {"directory": str(CODE)}}] if steps is None else steps
@@ -192,7 +192,7 @@ def test_the_worker_runs_its_own_engine_in_its_own_checkout_whatever_the_job_var
     from prefect.client.schemas.responses import DeploymentResponse
     from prefect.workers.process import ProcessWorker
 
-    from flows.worker import CODE, ENTRYPOINT, WORKING_DIRECTORY_STEP, ConfinedJobConfiguration
+    from flows.stack.worker import CODE, ENTRYPOINT, WORKING_DIRECTORY_STEP, ConfinedJobConfiguration
 
     hostile = {"command": "touch /tmp/marker", "env": {"MNIST_ALLOW_FORCE_PROMOTE": "1"}, "working_dir": "/tmp"}
     template = ProcessWorker.get_default_base_job_template()
@@ -205,12 +205,12 @@ def test_the_worker_runs_its_own_engine_in_its_own_checkout_whatever_the_job_var
         pull_steps=[{WORKING_DIRECTORY_STEP: {"directory": str(CODE)}}],
     )
     job.prepare_for_flow_run(FlowRun(flow_id=deployment.flow_id, deployment_id=deployment.id, name="n"), deployment)
-    assert shlex.split(job.command) == [sys.executable, "-m", "flows.engine"]
+    assert shlex.split(job.command) == [sys.executable, "-m", "flows.stack.engine"]
     assert job.working_dir == CODE and job.env.get("MNIST_ALLOW_FORCE_PROMOTE") == os.environ.get("MNIST_ALLOW_FORCE_PROMOTE")
 
 
 def test_the_workers_engine_never_runs_a_deployments_pull_steps_even_edited_after_the_check(prefect_api, tmp_path, worker):
-    """``python -m flows.engine`` for a run of a deployment whose pull steps were changed to a shell script (as an
+    """``python -m flows.stack.engine`` for a run of a deployment whose pull steps were changed to a shell script (as an
     administrator could do between the worker's check and the run's start): the script never runs; the flow does,
     and refuses the unserved store it was given, so the run ends Failed in seconds."""
     import subprocess
@@ -218,7 +218,7 @@ def test_the_workers_engine_never_runs_a_deployments_pull_steps_even_edited_afte
 
     from prefect import get_client
 
-    from flows.pipeline import mnist_retrain
+    from flows.night.pipeline import mnist_retrain
 
     marker = tmp_path / "pull-step-ran"
     with get_client(sync_client=True) as client:
@@ -226,12 +226,12 @@ def test_the_workers_engine_never_runs_a_deployments_pull_steps_even_edited_afte
         deployment_id = client.create_deployment(
             flow_id=flow_id,
             name=f"edited-{tmp_path.name}",
-            entrypoint="flows/pipeline.py:mnist_retrain",
+            entrypoint="flows/night/pipeline.py:mnist_retrain",
             pull_steps=[{"prefect.deployments.steps.run_shell_script": {"script": f"touch {marker}"}}],
         )
         run = client.create_flow_run_from_deployment(deployment_id, parameters={"params": {"store": str(tmp_path / "x")}})
         done = subprocess.run(
-            [sys.executable, "-m", "flows.engine", str(run.id)],
+            [sys.executable, "-m", "flows.stack.engine", str(run.id)],
             cwd=tmp_path,  # not the checkout: the engine's flow comes from the installed code beside it
             env={**os.environ, **prefect_api},
             capture_output=True,
@@ -250,8 +250,8 @@ def test_the_workers_hooks_run_this_checkouts_flow_never_the_deployments():
 
     import prefect.workers.process
 
-    from flows.pipeline import mnist_retrain
-    from flows.worker import this_checkouts_flow
+    from flows.night.pipeline import mnist_retrain
+    from flows.stack.worker import this_checkouts_flow
 
     assert prefect.workers.process.load_flow_from_flow_run is this_checkouts_flow
     assert asyncio.run(this_checkouts_flow(object())) is mnist_retrain

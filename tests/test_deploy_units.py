@@ -1,13 +1,13 @@
 """deploy/ (systemd units, environment files, HAProxy and Redis configuration) says what the HA stack of
-flows/topology.py runs: the same Prefect and Redis settings, the same balancer, every process restarted."""
+flows/stack/topology.py runs: the same Prefect and Redis settings, the same balancer, every process restarted."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from flows.recovery import HEARTBEAT_ENV, HEARTBEAT_SECONDS
-from flows.topology import REDIS_MODULES, HAStack
+from flows.night.recovery import HEARTBEAT_ENV, HEARTBEAT_SECONDS
+from flows.stack.topology import REDIS_MODULES, HAStack
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 PRODUCTION_PORTS = {"redis": 6379, "api-1": 4201, "api-2": 4202}
@@ -74,7 +74,7 @@ def test_every_unit_restarts_its_process_and_runs_what_the_stack_runs(tmp_path: 
     assert exec_start("mnist-prefect-api@.service")[1:-1] == [*commands["api-1"][0][1:-1]]  # all but python and port
     assert exec_start("mnist-prefect-api@.service")[-1] == "%i"
     assert exec_start("mnist-prefect-services.service")[1:] == commands["services"][0][1:]
-    assert exec_start("mnist-watchdog.service")[1:] == ["-m", "flows.watchdog"]
-    assert exec_start("mnist-worker.service")[1:4] == ["-m", "flows.worker", "--pool"]
+    assert exec_start("mnist-watchdog.service")[1:] == ["-m", "flows.stack.watchdog"]
+    assert exec_start("mnist-worker.service")[1:4] == ["-m", "flows.stack.worker", "--pool"]
     assert "server.env" in units["mnist-prefect-api@.service"] and "server.env" in units["mnist-prefect-services.service"]
     assert "client.env" in units["mnist-worker.service"] and "client.env" in units["mnist-watchdog.service"]

@@ -33,10 +33,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from flows.alerts import AUTOMATION_NAME
-from flows.database import LocalPostgres, postgres_binary
-from flows.recovery import BUCKET_BUFFER, BUCKET_BUFFER_ENV, CRASH_MESSAGE, MAX_ATTEMPTS, RESTART_MESSAGE
-from flows.serve import LocalStack, free_port
+from flows.night.alerts import AUTOMATION_NAME
+from flows.night.recovery import BUCKET_BUFFER, BUCKET_BUFFER_ENV, CRASH_MESSAGE, MAX_ATTEMPTS, RESTART_MESSAGE
+from flows.stack.database import LocalPostgres, postgres_binary
+from flows.stack.serve import LocalStack, free_port
 from storage import Store
 from storage.tables import TABLES, read_table
 from tests.conftest import S3Server, submissions, with_mnist
@@ -286,7 +286,7 @@ def test_the_stack_is_configured_as_prefect_yaml_says_and_keeps_its_secrets(ops,
         environment = Path(f"/proc/{pid}/environ").read_bytes()
         assert b"PREFECT_API_DATABASE_CONNECTION_URL" not in environment and b"PREFECT_API_AUTH_STRING=" in environment
         assert cluster.password.encode() not in environment, worker
-        assert command[1:3] == [b"-m", b"flows.worker"], command  # the worker that decides (flows/worker.py)
+        assert command[1:3] == [b"-m", b"flows.stack.worker"], command  # the worker that decides (flows/stack/worker.py)
     server = Path(f"/proc/{ops.stack._pids()['server']}/environ").read_bytes().split(b"\0")
     assert f"{BUCKET_BUFFER_ENV}={BUCKET_BUFFER}".encode() in server  # a silent run's bucket is not swept unseen
     assert f"PREFECT_SERVER_CORS_ALLOWED_ORIGINS={ops.stack.ui_url}".encode() in server  # the UI's origin alone
@@ -519,7 +519,7 @@ def test_a_killed_workers_run_is_crashed_restarted_elsewhere_and_resumes(ops, tw
 def test_a_run_that_keeps_crashing_fails_instead_of_looping():
     from datetime import UTC, datetime
 
-    from flows.recovery import Attempt, check_attempt
+    from flows.night.recovery import Attempt, check_attempt
 
     crashes = [CRASH_MESSAGE.format(automation="mnist-crash-silent-runs")] * MAX_ATTEMPTS
     check_attempt(Attempt(number=MAX_ATTEMPTS, crashed=crashes[:-1], started_at=datetime.now(UTC)))  # may still try

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flows.params import PipelineParameters
+from flows.night.params import PipelineParameters
 from storage import Store
 from storage.tables import TABLES, read_table
 from tasks.training.train import stored_model
@@ -65,7 +65,7 @@ def check_run(store: Store, run_id: str, n_per_class: int, epochs: int) -> None:
 
 
 def test_flow_end_to_end(mnist_store: Store, prefect_harness) -> None:
-    from flows.pipeline import mnist_retrain
+    from flows.night.pipeline import mnist_retrain
 
     params = PipelineParameters(epochs=1, train_limit=3000, n_per_class=30, seed=1, store=mnist_store.url)
     summary = mnist_retrain(params)
@@ -81,7 +81,7 @@ def test_three_nights_promote_reject_promote(mnist_store: Store, prefect_harness
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-    from flows.pipeline import mnist_retrain
+    from flows.night.pipeline import mnist_retrain
 
     store = Store(tmp_path / "store")
     with_mnist(store, mnist_store)

@@ -1,4 +1,4 @@
-"""The HA topology (``make serve TOPOLOGY=ha``, flows/topology.py) on this machine: PostgreSQL, Redis, two API
+"""The HA topology (``make serve TOPOLOGY=ha``, flows/stack/topology.py) on this machine: PostgreSQL, Redis, two API
 replicas behind HAProxy, the services apart, the supervisor, the watchdog and a worker. One stack for the module
 (conftest.SHARED_WORKER keeps it on one xdist worker); nights are short (one epoch on 3000 images).
 
@@ -24,10 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from flows.database import URL_ENV
-from flows.serve import REPO, free_port
-from flows.topology import REDIS, SERVICES, HAStack, binary, running
-from flows.watchdog import SCHEDULE_MISSING, STUCK_MESSAGE, WatchdogSettings
+from flows.stack.database import URL_ENV
+from flows.stack.serve import REPO, free_port
+from flows.stack.topology import REDIS, SERVICES, HAStack, binary, running
+from flows.stack.watchdog import SCHEDULE_MISSING, STUCK_MESSAGE, WatchdogSettings
 from storage import Store
 from tests.conftest import with_mnist
 from tests.test_deployment import QUICK, Ops, Receiver
@@ -257,7 +257,7 @@ def test_after_the_restarts_the_zombie_automation_still_crashes_and_restarts_a_s
     """Its buckets now live in Redis and its evaluation in the restarted services process. The test stops once the
     run is rescheduled (the pool paused, the run deleted): a resumed run completing on another worker is
     tests/test_deployment.py's, and the same code on both topologies."""
-    from flows.recovery import CRASH_MESSAGE, RESTART_MESSAGE
+    from flows.night.recovery import CRASH_MESSAGE, RESTART_MESSAGE
 
     run = ha.trigger(epochs=3, train_limit=8000, n_per_class=20, seed=51)
     ha.wait([run.id], lambda rs: rs[0].state.is_running(), 180, "the run did not start")
@@ -287,11 +287,11 @@ def test_after_the_restarts_the_zombie_automation_still_crashes_and_restarts_a_s
 
 
 def test_a_worker_whose_heartbeat_is_too_slow_for_the_zombie_automation_refuses_to_start(ha):
-    from flows.worker import HeartbeatTooSlow, check_heartbeat
+    from flows.stack.worker import HeartbeatTooSlow, check_heartbeat
 
     env = {k: v for k, v in ha.stack.env.items() if k != "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"}
     refused = subprocess.run(  # Prefect's default, 180 s: the window read from the stack's API is 60 s
-        [sys.executable, "-m", "flows.worker", "--pool", "gpu", "--name", "slow-heart"],
+        [sys.executable, "-m", "flows.stack.worker", "--pool", "gpu", "--name", "slow-heart"],
         cwd=REPO,
         env=env,
         capture_output=True,

@@ -1,4 +1,4 @@
-"""The shape of the code: flows/ → tasks/ → storage/, and inside tasks/ six stages in the order a night runs them.
+"""The shape of the code: flows/ (cli → stack → night) → tasks/ → storage/, and inside tasks/ six stages in the order a night runs them.
 
 A module may import its own folder and the folders below it, never one above: no import runs back up, so no
 circle, and tasks/ and storage/ stay free of Prefect.
@@ -15,7 +15,10 @@ PACKAGES = ("flows", "tasks", "storage")
 STAGES = ("data", "training", "evaluation", "champion", "intake", "publish")  # tasks/, in the order a night runs
 # Rank of each folder: a module may import folders of a rank at most its own, and only its own folder at equal rank.
 RANK = {"storage": 0, **{f"tasks.{stage}": 1 + i for i, stage in enumerate(STAGES)}, "tasks": 1 + len(STAGES)}
-RANK["flows"] = RANK["tasks"] + 1
+FLOW_FOLDERS = ("night", "stack")  # flows/, from the bottom: what a night does, then what serves it; cli.py on top
+for i, sub in enumerate(FLOW_FOLDERS):
+    RANK[f"flows.{sub}"] = RANK["tasks"] + 1 + i
+RANK["flows"] = RANK["tasks"] + 1 + len(FLOW_FOLDERS)
 
 
 def imports(root: Path = REPO) -> dict[str, set[str]]:
@@ -41,6 +44,8 @@ def folder(module: str) -> str:
     parts = module.split(".")
     if parts[0] == "tasks" and len(parts) > 1 and parts[1] in STAGES:
         return f"tasks.{parts[1]}"
+    if parts[0] == "flows" and len(parts) > 1 and parts[1] in FLOW_FOLDERS:
+        return f"flows.{parts[1]}"
     return parts[0]
 
 
@@ -59,7 +64,7 @@ def violations(graph: dict[str, set[str]]) -> list[str]:
             there = folder(target)
             if RANK[there] > RANK[here] or (RANK[there] == RANK[here] and there != here):
                 found.append(f"{module} ({here}) imports {target} ({there}), a later stage")
-        if here != "flows" and any(t.split(".")[0] == "prefect" for t in targets):
+        if not here.startswith("flows") and any(t.split(".")[0] == "prefect" for t in targets):
             found.append(f"{module} imports Prefect: only flows/ may")
     return found
 
@@ -77,6 +82,15 @@ def test_every_task_module_lives_in_a_stage_folder():
         assert doc, f"tasks/{stage}/__init__.py must say, in its docstring, what the stage decides"
 
 
+def test_flows_is_the_night_the_stack_and_the_command_line_on_top():
+    loose = sorted(p.name for p in (REPO / "flows").glob("*.py"))
+    assert loose == ["__init__.py", "cli.py"], f"flows/ holds modules outside night/ and stack/: {loose}"
+    folders = sorted(p.name for p in (REPO / "flows").iterdir() if p.is_dir() and p.name != "__pycache__")
+    assert folders == sorted(FLOW_FOLDERS)
+    for sub in FLOW_FOLDERS:
+        assert ast.get_docstring(ast.parse((REPO / "flows" / sub / "__init__.py").read_text()))
+
+
 def test_the_rule_catches_an_import_of_a_later_stage(tmp_path):
     """A scratch import planted in a copy: data importing publish, training importing intake, and a sibling."""
     for package in PACKAGES:
@@ -85,8 +99,12 @@ def test_the_rule_catches_an_import_of_a_later_stage(tmp_path):
     (tmp_path / "tasks/training/scratch.py").write_text("def f():\n    from tasks.intake import ingest\n")
     (tmp_path / "storage/scratch.py").write_text("import tasks.data.fetch\n")
     (tmp_path / "tasks/evaluation/scratch.py").write_text("import prefect\n")
+    (tmp_path / "flows/night/scratch.py").write_text("from flows.stack.serve import LocalStack\n")
+    (tmp_path / "flows/stack/scratch.py").write_text("import flows.cli\n")
     found = violations(imports(tmp_path))
-    assert len(found) == 4, found
+    assert len(found) == 6, found
+    assert any(v.startswith("flows.night.scratch (flows.night) imports flows.stack.serve") for v in found)
+    assert any(v.startswith("flows.stack.scratch (flows.stack) imports flows.cli") for v in found)
     assert any(v.startswith("tasks.data.scratch (tasks.data) imports tasks.publish.report") for v in found)
     assert any(v.startswith("tasks.training.scratch (tasks.training) imports tasks.intake.ingest") for v in found)
     assert any(v.startswith("storage.scratch (storage) imports tasks.data.fetch") for v in found)

@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from flows.cli import EXIT_BAD_PARAMETERS, main
-from flows.params import PipelineParameters, describe_errors
+from flows.night.params import PipelineParameters, describe_errors
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -59,7 +59,7 @@ def test_cli_refuses_before_importing_the_pipeline(capsys):
     assert "n_per_class=900" in err and "epochs=0" in err and "1–892" in err
     probe = (  # in a fresh interpreter: what the refusal imported
         "import sys\nfrom flows.cli import main\ncode = main(['run', '--n-per-class', '900'])\n"
-        "print(code, 'flows.pipeline' in sys.modules, 'prefect' in sys.modules, 'tensorflow' in sys.modules)"
+        "print(code, 'flows.night.pipeline' in sys.modules, 'prefect' in sys.modules, 'tensorflow' in sys.modules)"
     )
     done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == [str(EXIT_BAD_PARAMETERS), "False", "False", "False"], done.stderr[-2000:]

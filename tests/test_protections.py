@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flows.confinement import NotServed, check_deployed_run
-from flows.params import PipelineParameters
+from flows.night.confinement import NotServed, check_deployed_run
+from flows.night.params import PipelineParameters
 from storage import DamagedArtifact, Store, StoreError, WriteConflict, sha256_bytes
 from storage.tables import PREDICTIONS_FILE, read_frame, write_frame, write_table
 from tasks.champion.gate import GateRules

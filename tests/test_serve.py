@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.serve import LocalStack, free_port, main
+from flows.stack.serve import LocalStack, free_port, main
 
 pytestmark = pytest.mark.slow
 

@@ -187,7 +187,7 @@ def test_a_folder_like_entry_in_a_checkpoint_on_s3_is_a_damaged_checkpoint_not_a
 
 
 def test_a_link_or_file_at_prefect_results_sends_no_record_outside_and_stops_no_step(store, outside):
-    from flows.results import CheckedStoreResults, UntrustedRecord
+    from flows.night.results import CheckedStoreResults, UntrustedRecord
 
     before = snapshot(outside)
     store.write_text("x", "1")

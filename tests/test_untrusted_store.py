@@ -393,7 +393,7 @@ def json_decoder_record(payload: dict) -> bytes:
 
 
 def test_a_record_that_is_not_ours_is_refused_before_prefect_parses_it(tmp_path, monkeypatch):
-    from flows.results import ReferenceSerializer, UntrustedRecord, check_record
+    from flows.night.results import ReferenceSerializer, UntrustedRecord, check_record
 
     marker = tmp_path / "marker"
     monkeypatch.setenv(MARKER_ENV, str(marker))
@@ -425,8 +425,8 @@ def test_malicious_records_for_every_step_run_no_code_and_train_nothing_new(
     would create a marker file; a zero-byte runs partition beside them. The next run completes, runs
     no code from the records, trains nothing new and says why it ignored each record; the run after is
     all cache hits again."""
-    from flows.params import PipelineParameters
-    from flows.pipeline import mnist_retrain
+    from flows.night.params import PipelineParameters
+    from flows.night.pipeline import mnist_retrain
 
     marker = tmp_path / "marker"
     monkeypatch.setenv(MARKER_ENV, str(marker))

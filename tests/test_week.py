@@ -3,7 +3,7 @@ and decides on follows them. Small trainings (2 epochs on 2 000 base images) kee
 
 from __future__ import annotations
 
-from flows.params import PipelineParameters
+from flows.night.params import PipelineParameters
 from storage import Store
 from storage.tables import open_table, read_table
 from tasks.data.fetch import load_mnist, stored_dataset
@@ -30,7 +30,7 @@ def quarantine_events(run_ids: list[str]) -> list[dict]:
 def test_a_week_of_arrivals_is_checked_trained_on_and_judged_per_slice(mnist_store: Store, prefect_harness, tmp_path):
     import time
 
-    from flows.pipeline import mnist_retrain
+    from flows.night.pipeline import mnist_retrain
 
     store = with_mnist(Store(tmp_path / "store"), mnist_store)
     mnist = load_mnist(store, stored_dataset(store))

@@ -16,7 +16,7 @@ from tasks.training.model import ModelRef
 
 class Execution(BaseModel):
     """When this execution of the run was due and began, and which attempt it is: facts the orchestrator
-    reports (``flows/recovery.py``), recorded here as they are."""
+    reports (``flows/night/recovery.py``), recorded here as they are."""
 
     attempt: int = 1
     scheduled_start: datetime | None = None  # None outside a deployment

@@ -12,7 +12,7 @@ would put any model in production. The worker's own settings decide instead:
   it a run may only tighten them: a lower accuracy floor or a larger leaked share would let through what
   force-promote was kept from).
 
-These are read from the worker's own environment: ``flows/worker.py`` starts every run in it, whatever the
+These are read from the worker's own environment: ``flows/stack/worker.py`` starts every run in it, whatever the
 run's job variables say. Nothing here opens a store or a file before the allow-list said yes.
 
 A person at their own terminal (``make run``, ``mnist-pipeline run``) is trusted: none of this applies
@@ -25,7 +25,7 @@ import os
 
 import fsspec
 
-from flows.params import PipelineParameters
+from flows.night.params import PipelineParameters
 from storage import STORE_ENV
 from storage.credentials import CredentialsInUrl, has_credentials, split_credentials
 from storage.store import DEFAULT_STORE

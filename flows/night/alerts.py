@@ -1,8 +1,8 @@
 """Who hears about a bad night: a Prefect automation that calls a webhook when a run of the nightly
 deployment fails or crashes, when a model is rejected by the champion gate, when a new batch is quarantined,
-or when the watchdog (``flows/watchdog.py``) finds no night scheduled or a night that did not start.
+or when the watchdog (``flows/stack/watchdog.py``) finds no night scheduled or a night that did not start.
 
-``make serve`` runs this against its server (``python -m flows.alerts``). The webhook is a Prefect
+``make serve`` runs this against its server (``python -m flows.night.alerts``). The webhook is a Prefect
 ``Webhook`` block named ``mnist-alerts`` made from ``$MNIST_ALERT_WEBHOOK``, so it can be changed
 later in the UI (Blocks) without touching the automation.
 """
@@ -21,8 +21,8 @@ ALERT_EVENTS = (
     "prefect.flow-run.Crashed",
     "mnist.model.rejected",
     "mnist.batch.quarantined",
-    "mnist.schedule.missing",  # flows/watchdog.py: no night in the next 26 h
-    "mnist.night.late",  # flows/watchdog.py: a night that did not start within its grace
+    "mnist.schedule.missing",  # flows/stack/watchdog.py: no night in the next 26 h
+    "mnist.night.late",  # flows/stack/watchdog.py: a night that did not start within its grace
 )
 
 # The webhook's JSON body: what happened, to what, and why (the gate's reason, when there is one). The whole

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from flows.recovery import Attempt
+from flows.night.recovery import Attempt
 from storage import Store
 from tasks.data.splits import SLICE_NEW, SLICE_SELECTION
 from tasks.publish.report import ReportRef

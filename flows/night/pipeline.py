@@ -10,13 +10,13 @@ from prefect import flow
 from prefect.logging import get_run_logger
 from prefect.runtime import deployment, flow_run
 
-from flows import artifacts, recovery, steps
-from flows.caching import call_cached
-from flows.confinement import check_deployed_run
-from flows.locks import open_store
-from flows.params import PipelineParameters, data_seed, run_seed
-from flows.results import result_storage
-from flows.summary import RunSummary
+from flows.night import artifacts, recovery, steps
+from flows.night.caching import call_cached
+from flows.night.confinement import check_deployed_run
+from flows.night.locks import open_store
+from flows.night.params import PipelineParameters, data_seed, run_seed
+from flows.night.results import result_storage
+from flows.night.summary import RunSummary
 from tasks.publish.run_record import RunRecord
 
 

@@ -8,11 +8,11 @@ SQLAlchemy 2.1 did), nothing else would say so. This process asks the API, every
 - did a night (a run the scheduler made) stay unstarted ``grace`` seconds past its time? ``mnist.night.late``;
 - is a run of the deployment stuck in Pending for ``pending_after`` seconds? Its worker died between claiming
   it and starting its process (or the process never started), so it never sent a heartbeat and the zombie
-  automation (``flows/recovery.py``) cannot see it, while it holds the deployment's one concurrency slot and
+  automation (``flows/night/recovery.py``) cannot see it, while it holds the deployment's one concurrency slot and
   every later night queues behind it. The watchdog marks it Crashed (``STUCK_MESSAGE``), which releases the
   slot; the Crashed state raises the usual alert.
 
-Both events are related to the deployment, so ``flows/alerts.py``'s automation sends them to the same webhook
+Both events are related to the deployment, so ``flows/night/alerts.py``'s automation sends them to the same webhook
 as a failed night. Each problem is reported once while it lasts (again if it clears and comes back).
 ``make serve`` starts it in both topologies; under the HA topology its supervisor restarts it.
 """
@@ -145,7 +145,7 @@ class Watchdog:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.watchdog", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m flows.stack.watchdog", description=__doc__.split("\n\n")[0])
     defaults = WatchdogSettings()
     for name in WatchdogSettings.__dataclass_fields__:
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name), help="seconds")

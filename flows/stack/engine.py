@@ -3,8 +3,8 @@ one difference, it runs this checkout's flow and never what the deployment names
 
 Prefect's engine reads the run's deployment from the API in this process and runs its pull steps and its
 entrypoint. Whoever holds the API's auth string can edit those at any moment, also after the worker checked
-them (``flows/worker.py``), and a pull step can install packages (``requires``) or run a shell script. This engine
-reads the flow run from the API and runs ``flows.pipeline.mnist_retrain`` from the code beside it: no pull step, no
+them (``flows/stack/worker.py``), and a pull step can install packages (``requires``) or run a shell script. This engine
+reads the flow run from the API and runs ``flows.night.pipeline.mnist_retrain`` from the code beside it: no pull step, no
 entrypoint and no code path from the API is ever used; and it ends on the run's final state without reading its
 result, which a caller could have forced to name a block and a serializer of their choosing.
 """
@@ -30,7 +30,7 @@ def main() -> None:
         from prefect._internal.metrics import RunMetrics
         from prefect.flow_engine import flow_run_logger, load_flow_run, run_flow
 
-        from flows.pipeline import mnist_retrain
+        from flows.night.pipeline import mnist_retrain
 
         flow_run = load_flow_run(flow_run_id=flow_run_id)
         run_logger = flow_run_logger(flow_run=flow_run)

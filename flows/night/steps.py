@@ -3,7 +3,7 @@
 Each step is named as the ``tasks/`` function it wraps. Steps take and return small references
 (store URL, paths, digests), never arrays or models, so they can be cached across runs, retried,
 and run on another machine against the same store.
-Heavy steps are cached on content (``flows/caching.py``); per-run publication (tables, report
+Heavy steps are cached on content (``flows/night/caching.py``); per-run publication (tables, report
 folder) always runs, as it is the record of that run.
 """
 
@@ -21,9 +21,9 @@ import tasks.champion.promotion
 import tasks.data.fetch
 import tasks.intake.ingest
 import tasks.publish.tabulate
-from flows import caching
-from flows.locks import open_store
-from flows.results import ReferenceSerializer
+from flows.night import caching
+from flows.night.locks import open_store
+from flows.night.results import ReferenceSerializer
 from tasks.champion.gate import GateRules
 from tasks.champion.promotion import GateRef
 from tasks.data.fetch import DatasetRef, default_sources
@@ -38,7 +38,7 @@ from tasks.training.model import ModelRef
 from tasks.training.train import TrainConfig, train_model
 
 PROGRESS_KEY = "mnist-training-progress"
-REFERENCES = ReferenceSerializer()  # cache records hold data only: see flows/results.py
+REFERENCES = ReferenceSerializer()  # cache records hold data only: see flows/night/results.py
 
 
 @task(

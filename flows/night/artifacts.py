@@ -7,7 +7,7 @@ import base64
 import pandas as pd
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.summary import RunSummary
+from flows.night.summary import RunSummary
 from storage import Store
 from storage.tables import read_frame
 from tasks.data.splits import SLICE_TEST

@@ -14,7 +14,7 @@ streams (``prefect_redis.messaging``), causal ordering and the deployment's conc
 Docket (the background services' task queue) runs on it, so a restarted process loses nothing it held in memory
 and two services processes would not schedule a night twice. Workers and clients know only the balancer.
 
-A supervisor process (``python -m flows.topology supervise``, recorded last in ``pids.json`` so that ``make stop``
+A supervisor process (``python -m flows.stack.topology supervise``, recorded last in ``pids.json`` so that ``make stop``
 stops it first) restarts any of them that dies, with the command and environment it was started with: what
 systemd's ``Restart=always`` does in production (``deploy/systemd/``, checked against ``redis_settings`` by
 tests/test_ha.py).
@@ -32,7 +32,7 @@ import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
-from flows.serve import REPO, LocalStack, _reaped, free_port, write_secret
+from flows.stack.serve import REPO, LocalStack, _reaped, free_port, write_secret
 
 REPLICAS = 2
 SUPERVISOR = "supervisor"
@@ -204,7 +204,7 @@ class HAStack(LocalStack):
         for stale in (self.supervised_file, self.home / "removed.json"):
             stale.unlink(missing_ok=True)
         super().start()
-        self._spawn(SUPERVISOR, "supervise", "--home", str(self.home), "--port", str(self.port), module="flows.topology")
+        self._spawn(SUPERVISOR, "supervise", "--home", str(self.home), "--port", str(self.port), module="flows.stack.topology")
         self.wait_supervised()
 
     def wait_supervised(self, timeout: float = 60) -> None:
@@ -278,13 +278,13 @@ def running(pid: int | None) -> bool:
 
 def serve(argv: list[str]) -> int:
     """``mnist-pipeline serve start|stop|status`` (``make serve``), with both topologies to choose from."""
-    from flows import serve as single
+    from flows.stack import serve as single
 
     return single.main(argv, stacks={"single": LocalStack, "ha": HAStack})
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.topology", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m flows.stack.topology", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["supervise"])
     parser.add_argument("--home", required=True)
     parser.add_argument("--port", type=int, required=True)

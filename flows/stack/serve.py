@@ -1,5 +1,5 @@
 """A real local Prefect stack: server (SQLite, loopback), the ``gpu`` work pool, deployments from
-``prefect.yaml``, the alert and recovery automations (``flows/alerts.py``, ``flows/recovery.py``), and a
+``prefect.yaml``, the alert and recovery automations (``flows/night/alerts.py``, ``flows/night/recovery.py``), and a
 process worker that runs as many flow runs at once as the machine has GPUs (at least one).
 ``make serve`` starts it, ``make stop`` stops it by pid.
 
@@ -30,13 +30,13 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from flows.database import DATABASES, URL_ENV, LocalPostgres
-from flows.recovery import BUCKET_BUFFER, BUCKET_BUFFER_ENV, HEARTBEAT_ENV, HEARTBEAT_SECONDS, SILENT_AFTER_SECONDS
-from flows.watchdog import WatchdogSettings
-from flows.worker import locked_template
+from flows.night.recovery import BUCKET_BUFFER, BUCKET_BUFFER_ENV, HEARTBEAT_ENV, HEARTBEAT_SECONDS, SILENT_AFTER_SECONDS
+from flows.stack.database import DATABASES, URL_ENV, LocalPostgres
+from flows.stack.watchdog import WatchdogSettings
+from flows.stack.worker import locked_template
 from storage.credentials import CredentialsInUrl, split_credentials
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 POOLS = ("gpu",)
 AUTH_ENV = "PREFECT_SERVER_API_AUTH_STRING"  # the server's setting
 CLIENT_AUTH_ENV = "PREFECT_API_AUTH_STRING"  # what every client sends
@@ -174,7 +174,7 @@ class LocalStack:
             # browser gets no CSRF token, so CSRF protection holds
             PREFECT_SERVER_CORS_ALLOWED_ORIGINS=self.ui_origins,
         )
-        env[BUCKET_BUFFER_ENV] = BUCKET_BUFFER  # flows/recovery.py: a silent run's bucket is never swept unseen
+        env[BUCKET_BUFFER_ENV] = BUCKET_BUFFER  # flows/night/recovery.py: a silent run's bucket is never swept unseen
         if self.auth_string:
             env[AUTH_ENV] = self.auth_string
         if self.database_url:
@@ -301,14 +301,16 @@ class LocalStack:
             self.database_url = cluster.start()
         self.start_api()
         self.wait_healthy()
-        template = self.home / "job-template.json"  # flows/worker.py: no variable changes what a run executes
+        template = self.home / "job-template.json"  # flows/stack/worker.py: no variable changes what a run executes
         template.write_text(json.dumps(locked_template(), indent=2))
         for pool in POOLS:
             self._prefect("work-pool", "create", pool, "--type", "process", "--base-job-template", str(template), "--overwrite")
         self._prefect("deploy", "--all", "--no-prompt")
-        self.alerts = self._python("-m", "flows.alerts").strip()
-        self.recovery = self._python("-m", "flows.recovery", "--silent-after", str(self.silent_after)).strip()
-        self._spawn("watchdog", *self.watchdog.args(), module="flows.watchdog")  # flows/watchdog.py: not the scheduler
+        self.alerts = self._python("-m", "flows.night.alerts").strip()
+        self.recovery = self._python("-m", "flows.night.recovery", "--silent-after", str(self.silent_after)).strip()
+        self._spawn(
+            "watchdog", *self.watchdog.args(), module="flows.stack.watchdog"
+        )  # flows/stack/watchdog.py: not the scheduler
         for pool in POOLS:
             self.add_worker(pool, f"{pool}-worker-local")
 
@@ -343,7 +345,7 @@ class LocalStack:
         log_name = self.worker_log_name(pool, name)
         limit = limit or worker_limit()
         return self._spawn(
-            log_name, "--pool", pool, "--name", name, "--limit", str(limit), cwd=cwd, env=env, module="flows.worker"
+            log_name, "--pool", pool, "--name", name, "--limit", str(limit), cwd=cwd, env=env, module="flows.stack.worker"
         )
 
     def _terminate(self, pid: int, grace: float) -> bool:
@@ -398,7 +400,7 @@ class LocalStack:
 
 
 def main(argv: list[str] | None = None, stacks: dict[str, type[LocalStack]] | None = None) -> int:
-    """``make serve``/``make stop``; ``stacks`` maps each topology to its class (flows/topology.py ``serve`` passes
+    """``make serve``/``make stop``; ``stacks`` maps each topology to its class (flows/stack/topology.py ``serve`` passes
     both: this module cannot import the HA stack, which is built on it)."""
     stacks = stacks or {"single": LocalStack}
     parser = argparse.ArgumentParser(prog="mnist-pipeline serve", description=__doc__)
@@ -463,7 +465,7 @@ def main(argv: list[str] | None = None, stacks: dict[str, type[LocalStack]] | No
             else f"Login:          the UI asks for a password: enter ${AUTH_ENV}\n"
         ) + (
             f"Remote workers: export PREFECT_API_URL={remote} PREFECT_API_AUTH_STRING={secret}; "
-            "python -m flows.worker --pool gpu --limit <GPUs>\n"
+            "python -m flows.stack.worker --pool gpu --limit <GPUs>\n"
         )
     else:
         secret, login = "", "Login:          none (--no-auth; loopback only)\n"

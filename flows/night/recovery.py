@@ -1,6 +1,6 @@
 """What happens to a night whose worker died: Prefect marks the silent run Crashed and starts it again.
 
-Two automations, created by ``make serve`` (``python -m flows.recovery``):
+Two automations, created by ``make serve`` (``python -m flows.night.recovery``):
 
 - ``mnist-crash-silent-runs``: the trigger from Prefect's guide "How to detect and respond to zombie
   flows". A flow run that sent a heartbeat and then neither another heartbeat nor a final state within
@@ -8,9 +8,9 @@ Two automations, created by ``make serve`` (``python -m flows.recovery``):
 - ``mnist-restart-crashed-runs``: a run of the nightly deployment crashed *by that automation* (matched on
   the state message, so a run that crashed for another reason is left for a person) is put back to
   ``Scheduled`` as ``AwaitingRetry``, the state Prefect's own "Retry" button uses. It keeps its id and its
-  parameters, and the seed an empty ``seed`` derives from the dataset version (``flows.params.data_seed``; the
+  parameters, and the seed an empty ``seed`` derives from the dataset version (``flows.night.params.data_seed``; the
   batches it ingested are recorded, so the version is the same unless another batch arrived meanwhile) or,
-  with ``new_seed``, from the run id (``flows.params.run_seed``), so any worker of the pool picks it up and
+  with ``new_seed``, from the run id (``flows.night.params.run_seed``), so any worker of the pool picks it up and
   training carries on from the checkpoint in the store.
 
 Heartbeats need ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` (30 s or more) where flow runs execute; ``make serve``
@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 
 from pydantic import BaseModel
 
-from flows.alerts import prepare_automations
+from flows.night.alerts import prepare_automations
 from tasks.publish.run_record import Execution
 
 
@@ -145,7 +145,7 @@ def check_attempt(attempt: Attempt) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.recovery", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m flows.night.recovery", description=__doc__.split("\n")[0])
     parser.add_argument("--silent-after", type=float, default=SILENT_AFTER_SECONDS, help="seconds without a heartbeat")
     args = parser.parse_args(argv)
     print(configure_recovery(args.silent_after))

@@ -2,7 +2,7 @@
 
 The server enforces it for every worker that talks to it, whatever machine the worker is on, and a
 slot is leased, so a worker that dies mid-training frees it when its lease runs out. Local stores
-keep their flock (``storage.Store.lock``); this is what ``flows/steps.py`` gives a remote store.
+keep their flock (``storage.Store.lock``); this is what ``flows/night/steps.py`` gives a remote store.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ that cache key. Here:
 * the result storage blocks below check every record *before* Prefect parses it: a record that
   is not exactly what that serializer writes is refused, which Prefect treats as a cache miss; the
   bytes checked are the bytes handed on;
-* ``check_record`` is what ``flows.caching`` calls before each cached step, to log such a record
+* ``check_record`` is what ``flows.night.caching`` calls before each cached step, to log such a record
   once (its key and why) and remove it, so the step runs and writes a good one.
 """
 

@@ -4,9 +4,9 @@ In open-source Prefect, whoever holds the API's auth string can create a run wit
 custom-run form, ``prefect deployment run --job-variable``), edit the work pool's base job template, and edit a
 deployment's entrypoint and pull steps. Prefect's process worker honours all of them: a run's ``command`` is
 a shell command on the worker, its ``env`` overrides the worker's own settings (the allow-lists of
-``flows/confinement.py``), its ``working_dir`` picks the code. So this worker takes none of them:
+``flows/night/confinement.py``), its ``working_dir`` picks the code. So this worker takes none of them:
 
-* every run starts as ``python -m flows.engine`` in the worker's own checkout and environment (start-up
+* every run starts as ``python -m flows.stack.engine`` in the worker's own checkout and environment (start-up
   environment plus Prefect's run settings), whatever the template or the run's job variables say; that engine
   runs this checkout's flow and never a deployment's pull steps or entrypoint, which the API can change even
   after the check below;
@@ -18,7 +18,7 @@ a shell command on the worker, its ``env`` overrides the worker's own settings (
   ``stream_output`` and allows no other (``additionalProperties: false``), so the server itself refuses a
   run created with ``command``, ``env`` or ``working_dir`` (HTTP 422), before anything reaches a worker.
 
-``make serve`` starts this worker (``python -m flows.worker --pool gpu``); a worker on another machine is started
+``make serve`` starts this worker (``python -m flows.stack.worker --pool gpu``); a worker on another machine is started
 the same way, from a checkout of this repository.
 """
 
@@ -36,10 +36,11 @@ from typing import Any
 import prefect.workers.process
 from prefect.workers.process import ProcessJobConfiguration, ProcessWorker
 
-from flows.recovery import CRASH_AUTOMATION, HEARTBEAT_ENV, HEARTBEAT_SECONDS
+from flows.night.recovery import CRASH_AUTOMATION, HEARTBEAT_ENV, HEARTBEAT_SECONDS
 
-CODE = Path(__file__).resolve().parent.parent  # the code this worker runs: its own checkout
-ENTRYPOINT = "flows/pipeline.py:mnist_retrain"
+CODE = Path(__file__).resolve().parents[2]  # the code this worker runs: its own checkout
+ENTRYPOINT = "flows/night/pipeline.py:mnist_retrain"
+ENTRYPOINT_BEFORE_V5 = "flows/pipeline.py:mnist_retrain"  # before flows/ was split into night/ and stack/
 WORKING_DIRECTORY_STEP = "prefect.deployments.steps.set_working_directory"
 TEMPLATE_VARIABLES = ("name", "labels", "stream_output")  # what a run may set: none changes what runs or where
 
@@ -65,6 +66,11 @@ def check_deployment(deployment: Any) -> None:
         raise RefusedRun(
             "This worker runs only deployments of the MNIST pipeline; a run without a deployment (an ad-hoc flow "
             "submitted to the pool) would run code it was handed. Submit it as `prefect deploy` made it."
+        )
+    if deployment.entrypoint == ENTRYPOINT_BEFORE_V5:
+        raise RefusedRun(
+            f"Deployment {deployment.name!r} was made before the flow moved to {ENTRYPOINT!r} (it names "
+            f"{ENTRYPOINT_BEFORE_V5!r}). Redeploy from this checkout: `make serve` does, or `prefect deploy --all`."
         )
     if deployment.entrypoint != ENTRYPOINT:
         raise RefusedRun(
@@ -93,7 +99,7 @@ class ConfinedJobConfiguration(ProcessJobConfiguration):
         worker_id: Any = None,
     ) -> None:
         check_deployment(deployment)
-        self.command = shlex.join([sys.executable, "-m", "flows.engine"])  # this checkout's flow, no pull step
+        self.command = shlex.join([sys.executable, "-m", "flows.stack.engine"])  # this checkout's flow, no pull step
         self.env = {}  # the worker's environment, plus Prefect's settings for this run
         self.working_dir = CODE
         super().prepare_for_flow_run(flow_run, deployment, flow, work_pool, worker_name, worker_id=worker_id)
@@ -103,7 +109,7 @@ async def this_checkouts_flow(flow_run: Any) -> Any:
     """The flow whose hooks the worker runs for a run that crashed or was cancelled: this checkout's. Prefect's
     process worker would load the flow the run's deployment names, running the deployment's pull steps in the
     worker's own process, after any edit made through the API since the check above."""
-    from flows.pipeline import mnist_retrain
+    from flows.night.pipeline import mnist_retrain
 
     return mnist_retrain
 
@@ -126,7 +132,7 @@ class HeartbeatTooSlow(RuntimeError):
 
 def check_heartbeat(frequency: float | None, silent_after: list[float]) -> None:
     """Refuse to serve when a run's heartbeat (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``, inherited by every flow run
-    this worker starts) would not beat twice within the zombie automation's window (``flows/recovery.py``, read
+    this worker starts) would not beat twice within the zombie automation's window (``flows/night/recovery.py``, read
     from the API: ``silent_after``): such a run, healthy and slow, would be marked Crashed between two beats.
     Prefect 3.9's default is 180 s; ``make serve`` sets 30 s for a 90 s window."""
     if frequency is None:
@@ -153,7 +159,7 @@ def heartbeat_windows() -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.worker", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m flows.stack.worker", description=__doc__.split("\n\n")[0])
     parser.add_argument("--pool", required=True, help="work pool to serve (created by make serve with locked_template)")
     parser.add_argument("--name", default=None, help="worker name (default: Prefect's)")
     parser.add_argument("--limit", type=int, default=None, help="most flow runs at once (default: no limit)")
@@ -163,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_heartbeat(get_current_settings().flows.heartbeat_frequency, heartbeat_windows())
     except HeartbeatTooSlow as refused:
-        print(f"flows.worker refuses to start: {refused}", file=sys.stderr)
+        print(f"flows.stack.worker refuses to start: {refused}", file=sys.stderr)
         return 2
 
     async def serve() -> None:

@@ -18,8 +18,8 @@ from typing import Any
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 
-from flows.locks import open_store
-from flows.results import UntrustedRecord, check_record
+from flows.night.locks import open_store
+from flows.night.results import UntrustedRecord, check_record
 from storage import SIDECAR_LIMIT, Store, code_digest
 from tasks.data.batch_format import AcceptedBatch, BatchPart
 from tasks.data.fetch import DatasetRef, StoredFile, dataset_key, stored_dataset
@@ -57,7 +57,7 @@ class StoredArtifactPolicy(CachePolicy):
         return self.record_key(inputs)
 
     def forget_stale_record(self, inputs: dict[str, Any], warn: Callable[[str], None] | None = None) -> bool:
-        """Drop the cached record if it is not one we write (``flows.results.check_record``: it is
+        """Drop the cached record if it is not one we write (``flows.night.results.check_record``: it is
         never deserialized), if it names another artifact than the store holds under its key, or if
         that artifact is gone or altered; True if it was dropped. ``warn`` hears why, once."""
         store = open_store(inputs["store_url"], warn=warn)

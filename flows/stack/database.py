@@ -6,7 +6,7 @@ With ``PREFECT_API_DATABASE_CONNECTION_URL`` set, that database is used as it is
 refuses to run as root, so under root the cluster belongs to an unprivileged user (``postgres``, else
 ``nobody``) and lives where that user can reach it. Every connection, local socket or TCP, needs the
 password (``scram-sha-256``), generated once and kept in ``<home>/postgres-password`` (mode 0600); the
-URL that carries it goes to the server alone (``flows.serve.LocalStack.server_env``).
+URL that carries it goes to the server alone (``flows.stack.serve.LocalStack.server_env``).
 """
 
 from __future__ import annotations
