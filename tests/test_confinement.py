@@ -165,6 +165,8 @@ def test_the_worker_runs_only_this_checkouts_deployment():
         check_deployment(None)
     with pytest.raises(RefusedRun, match="entrypoint 'evil.py:flow'"):
         check_deployment(deployment(entrypoint="evil.py:flow"))
+    with pytest.raises(RefusedRun, match=r"made before the flow moved .*Redeploy from this checkout: `make serve`"):
+        check_deployment(deployment(entrypoint="flows/pipeline.py:mnist_retrain"))  # deployed before flows/night/
     shell = {"prefect.deployments.steps.run_shell_script": {"script": "touch /tmp/marker"}}
     for steps in (
         [],
