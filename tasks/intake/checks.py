@@ -51,6 +51,18 @@ SKETCH_CELL = 4  # candidates are found on 7×7 means of 4×4 cells: 16 times fe
 # check then takes 0.23–0.26 s instead of 0.11–0.12 s for 600 images against 60 000). Only comparing every image
 # within the sketch distance a near copy can have (median 2 229 of 60 000) would close it.
 CANDIDATES = 64
+# ---- near copies changed in intensity, measured on 2026-12-07 (bench/near_copies.py; docs/new-data.md has its table)
+# A sender who changes every pixel's intensity by one increasing curve (gamma, contrast, ink made darker) or sets the
+# border pixels keeps the digit's shape and the ORDER of its pixel values. The protected images (test, selection,
+# holdout) are also compared as ``intensity_ranked``: the 2-pixel frame blanked, each ink pixel replaced by its rank
+# among the image's ink pixels, the brightest ``1 - saturation`` of them all set to 255 (so that a curve that clips
+# the bright end, as contrast × 1.3 does, changes nothing), at two saturations (0.4 for clipped bright ends, 0.6 for
+# curves that blank the faintest pixels, as gamma 2). A copy in that form differs in at most RANKED_COPY_PIXELS.
+# Stricter than NEAR_COPY_PIXELS because ranks make MNIST's own near twins nearer: clean training images against
+# test and selection at 8 pixels: 5 of 20 000; at 4: 1 of 20 000.
+FRAME = 2  # pixels of the border blanked before ranking: MNIST's digits lie in the middle 20 × 20
+RANKED_SATURATIONS = (0.4, 0.6)
+RANKED_COPY_PIXELS = 4
 QUERY_ROWS = 128  # batch images searched at once: a 128 × 60 000 distance matrix is 30 MB
 BLOCK = 64  # index columns per block when the nearest sketches are picked (``_nearest``)
 
@@ -70,7 +82,8 @@ class IngestRules(BaseModel):
         le=1.0,
         title="Largest share of leaked images",
         description="Exact copies of MNIST test images or of the selection split, and near copies of them (at most "
-        f"{NEAR_COPY_PIXELS} pixels differ by more than {PIXEL_TOLERANCE}/255, also once both are centred), are always "
+        f"{NEAR_COPY_PIXELS} pixels differ by more than {PIXEL_TOLERANCE}/255, also once both are centred, or at most "
+        f"{RANKED_COPY_PIXELS} once both are ranked by intensity, which undoes gamma, contrast and border pixels), are always "
         "dropped; a batch with more than this share of them is quarantined (0–1).",
     )
     drift_p: float = Field(
@@ -230,13 +243,45 @@ def _views(flat: np.ndarray, index: bool) -> list[_View]:
     return [given, _view(centred(flat), index, like=given)]
 
 
+def intensity_ranked(images: np.ndarray, saturation: float) -> np.ndarray:
+    """Each image with its frame blanked and every ink pixel replaced by its rank among the image's ink pixels (ties
+    share their mean rank), scaled so that the top ``1 - saturation`` of them are 255: the same image for every
+    increasing curve applied to the intensities, and for any border pixels set. Ranks come from each image's
+    256-bin histogram, in slices of ``32 × QUERY_ROWS`` images (60 000 images in about a second)."""
+    flat = _flat(images).reshape(-1, SIDE, SIDE).copy()
+    flat[:, :FRAME] = 0
+    flat[:, SIDE - FRAME :] = 0
+    flat[:, :, :FRAME] = 0
+    flat[:, :, SIDE - FRAME :] = 0
+    flat = flat.reshape(len(flat), PIXELS)
+    out = np.zeros_like(flat)
+    for start in range(0, len(flat), 32 * QUERY_ROWS):
+        part = flat[start : start + 32 * QUERY_ROWS]
+        keys = np.arange(len(part), dtype=np.int64)[:, None] * 256 + part
+        counts = np.bincount(keys.ravel(), minlength=len(part) * 256).reshape(len(part), 256)
+        up_to = np.cumsum(counts, axis=1)
+        blank = up_to[:, :1]  # blank pixels are the darkest: the count up to value 0
+        ink = PIXELS - blank
+        values = part.astype(np.int64)
+        as_dark = np.take_along_axis(up_to, values, axis=1)  # pixels as dark as this one or darker
+        darker = as_dark - np.take_along_axis(counts, values, axis=1)
+        rank = (darker + as_dark - 1) / 2 - blank  # 0 for the faintest ink pixel; ties share their mean rank
+        level = np.minimum(1.0, (rank + 1) / (saturation * np.maximum(ink, 1)))
+        out[start : start + len(part)] = np.where(part > 0, np.clip(np.round(level * 255), 1, 255), 0)
+    return out
+
+
 class ImageIndex:
     """Images a batch may not copy, prepared once a night for ``differing_pixels``: their pixels and sketches as
     given and centred, in parts. ``add`` appends a part (a batch accepted earlier the same night) without copying
-    the others: 45 000 training images are 70 MB."""
+    the others: 45 000 training images are 70 MB. ``ranked``: also as ``intensity_ranked`` at each of
+    ``RANKED_SATURATIONS``, for the images that decide or report (test, selection, holdout), where a copy changed
+    in intensity must be caught too; the images trained on are compared as given only (a repeat there costs a
+    double count, not a test of memory)."""
 
-    def __init__(self, *images: np.ndarray) -> None:
+    def __init__(self, *images: np.ndarray, ranked: bool = False) -> None:
         self.parts: list[list[_View]] = []
+        self.ranked = {saturation: ImageIndex() for saturation in RANKED_SATURATIONS} if ranked else {}
         for part in images:
             self.add(part)
 
@@ -246,6 +291,8 @@ class ImageIndex:
     def add(self, images: np.ndarray) -> None:
         if len(images):
             self.parts.append(_views(_flat(images), index=True))
+            for saturation, index in self.ranked.items():
+                index.add(intensity_ranked(images, saturation))
 
 
 def _nearest(closeness: np.ndarray, k: int) -> np.ndarray:
@@ -296,8 +343,15 @@ def differing_pixels(images: np.ndarray, index: ImageIndex) -> np.ndarray:
 
 
 def near_copies(images: np.ndarray, index: ImageIndex) -> np.ndarray:
-    """True for each image that is an exact or near copy of an image in ``index``."""
-    return differing_pixels(images, index) <= NEAR_COPY_PIXELS
+    """True for each image that is an exact or near copy of an image in ``index``: at most ``NEAR_COPY_PIXELS``
+    differ as given (or centred), or, for a ``ranked`` index, at most ``RANKED_COPY_PIXELS`` once both are
+    ``intensity_ranked``."""
+    found = differing_pixels(images, index) <= NEAR_COPY_PIXELS
+    for saturation, ranked in index.ranked.items():
+        rest = ~found
+        if rest.any():
+            found[rest] = differing_pixels(intensity_ranked(_flat(images)[rest], saturation), ranked) <= RANKED_COPY_PIXELS
+    return found
 
 
 def image_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -156,9 +156,9 @@ class References:
         selection = selection_indices(self.mnist.y_train)
         holdout = new_holdout_images(self.store, self.dataset)
         return {
-            "test": ImageIndex(self.mnist.x_test),
-            "selection": ImageIndex(self.mnist.x_train[selection]),
-            "holdout": ImageIndex(holdout.x),
+            "test": ImageIndex(self.mnist.x_test, ranked=True),
+            "selection": ImageIndex(self.mnist.x_train[selection], ranked=True),
+            "holdout": ImageIndex(holdout.x, ranked=True),
         }
 
     @cached_property
