@@ -1,11 +1,11 @@
 """The HA topology (``make serve TOPOLOGY=ha``, flows/stack/topology.py) on this machine: PostgreSQL, Redis, two API
-replicas behind HAProxy, the services apart, the supervisor, the watchdog and a worker. One stack for the module
+replicas behind HAProxy, the services apart, the watchdog and a worker, kept by supervisord. One stack for the module
 (conftest.SHARED_WORKER keeps it on one xdist worker); nights are short (one epoch on 3000 images).
 
 - every Prefect server process carries the Redis settings, the replicas run ``--no-services``, Docket is on Redis,
   workers know only the balancer, auth holds through it, Redis wants its password, deploy/ says the same;
 - a night survives an API replica, the services process and Redis each killed with SIGKILL and restarted by the
-  supervisor: Completed, no Crashed state, one training, the same scheduled nights, alerts still sent;
+  supervisord: Completed, no Crashed state, one training, the same scheduled nights, alerts still sent;
 - a run whose worker died during submission is Crashed by the watchdog and frees the slot for the next;
 - the watchdog alerts when the schedule is paused; a worker without a fast enough heartbeat refuses to start.
 """
@@ -278,7 +278,7 @@ def test_after_the_restarts_the_zombie_automation_still_crashes_and_restarts_a_s
     ha.pause_pool(True)  # the restarted worker takes nothing: the rescheduled run is looked at, not trained again
     try:
         killed = time.monotonic()
-        kill_tree(ha.stack.pids()["worker-gpu"])  # the supervisor starts the worker again; the run's process is gone
+        kill_tree(ha.stack.pids()["worker-gpu"])  # supervisord starts the worker again; the run's process is gone
         ha.wait([run.id], lambda rs: rs[0].state.is_crashed() or rs[0].state.is_scheduled(), SILENT_AFTER + 150, "not crashed")
         crashed_after = time.monotonic() - killed
         ha.wait([run.id], lambda rs: rs[0].state.is_scheduled(), 60, "the crashed run was not scheduled again")

@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None, stacks: dict[str, type[LocalStack]] | No
         choices=TOPOLOGIES,
         default=os.environ.get("TOPOLOGY") or "single",
         help="single (default): one server process; ha: Redis, two API replicas behind HAProxy, the services apart, "
-        "a supervisor (PostgreSQL implied; docs/scaling.md)",
+        "every process restarted by supervisord (PostgreSQL implied; docs/scaling.md)",
     )
     args = parser.parse_args(argv)
     try:

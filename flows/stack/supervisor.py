@@ -85,12 +85,12 @@ class Supervisor:
         from flows.stack.environment import write_secret
 
         umask = os.umask(0)
-        os.umask(umask)  # the processes create files as they would have from this shell
+        os.umask(umask)  # the processes create files as they would have from this shell, as this shell's user
         text = (
             f"[unix_http_server]\nfile={_quoted(str(self.socket))}\nchmod=0700\n\n"
             f"[supervisord]\nlogfile={_quoted(str(self.home / 'supervisord.log'))}\n"
             f"pidfile={_quoted(str(self.folder / 'supervisord.pid'))}\nchildlogdir={_quoted(str(self.folder))}\n"
-            f"umask={umask:03o}\nidentifier=mnist-{_quoted(str(self.home))}\n\n"
+            f"umask={umask:03o}\nuser={os.getuid()}\nidentifier=mnist-{_quoted(str(self.home))}\n\n"
             "[rpcinterface:supervisor]\nsupervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface\n\n"
             f"[supervisorctl]\nserverurl=unix://{_quoted(str(self.socket))}\n\n"
             f"[include]\nfiles={_quoted(str(self.added))}/*.conf\n\n"
