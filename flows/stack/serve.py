@@ -285,6 +285,7 @@ def main(argv: list[str] | None = None, stacks: dict[str, type[LocalStack]] | No
         f"Workers:        gpu-worker-local, at most {worker_limit()} flow run(s) at once (one per GPU)\n"
         f"{stack.alerts}\n"
         f"{stack.recovery}\n"
+        f"Processes:      mnist-pipeline serve status (supervisord: supervisorctl -c {stack.supervisor.conf} status)\n"
         f"Logs:           {stack.home}/*.log      Stop with: make stop"
     )
     return 0
