@@ -63,7 +63,7 @@ class LocalStack(StackEnvironment):
     (flows/stack/supervisor.py). The single topology restarts none of them (the HA one restarts every one)."""
 
     api_process = "server"  # the process that answers on ``port``
-    restarts = False
+    restarts = False  # supervisord's autorestart for every process of the stack
 
     def __init__(self, home: Path, *args, **kwargs) -> None:
         super().__init__(home, *args, **kwargs)
@@ -81,6 +81,9 @@ class LocalStack(StackEnvironment):
                 f"`{' '.join(args)}` failed (exit {done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
             )
         return done.stdout
+
+    def _prefect(self, *args: str) -> str:
+        return self._run("-m", "prefect", *args)
 
     def program(self, name: str, command: list[str], env: dict[str, str], priority: int, cwd: Path = REPO) -> Program:
         return Program(name, command, env, cwd, priority, autorestart=self.restarts)
@@ -123,19 +126,8 @@ class LocalStack(StackEnvironment):
         template = self.home / "job-template.json"  # flows/stack/worker.py: no variable changes what a run executes
         template.write_text(json.dumps(locked_template(), indent=2))
         for pool in POOLS:
-            self._run(
-                "-m",
-                "prefect",
-                "work-pool",
-                "create",
-                pool,
-                "--type",
-                "process",
-                "--base-job-template",
-                str(template),
-                "--overwrite",
-            )
-        self._run("-m", "prefect", "deploy", "--all", "--no-prompt")
+            self._prefect("work-pool", "create", pool, "--type", "process", "--base-job-template", str(template), "--overwrite")
+        self._prefect("deploy", "--all", "--no-prompt")
         self.alerts = self._run("-m", "flows.night.alerts").strip()
         self.recovery = self._run("-m", "flows.night.recovery", "--silent-after", str(self.silent_after)).strip()
         for name in ["watchdog", *(self.worker_log_name(pool, f"{pool}-worker-local") for pool in POOLS)]:
@@ -146,6 +138,7 @@ class LocalStack(StackEnvironment):
         return "single: one Prefect server process with every background service (make serve TOPOLOGY=ha: docs/scaling.md)"
 
     def start_api(self) -> None:
+        """The API's processes, in their order (the HA topology's: Redis, a migration, the replicas one by one)."""
         self.supervisor.start("server")
 
     @staticmethod
