@@ -80,10 +80,11 @@ class Supervisor:
                 f"The stack's folder {self.home} is too deep for supervisord's socket ({len(str(self.socket))} characters, "
                 f"at most {SOCKET_PATH_MAX}): give a shorter --home."
             )
-        self.added.mkdir(parents=True, exist_ok=True)
-        self.folder.chmod(0o700)
-        from flows.stack.environment import write_secret
+        from flows.stack.environment import write_secret  # not at the top: `-m flows.stack.supervisor` stays light
 
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.folder.chmod(0o700)  # made before this version, or under another umask
+        self.added.mkdir(exist_ok=True)
         umask = os.umask(0)
         os.umask(umask)  # the processes create files as they would have from this shell, as this shell's user
         text = (
