@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 RUN_ARGS ?=
 # make serve DB=postgres: the Prefect server on PostgreSQL (a local cluster unless PREFECT_API_DATABASE_CONNECTION_URL is set)
 DB ?= sqlite
-# make serve TOPOLOGY=ha: Redis, two API replicas behind HAProxy, the services apart, a supervisor (PostgreSQL implied;
+# make serve TOPOLOGY=ha: Redis, two API replicas behind HAProxy, the services apart, every process restarted by supervisord (PostgreSQL implied;
 # docs/scaling.md). The default, single, is one server process.
 TOPOLOGY ?= single
 

@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     _, serve = _group(sub, "serve", "the local Prefect stack of `make serve`: start, stop, status")
     for verb, text in (
         ("start", "start the server, the gpu pool, the deployments, automations and a worker (`make serve`)"),
-        ("stop", "stop everything `serve start` started, by pid (`make stop`)"),
+        ("stop", "stop everything `serve start` started, through its supervisord (`make stop`)"),
         ("status", "which processes of the stack are running"),
     ):
         serve.add_parser(verb, help=f"{text}; options: `mnist-pipeline serve {verb} --help`", add_help=False)

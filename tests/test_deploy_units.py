@@ -65,16 +65,19 @@ def test_every_unit_restarts_its_process_and_runs_what_the_stack_runs(tmp_path: 
     for name, text in units.items():
         assert "\nRestart=always\n" in text, name
     local = stack(tmp_path)
-    commands = local.commands()
+    programs = {p.name: p for p in local.programs()}
+    assert all(p.autorestart for p in programs.values()), programs  # locally supervisord restarts each, as systemd does
 
     def exec_start(unit: str) -> list[str]:
         (line,) = [line for line in units[unit].splitlines() if line.startswith("ExecStart=")]
         return line.removeprefix("ExecStart=").split()
 
-    assert exec_start("mnist-prefect-api@.service")[1:-1] == [*commands["api-1"][0][1:-1]]  # all but python and port
+    assert exec_start("mnist-prefect-api@.service")[1:-1] == programs["api-1"].command[1:-1]  # all but python and port
     assert exec_start("mnist-prefect-api@.service")[-1] == "%i"
-    assert exec_start("mnist-prefect-services.service")[1:] == commands["services"][0][1:]
-    assert exec_start("mnist-watchdog.service")[1:] == ["-m", "flows.stack.watchdog"]
-    assert exec_start("mnist-worker.service")[1:4] == ["-m", "flows.stack.worker", "--pool"]
+    assert exec_start("mnist-prefect-services.service")[1:] == programs["services"].command[1:]
+    assert exec_start("mnist-watchdog.service")[1:] == programs["watchdog"].command[1:3] == ["-m", "flows.stack.watchdog"]
+    assert (
+        exec_start("mnist-worker.service")[1:4] == programs["worker-gpu"].command[1:4] == ["-m", "flows.stack.worker", "--pool"]
+    )
     assert "server.env" in units["mnist-prefect-api@.service"] and "server.env" in units["mnist-prefect-services.service"]
     assert "client.env" in units["mnist-worker.service"] and "client.env" in units["mnist-watchdog.service"]

@@ -220,7 +220,7 @@ def ops(tmp_path_factory: pytest.TempPathFactory, mnist_store: Store):
                 yield ops
         finally:
             if stack is not None:
-                stopped = stack.stop(grace=5)
+                stopped = stack.stop()
                 assert any(s.startswith("server") for s in stopped), stopped
                 assert any(s.startswith("postgres") for s in stopped) and not stack.postgres_file.exists(), stopped
             s3.stop()
@@ -280,14 +280,14 @@ def test_the_stack_is_configured_as_prefect_yaml_says_and_keeps_its_secrets(ops,
     # each worker: one run at a time (no GPU here), the API's auth string, and neither the database URL nor its password
     cluster = LocalPostgres(ops.stack.home, json.loads(ops.stack.postgres_file.read_text())["port"])
     for worker in two_workers:
-        pid = ops.stack._pids()[worker]
+        pid = ops.stack.pids()[worker]
         command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         assert command[command.index(b"--limit") + 1] == b"1", worker
         environment = Path(f"/proc/{pid}/environ").read_bytes()
         assert b"PREFECT_API_DATABASE_CONNECTION_URL" not in environment and b"PREFECT_API_AUTH_STRING=" in environment
         assert cluster.password.encode() not in environment, worker
         assert command[1:3] == [b"-m", b"flows.stack.worker"], command  # the worker that decides (flows/stack/worker.py)
-    server = Path(f"/proc/{ops.stack._pids()['server']}/environ").read_bytes().split(b"\0")
+    server = Path(f"/proc/{ops.stack.pids()['server']}/environ").read_bytes().split(b"\0")
     assert f"{BUCKET_BUFFER_ENV}={BUCKET_BUFFER}".encode() in server  # a silent run's bucket is not swept unseen
     assert f"PREFECT_SERVER_CORS_ALLOWED_ORIGINS={ops.stack.ui_url}".encode() in server  # the UI's origin alone
     assert not any(v.startswith(b"MNIST_STORE=") for v in server)  # the store and its credentials: workers' only
@@ -471,7 +471,7 @@ def test_a_killed_workers_run_is_crashed_restarted_elsewhere_and_resumes(ops, tw
     log_name = ops.stack.worker_log_name("gpu", worker)
     infrastructure = ops.client.read_flow_run(run.id).infrastructure_pid  # "host:pid" of the flow run's process
     killed_at, killed_on = time.monotonic(), datetime.now(UTC)
-    os.killpg(ops.stack._pids()[log_name], signal.SIGKILL)  # the worker's machine dies: worker and flow process
+    os.killpg(ops.stack.pids()[log_name], signal.SIGKILL)  # the worker's machine dies: worker and flow process
     if infrastructure:
         try:
             os.killpg(os.getpgid(int(infrastructure.rsplit(":", 1)[-1])), signal.SIGKILL)

@@ -1,11 +1,11 @@
 """The HA topology (``make serve TOPOLOGY=ha``, flows/stack/topology.py) on this machine: PostgreSQL, Redis, two API
-replicas behind HAProxy, the services apart, the supervisor, the watchdog and a worker. One stack for the module
+replicas behind HAProxy, the services apart, the watchdog and a worker, kept by supervisord. One stack for the module
 (conftest.SHARED_WORKER keeps it on one xdist worker); nights are short (one epoch on 3000 images).
 
 - every Prefect server process carries the Redis settings, the replicas run ``--no-services``, Docket is on Redis,
   workers know only the balancer, auth holds through it, Redis wants its password, deploy/ says the same;
 - a night survives an API replica, the services process and Redis each killed with SIGKILL and restarted by the
-  supervisor: Completed, no Crashed state, one training, the same scheduled nights, alerts still sent;
+  supervisord: Completed, no Crashed state, one training, the same scheduled nights, alerts still sent;
 - a run whose worker died during submission is Crashed by the watchdog and frees the slot for the next;
 - the watchdog alerts when the schedule is paused; a worker without a fast enough heartbeat refuses to start.
 """
@@ -26,7 +26,7 @@ import pytest
 
 from flows.stack.database import URL_ENV
 from flows.stack.serve import REPO, free_port
-from flows.stack.topology import REDIS, SERVICES, HAStack, binary, running
+from flows.stack.topology import REDIS, SERVICES, HAStack, binary
 from flows.stack.watchdog import SCHEDULE_MISSING, STUCK_MESSAGE, WatchdogSettings
 from storage import Store
 from tests.conftest import with_mnist
@@ -87,12 +87,21 @@ def ha(tmp_path_factory: pytest.TempPathFactory, mnist_store: Store):
                 yield ops  # the scheduler makes the moved nights on its next pass (a minute): the first tests need none
         finally:
             if stack is not None:
-                stopped = stack.stop(grace=5)
+                stopped = stack.stop()
                 names = {s.split(" (")[0] for s in stopped}
                 wanted = {"supervisor", "redis", "haproxy", "services", "api-1", "api-2", "watchdog", "postgres"}
                 assert wanted <= names, stopped
-                assert not [p for p in stack._pids().values() if running(p)]
+                assert not [s for s in stopped if running(int(s.split(" (")[1].rstrip(")")))], stopped
             receiver.server.shutdown()
+
+
+def running(pid: int | None) -> bool:
+    """Whether ``pid`` runs: not gone, and not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def environ(pid: int) -> dict[str, str]:
@@ -105,7 +114,7 @@ def cmdline(pid: int) -> list[str]:
 
 def test_every_server_process_shares_redis_and_clients_know_only_the_balancer(ha):
     stack: HAStack = ha.stack
-    pids = stack._pids()
+    pids = stack.pids()
     settings = stack.redis_settings()
     redis_port = stack.ports[REDIS]
     assert (
@@ -167,7 +176,7 @@ def kill_tree(pid: int) -> None:
 def test_a_run_whose_worker_died_during_submission_is_crashed_and_frees_the_slot(ha):
     ha.receiver.received.clear()
     stuck = ha.trigger(**{**QUICK, "seed": 41})
-    worker = ha.stack._pids()["worker-gpu"]
+    worker = ha.stack.pids()["worker-gpu"]
     deadline = time.monotonic() + 120
     while (state := ha.client.read_flow_run(stuck.id).state).is_scheduled() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -187,20 +196,20 @@ def test_a_run_whose_worker_died_during_submission_is_crashed_and_frees_the_slot
 
 
 def kill_and_wait_restart(stack: HAStack, name: str, timeout: float = 120) -> float:
-    """SIGKILL ``name``'s process group and wait until the supervisor started it again and it serves; seconds taken."""
-    old = stack._pids()[name]
+    """SIGKILL ``name``'s process group and wait until supervisord started it again and it serves; seconds taken."""
+    old = stack.pids()[name]
     log = stack.home / f"{name}.log"
     logged = log.stat().st_size
     killed = time.monotonic()
     os.killpg(old, signal.SIGKILL)
     deadline = killed + timeout
     while time.monotonic() < deadline:
-        new = stack._pids().get(name)
+        new = stack.pids().get(name)
         if new and new != old and running(new):
             break
         time.sleep(0.3)
     else:
-        raise AssertionError(f"the supervisor did not start {name} again within {timeout:.0f} s")
+        raise AssertionError(f"supervisord did not start {name} again within {timeout:.0f} s")
     if name.startswith("api-"):
         stack.wait_replica(name, timeout=deadline - time.monotonic())
     elif name == SERVICES:  # its services are up once it says so, in what it logged since the kill
@@ -269,7 +278,7 @@ def test_after_the_restarts_the_zombie_automation_still_crashes_and_restarts_a_s
     ha.pause_pool(True)  # the restarted worker takes nothing: the rescheduled run is looked at, not trained again
     try:
         killed = time.monotonic()
-        kill_tree(ha.stack._pids()["worker-gpu"])  # the supervisor starts the worker again; the run's process is gone
+        kill_tree(ha.stack.pids()["worker-gpu"])  # supervisord starts the worker again; the run's process is gone
         ha.wait([run.id], lambda rs: rs[0].state.is_crashed() or rs[0].state.is_scheduled(), SILENT_AFTER + 150, "not crashed")
         crashed_after = time.monotonic() - killed
         ha.wait([run.id], lambda rs: rs[0].state.is_scheduled(), 60, "the crashed run was not scheduled again")

@@ -1,5 +1,6 @@
 """`make serve` as a newcomer runs it, on its default SQLite database: the stack starts, deploys prefect.yaml,
-starts its worker, answers only with its auth string, and `make stop` stops it all. No flow run here:
+starts its worker, answers only with its auth string, `serve status` lists its processes from supervisord, and
+`make stop` stops it all. No flow run here:
 tests/test_deployment.py operates the deployment on the PostgreSQL topology."""
 
 from __future__ import annotations
@@ -40,8 +41,14 @@ def test_make_serve_starts_the_default_sqlite_stack_and_make_stop_stops_it(tmp_p
             while time.monotonic() < deadline and not client.read_workers_for_work_pool("gpu"):
                 time.sleep(1)  # a worker shows in the pool once it has polled
             assert [w.name for w in client.read_workers_for_work_pool("gpu")] == ["gpu-worker-local"]
+        capsys.readouterr()
+        assert main(["status", *where]) == 0  # what `mnist-pipeline serve status` says, from the stack's supervisord
+        status = capsys.readouterr().out
+        for name in ("server", "watchdog", "worker-gpu"):
+            assert any(line.split()[:2] == [name, "RUNNING"] for line in status.splitlines()), status
     finally:
         assert main(["stop", *where]) == 0  # what `make stop` runs
     stopped = capsys.readouterr().out
     assert "server (" in stopped and "worker-gpu (" in stopped, stopped
     assert not LocalStack(home, port=port).workers()
+    assert main(["status", *where]) == 3 and "Nothing of" in capsys.readouterr().out

@@ -1,13 +1,10 @@
 """A real local Prefect stack: server (SQLite, loopback), the ``gpu`` work pool, deployments from
 ``prefect.yaml``, the alert and recovery automations (``flows/night/alerts.py``, ``flows/night/recovery.py``), and a
-process worker that runs as many flow runs at once as the machine has GPUs (at least one).
-``make serve`` starts it, ``make stop`` stops it by pid.
+process worker that runs as many flow runs at once as the machine has GPUs (at least one), its processes kept by
+supervisord (flows/stack/supervisor.py). ``make serve`` starts it, ``make stop`` stops it through supervisord.
 
-The API is authenticated by default (Prefect's basic auth, with CSRF protection on): a random
-``admin:<secret>`` kept in ``<home>/auth`` (mode 0600), or ``$PREFECT_SERVER_API_AUTH_STRING``. The
-server alone gets the auth string as a server setting and the database URL; every client (CLI,
-workers, automation set-up, ``prefect deploy``) gets ``PREFECT_API_AUTH_STRING``. Without auth it
-listens on loopback only.
+The API is authenticated by default; who gets which settings (auth string, database, store) is
+flows/stack/environment.py's.
 
 The same class drives the real-server test, so what CI proves is what ``make serve`` runs.
 """
@@ -16,50 +13,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
-import ipaddress
 import json
 import os
-import secrets
-import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
-from flows.night.recovery import BUCKET_BUFFER, BUCKET_BUFFER_ENV, HEARTBEAT_ENV, HEARTBEAT_SECONDS, SILENT_AFTER_SECONDS
 from flows.stack.database import DATABASES, URL_ENV, LocalPostgres
-from flows.stack.watchdog import WatchdogSettings
+from flows.stack.environment import AUTH_ENV, REPO, StackEnvironment, free_port, is_loopback
+from flows.stack.supervisor import UP, Program, Supervisor
 from flows.stack.worker import locked_template
 from storage.credentials import CredentialsInUrl, split_credentials
 
-REPO = Path(__file__).resolve().parents[2]
 POOLS = ("gpu",)
-AUTH_ENV = "PREFECT_SERVER_API_AUTH_STRING"  # the server's setting
-CLIENT_AUTH_ENV = "PREFECT_API_AUTH_STRING"  # what every client sends
-AUTH_USER = "admin"
 TOPOLOGIES = ("single", "ha")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def write_secret(path: Path, text: str) -> None:
-    """Create ``path`` readable by its owner alone, before anything is written into it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    path.chmod(0o600)
 
 
 def shown_url(url: str) -> str:
@@ -68,12 +38,6 @@ def shown_url(url: str) -> str:
         return split_credentials(url)[0]
     except CredentialsInUrl:
         return "(a URL with credentials that cannot be parsed: not shown)"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def gpu_count() -> int:
@@ -93,239 +57,100 @@ def worker_limit() -> int:
     return max(gpu_count(), 1)
 
 
-def _reaped(pid: int) -> bool:
-    """Reap ``pid`` if it is an exited child of this process (a zombie still answers signal 0); True if it was."""
-    try:
-        return os.waitpid(pid, os.WNOHANG)[0] == pid
-    except ChildProcessError:  # not our child, or reaped already
-        return False
-
-
-class LocalStack:
-    """Processes are started in their own sessions and recorded in ``<home>/pids.json``."""
+class LocalStack(StackEnvironment):
+    """The single topology: what each process is (``programs``) and the order the stack comes up in (the API ready
+    before the deployments, those before the watchdog and the workers); supervisord keeps the processes
+    (flows/stack/supervisor.py). The single topology restarts none of them (the HA one restarts every one)."""
 
     api_process = "server"  # the process that answers on ``port``
+    restarts = False  # supervisord's autorestart for every process of the stack
 
-    def __init__(
-        self,
-        home: Path,
-        port: int = 4200,
-        store: str | None = None,
-        poll_seconds: int = 5,
-        db: str = "sqlite",
-        silent_after: float = SILENT_AFTER_SECONDS,
-        slot_wait_seconds: float = 30,
-        host: str = "127.0.0.1",
-        auth: bool = True,
-        watchdog: WatchdogSettings = WatchdogSettings(),
-    ) -> None:
-        if db not in DATABASES:
-            raise ValueError(f"db={db!r}: choose one of {', '.join(DATABASES)}")
-        if not auth and not is_loopback(host):
-            raise ValueError(
-                f"Refusing to serve the API on {host} without authentication: anyone who reaches it could run code on the "
-                "workers' stores. Keep auth on (the default) to listen beyond loopback."
-            )
-        self.host = host
-        self.auth = auth
-        self.auth_file = Path(home).resolve() / "auth"
-        self.db = db
-        self.database_url = os.environ.get(URL_ENV) if db == "postgres" else None
-        self.home = Path(home).resolve()
-        self.port = port
-        self.store = store or str(REPO / "artifacts")
-        self.poll_seconds = poll_seconds
-        self.silent_after = silent_after
-        self.slot_wait_seconds = slot_wait_seconds  # how soon a run queued behind the deployment's limit asks again
-        self.watchdog = watchdog
-        local = "127.0.0.1" if host in ("0.0.0.0", "::") or not is_loopback(host) else host
-        self.api_url = f"http://{local}:{port}/api"
-        self.ui_url = f"http://{local}:{port}"
-        self.pids_file = self.home / "pids.json"
+    def __init__(self, home: Path, *args, **kwargs) -> None:
+        super().__init__(home, *args, **kwargs)
         self.postgres_file = self.home / "postgres.json"  # a cluster this stack started: stopped by `make stop`
-        self.alerts = ""
-        self.recovery = ""
+        self.supervisor = Supervisor(self.home)
+        self.alerts = self.recovery = ""
 
-    @property
-    def auth_string(self) -> str | None:
-        """``admin:<secret>``: from ``$PREFECT_SERVER_API_AUTH_STRING``, else ``<home>/auth``, else made now."""
-        if not self.auth:
-            return None
-        if given := os.environ.get(AUTH_ENV):
-            return given
-        if not self.auth_file.exists():
-            write_secret(self.auth_file, f"{AUTH_USER}:{secrets.token_urlsafe(24)}")
-        return self.auth_file.read_text().strip()
-
-    def client_settings(self) -> dict:
-        """Prefect settings for a client of this stack in this process (``temporary_settings``)."""
-        from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL
-
-        return {PREFECT_API_URL: self.api_url, PREFECT_API_AUTH_STRING: self.auth_string}
-
-    @property
-    def server_env(self) -> dict[str, str]:
-        """The server's environment: the client one, plus the auth string as a server setting and the database."""
-        env = {k: v for k, v in self.env.items() if k != "MNIST_STORE"}  # the store and its credentials: workers' only
-        env.update(
-            PREFECT_SERVER_API_HOST=self.host,
-            PREFECT_SERVER_CSRF_PROTECTION_ENABLED="true",
-            # the UI's own origin only (Prefect allows every origin by default): another site's page in a logged-in
-            # browser gets no CSRF token, so CSRF protection holds
-            PREFECT_SERVER_CORS_ALLOWED_ORIGINS=self.ui_origins,
-        )
-        env[BUCKET_BUFFER_ENV] = BUCKET_BUFFER  # flows/night/recovery.py: a silent run's bucket is never swept unseen
-        if self.auth_string:
-            env[AUTH_ENV] = self.auth_string
-        if self.database_url:
-            env[URL_ENV] = self.database_url
-        return env
-
-    @property
-    def ui_origins(self) -> str:
-        """The origins the UI is served from: loopback by default, the host's name too when it listens beyond it."""
-        origins = [self.ui_url]
-        if not is_loopback(self.host):
-            origins.append(f"http://{socket.gethostname()}:{self.port}")
-            if self.host not in ("0.0.0.0", "::"):
-                origins.append(f"http://{self.host}:{self.port}")
-        return ",".join(origins)
-
-    @property
-    def env(self) -> dict[str, str]:
-        """Every client's environment (CLI, workers, their flow runs): the API and its auth string, no database URL."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-        env.update(
-            PREFECT_HOME=str(self.home),
-            PREFECT_API_URL=self.api_url,
-            PREFECT_SERVER_API_PORT=str(self.port),
-            PREFECT_SERVER_ANALYTICS_ENABLED="false",
-            PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT="false",
-            PREFECT_WORKER_QUERY_SECONDS=str(self.poll_seconds),
-            PREFECT_WORKER_PREFETCH_SECONDS=str(self.poll_seconds),
-            PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS=str(self.slot_wait_seconds),
-            DO_NOT_TRACK="1",
-            TF_CPP_MIN_LOG_LEVEL="2",
-            MNIST_STORE=self.store,
-        )
-        env[HEARTBEAT_ENV] = os.environ.get(HEARTBEAT_ENV) or str(HEARTBEAT_SECONDS)  # the recovery automation needs them
-        if self.auth_string:
-            env[CLIENT_AUTH_ENV] = self.auth_string
-        return env
-
-    def _prefect(self, *args: str, timeout: float = 300) -> str:
+    def _run(self, *args: str, env: dict[str, str] | None = None, timeout: float = 300) -> str:
+        """``python ARGS`` to its end, in the clients' environment unless ``env`` is given."""
         done = subprocess.run(
-            [sys.executable, "-m", "prefect", *args], cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout
+            [sys.executable, *args], cwd=REPO, env=env or self.env, capture_output=True, text=True, timeout=timeout
         )
         if done.returncode != 0:
             raise RuntimeError(
-                f"`prefect {' '.join(args)}` failed (exit {done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+                f"`{' '.join(args)}` failed (exit {done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
             )
         return done.stdout
 
-    def _python(self, *args: str, timeout: float = 120) -> str:
-        done = subprocess.run([sys.executable, *args], cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout)
-        if done.returncode != 0:
-            raise RuntimeError(f"`python {' '.join(args)}` failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
-        return done.stdout
+    def _prefect(self, *args: str) -> str:
+        return self._run("-m", "prefect", *args)
 
-    def _spawn(self, name: str, *args: str, cwd: Path = REPO, env: dict[str, str] | None = None, module: str = "prefect") -> int:
-        base = self.server_env if name == "server" else self.env
-        return self._spawn_command(name, [sys.executable, "-m", module, *args], {**base, **(env or {})}, cwd)
+    def program(self, name: str, command: list[str], env: dict[str, str], priority: int, cwd: Path = REPO) -> Program:
+        return Program(name, command, env, cwd, priority, autorestart=self.restarts)
 
-    def _spawn_command(self, name: str, command: list[str], env: dict[str, str], cwd: Path = REPO) -> int:
-        """Start ``command`` in a session of its own, its output in ``<home>/<name>.log``, its pid recorded."""
-        with open(self.home / f"{name}.log", "ab") as log:  # the child keeps its own copy of the handle
-            proc = subprocess.Popen(
-                command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-            )
-        with self._pids_locked() as pids:
-            pids[name] = proc.pid
-        return proc.pid
+    def api_programs(self) -> list[Program]:
+        """The API and every background service in one process (the HA topology overrides this)."""
+        serve = ["server", "start", "--host", self.host, "--port", str(self.port)]
+        return [self.program("server", [sys.executable, "-m", "prefect", *serve], self.server_env, 100)]
 
-    @contextlib.contextmanager
-    def _pids_locked(self) -> Iterator[dict[str, int]]:
-        """``pids.json`` to change, under a lock, replaced whole: the HA topology's supervisor process writes it
-        too, and neither may lose the other's change or read half a file."""
-        self.home.mkdir(parents=True, exist_ok=True)
-        with open(self.home / "pids.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-            pids = self._pids()
-            yield pids
-            partial = self.pids_file.with_name(f".pids.{os.getpid()}.json")
-            partial.write_text(json.dumps(pids))
-            partial.replace(self.pids_file)
+    def programs(self) -> list[Program]:
+        """Every process of the stack, from which supervisord's configuration is written."""
+        watchdog = [sys.executable, "-m", "flows.stack.watchdog", *self.watchdog.args()]  # not the scheduler
+        workers = [self.worker_program(pool, f"{pool}-worker-local") for pool in POOLS]
+        return [*self.api_programs(), self.program("watchdog", watchdog, self.env, 800), *workers]
 
-    def _pids(self) -> dict[str, int]:
-        return json.loads(self.pids_file.read_text()) if self.pids_file.exists() else {}
-
-    def wait_healthy(self, timeout: float = 180) -> None:
+    def wait_ready(self, url: str, name: str, timeout: float = 180) -> None:
+        """Until ``url`` answers 200 (the API is ready, which supervisord cannot tell), while ``name`` is up."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            if not self._alive(self.api_process):
-                raise RuntimeError(f"the Prefect server exited; see {self.home / f'{self.api_process}.log'}")
+            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as answer:
+                if answer.status == 200:
+                    return
+            if self.supervisor.state(name) not in UP:
+                raise RuntimeError(f"{name} exited before it answered on {url}; see {self.home / f'{name}.log'}")
             time.sleep(0.5)
-        raise TimeoutError(
-            f"the Prefect server did not answer on {self.api_url} within {timeout:.0f} s; see {self.home / 'server.log'}"
-        )
-
-    def _alive(self, name: str) -> bool:
-        pid = self._pids().get(name)
-        if pid is None:
-            return False
-        if _reaped(pid):  # a killed child answers signal 0 until reaped; forget it, its pid may be reused
-            with self._pids_locked() as pids:
-                if pids.get(name) == pid:
-                    pids.pop(name)
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
+        raise TimeoutError(f"{name} did not answer on {url} within {timeout:.0f} s; see {self.home / f'{name}.log'}")
 
     def start(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
-        if self._alive(self.api_process):
-            raise RuntimeError(f"a stack is already running from {self.home} (pids {self._pids()}); run `make stop` first")
-        self.pids_file.unlink(missing_ok=True)
+        if self.supervisor.answering():
+            raise RuntimeError(f"a stack is already running from {self.home}; run `make stop` first")
         if self.db == "postgres" and not self.database_url:
             cluster = LocalPostgres(self.home, free_port())
             self.postgres_file.write_text(json.dumps({"data_dir": str(cluster.data_dir), "port": cluster.port}))
             self.database_url = cluster.start()
+        self.supervisor.configure(self.programs())
+        self.supervisor.launch(self.env)
         self.start_api()
-        self.wait_healthy()
+        self.wait_ready(f"{self.api_url}/health", self.api_process)
         template = self.home / "job-template.json"  # flows/stack/worker.py: no variable changes what a run executes
         template.write_text(json.dumps(locked_template(), indent=2))
         for pool in POOLS:
             self._prefect("work-pool", "create", pool, "--type", "process", "--base-job-template", str(template), "--overwrite")
         self._prefect("deploy", "--all", "--no-prompt")
-        self.alerts = self._python("-m", "flows.night.alerts").strip()
-        self.recovery = self._python("-m", "flows.night.recovery", "--silent-after", str(self.silent_after)).strip()
-        self._spawn(
-            "watchdog", *self.watchdog.args(), module="flows.stack.watchdog"
-        )  # flows/stack/watchdog.py: not the scheduler
-        for pool in POOLS:
-            self.add_worker(pool, f"{pool}-worker-local")
+        self.alerts = self._run("-m", "flows.night.alerts").strip()
+        self.recovery = self._run("-m", "flows.night.recovery", "--silent-after", str(self.silent_after)).strip()
+        for name in ["watchdog", *(self.worker_log_name(pool, f"{pool}-worker-local") for pool in POOLS)]:
+            self.supervisor.start(name)
 
     def describe(self) -> str:
         """The topology in a line, for ``make serve``'s output."""
         return "single: one Prefect server process with every background service (make serve TOPOLOGY=ha: docs/scaling.md)"
 
     def start_api(self) -> None:
-        """The API and every background service in one process (the HA topology overrides this)."""
-        self._spawn("server", "server", "start", "--host", self.host, "--port", str(self.port))
+        """The API's processes, in their order (the HA topology's: Redis, a migration, the replicas one by one)."""
+        self.supervisor.start("server")
 
     @staticmethod
     def worker_log_name(pool: str, name: str) -> str:
-        """How a worker is named in ``pids.json`` and its log file: ``worker-<pool>`` for this machine's own."""
+        """How a worker is named in supervisord and its log file: ``worker-<pool>`` for this machine's own."""
         return f"worker-{pool}" if name == f"{pool}-worker-local" else f"worker-{name}"
+
+    def worker_program(
+        self, pool: str, name: str, env: dict[str, str] | None = None, cwd: Path = REPO, limit: int = 0
+    ) -> Program:
+        command = ["-m", "flows.stack.worker", "--pool", pool, "--name", name, "--limit", str(limit or worker_limit())]
+        return self.program(self.worker_log_name(pool, name), [sys.executable, *command], {**self.env, **(env or {})}, 900, cwd)
 
     def add_worker(
         self,
@@ -333,7 +158,7 @@ class LocalStack:
         name: str,
         prefect_home: Path | None = None,
         cwd: Path = REPO,
-        limit: int | None = None,
+        limit: int = 0,
         cache_home: Path | None = None,
     ) -> int:
         """A process worker on ``pool``, as another machine would run it: its own Prefect home, directory and
@@ -342,53 +167,20 @@ class LocalStack:
         env = {"PREFECT_HOME": str(prefect_home)} if prefect_home else {}
         if cache_home:
             env["XDG_CACHE_HOME"] = str(cache_home)
-        log_name = self.worker_log_name(pool, name)
-        limit = limit or worker_limit()
-        return self._spawn(
-            log_name, "--pool", pool, "--name", name, "--limit", str(limit), cwd=cwd, env=env, module="flows.stack.worker"
-        )
+        return self.supervisor.add(self.worker_program(pool, name, env, cwd, limit))
 
-    def _terminate(self, pid: int, grace: float) -> bool:
-        """SIGTERM the process group, SIGKILL after ``grace`` seconds; False when it was gone already."""
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return False
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            _reaped(pid)  # our own child must not linger as a zombie
-            time.sleep(0.2)
-        else:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        return True
+    def pids(self) -> dict[str, int]:
+        """The stack's processes that are up, by name, as supervisord reports them."""
+        return self.supervisor.pids()
 
     def workers(self) -> list[str]:
-        """The names (log names, ``worker-…``) of this stack's workers that are alive."""
-        return [name for name in self._pids() if name.startswith("worker-") and self._alive(name)]
+        """The names (log names, ``worker-…``) of this stack's workers that are up."""
+        return [name for name in self.pids() if name.startswith("worker-")]
 
-    def remove_worker(self, name: str, grace: float = 15) -> None:
-        """Stop one worker (its log name, as ``workers()`` gives it), as when a machine leaves the pool."""
-        with self._pids_locked() as pids:
-            pid = pids.pop(name, None)
-        if pid is not None:
-            self._terminate(pid, grace)
-
-    def stop(self, grace: float = 15) -> list[str]:
-        """Stop every recorded process group (SIGTERM, then SIGKILL after ``grace`` seconds)."""
-        stopped = []
-        pids = self._pids()
-        # the HA topology's supervisor first (it would start the others again), then workers before the server
-        for name, pid in sorted(reversed(list(pids.items())), key=lambda item: item[0] != "supervisor"):
-            if self._terminate(pid, grace):
-                stopped.append(f"{name} ({pid})")
-        self.pids_file.unlink(missing_ok=True)
+    def stop(self) -> list[str]:
+        """Every process through supervisord (by priority, workers first; SIGTERM, then SIGKILL to the group after
+        its ``stopwaitsecs``), supervisord itself, then the PostgreSQL cluster this stack started."""
+        stopped = self.supervisor.shutdown()
         if self.postgres_file.exists():  # after the server, which holds connections to it
             recorded = json.loads(self.postgres_file.read_text())
             cluster = LocalPostgres(self.home, recorded["port"])
@@ -405,7 +197,9 @@ def main(argv: list[str] | None = None, stacks: dict[str, type[LocalStack]] | No
     stacks = stacks or {"single": LocalStack}
     parser = argparse.ArgumentParser(prog="mnist-pipeline serve", description=__doc__)
     parser.add_argument("command", choices=["start", "stop", "status"])
-    parser.add_argument("--home", default=str(REPO / ".serve"), help="PREFECT_HOME, logs and pids (default .serve/)")
+    parser.add_argument(
+        "--home", default=str(REPO / ".serve"), help="PREFECT_HOME, logs and supervisord's socket (default .serve/)"
+    )
     parser.add_argument("--port", type=int, default=int(os.environ.get("PREFECT_PORT", 4200)))
     parser.add_argument(
         "--store", default=os.environ.get("MNIST_STORE"), help="artifact store for deployed runs (default ./artifacts)"
@@ -429,7 +223,7 @@ def main(argv: list[str] | None = None, stacks: dict[str, type[LocalStack]] | No
         choices=TOPOLOGIES,
         default=os.environ.get("TOPOLOGY") or "single",
         help="single (default): one server process; ha: Redis, two API replicas behind HAProxy, the services apart, "
-        "a supervisor (PostgreSQL implied; docs/scaling.md)",
+        "every process restarted by supervisord (PostgreSQL implied; docs/scaling.md)",
     )
     args = parser.parse_args(argv)
     try:
@@ -440,12 +234,15 @@ def main(argv: list[str] | None = None, stacks: dict[str, type[LocalStack]] | No
     except ValueError as exc:
         print(f"make serve: {exc}", file=sys.stderr)
         return 2
-    if args.command == "status":
-        running = {name: pid for name, pid in stack._pids().items() if stack._alive(name)}
-        print("\n".join(f"{name:<24} pid {pid}" for name, pid in running.items()) or f"Nothing of {stack.home} is running.")
-        if "server" in running or "haproxy" in running:
+    if args.command == "status":  # what `supervisorctl status` says, from the same supervisord
+        processes = stack.supervisor.processes()
+        print(
+            "\n".join(f"{p['name']:<24} {p['statename']:<9} pid {p['pid']}" for p in processes)
+            or f"Nothing of {stack.home} is running."
+        )
+        if stack.supervisor.state(stack.api_process) in UP:
             print(f"API: {stack.api_url}")
-        return 0 if running else 3  # as `systemctl status` says of a unit that is not running
+        return 0 if stack.pids() else 3  # as `systemctl status` says of a unit that is not running
     if args.command == "stop":
         stopped = stack.stop()
         print("Stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
@@ -481,6 +278,7 @@ def main(argv: list[str] | None = None, stacks: dict[str, type[LocalStack]] | No
         f"Workers:        gpu-worker-local, at most {worker_limit()} flow run(s) at once (one per GPU)\n"
         f"{stack.alerts}\n"
         f"{stack.recovery}\n"
+        f"Processes:      mnist-pipeline serve status (supervisord: supervisorctl -c {stack.supervisor.conf} status)\n"
         f"Logs:           {stack.home}/*.log      Stop with: make stop"
     )
     return 0

@@ -14,28 +14,24 @@ streams (``prefect_redis.messaging``), causal ordering and the deployment's conc
 Docket (the background services' task queue) runs on it, so a restarted process loses nothing it held in memory
 and two services processes would not schedule a night twice. Workers and clients know only the balancer.
 
-A supervisor process (``python -m flows.stack.topology supervise``, recorded last in ``pids.json`` so that ``make stop``
-stops it first) restarts any of them that dies, with the command and environment it was started with: what
-systemd's ``Restart=always`` does in production (``deploy/systemd/``, checked against ``redis_settings`` by
-tests/test_ha.py).
+supervisord (flows/stack/supervisor.py) restarts any of them that dies (``autorestart``), with the command and
+environment it was started with: what systemd's ``Restart=always`` does in production (``deploy/systemd/``, compared
+with ``programs`` and ``redis_settings`` by tests/test_deploy_units.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import secrets
 import shutil
 import sys
-import time
-import urllib.request
-from datetime import UTC, datetime
 from pathlib import Path
 
-from flows.stack.serve import REPO, LocalStack, _reaped, free_port, write_secret
+from flows.stack.environment import free_port, write_secret
+from flows.stack.serve import LocalStack
+from flows.stack.supervisor import Program
 
 REPLICAS = 2
-SUPERVISOR = "supervisor"
 REDIS = "redis"
 BALANCER = "haproxy"
 SERVICES = "services"
@@ -60,24 +56,25 @@ def binary(name: str) -> str:
 
 
 class HAStack(LocalStack):
-    """``LocalStack`` with the API split into replicas behind HAProxy, the services apart, Redis, a supervisor."""
+    """``LocalStack`` with the API split into replicas behind HAProxy, the services apart, Redis; every process
+    restarted by supervisord."""
 
     api_process = BALANCER
+    restarts = True
 
     def __init__(self, home: Path, *args, replicas: int = REPLICAS, **kwargs) -> None:
         kwargs["db"] = "postgres"  # SQLite cannot be shared by several server processes
         super().__init__(home, *args, **kwargs)
         self.replicas = replicas
-        self.topology_file = self.home / "topology.json"  # ports (no secrets): what the supervisor starts again
+        self.topology_file = self.home / "topology.json"  # ports (no secrets)
         self.redis_password_file = self.home / "redis-password"
-        self.supervised_file = self.home / "supervised.json"  # what the supervisor watches, written by it
 
     def describe(self) -> str:
         ports = self.ports
         replicas = ", ".join(f"{n} :{ports[n]}" for n in self.replicas_names())
         return (
             f"ha: HAProxy :{self.port} → {replicas} (--no-services); services apart; Redis :{ports[REDIS]} "
-            "(password in redis-password); restarted by the supervisor"
+            "(password in redis-password); every process restarted by supervisord"
         )
 
     # -- what each process gets ---------------------------------------------------------------------------------
@@ -115,20 +112,15 @@ class HAStack(LocalStack):
     def replicas_names(self) -> list[str]:
         return [f"api-{i}" for i in range(1, self.replicas + 1)]
 
-    def commands(self) -> dict[str, tuple[list[str], dict[str, str]]]:
-        """Each supervised process: its command and environment, the same at every (re)start."""
-        python = [sys.executable, "-m", "prefect"]
-        found = {
-            REDIS: ([binary("redis-server"), str(self.home / "redis.conf")], self.env),
-            BALANCER: ([binary("haproxy"), "-db", "-f", str(self.home / "haproxy.cfg")], self.env),
-            SERVICES: ([*python, "server", "services", "start"], self.server_env),
-        }
+    def api_programs(self) -> list[Program]:
+        """Redis first, then the replicas, the balancer and the services (``priority``: stopped the other way)."""
+        prefect, ports = [sys.executable, "-m", "prefect", "server"], self.ports
+        found = [self.program(REDIS, [binary("redis-server"), str(self.home / "redis.conf")], self.env, 10)]
         for name in self.replicas_names():
-            found[name] = (
-                [*python, "server", "start", "--no-services", "--host", "127.0.0.1", "--port", str(self.ports[name])],
-                self.server_env,
-            )
-        return found
+            serve = ["start", "--no-services", "--host", "127.0.0.1", "--port", str(ports[name])]
+            found.append(self.program(name, [*prefect, *serve], self.server_env, 20))
+        found.append(self.program(BALANCER, [binary("haproxy"), "-db", "-f", str(self.home / "haproxy.cfg")], self.env, 30))
+        return [*found, self.program(SERVICES, [*prefect, "services", "start"], self.server_env, 30)]
 
     def redis_conf(self) -> str:
         """Loopback, a password, and an append-only file: a restarted Redis keeps the streams, leases and Docket."""
@@ -152,128 +144,25 @@ class HAStack(LocalStack):
             f"    default-server inter 1s fall 2 rise 1\n{servers}"
         )
 
-    # -- starting and supervising -------------------------------------------------------------------------------
-    def spawn(self, name: str) -> int:
-        command, env = self.commands()[name]
-        return self._spawn_command(name, command, env)
+    # -- starting -----------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.topology_file.unlink(missing_ok=True)  # fresh ports for a fresh stack
+        super().start()
 
     def start_api(self) -> None:
-        self.commands()  # fails early, naming what to install
         write_secret(self.home / "redis.conf", self.redis_conf())  # it holds the password
         (self.home / "haproxy.cfg").write_text(self.haproxy_cfg())
-        self.spawn(REDIS)
-        self._prefect_server("database", "upgrade", "-y")  # once, before any replica: none migrates on start
+        self.supervisor.start(REDIS)
+        self._run("-m", "prefect", "server", "database", "upgrade", "-y", env=self.server_env, timeout=600)  # once, first
         for name in self.replicas_names():  # one after the other: each registers Prefect's block types on its first
-            self.spawn(name)  # start, and two at once collide on the same rows (the second exits)
+            self.supervisor.start(name)  # start, and two at once collide on the same rows (the second exits)
             self.wait_replica(name)
         for name in (BALANCER, SERVICES):
-            self.spawn(name)
+            self.supervisor.start(name)
 
     def wait_replica(self, name: str, timeout: float = 180) -> None:
         """Until replica ``name`` answers ``/api/health`` on its own port."""
-        url = f"http://127.0.0.1:{self.ports[name]}/api/health"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(url, timeout=2) as answer:
-                    if answer.status == 200:
-                        return
-            except OSError:
-                pass
-            if not self._alive(name):
-                raise RuntimeError(f"the API replica {name} exited; see {self.home / f'{name}.log'}")
-            time.sleep(0.5)
-        raise TimeoutError(f"the API replica {name} did not answer on {url} within {timeout:.0f} s; see {self.home}/{name}.log")
-
-    def _prefect_server(self, *args: str) -> None:
-        import subprocess
-
-        done = subprocess.run(
-            [sys.executable, "-m", "prefect", "server", *args],
-            cwd=REPO,
-            env=self.server_env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"`prefect server {' '.join(args)}` failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-
-    def start(self) -> None:
-        self.topology_file.unlink(missing_ok=True)  # fresh ports for a fresh stack
-        for stale in (self.supervised_file, self.home / "removed.json"):
-            stale.unlink(missing_ok=True)
-        super().start()
-        self._spawn(SUPERVISOR, "supervise", "--home", str(self.home), "--port", str(self.port), module="flows.stack.topology")
-        self.wait_supervised()
-
-    def wait_supervised(self, timeout: float = 60) -> None:
-        """Until the supervisor watches every process of the stack (it reads how each was started from /proc)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            wanted = set(self._pids()) - {SUPERVISOR} - self.removed()
-            if self.supervised_file.exists() and wanted <= set(json.loads(self.supervised_file.read_text())):
-                return
-            if not self._alive(SUPERVISOR):
-                raise RuntimeError(f"the supervisor exited; see {self.home / 'supervisor.log'}")
-            time.sleep(0.3)
-        raise TimeoutError(f"the supervisor did not take up every process within {timeout:.0f} s; see {self.home}/supervisor.log")
-
-    def supervise(self, every: float = 1.0) -> None:
-        """Restart whatever of this stack died, as it was started: Redis, the balancer, the replicas and the services
-        from ``commands``; the watchdog and the local workers with the command, directory and environment they were
-        started with (read from ``/proc``). A worker stopped on purpose (``remove_worker``) stays stopped."""
-        known: dict[str, tuple[list[str], dict[str, str], Path]] = {}
-        last: dict[str, float] = {}
-        while True:
-            pids = self._pids()
-            for name, pid in pids.items():
-                if name not in known and name != SUPERVISOR and running(pid):
-                    known[name] = self.spec(name, pid)
-            if not self.supervised_file.exists() or set(json.loads(self.supervised_file.read_text())) != set(known):
-                self.supervised_file.write_text(json.dumps(sorted(known)))
-            for name, (command, env, cwd) in known.items():
-                if name in self.removed() or running(self._pids().get(name)):
-                    continue
-                if time.monotonic() - last.get(name, -60.0) < 5:  # one that keeps dying: not faster than every 5 s
-                    continue
-                last[name] = time.monotonic()
-                pid = self._spawn_command(name, command, env, cwd)
-                print(f"{datetime.now(UTC):%H:%M:%S} {name} was not running: started again (pid {pid})", flush=True)
-            for pid in list(self._pids().values()):
-                _reaped(pid)  # this supervisor's own children that died
-            time.sleep(every)
-
-    def spec(self, name: str, pid: int) -> tuple[list[str], dict[str, str], Path]:
-        """How ``name`` was started: the command, directory and environment ``/proc`` shows (Redis rewrites its
-        command line, so its own is made again here: it reads everything from its configuration file)."""
-        proc = Path(f"/proc/{pid}")
-        env = dict(e.decode().split("=", 1) for e in (proc / "environ").read_bytes().split(b"\0") if b"=" in e)
-        if name == REDIS:
-            return [binary("redis-server"), str(self.home / "redis.conf")], env, REPO
-        command = [a.decode() for a in (proc / "cmdline").read_bytes().split(b"\0")[:-1]]
-        return command, env, (proc / "cwd").resolve()
-
-    def removed(self) -> set[str]:
-        """Processes stopped on purpose (``remove_worker``): ``<home>/removed.json``, not restarted."""
-        path = self.home / "removed.json"
-        return set(json.loads(path.read_text())) if path.exists() else set()
-
-    def remove_worker(self, name: str, grace: float = 15) -> None:
-        path = self.home / "removed.json"
-        path.write_text(json.dumps(sorted(self.removed() | {name})))
-        super().remove_worker(name, grace)
-
-
-def running(pid: int | None) -> bool:
-    """Whether ``pid`` runs: not gone, and not a zombie (a process this one did not start cannot be reaped here)."""
-    if pid is None:
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        self.wait_ready(f"http://127.0.0.1:{self.ports[name]}/api/health", name, timeout)
 
 
 def serve(argv: list[str]) -> int:
@@ -281,22 +170,3 @@ def serve(argv: list[str]) -> int:
     from flows.stack import serve as single
 
     return single.main(argv, stacks={"single": LocalStack, "ha": HAStack})
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.stack.topology", description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["supervise"])
-    parser.add_argument("--home", required=True)
-    parser.add_argument("--port", type=int, required=True)
-    args = parser.parse_args(argv)
-    stack = HAStack(Path(args.home), port=args.port)
-    print(f"{datetime.now(UTC):%H:%M:%S} supervising {', '.join(n for n in stack._pids() if n != SUPERVISOR)}", flush=True)
-    try:
-        stack.supervise()
-    except KeyboardInterrupt:
-        pass
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
