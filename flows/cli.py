@@ -13,10 +13,11 @@ import sys
 import threading
 import typing
 
-from pydantic import BaseModel, ValidationError
-from pydantic.fields import FieldInfo
+if typing.TYPE_CHECKING:  # pydantic and the parameters are imported when `run` is parsed, not for --version or --help
+    from pydantic import BaseModel
+    from pydantic.fields import FieldInfo
 
-from flows.night.params import PipelineParameters, describe_errors
+    from flows.night.params import PipelineParameters
 
 EXIT_FAILED = 1
 EXIT_BAD_PARAMETERS = 2
@@ -152,15 +153,19 @@ def _group(sub, name: str, help_text: str) -> tuple[argparse.ArgumentParser, arg
 
 def _command(sub, name: str, help_text: str, **options) -> argparse.ArgumentParser:
     """A command or verb whose help page opens with what it does (its line in the list above it) and ends with the
-    environment and exit status."""
-    return sub.add_parser(
-        name,
-        help=help_text,
-        description=help_text[:1].upper() + help_text[1:] + ".",
-        epilog=ENVIRONMENT,
-        formatter_class=_Format,
-        **options,
-    )
+    environment and exit status. ``parser_class``: a parser of another kind for this one command."""
+    kind, sub._parser_class = sub._parser_class, options.pop("parser_class", sub._parser_class)
+    try:
+        return sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text[:1].upper() + help_text[1:] + ".",
+            epilog=ENVIRONMENT,
+            formatter_class=_Format,
+            **options,
+        )
+    finally:
+        sub._parser_class = kind
 
 
 class _Format(argparse.RawDescriptionHelpFormatter):
@@ -183,6 +188,32 @@ class _Parser(argparse.ArgumentParser):
         super()._check_value(action, value)
 
 
+class _RunParser(_Parser):
+    """``run``'s parser: its flags are the flow's parameters (declared once, in flows/night/params.py), added the first
+    time it parses or prints help, so ``--version``, ``--help`` and the read commands never import pydantic's models."""
+
+    _filled = False
+
+    def _fill(self) -> None:
+        if not self._filled:
+            from flows.night.params import PipelineParameters
+
+            self._filled = True
+            _add_model_flags(self, PipelineParameters)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._fill()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._fill()
+        return super().format_help()
+
+    def format_usage(self) -> str:
+        self._fill()
+        return super().format_usage()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mnist-pipeline",
@@ -192,8 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    run = _command(sub, "run", "run the flow once and print where its tables and plots are")
-    _add_model_flags(run, PipelineParameters)  # the flags are the parameters: declared once, in flows/night/params.py
+    _command(sub, "run", "run the flow once and print where its tables and plots are", parser_class=_RunParser)
 
     champion_group, champion = _group(
         sub, "champion", "the model in use: show it, list its history, promote a run's model, roll back"
@@ -278,6 +308,8 @@ def _simulate_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def parameters_from(args: argparse.Namespace) -> PipelineParameters:
+    from flows.night.params import PipelineParameters
+
     values = vars(args)
 
     def fields_of(model: type[BaseModel]) -> dict:
@@ -788,9 +820,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     try:
         params = parameters_from(args)
     except ValidationError as exc:
+        from flows.night.params import describe_errors
+
         print(describe_errors(exc), file=sys.stderr)
         return EXIT_BAD_PARAMETERS
 
