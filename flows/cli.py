@@ -355,7 +355,7 @@ def _checked(store, args: argparse.Namespace):
 
 
 def _reading(args: argparse.Namespace):
-    """The store a read command looks at: no lock, so no Prefect (a read command answers in about a second)."""
+    """The store a read command looks at: it takes no lock, so Prefect (seconds of imports) is never loaded."""
     from storage import Store
 
     return _checked(Store.resolve(getattr(args, "store", None)), args)
@@ -394,7 +394,7 @@ def plain(value: object) -> object:
     if hasattr(value, "item"):  # a NumPy scalar
         return plain(value.item())
     if isinstance(value, float):
-        return None if math.isnan(value) else float(f"{value:.{FIGURE_DIGITS}g}")
+        return float(f"{value:.{FIGURE_DIGITS}g}") if math.isfinite(value) else None  # JSON has no NaN
     return value
 
 
@@ -441,11 +441,12 @@ def batch_command(args: argparse.Namespace) -> int:
 BATCH_COLUMNS = ["digest", "file", "rows", "decision", "decided_by", "decided_at", "reason", "run_id"]
 
 
-def _batch_decisions(store):
-    """Every decision about every batch, oldest first (an operator's later row overrules the ingest step's)."""
+def _batch_decisions(store, run_id: str | None = None):
+    """Every decision about every batch (or those filed by one run), oldest first (an operator's later row
+    overrules the ingest step's)."""
     from storage.tables import read_table
 
-    return read_table(store, "batches").sort_values("decided_at", kind="stable")
+    return read_table(store, "batches", run_id=run_id).sort_values("decided_at", kind="stable")
 
 
 def batches_list_command(args: argparse.Namespace) -> int:
@@ -508,23 +509,24 @@ RUN_COLUMNS = [
 ]
 
 
-def _nights(store):
-    """The runs, newest first, each with its own gate's decision: the first ``promotions`` row of its partition
-    (an operator's later promote or rollback filed there is not the night's decision)."""
+def _nights(store, run_id: str | None = None, last: int = 0):
+    """The runs (or the one ``run_id``), newest first (the ``last`` ones, 0 for all), each with its own gate's
+    decision: the first ``promotions`` row of its partition (an operator's later promote or rollback filed there is
+    not the night's decision). Only the shown runs' ``promotions`` partitions are read."""
     from storage.tables import read_table
 
-    runs = read_table(store, "runs")
-    decided = read_table(store, "promotions").sort_values("decided_at", kind="stable").drop_duplicates("run_id")
+    runs = read_table(store, "runs", run_id=run_id).sort_values("finished_at", ascending=False, kind="stable")
+    if last:
+        runs = runs.head(last)
+    rows = read_table(store, "promotions", run_id=runs["run_id"].tolist())
+    decided = rows.sort_values("decided_at", kind="stable").drop_duplicates("run_id")
     gate = decided[["run_id", "decision", "reason", "forced", "slices"]]
-    return runs.merge(gate, on="run_id", how="left").sort_values("finished_at", ascending=False, kind="stable")
+    return runs.merge(gate, on="run_id", how="left")
 
 
 def runs_list_command(args: argparse.Namespace) -> int:
     store = _reading(args)
-    runs = _nights(store)
-    if args.last:
-        runs = runs.head(args.last)
-    shown = runs[RUN_COLUMNS]
+    shown = _nights(store, last=args.last)[RUN_COLUMNS]
 
     def human() -> None:
         forced = shown["forced"].astype(object).eq(True)
@@ -542,8 +544,7 @@ def runs_show_command(args: argparse.Namespace) -> int:
     """``runs show RUN``: one night's row of ``runs``, its gate's decision with every slice's comparison, the
     batches it ingested and where its report is."""
     store = _reading(args)
-    runs = _nights(store)
-    found = runs[runs["run_id"] == args.run_id]
+    found = _nights(store, run_id=args.run_id)
     if found.empty:
         print(
             f"mnist-pipeline runs show: run {args.run_id!r} is not in the runs table of {store.url}; "
@@ -552,8 +553,7 @@ def runs_show_command(args: argparse.Namespace) -> int:
         )
         return EXIT_FAILED
     run = records(found)[0]
-    batches = _batch_decisions(store)
-    ingested = batches[batches["run_id"] == args.run_id]
+    ingested = _batch_decisions(store, run_id=args.run_id)
     report = store.report_index(args.run_id)
     data = {
         **run,
