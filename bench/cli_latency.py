@@ -4,7 +4,8 @@ The store is written directly (no training): one ``runs``, ``promotions`` and ``
 night writes them, and a champion whose model file and reference are intact, so ``champion show`` checks its digest
 as it does on a real store. Every command runs as a user runs it, in a fresh interpreter (``python -m flows.cli``),
 ``--repeat`` times; the baseline in the same sitting is an interpreter that does nothing (``python -c pass``), so
-the figures can be read against the machine's load. Prints one line per command: median and fastest wall seconds.
+the figures can be read against the machine's load. Prints one line per command: median and fastest wall seconds,
+and the median CPU seconds the command spent (user + system).
 
     PYTHONPATH=$PWD .venv/bin/python bench/cli_latency.py [--nights 365] [--repeat 5]
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -129,15 +131,23 @@ def build_store(root: Path, nights: int) -> Store:
     return store
 
 
-def timed(command: list[str], repeat: int, env: dict[str, str]) -> tuple[float, float]:
-    seconds = []
+def cpu_seconds() -> float:
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
+
+
+def timed(command: list[str], repeat: int, env: dict[str, str]) -> tuple[float, float, float]:
+    """Median and fastest wall seconds, and median CPU seconds (user + system: what the command itself spent, which
+    a machine shared with other work inflates far less than the wall time)."""
+    seconds, cpu = [], []
     for _ in range(repeat):
-        started = time.perf_counter()
+        started, used = time.perf_counter(), cpu_seconds()
         done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
         seconds.append(time.perf_counter() - started)
+        cpu.append(cpu_seconds() - used)
         if done.returncode != 0:
             raise SystemExit(f"{' '.join(command)} exited {done.returncode}:\n{done.stderr[-2000:]}")
-    return statistics.median(seconds), min(seconds)
+    return statistics.median(seconds), min(seconds), statistics.median(cpu)
 
 
 def main() -> None:
@@ -162,10 +172,11 @@ def main() -> None:
             "champion history": [*cli, "champion", "history", "--store", store.url],
             "batches list": [*cli, "batches", "list", "--store", store.url],
         }
-        print(f"{'command':<28} {'median s':>9} {'fastest s':>9}   ({args.repeat} runs each)")
+        print(f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
+        print(f"{'command':<28} {'median s':>9} {'fastest s':>9} {'CPU s':>7}   ({args.repeat} runs each)")
         for name, command in commands.items():
-            median, fastest = timed(command, args.repeat, env)
-            print(f"{name:<28} {median:>9.2f} {fastest:>9.2f}")
+            median, fastest, cpu = timed(command, args.repeat, env)
+            print(f"{name:<28} {median:>9.2f} {fastest:>9.2f} {cpu:>7.2f}")
 
 
 if __name__ == "__main__":
