@@ -80,6 +80,8 @@ def _add_model_flags(parser, model: type[BaseModel]) -> None:
         if name in CLI_DEFAULTS:  # the command line behaves as the nightly deployment does
             options["default"], options["type"] = CLI_DEFAULTS[name], _optional(options["type"])
             options["help"] = options["help"].replace("(default 0)", "(default empty)")
+        if name == "store":  # said as every other command says it
+            options["help"] = options["help"].replace("(default empty)", f"({STORE_DEFAULT})")
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, **options)
 
 

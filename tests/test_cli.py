@@ -296,7 +296,10 @@ def test_a_manual_promote_of_the_champion_changes_nothing_and_an_operators_reaso
 def test_every_verbs_help_page_opens_with_what_it_does_and_states_the_default_store():
     from docs.hooks import _subcommands
 
-    for name, command in _subcommands(build_parser()).items():
+    commands = _subcommands(build_parser())
+    run_help = " ".join(commands["run"].format_help().split())  # its flags are added when its help is printed
+    assert "--store STORE" in run_help and "(default: $MNIST_STORE, else ./artifacts in the current folder)" in run_help
+    for name, command in commands.items():
         assert command.description, name
         for verb, sub in _subcommands(command).items():
             if name == "serve":
