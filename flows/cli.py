@@ -13,13 +13,15 @@ import sys
 import threading
 import typing
 
-from pydantic import BaseModel, ValidationError
-from pydantic.fields import FieldInfo
+if typing.TYPE_CHECKING:  # pydantic and the parameters are imported when `run` is parsed, not for --version or --help
+    from pydantic import BaseModel
+    from pydantic.fields import FieldInfo
 
-from flows.night.params import PipelineParameters, describe_errors
+    from flows.night.params import PipelineParameters
 
 EXIT_FAILED = 1
 EXIT_BAD_PARAMETERS = 2
+EXIT_NOTHING = 3  # a read command: the store is there, but holds nothing of what was asked for yet
 
 
 def _quiet_environment() -> None:
@@ -78,6 +80,8 @@ def _add_model_flags(parser, model: type[BaseModel]) -> None:
         if name in CLI_DEFAULTS:  # the command line behaves as the nightly deployment does
             options["default"], options["type"] = CLI_DEFAULTS[name], _optional(options["type"])
             options["help"] = options["help"].replace("(default 0)", "(default empty)")
+        if name == "store":  # said as every other command says it
+            options["help"] = options["help"].replace("(default empty)", f"({STORE_DEFAULT})")
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, **options)
 
 
@@ -91,7 +95,16 @@ ENVIRONMENT = """environment:
   PREFECT_API_URL          a Prefect server to record runs in and take locks from
                            (else a temporary one)
   PREFECT_API_AUTH_STRING  that server's auth string
+
+exit status:
+  0  done: a read command found what it lists or shows
+  1  an error, said in one sentence on stderr: no store there, a file or a folder
+     that is not a store, no such run or batch, a failed run
+  2  a usage error or an invalid parameter
+  3  the store is there but holds nothing of that yet (no run, no champion,
+     no batch): a read command's list is empty (`[]`, or `null` for a champion)
 """
+STORE_DEFAULT = "default: $MNIST_STORE, else ./artifacts in the current folder"
 
 # Old flat names: still accepted for one release, with a line on stderr naming the new command.
 DEPRECATED = {
@@ -116,10 +129,19 @@ def version() -> str:
 def _store_flag(parser: argparse.ArgumentParser) -> None:
     """``--store``, absent from the namespace unless given: a group's and its verb's flags do not overwrite each other."""
     parser.add_argument(
-        "--store",
-        default=argparse.SUPPRESS,
-        help=PipelineParameters.model_fields["store"].description + " (default $MNIST_STORE)",
+        "--store", default=argparse.SUPPRESS, help=f"the artifact store, a directory or fsspec URL ({STORE_DEFAULT})"
     )
+
+
+def _count(text: str) -> int:
+    """A count for ``--last``: a whole number, 0 or more (argparse names the type in its error: ``count``)."""
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+_count.__name__ = "count"
 
 
 def _json_flag(parser: argparse.ArgumentParser) -> None:
@@ -127,16 +149,75 @@ def _json_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def _group(sub, name: str, help_text: str) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
-    group = sub.add_parser(name, help=help_text, description=help_text, epilog=ENVIRONMENT, formatter_class=_Format)
+    group = _command(sub, name, help_text)
     return group, group.add_subparsers(dest="verb", metavar="VERB")
+
+
+def _command(sub, name: str, help_text: str, **options) -> argparse.ArgumentParser:
+    """A command or verb whose help page opens with what it does (its line in the list above it) and ends with the
+    environment and exit status. ``parser_class``: a parser of another kind for this one command."""
+    kind, sub._parser_class = sub._parser_class, options.pop("parser_class", sub._parser_class)
+    try:
+        return sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text[:1].upper() + help_text[1:] + ".",
+            epilog=ENVIRONMENT,
+            formatter_class=_Format,
+            **options,
+        )
+    finally:
+        sub._parser_class = kind
 
 
 class _Format(argparse.RawDescriptionHelpFormatter):
     """Help text as written (the environment list keeps its columns)."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with errors a person reads at once: the error and where help is, not the whole usage (``run`` has
+    thirty options); an unknown command lists the commands there are, not the old names kept for one release."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(EXIT_BAD_PARAMETERS, f"{self.prog}: {message}\n(`{self.prog} --help` lists the options)\n")
+
+    def _check_value(self, action: argparse.Action, value) -> None:
+        if isinstance(action, argparse._SubParsersAction) and value not in action.choices:
+            listed = ", ".join(choice.dest for choice in action._choices_actions)
+            raise argparse.ArgumentError(
+                action, f"there is no {action.metavar.lower()} {value!r}; the {action.metavar.lower()}s are: {listed}"
+            )
+        super()._check_value(action, value)
+
+
+class _RunParser(_Parser):
+    """``run``'s parser: its flags are the flow's parameters (declared once, in flows/night/params.py), added the first
+    time it parses or prints help, so ``--version``, ``--help`` and the read commands never import pydantic's models."""
+
+    _filled = False
+
+    def _fill(self) -> None:
+        if not self._filled:
+            from flows.night.params import PipelineParameters
+
+            self._filled = True
+            _add_model_flags(self, PipelineParameters)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._fill()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._fill()
+        return super().format_help()
+
+    def format_usage(self) -> str:
+        self._fill()
+        return super().format_usage()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mnist-pipeline",
         description="Nightly MNIST retrain pipeline (Prefect + Keras): run it once, look at and steer what the nights decided.",
         epilog=ENVIRONMENT,
@@ -144,48 +225,56 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    run = sub.add_parser(
-        "run", help="run the flow once and print where its tables and plots are", epilog=ENVIRONMENT, formatter_class=_Format
-    )
-    _add_model_flags(run, PipelineParameters)  # the flags are the parameters: declared once, in flows/night/params.py
+    _command(sub, "run", "run the flow once and print where its tables and plots are", parser_class=_RunParser)
 
     champion_group, champion = _group(
         sub, "champion", "the model in use: show it, list its history, promote a run's model, roll back"
     )
     _store_flag(champion_group)  # `mnist-pipeline champion --json` is `champion show --json`
     _json_flag(champion_group)
-    show = champion.add_parser("show", help="print the current champion (run, model, metrics)")
-    history = champion.add_parser("history", help="every model that was made champion, oldest first")
-    promote = champion.add_parser("promote", help="make a run's model the champion (recorded as manual)")
-    promote.add_argument("run_id", help="the run whose model becomes the champion (see `mnist-pipeline runs list`)")
-    rollback = champion.add_parser("rollback", help="make the previous champion the champion again (recorded as manual)")
+    show = _command(champion, "show", "print the current champion (run, model, figures, when and why it was promoted)")
+    history = _command(champion, "history", "every model that was made champion, oldest first")
+    promote = _command(champion, "promote", "make a run's model the champion (an operator's decision, recorded as forced)")
+    promote.add_argument("run_id", help="the run whose model becomes the champion (`mnist-pipeline runs list` lists them)")
+    rollback = _command(champion, "rollback", "make the previous champion the champion again (an operator's decision)")
+    for verb in (promote, rollback):
+        verb.add_argument(
+            "--reason",
+            default=None,
+            help="why, in words: recorded in the promotions table as `manual: REASON` (default `manual`)",
+        )
     for verb in (show, history, promote, rollback):
         _store_flag(verb)
     for verb in (show, history):
         _json_flag(verb)
 
     _, batches = _group(sub, "batches", "new labelled batches: list them, show one, release or quarantine one")
-    listed = batches.add_parser("list", help="every batch ingested, newest first, with its decision")
-    one = batches.add_parser("show", help="one batch's record: its figures, decision and files")
-    one.add_argument("batch", help="the batch's digest, or its first 8+ characters")
+    listed = _command(batches, "list", "every batch ingested, newest first, with its latest decision")
+    one = _command(batches, "show", "one batch: its latest decision, its figures, and every decision about it")
+    one.add_argument("batch", help="the batch's digest, or its first 8+ characters (`mnist-pipeline batches list` lists them)")
     verbs = [listed, one]
     for name, verb in (
         ("release", "accept a quarantined batch: the next night trains on it"),
         ("quarantine", "set an accepted batch aside: the next night trains without it"),
     ):
-        changed = batches.add_parser(name, help=f"{verb} (recorded in the batches table as the operator's)")
-        changed.add_argument("batch", help="the batch's digest, or its first 8+ characters (see `mnist-pipeline batches list`)")
+        changed = _command(batches, name, f"{verb} (recorded in the batches table as the operator's)")
+        changed.add_argument(
+            "batch", help="the batch's digest, or its first 8+ characters (`mnist-pipeline batches list` lists them)"
+        )
         verbs.append(changed)
     for verb in verbs:
         _store_flag(verb)
     for verb in (listed, one):
         _json_flag(verb)
 
-    _, runs = _group(sub, "runs", "the nights that ran: list them")
-    runs_list = runs.add_parser("list", help="every run, newest first: its model, accuracy and decision")
-    runs_list.add_argument("--last", type=int, default=20, help="show this many runs (default 20; 0 for all)")
-    _store_flag(runs_list)
-    _json_flag(runs_list)
+    _, runs = _group(sub, "runs", "the nights that ran: list them, show one")
+    runs_list = _command(runs, "list", "every run, newest first: its model, figures, the gate's decision and why")
+    runs_list.add_argument("--last", type=_count, default=20, help="show this many runs (default 20; 0 for all)")
+    runs_show = _command(runs, "show", "one run: its figures on each slice, the gate's decision, its batches and its report")
+    runs_show.add_argument("run_id", help="the run's id (`mnist-pipeline runs list` lists them)")
+    for verb in (runs_list, runs_show):
+        _store_flag(verb)
+        _json_flag(verb)
 
     _, serve = _group(sub, "serve", "the local Prefect stack of `make serve`: start, stop, status")
     for verb, text in (
@@ -193,10 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("stop", "stop everything `serve start` started, through its supervisord (`make stop`)"),
         ("status", "which processes of the stack are running"),
     ):
-        serve.add_parser(verb, help=f"{text}; options: `mnist-pipeline serve {verb} --help`", add_help=False)
+        serve.add_parser(verb, help=f"{text}; options: `mnist-pipeline serve {verb} --help`", add_help=False, description=text)
 
     _, demo = _group(sub, "demo", "demonstrations on real MNIST")
-    simulate = demo.add_parser("simulate-arrivals", help="write night K's batch of the scripted week into the incoming location")
+    simulate = _command(demo, "simulate-arrivals", "write night K's batch of the scripted week into the incoming location")
     _simulate_flags(simulate)
 
     for old, (_, verb) in DEPRECATED.items():  # hidden: kept for one release
@@ -221,6 +310,8 @@ def _simulate_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def parameters_from(args: argparse.Namespace) -> PipelineParameters:
+    from flows.night.params import PipelineParameters
+
     values = vars(args)
 
     def fields_of(model: type[BaseModel]) -> dict:
@@ -240,97 +331,285 @@ def parameters_from(args: argparse.Namespace) -> PipelineParameters:
     return PipelineParameters(**found)
 
 
-def _store(args: argparse.Namespace):
+# ---- the store a command reads or changes ------------------------------------------------------------------------
+def _as_json(args: argparse.Namespace) -> bool:
+    return getattr(args, "json", False)
+
+
+def _origin(args: argparse.Namespace) -> str:
+    """Where the store's name came from, so a store picked silently by the current folder is seen."""
+    from storage import DEFAULT_STORE, STORE_ENV
+
+    if getattr(args, "store", None):
+        return "--store"
+    if os.environ.get(STORE_ENV):
+        return f"${STORE_ENV}"
+    return f"the default, ./{DEFAULT_STORE} in the current folder; --store or ${STORE_ENV} to change"
+
+
+def _checked(store, args: argparse.Namespace):
+    """``store``, once it is seen to be a store (``StoreError`` otherwise: a wrong name is an error, never an empty
+    store); its name and where that came from on stderr, for a person (never in JSON)."""
+    store.check_store()
+    if not _as_json(args):
+        print(f"Store: {store.url} ({_origin(args)})", file=sys.stderr)
+    return store
+
+
+def _reading(args: argparse.Namespace):
+    """The store a read command looks at: it takes no lock, so Prefect (seconds of imports) is never loaded."""
+    from storage import Store
+
+    return _checked(Store.resolve(getattr(args, "store", None)), args)
+
+
+def _writing(args: argparse.Namespace):
+    """The store a command changes: locked as a flow run locks it (through the Prefect server when there is one)."""
     from flows.night.locks import open_store
 
-    return open_store(getattr(args, "store", None))
+    return _checked(open_store(getattr(args, "store", None)), args)
 
 
-def _print_frame(frame, as_json: bool, empty: str) -> int:
-    """A list command's rows: a readable table, or JSON records for scripts (an empty list prints ``[]``)."""
-    if as_json:
-        print(frame.to_json(orient="records", date_format="iso"))
-    elif frame.empty:
-        print(empty)
+# ---- one JSON vocabulary -------------------------------------------------------------------------------------------
+# Every command's JSON uses the tables' column names (storage/tables.py) for what a table holds, full keys and
+# digests, timestamps as ISO 8601 UTC to the microsecond the tables store, and figures without floating-point noise.
+# Beyond the columns, only where a file is: these names (tests/test_cli.py holds every command to this).
+LOCATIONS = {"model_path": "the champion's model file", "report_path": "the run's report page (null if not written)"}
+FIGURE_DIGITS = 12  # significant digits: 0.8034000000000001 is 0.8034; a p-value of 1e-30 stays one
+
+
+def plain(value: object) -> object:
+    """One value as JSON has it, whatever pandas, pyarrow or NumPy made of it."""
+    import math
+    from datetime import UTC, datetime
+
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    if isinstance(value, datetime):
+        if str(value) == "NaT":
+            return None
+        return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "ndarray":
+        return [plain(v) for v in value]
+    if hasattr(value, "item"):  # a NumPy scalar
+        return plain(value.item())
+    if isinstance(value, float):
+        return float(f"{value:.{FIGURE_DIGITS}g}") if math.isfinite(value) else None  # JSON has no NaN
+    return value
+
+
+def records(frame) -> list[dict]:
+    """A frame's rows as JSON-able dicts (missing values as null)."""
+    return [{str(k): plain(v) for k, v in row.items()} for row in frame.astype(object).to_dict(orient="records")]
+
+
+def _emit(args: argparse.Namespace, data: object, human, nothing: str | None) -> int:
+    """Print ``data`` as JSON, or ``human()`` for a person; exit 3 with ``nothing`` said when there is nothing."""
+    empty = data is None or data == []
+    if _as_json(args):
+        print(json.dumps(plain(data)))
+    elif empty:
+        print(nothing)
     else:
-        print(frame.to_string(index=False, max_colwidth=60))
-    return 0
+        human()
+    return EXIT_NOTHING if empty else 0
 
 
+def _table(frame, short: tuple[str, ...] = ()) -> None:
+    """A list for a person: digests in ``short`` cut to 12 characters (enough to name one; JSON has them whole)."""
+    frame = frame.assign(**{c: frame[c].str[:12] for c in short})
+    print(frame.to_string(index=False, max_colwidth=60))
+
+
+# ---- batches ------------------------------------------------------------------------------------------------------
 def batch_command(args: argparse.Namespace) -> int:
     """``batches release|quarantine``: an operator overrules the ingest step's decision on one batch."""
     from tasks.intake.ingest import BatchNotFound, set_status
 
     try:
-        record = set_status(_store(args), args.batch, "accepted" if args.verb == "release" else "quarantined")
+        record, changed = set_status(_writing(args), args.batch, "accepted" if args.verb == "release" else "quarantined")
     except BatchNotFound as exc:
         print(f"mnist-pipeline batches {args.verb}: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    if not changed:
+        print(f"Batch {record.digest[:12]} ({record.file}) is already {record.status}: nothing changed, nothing recorded.")
+        return 0
     print(f"Batch {record.digest[:12]} ({record.file}) is now {record.status}; the next night's dataset version follows.")
     return 0
 
 
-def batches_list_command(args: argparse.Namespace) -> int:
-    """``batches list``: each batch once, with its latest decision (an operator's overrules the ingest step's)."""
+BATCH_COLUMNS = ["digest", "file", "rows", "decision", "decided_by", "decided_at", "reason", "run_id"]
+
+
+def _batch_decisions(store, run_id: str | None = None):
+    """Every decision about every batch (or those filed by one run), oldest first (an operator's later row
+    overrules the ingest step's)."""
     from storage.tables import read_table
 
-    store = _store(args)
-    rows = read_table(store, "batches").sort_values("decided_at", kind="stable")
+    return read_table(store, "batches", run_id=run_id).sort_values("decided_at", kind="stable")
+
+
+def batches_list_command(args: argparse.Namespace) -> int:
+    """``batches list``: each batch once, with its latest decision."""
+    store = _reading(args)
+    rows = _batch_decisions(store)
     latest = rows.drop_duplicates("digest", keep="last").sort_values("decided_at", ascending=False, kind="stable")
-    shown = latest[["digest", "file", "rows", "decision", "decided_by", "decided_at", "reason"]].assign(
-        digest=lambda f: f["digest"].str[:12]
-    )
-    return _print_frame(shown, getattr(args, "json", False), f"No batch has arrived in {store.url} yet.")
+    shown = latest[BATCH_COLUMNS]
+    return _emit(args, records(shown), lambda: _table(shown, short=("digest",)), f"No batch has arrived in {store.url} yet.")
 
 
 def batches_show_command(args: argparse.Namespace) -> int:
-    from tasks.intake.ingest import BatchNotFound, find_batch
-
-    store = _store(args)
-    try:
-        record = find_batch(store, args.batch)
-    except BatchNotFound as exc:
-        print(f"mnist-pipeline batches show: {exc}", file=sys.stderr)
+    """``batches show``: one batch's latest row of the batches table (every column), and each decision before it."""
+    store = _reading(args)
+    rows = _batch_decisions(store)
+    prefix = args.batch.strip().lower()
+    digests = rows["digest"].drop_duplicates()
+    matches = digests[digests.str.startswith(prefix)] if len(prefix) >= 8 else digests.iloc[:0]
+    if len(matches) != 1:
+        why = "matches several batches" if len(matches) else "matches no batch"
+        held = ", ".join(d[:12] for d in digests) or "none"
+        print(
+            f"mnist-pipeline batches show: {args.batch!r} {why} in {store.url} (give at least 8 characters of a digest; "
+            f"batches: {held}; `mnist-pipeline batches list` lists them).",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
-    if getattr(args, "json", False):
-        print(record.model_dump_json())
-        return 0
-    print(
-        f"Batch:     {record.digest}\nFile:      {record.file}\nDecision:  {record.status} ({record.decided_by})\n"
-        f"Reason:    {record.reason}\nRun:       {record.run_id}"
-    )
-    return 0
+    history = rows[rows["digest"] == matches.iloc[0]]
+    latest = records(history.tail(1))[0]
+    data = {**latest, "decisions": records(history[["decision", "decided_by", "decided_at", "reason", "run_id"]])}
+
+    def human() -> None:
+        print(
+            f"Batch:     {latest['digest']}\nFile:      {latest['file']} ({latest['rows']} images, source "
+            f"{latest['source'] or 'not given'})\nDecision:  {latest['decision']} ({latest['decided_by']}, "
+            f"{latest['decided_at']})\nReason:    {latest['reason']}\nRun:       {latest['run_id']}\n"
+            f"Trained:   {latest['train_rows']} images; {latest['holdout_rows']} held out for new-data"
+        )
+        if len(history) > 1:
+            print("\nDecisions, oldest first:")
+            _table(history[["decided_at", "decision", "decided_by", "reason"]])
+
+    return _emit(args, data, human, None)
+
+
+# ---- runs -----------------------------------------------------------------------------------------------------------
+RUN_COLUMNS = [
+    "run_id",
+    "finished_at",
+    "model",
+    "epochs",
+    "model_key",
+    "selection_balanced_accuracy",
+    "test_accuracy",
+    "decision",
+    "forced",
+    "reason",
+    "promoted",
+    "reused_evaluation",
+]
+
+
+def _nights(store, run_id: str | None = None, last: int = 0):
+    """The runs (or the one ``run_id``), newest first (the ``last`` ones, 0 for all), each with its own gate's
+    decision: the first ``promotions`` row of its partition (an operator's later promote or rollback filed there is
+    not the night's decision). Only the shown runs' ``promotions`` partitions are read."""
+    from storage.tables import read_table
+
+    runs = read_table(store, "runs", run_id=run_id).sort_values("finished_at", ascending=False, kind="stable")
+    if last:
+        runs = runs.head(last)
+    rows = read_table(store, "promotions", run_id=runs["run_id"].tolist())
+    decided = rows.sort_values("decided_at", kind="stable").drop_duplicates("run_id")
+    gate = decided[["run_id", "decision", "reason", "forced", "slices"]]
+    return runs.merge(gate, on="run_id", how="left")
 
 
 def runs_list_command(args: argparse.Namespace) -> int:
-    from storage.tables import read_table
+    store = _reading(args)
+    shown = _nights(store, last=args.last)[RUN_COLUMNS]
 
-    store = _store(args)
-    runs = read_table(store, "runs").sort_values("finished_at", ascending=False, kind="stable")
-    if args.last:
-        runs = runs.head(args.last)
-    columns = [
-        "run_id",
-        "finished_at",
-        "model",
-        "epochs",
-        "model_key",
-        "selection_balanced_accuracy",
-        "test_accuracy",
-        "promoted",
-        "reused_evaluation",
-    ]
-    shown = runs[columns].assign(model_key=runs["model_key"].str[:12])
-    return _print_frame(shown, getattr(args, "json", False), f"No run has finished in {store.url} yet.")
+    def human() -> None:
+        forced = shown["forced"].astype(object).eq(True)
+        _table(
+            shown.drop(columns=["forced", "promoted"]).assign(
+                decision=shown["decision"].where(~forced, shown["decision"] + ", forced")
+            ),
+            short=("model_key",),
+        )
+
+    return _emit(args, records(shown), human, f"No run has finished in {store.url} yet.")
+
+
+def runs_show_command(args: argparse.Namespace) -> int:
+    """``runs show RUN``: one night's row of ``runs``, its gate's decision with every slice's comparison, the
+    batches it ingested and where its report is."""
+    store = _reading(args)
+    found = _nights(store, run_id=args.run_id)
+    if found.empty:
+        print(
+            f"mnist-pipeline runs show: run {args.run_id!r} is not in the runs table of {store.url}; "
+            "`mnist-pipeline runs list` lists the run ids.",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    run = records(found)[0]
+    ingested = _batch_decisions(store, run_id=args.run_id)
+    report = store.report_index(args.run_id)
+    data = {
+        **run,
+        "batches": records(ingested),
+        "report_path": store.location(report) if store.exists(report) else None,
+    }
+
+    def human() -> None:
+        forced = " (forced)" if run["forced"] else ""
+        print(
+            f"Run:        {run['run_id']} (attempt {run['attempt']}, finished {run['finished_at']})\n"
+            f"Model:      {run['model']}, {run['epochs']} epochs on {run['device']} → {run['model_key']}\n"
+            f"Data:       version {(run['dataset_version'] or '')[:16]} (MNIST and {run['batches_accepted']} accepted batches)\n"
+            f"Decision:   {(run['decision'] or 'none recorded').upper()}{forced}: {run['reason']}\n"
+        )
+        compared = {c["slice"]: c for c in run["slices"] or []}
+        print("Figures (balanced accuracy: mean per-digit recall):")
+        for name, images, balanced, note in (
+            (
+                "mnist-test",
+                (run["n_per_class"] or 0) * 10,
+                run["test_balanced_accuracy"],
+                f"accuracy {_figure(run['test_accuracy'])} on all 10 000 test images; reports only",
+            ),
+            ("mnist-selection", None, run["selection_balanced_accuracy"], "decides"),
+            ("new-data", run["new_data_images"], run["new_data_balanced_accuracy"], "decides from enough images"),
+        ):
+            gate = compared.get(name)
+            if gate is not None:
+                images = gate["images"]
+                versus = gate.get("champion_balanced_accuracy")
+                note = ("decided: " if versus is None else f"champion {_figure(versus)}; decided: ") + (
+                    "passed" if gate.get("passed") else f"failed {len(gate.get('failed_rules') or [])} rule(s)"
+                )
+            shown = "-" if balanced is None else _figure(balanced)
+            print(f"  {name:<16} {'' if images is None else images:>6} images  {shown:<7} {note}")
+        print("\nBatches ingested:")
+        if ingested.empty:
+            print("  none")
+        else:
+            _table(ingested[["digest", "file", "rows", "decision", "decided_by", "reason"]], short=("digest",))
+        print(f"\nReport:     {data['report_path'] or 'not written (' + store.location(report) + ')'}")
+
+    return _emit(args, data, human, None)
 
 
 def simulate_command(args: argparse.Namespace) -> int:
     """``demo simulate-arrivals``: night K of the scripted week, from MNIST (fetched into the store if missing)."""
+    from flows.night.locks import open_store
     from tasks.data import simulate
     from tasks.data.fetch import MnistUnavailable, default_sources, fetch_mnist, load_mnist
     from tasks.intake.ingest import INCOMING_ENV, incoming_store
 
-    store = _store(args)
+    store = open_store(getattr(args, "store", None))  # made if missing: MNIST is fetched into it
     try:
         mnist = load_mnist(store, fetch_mnist(store, default_sources(), log=lambda line: None))
     except MnistUnavailable as exc:
@@ -351,72 +630,98 @@ def simulate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- champion -----------------------------------------------------------------------------------------------------
 def champion_command(args: argparse.Namespace) -> int:
-    """``champion show|promote|rollback``: read and set the pointer in the store, no flow run (and no TensorFlow) needed."""
-    from tasks.champion.promotion import ChampionError, find_champion, promote_run, rollback
+    """``champion promote|rollback``: set the pointer in the store, no flow run (and no TensorFlow) needed."""
+    from tasks.champion.promotion import ChampionError, manual_reason, promote_run, rollback
 
-    store = _store(args)
+    store = _writing(args)
+    reason = getattr(args, "reason", None)  # the old flat names take none
     try:
         if args.verb == "promote":
-            row = promote_run(store, args.run_id)
-        elif args.verb == "rollback":
-            row = rollback(store)
+            row = promote_run(store, args.run_id, reason=reason)
         else:
-            return print_champion(store, find_champion(store), as_json=getattr(args, "json", False))
+            row = rollback(store, reason=reason)
     except ChampionError as exc:
         print(f"mnist-pipeline champion {args.verb}: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    if row is None:
+        print(f"Run {getattr(args, 'run_id', '?')}'s model already is the champion: nothing changed, nothing recorded.")
+        return 0
     before = row["champion_before_model_key"] or "none"
     print(
-        f"Champion is now model {row['challenger_model_key']} of run {row['run_id']} (was {before}); recorded in promotions as manual."
+        f"Champion is now model {row['challenger_model_key']} of run {row['run_id']} (was {before}); "
+        f"recorded in promotions as forced, reason `{manual_reason(reason)}`."
     )
     return 0
 
 
-def print_champion(store, lookup, as_json: bool) -> int:
+def champion_show_command(args: argparse.Namespace) -> int:
+    """``champion show``: the pointer, in the tables' words (``runs``' model columns, ``promotions``' decision)."""
+    from tasks.champion.pointer import find_champion
+
+    store = _reading(args)
+    lookup = find_champion(store)
     if lookup.problem:
         print(lookup.problem, file=sys.stderr)
     champion = lookup.champion
-    if as_json:
+    data = None
+    if champion is not None:
+        data = {
+            "run_id": champion.run_id,
+            "model_key": champion.model_key,
+            "model_sha256": champion.sha256,
+            "selection_balanced_accuracy": champion.selection_balanced_accuracy,
+            "test_accuracy": champion.test_accuracy,
+            "decided_at": champion.promoted_at,
+            "forced": champion.forced,
+            "reason": champion.reason,
+            "model_path": store.location(lookup.model.file_key),
+        }
+
+    def human() -> None:
         print(
-            json.dumps(
-                None
-                if champion is None
-                else {**champion.model_dump(mode="json"), "model_path": store.location(lookup.model.file_key)}
-            )
+            f"Champion run:       {champion.run_id}\n"
+            f"Model:              {champion.model_key} → {data['model_path']}\n"
+            f"SHA-256:            {champion.sha256}\n"
+            f"Selection bal. acc: {_figure(champion.selection_balanced_accuracy)} (balanced accuracy on mnist-selection)\n"
+            f"Test accuracy:      {champion.test_accuracy:.4f}\n"
+            f"Promoted at:        {plain(champion.promoted_at)}{' (forced)' if champion.forced else ''}\n"
+            f"Reason:             {champion.reason}"
         )
-        return 0
-    if champion is None:
-        print(f"No champion in {store.url} yet: the first run whose model meets the floor becomes champion.")
-        return 0
-    print(
-        f"Champion run:       {champion.run_id}\n"
-        f"Model:              {champion.model_key} → {store.location(lookup.model.file_key)}\n"
-        f"SHA-256:            {champion.sha256}\n"
-        f"Selection bal. acc: {_figure(champion.selection_balanced_accuracy)} (balanced accuracy on mnist-selection)\n"
-        f"Test accuracy:      {champion.test_accuracy:.4f}\n"
-        f"Promoted at:        {champion.promoted_at.isoformat()}{' (forced)' if champion.forced else ''}\n"
-        f"Reason:             {champion.reason}"
-    )
-    return 0
+
+    if champion is None and lookup.problem:  # a pointer, but broken, and no earlier champion intact: an error
+        if _as_json(args):
+            print("null")
+        return EXIT_FAILED
+    nothing = f"No champion in {store.url} yet: the first run whose model meets the floor becomes champion."
+    return _emit(args, data, human, nothing)
 
 
 def _figure(value: float | None) -> str:
     return "n/a (promoted before the selection split existed)" if value is None else f"{value:.4f}"
 
 
+HISTORY_COLUMNS = [
+    "decided_at",
+    "run_id",
+    "challenger_model_key",
+    "champion_before_model_key",
+    "challenger_selection_balanced_accuracy",
+    "forced",
+    "reason",
+]
+
+
 def champion_history_command(args: argparse.Namespace) -> int:
     """``champion history``: every pointer change, oldest first (the nightly gate's promotions and the operators')."""
     from tasks.champion.pointer import promotions
 
-    store = _store(args)
+    store = _reading(args)
     rows = promotions(store)
-    promoted = rows[rows["decision"] == "promoted"]
-    columns = ["decided_at", "run_id", "challenger_model_key", "challenger_selection_balanced_accuracy", "reason", "forced"]
-    shown = promoted[columns].rename(
-        columns={"challenger_model_key": "model_key", "challenger_selection_balanced_accuracy": "selection_balanced_accuracy"}
-    )
-    return _print_frame(shown, getattr(args, "json", False), f"No model has been champion in {store.url} yet.")
+    shown = rows[rows["decision"] == "promoted"][HISTORY_COLUMNS]
+    human = lambda: _table(shown, short=("challenger_model_key", "champion_before_model_key"))  # noqa: E731
+    return _emit(args, records(shown), human, f"No model has been champion in {store.url} yet.")
 
 
 TEMPORARY_API_START_SECONDS = 120
@@ -468,7 +773,7 @@ def entry() -> None:
 
 
 COMMANDS = {
-    ("champion", "show"): champion_command,
+    ("champion", "show"): champion_show_command,
     ("champion", "promote"): champion_command,
     ("champion", "rollback"): champion_command,
     ("champion", "history"): champion_history_command,
@@ -477,6 +782,7 @@ COMMANDS = {
     ("batches", "release"): batch_command,
     ("batches", "quarantine"): batch_command,
     ("runs", "list"): runs_list_command,
+    ("runs", "show"): runs_show_command,
     ("demo", "simulate-arrivals"): simulate_command,
 }
 
@@ -505,14 +811,24 @@ def main(argv: list[str] | None = None) -> int:
         if verb is None:
             parser.parse_args([args.command, "--help"])  # a group without a verb: its help (exits)
         args.verb = verb
-        return COMMANDS[(args.command, verb)](args)
+        from storage import StoreError
+
+        try:
+            return COMMANDS[(args.command, verb)](args)
+        except StoreError as exc:  # no store there, a file, a folder that is not a store, one that cannot be written
+            print(f"mnist-pipeline {args.command} {verb}: {exc}", file=sys.stderr)
+            return EXIT_FAILED
     return run_command(args)
 
 
 def run_command(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     try:
         params = parameters_from(args)
     except ValidationError as exc:
+        from flows.night.params import describe_errors
+
         print(describe_errors(exc), file=sys.stderr)
         return EXIT_BAD_PARAMETERS
 

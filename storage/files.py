@@ -14,6 +14,7 @@ import hashlib
 import os
 import posixpath
 import re
+import stat
 import tempfile
 import time
 import uuid
@@ -27,6 +28,7 @@ from pydantic import ValidationError
 from storage.digests import CHUNK, sha256_bytes, sha256_stream
 from storage.door import NotARegularFile
 from storage.keys import confine_key, damage
+from storage.layout import STORE_ENTRIES
 
 RefT = TypeVar("RefT")  # a pydantic model describing stored files
 STORE_ENV = "MNIST_STORE"
@@ -310,6 +312,12 @@ class StoreFiles:
     def check_writable(self) -> None:
         """Fail now, with the store's name, rather than after fifteen epochs of training."""
         probe = self.key("locks", f".probe-{uuid.uuid4().hex}")
+        kind = self._root_kind()
+        if kind not in (None, "directory"):
+            raise StoreError(
+                f"The artifact store {self.url} is a {kind}, not a folder: point --store / ${STORE_ENV} at a folder "
+                "(a new one is made) or a store's URL."
+            )
         try:
             self.write_bytes(probe, b"ok")
             self.fs.rm_file(self.path(probe))
@@ -320,6 +328,38 @@ class StoreFiles:
                 f"The artifact store {self.url} cannot be written ({reason}). "
                 f"Point --store / ${STORE_ENV} at a writable location, or {hint}."
             ) from exc
+
+    def _root_kind(self) -> str | None:
+        """What stands at the store's own root: ``directory``, ``file``, another kind, or None (nothing yet)."""
+        if self.is_local:  # the root as named (a link to a folder is followed, as the door opens it)
+            try:
+                mode = os.stat(self.root).st_mode
+            except (FileNotFoundError, NotADirectoryError):  # nothing there, or a file where a folder above should be
+                return None
+            return "directory" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "special file"
+        try:
+            return self.fs.info(self.root).get("type")
+        except FileNotFoundError:
+            return None
+
+    def check_store(self) -> bool:
+        """For a reader: ``StoreError`` with one sentence when nothing is there, when it is a file, or when it is a
+        folder holding nothing a store holds (a mistyped ``--store`` must not read as a store where nothing ran yet).
+        True when it holds a store's entries, False for an empty folder (a store nothing has written yet)."""
+        try:
+            kind = self._root_kind()
+        except OSError as exc:  # a link where the store should be, a name the filesystem refuses
+            raise StoreError(f"{self.url} cannot be read as a store ({exc}).") from None
+        fix = f"give --store (or ${STORE_ENV}) the folder or URL that `mnist-pipeline run` writes to"
+        if kind is None:
+            raise StoreError(f"There is no store at {self.url}: nothing is there; {fix}.")
+        if kind != "directory":
+            raise StoreError(f"{self.url} is a {'file' if kind == 'file' else kind}, not a store; {fix}.")
+        names = [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False)]
+        if names and not set(names) & set(STORE_ENTRIES):
+            shown = ", ".join(sorted(names)[:5]) + (", …" if len(names) > 5 else "")
+            raise StoreError(f"{self.url} is a folder but not a store: it holds {shown} and none of a store's entries; {fix}.")
+        return bool(names)
 
     def list_files(self, key: str) -> list[str]:
         """The names of the files directly in folder ``key``."""

@@ -16,6 +16,22 @@ from pathlib import Path
 from storage.digests import sha256_bytes
 from storage.keys import confine_name
 
+# What a store holds at its root, whatever wrote it: a folder holding none of these is not a store.
+STORE_ENTRIES = (
+    "champion.json",
+    "tables",
+    "models",
+    "evaluations",
+    "objects",
+    "batches",
+    "incoming",
+    "reports",
+    "plots",
+    "prefect-results",
+    "locks",
+    "checkpoints",
+)
+
 
 class Layout:
     """The keys of a store (mixed into ``storage.Store``, which sets ``root``, ``url`` and ``is_local``)."""
@@ -105,6 +121,10 @@ class Layout:
 
     def report_file(self, run_id: str, name: str) -> str:
         return self.key("reports", run_id, name)
+
+    def report_index(self, run_id: str) -> str:
+        """The page a run's report opens with."""
+        return self.report_file(run_id, "index.md")
 
     def results_dir(self) -> str:
         """Prefect's result records (the cache): beside the artifacts they point to, shared by every machine.

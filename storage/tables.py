@@ -14,7 +14,7 @@ written by several releases returns one set of columns with one meaning each.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import pandas as pd
 import pyarrow as pa
@@ -167,7 +167,13 @@ SCHEMAS: dict[str, pa.Schema] = {
                 "or `unchanged` (the challenger already was the champion: a cached rerun).",
                 nullable=False,
             ),
-            col("reason", pa.string(), "Why, in words: the rules that failed, `manual`, or `first champion`.", nullable=False),
+            col(
+                "reason",
+                pa.string(),
+                "Why, in words: the rules that failed, `first champion`, or for an operator's promote or rollback `manual` "
+                "(`manual: <why>` when given `--reason`).",
+                nullable=False,
+            ),
             col(
                 "forced",
                 pa.bool_(),
@@ -395,8 +401,9 @@ def _check_footer(metadata: pq.FileMetaData, limit: int) -> None:
         )
 
 
-def read_table(store: Store, table: str, run_id: str | None = None) -> pd.DataFrame:
-    """All runs of ``table`` (or one) as a DataFrame, ``run_id`` included.
+def read_table(store: Store, table: str, run_id: str | Collection[str] | None = None) -> pd.DataFrame:
+    """All runs of ``table`` (or one, or those in a collection of run ids) as a DataFrame, ``run_id`` included.
+    Only the named runs' partitions are opened: on a store of a year of nights, what one night's view reads.
 
     Each partition is read on its own after its footer is checked (``_check_size``). One that cannot be read (empty
     after a crash, truncated, not Parquet, another schema, too large) is skipped with a warning naming its file, so
@@ -404,9 +411,15 @@ def read_table(store: Store, table: str, run_id: str | None = None) -> pd.DataFr
     hidden names in a local store are never discovered (``storage/door.py``).
     """
     full = schema(table).append(RUN_ID)
-    if not store.exists(store.table_dir(table)):  # no run has written it yet
+    named = None if run_id is None or isinstance(run_id, str) else sorted(set(run_id))
+    if named == [] or not store.exists(store.table_dir(table)):  # no run named; no run has written it yet
         return full.empty_table().to_pandas()
-    flt = ds.field("run_id") == run_id if run_id is not None else None
+    if run_id is None:
+        flt = None
+    elif isinstance(run_id, str):
+        flt = ds.field("run_id") == run_id
+    else:
+        flt = ds.field("run_id").isin(named)
     try:
         data = dataset(store, table)
         fragments = list(data.get_fragments(filter=flt))

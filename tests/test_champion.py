@@ -145,7 +145,7 @@ def test_a_broken_pointer_with_no_intact_champion_promotes_nothing(store, lab):
         cwd=REPO,
         timeout=120,
     )
-    assert done.returncode == 0 and "is missing" in done.stderr and "no earlier champion is intact" in done.stderr
+    assert done.returncode == 1 and "is missing" in done.stderr and "no earlier champion is intact" in done.stderr
 
 
 def test_two_gates_at_once_leave_one_consistent_pointer(store, lab):

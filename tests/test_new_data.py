@@ -210,6 +210,10 @@ def test_release_and_quarantine_overrule_the_checks_and_are_recorded(small, caps
     rows = read_table(store, "batches").sort_values("decided_at")
     assert rows["decision"].tolist() == ["quarantined", "accepted"] and rows["decided_by"].tolist() == ["ingest", "operator"]
     assert main(["quarantine", record.digest[:10], "--store", store.url]) == 0 and not accepted_batches(store)
+    capsys.readouterr()
+    assert main(["batches", "quarantine", record.digest[:10], "--store", store.url]) == 0  # already so: a no-op
+    assert "is already quarantined: nothing changed, nothing recorded" in capsys.readouterr().out
+    assert len(read_table(store, "batches")) == 3 and not accepted_batches(store)
     assert main(["release", "deadbeef00", "--store", store.url]) == 1
     assert "matches no batch" in capsys.readouterr().err
     assert main(["release", "ab", "--store", store.url]) == 1  # too short to name one batch surely

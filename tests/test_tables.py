@@ -227,3 +227,20 @@ def test_a_partition_missing_what_its_schema_version_had_is_skipped_not_fatal(st
     old_partition(store, "promotions", "run-odd", planted, version="2")
     assert sorted(read_table(store, "promotions")["run_id"]) == ["run-a", "run-b"]
     assert any("not those of schema version 2" in w and "run-odd" in w for w in warnings)
+
+
+def test_an_old_nights_model_in_the_trend_is_its_gates_not_an_operators_later_promote(store):
+    """A run from before ``runs.model_key`` takes its model from its own gate's row; an operator's promote filed in
+    its partition (``manual``, or ``manual: <why>`` with ``--reason``) is not the night's model."""
+    from datetime import UTC, datetime
+
+    from tasks.publish.report import trend_frame
+
+    old_partition(store, "runs", "run-old", as_schema_2("runs", sample_frames(3)["runs"]), version="2")
+    night = sample_frames(0)["promotions"].assign(challenger_model_key="n" * 32)
+    by_hand = night.assign(
+        challenger_model_key="o" * 32, reason="manual: digit 7", forced=True, decided_at=datetime(2026, 12, 1, tzinfo=UTC)
+    )
+    write_table(store, "promotions", "run-old", night)
+    write_table(store, "promotions", "run-old", by_hand, part="manual-20261201T000000000000")
+    assert trend_frame(store).set_index("run_id").loc["run-old", "model_key"] == "n" * 32

@@ -132,7 +132,8 @@ def check_deployed_run(params: PipelineParameters) -> PipelineParameters:
     if params.gate.force_promote and os.environ.get(FORCE_PROMOTE_ENV, "").lower() not in ("1", "true", "yes"):
         raise NotServed(
             f"Parameter gate.force_promote is refused for deployed runs on this worker: set {FORCE_PROMOTE_ENV}=1 on the "
-            "worker to allow it, or promote by hand (`mnist-pipeline promote RUN_ID`), which needs write access to the store."
+            "worker to allow it, or promote by hand (`mnist-pipeline champion promote RUN_ID --reason TEXT`; "
+            "`mnist-pipeline runs list` lists run ids), which needs write access to the store."
         )
     if (looser := looser_rules(params)) and os.environ.get(LOOSER_RULES_ENV, "").lower() not in ("1", "true", "yes"):
         raise NotServed(

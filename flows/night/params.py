@@ -11,11 +11,11 @@ from copy import copy
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tasks.champion.gate import GateRules
-from tasks.intake.checks import IngestRules
+from tasks.champion.rules import GateRules
+from tasks.intake.rules import IngestRules
 from tasks.training.backends import Backend, process_backend
-from tasks.training.model import ModelName
-from tasks.training.train import SEED_MAX, Precision, TrainConfig
+from tasks.training.config import SEED_MAX, ModelName, TrainConfig
+from tasks.training.precision import Precision
 
 RAREST_TEST_DIGIT = 892  # digit 5 in the MNIST test set: the most a balanced sample can take per digit
 TRAINING = TrainConfig.model_fields  # training fields are declared once, in TrainConfig

@@ -306,22 +306,35 @@ def _champion_of(model: ModelRef, evaluation: EvaluationRef, run_id: str, decisi
 
 
 # ---- by hand ------------------------------------------------------------------------------
-def _set_by_hand(store: Store, choose: Callable[[ChampionLookup], Champion], run_id: str | None = None) -> dict:
+def manual_reason(reason: str | None) -> str:
+    """The ``reason`` of an operator's decision: ``manual``, or ``manual: <why>`` when the operator said why (the
+    prefix keeps an operator's rows apart from a night's in the one column that says who decided)."""
+    why = " ".join((reason or "").split())
+    return f"{MANUAL}: {why}" if why else MANUAL
+
+
+def _set_by_hand(
+    store: Store, choose: Callable[[ChampionLookup], Champion], run_id: str | None = None, reason: str | None = None
+) -> dict | None:
     """Make ``choose(current lookup)`` the champion, recorded as a manual, forced decision in its run's
-    partition (or ``run_id``'s). The target is chosen inside the lock, from the pointer just read."""
+    partition (or ``run_id``'s). The target is chosen inside the lock, from the pointer just read. None, and
+    nothing written, when the target already is the champion: ``promotions`` holds one ``promoted`` row per change."""
+    why = manual_reason(reason)
     with store.lock(LOCK):
         for _ in range(POINTER_ATTEMPTS):
             lookup = find_champion(store)
             before = lookup.champion
             target = choose(lookup)
+            if before is not None and before.model_key == target.model_key and not lookup.fallback:
+                return None
             now = datetime.now(UTC)
             owner = run_id or target.run_id
-            champion = target.model_copy(update={"promoted_at": now, "reason": MANUAL, "forced": True, "run_id": owner})
+            champion = target.model_copy(update={"promoted_at": now, "reason": why, "forced": True, "run_id": owner})
             try:
                 write_pointer(store, champion, lookup.version)
             except WriteConflict:
                 continue
-            decision = Decision(promoted=True, forced=True, reason=MANUAL)
+            decision = Decision(promoted=True, forced=True, reason=why)
             row = _row(
                 owner, target.model_key, target.selection_balanced_accuracy, target.test_accuracy, before, None, decision, now
             )
@@ -333,12 +346,12 @@ def _set_by_hand(store: Store, choose: Callable[[ChampionLookup], Champion], run
     raise pointer_conflict(store, "a manual promotion chose its target")
 
 
-def promote_run(store: Store, run_id: str) -> dict:
-    """Make the model of run ``run_id`` the champion (an operator's decision)."""
+def promote_run(store: Store, run_id: str, reason: str | None = None) -> dict | None:
+    """Make the model of run ``run_id`` the champion (an operator's decision); None when it already is."""
     runs = read_table(store, "runs", run_id=run_id)
     if runs.empty:
         raise ChampionError(
-            f"Run {run_id} is not in the runs table of {store.url}; `mnist-pipeline champion` and the runs table list run ids."
+            f"Run {run_id} is not in the runs table of {store.url}; `mnist-pipeline runs list` lists the run ids."
         )
     (run,) = runs.itertuples()
     info = _model_of_run(store, run_id)
@@ -359,7 +372,7 @@ def promote_run(store: Store, run_id: str) -> dict:
         reason=MANUAL,
         forced=True,
     )
-    return _set_by_hand(store, lambda _lookup: target, run_id)
+    return _set_by_hand(store, lambda _lookup: target, run_id, reason)
 
 
 def _model_of_run(store: Store, run_id: str) -> str | None:
@@ -367,7 +380,7 @@ def _model_of_run(store: Store, run_id: str) -> str | None:
     return None if rows.empty else str(rows.sort_values("decided_at")["challenger_model_key"].iloc[0])
 
 
-def rollback(store: Store) -> dict:
+def rollback(store: Store, reason: str | None = None) -> dict:
     """Make the champion before the current one the champion again, chosen inside the champion lock."""
 
     def previous(lookup: ChampionLookup) -> Champion:
@@ -378,4 +391,4 @@ def rollback(store: Store) -> dict:
             raise ChampionError(f"No earlier champion in {store.url} with an intact model file: nothing to roll back to.")
         return found[0]
 
-    return _set_by_hand(store, previous)
+    return _set_by_hand(store, previous, reason=reason)

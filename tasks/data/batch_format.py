@@ -29,10 +29,8 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
 from storage import StoreKey
+from tasks.data.batch_limits import MAX_BATCH_BYTES, MAX_BATCH_ROWS, PIXELS
 
-PIXELS = 28 * 28
-MAX_BATCH_BYTES = 64 << 20  # one file as it lies in the incoming location
-MAX_BATCH_ROWS = 100_000
 MAX_UNCOMPRESSED_BYTES = 2 * MAX_BATCH_ROWS * PIXELS  # what the footer may say the columns decompress to
 PARSE_MEMORY = 3 << 29  # 1.5 GiB of address space for the child that parses one incoming file
 PARSE_SECONDS = 120

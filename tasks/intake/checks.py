@@ -15,10 +15,11 @@ import hashlib
 from typing import NamedTuple
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 from scipy import stats
 
-from tasks.data.batch_format import MAX_BATCH_ROWS, PIXELS
+from tasks.data.batch_format import PIXELS
+from tasks.intake.rules import NEAR_COPY_PIXELS, PIXEL_TOLERANCE, RANKED_COPY_PIXELS, IngestRules  # measured below
 
 INK = 128  # a pixel at or above half intensity is ink
 REFERENCE_IMAGES = 10_000  # MNIST training images the image statistics are compared with (a fixed sample)
@@ -42,8 +43,6 @@ SIDE = 28  # an image is SIDE × SIDE = PIXELS pixels
 # Cost: 0.16–0.4 s for a 600-image batch against the test set, the selection split and 45 000 training images,
 # plus 0.2–0.7 s once a night to prepare those 60 000 images; a whole night with one 600-image batch went from
 # 1.1–1.3 s of ingest to 1.5–2.4 s (the 2-core machine shared with other work, so the spread is its load).
-PIXEL_TOLERANCE = 32  # of 255: a pixel off by no more than this is the same pixel (noise, rounding, a re-encoding)
-NEAR_COPY_PIXELS = 8  # at most this many pixels differing by more than PIXEL_TOLERANCE: a near copy
 SKETCH_CELL = 4  # candidates are found on 7×7 means of 4×4 cells: 16 times fewer numbers to multiply
 # Nearest sketches whose pixels are compared. The original of a copy changed as above ranks 0–3, but a sender who
 # steers each copy (every pixel moved up to ±32/255 toward another image of the same digit, 8 pixels set freely)
@@ -62,106 +61,8 @@ CANDIDATES = 64
 # test and selection at 8 pixels: 5 of 20 000; at 4: 1 of 20 000.
 FRAME = 2  # pixels of the border blanked before ranking: MNIST's digits lie in the middle 20 × 20
 RANKED_SATURATIONS = (0.4, 0.6)
-RANKED_COPY_PIXELS = 4
 QUERY_ROWS = 128  # batch images searched at once: a 128 × 60 000 distance matrix is 30 MB
 BLOCK = 64  # index columns per block when the nearest sketches are picked (``_nearest``)
-
-
-class IngestRules(BaseModel):
-    """When a new batch is quarantined instead of trained on; the flow's "ingest" parameter group.
-
-    Defaults were chosen from measurements on the scripted week (README, "Nights with new data"): clean
-    batches of held-back MNIST images score far inside every threshold, each bad night far outside one.
-    """
-
-    model_config = ConfigDict(extra="forbid", title="New-data checks")
-
-    max_leaked_share: float = Field(
-        0.5,
-        ge=0.0,
-        le=1.0,
-        title="Largest share of leaked images",
-        description="Exact copies of MNIST test images or of the selection split, and near copies of them (at most "
-        f"{NEAR_COPY_PIXELS} pixels differ by more than {PIXEL_TOLERANCE}/255, also once both are centred, or at most "
-        f"{RANKED_COPY_PIXELS} once both are ranked by intensity, which undoes gamma, contrast and border pixels), are always "
-        "dropped; a batch with more than this share of them is quarantined (0–1).",
-    )
-    drift_p: float = Field(
-        1e-6,
-        gt=0.0,
-        le=1.0,
-        title="Drift significance",
-        description="A label or image-statistics difference from MNIST's training set counts only below this p-value.",
-    )
-    max_label_shift: float = Field(
-        0.15,
-        ge=0.0,
-        le=1.0,
-        title="Largest label shift",
-        description="Total variation distance between the batch's label distribution and MNIST's (0–1).",
-    )
-    max_image_drift: float = Field(
-        0.25,
-        ge=0.0,
-        le=1.0,
-        title="Largest image drift",
-        description="Kolmogorov–Smirnov statistic of mean intensity or ink fraction per image, against MNIST (0–1).",
-    )
-    confident_probability: float = Field(
-        0.9,
-        ge=0.5,
-        le=1.0,
-        title="Confident prediction",
-        description="The champion is confident about an image when its top probability is at least this.",
-    )
-    max_disagreement_excess: float = Field(
-        0.05,
-        ge=0.0,
-        le=1.0,
-        title="Largest excess of confident disagreement",
-        description="A batch whose labels the champion confidently contradicts this much more often than it "
-        "contradicts the selection split's labels is quarantined as likely mislabelled (0–1).",
-    )
-    max_excess_disagreements: int = Field(
-        50,
-        ge=0,
-        le=100_000,
-        title="Most confident disagreements beyond the champion's own rate",
-        description="A batch whose labels the champion confidently contradicts more than this many times beyond what "
-        "its own rate on the selection split predicts is quarantined as likely mislabelled, however large the batch: "
-        "a share alone would let 100 000 images carry some 5 000 targeted wrong labels.",
-    )
-    min_batch_images: int = Field(
-        20,
-        ge=1,
-        le=100_000,
-        title="Smallest batch",
-        description="A batch with fewer images, once repeats, leaked copies and copies of trained images are dropped, "
-        "is quarantined: its label and image statistics would say nothing.",
-    )
-    holdout_share: float = Field(
-        0.2,
-        gt=0.0,
-        lt=1.0,
-        title="New-data holdout share",
-        description="Of each accepted batch, this stratified share joins the new-data holdout and is never trained on.",
-    )
-    max_files_per_night: int = Field(
-        20,
-        ge=1,
-        le=10_000,
-        title="Most batch files a night",
-        description="A night takes at most this many new batch files from the incoming location, oldest first; "
-        "the rest wait there, untouched, for a later night.",
-    )
-    max_images_per_night: int = Field(
-        MAX_BATCH_ROWS,
-        ge=1,
-        le=10_000_000,
-        title="Most batch images a night",
-        description="A night takes batch files, oldest first, while their images fit in this many; a file that "
-        "does not fit waits, untouched, for a later night (the default lets any one file fit).",
-    )
 
 
 def image_hashes(images: np.ndarray) -> np.ndarray:

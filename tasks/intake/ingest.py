@@ -613,14 +613,15 @@ def find_batch(store: Store, prefix: str) -> BatchRecord:
     return matches[0]
 
 
-def set_status(store: Store, prefix: str, status: Literal["accepted", "quarantined"]) -> BatchRecord:
-    """Release (accept) or quarantine a batch by hand: recorded in ``batches`` as the operator's decision."""
+def set_status(store: Store, prefix: str, status: Literal["accepted", "quarantined"]) -> tuple[BatchRecord, bool]:
+    """Release (accept) or quarantine a batch by hand: recorded in ``batches`` as the operator's decision. Returns
+    the batch's record and whether it changed: a batch already so is left as it is, with no row (nothing was decided)."""
     with store.lock(LOCK):
         record = find_batch(store, prefix)
+        if record.status == status:
+            return record, False
         if status == "accepted" and record.train is None:
             raise BatchNotFound(f"Batch {record.digest[:12]} cannot be released: it never parsed ({record.reason})")
-        if record.status == status:
-            raise BatchNotFound(f"Batch {record.digest[:12]} is already {status}: nothing to change")
         changed = record.model_copy(
             update={
                 "status": status,
@@ -630,4 +631,4 @@ def set_status(store: Store, prefix: str, status: Literal["accepted", "quarantin
             }
         )
         _publish(store, changed)
-    return changed
+    return changed, True

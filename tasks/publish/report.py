@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from storage import Store
 from storage.tables import NUM_CLASSES, read_frame, read_table
 from tasks.champion.gate import mcnemar_text
-from tasks.champion.promotion import GateRef
+from tasks.champion.promotion import MANUAL, GateRef
 from tasks.data.fetch import DatasetRef
 from tasks.data.splits import SLICE_TEST
 from tasks.evaluation.evaluate import EvaluationRef
@@ -205,7 +205,8 @@ def trend_frame(store: Store) -> pd.DataFrame:
     if runs["model_key"].notna().all():
         return runs
     decisions = read_table(store, "promotions")
-    nightly = decisions[decisions["reason"] != "manual"].drop_duplicates("run_id").set_index("run_id")["challenger_model_key"]
+    by_night = decisions[~decisions["reason"].astype(str).str.startswith(MANUAL)]  # `manual` or `manual: <why>`
+    nightly = by_night.drop_duplicates("run_id").set_index("run_id")["challenger_model_key"]
     return runs.assign(model_key=runs["model_key"].fillna(runs["run_id"].map(nightly)))
 
 
@@ -322,6 +323,6 @@ def publish_report(store: Store, run: RunRecord, plots: PlotsRef, tables: Tables
 ## Training
 ![training curves](training_curves.png)
 """
-    files["index.md"] = store.report_file(run_id, "index.md")
+    files["index.md"] = store.report_index(run_id)
     store.write_text(files["index.md"], index)
     return ReportRef(run_id=run_id, directory_key=store.report_dir(run_id), file_keys=files)

@@ -3,14 +3,28 @@ training key), with the titles, bounds and descriptions the flow's parameters an
 
 from __future__ import annotations
 
+from enum import Enum
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.training.backends import Backend
-from tasks.training.model import DEFAULT_EPOCHS, ModelName
 from tasks.training.precision import Precision
 
 TRAIN_IMAGES = 60_000
 SEED_MAX = 2**31 - 1
+
+
+class ModelName(str, Enum):
+    """The choices of the ``model`` parameter, as the Prefect UI offers them."""
+
+    seed = "seed"
+    strong = "strong"
+
+
+DEFAULT_EPOCHS: dict[ModelName, int] = {
+    ModelName.seed: 15,  # the seed notebook's
+    ModelName.strong: 40,  # measured: docs/benchmarks.md (13-14 min on a 2-core CPU with bf16, about 40 min without)
+}
 
 
 class TrainConfig(BaseModel):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import zipfile
 from collections.abc import Callable
-from enum import Enum
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -14,25 +13,13 @@ from pydantic import AliasChoices, BaseModel, Field
 
 from storage import DamagedArtifact, Store, StoreKey, StoreName
 from storage.tables import NUM_CLASSES
+from tasks.training.config import DEFAULT_EPOCHS, ModelName  # noqa: F401 (their home before; imported from here)
 from tasks.training.keras_runtime import import_keras
 
 if TYPE_CHECKING:  # Keras loads TensorFlow (seconds): only the builders need it
     import keras
 
 INPUT_SHAPE = (28, 28, 1)
-
-
-class ModelName(str, Enum):
-    """The choices of the ``model`` parameter, as the Prefect UI offers them."""
-
-    seed = "seed"
-    strong = "strong"
-
-
-DEFAULT_EPOCHS: dict[ModelName, int] = {
-    ModelName.seed: 15,  # the seed notebook's
-    ModelName.strong: 40,  # measured: docs/benchmarks.md (13-14 min on a 2-core CPU with bf16, about 40 min without)
-}
 
 
 class ModelRef(BaseModel):
