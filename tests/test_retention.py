@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
+import re
 import signal
 import subprocess
 import sys
@@ -23,7 +25,7 @@ from storage.tables import write_table
 from tasks.champion.pointer import Champion
 from tasks.evaluation.evaluate import EvaluationRef, ModelPredictionsRef
 from tasks.evaluation.plots import PlotsRef, plots_key
-from tasks.publish.report import MANIFEST, ReportFile, ReportManifest
+from tasks.publish.report import MANIFEST, ReportFile, ReportManifest, read_manifest
 from tasks.publish.retention import PruneRefused, prune
 from tests.conftest import model_ref, sample_frames
 
@@ -105,10 +107,13 @@ def plant_report(store: Store, run_id: str, own: dict[str, bytes], reused: dict[
 
 @pytest.fixture
 def planted(tmp_path: Path) -> Store:
+    return plant(Store(tmp_path / "store"))
+
+
+def plant(store: Store) -> Store:
     """Five nights: model a promoted (night 1), b rejected (2), c promoted over a (3), d rejected (4), c unchanged
     (5, its report pointing at a figure of night 1's); a checkpoint of c (trained: may go) and of x (training never
     finished: kept); a pending batch in incoming/ and a quarantined one in batches/."""
-    store = Store(tmp_path / "store")
     refs = {k: plant_model(store, k * 32) for k in "abcd"}
     nights = [
         ("r1", "a", "promoted", None),
@@ -147,9 +152,10 @@ def planted(tmp_path: Path) -> Store:
 
 def files(store: Store) -> dict[str, str]:
     """Every file of the store (hidden names included), with its digest; the empty files flocks are taken on are not content."""
-    found = {os.path.relpath(p, store.root): p for p in store.fs.find(store.root) if store.fs.isfile(p)}
+    store.fs.invalidate_cache()
+    found = {posixpath.relpath(p, store.root): p for p in store.fs.find(store.root)}
     return {
-        k: sha256_bytes(Path(p).read_bytes()) for k, p in found.items() if not (k.startswith("locks/") and k.endswith(".lock"))
+        k: sha256_bytes(store.fs.cat_file(p)) for k, p in found.items() if not (k.startswith("locks/") and k.endswith(".lock"))
     }
 
 
@@ -381,3 +387,50 @@ def test_after_each_single_removal_no_reference_names_a_removed_file(planted: St
     monkeypatch.setattr(StoreFiles, "remove", checking)
     listed = prune(planted, apply=True, keep_reports=3).plan.files
     assert removed == listed
+
+
+@pytest.mark.slow
+def test_an_unchanged_night_writes_only_what_changed_and_points_at_the_last_report(mnist_store: Store, prefect_harness, tmp_path):
+    from flows.night.params import PipelineParameters
+    from flows.night.pipeline import mnist_retrain
+    from tasks.champion.gate import GateRules
+    from tests.conftest import with_mnist
+
+    store = Store(tmp_path / "store")
+    store.fs.makedirs(store.path("objects"), exist_ok=True)
+    with_mnist(store, mnist_store)
+    lenient = GateRules(min_balanced_accuracy=0.0, max_digit_drop=1.0)  # a 1-epoch model becomes champion
+    params = PipelineParameters(epochs=1, train_limit=1000, n_per_class=10, seed=3, store=store.url, gate=lenient)
+    nights = [mnist_retrain(params) for _ in range(3)]
+    third = nights[-1]
+    assert third.decision == "unchanged" and third.step_states["train"] == "Cached"
+    folder = store.path(store.report_dir(third.run_id))
+    assert sorted(os.listdir(folder)) == ["index.md", "report.json", "slice_trend.png", "trend.png"]  # the night's own
+    manifest = read_manifest(store, third.run_id)
+    index = Path(third.report_index).read_text()
+    assert len(manifest.files) == 9 and manifest.folders() == {nights[0].run_id, nights[1].run_id, third.run_id}
+    for name, file in manifest.files.items():  # every figure is there, and index.md's link reaches it
+        assert store.matches(file.key, file.sha256), name
+        (link,) = re.findall(rf"\]\(([^)]*/)?{re.escape(name)}\)", index) or [None]
+        assert os.path.normpath(os.path.join(folder, (link or "") + name)) == store.path(file.key), name
+    assert not os.listdir(store.path(store.night_markers_dir()))  # each night removed its marker at its end
+    # and the figures an earlier night holds for a kept report survive a prune keeping only the last report
+    prune(store, apply=True, keep_reports=1)
+    assert all(store.matches(f.key, f.sha256) for f in manifest.files.values())
+
+
+def test_prune_on_an_s3_store_as_on_a_folder(s3_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # a bucket without a server: this machine's flocks
+    s3_server.bucket("mnist")
+    store = plant(Store("s3://mnist/store"))
+    before = files(store)
+    listed = prune(store, keep_reports=3)
+    assert files(store) == before and {d.key for d in listed.plan.doomed} >= GOES
+    mark_running(store, "night-6")
+    with pytest.raises(PruneRefused, match="while a night runs: night-6"):
+        prune(store, apply=True)
+    store.remove(store.night_marker_file("night-6"))
+    prune(store, apply=True, keep_reports=3)
+    after = files(store)
+    assert set(before) - set(after) == set(listed.plan.files) and all(after[f] == before[f] for f in after)
+    assert prune(store, keep_reports=3).plan.doomed == []
