@@ -434,3 +434,17 @@ def test_prune_on_an_s3_store_as_on_a_folder(s3_server, tmp_path, monkeypatch):
     after = files(store)
     assert set(before) - set(after) == set(listed.plan.files) and all(after[f] == before[f] for f in after)
     assert prune(store, keep_reports=3).plan.doomed == []
+
+
+def test_a_night_that_fails_removes_its_marker(prefect_harness, tmp_path, monkeypatch):
+    from flows.night.params import PipelineParameters
+    from flows.night.pipeline import mnist_retrain
+
+    monkeypatch.setenv("MNIST_MIRRORS", "")  # no source has MNIST: the night fails at its first step
+    monkeypatch.setenv("MNIST_NPM_PACKAGE", "")
+    (tmp_path / "empty").mkdir()
+    store = Store(tmp_path / "store")
+    with pytest.raises(Exception, match="MNIST"):
+        mnist_retrain(PipelineParameters(store=store.url, mnist_source=str(tmp_path / "empty")))
+    assert store.exists(store.night_markers_dir()) and not store.list_files(store.night_markers_dir())
+    assert prune(store).plan.doomed == []  # and a prune is not held back by it
