@@ -245,8 +245,12 @@ def test_a_night_marker_left_by_a_killed_night_long_ago_is_reported_not_obeyed(p
         (lambda s: s.write_bytes("tables/runs/run_id=r9/part-0.parquet", b"PAR1garbage"), "runs table"),
         (lambda s: s.write_text(s.night_marker_file("r9"), "{}"), "night marker"),
         (lambda s: s.fs.makedirs(s.path(s.night_marker_file("r8")), exist_ok=True), "night marker"),
+        (
+            lambda s: s.write_text(s.report_file("r5", MANIFEST), '{"run_id": "r5", "files": {"a.png": {"key": "/etc"}}}'),
+            "manifest",
+        ),
     ],
-    ids=["pointer", "promotions", "runs", "marker", "marker-folder"],
+    ids=["pointer", "promotions", "runs", "marker", "marker-folder", "report-manifest"],
 )
 def test_what_cannot_be_read_refuses_the_prune_and_nothing_goes(planted: Store, damage, message):
     damage(planted)

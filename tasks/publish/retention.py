@@ -37,7 +37,7 @@ from tasks.champion.pointer import Champion
 from tasks.champion.promotion import LOCK
 from tasks.evaluation.evaluate import EvaluationRef, ModelPredictionsRef
 from tasks.evaluation.plots import plots_key
-from tasks.publish.report import read_manifest
+from tasks.publish.report import MANIFEST, read_manifest
 from tasks.training.model import ModelRef
 
 KEEP_REPORTS = 30  # the reports of the last 30 runs: a month of nights
@@ -157,6 +157,12 @@ def kept(store: Store, keep_reports: int = KEEP_REPORTS) -> Keep:
         manifest = read_manifest(store, run_id)
         if manifest is not None:
             keep.add("reports", *manifest.folders())
+        elif store.kind(store.report_file(run_id, MANIFEST)) is not None:  # absent: a report from before, whole
+            raise PruneRefused(
+                f"Cannot prune {store.url}: the report manifest {store.location(store.report_file(run_id, MANIFEST))} "
+                "cannot be read, so which earlier reports hold its figures cannot be told. Remove it (the report then "
+                "shows only the figures in its own folder), then prune again."
+            )
 
     for name in units(store, "checkpoints"):
         if store.kind(store.model_info_file(name)) != "file":  # training not finished: its resume point
