@@ -217,6 +217,11 @@ def test_apply_removes_exactly_what_the_dry_run_listed_and_every_planted_referen
     assert prune(planted, keep_reports=3).plan.doomed == []  # nothing left to prune
 
 
+def test_a_promotions_row_naming_a_key_outside_the_store_keeps_nothing_and_stops_nothing(planted: Store):
+    write_table(planted, "promotions", "r9", promotions_row("../../etc", "/tmp", "promoted", 9))
+    assert {d.key for d in prune(planted, keep_reports=3).plan.doomed} >= GOES
+
+
 def test_keep_reports_keeps_that_many_of_the_last_runs(planted: Store):
     doomed = {d.key for d in prune(planted, keep_reports=1).plan.doomed if d.kind == "reports"}
     assert doomed == {"reports/r2", "reports/r3", "reports/r4"}  # r5 stays, and r1, whose figure r5 shows

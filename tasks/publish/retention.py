@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 import pandas as pd
 from pydantic import BaseModel, ValidationError
 
-from storage import SIDECAR_LIMIT, Store, StoreError
+from storage import SIDECAR_LIMIT, Store, StoreError, UnsafeKey
 from storage.nights import NightMarker, NightStateUnreadable, running_nights
 from storage.retention import FOLDERS, DoomedFolder, Keep, PrunePlan, plan, remove, units
 from storage.tables import read_table
@@ -112,7 +112,15 @@ def _sidecar(store: Store, key: str, kind: type[BaseModel]):
         return None
 
 
-def champion_models(store: Store, pointer: Champion | None, promotions: pd.DataFrame) -> set[str]:
+def _model(store: Store, key: str) -> ModelRef | None:
+    """The record of model ``key``; a key from a table that is not one name in the store names nothing here."""
+    try:
+        return _sidecar(store, store.model_info_file(key), ModelRef)
+    except UnsafeKey:
+        return None
+
+
+def champion_models(pointer: Champion | None, promotions: pd.DataFrame) -> set[str]:
     """Every model that was ever champion, and every model a kept decision was compared against."""
     models = set(promotions.loc[promotions["decision"] == PROMOTED, "challenger_model_key"].dropna())
     models |= set(promotions["champion_before_model_key"].dropna())
@@ -129,9 +137,9 @@ def kept(store: Store, keep_reports: int = KEEP_REPORTS) -> Keep:
     with _strict(store, "the runs table"):
         runs = read_table(store, "runs")
     keep = Keep()
-    models = champion_models(store, pointer, promotions)
+    models = champion_models(pointer, promotions)
     keep.add("models", *models)
-    refs = [r for r in (_sidecar(store, store.model_info_file(m), ModelRef) for m in models) if r is not None]
+    refs = [r for r in (_model(store, m) for m in models) if r is not None]
     digests = {r.sha256 for r in refs} | ({pointer.sha256} if pointer is not None else set())
 
     keep.add("evaluations", *runs.loc[runs["model_key"].isin(models), "evaluation_key"].dropna().astype(str))
