@@ -26,7 +26,7 @@ from tasks.champion.pointer import Champion
 from tasks.evaluation.evaluate import EvaluationRef, ModelPredictionsRef
 from tasks.evaluation.plots import PlotsRef, plots_key
 from tasks.publish.report import MANIFEST, ReportFile, ReportManifest, read_manifest
-from tasks.publish.retention import PruneRefused, prune
+from tasks.publish.retention import KEEP_REPORTS, PruneRefused, prune
 from tests.conftest import model_ref, sample_frames
 
 REPO = Path(__file__).resolve().parent.parent
@@ -282,6 +282,7 @@ def test_the_cli_dry_run_json_apply_and_refusal(planted: Store):
     assert applied.returncode == 0, applied.stderr
     assert "Removed 12 folders" in applied.stdout
     assert set(before) - set(files(planted)) == {f for folder in listed["folders"] for f in folder["files"]}
+    assert f"(default {KEEP_REPORTS})" in " ".join(cli("--help").stdout.split())  # the help says the default in force
     mark_running(planted, "night-7")
     refused = cli("--store", planted.url, "--apply")
     assert refused.returncode == 1 and "while a night runs: night-7" in refused.stderr
