@@ -276,6 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
         _store_flag(verb)
         _json_flag(verb)
 
+    _, store = _group(sub, "store", "the artifact store: prune what no night needs any more")
+    prune = _command(
+        store, "prune", "list what retention removes (models never champion, old reports, ...) and its bytes; --apply removes it"
+    )
+    prune.add_argument("--apply", action="store_true", help="remove what is listed (default: a dry run that changes nothing)")
+    prune.add_argument("--keep-reports", type=_count, default=None, help="keep the reports of this many last runs (default 30)")
+    _store_flag(prune)
+    _json_flag(prune)
+
     _, serve = _group(sub, "serve", "the local Prefect stack of `make serve`: start, stop, status")
     for verb, text in (
         ("start", "start the server, the gpu pool, the deployments, automations and a worker (`make serve`)"),
@@ -772,6 +781,38 @@ def entry() -> None:
     sys.exit(code[0])
 
 
+def prune_command(args: argparse.Namespace) -> int:
+    """``store prune``: what the store no longer needs (docs/store.md), listed or removed."""
+    import json
+
+    from storage import StoreError
+    from tasks.publish.retention import KEEP_REPORTS, prune
+
+    keep = KEEP_REPORTS if args.keep_reports is None else args.keep_reports
+    try:
+        result = prune(_writing(args), apply=args.apply, keep_reports=keep)
+    except (StoreError, OSError) as exc:
+        print(f"mnist-pipeline store prune: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if getattr(args, "json", False):
+        print(json.dumps(result.as_json(), indent=2))
+        return 0
+    for marker in result.left_behind:
+        print(
+            f"Note: night {marker.run_id} started {marker.started_at:%Y-%m-%d %H:%M} UTC and never ended: its marker is ignored"
+        )
+    for folder in result.plan.doomed:
+        print(
+            f"{'removed' if result.applied else 'would remove'}  {folder.key}  ({len(folder.files)} files, {folder.bytes} bytes)"
+        )
+    kept = ", ".join(f"{n} {kind}" for kind, n in result.plan.kept.items())
+    verb = "Removed" if result.applied else "Would remove"
+    print(f"{verb} {len(result.plan.doomed)} folders, {len(result.plan.files)} files, {result.plan.bytes} bytes; kept {kept}.")
+    if not result.applied and result.plan.doomed:
+        print("Dry run: nothing was removed. Run again with --apply to remove it.")
+    return 0
+
+
 COMMANDS = {
     ("champion", "show"): champion_show_command,
     ("champion", "promote"): champion_command,
@@ -783,6 +824,7 @@ COMMANDS = {
     ("batches", "quarantine"): batch_command,
     ("runs", "list"): runs_list_command,
     ("runs", "show"): runs_show_command,
+    ("store", "prune"): prune_command,
     ("demo", "simulate-arrivals"): simulate_command,
 }
 

@@ -330,3 +330,8 @@ class ConfinedLocalFileSystem(LocalFileSystem):
         """Move whatever stands at ``path`` (a pipe, a folder) to a hidden name beside it; returns that name."""
         with self._parent(path) as (fd, name):
             return _set_aside(fd, name)
+
+    def rmdir(self, path: str) -> None:
+        """Remove folder ``path`` if it is empty (``OSError`` if not), reached without following a link."""
+        with self._parent(path) as (fd, name):
+            os.rmdir(name, dir_fd=fd)

@@ -143,6 +143,13 @@ class Layout:
     def lock_file(self, name: str) -> str:
         return self.key("locks", f"{name}.lock")
 
+    def night_markers_dir(self) -> str:
+        """Where each running night leaves its marker (``storage/nights.py``): what a prune reads first."""
+        return self.key("locks", "nights")
+
+    def night_marker_file(self, run_id: str) -> str:
+        return self.key("locks", "nights", f"{confine_name(run_id)}.json")
+
     def checkpoint_key(self, key: str, *parts: str) -> str:
         """A remote store's copy of training ``key``'s checkpoint: ``latest.json`` and its epoch folders."""
         return self.key("checkpoints", confine_name(key), *parts)

@@ -19,6 +19,7 @@ from storage import Store, StoreError, sha256_bytes
 from storage.tables import TABLES, read_table, write_table
 from tasks.data.fetch import DirectorySource, FileSpec, fetch_mnist, load_mnist
 from tasks.data.idx import IDXFormatError
+from tasks.publish.report import read_manifest
 from tests.conftest import Mirror, sample_frames
 
 REPO = Path(__file__).resolve().parent.parent
@@ -111,8 +112,10 @@ def test_two_runs_at_once_on_one_store_both_complete_with_whole_artifacts(tmp_pa
         for path in store.fs.glob(store.path("tables", table) + "/*/*"):
             pq.read_table(path)  # every file whole
     assert not [p for p in store.fs.find(store.root) if os.path.basename(p).startswith(".") and ".tmp-" in p]
-    for run_id in runs["run_id"]:
-        assert len(os.listdir(store.path(store.report_dir(run_id)))) == 10  # nine figures and index.md
+    for run_id in runs["run_id"]:  # nine figures, each in its folder or in the other run's identical one
+        manifest = read_manifest(store, run_id)
+        assert len(manifest.files) == 9 and all(store.matches(f.key, f.sha256) for f in manifest.files.values())
+        assert os.path.exists(store.path(store.report_file(run_id, "index.md")))
 
 
 # 5. unwritable or full store ------------------------------------------------------------------

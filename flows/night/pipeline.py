@@ -7,7 +7,7 @@ from __future__ import annotations
 import uuid
 
 from prefect import flow
-from prefect.logging import get_run_logger
+from prefect.logging import get_logger, get_run_logger
 from prefect.runtime import deployment, flow_run
 
 from flows.night import artifacts, recovery, steps
@@ -17,11 +17,26 @@ from flows.night.locks import open_store
 from flows.night.params import PipelineParameters, data_seed, run_seed
 from flows.night.results import result_storage
 from flows.night.summary import RunSummary
+from storage.nights import mark_ended, mark_running
 from tasks.publish.run_record import RunRecord
+
+
+def night_ended(flow, flow_run, state) -> None:
+    """A night that failed, crashed or was cancelled no longer runs: its marker goes (``storage/nights.py``), so
+    ``store prune`` is not held back by it. A hook must not fail the run's end: a marker it cannot remove is logged."""
+    params = flow_run.parameters.get("params") or {}
+    store_url = params.get("store") if isinstance(params, dict) else getattr(params, "store", None)
+    try:
+        mark_ended(open_store(store_url, warn=get_logger("mnist.night").warning), str(flow_run.id))
+    except Exception as exc:  # noqa: BLE001 (reported; the marker ages out after NIGHT_HOURS)
+        get_logger("mnist.night").warning("The night marker of run %s was not removed: %s", flow_run.id, exc)
 
 
 @flow(
     name="mnist-retrain",
+    on_failure=[night_ended],
+    on_crashed=[night_ended],
+    on_cancellation=[night_ended],
     description="Fetch verified MNIST, train the CNN, evaluate it on a balanced sample, gate it against the champion, "
     "publish Parquet tables and plots.",
 )
@@ -39,6 +54,7 @@ def mnist_retrain(params: PipelineParameters = PipelineParameters()) -> RunSumma
         logger.warning("Attempt %d of this run: the previous one crashed (%s)", attempt.number, attempt.crashed[-1])
     run_id = flow_run.get_id() or uuid.uuid4().hex
     logger.info("Run %s writing to store %s", run_id, store.url)
+    mark_running(store, run_id)  # `store prune` refuses while it is there; removed at the end, or by night_ended
 
     results = result_storage(store)
     reuse = not params.refresh
@@ -83,4 +99,5 @@ def mnist_retrain(params: PipelineParameters = PipelineParameters()) -> RunSumma
     summary = RunSummary.of(run, store, report, states, seed, attempt)
     artifacts.publish(store, tables, artifacts.summary_markdown(store, summary, run, report))
     logger.info("Steps: %s", ", ".join(f"{k} {v}" for k, v in states.items()))
+    mark_ended(store, run_id)
     return summary

@@ -9,7 +9,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from pydantic import BaseModel
 
-from storage import Store
+from storage import SIDECAR_LIMIT, Store, StoreError, StoreKey, StoreName, sha256_bytes
 from storage.tables import NUM_CLASSES, read_frame, read_table
 from tasks.champion.gate import mcnemar_text
 from tasks.champion.promotion import MANUAL, GateRef
@@ -28,12 +28,67 @@ CHAMPION = "#b7950b"
 
 
 PNG_LIMIT = 16 << 20  # a figure is a few hundred KB
+MANIFEST = "report.json"
 
 
 class ReportRef(BaseModel):
     run_id: str
     directory_key: str
-    file_keys: dict[str, str]  # file name → key
+    file_keys: dict[str, str]  # file name → key: in this run's folder, or in an earlier report's with the same bytes
+
+
+class ReportFile(BaseModel):
+    key: StoreKey
+    sha256: str
+
+
+class ReportManifest(BaseModel):
+    """``reports/<run_id>/report.json``: each figure of the report and where its bytes are. A figure identical to
+    the last report's is not written again: the manifest (and ``index.md``'s link) names the earlier file, so an
+    unchanged night adds its ``index.md``, this manifest and the figures that gained the night, not a copy of the
+    rest. ``mnist-pipeline store prune`` keeps every report a kept report's manifest points into."""
+
+    run_id: StoreName
+    files: dict[StoreName, ReportFile]
+
+    def folders(self) -> set[str]:
+        """The report folders (run ids) this report's files are in, its own included."""
+        return {f.key.split("/")[1] for f in self.files.values() if f.key.startswith("reports/") and f.key.count("/") == 2}
+
+
+def read_manifest(store: Store, run_id: str) -> ReportManifest | None:
+    """Run ``run_id``'s report manifest, if it has one we wrote (reports made before it, or a damaged one: None)."""
+    try:
+        key = store.report_file(run_id, MANIFEST)
+        if store.kind(key) != "file":
+            return None
+        return ReportManifest.model_validate_json(store.read_bytes(key, limit=SIDECAR_LIMIT))
+    except (ValueError, OSError, StoreError):
+        return None
+
+
+def _last_manifest(store: Store, run_id: str) -> ReportManifest | None:
+    """The manifest of the latest other run's report: what this report's figures are compared with."""
+    runs = read_table(store, "runs")
+    earlier = runs[runs["run_id"] != run_id].sort_values("finished_at", kind="stable")["run_id"].astype(str).tolist()
+    return read_manifest(store, earlier[-1]) if earlier else None
+
+
+def _place(store: Store, run_id: str, name: str, data: bytes, last: ReportManifest | None) -> ReportFile:
+    """Where figure ``name`` of this report is: the last report's file if it holds these very bytes, else a new file."""
+    digest = sha256_bytes(data)
+    previous = last.files.get(name) if last is not None else None
+    if previous is not None and previous.sha256 == digest and store.matches(previous.key, digest):
+        return previous
+    key = store.report_file(run_id, name)
+    store.write_bytes(key, data)
+    return ReportFile(key=key, sha256=digest)
+
+
+def _link(run_id: str, key: str) -> str:
+    """How ``index.md`` of ``run_id`` links to ``key``: by name in its own folder, else ``../<run>/<name>``."""
+    own = f"reports/{run_id}/"
+    return key[len(own) :] if key.startswith(own) else "../" + key.split("/", 1)[1]
 
 
 def nightly_trend(runs: pd.DataFrame, current_run: str | None = None) -> Figure:
@@ -250,25 +305,26 @@ def publish_report(store: Store, run: RunRecord, plots: PlotsRef, tables: Tables
     """Copy the evaluation's figures, draw this run's own, and write ``index.md``; figures come from
     this run's tables and the store's whole history, so the report is the run's record."""
     run_id, dataset, model, evaluation, gate = run.run_id, run.dataset, run.model, run.evaluation, run.gate
-    files = {}
+    last = _last_manifest(store, run_id)
+    figures: dict[str, bytes] = {}
     for name, path in plots.file_keys.items():  # the bytes checked are the bytes copied
-        files[name] = store.report_file(run_id, name)
-        store.write_bytes(files[name], store.verified_bytes(path, plots.sha256[name], limit=PNG_LIMIT))
+        figures[name] = store.verified_bytes(path, plots.sha256[name], limit=PNG_LIMIT)
     for name, fig in (
         ("trend.png", nightly_trend(trend_frame(store), run_id)),
         ("champion_vs_challenger.png", champion_vs_challenger(gate)),
         ("slice_trend.png", slice_trend(trend_frame(store), run_id)),
     ):
-        files[name] = store.report_file(run_id, name)
-        store.write_bytes(files[name], png_bytes(fig))
+        figures[name] = png_bytes(fig)
     for batch in run.batches:  # each batch's drift figure, checked as it is copied
         if batch.drift_plot is not None:
             name = f"batch-{batch.digest[:12]}-drift.png"
-            files[name] = store.report_file(run_id, name)
-            store.write_bytes(files[name], store.verified_bytes(batch.drift_plot.key, batch.drift_plot.sha256, limit=PNG_LIMIT))
+            figures[name] = store.verified_bytes(batch.drift_plot.key, batch.drift_plot.sha256, limit=PNG_LIMIT)
+    placed = {name: _place(store, run_id, name, data, last) for name, data in figures.items()}
+    files = {name: f.key for name, f in placed.items()}
+    link = {name: _link(run_id, f.key) for name, f in placed.items()}
     per_class = read_frame(store, tables.partition_keys["per_class"])
     per_class = per_class[per_class["slice"] == SLICE_TEST]
-    drift_figures = "\n".join(f"![{n}]({n})" for n in files if n.startswith("batch-"))
+    drift_figures = "\n".join(f"![{n}]({link[n]})" for n in files if n.startswith("batch-"))
     pair = plots.most_confused
     pair_text = f"true {pair[0]} predicted as {pair[1]}" if pair else "none"
     worst = per_class.loc[per_class["recall"].idxmin()]
@@ -277,12 +333,12 @@ def publish_report(store: Store, run: RunRecord, plots: PlotsRef, tables: Tables
 ## Champion decision
 {decision_markdown(gate)}
 
-![challenger versus champion](champion_vs_challenger.png)
+![challenger versus champion]({link.get("champion_vs_challenger.png", "champion_vs_challenger.png")})
 
 ## Slices
 {slices_markdown(evaluation, gate)}
 
-![slices night by night](slice_trend.png)
+![slices night by night]({link.get("slice_trend.png", "slice_trend.png")})
 
 ## New data tonight
 {batches_markdown(run.batches, dataset)}
@@ -290,7 +346,7 @@ def publish_report(store: Store, run: RunRecord, plots: PlotsRef, tables: Tables
 {drift_figures}
 
 ## Night by night
-![trend](trend.png)
+![trend]({link.get("trend.png", "trend.png")})
 
 ## This run
 | | |
@@ -306,23 +362,27 @@ def publish_report(store: Store, run: RunRecord, plots: PlotsRef, tables: Tables
 | tables | `{store.location("tables")}` |
 
 ## Confusion matrix
-![confusion](confusion.png)
+![confusion]({link.get("confusion.png", "confusion.png")})
 
 ## Mistakes only
-![mistakes](confusion_mistakes.png)
+![mistakes]({link.get("confusion_mistakes.png", "confusion_mistakes.png")})
 
 ## Per-digit accuracy
-![per-digit accuracy](per_class_accuracy.png)
+![per-digit accuracy]({link.get("per_class_accuracy.png", "per_class_accuracy.png")})
 
 ## Random evaluated images
-![samples](samples.png)
+![samples]({link.get("samples.png", "samples.png")})
 
 ## Most confused pair
-![most confused](most_confused.png)
+![most confused]({link.get("most_confused.png", "most_confused.png")})
 
 ## Training
-![training curves](training_curves.png)
+![training curves]({link.get("training_curves.png", "training_curves.png")})
 """
+    manifest = ReportManifest(run_id=run_id, files=placed)
+    store.write_text(
+        store.report_file(run_id, MANIFEST), manifest.model_dump_json(indent=2)
+    )  # before index.md: see storage/retention.py
     files["index.md"] = store.report_index(run_id)
     store.write_text(files["index.md"], index)
     return ReportRef(run_id=run_id, directory_key=store.report_dir(run_id), file_keys=files)

@@ -1,0 +1,80 @@
+"""Which nights are running on a store: one small marker per night under ``locks/nights/``, read by ``prune``.
+
+A night writes ``locks/nights/<run_id>.json`` before it reads or writes anything else and removes it when it ends
+(completed, failed or crashed, by the flow's hooks). A marker is a plain file, so it works the same on a folder and
+in a bucket, across machines, where an flock would only cover one machine. A night killed outright (SIGKILL, a
+lost machine) leaves its marker; one older than ``NIGHT_HOURS`` is taken as left behind and reported, not obeyed,
+since no night of this pipeline runs that long.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from datetime import UTC, datetime, timedelta
+
+from pydantic import BaseModel, ValidationError
+
+from storage.files import SIDECAR_LIMIT, StoreError
+from storage.keys import StoreName, damage
+from storage.store import Store
+
+NIGHT_HOURS = 24  # a marker older than this belongs to a night that was killed: reported, not obeyed
+
+
+class NightStateUnreadable(StoreError):
+    """Whether a night is running cannot be told (a marker or their folder cannot be read): nothing is pruned."""
+
+
+class NightMarker(BaseModel):
+    """What ``locks/nights/<run_id>.json`` holds."""
+
+    run_id: StoreName
+    started_at: datetime
+
+
+def mark_running(store: Store, run_id: str) -> None:
+    """Say that night ``run_id`` runs on this store (a restarted attempt of the same run rewrites it)."""
+    marker = NightMarker(run_id=run_id, started_at=datetime.now(UTC))
+    store.write_text(store.night_marker_file(run_id), marker.model_dump_json())
+
+
+def mark_ended(store: Store, run_id: str) -> None:
+    """Night ``run_id`` no longer runs on this store."""
+    store.remove(store.night_marker_file(run_id))
+
+
+def running_nights(store: Store, now: datetime | None = None) -> tuple[list[NightMarker], list[NightMarker]]:
+    """The nights running now and the markers left behind by killed nights (older than ``NIGHT_HOURS``).
+
+    Fails closed: a marker that cannot be read or is not one of ours, or a folder of markers that cannot be
+    listed, raises ``NightStateUnreadable``, since a night it hides could be using what a prune would remove."""
+    now = now or datetime.now(UTC)
+    markers = store.night_markers_dir()
+    folder = store.path(markers)
+    try:
+        if not store.fs.exists(folder):
+            return [], []
+        entries = store.fs.ls(folder, detail=True)
+    except (OSError, StoreError) as exc:
+        raise NightStateUnreadable(
+            f"The running nights' markers in {store.location(markers)} cannot be listed ({exc}): "
+            "fix the store's permissions, then prune again."
+        ) from exc
+    running, stale = [], []
+    for entry in entries:
+        name = posixpath.basename(entry["name"].rstrip("/"))
+        if name.startswith("."):  # a writer's temporary file (storage/files.py)
+            continue
+        key = store.key(markers, name)
+        try:
+            if entry.get("type") != "file":
+                raise StoreError(f"it is a {entry.get('type')}, not a file")
+            marker = NightMarker.model_validate_json(store.read_bytes(key, limit=SIDECAR_LIMIT))
+        except (ValidationError, StoreError, OSError) as exc:
+            raise NightStateUnreadable(
+                damage(f"The night marker {store.location(key)}", exc)
+                + ": whether that night still runs cannot be told. Remove the marker if no night is running, then prune again."
+            ) from exc
+        started = marker.started_at if marker.started_at.tzinfo else marker.started_at.replace(tzinfo=UTC)
+        (stale if now - started > timedelta(hours=NIGHT_HOURS) else running).append(marker)
+    return running, stale
