@@ -129,6 +129,6 @@ def test_three_nights_promote_reject_promote(mnist_store: Store, prefect_harness
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[second])))
     (summary,) = [a for a in artifacts if a.key == "mnist-run-summary"]
     assert "**REJECTED**" in summary.data and "McNemar b=" in summary.data
-    assert summary.data.count("](data:image/png;base64,") == 9 and "| mnist-selection | decides | 5000 |" in summary.data
+    assert summary.data.count("](data:image/png;base64,") == 9 and "| mnist\\-selection | decides | 5000 |" in summary.data
     index = (Path(store.path(store.report_dir(second))) / "index.md").read_text()
     assert "**REJECTED**" in index and "](trend.png)" in index and "](champion_vs_challenger.png)" in index

@@ -19,6 +19,7 @@ from tasks.evaluation.evaluate import EvaluationRef
 from tasks.evaluation.metrics import wilson_interval
 from tasks.evaluation.plots import DIGITS, PlotsRef, png_bytes
 from tasks.intake.ingest import BatchRecord
+from tasks.publish.markdown import md_text
 from tasks.publish.run_record import RunRecord
 from tasks.publish.tabulate import TablesRef
 
@@ -133,11 +134,13 @@ def slices_markdown(evaluation: EvaluationRef, gate: GateRef) -> str:
         if v is None:
             role, rules = "reports (too few images to decide yet)", "not applied"
         else:
-            role, rules = "decides", ("passed" if not v.failed else "**failed**: " + "; ".join(v.failed))
-            rules += f" ({v.note})" if v.note else ""
+            role, rules = "decides", ("passed" if not v.failed else "**failed**: " + md_text("; ".join(v.failed)))
+            rules += f" ({md_text(v.note)})" if v.note else ""
         champion = f"{cmp.champion_balanced_accuracy:.4f}" if cmp else "none"
         p = f"{cmp.mcnemar_p:.3g}" if cmp else ""
-        lines.append(f"| {part.name} | {role} | {part.images} | **{part.balanced_accuracy:.4f}** | {champion} | {p} | {rules} |")
+        lines.append(
+            f"| {md_text(part.name)} | {role} | {part.images} | **{part.balanced_accuracy:.4f}** | {champion} | {p} | {rules} |"
+        )
     lines.append(
         f"| mnist-test | reports only | {evaluation.n_evaluated} of {evaluation.test_images} | "
         f"**{evaluation.balanced_accuracy:.4f}** (test accuracy {evaluation.test_accuracy:.4f}) | | | read by no rule |"
@@ -153,9 +156,9 @@ def batches_markdown(batches: list[BatchRecord], dataset: DatasetRef) -> str:
     lines = [head, "", "| batch | file | images | decision | reason |", "|---|---|---|---|---|"]
     for b in batches:
         decision = f"**{b.status.upper()}**" if b.status == "quarantined" else b.status
-        cells = (b.file[:60], b.reason)  # a file name is whatever the sender chose: it must not break the table
-        file, reason = (c.replace("|", "\\|").replace("\n", " ") for c in cells)
-        lines.append(f"| `{b.digest[:12]}` | {file} | {b.row.rows} | {decision} | {reason} |")
+        # a file name, a reason quoting it, a source: whatever the sender chose, shown as text, never as markup
+        source = f" (source {md_text(b.row.source)})" if b.row.source else ""
+        lines.append(f"| `{b.digest[:12]}` | {md_text(b.file[:60])}{source} | {b.row.rows} | {decision} | {md_text(b.reason)} |")
     return "\n".join(lines)
 
 
@@ -211,14 +214,14 @@ def trend_frame(store: Store) -> pd.DataFrame:
 
 def decision_markdown(gate: GateRef) -> str:
     cmp, before, after = gate.comparison, gate.champion_before, gate.champion_after
-    lines = [f"**{gate.decision.upper()}**{' (forced)' if gate.forced else ''}: {gate.reason}", ""]
+    lines = [f"**{md_text(gate.decision.upper())}**{' (forced)' if gate.forced else ''}: {md_text(gate.reason)}", ""]
     if gate.pointer_problem:
-        lines += [f"> {gate.pointer_problem}", ""]
+        lines += [f"> {md_text(gate.pointer_problem)}", ""]
     if cmp is not None and before is not None:
         lines += [
             "| | challenger (this run) | champion |",
             "|---|---|---|",
-            f"| model | `{gate.challenger_model_key}` | `{before.model_key}` (run {before.run_id[:8]}) |",
+            f"| model | {md_text(gate.challenger_model_key)} | {md_text(before.model_key)} (run {md_text(before.run_id[:8])}) |",
             f"| balanced accuracy on mnist-selection ({cmp.n_sample} images) | "
             f"{_with_ci(cmp.challenger_balanced_accuracy, cmp.n_sample)} | {_with_ci(cmp.champion_balanced_accuracy, cmp.n_sample)} |",
             f"| accuracy on mnist-selection | {_with_ci(cmp.challenger_test_accuracy, cmp.n_test)} | "
@@ -236,7 +239,11 @@ def decision_markdown(gate: GateRef) -> str:
         ]
     else:
         lines += ["No champion to compare with.", ""]
-    lines.append(f"Champion after this run: `{after.model_key}` (run {after.run_id})" if after else "No champion after this run.")
+    lines.append(
+        f"Champion after this run: {md_text(after.model_key)} (run {md_text(after.run_id)})"
+        if after
+        else "No champion after this run."
+    )
     return "\n".join(lines)
 
 
@@ -271,7 +278,7 @@ def publish_report(store: Store, run: RunRecord, plots: PlotsRef, tables: Tables
     pair = plots.most_confused
     pair_text = f"true {pair[0]} predicted as {pair[1]}" if pair else "none"
     worst = per_class.loc[per_class["recall"].idxmin()]
-    index = f"""# MNIST run {run_id}
+    index = f"""# MNIST run {md_text(run_id)}
 
 ## Champion decision
 {decision_markdown(gate)}
@@ -298,11 +305,11 @@ def publish_report(store: Store, run: RunRecord, plots: PlotsRef, tables: Tables
 | balanced accuracy ({evaluation.n_per_class} per digit, {evaluation.n_evaluated} images) | **{evaluation.balanced_accuracy:.4f}** |
 | weakest digit | {int(worst["true_label"])}: {worst["recall"]:.4f} ({worst["recall_ci_low"]:.4f}–{worst["recall_ci_high"]:.4f}) |
 | most confused pair | {pair_text} |
-| model | `{model.network}`, {model.epochs} epochs on {model.device} ({model.precision}), {model.train_seconds:.0f} s |
+| model | {md_text(model.network)}, {model.epochs} epochs on {md_text(model.device)} ({md_text(model.precision)}), {model.train_seconds:.0f} s |
 | model sha256 | `{model.sha256}` |
 | MNIST sha256 | `{dataset.sha256}` |
 | dataset version | `{dataset.version}` ({len(dataset.batches)} accepted batches) |
-| tables | `{store.location("tables")}` |
+| tables | {md_text(store.location("tables"))} |
 
 ## Confusion matrix
 ![confusion](confusion.png)
