@@ -9,7 +9,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from pydantic import BaseModel
 
-from storage import Store
+from storage import Store, sha256_bytes
 from storage.tables import NUM_CLASSES, read_frame, read_table
 from tasks.champion.gate import mcnemar_text
 from tasks.champion.promotion import GateRef
@@ -35,6 +35,7 @@ class ReportRef(BaseModel):
     run_id: str
     directory_key: str
     file_keys: dict[str, str]  # file name → key
+    sha256: dict[str, str] = {}  # file name → SHA-256 of the bytes written: what a later reader checks them against
 
 
 def nightly_trend(runs: pd.DataFrame, current_run: str | None = None) -> Figure:
@@ -256,22 +257,26 @@ def publish_report(store: Store, run: RunRecord, plots: PlotsRef, tables: Tables
     """Copy the evaluation's figures, draw this run's own, and write ``index.md``; figures come from
     this run's tables and the store's whole history, so the report is the run's record."""
     run_id, dataset, model, evaluation, gate = run.run_id, run.dataset, run.model, run.evaluation, run.gate
-    files = {}
+    files, digests = {}, {}
     for name, path in plots.file_keys.items():  # the bytes checked are the bytes copied
         files[name] = store.report_file(run_id, name)
         store.write_bytes(files[name], store.verified_bytes(path, plots.sha256[name], limit=PNG_LIMIT))
+        digests[name] = plots.sha256[name]
     for name, fig in (
         ("trend.png", nightly_trend(trend_frame(store), run_id)),
         ("champion_vs_challenger.png", champion_vs_challenger(gate)),
         ("slice_trend.png", slice_trend(trend_frame(store), run_id)),
     ):
         files[name] = store.report_file(run_id, name)
-        store.write_bytes(files[name], png_bytes(fig))
+        png = png_bytes(fig)
+        store.write_bytes(files[name], png)
+        digests[name] = sha256_bytes(png)
     for batch in run.batches:  # each batch's drift figure, checked as it is copied
         if batch.drift_plot is not None:
             name = f"batch-{batch.digest[:12]}-drift.png"
             files[name] = store.report_file(run_id, name)
             store.write_bytes(files[name], store.verified_bytes(batch.drift_plot.key, batch.drift_plot.sha256, limit=PNG_LIMIT))
+            digests[name] = batch.drift_plot.sha256
     per_class = read_frame(store, tables.partition_keys["per_class"])
     per_class = per_class[per_class["slice"] == SLICE_TEST]
     drift_figures = "\n".join(f"![{n}]({n})" for n in files if n.startswith("batch-"))
@@ -331,4 +336,5 @@ def publish_report(store: Store, run: RunRecord, plots: PlotsRef, tables: Tables
 """
     files["index.md"] = store.report_file(run_id, "index.md")
     store.write_text(files["index.md"], index)
-    return ReportRef(run_id=run_id, directory_key=store.report_dir(run_id), file_keys=files)
+    digests["index.md"] = sha256_bytes(index.encode())
+    return ReportRef(run_id=run_id, directory_key=store.report_dir(run_id), file_keys=files, sha256=digests)
