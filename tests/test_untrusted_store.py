@@ -178,6 +178,27 @@ def test_a_checkpoint_pointer_naming_another_bucket_deletes_nothing_outside_the_
     assert len(said) == 8 and all("checkpoint pointer" in line and "field 'folder'" in line for line in said)
 
 
+def test_a_checkpoint_grown_in_the_store_is_not_copied_whole(store, tmp_path):
+    """A checkpoint file swapped for a sparse 1 GB one: the copy stops at CHECKPOINT_LIMIT, the checkpoint is reported
+    damaged, and training starts afresh with an empty working folder (nothing fills this machine's disk)."""
+    from tasks.training.checkpoints import CHECKPOINT_LIMIT
+
+    said: list[str] = []
+    store.warn = said.append
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "history.json").write_text("[]")
+    push_checkpoint(store, "k", 2, work)
+    (planted,) = [p for p in Path(store.path(store.checkpoint_key("k"))).rglob("history.json")]
+    with open(planted, "r+b") as f:
+        f.truncate(4 * CHECKPOINT_LIMIT)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    assert pull_checkpoint(store, "k", fresh) is None and list(fresh.iterdir()) == []
+    (line,) = said
+    assert "The checkpoint" in line and "larger than" in line and "training starts from epoch 0" in line
+
+
 # ---- models: the bytes checked are the bytes loaded; only our network, only its weights ---------------
 @pytest.fixture(scope="module")
 def two_models(tmp_path_factory):
