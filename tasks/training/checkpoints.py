@@ -21,7 +21,7 @@ from storage.keys import confine_name
 
 POINTER = "latest.json"
 HISTORY = "history.json"  # what the epoch recorder of tasks/training/train.py writes beside Keras' backup
-CHECKPOINT_LIMIT = 256 << 20  # all of a checkpoint's files together: the strong network's are under 20 MB
+CHECKPOINT_LIMIT = 256 << 20  # all of a checkpoint's files together: the weights and the optimizer's state, a few MB for ours
 
 
 class CheckpointPointer(BaseModel):
