@@ -18,12 +18,14 @@ import zipfile
 import zlib
 from typing import Any
 
-from storage import DamagedArtifact, Store
+from storage import DamagedArtifact, Store, StoreError
 from tasks.training.keras_runtime import import_keras
 from tasks.training.model import ModelName, ModelRef, build_model, for_serving
 from tasks.training.precision import Precision, dtype_policy
 
-MODEL_LIMIT = 64 << 20  # the whole .keras file (and all it unpacks to); ours: about 3.3 MB (strong), 0.6 MB (seed)
+# the whole .keras file, and all it unpacks to (ours: about 3.3 MB for strong, 0.6 MB for seed); also what bounds the
+# zip's directory, which zipfile parses whole
+MODEL_LIMIT = 16 << 20
 CONFIG_LIMIT = 1 << 20  # config.json: ours are about 31 KB (strong) and 5 KB (seed)
 CONFIG_ENTRY, METADATA_ENTRY, WEIGHTS_ENTRY = "config.json", "metadata.json", "model.weights.h5"
 KERAS_ARCHIVE_ENTRIES = {CONFIG_ENTRY, METADATA_ENTRY, WEIGHTS_ENTRY}
@@ -62,6 +64,8 @@ def load_model(store: Store, ref: ModelRef):
         raise
     except DamagedArtifact as exc:  # too large, or changed since its digest was recorded
         raise DamagedModel(str(exc)) from exc
+    except (OSError, StoreError) as exc:  # gone, or a folder, link or pipe put there since it was checked
+        raise DamagedModel(f"model {where} cannot be read ({type(exc).__name__}: {exc})") from exc
 
 
 def _rebuilt(local: str, ref: ModelRef, where: str):
