@@ -57,3 +57,20 @@ def test_a_batch_named_and_reasoned_with_html_lists_as_text():
     html = rendered(batches_markdown([batch], dataset))
     assert "<img" not in html and "evil.example" in html  # shown, not loaded
     assert html.count("<td>") == 5  # the row's five cells, none split
+
+
+def test_a_run_id_planted_in_the_runs_table_is_drawn_as_text(store):
+    """The same for figures: a ``runs`` row whose run id holds mathtext matplotlib cannot parse (``$^^$``) would
+    make every later night's trend figure, and so its report, fail."""
+    from storage.tables import write_table
+    from tasks.evaluation.plots import png_bytes
+    from tasks.publish.report import nightly_trend, slice_trend, trend_frame
+    from tests.conftest import sample_frames
+
+    runs = sample_frames(0)["runs"]
+    runs["run_id"] = "$^^$ run"
+    write_table(store, "runs", "$^^$ run", runs)
+    frame = trend_frame(store)
+    assert frame["run_id"].tolist() == ["$^^$ run"]
+    assert png_bytes(nightly_trend(frame, "$^^$ run")).startswith(b"\x89PNG")
+    assert png_bytes(slice_trend(frame, "$^^$ run")).startswith(b"\x89PNG")

@@ -17,7 +17,7 @@ from tasks.data.fetch import DatasetRef
 from tasks.data.splits import SLICE_TEST
 from tasks.evaluation.evaluate import EvaluationRef
 from tasks.evaluation.metrics import wilson_interval
-from tasks.evaluation.plots import DIGITS, PlotsRef, png_bytes
+from tasks.evaluation.plots import DIGITS, PlotsRef, plot_text, png_bytes
 from tasks.intake.ingest import BatchRecord
 from tasks.publish.markdown import md_text
 from tasks.publish.run_record import RunRecord
@@ -85,7 +85,9 @@ def nightly_trend(runs: pd.DataFrame, current_run: str | None = None) -> Figure:
         ax.axvline(int(np.flatnonzero(runs["run_id"] == current_run)[0]), color="#888", ls=":", lw=1)
     step = max(1, len(runs) // 12)
     ax.set_xticks(x[::step])
-    labels = [f"{t:%m-%d %H:%M}\n{r[:8]}" for t, r in zip(runs["finished_at"].iloc[::step], runs["run_id"].iloc[::step])]
+    labels = [
+        f"{t:%m-%d %H:%M}\n{plot_text(r[:8])}" for t, r in zip(runs["finished_at"].iloc[::step], runs["run_id"].iloc[::step])
+    ]
     ax.set_xticklabels(labels, fontsize=7)
     ax.set_xlim(-0.5, len(runs) - 0.5)
     ax.set_ylabel("balanced accuracy")
@@ -171,7 +173,7 @@ def champion_vs_challenger(gate: GateRef) -> Figure:
     x = np.arange(len(DIGITS))
     if gate.comparison is not None and gate.champion_before is not None:
         old = np.asarray(gate.comparison.champion_recall, dtype=float)
-        ax.bar(x - 0.2, old, width=0.4, color=CHAMPION, label=f"champion (run {gate.champion_before.run_id[:8]})")
+        ax.bar(x - 0.2, old, width=0.4, color=CHAMPION, label=f"champion (run {plot_text(gate.champion_before.run_id[:8])})")
         ax.bar(x + 0.2, new, width=0.4, color="#2e86c1", label="challenger (this run)")
         worst = gate.comparison.worst_digit
         drop = gate.comparison.worst_digit_drop
