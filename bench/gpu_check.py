@@ -79,7 +79,7 @@ def train_one(args: argparse.Namespace) -> dict:
     from tasks.evaluation.evaluate import predict
     from tasks.evaluation.metrics import wilson_interval
     from tasks.training.backends import process_backend
-    from tasks.training.model import load_model
+    from tasks.training.rebuilt import load_model
     from tasks.training.train import TrainConfig, train_model
 
     assert process_backend().value == args.backend, (process_backend(), args.backend)

@@ -32,7 +32,8 @@ from tasks.data.fetch import fetch_mnist, load_mnist  # noqa: E402
 from tasks.data.slices import slice_images  # noqa: E402
 from tasks.data.splits import SLICE_SELECTION, SLICE_TEST  # noqa: E402
 from tasks.evaluation.evaluate import balanced_accuracy, predict  # noqa: E402
-from tasks.training.model import SERVING_SHIFTS, ModelName, averaged_over_shifts, load_model  # noqa: E402
+from tasks.training.model import SERVING_SHIFTS, ModelName, averaged_over_shifts  # noqa: E402
+from tasks.training.rebuilt import load_model  # noqa: E402
 from tasks.training.train import TrainConfig, stored_model, train_model  # noqa: E402
 
 CROSS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))

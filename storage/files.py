@@ -365,9 +365,20 @@ class StoreFiles:
         """The names of the files directly in folder ``key``."""
         return [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.path(key), detail=False)]
 
-    def get_file(self, key: str, local: str) -> None:
-        """Copy ``key`` to the local path ``local``."""
-        self.fs.get_file(self.path(key), local)
+    def get_file(self, key: str, local: str, limit: int | None = None) -> int:
+        """Copy ``key`` to the local path ``local``; returns the bytes copied. With ``limit``, copying stops there and
+        a larger file is refused, so a file grown in the store cannot fill this machine's disk."""
+        if limit is None:
+            self.fs.get_file(self.path(key), local)
+            return os.path.getsize(local)
+        copied = 0
+        with self.fs.open(self.path(key), "rb") as source, open(local, "wb") as target:
+            while chunk := source.read(CHUNK):
+                copied += len(chunk)
+                if copied > limit:
+                    raise StoreError(f"{self.location(key)} is larger than the {limit} bytes expected of it: not copied")
+                target.write(chunk)
+        return copied
 
 
 def listed_mtime(entry: dict) -> float:

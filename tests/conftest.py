@@ -96,6 +96,17 @@ def model_ref(key: str = "k1", file_key: str = "m", sha256: str = "a" * 64, hist
     return ModelRef(key=key, file_key=file_key, sha256=sha256, history_key=history_key, **(defaults | facts))
 
 
+def slow_foreign_model(keras, applications: int = 150):
+    """A Keras-only network of another architecture: one Dense layer applied ``applications`` times with shared
+    weights (what Keras' own loader, safe_mode on, instantiates and runs, for hours on the gate's slices)."""
+    images = keras.Input((28, 28, 1))
+    x = keras.layers.Dense(64)(keras.layers.Flatten()(images))
+    shared = keras.layers.Dense(64, activation="relu")
+    for _ in range(applications):
+        x = shared(x)
+    return keras.Model(images, keras.layers.Dense(10, activation="softmax")(x))
+
+
 def with_mnist(store: Store, mnist_store: Store) -> Store:
     """``store``, local or in a bucket, with the verified download already in it (the download is tested elsewhere)."""
     store.fs.put(mnist_store.path("objects") + "/", store.path("objects"), recursive=True)

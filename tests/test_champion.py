@@ -9,12 +9,13 @@ import os
 import subprocess
 import sys
 import threading
+import zipfile
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from storage import Store
+from storage import Store, sha256_bytes
 from storage.tables import read_table
 from tasks.champion.gate import GateRules
 from tasks.champion.promotion import ChampionError, find_champion, gate, promote_run, read_pointer, rollback
@@ -23,7 +24,7 @@ from tasks.evaluation.evaluate import evaluate_model
 from tasks.publish.run_record import RunRecord
 from tasks.publish.tabulate import tabulate
 from tasks.training.train import TrainConfig, train_model
-from tests.conftest import reference_mcnemar
+from tests.conftest import reference_mcnemar, slow_foreign_model
 
 pytestmark = pytest.mark.slow  # conftest.SHARED_WORKER runs this module on one xdist worker: its models are trained once
 REPO = Path(__file__).resolve().parent.parent
@@ -146,6 +147,49 @@ def test_a_broken_pointer_with_no_intact_champion_promotes_nothing(store, lab):
         timeout=120,
     )
     assert done.returncode == 1 and "is missing" in done.stderr and "no earlier champion is intact" in done.stderr
+
+
+def plant_champion_file(store: Store, model, data: bytes) -> None:
+    """Finding 1 and 2 of issue 39: the champion's .keras file replaced, and its model record's and the pointer's
+    digests set to match, so every digest check passes."""
+    Path(store.path(model.file_key)).write_bytes(data)
+    digest = sha256_bytes(data)
+    store.write_text(store.model_info_file(model.key), model.model_copy(update={"sha256": digest}).model_dump_json())
+    store.write_text(store.champion_file(), read_pointer(store).model_copy(update={"sha256": digest}).model_dump_json())
+
+
+def test_a_champion_whose_config_is_not_json_is_set_aside_and_the_gate_decides(store, lab, tmp_path):
+    decide(store, lab, "better", "run-1")
+    decide(store, lab, "medium", "run-2", rules=LENIENT.model_copy(update={"force_promote": True}))
+    medium = lab["medium"][1]
+    damaged = tmp_path / "damaged.keras"
+    with zipfile.ZipFile(store.path(medium.file_key)) as old, zipfile.ZipFile(damaged, "w") as new:
+        for info in old.infolist():
+            new.writestr(info, b"{not json" if info.filename == "config.json" else old.read(info))
+    plant_champion_file(store, medium, damaged.read_bytes())
+    said = []
+    decided = decide(store, lab, "weak", "run-3", log=said.append)  # a decision, not an exception
+    (sentence,) = said  # reported once, in one sentence
+    assert f"The champion model {medium.key} of run run-2 is damaged and set aside" in sentence
+    assert "config.json that is not JSON" in sentence and "compared against the last intact champion, run run-1" in sentence
+    assert decided.damaged_champion in sentence and decided.champion_before.run_id == "run-1"
+    assert not decided.promoted and "significantly worse" in decided.reason  # judged against the better model
+    assert read_pointer(store).run_id == "run-1"  # repaired by this gate decision, to the champion it compared against
+
+
+def test_a_foreign_slow_champion_is_refused_before_it_runs_and_the_night_judges_a_first_champion(store, lab, tmp_path):
+    from tasks.training.keras_runtime import import_keras
+
+    decide(store, lab, "weak", "run-1")
+    foreign = tmp_path / "foreign.keras"
+    slow_foreign_model(import_keras(), applications=600).save(foreign)  # hours of predicting on the gate's slices
+    plant_champion_file(store, lab["weak"][1], foreign.read_bytes())
+    said = []
+    decided = decide(store, lab, "better", "run-2", log=said.append)
+    (sentence,) = said
+    assert "is not the seed network this code builds" in sentence and "judged as a first champion" in sentence
+    assert decided.promoted and decided.reason.startswith("first champion") and decided.champion_before is None
+    assert read_pointer(store).run_id == "run-2"  # the gate's decision wrote it
 
 
 def test_two_gates_at_once_leave_one_consistent_pointer(store, lab):

@@ -129,6 +129,52 @@ def test_three_nights_promote_reject_promote(mnist_store: Store, prefect_harness
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[second])))
     (summary,) = [a for a in artifacts if a.key == "mnist-run-summary"]
     assert "**REJECTED**" in summary.data and "McNemar b=" in summary.data
-    assert summary.data.count("](data:image/png;base64,") == 9 and "| mnist-selection | decides | 5000 |" in summary.data
+    assert summary.data.count("](data:image/png;base64,") == 9 and "| mnist\\-selection | decides | 5000 |" in summary.data
     index = (Path(store.path(store.report_dir(second))) / "index.md").read_text()
     assert "**REJECTED**" in index and "](trend.png)" in index and "](champion_vs_challenger.png)" in index
+
+
+def test_a_night_with_a_damaged_champion_decides_and_alerts(mnist_store: Store, prefect_harness, tmp_path: Path) -> None:
+    """Issue 39, finding 1, through the whole flow: the champion's .keras file replaced by one whose config.json is
+    not JSON, every digest set to match. The next night ends Completed with a decision (a first champion: no
+    intact one is left), and the alert automation hears ``mnist.champion.damaged`` once."""
+    import time
+    import zipfile
+
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
+
+    from flows.night.pipeline import mnist_retrain
+    from storage import sha256_bytes
+    from tasks.champion.pointer import read_pointer
+
+    store = with_mnist(Store(tmp_path / "store"), mnist_store)
+    params = dict(epochs=1, train_limit=2000, n_per_class=20, store=store.url, gate={"min_balanced_accuracy": 0.5})
+    first = mnist_retrain(PipelineParameters(seed=1, **params))
+    assert first.decision == "promoted"
+    pointer = read_pointer(store)
+    model = stored_model(store, pointer.model_key)
+    damaged = tmp_path / "damaged.keras"
+    with zipfile.ZipFile(store.path(model.file_key)) as old, zipfile.ZipFile(damaged, "w") as new:
+        for info in old.infolist():
+            new.writestr(info, b"{not json" if info.filename == "config.json" else old.read(info))
+    data = damaged.read_bytes()
+    Path(store.path(model.file_key)).write_bytes(data)
+    store.write_text(store.model_info_file(model.key), model.model_copy(update={"sha256": sha256_bytes(data)}).model_dump_json())
+    store.write_text(store.champion_file(), pointer.model_copy(update={"sha256": sha256_bytes(data)}).model_dump_json())
+
+    second = mnist_retrain(PipelineParameters(seed=2, **params))  # returns: the night completed
+    assert second.decision == "promoted" and second.decision_reason.startswith("first champion")
+    assert read_pointer(store).run_id == second.run_id
+    query = EventFilter(
+        event=EventNameFilter(name=["mnist.champion.damaged"]),
+        related=EventRelatedFilter(id=[f"prefect.flow-run.{second.run_id}"]),
+    )
+    for _ in range(30):  # events reach the API shortly after the run
+        with get_client(sync_client=True) as client:
+            events = client.read_events(query, limit=10).events
+        if events:
+            break
+        time.sleep(1)
+    (event,) = events
+    assert "config.json that is not JSON" in event.payload["reason"] and "judged as a first champion" in event.payload["reason"]

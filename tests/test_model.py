@@ -99,7 +99,8 @@ def test_the_strong_model_is_saved_as_the_mean_over_its_shifted_views(tmp_path):
 @pytest.mark.slow
 def test_strong_model_trains_and_records_its_name(mnist_store):
     from tasks.data.fetch import fetch_mnist
-    from tasks.training.model import SERVING_SHIFTS, load_model
+    from tasks.training.model import SERVING_SHIFTS
+    from tasks.training.rebuilt import load_model
     from tasks.training.train import TrainConfig, train_model
 
     dataset = fetch_mnist(mnist_store, sources=[], log=lambda _: None)
@@ -130,7 +131,7 @@ def test_the_same_seed_on_the_same_machine_trains_the_same_model(mnist_store):
     import numpy as np
 
     from tasks.data.fetch import fetch_mnist
-    from tasks.training.model import load_model
+    from tasks.training.rebuilt import load_model
     from tasks.training.train import TrainConfig, train_model
 
     dataset = fetch_mnist(mnist_store, sources=[], log=lambda _: None)

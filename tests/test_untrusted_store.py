@@ -14,20 +14,22 @@ import sys
 import textwrap
 import time
 import tracemalloc
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from storage import DamagedArtifact, Store, UnsafeKey, confine_key, sha256_bytes
+from storage import Store, UnsafeKey, confine_key, sha256_bytes
 from storage.tables import read_table, write_table
 from tasks.champion.promotion import Champion, find_champion
 from tasks.data.fetch import DirectorySource, FileSpec, HttpMirror, SourceError, fetch_mnist
 from tasks.evaluation.plots import PlotsRef, stored_plots
 from tasks.training.checkpoints import pull_checkpoint, push_checkpoint
-from tasks.training.model import ModelRef, load_model
+from tasks.training.model import ModelRef
+from tasks.training.rebuilt import DamagedModel, load_model
 from tasks.training.train import stored_model
-from tests.conftest import Mirror, model_ref, sample_frames, with_mnist
+from tests.conftest import Mirror, model_ref, sample_frames, slow_foreign_model, with_mnist
 
 # conftest.SHARED_WORKER runs this module on one xdist worker: its module fixtures are made once
 
@@ -176,12 +178,34 @@ def test_a_checkpoint_pointer_naming_another_bucket_deletes_nothing_outside_the_
     assert len(said) == 8 and all("checkpoint pointer" in line and "field 'folder'" in line for line in said)
 
 
-# ---- models: the bytes checked are the bytes loaded; only .keras, only safe_mode -------------
+def test_a_checkpoint_grown_in_the_store_is_not_copied_whole(store, tmp_path):
+    """A checkpoint file swapped for a sparse 1 GB one: the copy stops at CHECKPOINT_LIMIT, the checkpoint is reported
+    damaged, and training starts afresh with an empty working folder (nothing fills this machine's disk)."""
+    from tasks.training.checkpoints import CHECKPOINT_LIMIT
+
+    said: list[str] = []
+    store.warn = said.append
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "history.json").write_text("[]")
+    push_checkpoint(store, "k", 2, work)
+    (planted,) = [p for p in Path(store.path(store.checkpoint_key("k"))).rglob("history.json")]
+    with open(planted, "r+b") as f:
+        f.truncate(4 * CHECKPOINT_LIMIT)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    assert pull_checkpoint(store, "k", fresh) is None and list(fresh.iterdir()) == []
+    (line,) = said
+    assert "The checkpoint" in line and "larger than" in line and "training starts from epoch 0" in line
+
+
+# ---- models: the bytes checked are the bytes loaded; only our network, only its weights ---------------
 @pytest.fixture(scope="module")
 def two_models(tmp_path_factory):
-    """Two untrained seed networks with different weights, saved as .keras files; and a Lambda one and an HDF5 one."""
+    """Two untrained seed networks with different weights, saved as .keras files; a Lambda one, an HDF5 one, a
+    slow foreign one, a seed archive whose config.json is not JSON and one whose weights are the strong network's."""
     from tasks.training.keras_runtime import import_keras
-    from tasks.training.model import build_seed_model
+    from tasks.training.model import build_seed_model, build_strong_model
 
     keras = import_keras()
     folder = tmp_path_factory.mktemp("models")
@@ -197,7 +221,23 @@ def two_models(tmp_path_factory):
     files["lambda"] = folder / "lambda.keras"
     build_seed_model().save(folder / "legacy.h5")
     files["h5"] = folder / "legacy.h5"
+    slow_foreign_model(keras).save(folder / "foreign.keras")
+    files["foreign"] = folder / "foreign.keras"
+    build_strong_model().save(folder / "strong.keras")
+    files["not-json"] = rewrite_entry(files[0], folder / "not-json.keras", "config.json", b"{not json")
+    with zipfile.ZipFile(folder / "strong.keras") as strong:
+        files["other-weights"] = rewrite_entry(
+            files[0], folder / "other-weights.keras", "model.weights.h5", strong.read("model.weights.h5")
+        )
     return files
+
+
+def rewrite_entry(source: Path, target: Path, entry: str, data: bytes) -> Path:
+    """A copy of the .keras archive ``source`` with ``entry`` replaced by ``data``."""
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w") as new:
+        for info in old.infolist():
+            new.writestr(info, data if info.filename == entry else old.read(info))
+    return target
 
 
 def stored_model_ref(store: Store, file: Path, key: str = "k") -> ModelRef:
@@ -213,6 +253,7 @@ def first_kernel(model) -> np.ndarray:
 
 @pytest.mark.slow
 def test_a_model_swapped_after_its_digest_was_checked_is_not_loaded(two_models, store, monkeypatch):
+    from tasks.training import rebuilt
     from tasks.training.keras_runtime import import_keras
 
     keras = import_keras()
@@ -221,26 +262,51 @@ def test_a_model_swapped_after_its_digest_was_checked_is_not_loaded(two_models, 
     other = first_kernel(keras.models.load_model(two_models[1], compile=False))
     assert not np.allclose(expected, other)
 
-    real_load = keras.models.load_model
+    real_rebuilt = rebuilt._rebuilt
 
-    def swap_then_load(path, *args, **kwargs):  # another writer replaces the store's file between check and load
+    def swap_then_load(*args, **kwargs):  # another writer replaces the store's file between check and load
         Path(store.path(ref.file_key)).write_bytes(two_models[1].read_bytes())
-        return real_load(path, *args, **kwargs)
+        return real_rebuilt(*args, **kwargs)
 
-    monkeypatch.setattr(keras.models, "load_model", swap_then_load)
+    monkeypatch.setattr(rebuilt, "_rebuilt", swap_then_load)
     loaded = load_model(store, ref)
     np.testing.assert_array_equal(first_kernel(loaded), expected)  # the checked bytes, not the swapped file
-    monkeypatch.setattr(keras.models, "load_model", real_load)
-    with pytest.raises(DamagedArtifact, match="does not match its SHA-256"):  # and the swapped file itself is refused
+    monkeypatch.setattr(rebuilt, "_rebuilt", real_rebuilt)
+    with pytest.raises(DamagedModel, match="does not match its SHA-256"):  # and the swapped file itself is refused
         load_model(store, ref)
 
 
 @pytest.mark.slow
-def test_only_keras_archives_load_and_safe_mode_refuses_code(two_models, store):
-    with pytest.raises(DamagedArtifact, match="not a .keras archive"):
-        load_model(store, stored_model_ref(store, two_models["h5"], key="h5"))
-    with pytest.raises(ValueError, match="safe_mode"):
-        load_model(store, stored_model_ref(store, two_models["lambda"], key="lambda"))
+def test_only_our_network_is_built_and_only_its_weights_are_read(two_models, store, monkeypatch):
+    """Whatever the archive's config.json says, the network is built by this checkout's code: a Lambda, another
+    architecture (slow, Keras-only), a config that is not JSON, weights of another network, an HDF5 file or a file
+    over the size limit are each one ``DamagedModel`` sentence, refused before anything is predicted."""
+    from tasks.training import rebuilt
+    from tasks.training.keras_runtime import import_keras
+
+    keras = import_keras()
+    refused = {
+        "h5": "not a .keras archive",
+        "lambda": "is not the seed network this code builds",
+        "foreign": "is not the seed network this code builds",
+        "not-json": "config.json that is not JSON",
+        "other-weights": "does not hold the seed network's weights",
+    }
+
+    def no_predict(*args, **kwargs):
+        raise AssertionError("a refused model was run")
+
+    monkeypatch.setattr(keras.Model, "predict", no_predict)
+    monkeypatch.setattr(keras.Model, "__call__", no_predict)
+    for name, said in refused.items():
+        with pytest.raises(DamagedModel, match=said):
+            load_model(store, stored_model_ref(store, two_models[name], key=name))
+    monkeypatch.setattr(rebuilt, "MODEL_LIMIT", two_models[0].stat().st_size - 1)
+    with pytest.raises(DamagedModel, match="larger than"):
+        load_model(store, stored_model_ref(store, two_models[0], key="big"))
+    monkeypatch.undo()
+    loaded = load_model(store, stored_model_ref(store, two_models[0], key="ours"))
+    np.testing.assert_array_equal(first_kernel(loaded), first_kernel(keras.models.load_model(two_models[0], compile=False)))
 
 
 # ---- durable, self-healing writes ----------------------------------------------------------

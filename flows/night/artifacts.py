@@ -8,10 +8,11 @@ import pandas as pd
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.night.summary import RunSummary
-from storage import Store
+from storage import DamagedArtifact, Store, StoreError
 from storage.tables import read_frame
 from tasks.data.splits import SLICE_TEST
-from tasks.publish.report import ReportRef, batches_markdown, decision_markdown, slices_markdown
+from tasks.publish.markdown import md_text
+from tasks.publish.report import PNG_LIMIT, ReportRef, batches_markdown, decision_markdown, slices_markdown
 from tasks.publish.run_record import RunRecord
 from tasks.publish.tabulate import TablesRef
 
@@ -93,25 +94,34 @@ def attempt_rows(summary: RunSummary) -> str:
         )
         rows.append(
             f"| attempt | **{attempt.number}**: a retry of this run's crashed attempt "
-            f"({len(attempt.crashed)} crash{'es' if len(attempt.crashed) > 1 else ''}: {attempt.crashed[-1]}){resumed} |"
+            f"({len(attempt.crashed)} crash{'es' if len(attempt.crashed) > 1 else ''}: {md_text(attempt.crashed[-1])}){resumed} |"
         )
     elif summary.resumed_from_epoch:
         rows.append(f"| attempt | 1; training resumed from the checkpoint after epoch {summary.resumed_from_epoch} |")
     return "\n".join(rows)
 
 
+def report_figure(store: Store, report: ReportRef, name: str, alt: str) -> str:
+    """The report's figure ``name`` embedded, read within ``PNG_LIMIT`` and checked against the digest the report
+    step recorded for it; a figure swapped or grown since is one sentence instead, and the summary goes on."""
+    key = report.file_keys[name]
+    try:
+        sha256 = report.sha256[name]
+        return embedded_png(store.verified_bytes(key, sha256, limit=PNG_LIMIT), alt)
+    except KeyError:
+        return md_text(f"{name}: not shown (the report recorded no digest for it).")
+    except (DamagedArtifact, StoreError, OSError) as exc:  # OSError: a folder, link or pipe planted at it
+        return md_text(f"{name}: not shown ({exc}).")
+
+
 def summary_markdown(store: Store, summary: RunSummary, run: RunRecord, report: ReportRef) -> str:
     decided = run.gate
-    steps = "\n".join(f"| {step} | {state} |" for step, state in summary.step_states.items())
+    steps = "\n".join(f"| {md_text(step)} | {md_text(state)} |" for step, state in summary.step_states.items())
     figures = "\n\n".join(
-        f"### {title}\n{embedded_png(store.read_bytes(report.file_keys[name]), title)}"
-        for title, name in SUMMARY_FIGURES
-        if name in report.file_keys
+        f"### {title}\n{report_figure(store, report, name, title)}" for title, name in SUMMARY_FIGURES if name in report.file_keys
     )
-    drift = "\n\n".join(
-        embedded_png(store.read_bytes(key), name) for name, key in report.file_keys.items() if name.startswith("batch-")
-    )
-    return f"""# MNIST retrain {summary.run_id}
+    drift = "\n\n".join(report_figure(store, report, name, name) for name in report.file_keys if name.startswith("batch-"))
+    return f"""# MNIST retrain {md_text(summary.run_id)}
 
 ## Champion decision
 {decision_markdown(decided)}
@@ -129,11 +139,11 @@ def summary_markdown(store: Store, summary: RunSummary, run: RunRecord, report: 
 |---|---|
 | test accuracy (10 000 images) | **{summary.test_accuracy:.4f}** |
 | balanced accuracy ({summary.n_evaluated} images) | **{summary.test_balanced_accuracy:.4f}** |
-| model | `{summary.network}` on {summary.device} ({summary.backend}, {summary.precision}) |
+| model | {md_text(summary.network)} on {md_text(summary.device)} ({md_text(summary.backend)}, {md_text(summary.precision)}) |
 | seed | {summary.seed} |
 {attempt_rows(summary)}
-| Parquet tables | `{summary.tables_dir}` |
-| plots and report | `{summary.report_dir}` |
+| Parquet tables | {md_text(summary.tables_dir)} |
+| plots and report | {md_text(summary.report_dir)} |
 
 | step | state |
 |---|---|

@@ -125,6 +125,7 @@ def plot(store_url: str, dataset: DatasetRef, model: ModelRef, evaluation: Evalu
 
 
 MODEL_EVENT = "mnist.model.{decision}"
+DAMAGED_EVENT = "mnist.champion.damaged"  # flows/night/alerts.py: the champion's model was set aside
 
 
 @task(name="gate", cache_policy=NO_CACHE)
@@ -142,6 +143,13 @@ def gate(
         },
         payload=decided.row,
     )
+    if decided.damaged_champion:  # logged once by the gate itself (its lookup's problem); heard by the alerts here
+        before = decided.row.get("champion_before_model_key") or "none"
+        emit_event(
+            event=DAMAGED_EVENT,
+            resource={"prefect.resource.id": f"mnist.champion.{run_id}", "prefect.resource.name": f"champion for run {run_id}"},
+            payload={"reason": decided.damaged_champion, "decision": decided.decision, "compared_against": before},
+        )
     logger.info("Model %s %s: %s", model.key[:12], decided.decision, decided.reason)
     return decided
 

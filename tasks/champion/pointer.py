@@ -9,7 +9,9 @@ a race learns it (``WriteConflict``) instead of overwriting another's decision.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable, Collection
 from datetime import datetime
+from typing import TypeVar
 
 import pandas as pd
 from pydantic import AliasChoices, BaseModel, Field
@@ -17,7 +19,9 @@ from pydantic import AliasChoices, BaseModel, Field
 from storage import SIDECAR_LIMIT, Store, StoreError, StoreName, UnsafeKey, damage
 from storage.tables import read_table
 from tasks.training.model import ModelRef
+from tasks.training.rebuilt import DamagedModel
 
+T = TypeVar("T")
 POINTER_ATTEMPTS = 20  # a writer that keeps losing the race this often fails with a message instead
 
 
@@ -51,6 +55,7 @@ class ChampionLookup(BaseModel):
     problem: str | None = None  # one sentence naming the broken pointer, when there was one
     fallback: bool = False  # the champion came from the promotions history, not the pointer
     version: str | None = None  # the pointer's version as read (S3 ETag): the next write is conditional on it
+    damaged: str | None = None  # one sentence, when a champion's model was set aside as damaged (``setting_aside_damaged``)
 
 
 def intact_model(store: Store, key: str, sha256: str | None = None) -> tuple[ModelRef | None, str | None]:
@@ -113,10 +118,10 @@ def champions_in_history(store: Store) -> list[Champion]:
     return found
 
 
-def first_intact(store: Store, candidates: list[Champion], skip: str | None) -> tuple[Champion, ModelRef] | None:
-    """The first candidate (other than model ``skip``) whose model file is intact, with its SHA-256, and its model."""
+def first_intact(store: Store, candidates: list[Champion], skip: Collection[str] = ()) -> tuple[Champion, ModelRef] | None:
+    """The first candidate (other than the models in ``skip``) whose model file is intact, with its SHA-256, and its model."""
     for candidate in candidates:
-        if candidate.model_key == skip:
+        if candidate.model_key in skip:
             continue
         ref, _ = intact_model(store, candidate.model_key)
         if ref is not None:
@@ -147,7 +152,7 @@ def find_champion(store: Store) -> ChampionLookup:
         return ChampionLookup(champion=None, version=version)  # no champion yet
     if problem is None:
         problem = f"The champion pointer {store.location(store.champion_file())} is missing although models were promoted before"
-    found = first_intact(store, history, skip=pointer.model_key if pointer is not None else None)
+    found = first_intact(store, history, skip=(pointer.model_key,) if pointer is not None else ())
     if found is not None:
         candidate, ref = found
         return ChampionLookup(
@@ -158,6 +163,42 @@ def find_champion(store: Store) -> ChampionLookup:
             version=version,
         )
     return ChampionLookup(champion=None, problem=f"{problem}, and no earlier champion is intact.", version=version)
+
+
+def setting_aside_damaged(store: Store, lookup: ChampionLookup, use: Callable[[ModelRef], T]) -> tuple[ChampionLookup, T | None]:
+    """``use(model)`` on the champion's model; when this code cannot rebuild it (``DamagedModel``: not a .keras
+    archive, a config that is not JSON or another network, weights of other shapes, too large), the last
+    intact champion in the promotions history is used instead, and so on. With none left, the lookup has no
+    champion and no ``problem`` of its own, so the night judges its model as a first champion.
+
+    The lookup returned says, in one sentence (``damaged``, also appended to ``problem``), what was set aside
+    and what is compared against instead. The pointer is not touched here: only a gate decision or an
+    operator rewrites it."""
+    set_aside: list[str] = []
+    first: tuple[str, str] | None = None  # the champion set aside first, and why
+    while lookup.champion is not None and lookup.model is not None:
+        try:
+            value = use(lookup.model)
+        except DamagedModel as exc:
+            set_aside.append(lookup.champion.model_key)
+            first = first or (f"The champion model {lookup.champion.model_key} of run {lookup.champion.run_id}", str(exc))
+            found = first_intact(store, champions_in_history(store), skip=set_aside)
+            candidate, ref = found if found is not None else (None, None)
+            lookup = lookup.model_copy(update={"champion": candidate, "model": ref, "fallback": candidate is not None})
+            continue
+        if first is None:
+            return lookup, value
+        return _with_damage(lookup, first, f"compared against the last intact champion, run {lookup.champion.run_id}"), value
+    if first is None:
+        return lookup, None
+    return _with_damage(lookup, first, "no earlier champion is intact, so this night's model is judged as a first champion"), None
+
+
+def _with_damage(lookup: ChampionLookup, first: tuple[str, str], instead: str) -> ChampionLookup:
+    what, why = first
+    sentence = f"{what} is damaged and set aside ({why.rstrip('.')}); {instead}."
+    problem = sentence if not lookup.problem else f"{lookup.problem} {sentence}"
+    return lookup.model_copy(update={"damaged": sentence, "problem": problem})
 
 
 def write_pointer(store: Store, champion: Champion, version: str | None) -> Champion:

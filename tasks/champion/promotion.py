@@ -44,6 +44,7 @@ from tasks.champion.pointer import (
     pointer_conflict,
     promotions,
     read_pointer,
+    setting_aside_damaged,
     write_pointer,
 )
 from tasks.data.fetch import DatasetRef
@@ -64,6 +65,7 @@ __all__ = [
     "promotions",
     "read_pointer",
     "rollback",
+    "setting_aside_damaged",
 ]
 
 LOCK = "champion"
@@ -85,6 +87,7 @@ class GateRef(BaseModel):
     champion_before: Champion | None
     champion_after: Champion | None
     pointer_problem: str | None
+    damaged_champion: str | None = None  # one sentence when the champion's model was set aside as damaged
     row: dict  # the promotions row, JSON-able: the Prefect event's payload
 
     @property
@@ -196,13 +199,17 @@ def gate(
     with store.lock(LOCK):
         for _ in range(POINTER_ATTEMPTS):
             lookup = find_champion(store)
+            champion_labels = None
+            if lookup.champion is not None and lookup.champion.model_key != model.key:
+                lookup, champion_labels = setting_aside_damaged(
+                    store,
+                    lookup,
+                    lambda ref: {
+                        name: predicted_labels(store, dataset, ref, name)["predicted_label"].to_numpy() for name in challenger
+                    },
+                )
             before = lookup.champion
             other = before is not None and before.model_key != model.key
-            champion_labels = (
-                {name: predicted_labels(store, dataset, lookup.model, name)["predicted_label"].to_numpy() for name in challenger}
-                if other
-                else None
-            )
             learned = {SLICE_SELECTION} if other and lookup.model is not None and not lookup.model.selection_held_out else set()
             verdicts, decision, change = judge(lookup, model.key, challenger, champion_labels, rules, learned)
             now = datetime.now(UTC)  # after the read, before the write: rows sort as the pointer changed
@@ -254,6 +261,7 @@ def gate(
         champion_before=before,
         champion_after=after,
         pointer_problem=lookup.problem,
+        damaged_champion=lookup.damaged,
         row=_json_row(row),
     )
 
@@ -271,7 +279,9 @@ def judge(
     slices the champion was trained on (a model made before the selection split existed): there the
     challenger meets the floor alone, since the champion's accuracy on images it learned says nothing."""
     before = lookup.champion
-    unavailable = lookup.problem if before is None and lookup.problem else None
+    # a broken pointer with no intact champion decides nothing (the operator does); a damaged champion with none
+    # intact is judged as a first champion, since nothing of it can be compared
+    unavailable = lookup.problem if before is None and lookup.problem and not lookup.damaged else None
     verdicts = []
     for name in sorted(challenger, key=lambda n: n != SLICE_SELECTION):
         y, predicted = challenger[name]
@@ -386,7 +396,7 @@ def rollback(store: Store, reason: str | None = None) -> dict:
     def previous(lookup: ChampionLookup) -> Champion:
         if lookup.champion is None:
             raise ChampionError(f"There is no champion in {store.url} to roll back from.")
-        found = first_intact(store, champions_in_history(store), skip=lookup.champion.model_key)
+        found = first_intact(store, champions_in_history(store), skip=(lookup.champion.model_key,))
         if found is None:
             raise ChampionError(f"No earlier champion in {store.url} with an intact model file: nothing to roll back to.")
         return found[0]

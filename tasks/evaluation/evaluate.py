@@ -18,7 +18,8 @@ from tasks.data.fetch import DatasetRef, load_mnist
 from tasks.data.slices import slice_digest, slice_images
 from tasks.data.splits import DECIDING_SLICES, SLICE_TEST
 from tasks.evaluation.metrics import recall_per_digit
-from tasks.training.model import ModelRef, load_model, scale
+from tasks.training.model import ModelRef, scale
+from tasks.training.rebuilt import load_model
 
 PREDICT_BATCH = 1024
 

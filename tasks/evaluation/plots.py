@@ -219,6 +219,12 @@ def render_plots(store: Store, dataset: DatasetRef, model: ModelRef, evaluation:
     return ref
 
 
+def plot_text(value: object) -> str:
+    """Text from outside (a run id read from a table, a sender's file name) as matplotlib shows it literally: a
+    ``$`` would start mathtext, and mathtext it cannot parse makes drawing the whole figure fail."""
+    return str(value).replace("$", r"\$")
+
+
 def batch_drift(
     name: str,
     labels: np.ndarray,
@@ -246,6 +252,6 @@ def batch_drift(
     right.hist(intensity, bins=bins, density=True, color="#2e86c1", alpha=0.6, label="this batch")
     right.set_xlabel("mean intensity per image")
     right.legend(fontsize=7)
-    title = f"Batch {name}: {decision}".replace("$", r"\$")  # no mathtext from a sender's text
+    title = plot_text(f"Batch {name}: {decision}")
     fig.suptitle(title, color=MISTAKE if decision != "accepted" else "#1e8449")
     return fig

@@ -184,17 +184,21 @@ class References:
     @cached_property
     def champion(self):
         """(champion's model key, Keras model, its predictions on mnist-selection), or None before the first champion."""
-        from tasks.champion.promotion import find_champion
+        from tasks.champion.pointer import find_champion, setting_aside_damaged
         from tasks.evaluation.evaluate import predicted_labels
-        from tasks.training.model import load_model
+        from tasks.training.rebuilt import load_model
 
-        lookup = find_champion(self.store)
-        if lookup.champion is None or lookup.model is None:
+        lookup, loaded = setting_aside_damaged(
+            self.store,
+            find_champion(self.store),
+            lambda ref: (load_model(self.store, ref), predicted_labels(self.store, self.dataset, ref, SLICE_SELECTION)),
+        )
+        if lookup.champion is None or loaded is None:
             if lookup.problem:
                 self.log(lookup.problem)
             return None
-        selection = predicted_labels(self.store, self.dataset, lookup.model, SLICE_SELECTION)
-        return lookup.champion.model_key, load_model(self.store, lookup.model), selection
+        model, selection = loaded
+        return lookup.champion.model_key, model, selection
 
 
 # ---- one batch ----------------------------------------------------------------------------------------

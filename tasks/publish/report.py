@@ -17,8 +17,9 @@ from tasks.data.fetch import DatasetRef
 from tasks.data.splits import SLICE_TEST
 from tasks.evaluation.evaluate import EvaluationRef
 from tasks.evaluation.metrics import wilson_interval
-from tasks.evaluation.plots import DIGITS, PlotsRef, png_bytes
+from tasks.evaluation.plots import DIGITS, PlotsRef, plot_text, png_bytes
 from tasks.intake.ingest import BatchRecord
+from tasks.publish.markdown import md_text
 from tasks.publish.run_record import RunRecord
 from tasks.publish.tabulate import TablesRef
 
@@ -35,6 +36,7 @@ class ReportRef(BaseModel):
     run_id: str
     directory_key: str
     file_keys: dict[str, str]  # file name → key: in this run's folder, or in an earlier report's with the same bytes
+    sha256: dict[str, str] = {}  # file name → SHA-256 of its bytes: what a later reader checks them against
 
 
 class ReportFile(BaseModel):
@@ -138,7 +140,9 @@ def nightly_trend(runs: pd.DataFrame, current_run: str | None = None) -> Figure:
         ax.axvline(int(np.flatnonzero(runs["run_id"] == current_run)[0]), color="#888", ls=":", lw=1)
     step = max(1, len(runs) // 12)
     ax.set_xticks(x[::step])
-    labels = [f"{t:%m-%d %H:%M}\n{r[:8]}" for t, r in zip(runs["finished_at"].iloc[::step], runs["run_id"].iloc[::step])]
+    labels = [
+        f"{t:%m-%d %H:%M}\n{plot_text(r[:8])}" for t, r in zip(runs["finished_at"].iloc[::step], runs["run_id"].iloc[::step])
+    ]
     ax.set_xticklabels(labels, fontsize=7)
     ax.set_xlim(-0.5, len(runs) - 0.5)
     ax.set_ylabel("balanced accuracy")
@@ -188,11 +192,13 @@ def slices_markdown(evaluation: EvaluationRef, gate: GateRef) -> str:
         if v is None:
             role, rules = "reports (too few images to decide yet)", "not applied"
         else:
-            role, rules = "decides", ("passed" if not v.failed else "**failed**: " + "; ".join(v.failed))
-            rules += f" ({v.note})" if v.note else ""
+            role, rules = "decides", ("passed" if not v.failed else "**failed**: " + md_text("; ".join(v.failed)))
+            rules += f" ({md_text(v.note)})" if v.note else ""
         champion = f"{cmp.champion_balanced_accuracy:.4f}" if cmp else "none"
         p = f"{cmp.mcnemar_p:.3g}" if cmp else ""
-        lines.append(f"| {part.name} | {role} | {part.images} | **{part.balanced_accuracy:.4f}** | {champion} | {p} | {rules} |")
+        lines.append(
+            f"| {md_text(part.name)} | {role} | {part.images} | **{part.balanced_accuracy:.4f}** | {champion} | {p} | {rules} |"
+        )
     lines.append(
         f"| mnist-test | reports only | {evaluation.n_evaluated} of {evaluation.test_images} | "
         f"**{evaluation.balanced_accuracy:.4f}** (test accuracy {evaluation.test_accuracy:.4f}) | | | read by no rule |"
@@ -208,9 +214,9 @@ def batches_markdown(batches: list[BatchRecord], dataset: DatasetRef) -> str:
     lines = [head, "", "| batch | file | images | decision | reason |", "|---|---|---|---|---|"]
     for b in batches:
         decision = f"**{b.status.upper()}**" if b.status == "quarantined" else b.status
-        cells = (b.file[:60], b.reason)  # a file name is whatever the sender chose: it must not break the table
-        file, reason = (c.replace("|", "\\|").replace("\n", " ") for c in cells)
-        lines.append(f"| `{b.digest[:12]}` | {file} | {b.row.rows} | {decision} | {reason} |")
+        # a file name, a reason quoting it, a source: whatever the sender chose, shown as text, never as markup
+        source = f" (source {md_text(b.row.source)})" if b.row.source else ""
+        lines.append(f"| `{b.digest[:12]}` | {md_text(b.file[:60])}{source} | {b.row.rows} | {decision} | {md_text(b.reason)} |")
     return "\n".join(lines)
 
 
@@ -222,7 +228,7 @@ def champion_vs_challenger(gate: GateRef) -> Figure:
     x = np.arange(len(DIGITS))
     if gate.comparison is not None and gate.champion_before is not None:
         old = np.asarray(gate.comparison.champion_recall, dtype=float)
-        ax.bar(x - 0.2, old, width=0.4, color=CHAMPION, label=f"champion (run {gate.champion_before.run_id[:8]})")
+        ax.bar(x - 0.2, old, width=0.4, color=CHAMPION, label=f"champion (run {plot_text(gate.champion_before.run_id[:8])})")
         ax.bar(x + 0.2, new, width=0.4, color="#2e86c1", label="challenger (this run)")
         worst = gate.comparison.worst_digit
         drop = gate.comparison.worst_digit_drop
@@ -267,14 +273,14 @@ def trend_frame(store: Store) -> pd.DataFrame:
 
 def decision_markdown(gate: GateRef) -> str:
     cmp, before, after = gate.comparison, gate.champion_before, gate.champion_after
-    lines = [f"**{gate.decision.upper()}**{' (forced)' if gate.forced else ''}: {gate.reason}", ""]
+    lines = [f"**{md_text(gate.decision.upper())}**{' (forced)' if gate.forced else ''}: {md_text(gate.reason)}", ""]
     if gate.pointer_problem:
-        lines += [f"> {gate.pointer_problem}", ""]
+        lines += [f"> {md_text(gate.pointer_problem)}", ""]
     if cmp is not None and before is not None:
         lines += [
             "| | challenger (this run) | champion |",
             "|---|---|---|",
-            f"| model | `{gate.challenger_model_key}` | `{before.model_key}` (run {before.run_id[:8]}) |",
+            f"| model | {md_text(gate.challenger_model_key)} | {md_text(before.model_key)} (run {md_text(before.run_id[:8])}) |",
             f"| balanced accuracy on mnist-selection ({cmp.n_sample} images) | "
             f"{_with_ci(cmp.challenger_balanced_accuracy, cmp.n_sample)} | {_with_ci(cmp.champion_balanced_accuracy, cmp.n_sample)} |",
             f"| accuracy on mnist-selection | {_with_ci(cmp.challenger_test_accuracy, cmp.n_test)} | "
@@ -292,7 +298,11 @@ def decision_markdown(gate: GateRef) -> str:
         ]
     else:
         lines += ["No champion to compare with.", ""]
-    lines.append(f"Champion after this run: `{after.model_key}` (run {after.run_id})" if after else "No champion after this run.")
+    lines.append(
+        f"Champion after this run: {md_text(after.model_key)} (run {md_text(after.run_id)})"
+        if after
+        else "No champion after this run."
+    )
     return "\n".join(lines)
 
 
@@ -328,7 +338,7 @@ def publish_report(store: Store, run: RunRecord, plots: PlotsRef, tables: Tables
     pair = plots.most_confused
     pair_text = f"true {pair[0]} predicted as {pair[1]}" if pair else "none"
     worst = per_class.loc[per_class["recall"].idxmin()]
-    index = f"""# MNIST run {run_id}
+    index = f"""# MNIST run {md_text(run_id)}
 
 ## Champion decision
 {decision_markdown(gate)}
@@ -355,11 +365,11 @@ def publish_report(store: Store, run: RunRecord, plots: PlotsRef, tables: Tables
 | balanced accuracy ({evaluation.n_per_class} per digit, {evaluation.n_evaluated} images) | **{evaluation.balanced_accuracy:.4f}** |
 | weakest digit | {int(worst["true_label"])}: {worst["recall"]:.4f} ({worst["recall_ci_low"]:.4f}–{worst["recall_ci_high"]:.4f}) |
 | most confused pair | {pair_text} |
-| model | `{model.network}`, {model.epochs} epochs on {model.device} ({model.precision}), {model.train_seconds:.0f} s |
+| model | {md_text(model.network)}, {model.epochs} epochs on {md_text(model.device)} ({md_text(model.precision)}), {model.train_seconds:.0f} s |
 | model sha256 | `{model.sha256}` |
 | MNIST sha256 | `{dataset.sha256}` |
 | dataset version | `{dataset.version}` ({len(dataset.batches)} accepted batches) |
-| tables | `{store.location("tables")}` |
+| tables | {md_text(store.location("tables"))} |
 
 ## Confusion matrix
 ![confusion]({link.get("confusion.png", "confusion.png")})
@@ -385,4 +395,5 @@ def publish_report(store: Store, run: RunRecord, plots: PlotsRef, tables: Tables
     )  # before index.md: see storage/retention.py
     files["index.md"] = store.report_index(run_id)
     store.write_text(files["index.md"], index)
-    return ReportRef(run_id=run_id, directory_key=store.report_dir(run_id), file_keys=files)
+    digests = {name: f.sha256 for name, f in placed.items()} | {"index.md": sha256_bytes(index.encode())}
+    return ReportRef(run_id=run_id, directory_key=store.report_dir(run_id), file_keys=files, sha256=digests)

@@ -21,6 +21,7 @@ from storage.keys import confine_name
 
 POINTER = "latest.json"
 HISTORY = "history.json"  # what the epoch recorder of tasks/training/train.py writes beside Keras' backup
+CHECKPOINT_LIMIT = 256 << 20  # all of a checkpoint's files together: the weights and the optimizer's state, a few MB for ours
 
 
 class CheckpointPointer(BaseModel):
@@ -44,17 +45,19 @@ def push_checkpoint(store: Store, key: str, epoch: int, local: Path) -> None:
 def pull_checkpoint(store: Store, key: str, local: Path) -> int | None:
     """Copy the store's checkpoint of ``key`` (another run's, on this machine or another) into the empty working
     folder ``local``; returns the epoch it holds, if any. Whatever is wrong with it (a folder, link or pipe among its
-    files, a file that cannot be read) makes it damaged: reported, and training starts afresh."""
+    files, a file that cannot be read, more than ``CHECKPOINT_LIMIT`` bytes in all) makes it damaged: reported, and
+    training starts afresh."""
     pointer = _pointer(store, key)
     if pointer is None:
         return None
     folder = store.checkpoint_key(key, pointer.folder)
+    left = CHECKPOINT_LIMIT
     try:
         for entry in store.fs.ls(store.path(folder), detail=True):
             name = confine_name(posixpath.basename(entry["name"].rstrip("/")))
             if entry.get("type") != "file":
                 raise StoreError(f"{name!r} is not a file")
-            store.get_file(store.key(folder, name), str(local / name))
+            left -= store.get_file(store.key(folder, name), str(local / name), limit=left)
     except Exception as exc:  # noqa: BLE001 (store content: any error means this checkpoint is not used)
         store.warn(damage(f"The checkpoint {store.location(folder)}", exc) + "; training starts from epoch 0")
         for file in local.iterdir():

@@ -1,5 +1,5 @@
-"""The networks the pipeline can train (``seed`` is the seed notebook's network, layer for layer), their input
-scaling, and loading a stored one."""
+"""The networks the pipeline can train (``seed`` is the seed notebook's network, layer for layer) and their input
+scaling. A stored one is loaded by rebuilding it here and reading only its weights (``tasks.training.rebuilt``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import AliasChoices, BaseModel, Field
 
-from storage import DamagedArtifact, Store, StoreKey, StoreName
+from storage import StoreKey, StoreName
 from storage.tables import NUM_CLASSES
 from tasks.training.config import DEFAULT_EPOCHS, ModelName  # noqa: F401 (their home before; imported from here)
 from tasks.training.keras_runtime import import_keras
@@ -256,32 +256,3 @@ def stamp_keras_file(path: str, **facts: str) -> None:
 def keras_file_metadata(path: str) -> dict:
     with zipfile.ZipFile(path) as archive:
         return json.loads(archive.read("metadata.json"))
-
-
-KERAS_ARCHIVE_ENTRIES = {"config.json", "metadata.json"}  # what every .keras zip holds beside its weights
-
-
-def load_model(store: Store, ref: ModelRef):
-    """Load a stored model from the very bytes that were checked against the reference's digest.
-
-    The file is copied once, hashed while copied, and loaded from that copy, so it cannot change
-    between check and load. Only the ``.keras`` archive format is accepted (never legacy HDF5,
-    which Keras would load by another path), and Keras' ``safe_mode`` stays on: a config that asks
-    for a ``Lambda`` or another deserialized function is refused, not run.
-    """
-    keras = import_keras()
-
-    with store.verified_copy(ref.file_key, ref.sha256, suffix=".keras") as local:
-        try:
-            with zipfile.ZipFile(local) as archive:
-                names = set(archive.namelist())
-        except zipfile.BadZipFile as exc:
-            raise DamagedArtifact(
-                f"model {store.location(ref.file_key)} is not a .keras archive (HDF5 and other formats are refused)"
-            ) from exc
-        if not KERAS_ARCHIVE_ENTRIES <= names:
-            raise DamagedArtifact(
-                f"model {store.location(ref.file_key)} is not a .keras archive (it lacks config.json or metadata.json)"
-            )
-        # predicting only: no optimizer state to restore
-        return keras.models.load_model(local, compile=False, safe_mode=True)
