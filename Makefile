@@ -16,7 +16,7 @@ export DO_NOT_TRACK ?= 1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export NO_MKDOCS_2_WARNING ?= 1
 
-.PHONY: docs run test test-quick test-shuffled venv lock clean serve stop bench bench-quick bench-strong bench-stores profile browser ha-tools torch-cpu gpu-check gpu-check-bundle
+.PHONY: docs run test test-quick test-shuffled venv lock clean serve stop bench bench-quick bench-strong bench-stores bench-near-copies profile browser ha-tools torch-cpu gpu-check gpu-check-bundle
 
 venv: $(STAMP)
 
@@ -122,6 +122,11 @@ profile: $(STAMP)
 
 bench-stores: $(STAMP)
 	$(BIN)/python bench/stores.py
+
+# The leakage check's catch rate per transform and its false positives on every clean training image (about 15 min on
+# 2 cores); writes docs/measured/near-copies.json, which docs/new-data.md renders.
+bench-near-copies: $(STAMP)
+	$(BIN)/python bench/near_copies.py
 
 # The GPU check: `make gpu-check-bundle` here (network: wheels for a GPU machine's Python 3.12, MNIST's IDX files),
 # then `make gpu-check` (or `bash bench/gpu_check.sh`) there. See README "Performance".

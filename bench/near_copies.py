@@ -120,9 +120,16 @@ def main() -> None:
     outside = np.setdiff1d(np.arange(len(mnist.x_train)), selection)
     if args.clean:
         outside = rng.choice(outside, args.clean, replace=False)
-    started = time.perf_counter()
     flagged = int(leaked(mnist.x_train[outside]).sum())
-    clean_s = time.perf_counter() - started
+    # Cost against the check as it was (as given and centred only), on the same 5 000 clean images, one after the other.
+    plain = (ImageIndex(mnist.x_test), ImageIndex(mnist.x_train[selection]))
+    timed = mnist.x_train[outside[:5000]]
+    started = time.perf_counter()
+    leaked(timed)
+    ranked_s = time.perf_counter() - started
+    started = time.perf_counter()
+    near_copies(timed, plain[0]) | near_copies(timed, plain[1])
+    plain_s = time.perf_counter() - started
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model = next(
         (line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), platform.processor()
@@ -134,7 +141,8 @@ def main() -> None:
         "caught": caught,
         "clean_images": len(outside),
         "clean_flagged": flagged,
-        "seconds_per_1000_images": round(1000 * clean_s / len(outside), 3),
+        "seconds_per_1000_images": round(1000 * ranked_s / len(timed), 3),
+        "seconds_per_1000_images_as_given_only": round(1000 * plain_s / len(timed), 3),
         "index_seconds": round(prepare_s, 2),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

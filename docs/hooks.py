@@ -1,8 +1,9 @@
 """MkDocs hooks: the pages that must never be written by hand are generated here, at every build.
 
 ``<!-- generated: NAME -->`` in a page is replaced by ``GENERATED[NAME]()``: the data dictionary from
-``storage/tables.py``'s schemas, the CLI reference from ``flows/cli.py``'s parser, and the changelog from
-``CHANGELOG.md``. A page naming a generator that does not exist fails the build.
+``storage/tables.py``'s schemas, the CLI reference from ``flows/cli.py``'s parser, the changelog from
+``CHANGELOG.md``, and measured tables from the records the benchmarks wrote (``docs/measured/``). A page naming a
+generator that does not exist fails the build.
 """
 
 from __future__ import annotations
@@ -65,7 +66,33 @@ def changelog() -> str:
     return text.split("\n", 1)[1] if text.startswith("# ") else text  # the page has its own title
 
 
+def near_copies() -> str:
+    """The leakage check's catch rates per transform, from the record ``bench/near_copies.py`` wrote."""
+    import json
+
+    record = json.loads((REPO / "docs" / "measured" / "near-copies.json").read_text())
+    rows = [f"| {name} | {share:.1%} |" for name, share in record["caught"].items()]
+    flagged, clean = record["clean_flagged"], record["clean_images"]
+    return "\n".join(
+        [
+            f"Measured {record['date']} on {record['cpu']} by `make bench-near-copies` ({record['copies']} test and "
+            "selection images changed by each transform, searched as a night searches them):",
+            "",
+            "| copy changed by | caught |",
+            "|---|---|",
+            *rows,
+            "",
+            f"Clean MNIST training images taken for copies of a test or selection image: **{flagged} of {clean:,}**. ".replace(
+                ",", " "
+            )
+            + f"Searching costs {record['seconds_per_1000_images']} s per 1 000 images, against "
+            f"{record['seconds_per_1000_images_as_given_only']} s for the comparison as given alone, in the same run.",
+        ]
+    )
+
+
 GENERATED: dict[str, Callable[[], str]] = {
+    "near-copies": near_copies,
     "cli-reference": cli_reference,
     "data-dictionary": data_dictionary,
     "changelog": changelog,
