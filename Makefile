@@ -16,7 +16,7 @@ export DO_NOT_TRACK ?= 1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export NO_MKDOCS_2_WARNING ?= 1
 
-.PHONY: docs run test test-quick test-shuffled venv lock clean serve stop bench bench-quick bench-strong bench-stores bench-near-copies profile browser ha-tools torch-cpu gpu-check gpu-check-bundle
+.PHONY: docs run test test-quick test-shuffled venv lock clean serve stop bench bench-quick bench-strong bench-stores bench-near-copies soak profile browser ha-tools torch-cpu gpu-check gpu-check-bundle
 
 venv: $(STAMP)
 
@@ -122,6 +122,13 @@ profile: $(STAMP)
 
 bench-stores: $(STAMP)
 	$(BIN)/python bench/stores.py
+
+# A year of nights through the real flow (bench/soak.py: 36 nights of 10 days' arrivals each, about an hour on 2
+# cores): per night its steps' times, peak RSS, training-set and holdout sizes, store size; a plot and JSON lines in
+# bench-results/. SOAK_ARGS='--nights 8' for a shorter one.
+SOAK_ARGS ?=
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
 # The leakage check's catch rate per transform and its false positives on every clean training image (about 15 min on
 # 2 cores); writes docs/measured/near-copies.json, which docs/new-data.md renders.
