@@ -9,7 +9,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.night.summary import RunSummary
 from storage import Store
-from storage.tables import read_frame
+from storage.tables import read_partition
 from tasks.data.splits import SLICE_TEST
 from tasks.publish.report import ReportRef, batches_markdown, decision_markdown, slices_markdown
 from tasks.publish.run_record import RunRecord
@@ -40,8 +40,8 @@ def confusion_rows(confusion: pd.DataFrame) -> list[dict]:
 
 
 def publish(store: Store, tables: TablesRef, summary_markdown: str) -> None:
-    per_class = read_frame(store, tables.partition_keys["per_class"])
-    confusion = read_frame(store, tables.partition_keys["confusion"])
+    per_class = read_partition(store, "per_class", tables.partition_keys["per_class"])
+    confusion = read_partition(store, "confusion", tables.partition_keys["confusion"])
     per_class, confusion = (frame[frame["slice"] == SLICE_TEST] for frame in (per_class, confusion))
     create_table_artifact(
         per_digit_rows(per_class), key=PER_DIGIT_KEY, description="Per-digit recall (accuracy) with 95 % Wilson interval"

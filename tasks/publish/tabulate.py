@@ -15,7 +15,7 @@ import pandas as pd
 from pydantic import BaseModel
 
 from storage import Store
-from storage.tables import read_frame, read_table, write_table
+from storage.tables import read_frame, read_partition, read_table, write_table
 from tasks.data.splits import SLICE_NEW, SLICE_SELECTION, SLICE_TEST
 from tasks.evaluation.metrics import confusion_frame, confusion_matrix, per_class_frame
 from tasks.publish.run_record import RunRecord
@@ -85,13 +85,19 @@ EVALUATION_TABLES = ("confusion", "per_class", "predictions")
 
 def tabulated_by(store: Store, evaluation_key: str) -> str | None:
     """The earlier run that wrote this evaluation's rows, if one did (its ``runs`` row says so, written last) and its
-    partitions are still there."""
+    partitions still read with this evaluation's rows (a damaged one is skipped with a warning: this run then writes
+    the rows again under its own run id)."""
     runs = read_table(store, "runs")
     wrote = runs[(runs["evaluation_key"] == evaluation_key) & ~runs["reused_evaluation"].fillna(False).astype(bool)]
     for run_id in wrote.sort_values("finished_at")["run_id"]:
-        if all(store.exists(store.table_file(table, run_id)) for table in EVALUATION_TABLES):
+        if all(_holds(store, table, str(run_id), evaluation_key) for table in EVALUATION_TABLES):
             return str(run_id)
     return None
+
+
+def _holds(store: Store, table: str, run_id: str, evaluation_key: str) -> bool:
+    key = store.table_file(table, run_id)
+    return store.exists(key) and (read_partition(store, table, key)["evaluation_key"] == evaluation_key).any()
 
 
 def tabulate(store: Store, run: RunRecord) -> TablesRef:
