@@ -55,6 +55,7 @@ LOOSER_WHEN_HIGHER = {
         "max_excess_disagreements",
         "max_files_per_night",
         "max_images_per_night",
+        "accept_unjudged_labels",
     },
 }
 NOT_A_RULE = {"gate": {"force_promote"}, "ingest": {"holdout_share"}}  # force_promote has its own setting
