@@ -29,7 +29,7 @@ from storage.files import DamagedArtifact
 from storage.keys import confine_key
 from storage.store import Store
 
-SCHEMA_VERSION = "3"
+SCHEMA_VERSION = "4"
 NUM_CLASSES = 10  # MNIST's digits: the width of the probabilities column, and every per-digit table
 RUN_ID = pa.field("run_id", pa.string(), nullable=False, metadata={"description": "The Prefect flow run that wrote the row."})
 SLICES_DOC = "`mnist-test` (the balanced test sample), `mnist-selection` (the held-out selection split) or `new-data`."
@@ -154,6 +154,14 @@ SCHEMAS: dict[str, pa.Schema] = {
             col("resumed_from_epoch", pa.int32(), "Training resumed from the checkpoint after this epoch (0: from scratch)."),
             col("scheduled_start", pa.timestamp("us", tz="UTC"), "When the schedule meant the run to start."),
             col("started_at", pa.timestamp("us", tz="UTC"), "When this attempt began."),
+            col(
+                "published",
+                pa.bool_(),
+                "True when the night finished: its tables, report and artifacts were all written. False while it is "
+                "still publishing, when it stopped before it finished, or when a publication step failed "
+                "(`publish_problem` says which; the champion decision stands). Null in rows of schema 3 and before.",
+            ),
+            col("publish_problem", pa.string(), "Why the night is not published, in words; null when it is."),
         ]
     ),
     "promotions": pa.schema(
@@ -272,8 +280,9 @@ def to_arrow(table: str, frame: pd.DataFrame) -> pa.Table:
 
 # ---- reading every schema version as the latest ------------------------------------------------------------------
 # Schema 2 (nights with new data) added ``slice``; a schema-1 row is of ``mnist-test``, the only slice it had.
-# Schema 3 (this release) renamed columns so each says what it measures, added the model and evaluation keys to
-# ``runs``, the evaluation key to the evaluation tables, and the ``unchanged`` decision.
+# Schema 3 renamed columns so each says what it measures, added the model and evaluation keys to
+# ``runs``, the evaluation key to the evaluation tables, and the ``unchanged`` decision. Schema 4 (this release)
+# added whether the night finished publishing (``runs.published``, ``runs.publish_problem``).
 RENAMED_IN_3: dict[str, dict[str, str]] = {
     "confusion": {"count": "images"},
     "per_class": {"label": "true_label", "accuracy_ci_low": "recall_ci_low", "accuracy_ci_high": "recall_ci_high"},
@@ -305,7 +314,12 @@ def _to_3(table: str, version: str, frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-UPGRADES: dict[str, Callable[[str, str, pd.DataFrame], pd.DataFrame]] = {"1": _to_3, "2": _to_3}
+def _to_4(table: str, version: str, frame: pd.DataFrame) -> pd.DataFrame:
+    """Schema 4 added ``runs.published`` and ``runs.publish_problem``: unknown (null) for the nights before it."""
+    return _to_3(table, version, frame) if version in ("1", "2") else frame
+
+
+UPGRADES: dict[str, Callable[[str, str, pd.DataFrame], pd.DataFrame]] = {"1": _to_4, "2": _to_4, "3": _to_4}
 
 
 def _latest(store: Store, table: str, fragment: ds.ParquetFileFragment) -> pa.Table:

@@ -227,3 +227,11 @@ def test_a_partition_missing_what_its_schema_version_had_is_skipped_not_fatal(st
     old_partition(store, "promotions", "run-odd", planted, version="2")
     assert sorted(read_table(store, "promotions")["run_id"]) == ["run-a", "run-b"]
     assert any("not those of schema version 2" in w and "run-odd" in w for w in warnings)
+
+
+def test_a_schema_3_run_row_reads_with_published_unknown(store, two_runs):
+    """Schema 4 added whether the night finished publishing; a night written before it reads as unknown (null)."""
+    old = sample_frames(3)["runs"].drop(columns=["published", "publish_problem"])
+    old_partition(store, "runs", "run-v3", old, version="3")
+    runs = read_table(store, "runs").set_index("run_id")
+    assert pd.isna(runs.loc["run-v3", "published"]) and runs.loc["run-a", "published"] == True  # noqa: E712

@@ -1,5 +1,6 @@
 """Who hears about a bad night: a Prefect automation that calls a webhook when a run of the nightly
 deployment fails or crashes, when a model is rejected by the champion gate, when a new batch is quarantined,
+when a night's tables, report or artifacts could not be written (the decision stands),
 or when the watchdog (``flows/stack/watchdog.py``) finds no night scheduled or a night that did not start.
 
 ``make serve`` runs this against its server (``python -m flows.night.alerts``). The webhook is a Prefect
@@ -21,6 +22,7 @@ ALERT_EVENTS = (
     "prefect.flow-run.Crashed",
     "mnist.model.rejected",
     "mnist.batch.quarantined",
+    "mnist.night.unpublished",  # flows/night/pipeline.py: a publication step failed; the decision stands
     "mnist.schedule.missing",  # flows/stack/watchdog.py: no night in the next 26 h
     "mnist.night.late",  # flows/stack/watchdog.py: a night that did not start within its grace
 )
