@@ -915,13 +915,18 @@ def run_command(args: argparse.Namespace) -> int:
         f"{tonight.count('accepted')} accepted, {tonight.count('quarantined')} quarantined)\n"
         f"Model:              {summary.network} on {summary.device} ({summary.backend}, {summary.precision}) → {summary.model_path}\n"
         f"Parquet tables:     {summary.tables_dir}\n"
-        f"Plots and report:   {summary.report_dir} (open {summary.report_index})\n"
-        f"Steps:              {', '.join(f'{step} {state}' for step, state in summary.step_states.items())}\n"
+        + (
+            f"Plots and report:   {summary.report_dir} (open {summary.report_index})\n"
+            if summary.report_dir
+            else "Plots and report:   not written (see Published)\n"
+        )
+        + f"Steps:              {', '.join(f'{step} {state}' for step, state in summary.step_states.items())}\n"
         f"Champion:           {summary.champion_model_key or 'none'}"
         + (f" (run {summary.champion_run_id})" if summary.champion_run_id else "")
         + "\n"
         f"Decision:           {summary.decision.upper()}{' (forced)' if summary.forced else ''}\n"
         f"Reason:             {summary.decision_reason}"
+        + (f"\nPublished:          NO, the decision stands: {summary.publish_problem}" if not summary.published else "")
     )
     return 0
 

@@ -14,10 +14,14 @@ written by several releases returns one set of columns with one meaning each.
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Callable, Collection
+from datetime import UTC, datetime
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
@@ -25,7 +29,7 @@ from storage.files import DamagedArtifact
 from storage.keys import confine_key
 from storage.store import Store
 
-SCHEMA_VERSION = "3"
+SCHEMA_VERSION = "4"
 NUM_CLASSES = 10  # MNIST's digits: the width of the probabilities column, and every per-digit table
 RUN_ID = pa.field("run_id", pa.string(), nullable=False, metadata={"description": "The Prefect flow run that wrote the row."})
 SLICES_DOC = "`mnist-test` (the balanced test sample), `mnist-selection` (the held-out selection split) or `new-data`."
@@ -150,6 +154,14 @@ SCHEMAS: dict[str, pa.Schema] = {
             col("resumed_from_epoch", pa.int32(), "Training resumed from the checkpoint after this epoch (0: from scratch)."),
             col("scheduled_start", pa.timestamp("us", tz="UTC"), "When the schedule meant the run to start."),
             col("started_at", pa.timestamp("us", tz="UTC"), "When this attempt began."),
+            col(
+                "published",
+                pa.bool_(),
+                "True when the night finished: its tables, report and artifacts were all written. False while it is "
+                "still publishing, when it stopped before it finished, or when a publication step failed "
+                "(`publish_problem` says which; the champion decision stands). Null in rows of schema 3 and before.",
+            ),
+            col("publish_problem", pa.string(), "Why the night is not published, in words; null when it is."),
         ]
     ),
     "promotions": pa.schema(
@@ -274,8 +286,9 @@ def to_arrow(table: str, frame: pd.DataFrame) -> pa.Table:
 
 # ---- reading every schema version as the latest ------------------------------------------------------------------
 # Schema 2 (nights with new data) added ``slice``; a schema-1 row is of ``mnist-test``, the only slice it had.
-# Schema 3 (this release) renamed columns so each says what it measures, added the model and evaluation keys to
-# ``runs``, the evaluation key to the evaluation tables, and the ``unchanged`` decision.
+# Schema 3 renamed columns so each says what it measures, added the model and evaluation keys to
+# ``runs``, the evaluation key to the evaluation tables, and the ``unchanged`` decision. Schema 4 (this release)
+# added whether the night finished publishing (``runs.published``, ``runs.publish_problem``).
 RENAMED_IN_3: dict[str, dict[str, str]] = {
     "confusion": {"count": "images"},
     "per_class": {"label": "true_label", "accuracy_ci_low": "recall_ci_low", "accuracy_ci_high": "recall_ci_high"},
@@ -307,7 +320,12 @@ def _to_3(table: str, version: str, frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-UPGRADES: dict[str, Callable[[str, str, pd.DataFrame], pd.DataFrame]] = {"1": _to_3, "2": _to_3}
+def _to_4(table: str, version: str, frame: pd.DataFrame) -> pd.DataFrame:
+    """Schema 4 added ``runs.published`` and ``runs.publish_problem``: unknown (null) for the nights before it."""
+    return _to_3(table, version, frame) if version in ("1", "2") else frame
+
+
+UPGRADES: dict[str, Callable[[str, str, pd.DataFrame], pd.DataFrame]] = {"1": _to_4, "2": _to_4, "3": _to_4}
 
 
 def _latest(store: Store, table: str, fragment: ds.ParquetFileFragment) -> pa.Table:
@@ -407,8 +425,10 @@ def read_table(store: Store, table: str, run_id: str | Collection[str] | None = 
 
     Each partition is read on its own after its footer is checked (``_check_size``). One that cannot be read (empty
     after a crash, truncated, not Parquet, another schema, too large) is skipped with a warning naming its file, so
-    one bad file in a shared store cannot stop every later night's report, trend and gate history. Links, pipes and
-    hidden names in a local store are never discovered (``storage/door.py``).
+    one bad file in a shared store cannot stop every later night's report, trend and gate history. Rows whose values
+    no writer of ours produces (``invalid_rows``: a null timestamp, a NaN or out-of-range figure, an unknown
+    decision) are dropped too, with one warning per table per read. Links, pipes and hidden names in a local store
+    are never discovered (``storage/door.py``).
     """
     full = schema(table).append(RUN_ID)
     named = None if run_id is None or isinstance(run_id, str) else sorted(set(run_id))
@@ -426,15 +446,99 @@ def read_table(store: Store, table: str, run_id: str | Collection[str] | None = 
     except (pa.ArrowException, OSError, ValueError) as exc:  # discovery itself failed: no partition can be trusted
         store.warn(f"Table {table!r} cannot be listed ({str(exc).splitlines()[0][:200]}): read as empty")
         return full.empty_table().to_pandas()
-    parts = []
-    for fragment in fragments:
+    where = {id(f): store.fs.unstrip_protocol(f.path) if not store.is_local else f.path for f in fragments}
+    return _read_fragments(store, table, [(f, where[id(f)]) for f in fragments])
+
+
+def read_partition(store: Store, table: str, key: str) -> pd.DataFrame:
+    """One run's partition of ``table`` by its key (what a ``TablesRef`` names), read exactly as ``read_table`` reads
+    it: bounded, upgraded, its invalid rows dropped, and a damaged file skipped with a warning (an empty frame), so
+    a cached night pointed at an earlier run's damaged partition still publishes."""
+    folder, name = posixpath.split(key)
+    run_id = posixpath.basename(folder).removeprefix("run_id=")
+    part = name.removesuffix(".parquet")
+    full = schema(table).append(RUN_ID)
+    try:
+        if store.table_file(table, run_id, part) != key:
+            raise ValueError(f"it is not a partition of table {table!r}")
+        data = store.read_bytes(key, limit=PARTITION_BYTES)
+        fragment = ds.ParquetFileFormat().make_fragment(pa.BufferReader(data), partition_expression=ds.field("run_id") == run_id)
+    except (pa.ArrowException, OSError, ValueError, RuntimeError) as exc:  # missing, too large, outside the store
+        store.warn(f"Skipping the damaged partition {store.location(key)} of table {table!r}: {str(exc).splitlines()[0][:200]}")
+        return full.empty_table().to_pandas()
+    return _read_fragments(store, table, [(fragment, store.location(key))])
+
+
+def _read_fragments(store: Store, table: str, fragments: list[tuple[ds.ParquetFileFragment, str]]) -> pd.DataFrame:
+    full = schema(table).append(RUN_ID)
+    parts, dropped, example = [], 0, ""
+    for fragment, where in fragments:
         try:
             _check_size(fragment, table)
-            parts.append(_latest(store, table, fragment))
+            part = _latest(store, table, fragment)
         except (pa.ArrowException, OSError, ValueError) as exc:
-            where = store.fs.unstrip_protocol(fragment.path) if not store.is_local else fragment.path
             store.warn(f"Skipping the damaged partition {where} of table {table!r}: {str(exc).splitlines()[0][:200]}")
+            continue
+        bad, why = invalid_rows(table, part)
+        if bad.any():
+            dropped += int(bad.sum())
+            example = example or f"{why} in {where}"
+            part = part.filter(pa.array(~bad))
+        parts.append(part)
+    if dropped:
+        store.warn(
+            f"Skipping {dropped} row(s) of table {table!r} whose values no run writes (first: {example}); "
+            "the rest of the table is read"
+        )
     return (pa.concat_tables(parts) if parts else full.empty_table()).to_pandas()
+
+
+# ---- values, not only types ----------------------------------------------------------------------------------------
+# A partition can match its schema and still hold what no writer of ours produces: a null timestamp in a column the
+# schema declares non-null (pyarrow does not enforce nullability on read), a NaN or infinite figure, a share outside
+# [0, 1], a digit outside 0–9, a negative count, a decision no code makes. Such rows are dropped on read, so every
+# reader (trend, report, gate history, promote, rollback, CLI lists) sees only values it can format and compare.
+DECISIONS = {"promotions": {"promoted", "rejected", "unchanged"}, "batches": {"accepted", "quarantined", "pending"}}
+DECIDED_BY = {"ingest", "operator"}
+DIGIT_COLUMNS = {"true_label", "predicted_label", "worst_digit"}
+SIGNED_SHARES = {"worst_digit_drop"}  # a difference of two shares: [-1, 1]; every other figure is a share, p or KS in [0, 1]
+EARLIEST, LATEST = datetime(2000, 1, 1, tzinfo=UTC), datetime(2200, 1, 1, tzinfo=UTC)  # pandas holds 1677–2262
+
+
+def invalid_rows(table: str, data: pa.Table) -> tuple[np.ndarray, str]:
+    """Which rows of one partition hold a value no writer of ours produces, and the first reason, in words."""
+    bad = np.zeros(data.num_rows, dtype=bool)
+    why = ""
+
+    def mark(mask: pa.ChunkedArray | pa.Array, reason: str) -> None:
+        nonlocal bad, why
+        hits = np.asarray(pc.fill_null(mask, False).to_numpy(zero_copy_only=False), dtype=bool)
+        if hits.any() and not why:
+            why = f"{reason} (run {data.column('run_id')[int(np.argmax(hits))].as_py()})"
+        bad |= hits
+
+    for field in data.schema:
+        column = data.column(field.name)
+        if not field.nullable:
+            mark(pc.is_null(column), f"{field.name} is null")
+        kind = field.type
+        if pa.types.is_floating(kind):
+            mark(pc.invert(pc.is_finite(column)), f"{field.name} is NaN or infinite")
+            low = -1 if field.name in SIGNED_SHARES else 0
+            mark(pc.or_(pc.less(column, low), pc.greater(column, 1)), f"{field.name} is outside [{low}, 1]")
+        elif pa.types.is_timestamp(kind):
+            early, late = (pa.scalar(t, type=kind) for t in (EARLIEST, LATEST))
+            mark(pc.or_(pc.less(column, early), pc.greater(column, late)), f"{field.name} is not a date of a night")
+        elif pa.types.is_integer(kind):
+            if field.name in DIGIT_COLUMNS:
+                mark(pc.or_(pc.less(column, 0), pc.greater(column, NUM_CLASSES - 1)), f"{field.name} is not a digit")
+            else:
+                mark(pc.less(column, 0), f"{field.name} is negative")
+    if table in DECISIONS:
+        mark(pc.invert(pc.is_in(data.column("decision"), pa.array(sorted(DECISIONS[table])))), "an unknown decision")
+    if table == "batches":
+        mark(pc.invert(pc.is_in(data.column("decided_by"), pa.array(sorted(DECIDED_BY)))), "an unknown decider")
+    return bad, why
 
 
 def open_table(location: str, table: str, **equals: object) -> pd.DataFrame:

@@ -235,6 +235,8 @@ def sample_frames(seed: int) -> dict[str, pd.DataFrame]:
                 "selection_balanced_accuracy": 0.97,
                 "new_data_balanced_accuracy": None,
                 "new_data_images": 0,
+                "published": True,
+                "publish_problem": None,
             }
         ]
     )

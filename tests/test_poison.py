@@ -93,7 +93,9 @@ def mnist_night(lab: Lab, tmp_path, mnist_store: Store) -> tuple[Store, object]:
 
 def run_night(store: Store, dataset, rules: IngestRules | None = None, run_id: str = "run-1"):
     lines: list[str] = []
-    ref = ingest_batches(store, incoming_store(store), dataset, rules or IngestRules(), run_id, log=lines.append)
+    ref = ingest_batches(
+        store, incoming_store(store), dataset, rules or IngestRules(accept_unjudged_labels=True), run_id, log=lines.append
+    )
     return ref, lines
 
 
@@ -256,12 +258,12 @@ def test_a_night_takes_at_most_its_files_oldest_first_and_leaves_the_rest_untouc
     data = {name: noise_batch(40, seed) for seed, name in enumerate(ages)}
     for name, age in ages.items():
         arrive_aged(incoming, name, data[name], age)
-    ref, lines = run_night(store, dataset, IngestRules(max_files_per_night=2))
+    ref, lines = run_night(store, dataset, IngestRules(max_files_per_night=2, accept_unjudged_labels=True))
     assert [r.file for r in ref.night] == ["z-oldest.parquet", "m-middle.parquet"]
     assert incoming.read_bytes("a-newest.parquet") == data["a-newest.parquet"]  # still there, as it was
     assert len(batch_records(store)) == 2  # and not marked as seen
     assert any("1 incoming files wait for a later night" in line and "a-newest.parquet" in line for line in lines)
-    later, _ = run_night(store, dataset, IngestRules(max_files_per_night=2), run_id="run-2")
+    later, _ = run_night(store, dataset, IngestRules(max_files_per_night=2, accept_unjudged_labels=True), run_id="run-2")
     assert [r.file for r in later.night] == ["a-newest.parquet"] and not incoming.exists("a-newest.parquet")
 
 
@@ -270,7 +272,7 @@ def test_exactly_as_many_files_as_the_cap_are_all_taken(small):
     incoming = incoming_store(store)
     for seed, name in enumerate(("a.parquet", "b.parquet")):
         arrive_aged(incoming, name, noise_batch(30, seed), 100 - seed)
-    ref, lines = run_night(store, dataset, IngestRules(max_files_per_night=2))
+    ref, lines = run_night(store, dataset, IngestRules(max_files_per_night=2, accept_unjudged_labels=True))
     assert len(ref.night) == 2 and not any("wait for a later night" in line for line in lines)
 
 
@@ -280,7 +282,7 @@ def test_a_night_takes_images_up_to_its_cap_and_a_file_that_does_not_fit_waits(s
     incoming = incoming_store(store)
     arrive_aged(incoming, "first.parquet", noise_batch(40, 1), 200)
     arrive_aged(incoming, "second.parquet", noise_batch(30, 2), 100)
-    ref, lines = run_night(store, dataset, IngestRules(max_images_per_night=cap))
+    ref, lines = run_night(store, dataset, IngestRules(max_images_per_night=cap, accept_unjudged_labels=True))
     assert len(ref.night) == taken
     if taken == 1:
         assert incoming.exists("second.parquet") and len(batch_records(store)) == 1
@@ -292,7 +294,7 @@ def test_a_file_larger_than_a_whole_night_waits_and_says_how_to_get_it_taken(sma
     incoming = incoming_store(store)
     arrive_aged(incoming, "big.parquet", noise_batch(50, 1), 200)
     arrive_aged(incoming, "small.parquet", noise_batch(30, 2), 100)
-    ref, lines = run_night(store, dataset, IngestRules(max_images_per_night=40))
+    ref, lines = run_night(store, dataset, IngestRules(max_images_per_night=40, accept_unjudged_labels=True))
     assert [r.file for r in ref.night] == ["small.parquet"] and incoming.exists("big.parquet")
     assert any("big.parquet" in line and "split it into smaller files" in line for line in lines)
     assert [r.file for r in batch_records(store)] == ["small.parquet"]
@@ -309,7 +311,7 @@ def test_names_never_read_are_removed_after_a_day_and_batch_files_never(small):
         arrive_aged(incoming, name, b"not a batch", age)
     arrive_aged(incoming, "oldest-batch.parquet", noise_batch(30, 1), 3 * day)
     arrive_aged(incoming, "old-batch.parquet", noise_batch(30, 2), 2 * day)  # waiting because of the cap: kept
-    ref, lines = run_night(store, dataset, IngestRules(max_files_per_night=1))
+    ref, lines = run_night(store, dataset, IngestRules(max_files_per_night=1, accept_unjudged_labels=True))
     assert [r.file for r in ref.night] == ["oldest-batch.parquet"]
     assert not any(incoming.exists(name) for name in stale)
     assert all(incoming.exists(name) for name in fresh) and incoming.exists("old-batch.parquet")

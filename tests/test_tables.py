@@ -244,3 +244,11 @@ def test_an_old_nights_model_in_the_trend_is_its_gates_not_an_operators_later_pr
     write_table(store, "promotions", "run-old", night)
     write_table(store, "promotions", "run-old", by_hand, part="manual-20261201T000000000000")
     assert trend_frame(store).set_index("run_id").loc["run-old", "model_key"] == "n" * 32
+
+
+def test_a_schema_3_run_row_reads_with_published_unknown(store, two_runs):
+    """Schema 4 added whether the night finished publishing; a night written before it reads as unknown (null)."""
+    old = sample_frames(3)["runs"].drop(columns=["published", "publish_problem"])
+    old_partition(store, "runs", "run-v3", old, version="3")
+    runs = read_table(store, "runs").set_index("run_id")
+    assert pd.isna(runs.loc["run-v3", "published"]) and runs.loc["run-a", "published"] == True  # noqa: E712

@@ -1,7 +1,8 @@
 """Who hears about a bad night: a Prefect automation that calls a webhook when a run of the nightly
 deployment fails or crashes, when a model is rejected by the champion gate, when a new batch is quarantined,
-when the champion's model is damaged and set aside, or when the watchdog (``flows/stack/watchdog.py``) finds no
-night scheduled or a night that did not start.
+when the champion's model is damaged and set aside, when a night's tables, report or artifacts could not be written
+(the decision stands), or when the watchdog (``flows/stack/watchdog.py``) finds no night scheduled or a night that
+did not start.
 
 ``make serve`` runs this against its server (``python -m flows.night.alerts``). The webhook is a Prefect
 ``Webhook`` block named ``mnist-alerts`` made from ``$MNIST_ALERT_WEBHOOK``, so it can be changed
@@ -23,6 +24,7 @@ ALERT_EVENTS = (
     "mnist.model.rejected",
     "mnist.batch.quarantined",
     "mnist.champion.damaged",  # flows/night/steps.py: the champion's model cannot be rebuilt by this code; set aside
+    "mnist.night.unpublished",  # flows/night/pipeline.py: a publication step failed; the decision stands
     "mnist.schedule.missing",  # flows/stack/watchdog.py: no night in the next 26 h
     "mnist.night.late",  # flows/stack/watchdog.py: a night that did not start within its grace
 )

@@ -9,7 +9,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.night.summary import RunSummary
 from storage import DamagedArtifact, Store, StoreError
-from storage.tables import read_frame
+from storage.tables import read_partition
 from tasks.data.splits import SLICE_TEST
 from tasks.publish.markdown import md_text
 from tasks.publish.report import PNG_LIMIT, ReportRef, batches_markdown, decision_markdown, slices_markdown
@@ -41,8 +41,8 @@ def confusion_rows(confusion: pd.DataFrame) -> list[dict]:
 
 
 def publish(store: Store, tables: TablesRef, summary_markdown: str) -> None:
-    per_class = read_frame(store, tables.partition_keys["per_class"])
-    confusion = read_frame(store, tables.partition_keys["confusion"])
+    per_class = read_partition(store, "per_class", tables.partition_keys["per_class"])
+    confusion = read_partition(store, "confusion", tables.partition_keys["confusion"])
     per_class, confusion = (frame[frame["slice"] == SLICE_TEST] for frame in (per_class, confusion))
     create_table_artifact(
         per_digit_rows(per_class), key=PER_DIGIT_KEY, description="Per-digit recall (accuracy) with 95 % Wilson interval"

@@ -57,6 +57,7 @@ LOOSER_WHEN_HIGHER = {
         "max_excess_disagreements",
         "max_files_per_night",
         "max_images_per_night",
+        "accept_unjudged_labels",
     },
 }
 NOT_A_RULE = {"gate": {"force_promote"}, "ingest": set()}  # force_promote has its own setting (FORCE_PROMOTE_ENV)

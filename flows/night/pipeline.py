@@ -1,16 +1,33 @@
 """The nightly retrain: fetch verified MNIST, check the new batches that arrived, train the CNN on both, evaluate
 it on every slice, decide on the selection and new-data slices whether it replaces the champion, publish
-confusion tables as Parquet, and render the report."""
+confusion tables as Parquet, and render the report.
+
+What a step's failure means (each step also fails when it runs past its budget, ``flows/night/budgets.py``):
+
+* fetch-mnist, ingest, train, evaluate, plot, gate decide the night: a failure there fails the run (Prefect's
+  ``Failed`` state, which the alert automation hears) and no decision is taken. Inside ingest, one batch's
+  failure quarantines that batch only.
+* tabulate, report and the artifacts are the record of a night, not its decision: a failure there is logged,
+  emitted as ``mnist.night.unpublished`` (the alert automation hears it) and written in the run's ``runs`` row
+  (``published`` false, ``publish_problem`` saying which step and why); the champion decision stands and the run
+  ends ``Completed``. A step after a failed one that needs its output is skipped, and said so.
+* The ``runs`` row says whether the night finished: ``published`` is false from the moment the tables are written
+  until the last publication step is done, so a night stopped in between (a cancel, SIGTERM, a crash) reads as
+  unfinished.
+
+The whole run has a limit too (``FLOW_SECONDS``): a night still running when the next is due is ended.
+"""
 
 from __future__ import annotations
 
 import uuid
 
 from prefect import flow
+from prefect.events import emit_event
 from prefect.logging import get_logger, get_run_logger
 from prefect.runtime import deployment, flow_run
 
-from flows.night import artifacts, recovery, steps
+from flows.night import artifacts, budgets, recovery, steps
 from flows.night.caching import call_cached
 from flows.night.confinement import check_deployed_run
 from flows.night.locks import open_store
@@ -19,6 +36,9 @@ from flows.night.results import result_storage
 from flows.night.summary import RunSummary
 from storage.nights import mark_ended, mark_running
 from tasks.publish.run_record import RunRecord
+from tasks.publish.tabulate import record_finish
+
+UNPUBLISHED_EVENT = "mnist.night.unpublished"
 
 
 def night_ended(flow, flow_run, state) -> None:
@@ -39,6 +59,7 @@ def night_ended(flow, flow_run, state) -> None:
     on_cancellation=[night_ended],
     description="Fetch verified MNIST, train the CNN, evaluate it on a balanced sample, gate it against the champion, "
     "publish Parquet tables and plots.",
+    timeout_seconds=budgets.FLOW_SECONDS,
 )
 def mnist_retrain(params: PipelineParameters = PipelineParameters()) -> RunSummary:
     logger = get_run_logger()
@@ -64,7 +85,8 @@ def mnist_retrain(params: PipelineParameters = PipelineParameters()) -> RunSumma
         return call_cached(step, *args, result_storage=results, refresh=refresh, warn=logger.warning)
 
     fetched = cached(steps.fetch_mnist, store.url, params.mnist_source)
-    ingested = steps.ingest(store.url, fetched.result(), params.ingest, run_id, params.held_back)
+    ingest = steps.ingest.with_options(timeout_seconds=budgets.ingest_seconds(params.ingest))
+    ingested = ingest(store.url, fetched.result(), params.ingest, run_id, params.held_back)
     dataset = ingested.dataset
     seed = params.seed
     if seed is None:
@@ -72,13 +94,17 @@ def mnist_retrain(params: PipelineParameters = PipelineParameters()) -> RunSumma
         how = "from the run id (new_seed): a new model is trained" if params.new_seed else "from the dataset version"
         logger.info("Seed %d for this run (seed left empty; drawn %s)", seed, how)
     params = params.model_copy(update={"seed": seed})
-    trained = cached(steps.train, store.url, dataset, params.train_config(seed), reuse)
+    config = params.train_config(seed)
+    train = steps.train.with_options(timeout_seconds=budgets.train_seconds(dataset, config))
+    trained = cached(train, store.url, dataset, config, reuse)
     model = trained.result()
-    evaluated = cached(steps.evaluate, store.url, dataset, model, params.n_per_class, seed, reuse)
+    evaluate = steps.evaluate.with_options(timeout_seconds=budgets.predict_seconds(dataset, model.network))
+    evaluated = cached(evaluate, store.url, dataset, model, params.n_per_class, seed, reuse)
     evaluation = evaluated.result()
     plotted = cached(steps.plot, store.url, dataset, model, evaluation)
     plots = plotted.result()
-    decided = steps.gate(store.url, run_id, dataset, model, evaluation, params.gate)
+    gate = steps.gate.with_options(timeout_seconds=budgets.gate_seconds(dataset, model.network))
+    decided = gate(store.url, run_id, dataset, model, evaluation, params.gate)
     run = RunRecord(
         run_id=run_id,
         parameters=params.model_dump(mode="json"),
@@ -89,15 +115,38 @@ def mnist_retrain(params: PipelineParameters = PipelineParameters()) -> RunSumma
         execution=attempt.execution(),
         batches=ingested.night,
     )
-    tables = steps.tabulate(store.url, run)
-    report = steps.report(store.url, run, plots, tables)
+    problems: list[str] = []
 
+    def publishing(name: str, call):
+        """One publication step inside the failure boundary: its error is the record's problem, not the night's."""
+        try:
+            return call()
+        except Exception as exc:  # noqa: BLE001 (the decision is taken: no failure here may undo it)
+            problems.append(f"{name} failed ({type(exc).__name__}: {str(exc)[:300]})")
+            logger.error("The %s step failed; the champion decision stands: %s", name, problems[-1])
+            return None
+
+    tables = publishing("tabulate", lambda: steps.tabulate(store.url, run))
+    report = publishing("report", lambda: steps.report(store.url, run, plots, tables)) if tables else None
+    if tables is None:
+        problems.append("report and artifacts skipped (no tables)")
     states = {
         name: state.name
         for name, state in (("fetch-mnist", fetched), ("train", trained), ("evaluate", evaluated), ("plot", plotted))
     }
     summary = RunSummary.of(run, store, report, states, seed, attempt)
-    artifacts.publish(store, tables, artifacts.summary_markdown(store, summary, run, report))
+    if report is not None:
+        publishing("artifacts", lambda: artifacts.publish(store, tables, artifacts.summary_markdown(store, summary, run, report)))
+    elif tables is not None:
+        problems.append("artifacts skipped (no report)")
+    publishing("runs row", lambda: record_finish(store, run, tables, problems))
+    if problems:
+        emit_event(
+            event=UNPUBLISHED_EVENT,
+            resource={"prefect.resource.id": f"mnist.run.{run_id}", "prefect.resource.name": f"run {run_id}"},
+            payload={"reason": "; ".join(problems), "decision": decided.decision},
+        )
+    summary = summary.model_copy(update={"published": not problems, "publish_problem": "; ".join(problems) or None})
     logger.info("Steps: %s", ", ".join(f"{k} {v}" for k, v in states.items()))
     mark_ended(store, run_id)
     return summary

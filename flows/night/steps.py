@@ -5,6 +5,11 @@ Each step is named as the ``tasks/`` function it wraps. Steps take and return sm
 and run on another machine against the same store.
 Heavy steps are cached on content (``flows/night/caching.py``); per-run publication (tables, report
 folder) always runs, as it is the record of that run.
+
+Every step has a time budget (Prefect's ``timeout_seconds``): fixed here for the steps whose work does not grow
+with the parameters, derived from the night's work for ingest, train, evaluate and gate (``flows/night/budgets.py``,
+set by the flow with ``with_options``). What a step's failure means for the night is the flow's rule
+(``flows/night/pipeline.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import tasks.data.fetch
 import tasks.intake.ingest
 import tasks.publish.tabulate
 from flows.night import caching
+from flows.night.budgets import FLOOR
 from flows.night.locks import open_store
 from flows.night.results import ReferenceSerializer
 from tasks.champion.gate import GateRules
@@ -48,6 +54,7 @@ REFERENCES = ReferenceSerializer()  # cache records hold data only: see flows/ni
     result_serializer=REFERENCES,
     retries=1,
     retry_delay_seconds=5,
+    timeout_seconds=FLOOR,
 )
 def fetch_mnist(store_url: str, mnist_source: str | None = None) -> DatasetRef:
     logger = get_run_logger()
@@ -119,7 +126,7 @@ def evaluate(
     return ref
 
 
-@task(name="plot", cache_policy=caching.PLOT, persist_result=True, result_serializer=REFERENCES)
+@task(name="plot", cache_policy=caching.PLOT, persist_result=True, result_serializer=REFERENCES, timeout_seconds=FLOOR)
 def plot(store_url: str, dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef) -> PlotsRef:
     return render_plots(open_store(store_url), dataset, model, evaluation)
 
@@ -154,11 +161,11 @@ def gate(
     return decided
 
 
-@task(name="tabulate", cache_policy=NO_CACHE)
+@task(name="tabulate", cache_policy=NO_CACHE, timeout_seconds=FLOOR)
 def tabulate(store_url: str, run: RunRecord) -> TablesRef:
     return tasks.publish.tabulate.tabulate(open_store(store_url), run)
 
 
-@task(name="report", cache_policy=NO_CACHE)
+@task(name="report", cache_policy=NO_CACHE, timeout_seconds=FLOOR)
 def report(store_url: str, run: RunRecord, plots: PlotsRef, tables: TablesRef) -> ReportRef:
     return publish_report(open_store(store_url), run, plots, tables)

@@ -23,8 +23,8 @@ class RunSummary(BaseModel):
     precision: str
     model_path: str
     tables_dir: str
-    report_dir: str
-    report_index: str
+    report_dir: str | None  # None: the report step failed (``publish_problem``)
+    report_index: str | None
     step_states: dict[str, str]  # fetch-mnist, train, evaluate, plot: Completed, or Cached when reused
     decision: str  # promoted, rejected, or unchanged (already the champion)
     decision_reason: str
@@ -39,9 +39,11 @@ class RunSummary(BaseModel):
     dataset_version: str
     batches_accepted: int  # in the dataset version
     batches_tonight: dict[str, str] = {}  # digest → accepted / quarantined
+    published: bool = True  # False: a publication step failed; the decision above stands
+    publish_problem: str | None = None
 
     @classmethod
-    def of(cls, run: RunRecord, store: Store, report: ReportRef, step_states: dict[str, str], seed: int, attempt: Attempt):
+    def of(cls, run: RunRecord, store: Store, report: ReportRef | None, step_states: dict[str, str], seed: int, attempt: Attempt):
         model, evaluation, decided = run.model, run.evaluation, run.gate
         new = evaluation.slice(SLICE_NEW)
         return cls(
@@ -56,8 +58,8 @@ class RunSummary(BaseModel):
             precision=model.precision,
             model_path=store.location(model.file_key),
             tables_dir=store.location("tables"),
-            report_dir=store.location(report.directory_key),
-            report_index=store.location(report.file_keys["index.md"]),
+            report_dir=store.location(report.directory_key) if report else None,
+            report_index=store.location(report.file_keys["index.md"]) if report else None,
             step_states=step_states,
             decision=decided.decision,
             decision_reason=decided.reason,

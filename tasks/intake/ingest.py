@@ -22,8 +22,8 @@ from __future__ import annotations
 import posixpath
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import Literal
 
@@ -281,6 +281,14 @@ def _check(batch: Batch, digest: str, refs: References, rules: IngestRules) -> t
         )
         row |= quality.model_dump() | {"champion_model_key": key}
         problems += label_problems
+        if quality.excess_disagreements is None and not rules.accept_unjudged_labels:
+            problems.append(
+                f"labels not judged: the champion is confident (top probability at least {rules.confident_probability}) "
+                f"about {quality.confident_images} of its {len(labels)} images"
+                + ("" if quality.champion_confident_disagreement is not None else " and about none of the selection split")
+                + ", so nothing says its labels are right; it is not trained on until an operator releases it "
+                "(`batches release`), or a run accepts unjudged batches (accept_unjudged_labels)"
+            )
     return row, problems, keep
 
 
@@ -295,10 +303,52 @@ class NightRoom:
     files: int
     images: int
     limit: int  # max_images_per_night, to say it
+    excess: float = 0.0  # confident disagreements beyond the champion's rate, in batches accepted tonight
+    by_source: dict[str, float] = field(default_factory=dict)  # the same per declared source, over SOURCE_WINDOW
 
     @classmethod
-    def of(cls, rules: IngestRules) -> NightRoom:
-        return cls(files=rules.max_files_per_night, images=rules.max_images_per_night, limit=rules.max_images_per_night)
+    def of(cls, rules: IngestRules, records: list[BatchRecord] = (), run_id: str = "", now: datetime | None = None) -> NightRoom:
+        """The room left tonight: the caps, less what this run (an earlier attempt of it) and, per source, the last
+        ``SOURCE_WINDOW`` of accepted batches already carry."""
+        room = cls(files=rules.max_files_per_night, images=rules.max_images_per_night, limit=rules.max_images_per_night)
+        since = (now or datetime.now(UTC)) - SOURCE_WINDOW
+        for record in records:
+            if record.status != "accepted" or record.decided_by != "ingest":
+                continue
+            excess = _positive_excess(record.row.model_dump())
+            if record.run_id == run_id:
+                room.excess += excess
+            if record.row.source and record.decided_at >= since:
+                room.by_source[record.row.source] = room.by_source.get(record.row.source, 0.0) + excess
+        return room
+
+    def label_problems(self, row: dict, rules: IngestRules) -> list[str]:
+        """A batch within the per-batch cap on confident disagreements may still carry the night (or its source) over
+        it: ``max_excess_disagreements`` bounds what one night, and one declared source in a week, adds to training."""
+        excess, cap = _positive_excess(row), rules.max_excess_disagreements
+        if excess == 0 or excess > cap:  # nothing to add, or label_quality already said the batch alone is over
+            return []
+        problems = []
+        if self.excess + excess > cap:
+            problems.append(
+                f"likely mislabelled, counted over the night: with its {excess:.0f} confident disagreements beyond the "
+                f"champion's own rate, tonight's accepted batches would carry {self.excess + excess:.0f}, more than the "
+                f"{cap} a night may (max_excess_disagreements)"
+            )
+        source = row.get("source")
+        if source and self.by_source.get(source, 0.0) + excess > cap:
+            problems.append(
+                f"likely mislabelled, counted over its source: batches declaring source {source!r} accepted in the last "
+                f"{SOURCE_WINDOW.days} days would carry {self.by_source.get(source, 0.0) + excess:.0f} confident "
+                f"disagreements beyond the champion's own rate, more than the {cap} allowed (max_excess_disagreements)"
+            )
+        return problems
+
+    def count_accepted(self, row: dict) -> None:
+        excess = _positive_excess(row)
+        self.excess += excess
+        if row.get("source"):
+            self.by_source[row["source"]] = self.by_source.get(row["source"], 0.0) + excess
 
     def take_images(self, n: int) -> None:
         """Count ``n`` images against the night, or raise ``Waits`` saying why they do not fit."""
@@ -313,6 +363,16 @@ class NightRoom:
                 "(max_images_per_night): it waits for a later night"
             )
         self.images -= n
+
+
+SOURCE_WINDOW = timedelta(days=7)  # how far back a declared source's accepted batches count against its cap
+
+
+def _positive_excess(row: dict) -> float:
+    """A batch's confident disagreements beyond the champion's own rate, counted when positive: a batch the champion
+    agrees with more than usual earns no credit for a later one (else clean batches would buy room for flips)."""
+    excess = row.get("excess_disagreements")
+    return max(0.0, float(excess)) if excess is not None else 0.0
 
 
 def _record_fields(store: Store, name: str, data: bytes, digest: str, run_id: str) -> dict:
@@ -330,9 +390,15 @@ def _ingest_one(
     except BatchRejected as exc:
         record = _record_fields(store, name, data, digest, run_id)
         return BatchRecord(**record, status="quarantined", reason=f"unreadable: {exc}")
+    if refs.champion is None and not rules.accept_unjudged_labels:
+        raise Waits(
+            "there is no intact champion to judge its labels, so it waits for a night that has one (or a run that "
+            "accepts unjudged batches: accept_unjudged_labels)"
+        )
     room.take_images(len(batch.labels))
     record = _record_fields(store, name, data, digest, run_id)
     row, problems, keep = _check(batch, digest, refs, rules)
+    problems += room.label_problems(row, rules)
     images, labels = batch.images[keep], batch.labels[keep]
     held = np.zeros(len(labels), dtype=bool)
     held[holdout_rows(labels, rules.holdout_share, digest)] = True
@@ -352,6 +418,7 @@ def _ingest_one(
     figures = BatchFigures(**row)
     if status == "accepted":
         refs.remember(images)
+        room.count_accepted(row)
     return BatchRecord(**record, status=status, reason=reason, train=train, holdout=holdout, drift_plot=plot, row=figures)
 
 
@@ -374,11 +441,12 @@ def _passed(row: dict) -> str:
             f"({row['champion_confident_disagreement']:.1%} on the selection split, "
             f"{row['excess_disagreements']:.0f} disagreements beyond that rate)"
         )
-    elif row.get("champion_model_key"):
-        said.append("labels not checked (the champion is confident about none of these images, or none of the selection split)")
+        return "passed every check: " + ", ".join(said)
+    if row.get("champion_model_key"):
+        said.append("labels not judged (the champion is confident about none of these images, or none of the selection split)")
     else:
-        said.append("labels not checked (no champion yet)")
-    return "passed every check: " + ", ".join(said)
+        said.append("labels not judged (no champion yet)")
+    return "accepted without a label check (accept_unjudged_labels): " + ", ".join(said)
 
 
 def _safe_name(name: str) -> str:
@@ -583,9 +651,10 @@ def ingest_batches(
     crashed before this one."""
     with store.lock(LOCK):
         refs = References(store, dataset, log)
-        room = NightRoom.of(rules)
+        arrived = incoming_files(incoming)
+        room = NightRoom.of(rules, batch_records(store) if arrived else [], run_id)
         waiting = []
-        for name, size in incoming_files(incoming):
+        for name, size in arrived:
             if size > MAX_BATCH_BYTES:
                 log(f"Incoming file {name!r} is {size} bytes, more than a batch may be ({MAX_BATCH_BYTES}): left where it is")
             elif room.files <= 0:

@@ -75,7 +75,16 @@ class IngestRules(BaseModel):
         title="Most confident disagreements beyond the champion's own rate",
         description="A batch whose labels the champion confidently contradicts more than this many times beyond what "
         "its own rate on the selection split predicts is quarantined as likely mislabelled, however large the batch: "
-        "a share alone would let 100 000 images carry some 5 000 targeted wrong labels.",
+        "a share alone would let 100 000 images carry some 5 000 targeted wrong labels. Counted across every batch "
+        "accepted in one night, and across a week of batches declaring the same source: twenty files each under "
+        "it are not twenty times it.",
+    )
+    accept_unjudged_labels: bool = Field(
+        False,
+        title="Accept batches whose labels no champion judged",
+        description="Off: a batch whose labels cannot be judged waits in the incoming location while there is no "
+        "champion, and is quarantined when the champion is confident about none of its images. On: such a batch is "
+        "accepted without a label check (a deployed run may turn this on only where the worker allows looser rules).",
     )
     min_batch_images: int = Field(
         20,

@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 from pydantic import BaseModel
 
 from storage import SIDECAR_LIMIT, Store, StoreError, StoreKey, StoreName, sha256_bytes
-from storage.tables import NUM_CLASSES, read_frame, read_table
+from storage.tables import NUM_CLASSES, read_partition, read_table
 from tasks.champion.gate import mcnemar_text
 from tasks.champion.promotion import MANUAL, GateRef
 from tasks.data.fetch import DatasetRef
@@ -311,6 +311,15 @@ def _with_ci(p: float, n: int) -> str:
     return f"**{p:.4f}** ({float(low[0]):.4f}–{float(high[0]):.4f})"
 
 
+def weakest_digit(per_class: pd.DataFrame) -> str:
+    """The digit with the lowest recall, in words; the per-digit rows may be missing (a damaged partition is skipped
+    on read, with a warning), and the report is still written."""
+    if per_class.empty:
+        return "unknown: the per-digit rows could not be read (see the run's warnings)"
+    worst = per_class.loc[per_class["recall"].idxmin()]
+    return f"{int(worst['true_label'])}: {worst['recall']:.4f} ({worst['recall_ci_low']:.4f}–{worst['recall_ci_high']:.4f})"
+
+
 def publish_report(store: Store, run: RunRecord, plots: PlotsRef, tables: TablesRef) -> ReportRef:
     """Copy the evaluation's figures, draw this run's own, and write ``index.md``; figures come from
     this run's tables and the store's whole history, so the report is the run's record."""
@@ -332,12 +341,12 @@ def publish_report(store: Store, run: RunRecord, plots: PlotsRef, tables: Tables
     placed = {name: _place(store, run_id, name, data, last) for name, data in figures.items()}
     files = {name: f.key for name, f in placed.items()}
     link = {name: _link(run_id, f.key) for name, f in placed.items()}
-    per_class = read_frame(store, tables.partition_keys["per_class"])
+    per_class = read_partition(store, "per_class", tables.partition_keys["per_class"])
     per_class = per_class[per_class["slice"] == SLICE_TEST]
     drift_figures = "\n".join(f"![{n}]({link[n]})" for n in files if n.startswith("batch-"))
     pair = plots.most_confused
     pair_text = f"true {pair[0]} predicted as {pair[1]}" if pair else "none"
-    worst = per_class.loc[per_class["recall"].idxmin()]
+    weakest = weakest_digit(per_class)
     index = f"""# MNIST run {md_text(run_id)}
 
 ## Champion decision
@@ -363,7 +372,7 @@ def publish_report(store: Store, run: RunRecord, plots: PlotsRef, tables: Tables
 |---|---|
 | test accuracy (all {evaluation.test_images} test images) | **{evaluation.test_accuracy:.4f}** |
 | balanced accuracy ({evaluation.n_per_class} per digit, {evaluation.n_evaluated} images) | **{evaluation.balanced_accuracy:.4f}** |
-| weakest digit | {int(worst["true_label"])}: {worst["recall"]:.4f} ({worst["recall_ci_low"]:.4f}–{worst["recall_ci_high"]:.4f}) |
+| weakest digit | {weakest} |
 | most confused pair | {pair_text} |
 | model | {md_text(model.network)}, {model.epochs} epochs on {md_text(model.device)} ({md_text(model.precision)}), {model.train_seconds:.0f} s |
 | model sha256 | `{model.sha256}` |

@@ -15,7 +15,7 @@ import pandas as pd
 from pydantic import BaseModel
 
 from storage import Store
-from storage.tables import read_frame, read_table, write_table
+from storage.tables import read_frame, read_partition, read_table, write_table
 from tasks.data.splits import SLICE_NEW, SLICE_SELECTION, SLICE_TEST
 from tasks.evaluation.metrics import confusion_frame, confusion_matrix, per_class_frame
 from tasks.publish.run_record import RunRecord
@@ -24,6 +24,10 @@ from tasks.publish.run_record import RunRecord
 class TablesRef(BaseModel):
     run_id: str
     partition_keys: dict[str, str]  # table name → this run's partition (not "keys": that would shadow the mapping protocol)
+    reused_evaluation: bool = False  # an earlier run wrote this evaluation's rows
+
+
+UNFINISHED = "the night had not finished publishing (it stopped, or is still running)"
 
 
 # The evaluation tables' columns as published, from the metrics' and the stored predictions' own names.
@@ -36,7 +40,8 @@ PUBLISHED_AS = {
 }
 
 
-def run_frame(run: RunRecord, reused_evaluation: bool) -> pd.DataFrame:
+def run_frame(run: RunRecord, reused_evaluation: bool, problem: str | None = UNFINISHED) -> pd.DataFrame:
+    """The run's one ``runs`` row; ``problem`` None says the night finished publishing (``published``)."""
     model, evaluation, execution = run.model, run.evaluation, run.execution
     selection, new = evaluation.slice(SLICE_SELECTION), evaluation.slice(SLICE_NEW)
     return pd.DataFrame(
@@ -67,6 +72,8 @@ def run_frame(run: RunRecord, reused_evaluation: bool) -> pd.DataFrame:
                 "selection_balanced_accuracy": selection.balanced_accuracy if selection else None,
                 "new_data_balanced_accuracy": new.balanced_accuracy if new else None,
                 "new_data_images": new.images if new else 0,
+                "published": problem is None,
+                "publish_problem": problem,
             }
         ]
     )
@@ -85,18 +92,25 @@ EVALUATION_TABLES = ("confusion", "per_class", "predictions")
 
 def tabulated_by(store: Store, evaluation_key: str) -> str | None:
     """The earlier run that wrote this evaluation's rows, if one did (its ``runs`` row says so, written last) and its
-    partitions are still there."""
+    partitions still read with this evaluation's rows (a damaged one is skipped with a warning: this run then writes
+    the rows again under its own run id)."""
     runs = read_table(store, "runs")
     wrote = runs[(runs["evaluation_key"] == evaluation_key) & ~runs["reused_evaluation"].fillna(False).astype(bool)]
     for run_id in wrote.sort_values("finished_at")["run_id"]:
-        if all(store.exists(store.table_file(table, run_id)) for table in EVALUATION_TABLES):
+        if all(_holds(store, table, str(run_id), evaluation_key) for table in EVALUATION_TABLES):
             return str(run_id)
     return None
 
 
+def _holds(store: Store, table: str, run_id: str, evaluation_key: str) -> bool:
+    key = store.table_file(table, run_id)
+    return store.exists(key) and (read_partition(store, table, key)["evaluation_key"] == evaluation_key).any()
+
+
 def tabulate(store: Store, run: RunRecord) -> TablesRef:
     """Write this run's partition of every table, the evaluation's rows only if no earlier run wrote them; ``runs``
-    last, so a run listed there is complete."""
+    last, so a run listed there has its rows, with ``published`` false until ``record_finish`` says the night
+    finished."""
     writer = tabulated_by(store, run.evaluation.key)
     keys = {table: store.table_file(table, writer) for table in EVALUATION_TABLES} if writer else {}
     if writer is None:
@@ -112,4 +126,13 @@ def tabulate(store: Store, run: RunRecord) -> TablesRef:
         for table, frames in tables.items():
             keys[table] = write_table(store, table, run.run_id, pd.concat(frames, ignore_index=True))
     keys["runs"] = write_table(store, "runs", run.run_id, run_frame(run, reused_evaluation=writer is not None))
-    return TablesRef(run_id=run.run_id, partition_keys=keys)
+    return TablesRef(run_id=run.run_id, partition_keys=keys, reused_evaluation=writer is not None)
+
+
+def record_finish(store: Store, run: RunRecord, tables: TablesRef | None, problems: list[str]) -> str:
+    """Rewrite the run's ``runs`` row (its own partition, atomically) saying whether the night finished publishing:
+    ``published`` true, or false with what failed. Written also when the tables step itself failed, so the table
+    lists every night that decided, and says which did not finish."""
+    problem = "; ".join(problems)[:4000] if problems else None
+    reused = tables.reused_evaluation if tables is not None else False
+    return write_table(store, "runs", run.run_id, run_frame(run, reused_evaluation=reused, problem=problem))

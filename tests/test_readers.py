@@ -1,0 +1,205 @@
+"""One reader for every table: no other code reads Parquet from the store, and what it reads is checked for value.
+
+A damaged partition (empty after a crash, truncated, foreign) is skipped with a warning; a row whose values no
+run of ours writes (a null timestamp, a NaN or out-of-range figure, an unknown decision) is dropped with one
+warning per table per read. These tests use a real store on disk and the project's own writers.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from storage import Store
+from storage.tables import read_partition, read_table, schema, write_table
+from tasks.publish.report import nightly_trend, trend_frame, weakest_digit
+from tasks.publish.tabulate import EVALUATION_TABLES, tabulated_by
+from tests.conftest import sample_frames
+
+REPO = Path(__file__).resolve().parent.parent
+# The reader module, and the one module that parses *incoming* batch files (not the store) behind its own bounds.
+READERS = {"storage/tables.py", "tasks/data/batch_format.py"}
+PARQUET_MODULES = {"pyarrow.parquet", "pyarrow.dataset", "pyarrow.feather", "pyarrow.orc"}
+READ_NAMES = {
+    "read_parquet",
+    "read_table",
+    "read_pandas",
+    "read_schema",
+    "read_metadata",
+    "ParquetFile",
+    "ParquetDataset",
+    "make_fragment",
+    "dataset",
+    "read_feather",
+}
+PANDAS_READ = {"read_parquet", "read_feather", "read_orc"}
+
+
+def parquet_reads(root: Path = REPO) -> list[str]:
+    """Every place in flows/, tasks/ and storage/ that could read Parquet without the reader: an import of pyarrow's
+    Parquet or dataset modules, a call of one of their readers, or pandas' ``read_parquet``."""
+    found = []
+    for package in ("flows", "tasks", "storage"):
+        for path in sorted((root / package).rglob("*.py")):
+            where = path.relative_to(root).as_posix()
+            tree = ast.parse(path.read_text())
+            aliases: set[str] = set()  # names bound to pyarrow's Parquet modules in this file
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    for alias in node.names:
+                        if alias.name in PARQUET_MODULES or alias.name == "pyarrow":
+                            aliases.add(alias.asname or alias.name.split(".")[0])
+                        if alias.name in PARQUET_MODULES:
+                            found.append(f"{where}:{node.lineno} imports {alias.name}")
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    if node.module in PARQUET_MODULES or (
+                        node.module == "pyarrow" and {"parquet", "dataset", "feather", "orc"} & {a.name for a in node.names}
+                    ):
+                        found.append(f"{where}:{node.lineno} imports from {node.module}")
+                    if node.module in {"pandas"} and PANDAS_READ & {a.name for a in node.names}:
+                        found.append(f"{where}:{node.lineno} imports a pandas Parquet reader")
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Attribute):
+                    if node.attr in PANDAS_READ:
+                        found.append(f"{where}:{node.lineno} calls .{node.attr}")
+                    elif node.attr in READ_NAMES and _base(node) in aliases:
+                        found.append(f"{where}:{node.lineno} calls {_base(node)}….{node.attr}")
+    return found
+
+
+def _base(node: ast.Attribute) -> str:
+    value = node.value
+    while isinstance(value, ast.Attribute):
+        value = value.value
+    return value.id if isinstance(value, ast.Name) else ""
+
+
+def test_no_code_reads_parquet_outside_the_reader_module():
+    outside = [line for line in parquet_reads() if line.split(":")[0] not in READERS]
+    assert outside == [], "read tables and stored frames through storage/tables.py (read_table, read_partition, read_frame)"
+
+
+def test_the_listing_finds_each_kind_of_read(tmp_path):
+    """The check itself: each way of reading Parquet, planted in a module, is listed."""
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "flows").mkdir()
+    (tmp_path / "storage").mkdir()
+    (tmp_path / "tasks" / "sneaky.py").write_text(
+        "import pandas as pd\nimport pyarrow.parquet as pq\nimport pyarrow.dataset\nfrom pyarrow import parquet\n"
+        "from pandas import read_parquet\n"
+        "pd.read_parquet('x')\npq.read_table('x')\npyarrow.dataset.dataset('x')\n"
+    )
+    found = parquet_reads(tmp_path)
+    assert {int(line.split(":")[1].split()[0]) for line in found} == set(range(2, 9)), found
+
+
+# ---- damaged partitions --------------------------------------------------------------------------------------------
+def test_a_cached_night_pointed_at_an_empty_partition_writes_its_own_rows(store):
+    """Finding 3: an earlier run wrote this evaluation's rows, then its per_class partition became 0 bytes. The cached
+    night no longer points at it (it would end in ``Parquet file size is 0 bytes``), and reading it warns."""
+    said: list[str] = []
+    store.warn = said.append
+    for table, frame in sample_frames(0).items():
+        write_table(store, table, "earlier", frame)
+    assert tabulated_by(store, "e0") == "earlier"
+    damaged = Path(store.path(store.table_file("per_class", "earlier")))
+    damaged.write_bytes(b"")
+    assert tabulated_by(store, "e0") is None
+    assert read_partition(store, "per_class", store.table_file("per_class", "earlier")).empty
+    assert any("Skipping the damaged partition" in line and str(damaged) in line for line in said)
+
+
+@pytest.mark.parametrize("table", EVALUATION_TABLES)
+def test_a_truncated_partition_reads_as_empty_with_a_warning(store, table):
+    said: list[str] = []
+    store.warn = said.append
+    key = write_table(store, table, "r", sample_frames(0)[table])
+    path = Path(store.path(key))
+    path.write_bytes(path.read_bytes()[:-40])
+    frame = read_partition(store, table, key)
+    assert frame.empty and list(frame.columns) == schema(table).append(pa.field("run_id", pa.string())).names
+    (line,) = said
+    assert "Skipping the damaged partition" in line and table in line
+
+
+def test_a_partition_key_of_another_table_is_not_read(store):
+    said: list[str] = []
+    store.warn = said.append
+    key = write_table(store, "runs", "r", sample_frames(0)["runs"])
+    assert read_partition(store, "per_class", key).empty
+    assert "not a partition of table 'per_class'" in said[0]
+
+
+def test_the_report_names_no_weakest_digit_when_the_rows_are_gone():
+    frame = schema("per_class").empty_table().to_pandas()
+    assert weakest_digit(frame).startswith("unknown")
+
+
+# ---- values, not only types ----------------------------------------------------------------------------------------
+def planted(store: Store, table: str, run_id: str, frame: pd.DataFrame, **raw: object) -> None:
+    """Write a partition as a foreign writer would: this release's schema and metadata, nullability unenforced, and
+    ``raw`` columns set as Arrow values (a NaN stays a NaN, not a null as pandas would make it)."""
+    target = schema(table)
+    loose = pa.schema([f.with_nullable(True) for f in target], metadata=target.metadata)
+    data = pa.Table.from_pandas(frame[loose.names], schema=loose, preserve_index=False)
+    for column, value in raw.items():
+        i = data.schema.get_field_index(column)
+        data = data.set_column(i, loose.field(i), pa.array([value] * len(data), type=loose.field(i).type, from_pandas=False))
+    folder = Path(store.path(store.table_file(table, run_id))).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(data, folder / "part-0.parquet")
+
+
+def test_a_run_row_with_a_null_finish_time_is_skipped_and_the_trend_still_draws(store):
+    """Finding 3: one schema-valid ``runs`` row with ``finished_at = null`` ended every night in ``nightly_trend``
+    (``NaTType does not support strftime``). It is dropped on read, with one warning."""
+    said: list[str] = []
+    store.warn = said.append
+    for i, run in enumerate(["a", "b"]):
+        write_table(store, "runs", run, sample_frames(i)["runs"])
+    for run in ("null-1", "null-2"):
+        planted(store, "runs", run, sample_frames(3)["runs"].assign(finished_at=pd.NaT))
+    runs = read_table(store, "runs")
+    assert sorted(runs["run_id"]) == ["a", "b"]
+    (line,) = said  # one warning for the table, however many rows
+    assert "Skipping 2 row(s) of table 'runs'" in line and "finished_at is null" in line
+    nightly_trend(trend_frame(store), "b")  # draws: no NaT reaches strftime
+
+
+@pytest.mark.parametrize(
+    ("table", "column", "value", "reason"),
+    [
+        ("runs", "test_balanced_accuracy", np.nan, "NaN or infinite"),
+        ("runs", "new_data_balanced_accuracy", float("inf"), "NaN or infinite"),
+        ("runs", "selection_balanced_accuracy", 1.5, "outside [0, 1]"),
+        ("runs", "epochs", -3, "negative"),
+        ("promotions", "decision", "maybe", "unknown decision"),
+        ("promotions", "worst_digit", 12, "not a digit"),
+        ("promotions", "decided_at", None, "decided_at is null"),
+        ("batches", "decision", "trusted", "unknown decision"),
+        ("batches", "decided_by", "sender", "unknown decider"),
+        ("per_class", "recall", -0.1, "outside [0, 1]"),
+    ],
+)
+def test_a_row_no_run_writes_is_skipped_with_one_warning(store, table, column, value, reason):
+    said: list[str] = []
+    store.warn = said.append
+    write_table(store, table, "good", sample_frames(0)[table])
+    planted(store, table, "bad", sample_frames(1)[table], **{column: value})
+    frame = read_table(store, table)
+    assert set(frame["run_id"]) == {"good"} and len(frame) == len(sample_frames(0)[table])
+    (line,) = said
+    assert reason in line and "run bad" in line
+
+
+def test_an_old_store_reads_without_dropping_rows(store):
+    """The value checks do not drop what earlier releases wrote: the schema-upgrade fixtures read whole."""
+    for table, frame in sample_frames(2).items():
+        write_table(store, table, "r", frame)
+        assert len(read_table(store, table)) == len(frame)
