@@ -46,14 +46,19 @@ def test_deformed_digits_are_new_images_the_intake_accepts_on_their_merits(mnist
 def test_a_soak_of_two_nights_records_what_a_year_would(mnist_store: Store, tmp_path):
     soak = soak_module()
     out = tmp_path / "soak.jsonl"
-    params = {"epochs": 1, "train_limit": 1000, "n_per_class": 10}
+    # a model this small is confident about no image, so no label could be judged: the rule that accepts unjudged
+    # batches keeps the soak's mechanics in view (the label check has tests of its own)
+    params = {"epochs": 1, "train_limit": 1000, "n_per_class": 10, "ingest": {"accept_unjudged_labels": True}}
     records = soak.soak(2, 2, 150, 2, 1.0, params, out, log=lambda line: None, prepare=lambda s: with_mnist(s, mnist_store))
     assert [json.loads(line)["night"] for line in out.read_text().splitlines()] == [1, 2]
+    first, second = records
     for record in records:
-        assert record["accepted_tonight"] == 2 and record["quarantined_tonight"] == 1  # the bad batch is caught
+        assert record["accepted_tonight"] == 2  # the producer's digits pass every check
+        if record["bad_batch"] != "mislabelled":  # with no label check, only the drifted and copied are caught
+            assert record["quarantined_tonight"] == 1
         assert {"ingest", "train", "evaluate", "gate", "tabulate", "report"} <= set(record["steps_s"])
         assert record["peak_rss_mb"] > 100 and record["store_mb"] > 0
-    assert records[1]["holdout_images"] > records[0]["holdout_images"] > 0
+    assert second["holdout_images"] > first["holdout_images"] > 0
     growth = soak.slopes(records)
     assert growth["available_training_images"][0] > 0
     soak.plot(records, tmp_path / "soak.png")
