@@ -48,7 +48,9 @@ def mnist_retrain(params: PipelineParameters = PipelineParameters()) -> RunSumma
         return call_cached(step, *args, result_storage=results, refresh=refresh, warn=logger.warning)
 
     fetched = cached(steps.fetch_mnist, store.url, params.mnist_source)
-    ingested = steps.ingest(store.url, fetched.result(), params.ingest, run_id, params.held_back)
+    ingested = steps.ingest(
+        store.url, fetched.result(), params.ingest, run_id, params.held_back, params.train_limit, params.max_training_images
+    )
     dataset = ingested.dataset
     seed = params.seed
     if seed is None:
