@@ -16,7 +16,7 @@ export DO_NOT_TRACK ?= 1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export NO_MKDOCS_2_WARNING ?= 1
 
-.PHONY: docs run test test-quick test-shuffled venv lock clean serve stop bench bench-quick bench-strong bench-stores profile browser ha-tools torch-cpu gpu-check gpu-check-bundle
+.PHONY: docs run test test-quick test-shuffled venv lock clean serve stop bench bench-quick bench-strong bench-stores bench-memory profile browser ha-tools torch-cpu gpu-check gpu-check-bundle
 
 venv: $(STAMP)
 
@@ -122,6 +122,9 @@ profile: $(STAMP)
 
 bench-stores: $(STAMP)
 	$(BIN)/python bench/stores.py
+
+bench-memory: $(STAMP)  # peak RSS of a 1-epoch training at 60 000 and 240 000 images (docs/scaling.md)
+	$(BIN)/python bench/training_memory.py --sizes 60000 240000
 
 # The GPU check: `make gpu-check-bundle` here (network: wheels for a GPU machine's Python 3.12, MNIST's IDX files),
 # then `make gpu-check` (or `bash bench/gpu_check.sh`) there. See README "Performance".
