@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from flows.night.params import PipelineParameters, describe_errors
-from storage import DamagedArtifact
+from storage import DamagedArtifact, Store
 from storage.tables import read_table
 from tasks.data import slices
 from tasks.data.batch_format import AcceptedBatch, BatchPart, BatchRejected, batch_bytes
@@ -20,6 +20,7 @@ from tasks.data.training_images import staged_training_images
 from tasks.data.training_set import TrainingBudgetError, base_images, choose_batches
 from tasks.intake.checks import IngestRules
 from tasks.intake.ingest import batch_records, incoming_store, ingest_batches
+from tests.conftest import with_mnist
 
 RULES = IngestRules()
 
@@ -142,3 +143,20 @@ def test_a_share_whose_record_says_other_rows_than_it_holds_is_refused(three_nig
     with pytest.raises(DamagedArtifact):
         with staged_training_images(store, mnist.x_train, mnist.y_train, np.arange(3), [part]):
             pass
+
+
+# ---- the night ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_night_whose_budget_cannot_hold_the_base_set_is_refused_before_any_batch_is_read(
+    mnist_store, prefect_harness, tmp_path
+):
+    from flows.night.pipeline import mnist_retrain
+
+    store = with_mnist(Store(tmp_path / "store"), mnist_store)
+    x = np.random.default_rng(0).integers(0, 256, (60, 28, 28), dtype=np.uint8)
+    incoming_store(store).write_bytes("waiting.parquet", batch_bytes(x, np.arange(60) % 10))
+    params = PipelineParameters(epochs=1, seed=1, max_training_images=50_000, store=store.url)
+    with pytest.raises(TrainingBudgetError, match=r"max_training_images=50000 is smaller than the 55000 MNIST base"):
+        mnist_retrain(params)
+    assert incoming_store(store).exists("waiting.parquet") and not batch_records(store)  # nothing was read
+    assert not store.exists(store.table_dir("runs"))  # nor trained

@@ -45,21 +45,29 @@ Targets = Callable[[np.ndarray], np.ndarray]  # a batch's labels → what the lo
 
 
 def input_pipeline(source: TrainingImages, rows: np.ndarray, batch_size: int, seed: int | None, training: bool, targets: Targets):
-    """tf.data over row numbers: shuffled every epoch (seeded), batched, then each batch read from the staged
-    images, scaled and prefetched while the step runs. Only the row numbers (8 bytes an image) are shuffled in
-    memory, so memory does not grow with the training set as a cached array of images did.
+    """tf.data over batches of row numbers, in a new seeded order every epoch while training (in order for
+    validation): each batch read from the staged images, scaled and prefetched while the step runs. The order is
+    drawn with NumPy (8 bytes an image), not tf.data's ``shuffle``, whose buffer holds every element as a tensor
+    (measured: some 150 bytes an image), so memory stays flat as the training set grows.
     """
     import_keras()  # TensorFlow's start-up lines filtered on first use
     import tensorflow as tf
 
+    rows = np.asarray(rows, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+
+    def batches_of_rows():  # called once an epoch: the next permutation of the seeded sequence
+        order = rng.permutation(rows) if training else rows
+        for start in range(0, len(order), batch_size):
+            yield order[start : start + batch_size]
+
     def read(chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return scale(source.images(chosen)), targets(source.labels[chosen])
 
-    x0, y0 = read(np.asarray(rows[:1]))
-    data = tf.data.Dataset.from_tensor_slices(np.asarray(rows, dtype=np.int64))
-    if training:
-        data = data.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
-    data = data.batch(batch_size).map(
+    x0, y0 = read(rows[:1])
+    data = tf.data.Dataset.from_generator(batches_of_rows, output_signature=tf.TensorSpec((None,), tf.int64))
+    data = data.apply(tf.data.experimental.assert_cardinality(int(np.ceil(len(rows) / batch_size))))  # Keras' epoch length
+    data = data.map(
         lambda chosen: tf.numpy_function(read, [chosen], (tf.float32, tf.as_dtype(y0.dtype)), stateful=False),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
