@@ -8,8 +8,8 @@ is its identity in the dataset version), and the rule stops at the first batch t
 always the newest stretch of batches and a night's version follows the budget exactly.
 
 The batches left out ("retired") stay in the store and in the ``batches`` table, accepted; they are only not part
-of this night's dataset version (training, nor the new-data slice). Raising the budget brings them back; so does
-an operator's ``release`` of one (it becomes the newest decision).
+of this night's dataset version (training, nor the new-data slice). Raising the budget brings them back. Batches
+are ordered by the time of their decision, so a quarantined batch an operator releases counts as the newest.
 """
 
 from __future__ import annotations
