@@ -5,6 +5,8 @@ training."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from pydantic import ValidationError
@@ -160,3 +162,28 @@ def test_a_night_whose_budget_cannot_hold_the_base_set_is_refused_before_any_bat
         mnist_retrain(params)
     assert incoming_store(store).exists("waiting.parquet") and not batch_records(store)  # nothing was read
     assert not store.exists(store.table_dir("runs"))  # nor trained
+
+
+@pytest.mark.slow
+def test_a_night_over_its_budget_trains_on_the_newest_batch_and_keeps_the_older_one(mnist_store, prefect_harness, tmp_path):
+    from flows.night.pipeline import mnist_retrain
+    from tasks.data.fetch import load_mnist, stored_dataset
+    from tasks.data.simulate import write_night
+    from tasks.training.train import stored_model
+
+    store = with_mnist(Store(tmp_path / "store"), mnist_store)
+    mnist = load_mnist(store, stored_dataset(store))
+    for arrival in (1, 4):  # two clean batches of 600 held-back images (480 to train on), night 1's first
+        write_night(incoming_store(store), mnist, arrival, images=600)
+    params = PipelineParameters(
+        epochs=1, train_limit=1000, max_training_images=1000 + 480, n_per_class=20, seed=1, held_back=10_000, store=store.url
+    )
+    summary = mnist_retrain(params)
+    records = sorted(batch_records(store), key=lambda r: r.decided_at)
+    assert [r.status for r in records] == ["accepted", "accepted"]  # both kept, the older one retired from tonight
+    assert summary.batches_accepted == 1 and summary.new_data_images == 120  # the newest batch's holdout alone
+    newest = AcceptedBatch(digest=records[1].digest, train=records[1].train, holdout=records[1].holdout)
+    tonight = stored_dataset(store).model_copy(update={"held_back": 10_000, "batches": [newest]})
+    assert summary.dataset_version == tonight.version
+    model = stored_model(store, Path(summary.model_path).parent.name)
+    assert model.train_images == 1480 - 148  # base and the newest share, less the validation split
