@@ -187,3 +187,19 @@ def test_a_night_over_its_budget_trains_on_the_newest_batch_and_keeps_the_older_
     assert summary.dataset_version == tonight.version
     model = stored_model(store, Path(summary.model_path).parent.name)
     assert model.train_images == 1480 - 148  # base and the newest share, less the validation split
+
+
+def test_the_staged_images_are_read_from_a_store_in_a_bucket_too(s3_server):
+    from storage import sha256_bytes
+    from tasks.data.batch_format import share_bytes
+
+    store = Store(s3_server.bucket("shares") + "/store")
+    x = np.random.default_rng(2).integers(0, 256, (30, 28, 28), dtype=np.uint8)
+    data = share_bytes(x, np.arange(30) % 10)
+    key = store.batch_file("ab" * 32, "train.bin")
+    store.write_bytes(key, data)
+    part = BatchPart(key=key, sha256=sha256_bytes(data), size=len(data), rows=30)
+    base_x = np.zeros((4, 28, 28), np.uint8)
+    with staged_training_images(store, base_x, np.arange(4) % 10, np.array([1, 3]), [part]) as staged:
+        assert len(staged) == 32 and (staged.labels[2:] == np.arange(30) % 10).all()
+        assert (staged.images(np.array([31, 2, 0])) == np.stack([x[29], x[0], base_x[1]])).all()
