@@ -1,7 +1,7 @@
 """What a night trains and judges on once accepted data outgrows a budget: the training-set policy (newest whole
 batches within ``max_training_images``), the bounded new-data slice (a cap per digit, newest first) and the staged
-training images the input pipeline reads by row. Small synthetic MNIST and batches through the real intake; no
-training."""
+training images the input pipeline reads by row. Small synthetic MNIST and batches through the real intake, without
+training; two nights through the flow on real MNIST (``slow``)."""
 
 from __future__ import annotations
 
