@@ -2,8 +2,8 @@
 
 Why: holding the training set in memory (and as float32, 3 136 bytes an image) made a night's memory grow with
 every accepted batch. Here the base MNIST images a night trains on and every accepted batch's training share
-are copied, verified, into one file of raw 784-byte images in a private temporary folder; only the labels
-(one byte an image) stay in memory. A batch of images is read with ``os.preadv`` at the rows it names, so a
+are copied, verified, into one unnamed temporary file of raw 784-byte images (a process killed mid-training
+leaves nothing behind); only the labels (one byte an image) stay in memory. A batch of images is read with ``os.preadv`` at the rows it names, so a
 night's resident memory does not depend on how many images it trains on. Not ``numpy.memmap``: a memory map's
 pages count in the process's resident memory once touched, and every epoch touches all of them.
 
@@ -72,17 +72,12 @@ def staged_training_images(
     store: Store, mnist_images: np.ndarray, mnist_labels: np.ndarray, base_rows: np.ndarray, shares: Sequence[BatchPart]
 ) -> Iterator[TrainingImages]:
     """MNIST's images at ``base_rows`` and the shares' images, staged for as long as the block runs."""
-    with tempfile.TemporaryDirectory(prefix="mnist-training-images-") as work:
-        path = os.path.join(work, "images")
+    with tempfile.TemporaryFile(prefix="mnist-training-images-") as target:  # unnamed: nothing is left, even if killed
         labels = [np.asarray(mnist_labels[base_rows], dtype=np.uint8)]
-        with open(path, "wb") as target:
-            for start in range(0, len(base_rows), CHUNK_IMAGES):
-                chunk = mnist_images[base_rows[start : start + CHUNK_IMAGES]]
-                target.write(np.ascontiguousarray(chunk, dtype=np.uint8).tobytes())
-            for part in shares:
-                labels.append(_copy_share(store, part, target))
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            yield TrainingImages(fd, np.concatenate(labels))
-        finally:
-            os.close(fd)
+        for start in range(0, len(base_rows), CHUNK_IMAGES):
+            chunk = mnist_images[base_rows[start : start + CHUNK_IMAGES]]
+            target.write(np.ascontiguousarray(chunk, dtype=np.uint8).tobytes())
+        for part in shares:
+            labels.append(_copy_share(store, part, target))
+        target.flush()
+        yield TrainingImages(target.fileno(), np.concatenate(labels))
