@@ -16,7 +16,7 @@ export DO_NOT_TRACK ?= 1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export NO_MKDOCS_2_WARNING ?= 1
 
-.PHONY: docs run test test-quick test-shuffled venv lock clean serve stop bench bench-quick bench-strong bench-stores bench-near-copies soak profile browser ha-tools torch-cpu gpu-check gpu-check-bundle
+.PHONY: docs run test test-quick test-shuffled venv lock clean serve stop bench bench-quick bench-strong bench-stores bench-near-copies soak bench-memory profile browser ha-tools torch-cpu gpu-check gpu-check-bundle
 
 venv: $(STAMP)
 
@@ -122,6 +122,9 @@ profile: $(STAMP)
 
 bench-stores: $(STAMP)
 	$(BIN)/python bench/stores.py
+
+bench-memory: $(STAMP)  # peak RSS of a 1-epoch training at 60 000 and 240 000 images (docs/scaling.md)
+	$(BIN)/python bench/training_memory.py --sizes 60000 240000
 
 # A year of nights through the real flow (bench/soak.py: 36 nights of 10 days' arrivals each, about an hour on 2
 # cores): per night its steps' times, peak RSS, training-set and holdout sizes, store size; a plot and JSON lines in

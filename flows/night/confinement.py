@@ -71,6 +71,7 @@ PLAIN_SETTINGS = {
     "seed",
     "new_seed",
     "train_limit",
+    "max_training_images",
     "precision",
     "backend",
     "held_back",

@@ -12,6 +12,7 @@ from copy import copy
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks.champion.rules import GateRules
+from tasks.data.training_set import DEFAULT_MAX_TRAINING_IMAGES, MAX_MAX_TRAINING_IMAGES, MIN_MAX_TRAINING_IMAGES
 from tasks.intake.rules import IngestRules
 from tasks.training.backends import Backend, process_backend
 from tasks.training.config import SEED_MAX, ModelName, TrainConfig
@@ -71,6 +72,15 @@ class PipelineParameters(BaseModel):
         title="Held-back MNIST images",
         description="MNIST training images kept out of the base training set, which `simulate-arrivals` releases "
         "night by night as new batches (0 in production; 10000 for the scripted week).",
+    )
+    max_training_images: int = Field(
+        DEFAULT_MAX_TRAINING_IMAGES,
+        ge=MIN_MAX_TRAINING_IMAGES,
+        le=MAX_MAX_TRAINING_IMAGES,
+        title="Training-set budget (images)",
+        description="The most images a night trains on: all of MNIST's base training set, then the newest accepted "
+        "batches, whole, while they fit; older batches stay in the store, accepted, but leave the night's dataset "
+        f"version ({MIN_MAX_TRAINING_IMAGES}–{MAX_MAX_TRAINING_IMAGES}; smaller than the base set is refused).",
     )
     ingest: IngestRules = Field(
         default_factory=IngestRules,

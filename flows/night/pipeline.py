@@ -86,7 +86,9 @@ def mnist_retrain(params: PipelineParameters = PipelineParameters()) -> RunSumma
 
     fetched = cached(steps.fetch_mnist, store.url, params.mnist_source)
     ingest = steps.ingest.with_options(timeout_seconds=budgets.ingest_seconds(params.ingest))
-    ingested = ingest(store.url, fetched.result(), params.ingest, run_id, params.held_back)
+    ingested = ingest(
+        store.url, fetched.result(), params.ingest, run_id, params.held_back, params.train_limit, params.max_training_images
+    )
     dataset = ingested.dataset
     seed = params.seed
     if seed is None:

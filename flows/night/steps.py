@@ -32,7 +32,9 @@ from flows.night.locks import open_store
 from flows.night.results import ReferenceSerializer
 from tasks.champion.gate import GateRules
 from tasks.champion.promotion import GateRef
-from tasks.data.fetch import DatasetRef, default_sources
+from tasks.data import training_set
+from tasks.data.fetch import DatasetRef, default_sources, load_mnist
+from tasks.data.training_set import DEFAULT_MAX_TRAINING_IMAGES
 from tasks.evaluation.evaluate import EvaluationRef, evaluate_model
 from tasks.evaluation.plots import PlotsRef, render_plots
 from tasks.intake.checks import IngestRules
@@ -67,15 +69,40 @@ BATCH_EVENT = "mnist.batch.{decision}"
 
 
 @task(name="ingest", cache_policy=NO_CACHE)
-def ingest(store_url: str, dataset: DatasetRef, rules: IngestRules, run_id: str, held_back: int = 0) -> IngestRef:
+def ingest(
+    store_url: str,
+    dataset: DatasetRef,
+    rules: IngestRules,
+    run_id: str,
+    held_back: int = 0,
+    train_limit: int | None = None,
+    max_training_images: int = DEFAULT_MAX_TRAINING_IMAGES,
+) -> IngestRef:
     """Check the batches waiting in the incoming location (``$MNIST_INCOMING``, else ``<store>/incoming``: the
     worker's setting, never a run parameter, so an API caller cannot point a worker at files to read and
-    delete); never cached, since it reads what arrived. A quarantined batch emits an event and the night goes on."""
+    delete); never cached, since it reads what arrived. A quarantined batch emits an event and the night goes on.
+    The dataset it returns holds the accepted batches the training-set policy chose (``tasks/data/training_set.py``);
+    a budget that cannot hold the base set is refused before any batch is read."""
     logger = get_run_logger()
     store = open_store(store_url, warn=logger.warning)
     incoming = tasks.intake.ingest.incoming_store(store, os.environ.get(INCOMING_ENV) or None)
     base = dataset.model_copy(update={"held_back": held_back})
+    base_images = training_set.base_images(load_mnist(store, base).y_train, held_back, train_limit)
+    training_set.choose_batches([], base_images, max_training_images)  # a misconfigured budget: refused first
     ref = tasks.intake.ingest.ingest_batches(store, incoming, base, rules, run_id, log=logger.info)
+    chosen = training_set.choose_batches(ref.dataset.batches, base_images, max_training_images)
+    if chosen.retired:
+        logger.info(
+            "Training set: %d MNIST images and the %d newest accepted batches (%d images in all, max_training_images=%d); "
+            "%d older accepted batches (%d images) retired from tonight's dataset, kept in the store",
+            base_images,
+            len(chosen.chosen),
+            chosen.images(base_images),
+            max_training_images,
+            len(chosen.retired),
+            sum(b.train.rows for b in chosen.retired),
+        )
+    ref = ref.model_copy(update={"dataset": ref.dataset.model_copy(update={"batches": chosen.chosen})})
     for record in ref.night:
         emit_event(
             event=BATCH_EVENT.format(decision=record.status),

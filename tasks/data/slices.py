@@ -3,7 +3,8 @@
 * training: the base MNIST training images (``tasks.data.splits``) plus every accepted batch's training share;
 * ``mnist-selection``: the fixed selection split of MNIST's training images (where the gate decides);
 * ``mnist-test``: MNIST's test set (reported, never decided on);
-* ``new-data``: every accepted batch's holdout share, growing night by night (where the gate decides too).
+* ``new-data``: the accepted batches' holdout shares, newest first, at most ``NEW_DATA_PER_DIGIT`` images of each
+  digit (where the gate decides too).
 
 Batch shares are read from the store through their recorded digests, parsed by the one batch parser.
 """
@@ -18,6 +19,8 @@ from storage import Store, sha256_json
 from tasks.data.batch_format import BatchPart, parse_share
 from tasks.data.fetch import DatasetRef, Mnist, load_mnist
 from tasks.data.splits import SLICE_NEW, SLICE_SELECTION, SLICE_TEST, base_training_indices, selection_indices
+
+NEW_DATA_PER_DIGIT = 1_000  # the new-data slice's cap: 10 000 images at most, the size of MNIST's test set
 
 
 class Images(NamedTuple):
@@ -40,9 +43,34 @@ def new_holdout_images(store: Store, dataset: DatasetRef) -> Images:
     return _parts(store, [b.holdout for b in dataset.batches])
 
 
+def new_data_slice(store: Store, dataset: DatasetRef, per_digit: int | None = None) -> Images:
+    """The ``new-data`` slice: the accepted batches' holdout images, newest batch first, at most ``per_digit`` of each
+    digit (within a batch, in its share's order). Bounded, so that predicting it costs the same every night however
+    many batches came before, and balanced enough that the gate's per-digit rules see every digit that arrived;
+    shares past the cap are not read."""
+    per_digit = NEW_DATA_PER_DIGIT if per_digit is None else per_digit
+    taken = np.zeros(10, dtype=np.int64)
+    chosen: list[Images] = []
+    for batch in reversed(dataset.batches):  # oldest first in the dataset: newest first here
+        if taken.min() >= per_digit:
+            break
+        part = batch.holdout
+        share = parse_share(store.verified_bytes(part.key, part.sha256, limit=part.size), part.rows)
+        rank = np.zeros(len(share.labels), dtype=np.int64)  # each image's place among its digit's in this share
+        for digit in np.unique(share.labels):
+            where = np.flatnonzero(share.labels == digit)
+            rank[where] = np.arange(len(where)) + taken[digit]
+        keep = rank < per_digit
+        taken += np.bincount(share.labels[keep], minlength=10)
+        chosen.append(Images(share.images[keep], share.labels[keep]))
+    if not chosen:
+        return Images(np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.int64))
+    return Images(np.concatenate([c.x for c in chosen]), np.concatenate([c.y for c in chosen]))
+
+
 def slice_images(store: Store, dataset: DatasetRef, name: str, mnist: Mnist | None = None) -> Images:
     if name == SLICE_NEW:
-        return new_holdout_images(store, dataset)
+        return new_data_slice(store, dataset)
     mnist = mnist or load_mnist(store, dataset)
     if name == SLICE_TEST:
         return Images(mnist.x_test, mnist.y_test.astype(np.int64))
@@ -55,7 +83,8 @@ def slice_images(store: Store, dataset: DatasetRef, name: str, mnist: Mnist | No
 def slice_digest(dataset: DatasetRef, name: str) -> str:
     """What a slice's images are: the same digest, the same images (a champion's predictions on it are reusable)."""
     if name == SLICE_NEW:
-        return sha256_json({"slice": name, "parts": [b.holdout.sha256 for b in dataset.batches]})
+        parts = [b.holdout.sha256 for b in dataset.batches]
+        return sha256_json({"slice": name, "parts": parts, "per_digit": NEW_DATA_PER_DIGIT, "order": "newest first"})
     return sha256_json({"slice": name, "mnist": dataset.sha256})
 
 

@@ -670,7 +670,8 @@ def ingest_batches(
         remove_stale(incoming, log)
         records = batch_records(store)
     night = sorted((r for r in records if r.run_id == run_id and r.decided_by == "ingest"), key=lambda r: r.decided_at)
-    accepted = [AcceptedBatch(digest=r.digest, train=r.train, holdout=r.holdout) for r in records if _trainable(r)]
+    by_age = sorted(records, key=lambda r: (r.decided_at, r.digest))  # oldest first: the training-set policy keeps the newest
+    accepted = [AcceptedBatch(digest=r.digest, train=r.train, holdout=r.holdout) for r in by_age if _trainable(r)]
     return IngestRef(dataset=dataset.model_copy(update={"batches": accepted}), night=night)
 
 

@@ -1,12 +1,17 @@
 """The training input: a stratified subset, and batches reshuffled every epoch (tf.data on TensorFlow, Keras'
-``PyDataset`` on JAX and PyTorch). Part of the training key whole (``tasks.training.train.training_code``)."""
+``PyDataset`` on JAX and PyTorch), read from the staged images (``tasks/data/training_images.py``) and scaled
+batch by batch. Part of the training key whole (``tasks.training.train.training_code``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
+from tasks.data.training_images import TrainingImages
 from tasks.training.backends import Backend
 from tasks.training.keras_runtime import import_keras
+from tasks.training.model import scale  # per batch, never the whole set at once
 
 VALIDATION_SPLIT = 0.1
 
@@ -36,41 +41,64 @@ def steps_per_execution(backend: Backend) -> int:
     return 1 if backend is Backend.torch else STEPS_PER_EXECUTION
 
 
-def input_pipeline(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int | None, training: bool):
-    """tf.data: cached in memory, reshuffled every epoch (seeded), prefetched while the step runs.
+Targets = Callable[[np.ndarray], np.ndarray]  # a batch's labels → what the loss is given (one-hot for ``strong``)
 
-    Measured here, this plus ``STEPS_PER_EXECUTION`` is what turns bf16's faster arithmetic into
-    faster epochs; ``fit`` on NumPy arrays left the step waiting on input slicing.
+
+def input_pipeline(source: TrainingImages, rows: np.ndarray, batch_size: int, seed: int | None, training: bool, targets: Targets):
+    """tf.data over batches of row numbers, in a new seeded order every epoch while training (in order for
+    validation): each batch read from the staged images, scaled and prefetched while the step runs. The order is
+    drawn with NumPy (8 bytes an image), not tf.data's ``shuffle``, whose buffer holds every element as a tensor
+    (measured: some 150 bytes an image), so memory stays flat as the training set grows.
     """
     import_keras()  # TensorFlow's start-up lines filtered on first use
     import tensorflow as tf
 
-    data = tf.data.Dataset.from_tensor_slices((images, labels)).cache()
-    if training:
-        data = data.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
-    return data.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    rows = np.asarray(rows, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+
+    def batches_of_rows():  # called once an epoch: the next permutation of the seeded sequence
+        order = rng.permutation(rows) if training else rows
+        for start in range(0, len(order), batch_size):
+            yield order[start : start + batch_size]
+
+    def read(chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return scale(source.images(chosen)), targets(source.labels[chosen])
+
+    x0, y0 = read(rows[:1])
+    data = tf.data.Dataset.from_generator(batches_of_rows, output_signature=tf.TensorSpec((None,), tf.int64))
+    data = data.apply(tf.data.experimental.assert_cardinality(int(np.ceil(len(rows) / batch_size))))  # Keras' epoch length
+    data = data.map(
+        lambda chosen: tf.numpy_function(read, [chosen], (tf.float32, tf.as_dtype(y0.dtype)), stateful=False),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    data = data.map(lambda x, y: (tf.ensure_shape(x, (None, *x0.shape[1:])), tf.ensure_shape(y, (None, *y0.shape[1:]))))
+    return data.prefetch(tf.data.AUTOTUNE)
 
 
-def shuffled_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int | None, training: bool):
-    """Keras' own ``PyDataset`` for the JAX and PyTorch backends (no tf.data there): NumPy batches in a
-    new seeded order every epoch while training, in order for validation."""
+def shuffled_batches(
+    source: TrainingImages, rows: np.ndarray, batch_size: int, seed: int | None, training: bool, targets: Targets
+):
+    """Keras' own ``PyDataset`` for the JAX and PyTorch backends (no tf.data there): batches of rows in a new
+    seeded order every epoch while training, in order for validation, each read from the staged images and
+    scaled as it is asked for."""
     keras = import_keras()
 
     class ShuffledBatches(keras.utils.PyDataset):
         def __init__(self) -> None:
             super().__init__()
             self.rng = np.random.default_rng(seed)
-            self.order = self.rng.permutation(len(images)) if training else np.arange(len(images))
+            self.order = self.rng.permutation(rows) if training else np.asarray(rows)
 
         def __len__(self) -> int:
-            return int(np.ceil(len(images) / batch_size))
+            return int(np.ceil(len(rows) / batch_size))
 
         def __getitem__(self, index: int):
             chosen = np.sort(self.order[index * batch_size : (index + 1) * batch_size])
-            return images[chosen], labels[chosen]
+            return scale(source.images(chosen)), targets(source.labels[chosen])
 
         def on_epoch_end(self) -> None:
             if training:
-                self.order = self.rng.permutation(len(images))
+                self.order = self.rng.permutation(rows)
 
     return ShuffledBatches()

@@ -20,7 +20,8 @@ import pandas as pd
 
 from storage import Store, sha256_bytes
 from tasks.data.fetch import DatasetRef, load_mnist
-from tasks.data.slices import base_training, new_training_images
+from tasks.data.slices import base_training
+from tasks.data.training_images import TrainingImages, staged_training_images
 from tasks.training import model as networks
 from tasks.training.backends import Backend, process_backend
 from tasks.training.checkpoints import HISTORY, drop_checkpoint, pull_checkpoint, push_checkpoint
@@ -34,7 +35,7 @@ from tasks.training.input_pipeline import (
     stratified_subset,
 )
 from tasks.training.keras_runtime import import_keras
-from tasks.training.model import ModelRef, build_model, make_optimizer, scale, stamp_keras_file
+from tasks.training.model import ModelRef, build_model, make_optimizer, stamp_keras_file
 from tasks.training.precision import dtype_policy, select_device
 
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds")
@@ -81,36 +82,27 @@ def _epoch_recorder(state_file: Path, log: Log, on_epoch: OnEpoch | None, total:
     return EpochRecorder()
 
 
-def train_and_store(
-    store: Store, dataset: DatasetRef, config: TrainConfig, key: str, log: Log, on_epoch: OnEpoch | None
-) -> ModelRef:
+def _fit(
+    store: Store,
+    source: TrainingImages,
+    train_rows: np.ndarray,
+    val_rows: np.ndarray,
+    config: TrainConfig,
+    backend: Backend,
+    key: str,
+    log: Log,
+    on_epoch: OnEpoch | None,
+):
+    """Build and fit the network on the staged images, resuming from this key's checkpoint; (model, recorder,
+    device, dtype policy, seconds)."""
     keras = import_keras()
-
-    mnist = load_mnist(store, dataset)
-    base = base_training(mnist, dataset)  # never the selection split (nor held-back images)
-    subset = base[stratified_subset(mnist.y_train[base], config.train_limit, config.seed)]
-    new = new_training_images(store, dataset)  # accepted batches' training shares, whole
-    images = np.concatenate([mnist.x_train[subset], new.x])
-    labels = np.concatenate([mnist.y_train[subset].astype(np.int64), new.y]).astype(mnist.y_train.dtype)
-    rng = np.random.default_rng(config.seed)
-    order = rng.permutation(len(images))
-    n_val = max(int(round(len(order) * VALIDATION_SPLIT)), 1)
-    train_idx, val_idx = order[:-n_val], order[-n_val:]
-    x_train, y_train = scale(images[train_idx]), labels[train_idx]
-    x_val, y_val = scale(images[val_idx]), labels[val_idx]
-    if len(new.y):
-        log(f"Training data: {len(subset)} MNIST images and {len(new.y)} from {len(dataset.batches)} accepted batches")
-
-    backend = process_backend()
-    if backend is not config.backend:
-        raise RuntimeError(f"this process's Keras backend is {backend.value}, the configuration asks for {config.backend.value}")
     device, policy = select_device(config.precision, backend)
     log(
         f"Training {config.model.value} on {device} ({backend.value}) with dtype policy {policy}: "
-        f"{len(x_train)} images, {len(x_val)} for validation"
+        f"{len(train_rows)} images, {len(val_rows)} for validation"
     )
     keras.utils.set_random_seed(config.seed)
-    steps_per_epoch = int(np.ceil(len(x_train) / config.batch_size))
+    steps_per_epoch = int(np.ceil(len(train_rows) / config.batch_size))
     with tempfile.TemporaryDirectory(prefix="mnist-checkpoint-") as work:  # private to this process, never the store
         backup = Path(work)
         if (pulled := pull_checkpoint(store, key, backup)) is not None:
@@ -125,8 +117,11 @@ def train_and_store(
         started = time.perf_counter()
         with dtype_policy(policy):
             model = build_model(config.model)
-            loss, y_train = networks.loss_and_targets(config.model, y_train)
-            _, y_val = networks.loss_and_targets(config.model, y_val)
+            loss, _ = networks.loss_and_targets(config.model, source.labels[:1])
+
+            def targets(labels: np.ndarray) -> np.ndarray:
+                return networks.loss_and_targets(config.model, labels)[1]
+
             model.compile(
                 optimizer=make_optimizer(config.model, config.learning_rate, config.epochs * steps_per_epoch),
                 loss=loss,
@@ -135,14 +130,34 @@ def train_and_store(
             )
             batches = input_pipeline if backend is Backend.tensorflow else shuffled_batches
             model.fit(
-                batches(x_train, y_train, config.batch_size, config.seed, training=True),
+                batches(source, train_rows, config.batch_size, config.seed, training=True, targets=targets),
                 epochs=config.epochs,
-                validation_data=batches(x_val, y_val, VALIDATION_BATCH, None, training=False),
+                validation_data=batches(source, val_rows, VALIDATION_BATCH, None, training=False, targets=targets),
                 callbacks=[keras.callbacks.BackupAndRestore(str(backup), delete_checkpoint=False), recorder],
                 shuffle=False,  # the input reshuffles every epoch itself
                 verbose=0,
             )
-    seconds = time.perf_counter() - started
+    return model, recorder, device, policy, time.perf_counter() - started
+
+
+def train_and_store(
+    store: Store, dataset: DatasetRef, config: TrainConfig, key: str, log: Log, on_epoch: OnEpoch | None
+) -> ModelRef:
+    mnist = load_mnist(store, dataset)
+    base = base_training(mnist, dataset)  # never the selection split (nor held-back images)
+    subset = base[stratified_subset(mnist.y_train[base], config.train_limit, config.seed)]
+    shares = [b.train for b in dataset.batches]  # accepted batches' training shares, whole
+    backend = process_backend()
+    if backend is not config.backend:
+        raise RuntimeError(f"this process's Keras backend is {backend.value}, the configuration asks for {config.backend.value}")
+    with staged_training_images(store, mnist.x_train, mnist.y_train, subset, shares) as source:
+        new_images = len(source) - len(subset)
+        if new_images:
+            log(f"Training data: {len(subset)} MNIST images and {new_images} from {len(dataset.batches)} accepted batches")
+        order = np.random.default_rng(config.seed).permutation(len(source))
+        n_val = max(int(round(len(order) * VALIDATION_SPLIT)), 1)
+        train_rows, val_rows = order[:-n_val], order[-n_val:]
+        model, recorder, device, policy, seconds = _fit(store, source, train_rows, val_rows, config, backend, key, log, on_epoch)
 
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, "model.keras")
@@ -166,7 +181,7 @@ def train_and_store(
         precision=policy,
         epochs=config.epochs,
         resumed_from_epoch=recorder.resumed_from or 0,
-        train_images=len(x_train),
+        train_images=len(train_rows),
         train_seconds=seconds,
         val_accuracy=float(history["val_accuracy"].iloc[-1]),
         selection_held_out=True,

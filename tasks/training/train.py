@@ -6,7 +6,7 @@ on the device ``tasks/training/precision.py`` picks, with the networks of ``task
 from __future__ import annotations
 
 from storage import Store, code_digest, sha256_json
-from tasks.data import batch_format, slices, splits
+from tasks.data import batch_format, slices, splits, training_images
 from tasks.data.fetch import DatasetRef
 from tasks.training import input_pipeline, precision
 from tasks.training import loop as training_loop
@@ -22,8 +22,9 @@ __all__ = ["SEED_MAX", "TRAIN_IMAGES", "Precision", "TrainConfig", "stored_model
 def training_code() -> str:
     """The code that determines the trained weights: the networks' group in ``tasks/training/model.py`` and the three
     training modules whole, so a helper added to any of them is part of the key without anyone listing it; and the
-    modules that say which images train (the splits, the batch parser, the slices)."""
-    return code_digest(*NETWORK_CODE, input_pipeline, precision, training_loop, splits, slices, batch_format)
+    modules that say which images train and how they are read (the splits, the batch parser, the slices, the staged
+    training images)."""
+    return code_digest(*NETWORK_CODE, input_pipeline, precision, training_loop, splits, slices, batch_format, training_images)
 
 
 def training_key(dataset: DatasetRef, config: TrainConfig) -> str:
