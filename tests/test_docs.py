@@ -1,5 +1,7 @@
 """The docs cannot go stale: the site builds with ``--strict``, its generated pages hold what the code holds, the
 first page's sample output is what a run prints, and every runnable example runs against a store a real run made.
+Every page reads at 1 280 px in Chromium without sideways scrolling of its column, its tables or a command's output,
+and is titled as the menu names it.
 
 Blocks are marked in the Markdown with an HTML comment on the line before them:
 ``<!-- docs-test: run -->`` (python: executed; bash: each line run; the working directory holds the store as
