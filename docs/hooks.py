@@ -2,8 +2,8 @@
 
 ``<!-- generated: NAME -->`` in a page is replaced by ``GENERATED[NAME]()``: the data dictionary from
 ``storage/tables.py``'s schemas, the CLI reference from ``flows/cli.py``'s parser, the changelog from
-``CHANGELOG.md``, and measured tables from the records the benchmarks wrote (``docs/measured/``). A page naming a
-generator that does not exist fails the build.
+``CHANGELOG.md``, and measured tables from the records real runs wrote (``docs/measured/``: the scripted week's,
+the near-copy check's). A page naming a generator that does not exist fails the build.
 """
 
 from __future__ import annotations
@@ -66,6 +66,66 @@ def changelog() -> str:
     return text.split("\n", 1)[1] if text.startswith("# ") else text  # the page has its own title
 
 
+WEEK = REPO / "docs" / "measured" / "week.json"  # written by bench/docs_week.py from a real run of the scripted week
+
+
+def _share(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.1f} %"
+
+
+def _figure(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"
+
+
+def _slice(night: dict, name: str) -> str:
+    found = next((s for s in night["slices"] if s["slice"] == name), None)
+    if found is None and name == "new-data" and night["new_data_images"]:  # evaluated, too few images to decide
+        return f"{night['new_data_images']}: {_figure(night['new_data_balanced_accuracy'])} (reports only)"
+    if found is None:
+        return ""
+    shown = f"{_figure(found['challenger'])} / {_figure(found['champion'])}"
+    return f"{found['images']}: {shown}" if name != "mnist-selection" else shown
+
+
+def week_tables() -> str:
+    """The scripted week's two tables, from the record of a real run of it: the batches' checks, then the nights'
+    decisions; each reason in full below its table, so the tables fit the column and the reasons read as sentences."""
+    import json
+
+    week = json.loads(WEEK.read_text())
+    out = [
+        f"Measured on {week['measured']} ({week['cpu']}; each night {min(week['seconds_per_night'])}–"
+        f"{max(week['seconds_per_night'])} s) by `bench/docs_week.py`, which runs the loop above. The `batches` rows:",
+        "",
+        "| night | decision | label shift | intensity KS | confident disagreement (champion's own) | leaked |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for b in week["batches"]:
+        disagreement = _share(b["confident_disagreement"])
+        if disagreement and b["champion_confident_disagreement"] is not None:
+            disagreement += f" ({_share(b['champion_confident_disagreement'])})"
+        shift = "" if b["label_shift"] is None else f"{b['label_shift']:.3f}"
+        ks = "" if b["intensity_ks"] is None else f"{b['intensity_ks']:.3f}"
+        out.append(f"| {b['night']} | {b['decision']} | {shift} | {ks} | {disagreement} | {b['leaked']} of {b['images']} |")
+    out += ["", "Their reasons, as the `reason` column has them:", ""]
+    out += [f"- **Night {b['night']}** ({b['file']}, {b['decision']}): {b['reason']}" for b in week["batches"]]
+    out += [
+        "",
+        "Then what each night decided (balanced accuracy, challenger / champion; the new-data holdout decides from 500 images):",
+        "",
+        "| night | train step | decision | mnist-selection | new-data (images) | test accuracy (reports only) |",
+        "|---:|---|---|---|---|---:|",
+    ]
+    for n in week["nights"]:
+        out.append(
+            f"| {n['night']} | {n['train']} | {n['decision']} | {_slice(n, 'mnist-selection')} | "
+            f"{_slice(n, 'new-data')} | {_figure(n['test_accuracy'])} |"
+        )
+    out += ["", "Their reasons, as the `promotions` table has them:", ""]
+    out += [f"- **Night {n['night']}** ({n['decision']}): {n['reason']}" for n in week["nights"]]
+    return "\n".join(out)
+
+
 def near_copies() -> str:
     """The leakage check's catch rates per transform, from the record ``bench/near_copies.py`` wrote."""
     import json
@@ -93,6 +153,7 @@ def near_copies() -> str:
 
 GENERATED: dict[str, Callable[[], str]] = {
     "near-copies": near_copies,
+    "week-tables": week_tables,
     "cli-reference": cli_reference,
     "data-dictionary": data_dictionary,
     "changelog": changelog,

@@ -1,5 +1,7 @@
 """The docs cannot go stale: the site builds with ``--strict``, its generated pages hold what the code holds, the
 first page's sample output is what a run prints, and every runnable example runs against a store a real run made.
+Every page reads at 1 280 px in Chromium without sideways scrolling of its column, its tables or a command's output,
+and is titled as the menu names it.
 
 Blocks are marked in the Markdown with an HTML comment on the line before them:
 ``<!-- docs-test: run -->`` (python: executed; bash: each line run; the working directory holds the store as
@@ -69,6 +71,61 @@ def test_every_python_example_runs_or_says_why_not():
     assert len(RUNNABLE) >= 5 and sum(b.mark == "make-run-output" for b in ALL) == 1
 
 
+def menu() -> dict[str, str]:
+    """mkdocs.yml's nav: page file → the name the menu shows."""
+    import yaml
+
+    config = yaml.load((REPO / "mkdocs.yml").read_text(), Loader=yaml.BaseLoader)  # no tags: only the nav is read
+    return {page: name for entry in config["nav"] for name, page in entry.items()}
+
+
+def test_every_page_is_titled_as_its_menu_names_it():
+    titles = {}
+    for page in sorted((REPO / "docs").glob("*.md")):
+        first = next((line for line in page.read_text().splitlines() if line.startswith("# ")), "")
+        titles[page.name] = first.removeprefix("# ").strip()
+    assert titles == menu(), "a page's first heading and its nav entry in mkdocs.yml say the same"
+
+
+WIDTH = 1280  # a laptop's screen: the main column is about 780 px there
+OVERFLOW = r"""() => {
+  const content = document.querySelector('.md-content');
+  const right = content.getBoundingClientRect().right + 1;
+  const wide = [content, ...content.querySelectorAll('.md-typeset__scrollwrap, .md-typeset__table, table, .language-output pre > code')]
+    .filter(e => e.scrollWidth > e.clientWidth + 1 || e.getBoundingClientRect().right > right);
+  return wide.map(e => `${e.tagName.toLowerCase()}.${e.className} ${e.scrollWidth} px in ${e.clientWidth} px: `
+    + (e.innerText || '').slice(0, 80).replace(/\s+/g, ' '));
+}"""
+
+
+def overflowing(site: Path, shots: Path | None = None) -> dict[str, list[str]]:
+    """Every built page opened in Chromium at 1 280 px: what is wider than the main column (or scrolls sideways
+    inside it: a table or a code block a reader has to scroll to read), page by page. ``shots``: where to save a
+    full-page screenshot of each, to look at."""
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_deployment import CHROMIUM_ARGS
+
+    chromium = shutil.which("chromium")
+    assert chromium, "the rendering check needs Debian's chromium: `apt-get install chromium` (make test installs it as root)"
+    found = {}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context(viewport={"width": WIDTH, "height": 900}).new_page()
+            for source in menu():
+                html = site / ("index.html" if source == "index.md" else f"{source.removesuffix('.md')}/index.html")
+                page.goto(html.as_uri())
+                found[source] = page.evaluate(OVERFLOW)
+                if shots is not None:
+                    page.screenshot(path=shots / f"{source.removesuffix('.md')}.png", full_page=True)
+        finally:
+            browser.close()
+    return {source: wide for source, wide in found.items() if wide}
+
+
 def test_the_site_builds_strictly_with_its_generated_pages(tmp_path):
     site = tmp_path / "site"
     built = subprocess.run(
@@ -97,6 +154,8 @@ def test_the_site_builds_strictly_with_its_generated_pages(tmp_path):
         assert all(f"<code>{field.name}</code>" in tables for field in schema), table
     assert "generated:" not in tables and "generated:" not in cli  # every marker replaced
     assert "Schema version" in tables and "tables schema 3" in (site / "changelog" / "index.html").read_text()
+    # and every page reads at 1 280 px without sideways scrolling: tables wrap, code blocks fit the column
+    assert overflowing(site) == {}, "wrap or shorten what is listed (docs/stylesheets/extra.css wraps table cells)"
 
 
 @pytest.fixture(scope="module")

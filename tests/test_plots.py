@@ -127,6 +127,7 @@ def test_report_figures_render_with_and_without_a_champion():
             "run_id": [f"run-{i}" for i in range(5)],
             "finished_at": [start + timedelta(days=i) for i in range(5)],
             "test_balanced_accuracy": [0.990, 0.985, 0.992, 0.991, 0.993],
+            "selection_balanced_accuracy": [None, 0.984, 0.989, 0.990, 0.992],  # run-3: rejected above the champion
             "n_per_class": [800] * 5,
             "promoted": pd.array([None, True, True, False, True], dtype="boolean"),  # the first night predates the gate
             "model_key": [None, "m1", "m2", "m3", "m4"],

@@ -51,12 +51,18 @@ def test_the_flow_on_an_s3_store_from_two_machines(s3_server, mnist_store: Store
     source = export_idx(mnist_store, tmp_path / "idx")
     first = run_on(tmp_path / "machine-a", url, prefect_api, "--mnist-source", str(source))
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "Steps:              fetch-mnist Completed, train Completed, evaluate Completed, plot Completed" in first.stdout
+    assert (
+        "Steps:              fetch-mnist Completed, ingest Completed, train Completed, evaluate Completed, plot Completed, gate"
+        in first.stdout
+    )
     assert f"{url}/tables" in first.stdout  # the URL a person can use, not a bare bucket path
 
     second = run_on(tmp_path / "machine-b", url, prefect_api)  # no MNIST source at all: everything must come from the bucket
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "Steps:              fetch-mnist Cached, train Cached, evaluate Cached, plot Cached" in second.stdout
+    assert (
+        "Steps:              fetch-mnist Cached, ingest Completed, train Cached, evaluate Cached, plot Cached, gate"
+        in second.stdout
+    )
 
     store = Store(url)
     records = {os.path.basename(p).split("-")[0] for p in store.fs.ls(store.results_dir())}

@@ -104,3 +104,42 @@ def test_a_week_of_arrivals_is_checked_trained_on_and_judged_per_slice(mnist_sto
     runs = read_table(store, "runs").sort_values("finished_at")
     assert runs["dataset_version"].nunique() == 3
     assert runs["new_data_images"].tolist() == [120, 120, 120, 240, released.new_data_images]
+
+    # docs/new-data.md's week tables (bench/docs_week.py's record of the full-size week) say what this code says
+    check_the_documented_week(store, {1: first, 2: same, 3: bad}, {1: first, 2: bad, 3: bad, 4: fourth, 5: bad})
+
+
+def check_the_documented_week(store: Store, nights: dict, batch_nights: dict) -> None:
+    """Each documented night and batch whose situation this week repeats (the first night; a night that only
+    quarantines while new-data does not decide yet; each scripted batch) was decided as this run decided it, for the
+    reason worded as this code words it (figures, keys and ids masked): a record measured before the wording or the
+    decision changed fails here, and `python bench/docs_week.py` writes a new one."""
+    import json
+
+    from tests.test_docs import REPO, masked
+
+    def worded(reason: str) -> list[str]:
+        return masked(reason.replace("-0 ", "0 ").replace(" -", " "))  # figures masked, their sign too
+
+    record = json.loads((REPO / "docs" / "measured" / "week.json").read_text())
+    stale = "docs/measured/week.json is stale: rerun `python bench/docs_week.py` and commit what it writes"
+    decisions = read_table(store, "promotions").set_index("run_id")
+    for documented in record["nights"]:
+        if documented["night"] in nights:
+            ours = decisions.loc[nights[documented["night"]].run_id]
+            assert (documented["decision"], worded(documented["reason"])) == (ours["decision"], worded(ours["reason"])), stale
+    batches = read_table(store, "batches")
+    flow = batches[batches["decided_by"] != "operator"].set_index("file")
+
+    def verdict(decision: str, reason: str) -> tuple:
+        """An accepted batch's reason whole; a quarantined one's first finding and what was dropped (the findings
+        after the first depend on the batch's size: 600 images here, 1 500 in the record)."""
+        if decision == "accepted":
+            return decision, worded(reason)
+        found = reason.split("; ")
+        return decision, found[0].split(":", 1)[0], worded(found[-1])
+
+    for documented in (b for b in record["batches"] if b["night"] in batch_nights):  # nights 6 and 7: as night 4
+        ours = flow.loc[documented["file"]]
+        assert ours["run_id"] == batch_nights[documented["night"]].run_id
+        assert verdict(documented["decision"], documented["reason"]) == verdict(ours["decision"], ours["reason"]), stale

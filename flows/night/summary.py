@@ -25,7 +25,7 @@ class RunSummary(BaseModel):
     tables_dir: str
     report_dir: str | None  # None: the report step failed (``publish_problem``)
     report_index: str | None
-    step_states: dict[str, str]  # fetch-mnist, train, evaluate, plot: Completed, or Cached when reused
+    step_states: dict[str, str]  # every step in order; fetch-mnist, train, evaluate, plot Cached when reused
     decision: str  # promoted, rejected, or unchanged (already the champion)
     decision_reason: str
     forced: bool

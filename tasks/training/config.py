@@ -39,7 +39,8 @@ class TrainConfig(BaseModel):
     model: ModelName = Field(
         ModelName.seed,
         title="Model",
-        description="Network to train; `seed` is the seed notebook's CNN, `strong` a deeper option (about 4x the compute).",
+        description="Network to train: `seed`, the default small CNN (two 3x3 convolutions, 32 and 64 filters, each "
+        "followed by 2x2 pooling, then dropout and a softmax layer), or `strong`, a deeper one (about 4x the compute).",
     )
     epochs: int | None = Field(
         None,
