@@ -28,7 +28,9 @@ sys.path.insert(0, str(REPO))
 from storage import Store  # noqa: E402
 from storage.tables import read_table  # noqa: E402
 
-RUN_FLAGS = ["--held-back", "10000", "--epochs", "2", "--train-limit", "3000", "--min-balanced-accuracy", "0.5"]
+RUN_FLAGS = [
+    "--held-back", "10000", "--epochs", "2", "--train-limit", "3000", "--min-balanced-accuracy", "0.5", "--accept-unjudged-labels",
+]  # fmt: skip
 NIGHTS = range(1, 8)
 
 
