@@ -390,7 +390,7 @@ FIGURE_DIGITS = 12  # significant digits: 0.8034000000000001 is 0.8034; a p-valu
 def plain(value: object) -> object:
     """One value as JSON has it, whatever pandas, pyarrow or NumPy made of it."""
     import math
-    from datetime import UTC, datetime
+    from datetime import UTC, date, datetime
 
     if value is None or isinstance(value, (str, bool)):
         return value
@@ -398,6 +398,8 @@ def plain(value: object) -> object:
         if str(value) == "NaT":
             return None
         return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    if isinstance(value, date):  # runs.night: a calendar date (UTC), as ISO 8601 has it
+        return value.isoformat()
     if isinstance(value, dict):
         return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)) or type(value).__name__ == "ndarray":
