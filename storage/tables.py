@@ -520,7 +520,8 @@ def read_table(store: Store, table: str, run_id: str | Collection[str] | None = 
 def open_table(location: str, table: str, **equals: object) -> pd.DataFrame:
     """The one-call reader for downstream code: every run of ``table`` in the store at ``location`` (a path or an
     fsspec URL such as ``s3://bucket/prefix``), every partition upgraded to the latest schema, keeping the rows whose
-    columns equal ``equals`` (``open_table("artifacts", "per_class", slice="mnist-test")``)."""
+    columns equal ``equals`` (``open_table("artifacts", "runs", model="seed")``; the evaluation tables hold every
+    night's model: filter them on an ``evaluation_key`` too, docs/reading-tables.md)."""
     if table not in SCHEMAS:
         raise ValueError(f"There is no table {table!r}: the tables are {', '.join(TABLES)}.")
     columns = [*SCHEMAS[table].names, RUN_ID.name]

@@ -18,7 +18,7 @@ import pandas as pd
 from pydantic import BaseModel
 
 from storage import Store
-from storage.tables import read_frame, read_table, write_table
+from storage.tables import read_frame, read_table, schema, write_table
 from tasks.data.splits import SLICE_NEW, SLICE_SELECTION, SLICE_TEST
 from tasks.evaluation.metrics import confusion_frame, confusion_matrix, per_class_frame
 from tasks.publish.run_record import RunRecord
@@ -120,5 +120,7 @@ def tabulate(store: Store, run: RunRecord) -> TablesRef:
                 tables[table].append(frame.rename(columns=PUBLISHED_AS).assign(slice=name, evaluation_key=run.evaluation.key))
         for table, frames in tables.items():
             keys[table] = write_table(store, table, run.run_id, pd.concat(frames, ignore_index=True))
+    if not run.batches:  # no batch tonight: an empty partition, so `batches` is a table DuckDB reads on any store
+        keys["batches"] = write_table(store, "batches", run.run_id, schema("batches").empty_table().to_pandas())
     keys["runs"] = write_table(store, "runs", run.run_id, run_frame(run, reused_evaluation=writer is not None))
     return TablesRef(run_id=run.run_id, partition_keys=keys)
