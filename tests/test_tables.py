@@ -288,3 +288,19 @@ def test_an_operators_row_is_read_with_a_null_run_id_by_pandas_and_duckdb(store,
     glob = store.path(store.table_dir("promotions")) + "/*/*.parquet"
     nulls = duckdb.sql(f"SELECT count(*) FROM read_parquet('{glob}', hive_partitioning = true) WHERE run_id IS NULL")
     assert nulls.fetchone()[0] == 1
+
+
+def test_a_nights_date_is_the_utc_date_it_was_scheduled_for_not_when_it_ran():
+    from datetime import date, timedelta, timezone
+
+    from tasks.publish.run_record import Execution
+    from tasks.publish.tabulate import night_of
+
+    late = Execution(
+        scheduled_start=datetime(2026, 12, 6, 23, 30, tzinfo=UTC), started_at=datetime(2026, 12, 7, 1, 0, tzinfo=UTC)
+    )
+    assert night_of(late) == date(2026, 12, 6)  # started after midnight: still the 6th's night
+    paris = Execution(scheduled_start=datetime(2026, 12, 7, 0, 30, tzinfo=timezone(timedelta(hours=1))))
+    assert night_of(paris) == date(2026, 12, 6)  # 23:30 UTC
+    by_hand = Execution(started_at=datetime(2026, 12, 7, 9, 0, tzinfo=UTC))
+    assert night_of(by_hand) == date(2026, 12, 7)  # no schedule outside a deployment: the day it started

@@ -12,7 +12,7 @@ over the evaluation tables never counts one model twice.
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 import pandas as pd
 from pydantic import BaseModel
@@ -21,7 +21,7 @@ from storage import Store
 from storage.tables import read_frame, read_table, schema, write_table
 from tasks.data.splits import SLICE_NEW, SLICE_SELECTION, SLICE_TEST
 from tasks.evaluation.metrics import confusion_frame, confusion_matrix, per_class_frame
-from tasks.publish.run_record import RunRecord
+from tasks.publish.run_record import Execution, RunRecord
 
 
 class TablesRef(BaseModel):
@@ -39,6 +39,13 @@ PUBLISHED_AS = {
 }
 
 
+def night_of(execution: Execution) -> date:
+    """The night a run belongs to: the UTC date it was scheduled for (Prefect's expected start time, which the
+    flow passes in), so a night that started late, after midnight, or was retried the next morning still groups
+    with its own date; a run outside a deployment has no schedule and takes the date it started."""
+    return (execution.scheduled_start or execution.started_at).astimezone(UTC).date()
+
+
 def run_frame(run: RunRecord, reused_evaluation: bool) -> pd.DataFrame:
     model, evaluation, execution = run.model, run.evaluation, run.execution
     selection, new = evaluation.slice(SLICE_SELECTION), evaluation.slice(SLICE_NEW)
@@ -47,7 +54,7 @@ def run_frame(run: RunRecord, reused_evaluation: bool) -> pd.DataFrame:
         [
             {
                 "finished_at": now,
-                "night": (execution.scheduled_start or execution.started_at).astimezone(UTC).date(),
+                "night": night_of(execution),
                 "dataset_sha256": run.dataset.sha256,
                 "model_key": model.key,
                 "model_sha256": model.sha256,
