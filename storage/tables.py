@@ -370,11 +370,14 @@ def _night(frame: pd.DataFrame) -> pd.Series:
 def _to_4(table: str, version: str, frame: pd.DataFrame) -> pd.DataFrame:
     if table == "promotions":
         reason = frame["reason"].astype(str)
-        by_hand = frame["forced"].astype(bool) & ((reason == MANUAL_REASON) | reason.str.startswith(MANUAL_REASON + ":"))
+        by_hand = (reason == MANUAL_REASON) | reason.str.startswith(MANUAL_REASON + ":")  # no gate's reason begins so
+        if "forced" in frame:
+            by_hand &= frame["forced"].fillna(True).astype(bool)
         frame["decided_by"] = by_hand.map({True: "operator", False: "gate"})
         frame["run_id"] = frame["run_id"].where(~by_hand, None)
     if table == "batches":
-        frame["run_id"] = frame["run_id"].where(frame["decided_by"] != "operator", None)
+        if "decided_by" in frame:
+            frame["run_id"] = frame["run_id"].where(frame["decided_by"] != "operator", None)
     if table == "runs":
         frame["night"] = _night(frame)
     if table == "predictions":
