@@ -149,18 +149,26 @@ SCHEMAS: dict[str, pa.Schema] = {
             col(
                 "reused_evaluation",
                 pa.bool_(),
-                "True when an earlier run already wrote this evaluation's rows (a cached rerun): this run wrote none.",
+                "True when an earlier run already wrote this evaluation's rows (a cached rerun): this run wrote no "
+                "`confusion`, `per_class` or `predictions` rows.",
             ),
             col("parameters", pa.string(), "The run's parameters as JSON (credentials removed).", nullable=False),
             col("model", pa.string(), "The network: `seed` (the user's CNN) or `strong`.", nullable=False),
             col("epochs", pa.int32(), "Epochs trained.", nullable=False),
             col("backend", pa.string(), "The Keras backend it trained on (tensorflow, jax or torch)."),
             col("device", pa.string(), "The device it trained on.", nullable=False),
-            col("test_accuracy", pa.float64(), "Accuracy on all 10 000 MNIST test images (reported, never decided on).", False),
+            col(
+                "test_accuracy",
+                pa.float64(),
+                "Accuracy on all 10 000 MNIST test images, the evaluation's `mnist-test` rows of `predictions` "
+                "(reported, never decided on).",
+                nullable=False,
+            ),
             col(
                 "test_balanced_accuracy",
                 pa.float64(),
-                "Mean per-digit recall on the balanced test sample (`n_per_class` images per digit).",
+                "Mean per-digit recall on the balanced test sample (`n_per_class` images per digit): the mean "
+                "`recall` of `per_class` on `mnist-test`, or of the `sampled` rows of `predictions`.",
                 nullable=False,
             ),
             col("n_per_class", pa.int32(), "Test images per digit in the balanced sample.", nullable=False),
