@@ -390,7 +390,7 @@ FIGURE_DIGITS = 12  # significant digits: 0.8034000000000001 is 0.8034; a p-valu
 def plain(value: object) -> object:
     """One value as JSON has it, whatever pandas, pyarrow or NumPy made of it."""
     import math
-    from datetime import UTC, datetime
+    from datetime import UTC, date, datetime
 
     if value is None or isinstance(value, (str, bool)):
         return value
@@ -398,6 +398,8 @@ def plain(value: object) -> object:
         if str(value) == "NaT":
             return None
         return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    if isinstance(value, date):  # runs.night: a calendar date (UTC), as ISO 8601 has it
+        return value.isoformat()
     if isinstance(value, dict):
         return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)) or type(value).__name__ == "ndarray":
@@ -642,7 +644,7 @@ def simulate_command(args: argparse.Namespace) -> int:
 # ---- champion -----------------------------------------------------------------------------------------------------
 def champion_command(args: argparse.Namespace) -> int:
     """``champion promote|rollback``: set the pointer in the store, no flow run (and no TensorFlow) needed."""
-    from tasks.champion.promotion import ChampionError, manual_reason, promote_run, rollback
+    from tasks.champion.promotion import ChampionError, manual_reason, promote_run, read_pointer, rollback
 
     store = _writing(args)
     reason = getattr(args, "reason", None)  # the old flat names take none
@@ -658,8 +660,10 @@ def champion_command(args: argparse.Namespace) -> int:
         print(f"Run {getattr(args, 'run_id', '?')}'s model already is the champion: nothing changed, nothing recorded.")
         return 0
     before = row["champion_before_model_key"] or "none"
+    # the row is an operator's (no night: run_id null); the run that trained the model is the pointer's
+    trained_by = getattr(args, "run_id", None) or getattr(read_pointer(store), "run_id", "unknown")
     print(
-        f"Champion is now model {row['challenger_model_key']} of run {row['run_id']} (was {before}); "
+        f"Champion is now model {row['challenger_model_key']} of run {trained_by} (was {before}); "
         f"recorded in promotions as forced, reason `{manual_reason(reason)}`."
     )
     return 0

@@ -16,8 +16,10 @@ PURPOSE = {
     "one row per change of the champion pointer, the last one by `decided_at` is the champion now.",
     "confusion": "Per evaluation and slice: every (true, predicted) pair with its count.",
     "per_class": "Per evaluation and slice: each digit's recall with its interval, precision and F1.",
-    "predictions": "Per evaluation and slice: every image's prediction and probabilities.",
-    "batches": "One row per decision on an incoming batch (ingest, or an operator's release/quarantine).",
+    "predictions": "Per evaluation and slice: every image's prediction and probabilities (on `mnist-test` all 10 000 "
+    "test images, `sampled` marking the balanced sample that `confusion` and `per_class` count).",
+    "batches": "One row per decision on an incoming batch (a night's ingest, or an operator's release/quarantine); "
+    "a night that got no batch writes an empty partition, so the table always has files to read.",
 }
 
 
@@ -37,7 +39,11 @@ def describe(field: pa.Field) -> str:
 
 def data_dictionary() -> str:
     """Markdown: one section per table, one row per column (name, type, null allowed, meaning)."""
-    out = [f"Schema version **{SCHEMA_VERSION}**. Every table also has `run_id` (string, from the partition path).", ""]
+    out = [
+        f"Schema version **{SCHEMA_VERSION}**. Every table also has `run_id` (string, from the partition path: the "
+        "night that wrote the row, null for an operator's decision).",
+        "",
+    ]
     for table, fields in SCHEMAS.items():
         out += [f"### `{table}`", "", PURPOSE[table], "", "| column | type | null | meaning |", "|---|---|---|---|"]
         for field in [*fields, RUN_ID]:

@@ -111,8 +111,9 @@ class Layout:
     def table_file(self, table: str, run_id: str, part: str = "part-0") -> str:
         """Hive layout: ``tables/<table>/run_id=<id>/<part>.parquet``.
 
-        A run's own rows are ``part-0``; rows added later about that run (a manual promotion of its
-        model) get a part of their own, so nothing already published is rewritten.
+        A run's own rows are ``part-0``; other rows get a part of their own (a batch's decision), so nothing
+        already published is rewritten. An operator's decision, which no night made, is written under
+        ``run_id=__HIVE_DEFAULT_PARTITION__`` (``storage.tables.NO_RUN``), which every reader reads as a null run id.
         """
         return self.key("tables", table, f"run_id={run_id}", f"{part}.parquet")
 

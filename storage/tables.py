@@ -31,7 +31,19 @@ from storage.store import Store
 
 SCHEMA_VERSION = "4"
 NUM_CLASSES = 10  # MNIST's digits: the width of the probabilities column, and every per-digit table
-RUN_ID = pa.field("run_id", pa.string(), nullable=False, metadata={"description": "The Prefect flow run that wrote the row."})
+# An operator's decision (``champion promote``/``rollback``, ``batches release``/``quarantine``) belongs to no night: its
+# rows are in the partition Hive names for a null value, which pyarrow, pandas and DuckDB all read as a null run_id,
+# so a join of ``runs`` to ``promotions`` or ``batches`` on ``run_id`` meets only what each night itself decided.
+NO_RUN = "__HIVE_DEFAULT_PARTITION__"
+RUN_ID = pa.field(
+    "run_id",
+    pa.string(),
+    nullable=True,
+    metadata={
+        "description": "The Prefect flow run of the night that wrote the row (the partition's name); null for an "
+        "operator's decision, which no night made (`decided_by = operator`, partition `run_id=" + NO_RUN + "`)."
+    },
+)
 SLICES_DOC = "`mnist-test` (the balanced test sample), `mnist-selection` (the held-out selection split) or `new-data`."
 
 
@@ -104,6 +116,14 @@ SCHEMAS: dict[str, pa.Schema] = {
             col("predicted_label", pa.int8(), "The digit the model predicted.", nullable=False),
             col("confidence", pa.float32(), "The predicted digit's probability.", nullable=False),
             col("probabilities", pa.list_(pa.float32(), NUM_CLASSES), "All ten probabilities, digit 0 first.", nullable=False),
+            col(
+                "sampled",
+                pa.bool_(),
+                "True when `confusion` and `per_class` count the image: on `mnist-test` the balanced sample "
+                "(`runs.n_per_class` per digit), on the other slices every image. `mnist-test` holds all 10 000 test "
+                "images (partitions before schema 4: the sample only).",
+                nullable=False,
+            ),
             SLICE,
             EVALUATION_KEY,
         ]
@@ -111,6 +131,13 @@ SCHEMAS: dict[str, pa.Schema] = {
     "runs": pa.schema(
         [
             col("finished_at", pa.timestamp("us", tz="UTC"), "When the run wrote its row (UTC).", nullable=False),
+            col(
+                "night",
+                pa.date32(),
+                "The night the run belongs to: the UTC date of `scheduled_start` (Prefect's expected start time), "
+                "else of `started_at`, else of `finished_at`. Group by it to count nights.",
+                nullable=False,
+            ),
             col("dataset_sha256", pa.string(), "SHA-256 over MNIST's four files as verified.", nullable=False),
             col(
                 "dataset_version", pa.string(), "MNIST plus the accepted batches the run trained on (a digest of their digests)."
@@ -126,18 +153,26 @@ SCHEMAS: dict[str, pa.Schema] = {
             col(
                 "reused_evaluation",
                 pa.bool_(),
-                "True when an earlier run already wrote this evaluation's rows (a cached rerun): this run wrote none.",
+                "True when an earlier run already wrote this evaluation's rows (a cached rerun): this run wrote no "
+                "`confusion`, `per_class` or `predictions` rows.",
             ),
             col("parameters", pa.string(), "The run's parameters as JSON (credentials removed).", nullable=False),
             col("model", pa.string(), "The network: `seed` (the user's CNN) or `strong`.", nullable=False),
             col("epochs", pa.int32(), "Epochs trained.", nullable=False),
             col("backend", pa.string(), "The Keras backend it trained on (tensorflow, jax or torch)."),
             col("device", pa.string(), "The device it trained on.", nullable=False),
-            col("test_accuracy", pa.float64(), "Accuracy on all 10 000 MNIST test images (reported, never decided on).", False),
+            col(
+                "test_accuracy",
+                pa.float64(),
+                "Accuracy on all 10 000 MNIST test images, the evaluation's `mnist-test` rows of `predictions` "
+                "(reported, never decided on).",
+                nullable=False,
+            ),
             col(
                 "test_balanced_accuracy",
                 pa.float64(),
-                "Mean per-digit recall on the balanced test sample (`n_per_class` images per digit).",
+                "Mean per-digit recall on the balanced test sample (`n_per_class` images per digit): the mean "
+                "`recall` of `per_class` on `mnist-test`, or of the `sampled` rows of `predictions`.",
                 nullable=False,
             ),
             col("n_per_class", pa.int32(), "Test images per digit in the balanced sample.", nullable=False),
@@ -193,6 +228,13 @@ SCHEMAS: dict[str, pa.Schema] = {
                 False,
             ),
             col(
+                "decided_by",
+                pa.string(),
+                "`gate` (a night's gate, `--force-promote` included: `run_id` is that night) or `operator` "
+                "(`champion promote` / `champion rollback`: `run_id` is null).",
+                nullable=False,
+            ),
+            col(
                 "challenger_model_key", pa.string(), "The model decided on; after a `promoted` row, the champion.", nullable=False
             ),
             col("champion_before_model_key", pa.string(), "The champion compared against (null: there was none)."),
@@ -219,9 +261,20 @@ SCHEMAS: dict[str, pa.Schema] = {
             col("rows", pa.int64(), "Images in the file.", nullable=False),
             col("decision", pa.string(), "`accepted` or `quarantined`; an operator's later row overrules.", nullable=False),
             col("reason", pa.string(), "Why, in words.", nullable=False),
-            col("decided_by", pa.string(), "`ingest`, or `operator` (`batches release` / `batches quarantine`).", nullable=False),
+            col(
+                "decided_by",
+                pa.string(),
+                "`ingest` (a night: `run_id` is that night), or `operator` (`batches release` / `batches quarantine`: "
+                "`run_id` is null).",
+                nullable=False,
+            ),
             col("decided_at", pa.timestamp("us", tz="UTC"), "When (UTC).", nullable=False),
-            col("source", pa.string(), "The batch's declared source, from its file metadata."),
+            col(
+                "source",
+                pa.string(),
+                "The distinct values of the batch file's optional `source` column (at most three shown, then "
+                "`and N more`); null when the file has no such column.",
+            ),
             col("duplicates", pa.int64(), "Exact repeats of an image within the batch, dropped."),
             col("leaked_test", pa.int64(), "Copies or near copies of MNIST test images, dropped."),
             col("leaked_selection", pa.int64(), "Copies or near copies of selection-split images, dropped."),
@@ -320,12 +373,45 @@ def _to_3(table: str, version: str, frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+# Schema 4 (this release) added ``runs.published`` and ``runs.publish_problem`` (unknown, null, for the nights
+# before it), and gave each column one meaning: ``run_id`` is the night that wrote the row, null for an
+# operator's decision (before, filed under the champion's or the ingest run); ``promotions.decided_by`` says who
+# decided; ``runs.night`` is the scheduled date; ``predictions`` on ``mnist-test`` holds every test image, ``sampled``
+# marking the balanced sample (every earlier row was one: those partitions held the sample only).
+MANUAL_REASON = "manual"  # how an operator's promote or rollback has always begun its reason (`manual: <why>`)
+
+
+def _night(frame: pd.DataFrame) -> pd.Series:
+    when = frame["finished_at"]
+    for column in ("started_at", "scheduled_start"):  # the first present wins: scheduled, else started, else finished
+        if column in frame:
+            when = frame[column].where(frame[column].notna(), when)
+    return pd.to_datetime(when, utc=True).dt.date
+
+
 def _to_4(table: str, version: str, frame: pd.DataFrame) -> pd.DataFrame:
-    """Schema 4 added ``runs.published`` and ``runs.publish_problem``: unknown (null) for the nights before it."""
-    return _to_3(table, version, frame) if version in ("1", "2") else frame
+    if table == "promotions":
+        reason = frame["reason"].astype(str)
+        by_hand = (reason == MANUAL_REASON) | reason.str.startswith(MANUAL_REASON + ":")  # no gate's reason begins so
+        if "forced" in frame:
+            by_hand &= frame["forced"].fillna(True).astype(bool)
+        frame["decided_by"] = by_hand.map({True: "operator", False: "gate"})
+        frame["run_id"] = frame["run_id"].where(~by_hand, None)
+    if table == "batches":
+        if "decided_by" in frame:
+            frame["run_id"] = frame["run_id"].where(frame["decided_by"] != "operator", None)
+    if table == "runs":
+        frame["night"] = _night(frame)
+    if table == "predictions":
+        frame["sampled"] = True
+    return frame
 
 
-UPGRADES: dict[str, Callable[[str, str, pd.DataFrame], pd.DataFrame]] = {"1": _to_4, "2": _to_4, "3": _to_4}
+UPGRADES: dict[str, Callable[[str, str, pd.DataFrame], pd.DataFrame]] = {
+    "1": lambda table, version, frame: _to_4(table, version, _to_3(table, version, frame)),
+    "2": lambda table, version, frame: _to_4(table, version, _to_3(table, version, frame)),
+    "3": _to_4,
+}
 
 
 def _latest(store: Store, table: str, fragment: ds.ParquetFileFragment) -> pa.Table:
@@ -333,7 +419,7 @@ def _latest(store: Store, table: str, fragment: ds.ParquetFileFragment) -> pa.Ta
     run id (the folder's name, URL-decoded) must name a partition this store could hold: every reader uses it as
     a key (``ValueError`` otherwise, and the partition is skipped)."""
     run_id = ds.get_partition_keys(fragment.partition_expression).get("run_id")
-    confine_key(store.table_file(table, str(run_id)))
+    confine_key(store.table_file(table, NO_RUN if run_id is None else str(run_id)))
     full = schema(table).append(RUN_ID)
     physical = fragment.physical_schema
     version = (physical.metadata or {}).get(b"schema_version", b"1").decode()
@@ -361,9 +447,10 @@ def write_frame(store: Store, path: str, table: str, frame: pd.DataFrame) -> str
     return path
 
 
-def write_table(store: Store, table: str, run_id: str, frame: pd.DataFrame, part: str = "part-0") -> str:
-    """Write one run's partition of ``table`` (or another part of it) atomically; returns its path."""
-    return write_frame(store, store.table_file(table, run_id, part), table, frame)
+def write_table(store: Store, table: str, run_id: str | None, frame: pd.DataFrame, part: str = "part-0") -> str:
+    """Write one run's partition of ``table`` (or another part of it) atomically; returns its path. ``run_id`` None:
+    an operator's decision, in the partition read as a null run id (``NO_RUN``)."""
+    return write_frame(store, store.table_file(table, NO_RUN if run_id is None else run_id, part), table, frame)
 
 
 def read_frame(store: Store, path: str, sha256: str | None = None) -> pd.DataFrame:
@@ -544,7 +631,8 @@ def invalid_rows(table: str, data: pa.Table) -> tuple[np.ndarray, str]:
 def open_table(location: str, table: str, **equals: object) -> pd.DataFrame:
     """The one-call reader for downstream code: every run of ``table`` in the store at ``location`` (a path or an
     fsspec URL such as ``s3://bucket/prefix``), every partition upgraded to the latest schema, keeping the rows whose
-    columns equal ``equals`` (``open_table("artifacts", "per_class", slice="mnist-test")``)."""
+    columns equal ``equals`` (``open_table("artifacts", "runs", model="seed")``; the evaluation tables hold every
+    night's model: filter them on an ``evaluation_key`` too, docs/reading-tables.md)."""
     if table not in SCHEMAS:
         raise ValueError(f"There is no table {table!r}: the tables are {', '.join(TABLES)}.")
     columns = [*SCHEMAS[table].names, RUN_ID.name]

@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 import threading
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from fractions import Fraction
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -211,6 +211,7 @@ def sample_frames(seed: int) -> dict[str, pd.DataFrame]:
         [
             {
                 "finished_at": datetime(2026, 11, 25, 2, 0, tzinfo=UTC),
+                "night": date(2026, 11, 25),
                 "dataset_sha256": "d" * 64,
                 "model_key": f"{seed:032x}",
                 "model_sha256": "m" * 64,
@@ -257,6 +258,7 @@ def sample_frames(seed: int) -> dict[str, pd.DataFrame]:
                 "decision": "promoted",
                 "reason": "first champion",
                 "forced": False,
+                "decided_by": "gate",
                 "decided_at": datetime(2026, 11, 25, 2, 5, tzinfo=UTC),
                 "slices": [
                     {
@@ -289,7 +291,7 @@ def sample_frames(seed: int) -> dict[str, pd.DataFrame]:
     return {
         "confusion": confusion_frame(cm).rename(columns=PUBLISHED_AS).assign(**published),
         "per_class": per_class_frame(cm).drop(columns=["accuracy"]).rename(columns=PUBLISHED_AS).assign(**published),
-        "predictions": predictions.rename(columns=PUBLISHED_AS).assign(**published),
+        "predictions": predictions.rename(columns=PUBLISHED_AS).assign(sampled=True, **published),
         "runs": runs,
         "promotions": promotions,
         "batches": batches,

@@ -245,7 +245,8 @@ def test_manual_promote_and_rollback_through_the_cli(store, lab, capsys):
     manual = read_table(store, "promotions").query("reason == 'manual'").sort_values("decided_at")
     assert manual["challenger_model_key"].tolist() == [lab["weak"][1].key, lab["better"][1].key]
     assert manual["champion_before_model_key"].tolist() == [lab["better"][1].key, lab["weak"][1].key]
-    assert len(read_table(store, "promotions", run_id="run-2")) == 2  # its nightly decision is kept beside the manual one
+    assert manual["run_id"].isna().all() and manual["decided_by"].eq("operator").all()  # no night made them
+    assert len(read_table(store, "promotions", run_id="run-2")) == 1  # the night's partition: its gate's decision only
     done = cli("promote", "no-such-run")
     assert done.returncode == 1 and "Run no-such-run is not in the runs table" in done.stderr
 

@@ -288,6 +288,10 @@ def test_a_manual_promote_of_the_champion_changes_nothing_and_an_operators_reaso
     manual = read_table(nights, "promotions").sort_values("decided_at").tail(2)
     assert manual["reason"].tolist() == ["manual: run-b fails on digit 7", "manual: digit 7 was a labelling error"]
     assert manual["forced"].all() and manual["challenger_model_key"].tolist() == ["a" * 32, "b" * 32]
+    # an operator's decisions belong to no night: joining runs to promotions gives each night's gate decision once
+    assert manual["run_id"].isna().all() and manual["decided_by"].eq("operator").all()
+    joined = read_table(nights, "runs").merge(read_table(nights, "promotions"), on="run_id")
+    assert sorted(joined["run_id"]) == ["run-a", "run-b", "run-c"] and joined["decided_by"].eq("gate").all()
     assert as_json(capsys, "champion", "show", "--store", nights.url)["reason"] == "manual: digit 7 was a labelling error"
     code, out, err = run_cli(capsys, "champion", "promote", "not-a-run", "--store", nights.url)
     assert code == 1 and "`mnist-pipeline runs list` lists the run ids" in err

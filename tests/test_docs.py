@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from storage import Store
@@ -221,3 +222,62 @@ def test_the_example_runs(night, block, monkeypatch):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(REPO)}
     done = subprocess.run(["bash", "-euo", "pipefail", "-c", block.text], cwd=cwd, env=env, capture_output=True, text=True)
     assert done.returncode == 0, f"{block.where}:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+
+
+# Every headline figure of `runs`, recomputed from the other tables by SQL alone: what an analyst with DuckDB and no
+# line of this project's code can check. Each column holds the recomputed value under the name `runs` gives it.
+RECOMPUTED = """
+WITH p AS (SELECT * FROM read_parquet('{tables}/predictions/*/*.parquet', hive_partitioning = true)),
+recall AS (
+    SELECT evaluation_key, slice, true_label, avg((predicted_label = true_label)::INT) AS recall
+    FROM p WHERE sampled GROUP BY ALL
+),
+figures AS (
+    SELECT evaluation_key,
+        (SELECT avg((predicted_label = true_label)::INT) FROM p AS t
+            WHERE t.evaluation_key = r.evaluation_key AND t.slice = 'mnist-test') AS test_accuracy,
+        avg(recall) FILTER (WHERE slice = 'mnist-test') AS test_balanced_accuracy,
+        avg(recall) FILTER (WHERE slice = 'mnist-selection') AS selection_balanced_accuracy,
+        avg(recall) FILTER (WHERE slice = 'new-data') AS new_data_balanced_accuracy
+    FROM recall AS r GROUP BY evaluation_key
+),
+counts AS (
+    SELECT evaluation_key,
+        (count(*) FILTER (WHERE slice = 'mnist-test' AND sampled)) // 10 AS n_per_class,
+        count(*) FILTER (WHERE slice = 'new-data') AS new_data_images
+    FROM p GROUP BY evaluation_key
+),
+per_class AS (
+    SELECT evaluation_key, avg(recall) AS per_class_test_balanced_accuracy
+    FROM read_parquet('{tables}/per_class/*/*.parquet', hive_partitioning = true)
+    WHERE slice = 'mnist-test' GROUP BY evaluation_key
+),
+accepted AS (
+    SELECT count(DISTINCT digest) AS batches_accepted
+    FROM read_parquet('{tables}/batches/*/*.parquet', hive_partitioning = true) WHERE decision = 'accepted'
+)
+SELECT runs.run_id, runs.night, f.*, c.n_per_class, c.new_data_images, pc.per_class_test_balanced_accuracy,
+    a.batches_accepted, decided.decision, decided.decided_by
+FROM read_parquet('{tables}/runs/*/*.parquet', hive_partitioning = true) AS runs
+JOIN figures AS f USING (evaluation_key) JOIN counts AS c USING (evaluation_key) JOIN per_class AS pc USING (evaluation_key)
+JOIN read_parquet('{tables}/promotions/*/*.parquet', hive_partitioning = true) AS decided USING (run_id)
+CROSS JOIN accepted AS a
+"""
+
+
+def test_every_figure_of_runs_is_recomputed_from_the_tables_by_duckdb_alone(night):
+    """A real night's store: `runs`' accuracies, sample size and new-data count come back from `predictions` (and
+    `per_class`, `batches`) by DuckDB's SQL, and its gate's decision joins on `run_id` once. The store never got a
+    batch, and `batches` still reads (empty)."""
+    duckdb = pytest.importorskip("duckdb")
+    tables = night[0] / "artifacts" / "tables"
+    (sql,) = duckdb.sql(RECOMPUTED.format(tables=tables)).df().to_dict(orient="records")
+    (run,) = read_table(Store(night[0] / "artifacts"), "runs").to_dict(orient="records")
+    assert sql["run_id"] == run["run_id"] and sql["decided_by"] == "gate" and sql["decision"] == "promoted"
+    for figure in ("test_accuracy", "test_balanced_accuracy", "selection_balanced_accuracy"):
+        assert sql[figure] == pytest.approx(run[figure], abs=1e-12), figure
+    assert sql["per_class_test_balanced_accuracy"] == pytest.approx(run["test_balanced_accuracy"], abs=1e-12)
+    assert pd.isna(sql["new_data_balanced_accuracy"]) and pd.isna(run["new_data_balanced_accuracy"])
+    assert sql["n_per_class"] == run["n_per_class"] == 100
+    assert sql["new_data_images"] == run["new_data_images"] == 0 and sql["batches_accepted"] == run["batches_accepted"] == 0
+    assert str(sql["night"])[:10] == str(run["night"]) == str(run["started_at"].date())  # no schedule outside a deployment

@@ -49,8 +49,10 @@ def check_run(store: Store, run_id: str, n_per_class: int, epochs: int) -> None:
     np.testing.assert_allclose(confusion.groupby("true_label")["share_of_true"].sum(), 1.0)
     assert len(per_class) == 10 and (per_class["support"] == n_per_class).all()
     assert ((per_class.recall_ci_low <= per_class.recall) & (per_class.recall <= per_class.recall_ci_high)).all()
-    assert len(predictions) == n and predictions["image_index"].is_unique
-    assert (predictions.groupby("true_label").size() == n_per_class).all()
+    assert len(predictions) == 10_000 and predictions["image_index"].is_unique  # every test image
+    assert runs["test_accuracy"].item() == pytest.approx((predictions.true_label == predictions.predicted_label).mean())
+    predictions = predictions[predictions["sampled"]]  # the balanced sample: what confusion and per_class count
+    assert len(predictions) == n and (predictions.groupby("true_label").size() == n_per_class).all()
     np.testing.assert_allclose(np.stack(predictions["probabilities"]).sum(axis=1), 1.0, atol=1e-3)
     (run,) = runs.itertuples()
     assert run.n_per_class == n_per_class and run.epochs == epochs and len(run.model_sha256) == 64

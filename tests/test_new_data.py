@@ -211,6 +211,7 @@ def test_release_and_quarantine_overrule_the_checks_and_are_recorded(small, caps
     assert [b.digest for b in accepted_batches(store)] == [record.digest]
     rows = read_table(store, "batches").sort_values("decided_at")
     assert rows["decision"].tolist() == ["quarantined", "accepted"] and rows["decided_by"].tolist() == ["ingest", "operator"]
+    assert rows["run_id"].iloc[0] == record.run_id and pd.isna(rows["run_id"].iloc[1])  # an operator's: no night
     assert main(["quarantine", record.digest[:10], "--store", store.url]) == 0 and not accepted_batches(store)
     capsys.readouterr()
     assert main(["batches", "quarantine", record.digest[:10], "--store", store.url]) == 0  # already so: a no-op

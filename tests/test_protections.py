@@ -205,10 +205,12 @@ def test_a_rollback_raced_by_a_gate_decides_again_on_the_rivals_pointer(moto):
     assert len(reads) == 2 and reads[1] == seen["version"] != reads[0]  # it read again, and read the rival's pointer
     assert row["champion_before_model_key"] == "c" and row["challenger_model_key"] == "b"
     history = promotions(laptop)
-    assert history["run_id"].tolist()[-2:] == ["run-c", "run-b"]  # the rival's decision kept, then the rollback's
     last = history.iloc[-1]
+    assert history["run_id"].iloc[-2] == "run-c" and pd.isna(last["run_id"])  # the rival's night kept; the rollback: none
     assert last["reason"] == "manual" and last["champion_before_model_key"] == "c" and last["challenger_model_key"] == "b"
+    assert last["decided_by"] == "operator" and history["decided_by"].iloc[-2] == "gate"
     assert read_pointer(laptop).model_key == "b" == last["challenger_model_key"]
+    assert read_pointer(laptop).run_id == "run-b"  # the pointer names the night that trained b, from its gate's row
 
 
 REJECT = GateRules(min_balanced_accuracy=1.0)
@@ -425,7 +427,7 @@ def test_a_candidate_from_history_naming_a_model_outside_the_store_is_skipped(st
             reason="first champion",
         ),
     ]
-    champion, model = first_intact(store, candidates, skip=None)
+    champion, model = first_intact(store, candidates)
     assert champion.model_key == "good" and champion.sha256 == good.sha256 and model == good
     assert_not_read(tmp_path, planted)
 

@@ -1,5 +1,6 @@
 """Parquet round trip with the documented schema and hive layout, read as downstream consumers read it."""
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 
 from storage import Store
 from storage.dictionary import data_dictionary, describe
-from storage.tables import SCHEMA_VERSION, SCHEMAS, TABLES, open_table, read_table, to_arrow, write_table
+from storage.tables import NO_RUN, SCHEMA_VERSION, SCHEMAS, TABLES, open_table, read_table, to_arrow, write_table
 from tests.conftest import sample_frames
 
 
@@ -90,6 +91,7 @@ def test_promotions_has_exactly_the_documented_columns(store, two_runs):
         "decision",
         "reason",
         "forced",
+        "decided_by",
         "challenger_model_key",
         "champion_before_model_key",
         "challenger_selection_balanced_accuracy",
@@ -129,9 +131,15 @@ SCHEMA_2_RENAMES = {  # the latest name → the name schema 2 wrote
     },
 }
 ADDED_IN_3 = {"runs": ["model_key", "evaluation_key", "reused_evaluation"], "promotions": []}
+ADDED_IN_4 = {"runs": ["night"], "promotions": ["decided_by"], "predictions": ["sampled"]}
+
+
+def as_schema_3(table: str, frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.drop(columns=ADDED_IN_4.get(table, []))
 
 
 def as_schema_2(table: str, frame: pd.DataFrame) -> pd.DataFrame:
+    frame = as_schema_3(table, frame)
     frame = frame.drop(columns=ADDED_IN_3.get(table, ["evaluation_key"])).rename(columns=SCHEMA_2_RENAMES[table])
     return frame.assign(accuracy=frame["recall"]) if table == "per_class" else frame
 
@@ -149,13 +157,15 @@ def test_every_schema_version_reads_as_the_latest(store, two_runs, table):
     """A store written by three releases reads as one set of columns with one meaning each: renamed columns
     mapped, ``slice`` filled for schema 1, the evaluation key of a pre-3 run its own run."""
     latest = two_runs["run-a"][table]
+    old_partition(store, table, "run-v3", as_schema_3(table, latest), version="3")
     old_partition(store, table, "run-v2", as_schema_2(table, latest), version="2")
     v1 = as_schema_2(table, latest).drop(columns=["slice"], errors="ignore")
     old_partition(store, table, "run-v1", v1, version="1")
     frame = read_table(store, table)
     assert list(frame.columns) == [*SCHEMAS[table].names, "run_id"]
     by_run = {run: rows.drop(columns=["run_id"]).reset_index(drop=True) for run, rows in frame.groupby("run_id")}
-    assert set(by_run) == {"run-a", "run-b", "run-v1", "run-v2"}
+    assert set(by_run) == {"run-a", "run-b", "run-v1", "run-v2", "run-v3"}
+    pd.testing.assert_frame_equal(by_run["run-v3"], by_run["run-a"], check_dtype=False)
     for run in ("run-v1", "run-v2"):
         expected = by_run["run-a"].copy()
         if "evaluation_key" in expected:  # an old run's rows are its own evaluation's: runs joins them on it as before
@@ -252,3 +262,53 @@ def test_a_schema_3_run_row_reads_with_published_unknown(store, two_runs):
     old_partition(store, "runs", "run-v3", old, version="3")
     runs = read_table(store, "runs").set_index("run_id")
     assert pd.isna(runs.loc["run-v3", "published"]) and runs.loc["run-a", "published"] == True  # noqa: E712
+
+
+def test_an_operators_decisions_filed_under_a_night_by_earlier_releases_read_as_no_nights(store, two_runs):
+    """Schema 3 filed a manual promote under the champion's run and an operator's batch decision under the ingest
+    run: read now, they have no night (``run_id`` null, ``decided_by = operator``), so a join of ``runs`` to
+    ``promotions`` on ``run_id`` gives one row per night's gate decision."""
+    night = two_runs["run-a"]["promotions"]
+    by_hand = night.assign(reason="manual: digit 7", forced=True, decided_at=datetime(2026, 12, 1, tzinfo=UTC))
+    old_partition(store, "promotions", "run-a", as_schema_3("promotions", pd.concat([night, by_hand])), version="3")
+    promotions = read_table(store, "promotions").sort_values("decided_at")
+    assert promotions["decided_by"].tolist() == ["gate", "gate", "operator"]
+    assert promotions["run_id"].tolist()[:2] == ["run-a", "run-b"] and pd.isna(promotions["run_id"].iloc[2])
+    joined = read_table(store, "runs").merge(promotions, on="run_id")
+    assert sorted(joined["run_id"]) == ["run-a", "run-b"]
+
+    batch = two_runs["run-a"]["batches"]
+    released = batch.assign(decided_by="operator", decided_at=datetime(2026, 12, 1, tzinfo=UTC))
+    old_partition(store, "batches", "run-a", pd.concat([batch, released]), version="3")
+    batches = read_table(store, "batches").sort_values("decided_at")
+    assert batches["run_id"].iloc[0] == "run-a" and pd.isna(batches["run_id"].iloc[-1])
+
+
+def test_an_operators_row_is_read_with_a_null_run_id_by_pandas_and_duckdb(store, two_runs):
+    """The partition of rows no night wrote is Hive's null partition: every reader sees a null run id."""
+    duckdb = pytest.importorskip("duckdb")
+    row = two_runs["run-a"]["promotions"].assign(decided_by="operator", forced=True, reason="manual")
+    path = write_table(store, "promotions", None, row, part="manual-20261201T000000000000")
+    assert f"run_id={NO_RUN}/" in path
+    assert read_table(store, "promotions")["run_id"].isna().sum() == 1
+    plain = ds.HivePartitioning.discover(infer_dictionary=False)  # as docs/reading-tables.md says for plain pandas
+    assert pd.read_parquet(store.path(store.table_dir("promotions")), partitioning=plain)["run_id"].isna().sum() == 1
+    glob = store.path(store.table_dir("promotions")) + "/*/*.parquet"
+    nulls = duckdb.sql(f"SELECT count(*) FROM read_parquet('{glob}', hive_partitioning = true) WHERE run_id IS NULL")
+    assert nulls.fetchone()[0] == 1
+
+
+def test_a_nights_date_is_the_utc_date_it_was_scheduled_for_not_when_it_ran():
+    from datetime import date, timedelta, timezone
+
+    from tasks.publish.run_record import Execution
+    from tasks.publish.tabulate import night_of
+
+    late = Execution(
+        scheduled_start=datetime(2026, 12, 6, 23, 30, tzinfo=UTC), started_at=datetime(2026, 12, 7, 1, 0, tzinfo=UTC)
+    )
+    assert night_of(late) == date(2026, 12, 6)  # started after midnight: still the 6th's night
+    paris = Execution(scheduled_start=datetime(2026, 12, 7, 0, 30, tzinfo=timezone(timedelta(hours=1))))
+    assert night_of(paris) == date(2026, 12, 6)  # 23:30 UTC
+    by_hand = Execution(started_at=datetime(2026, 12, 7, 9, 0, tzinfo=UTC))
+    assert night_of(by_hand) == date(2026, 12, 7)  # no schedule outside a deployment: the day it started

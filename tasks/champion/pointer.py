@@ -95,15 +95,22 @@ def promotions(store: Store) -> pd.DataFrame:
 def champions_in_history(store: Store) -> list[Champion]:
     """Every model that was ever made champion, latest first, as pointers (their files not yet checked)."""
     rows = promotions(store)
+    # an operator's row has no night (run_id null): its champion's run is the night whose gate first decided on it
+    nightly = rows[rows["run_id"].notna()].drop_duplicates("challenger_model_key")
+    trained_by = dict(zip(nightly["challenger_model_key"], nightly["run_id"]))
     rows = rows[rows["decision"] == "promoted"].iloc[::-1]
     found = []
     for r in rows.itertuples():
+        run_id = r.run_id if isinstance(r.run_id, str) else trained_by.get(r.challenger_model_key)
+        if run_id is None:
+            store.warn(f"The champion {str(r.challenger_model_key)[:64]!r} of {r.decided_at} has no night in promotions: skipped")
+            continue
         try:
             found.append(
                 Champion(
                     model_key=r.challenger_model_key,
                     sha256="",  # filled in by first_intact from the model's own record
-                    run_id=r.run_id,
+                    run_id=run_id,
                     selection_balanced_accuracy=None
                     if pd.isna(r.challenger_selection_balanced_accuracy)
                     else r.challenger_selection_balanced_accuracy,

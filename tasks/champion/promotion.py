@@ -70,6 +70,7 @@ __all__ = [
 
 LOCK = "champion"
 MANUAL = "manual"
+GATE, OPERATOR = "gate", "operator"  # promotions.decided_by
 Log = Callable[[str], None]
 
 
@@ -102,7 +103,7 @@ class GateRef(BaseModel):
 
 # ---- the decision row ---------------------------------------------------------------------
 def _row(
-    run_id: str,
+    run_id: str | None,
     challenger_key: str,
     challenger_balanced: float,
     challenger_test: float,
@@ -127,6 +128,7 @@ def _row(
         "decision": decision.name,
         "reason": decision.reason,
         "forced": decision.forced,
+        "decided_by": GATE if run_id is not None else OPERATOR,  # a night's gate, or an operator (no night)
         "decided_at": decided_at,
     }
     row["slices"] = [_slice_row(v) for v in slices]
@@ -326,9 +328,11 @@ def manual_reason(reason: str | None) -> str:
 def _set_by_hand(
     store: Store, choose: Callable[[ChampionLookup], Champion], run_id: str | None = None, reason: str | None = None
 ) -> dict | None:
-    """Make ``choose(current lookup)`` the champion, recorded as a manual, forced decision in its run's
-    partition (or ``run_id``'s). The target is chosen inside the lock, from the pointer just read. None, and
-    nothing written, when the target already is the champion: ``promotions`` holds one ``promoted`` row per change."""
+    """Make ``choose(current lookup)`` the champion, recorded as a manual, forced decision of an operator: a
+    ``promotions`` row with no night (``run_id`` null, ``decided_by = operator``), so the nights' partitions hold
+    only their gates' decisions. The pointer keeps the run that trained the model (``run_id``'s, or the target's).
+    The target is chosen inside the lock, from the pointer just read. None, and nothing written, when the target
+    already is the champion: ``promotions`` holds one ``promoted`` row per change."""
     why = manual_reason(reason)
     with store.lock(LOCK):
         for _ in range(POINTER_ATTEMPTS):
@@ -346,7 +350,7 @@ def _set_by_hand(
                 continue
             decision = Decision(promoted=True, forced=True, reason=why)
             row = _row(
-                owner, target.model_key, target.selection_balanced_accuracy, target.test_accuracy, before, None, decision, now
+                None, target.model_key, target.selection_balanced_accuracy, target.test_accuracy, before, None, decision, now
             )
             if before is not None:
                 row["champion_selection_balanced_accuracy"] = before.selection_balanced_accuracy

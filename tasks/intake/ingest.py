@@ -472,7 +472,8 @@ def _publish(store: Store, record: BatchRecord) -> None:
     """The table row (what people read), then the record (what training reads, and what says it was seen):
     a crash between the two leaves the file in incoming, to be ingested again, never a decision without its row."""
     part = f"{record.decided_by}-{record.digest[:16]}-{record.decided_at:%Y%m%dT%H%M%S%f}"
-    write_table(store, "batches", record.run_id, _table_row(record), part=part)
+    night = record.run_id if record.decided_by == "ingest" else None  # an operator's decision: no night (run_id null)
+    write_table(store, "batches", night, _table_row(record), part=part)
     store.write_text(store.batch_file(record.digest, RECORD), record.model_dump_json(indent=2))
 
 

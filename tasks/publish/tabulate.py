@@ -1,24 +1,27 @@
 """The Parquet tables a run publishes: confusion, per-digit metrics and predictions per slice, and the run itself.
 
-The ``mnist-test`` slice's rows are the balanced test sample (as in schema 1); ``mnist-selection`` and
-``new-data`` hold every image of the slice, as the gate compared them. An evaluation's rows are written once,
-by the first run that made it: a cached rerun adds its ``runs`` row (``reused_evaluation``) and nothing else,
-so counting or averaging over the evaluation tables never counts one model twice.
+On ``mnist-test``, ``confusion`` and ``per_class`` count the balanced test sample (as in schema 1) while
+``predictions`` holds all 10 000 test images, ``sampled`` marking the sample: so both the reported accuracy and the
+balanced accuracy of ``runs`` can be recomputed from the tables. ``mnist-selection`` and ``new-data`` hold every
+image of the slice, as the gate compared them (every row ``sampled``). An evaluation's rows are written once,
+by the first run that made it: a cached rerun adds its ``runs`` row (``reused_evaluation``), its gate's
+``promotions`` row (``unchanged``) and any batch it ingested, but no evaluation rows, so counting or averaging
+over the evaluation tables never counts one model twice.
 """
 
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 import pandas as pd
 from pydantic import BaseModel
 
 from storage import Store
-from storage.tables import read_frame, read_partition, read_table, write_table
+from storage.tables import read_frame, read_partition, read_table, schema, write_table
 from tasks.data.splits import SLICE_NEW, SLICE_SELECTION, SLICE_TEST
 from tasks.evaluation.metrics import confusion_frame, confusion_matrix, per_class_frame
-from tasks.publish.run_record import RunRecord
+from tasks.publish.run_record import Execution, RunRecord
 
 
 class TablesRef(BaseModel):
@@ -40,14 +43,23 @@ PUBLISHED_AS = {
 }
 
 
+def night_of(execution: Execution) -> date:
+    """The night a run belongs to: the UTC date it was scheduled for (Prefect's expected start time, which the
+    flow passes in), so a night that started late, after midnight, or was retried the next morning still groups
+    with its own date; a run outside a deployment has no schedule and takes the date it started."""
+    return (execution.scheduled_start or execution.started_at).astimezone(UTC).date()
+
+
 def run_frame(run: RunRecord, reused_evaluation: bool, problem: str | None = UNFINISHED) -> pd.DataFrame:
     """The run's one ``runs`` row; ``problem`` None says the night finished publishing (``published``)."""
     model, evaluation, execution = run.model, run.evaluation, run.execution
     selection, new = evaluation.slice(SLICE_SELECTION), evaluation.slice(SLICE_NEW)
+    now = datetime.now(UTC)
     return pd.DataFrame(
         [
             {
-                "finished_at": datetime.now(UTC),
+                "finished_at": now,
+                "night": night_of(execution),
                 "dataset_sha256": run.dataset.sha256,
                 "model_key": model.key,
                 "model_sha256": model.sha256,
@@ -80,10 +92,13 @@ def run_frame(run: RunRecord, reused_evaluation: bool, problem: str | None = UNF
 
 
 def _slice_frames(store: Store, run: RunRecord) -> dict[str, pd.DataFrame]:
+    """Every slice's predictions, each row marked ``sampled`` when the slice's confusion and metrics count it."""
     evaluation = run.evaluation
-    frames = {SLICE_TEST: read_frame(store, evaluation.predictions_key, evaluation.predictions_sha256)}
+    sample = read_frame(store, evaluation.predictions_key, evaluation.predictions_sha256)
+    everything = read_frame(store, evaluation.test_predictions_key, evaluation.test_predictions_sha256)
+    frames = {SLICE_TEST: everything.assign(sampled=everything["test_index"].isin(sample["test_index"]))}
     for part in evaluation.slices:
-        frames[part.name] = read_frame(store, part.predictions_key, part.predictions_sha256)
+        frames[part.name] = read_frame(store, part.predictions_key, part.predictions_sha256).assign(sampled=True)
     return frames
 
 
@@ -116,7 +131,8 @@ def tabulate(store: Store, run: RunRecord) -> TablesRef:
     if writer is None:
         tables: dict[str, list[pd.DataFrame]] = {table: [] for table in EVALUATION_TABLES}
         for name, predictions in _slice_frames(store, run).items():
-            cm = confusion_matrix(predictions["true_label"].to_numpy(), predictions["predicted_label"].to_numpy())
+            counted = predictions[predictions["sampled"]]
+            cm = confusion_matrix(counted["true_label"].to_numpy(), counted["predicted_label"].to_numpy())
             for table, frame in (
                 ("confusion", confusion_frame(cm)),
                 ("per_class", per_class_frame(cm).drop(columns=["accuracy"])),  # recall, under its own name
@@ -125,6 +141,8 @@ def tabulate(store: Store, run: RunRecord) -> TablesRef:
                 tables[table].append(frame.rename(columns=PUBLISHED_AS).assign(slice=name, evaluation_key=run.evaluation.key))
         for table, frames in tables.items():
             keys[table] = write_table(store, table, run.run_id, pd.concat(frames, ignore_index=True))
+    if not run.batches:  # no batch tonight: an empty partition, so `batches` is a table DuckDB reads on any store
+        keys["batches"] = write_table(store, "batches", run.run_id, schema("batches").empty_table().to_pandas())
     keys["runs"] = write_table(store, "runs", run.run_id, run_frame(run, reused_evaluation=writer is not None))
     return TablesRef(run_id=run.run_id, partition_keys=keys, reused_evaluation=writer is not None)
 
