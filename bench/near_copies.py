@@ -75,6 +75,10 @@ TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "contrast × 1.3": _curve(lambda x: x * 1.3),
     "+40 on ink pixels": _curve(lambda x: np.where(x > 0, x + 40, 0)),
     "12 border pixels set to 255": _border(12),
+    "× 0.85 + 1 (a constant lift)": _curve(lambda x: 0.85 * x + 1),
+    "× 0.8 + noise of sd 3 everywhere": lambda images: _curve(lambda x: 0.8 * x + np.random.default_rng(1).normal(0, 3, x.shape))(
+        images
+    ),
     "zoom 1.1": _affine(np.eye(2) / 1.1),
     "zoom 0.9": _affine(np.eye(2) / 0.9),
     "rotation 4°": _affine(_rotation(4)),

@@ -80,12 +80,16 @@ class StoreFiles:
     def exists(self, key: str) -> bool:
         return self.fs.exists(self.path(key))
 
-    def matches(self, key: str, sha256: str, size: int | None = None) -> bool:
+    def matches(self, key: str, sha256: str, size: int | None = None, limit: int | None = None) -> bool:
         """Whether ``key`` is a regular file with these bytes: absent, a folder, a link, a pipe or other bytes all
-        mean no, so whatever stands there is a miss and never an error that stops a step."""
+        mean no, so whatever stands there is a miss and never an error that stops a step. With ``limit``, a file
+        larger than that is a miss before a byte of it is hashed (a 20 GiB sparse file is not read for a minute)."""
         if self.kind(key) != "file":
             return False
         try:
+            bounds = [b for b in (size, limit) if b is not None]
+            if bounds and self.fs.size(self.path(key)) > min(bounds):
+                return False
             digest, got = self.digest(key)
         except (OSError, StoreError):
             return False

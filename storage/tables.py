@@ -453,21 +453,27 @@ def write_table(store: Store, table: str, run_id: str | None, frame: pd.DataFram
     return write_frame(store, store.table_file(table, NO_RUN if run_id is None else run_id, part), table, frame)
 
 
-def read_frame(store: Store, path: str, sha256: str | None = None) -> pd.DataFrame:
+def read_frame(store: Store, path: str, sha256: str | None = None, columns: Collection[str] = ()) -> pd.DataFrame:
     """One Parquet file as a DataFrame, read once into memory (at most ``PARTITION_BYTES``), its footer checked
     against the limits of a night's partition before any column is decoded; with ``sha256``, the bytes parsed are
-    the bytes checked (``DamagedArtifact`` if they do not match)."""
+    the bytes checked (``DamagedArtifact`` if they do not match). A file whose digest matches but whose content is
+    not the frame we wrote (not Parquet, truncated, without one of ``columns``) is ``DamagedArtifact`` too, never
+    a parser's own error: callers treat it as a miss, never as the end of a night."""
     data = (
         store.verified_bytes(path, sha256, limit=PARTITION_BYTES)
         if sha256 is not None
         else store.read_bytes(path, limit=PARTITION_BYTES)
     )
-    parquet = pq.ParquetFile(pa.BufferReader(data))
     try:
+        parquet = pq.ParquetFile(pa.BufferReader(data))
         _check_footer(parquet.metadata, PARTITION_ROWS_DEFAULT)
-    except ValueError as exc:
-        raise DamagedArtifact(f"{store.location(path)}: {exc}") from None
-    return parquet.read().to_pandas()
+        frame = parquet.read().to_pandas()
+    except (ValueError, pa.ArrowException, OSError) as exc:  # ArrowInvalid is a ValueError; footers are checked first
+        raise DamagedArtifact(f"{store.location(path)} is not a frame this pipeline wrote: {exc}") from None
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise DamagedArtifact(f"{store.location(path)} lacks the column(s) {', '.join(missing)}")
+    return frame
 
 
 def dataset(store: Store, table: str) -> ds.Dataset:

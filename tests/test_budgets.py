@@ -53,6 +53,9 @@ def test_budgets_grow_with_the_work():
         dataset(), base
     )
     assert budgets.predict_seconds(dataset(holdout_rows=9000), "seed") > budgets.predict_seconds(dataset(), "seed")
+    # batch size 1 trained at 292 images a second (review of 2026-12-07): 10 epochs of 55 000 images took ~1 880 s
+    tiny = TrainConfig(epochs=10, batch_size=1)
+    assert budgets.train_seconds(dataset(), tiny) >= 25 * 10 * 60_000 / 292
     assert budgets.ingest_seconds(IngestRules(max_files_per_night=40)) > budgets.ingest_seconds(IngestRules())
 
 

@@ -551,3 +551,68 @@ def test_the_child_that_parses_an_incoming_file_gets_none_of_the_workers_secrets
         "OPENBLAS_CORETYPE",
         "OPENBLAS_L2_SIZE",
     }
+
+
+# ---- content that matches its digest and is still not ours: a miss, never the end of a night (review 2026-12-07) ----
+def test_a_checkpoint_whose_history_is_not_ours_is_damaged_and_training_starts_afresh(store, tmp_path):
+    """A planted checkpoint's ``history.json`` without epochs made every retrain end with ``KeyError: 'epoch'``."""
+    said: list[str] = []
+    store.warn = said.append
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "history.json").write_text('[{"no_epoch": 1}]')
+    push_checkpoint(store, "k", 1, work)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    assert pull_checkpoint(store, "k", fresh) is None and list(fresh.iterdir()) == []
+    assert any("history.json" in line and "training starts from epoch 0" in line for line in said)
+    (work / "history.json").write_text(json.dumps([{"epoch": 1, "loss": 0.5, "seconds": 2.0}]))
+    push_checkpoint(store, "k", 1, work)
+    assert pull_checkpoint(store, "k", fresh) == 1  # what our recorder writes is still resumed from
+
+
+def test_a_huge_file_at_the_champions_model_is_a_miss_before_a_byte_is_hashed(store, monkeypatch):
+    """A 20 GiB sparse file at the model's key was hashed whole by every night (54 s), before any check."""
+    from tasks.champion.pointer import intact_model
+    from tasks.training.rebuilt import MODEL_LIMIT
+
+    path = store.model_file("big")
+    store.write_bytes(path, b"x")
+    store.write_text(store.model_info_file("big"), model_ref(key="big", file_key=path).model_dump_json())
+    with open(store.path(path), "r+b") as f:
+        f.truncate(64 * MODEL_LIMIT)
+    monkeypatch.setattr(Store, "digest", lambda self, key: pytest.fail(f"{key} was hashed"))
+    ref, why = intact_model(store, "big")
+    assert ref is None and "does not match" in why
+
+
+def test_a_frame_whose_digest_matches_but_is_not_parquet_is_a_damaged_artifact(store):
+    from storage import DamagedArtifact
+    from storage.tables import read_frame
+
+    store.write_bytes("evaluations/x/frame.parquet", b"not parquet")
+    with pytest.raises(DamagedArtifact, match="not a frame this pipeline wrote"):
+        read_frame(store, "evaluations/x/frame.parquet", sha256_bytes(b"not parquet"))
+    write_table(store, "runs", "run-a", sample_frames(0)["runs"])
+    with pytest.raises(DamagedArtifact, match="lacks the column"):
+        read_frame(store, store.table_file("runs", "run-a"), columns=("test_index",))
+
+
+@pytest.mark.slow
+def test_stored_predictions_that_match_their_digest_but_are_not_ours_are_predicted_again(two_models, small):
+    """A stored prediction file swapped for other bytes, its sidecar's digest set to match, made every gate fail and
+    every incoming batch be quarantined (``ArrowInvalid``): now it is a miss, and the model predicts again."""
+    from tasks.evaluation.evaluate import model_predictions_key, predicted_labels, publish_model_predictions
+
+    store, dataset, mnist = small
+    model = stored_model_ref(store, two_models[0])
+    first = predicted_labels(store, dataset, model, "mnist-test")
+    key = model_predictions_key(model, dataset, "mnist-test")
+    planted = store.unique(store.slice_predictions_file(key, "mnist-test"))
+    store.write_bytes(planted, b"not parquet")
+    publish_model_predictions(store, model, key, planted, sha256_bytes(b"not parquet"))
+    said: list[str] = []
+    store.warn = said.append
+    again = predicted_labels(store, dataset, model, "mnist-test")
+    assert again["predicted_label"].tolist() == first["predicted_label"].tolist() and len(again) == len(mnist.y_test)
+    assert any("damaged" in line and "predicting again" in line for line in said)

@@ -20,6 +20,9 @@ from tasks.training.model import ModelName
 FLOOR = 600.0  # seconds any step may take: Keras' first compile, a cold store, a slow download
 TRAINED_PER_SECOND = {ModelName.seed: 500.0, ModelName.strong: 60.0}  # images × epochs a second, at the least
 PREDICTED_PER_SECOND = {ModelName.seed: 500.0, ModelName.strong: 60.0}  # images a second (strong: with its views)
+# A training step's own cost, whatever its size: batch_size 1 trained the seed network at 292 images a second on the
+# 2-core machine (3.4 ms a step, review of 2026-12-07), which images alone do not cover; 30 times that, per step.
+STEP_SECONDS = 0.1
 PARSE_SECONDS = 120.0  # the child that parses one incoming file is stopped after this (tasks/data/batch_format.py)
 TEST_IMAGES = 10_000
 SELECTION_IMAGES = 10 * SELECTION_PER_DIGIT
@@ -40,9 +43,11 @@ def evaluated_images(dataset: DatasetRef) -> int:
 
 
 def train_seconds(dataset: DatasetRef, config: TrainConfig) -> float:
-    """Epochs × images at the slowest rate this network is expected to train (its validation included)."""
+    """Epochs × (images at the slowest rate this network is expected to train, its validation included, and steps
+    at ``STEP_SECONDS`` each)."""
     images = training_images(dataset, config)
-    return FLOOR + (config.epochs or 1) * images / TRAINED_PER_SECOND[ModelName(config.model)]
+    steps = -(-images // max(config.batch_size, 1))  # a small batch size is many steps, each with its own cost
+    return FLOOR + (config.epochs or 1) * (images / TRAINED_PER_SECOND[ModelName(config.model)] + steps * STEP_SECONDS)
 
 
 def predict_seconds(dataset: DatasetRef, model: ModelName | str) -> float:

@@ -19,7 +19,7 @@ from pydantic import AliasChoices, BaseModel, Field
 from storage import SIDECAR_LIMIT, Store, StoreError, StoreName, UnsafeKey, damage
 from storage.tables import read_table
 from tasks.training.model import ModelRef
-from tasks.training.rebuilt import DamagedModel
+from tasks.training.rebuilt import MODEL_LIMIT, DamagedModel
 
 T = TypeVar("T")
 POINTER_ATTEMPTS = 20  # a writer that keeps losing the race this often fails with a message instead
@@ -74,7 +74,7 @@ def intact_model(store: Store, key: str, sha256: str | None = None) -> tuple[Mod
     expected = sha256 or recorded.sha256
     if store.kind(recorded.file_key) != "file":
         return None, f"its model file {store.location(recorded.file_key)} is missing (or not a file)"
-    if not store.matches(recorded.file_key, expected):
+    if not store.matches(recorded.file_key, expected, limit=MODEL_LIMIT):  # a larger file is not ours: not hashed
         return (
             None,
             f"its model file {store.location(recorded.file_key)} does not match the SHA-256 {expected[:12]}… recorded for it",
@@ -172,6 +172,9 @@ def find_champion(store: Store) -> ChampionLookup:
     return ChampionLookup(champion=None, problem=f"{problem}, and no earlier champion is intact.", version=version)
 
 
+MAX_SET_ASIDE = 10  # damaged champions set aside in one night before the night's model is judged as a first champion
+
+
 def setting_aside_damaged(store: Store, lookup: ChampionLookup, use: Callable[[ModelRef], T]) -> tuple[ChampionLookup, T | None]:
     """``use(model)`` on the champion's model; when this code cannot rebuild it (``DamagedModel``: not a .keras
     archive, a config that is not JSON or another network, weights of other shapes, too large), the last
@@ -183,13 +186,18 @@ def setting_aside_damaged(store: Store, lookup: ChampionLookup, use: Callable[[M
     operator rewrites it."""
     set_aside: list[str] = []
     first: tuple[str, str] | None = None  # the champion set aside first, and why
+    history: list[Champion] | None = None  # read once: a store planted with thousands of damaged champions is read once
     while lookup.champion is not None and lookup.model is not None:
+        if len(set_aside) >= MAX_SET_ASIDE:  # past that many, the history is not a fallback worth a night's budget
+            lookup = lookup.model_copy(update={"champion": None, "model": None, "fallback": False})
+            break
         try:
             value = use(lookup.model)
         except DamagedModel as exc:
             set_aside.append(lookup.champion.model_key)
             first = first or (f"The champion model {lookup.champion.model_key} of run {lookup.champion.run_id}", str(exc))
-            found = first_intact(store, champions_in_history(store), skip=set_aside)
+            history = champions_in_history(store) if history is None else history
+            found = first_intact(store, history, skip=set_aside)
             candidate, ref = found if found is not None else (None, None)
             lookup = lookup.model_copy(update={"champion": candidate, "model": ref, "fallback": candidate is not None})
             continue

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from pydantic import AliasChoices, BaseModel, Field
 
-from storage import Store, StoreKey, StoreName, code_digest, sha256_json
+from storage import DamagedArtifact, Store, StoreKey, StoreName, code_digest, sha256_json
 from storage.tables import PREDICTIONS_FILE, read_frame, write_frame
 from tasks.data.fetch import DatasetRef, load_mnist
 from tasks.data.slices import slice_digest, slice_images
@@ -112,12 +112,17 @@ def predicted_labels(store: Store, dataset: DatasetRef, model: ModelRef, name: s
     when there is one (no TensorFlow), else predicted now and stored for the next night."""
     key = model_predictions_key(model, dataset, name)
     stored = stored_model_predictions(store, model, key)
-    if stored is None:
-        images = slice_images(store, dataset, name)
-        frame = predictions_frame(np.arange(len(images.y)), images.y, predict(load_model(store, model), images.x))
-        path = write_frame(store, store.unique(store.slice_predictions_file(key, name)), PREDICTIONS_FILE, frame)
-        stored = publish_model_predictions(store, model, key, path, store.digest(path)[0])
-    return read_frame(store, stored.file_key, stored.sha256).sort_values("test_index").reset_index(drop=True)
+    if stored is not None:
+        try:  # a file whose digest matches but that is not our frame is a miss, as a missing one is
+            frame = read_frame(store, stored.file_key, stored.sha256, columns=PREDICTION_COLUMNS)
+            return frame.sort_values("test_index").reset_index(drop=True)
+        except DamagedArtifact as exc:
+            store.warn(f"The stored predictions of model {model.key} on {name} are damaged ({exc}): predicting again")
+    images = slice_images(store, dataset, name)
+    frame = predictions_frame(np.arange(len(images.y)), images.y, predict(load_model(store, model), images.x))
+    path = write_frame(store, store.unique(store.slice_predictions_file(key, name)), PREDICTIONS_FILE, frame)
+    publish_model_predictions(store, model, key, path, store.digest(path)[0])
+    return frame.sort_values("test_index").reset_index(drop=True)
 
 
 def balanced_accuracy(labels: np.ndarray, predicted: np.ndarray) -> float:
@@ -151,6 +156,9 @@ def stratified_sample(labels: np.ndarray, n_per_class: int, seed: int) -> np.nda
 def predict(model, images: np.ndarray, batch_size: int = PREDICT_BATCH) -> np.ndarray:
     """Class probabilities (float32) for uint8 images, in batches."""
     return np.asarray(model.predict(scale(images), batch_size=batch_size, verbose=0), dtype=np.float32)
+
+
+PREDICTION_COLUMNS = ("test_index", "true_label", "predicted_label", "confidence", "probabilities")
 
 
 def predictions_frame(indices: np.ndarray, labels: np.ndarray, probabilities: np.ndarray) -> pd.DataFrame:

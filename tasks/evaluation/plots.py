@@ -17,11 +17,12 @@ import pandas as pd
 from matplotlib.figure import Figure
 from pydantic import AliasChoices, BaseModel, Field
 
-from storage import Store, StoreKey, StoreName, code_digest, sha256_bytes, sha256_json
+from storage import DamagedArtifact, Store, StoreError, StoreKey, StoreName, code_digest, sha256_bytes, sha256_json
 from storage.tables import NUM_CLASSES, read_frame
 from tasks.data.fetch import DatasetRef, load_mnist
 from tasks.evaluation.evaluate import EvaluationRef
 from tasks.evaluation.metrics import confusion_matrix, per_class_frame, wilson_interval
+from tasks.training.loop import HISTORY_COLUMNS
 from tasks.training.model import ModelRef
 
 DIGITS = list(range(NUM_CLASSES))
@@ -139,8 +140,11 @@ def most_confused(predictions: pd.DataFrame, cm: np.ndarray, images: np.ndarray)
     return fig, (int(true), int(pred))
 
 
-def training_curves(history: pd.DataFrame) -> Figure:
+def training_curves(history: pd.DataFrame | None, problem: str = "") -> Figure:
     fig = Figure(figsize=(10, 3.8))
+    if history is None:  # the model's stored history is damaged: the figure says so, the night goes on
+        fig.text(0.5, 0.5, plot_text(f"Training curves unavailable: {problem}"[:200]), ha="center", va="center", wrap=True)
+        return fig
     left, right = fig.subplots(1, 2)
     for ax, metric in ((left, "loss"), (right, "accuracy")):
         ax.plot(history["epoch"], history[metric], marker="o", label=f"training {metric}")
@@ -195,7 +199,11 @@ def stored_plots(store: Store, key: str) -> PlotsRef | None:
 def render_plots(store: Store, dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef) -> PlotsRef:
     """Render every figure of an evaluation into ``plots/<key>/``."""
     predictions = read_frame(store, evaluation.predictions_key, evaluation.predictions_sha256)
-    history = read_frame(store, model.history_key)
+    try:
+        history, problem = read_frame(store, model.history_key, columns=HISTORY_COLUMNS), ""
+    except (DamagedArtifact, StoreError, OSError) as exc:
+        history, problem = None, str(exc)
+        store.warn(f"The training history of model {model.key} is damaged ({exc}): its curves are not drawn")
     images = load_mnist(store, dataset).x_test
     cm = confusion_matrix(predictions["true_label"].to_numpy(), predictions["predicted_label"].to_numpy())
     gallery, pair = most_confused(predictions, cm, images)
@@ -205,7 +213,7 @@ def render_plots(store: Store, dataset: DatasetRef, model: ModelRef, evaluation:
         "per_class_accuracy.png": per_class_accuracy(per_class_frame(cm), evaluation.balanced_accuracy),
         "samples.png": random_samples(predictions, images, evaluation.seed),
         "most_confused.png": gallery,
-        "training_curves.png": training_curves(history),
+        "training_curves.png": training_curves(history, problem),
     }
     key = plots_key(model, evaluation)
     files, digests = {}, {}

@@ -10,6 +10,8 @@ other: a folder that is not one name of ours is reported and ignored, never dele
 
 from __future__ import annotations
 
+import json
+import math
 import posixpath
 import uuid
 from pathlib import Path
@@ -58,12 +60,26 @@ def pull_checkpoint(store: Store, key: str, local: Path) -> int | None:
             if entry.get("type") != "file":
                 raise StoreError(f"{name!r} is not a file")
             left -= store.get_file(store.key(folder, name), str(local / name), limit=left)
+        if (local / HISTORY).exists():
+            _check_history(json.loads((local / HISTORY).read_text()), pointer.epoch)
     except Exception as exc:  # noqa: BLE001 (store content: any error means this checkpoint is not used)
         store.warn(damage(f"The checkpoint {store.location(folder)}", exc) + "; training starts from epoch 0")
         for file in local.iterdir():
             file.unlink()
         return None
     return pointer.epoch
+
+
+def _check_history(rows: object, epoch: int) -> None:
+    """The epoch recorder's rows as it writes them: a list of objects, each an ``epoch`` from 1 to the checkpoint's
+    and finite numbers; anything else (a planted file) makes the checkpoint damaged, not the training."""
+    if not isinstance(rows, list) or len(rows) > epoch:
+        raise ValueError(f"{HISTORY} is not a list of at most {epoch} epochs")
+    for row in rows:
+        if not isinstance(row, dict) or not isinstance(row.get("epoch"), int) or not 1 <= row["epoch"] <= epoch:
+            raise ValueError(f"{HISTORY} has a row without an epoch from 1 to {epoch}")
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in row.values()):
+            raise ValueError(f"{HISTORY} has a value that is not a finite number")
 
 
 def drop_checkpoint(store: Store, key: str) -> None:
