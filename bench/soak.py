@@ -229,12 +229,25 @@ def main() -> None:
     parser.add_argument("--params", default="{}", help="more flow parameters, as JSON (a training-set policy, say)")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "soak.jsonl")
     parser.add_argument("--plot", type=Path, default=REPO / "bench-results" / "soak.png")
+    parser.add_argument("--record", type=Path, help="also write the run as one JSON record (docs/measured/soak.json renders)")
     args = parser.parse_args()
     params = {"epochs": args.epochs, "n_per_class": 100, **json.loads(args.params)}
     records = soak(args.nights, args.days_per_night, args.images_per_day, args.files_per_night, args.bad_share, params, args.out)
     plot(records, args.plot)
+    growth = slopes(records)
+    if args.record:
+        import datetime as dt
+        import platform
+
+        cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        model = next((x.split(":", 1)[1].strip() for x in cpu.splitlines() if x.startswith("Model name")), platform.processor())
+        settings = {k: v for k, v in vars(args).items() if k not in ("out", "plot", "record")}
+        record = {"date": dt.date.today().isoformat(), "cpu": model, "settings": settings, "nights": records}
+        record["growth_per_night"] = {k: round(v[0], 4) for k, v in growth.items()}
+        args.record.parent.mkdir(parents=True, exist_ok=True)
+        args.record.write_text(json.dumps(record, indent=1) + "\n")
     print(f"\n{'quantity':<32} {'per night':>12} {'first':>12} {'last':>12}")
-    for name, (slope, first, last) in slopes(records).items():
+    for name, (slope, first, last) in growth.items():
         print(f"{name:<32} {slope:>12.3f} {first:>12.2f} {last:>12.2f}")
     print(f"\nplot: {args.plot}\nrecords: {args.out}")
 

@@ -151,7 +151,40 @@ def near_copies() -> str:
     )
 
 
+def soak() -> str:
+    """The soak's nights and each quantity's growth per night, from the record ``bench/soak.py --record`` wrote."""
+    import json
+
+    record = json.loads((REPO / "docs" / "measured" / "soak.json").read_text())
+    nights, settings = record["nights"], record["settings"]
+    days = nights[-1]["day"] if nights else 0
+    out = [
+        f"Measured {record['date']} on {record['cpu']} by `bench/soak.py` ({len(nights)} nights of "
+        f"{settings['days_per_night']} days' arrivals each, {settings['images_per_day']} new images a day in "
+        f"{settings['files_per_night']} files, a bad batch on {settings['bad_share']:.0%} of the nights, "
+        f"{settings['epochs']} epoch; {days} days in all):",
+        "",
+        "| night | wall s | train s | ingest s | RSS MB | training | holdout | store MB | batches | decision |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for n in nights:
+        out.append(
+            f"| {n['night']} | {n['wall_s']:.0f} | {n['steps_s'].get('train', 0):.0f} | {n['steps_s'].get('ingest', 0):.0f} | "
+            f"{n['peak_rss_mb']:.0f} | {n['available_training_images']} | {n['holdout_images']} | {n['store_mb']:.0f} | "
+            f"{n['accepted_tonight']}✓ {n['quarantined_tonight']}✗ | {n['decision']} |"
+        )
+    out += [
+        "",
+        "*training*: images the accepted batches and MNIST's base set make available (the budget chooses from them); "
+        "*batches*: accepted ✓ and quarantined ✗ that night. Growth per night (least-squares slope over the nights):",
+    ]
+    out += ["", "| quantity | per night |", "|---|---:|"]
+    out += [f"| {name} | {value:g} |" for name, value in record["growth_per_night"].items()]
+    return "\n".join(out)
+
+
 GENERATED: dict[str, Callable[[], str]] = {
+    "soak": soak,
     "near-copies": near_copies,
     "week-tables": week_tables,
     "cli-reference": cli_reference,
