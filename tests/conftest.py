@@ -481,6 +481,7 @@ SHARED_WORKER = {
     "test_poison": "poison-index",  # real MNIST and its near-copy index, built once
     "test_docs": "docs-night",  # one real run that every example reads
     "test_protections": "protections-s3",  # one moto server for the module
+    "test_cli": "cli-stores",  # its read commands' stores, made once
 }
 
 # The modules that take longest (servers, heartbeats, several runs) go first: with two workers the short tests

@@ -237,5 +237,6 @@ def test_a_cached_night_whose_champion_is_another_runs_model_imports_no_tensorfl
     done = subprocess.run([sys.executable, "-c", script], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     again = json.loads(done.stdout.strip().splitlines()[-1])
-    assert set(again["states"].values()) == {"Cached"} and again["decision"] == "rejected"
+    cacheable = {k: again["states"][k] for k in ("fetch-mnist", "train", "evaluate", "plot")}  # the rest run every night
+    assert set(cacheable.values()) == {"Cached"} and again["decision"] == "rejected"
     assert again["champion"] == champion.run_id and again["tensorflow"] is False

@@ -509,9 +509,10 @@ def test_a_killed_workers_run_is_crashed_restarted_elsewhere_and_resumes(ops, tw
     assert json.loads(row.parameters)["seed"] is not None  # the derived seed, the same both attempts (same training key)
     assert ops.checkpoints() == []  # the checkpoint went with the published model
     summary = ops.summary(run.id)
-    assert (
-        "| attempt | **2**: a retry of this run's crashed attempt (1 crash: No heartbeat from this flow run's process" in summary
-    )
+    from tasks.publish.markdown import md_text  # the crash's message comes from the API: escaped as untrusted text
+
+    crash = md_text("No heartbeat from this flow run's process")
+    assert f"| attempt | **2**: a retry of this run's crashed attempt (1 crash: {crash}" in summary
     assert f"training resumed from the checkpoint after epoch {row.resumed_from_epoch}" in summary
     assert done.state.is_completed()
 

@@ -92,7 +92,20 @@ def test_supervisord_restarts_what_autorestarts_and_shutdown_stops_everything(tw
     assert alive(other) and b.pids() == {"kept": other}  # the other stack's supervisord and process untouched
 
 
-def test_a_folder_too_deep_for_the_socket_is_refused_with_what_to_do(tmp_path: Path):
+def test_a_folder_too_deep_for_the_socket_keeps_its_socket_in_a_private_temporary_folder(tmp_path: Path, monkeypatch):
+    """A stack folder deeper than a unix socket's path may be (pytest's own folders are, under xdist) puts its socket
+    in a short folder of this user's alone; one that is too deep even so is refused, saying what to do."""
+    import os
+    import stat
+    import tempfile
+
     deep = tmp_path / ("d" * (SOCKET_PATH_MAX - len(str(tmp_path))))
+    supervisor = Supervisor(deep)
+    assert len(str(supervisor.socket)) <= SOCKET_PATH_MAX and str(supervisor.socket).startswith(tempfile.gettempdir())
+    supervisor.configure([])
+    folder = supervisor.socket.parent
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and folder.stat().st_uid == os.getuid()
+    assert Supervisor(deep).socket == supervisor.socket  # stop and status find it again
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path / ("t" * SOCKET_PATH_MAX)))
     with pytest.raises(ValueError, match="too deep for supervisord's socket.*shorter --home"):
-        Supervisor(deep).configure([])
+        Supervisor(tmp_path / ("e" * SOCKET_PATH_MAX)).configure([])

@@ -15,11 +15,13 @@ shell may hold (quotes, commas, newlines).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 import xmlrpc.client
 from dataclasses import dataclass
@@ -48,6 +50,23 @@ def _quoted(text: str) -> str:
     return text.replace("%", "%%")
 
 
+def _socket_path(home: Path, inside: Path) -> Path:
+    """The socket in the stack's own folder; where that path is longer than a unix socket's may be (a deep test
+    folder), in a short folder of this user's under the temporary directory, named by the stack's folder."""
+    if len(str(inside)) <= SOCKET_PATH_MAX:
+        return inside
+    digest = hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"mnist-supervisor-{os.getuid()}-{digest}" / "supervisor.sock"
+
+
+def _private(folder: Path) -> None:
+    """The socket's folder must be this user's alone: a folder someone else made there first is refused."""
+    info = folder.stat()
+    if info.st_uid != os.getuid():
+        raise PermissionError(f"{folder} belongs to another user: refusing to put the stack's socket there")
+    folder.chmod(0o700)
+
+
 class Supervisor:
     """supervisord for the stack kept in ``home``: its configuration, socket and own log in ``home/supervisor/``."""
 
@@ -55,7 +74,7 @@ class Supervisor:
         self.home = Path(home)
         self.folder = self.home / "supervisor"
         self.conf = self.folder / "supervisord.conf"
-        self.socket = self.folder / "supervisor.sock"
+        self.socket = _socket_path(self.home, self.folder / "supervisor.sock")
         self.added = self.folder / "added"  # programs added while it runs (workers of other machines)
 
     def program_conf(self, program: Program, folder: Path) -> str:
@@ -78,8 +97,10 @@ class Supervisor:
         if len(str(self.socket)) > SOCKET_PATH_MAX:
             raise ValueError(
                 f"The stack's folder {self.home} is too deep for supervisord's socket ({len(str(self.socket))} characters, "
-                f"at most {SOCKET_PATH_MAX}): give a shorter --home."
+                f"at most {SOCKET_PATH_MAX}), and so is the temporary folder: give a shorter --home."
             )
+        self.socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _private(self.socket.parent)
         from flows.stack.environment import write_secret  # not at the top: `-m flows.stack.supervisor` stays light
 
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
