@@ -212,7 +212,7 @@ def plot(records: list[dict], path: Path) -> None:
         ax.set_ylim(bottom=0)  # growth is read against the whole figure, not against a zoomed-in axis
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("day of arrivals")
-    fig.suptitle("A year of nights (bench/soak.py)")
+    fig.suptitle(f"{len(records)} nights of arrivals (bench/soak.py)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

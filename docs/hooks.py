@@ -162,21 +162,29 @@ def soak() -> str:
         f"Measured {record['date']} on {record['cpu']} by `bench/soak.py` ({len(nights)} nights of "
         f"{settings['days_per_night']} days' arrivals each, {settings['images_per_day']} new images a day in "
         f"{settings['files_per_night']} files, a bad batch on {settings['bad_share']:.0%} of the nights, "
-        f"{settings['epochs']} epoch; {days} days in all):",
+        f"{settings['epochs']}-epoch models; {days} days in all):",
         "",
-        "| night | wall s | train s | ingest s | RSS MB | training | holdout | store MB | batches | decision |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "| night | wall s | train s | ingest s | peak RSS MB |",
+        "|---:|---:|---:|---:|---:|",
     ]
     for n in nights:
+        steps = n["steps_s"]
         out.append(
-            f"| {n['night']} | {n['wall_s']:.0f} | {n['steps_s'].get('train', 0):.0f} | {n['steps_s'].get('ingest', 0):.0f} | "
-            f"{n['peak_rss_mb']:.0f} | {n['available_training_images']} | {n['holdout_images']} | {n['store_mb']:.0f} | "
-            f"{n['accepted_tonight']}✓ {n['quarantined_tonight']}✗ | {n['decision']} |"
+            f"| {n['night']} | {n['wall_s']:.0f} | {steps.get('train', 0):.0f} | {steps.get('ingest', 0):.0f} | "
+            f"{n['peak_rss_mb']:.0f} |"
+        )
+    out += ["", "| night | training | holdout | store MB | batches |", "|---:|---:|---:|---:|---|"]
+    for n in nights:
+        out.append(
+            f"| {n['night']} | {n['available_training_images']} | {n['holdout_images']} | {n['store_mb']:.0f} | "
+            f"{n['accepted_tonight']}✓ {n['quarantined_tonight']}✗ |"
         )
     out += [
         "",
         "*training*: images the accepted batches and MNIST's base set make available (the budget chooses from them); "
-        "*batches*: accepted ✓ and quarantined ✗ that night. Growth per night (least-squares slope over the nights):",
+        "*batches*: accepted ✓ and quarantined ✗ that night. The gate's decisions, night by night: "
+        + ", ".join(n["decision"] for n in nights)
+        + ". Growth per night (least-squares slope over the nights):",
     ]
     out += ["", "| quantity | per night |", "|---|---:|"]
     out += [f"| {name} | {value:g} |" for name, value in record["growth_per_night"].items()]
