@@ -164,6 +164,9 @@ def soak(
                 "accepted_tonight": int((tonight["decision"] == "accepted").sum()),
                 "quarantined_tonight": int((tonight["decision"] == "quarantined").sum()),
                 "bad_batch": bad,
+                "quarantine_reasons": sorted(
+                    {str(r).split(":")[0][:60] for r in tonight.loc[tonight["decision"] == "quarantined", "reason"]}
+                ),
                 "decision": summary["decision"],
                 "selection_balanced_accuracy": summary["selection_balanced_accuracy"],
             }
