@@ -286,7 +286,8 @@ def test_an_operators_decisions_filed_under_a_night_by_earlier_releases_read_as_
 
 def test_an_operators_row_is_read_with_a_null_run_id_by_pandas_and_duckdb(store, two_runs):
     """The partition of rows no night wrote is Hive's null partition: every reader sees a null run id."""
-    duckdb = pytest.importorskip("duckdb")
+    import duckdb  # in the lock (dev extras): never skipped
+
     row = two_runs["run-a"]["promotions"].assign(decided_by="operator", forced=True, reason="manual")
     path = write_table(store, "promotions", None, row, part="manual-20261201T000000000000")
     assert f"run_id={NO_RUN}/" in path
