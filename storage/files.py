@@ -142,14 +142,7 @@ class StoreFiles:
         with tempfile.TemporaryDirectory(prefix="mnist-verified-") as tmp:
             local = os.path.join(tmp, "file" + suffix)
             h = hashlib.sha256()
-            copied = 0
-            with self.fs.open(self.path(key), "rb") as source, open(local, "wb") as target:
-                while chunk := source.read(CHUNK):
-                    copied += len(chunk)
-                    if copied > limit:
-                        raise DamagedArtifact(f"{self.location(key)} is larger than the {limit} bytes expected of it: not copied")
-                    h.update(chunk)
-                    target.write(chunk)
+            self._copy_bounded(key, local, limit, DamagedArtifact, h.update)
             if h.hexdigest() != sha256:
                 raise DamagedArtifact(
                     f"{self.location(key)} does not match its SHA-256 ({sha256[:12]}…): it was changed or corrupted"
@@ -375,12 +368,21 @@ class StoreFiles:
         if limit is None:
             self.fs.get_file(self.path(key), local)
             return os.path.getsize(local)
+        return self._copy_bounded(key, local, limit, StoreError)
+
+    def _copy_bounded(
+        self, key: str, local: str, limit: int, error: type[Exception], seen: Callable[[bytes], object] | None = None
+    ) -> int:
+        """Copy ``key`` to ``local`` in chunks, stopping with ``error`` once more than ``limit`` bytes came (a file
+        grown in the store never fills this machine's disk); ``seen`` gets each chunk (a digest while copying)."""
         copied = 0
         with self.fs.open(self.path(key), "rb") as source, open(local, "wb") as target:
             while chunk := source.read(CHUNK):
                 copied += len(chunk)
                 if copied > limit:
-                    raise StoreError(f"{self.location(key)} is larger than the {limit} bytes expected of it: not copied")
+                    raise error(f"{self.location(key)} is larger than the {limit} bytes expected of it: not copied")
+                if seen is not None:
+                    seen(chunk)
                 target.write(chunk)
         return copied
 
