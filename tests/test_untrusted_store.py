@@ -178,17 +178,23 @@ def test_a_checkpoint_pointer_naming_another_bucket_deletes_nothing_outside_the_
     assert len(said) == 8 and all("checkpoint pointer" in line and "field 'folder'" in line for line in said)
 
 
+def pushed_checkpoint(store: Store, tmp_path: Path, history: str, epoch: int) -> list[str]:
+    """Checkpoint ``k`` pushed with ``history`` as its ``history.json``; the store's warnings are collected from here."""
+    said: list[str] = []
+    store.warn = said.append
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    (work / "history.json").write_text(history)
+    push_checkpoint(store, "k", epoch, work)
+    return said
+
+
 def test_a_checkpoint_grown_in_the_store_is_not_copied_whole(store, tmp_path):
     """A checkpoint file swapped for a sparse 1 GB one: the copy stops at CHECKPOINT_LIMIT, the checkpoint is reported
     damaged, and training starts afresh with an empty working folder (nothing fills this machine's disk)."""
     from tasks.training.checkpoints import CHECKPOINT_LIMIT
 
-    said: list[str] = []
-    store.warn = said.append
-    work = tmp_path / "work"
-    work.mkdir()
-    (work / "history.json").write_text("[]")
-    push_checkpoint(store, "k", 2, work)
+    said = pushed_checkpoint(store, tmp_path, "[]", epoch=2)
     (planted,) = [p for p in Path(store.path(store.checkpoint_key("k"))).rglob("history.json")]
     with open(planted, "r+b") as f:
         f.truncate(4 * CHECKPOINT_LIMIT)
@@ -556,18 +562,12 @@ def test_the_child_that_parses_an_incoming_file_gets_none_of_the_workers_secrets
 # ---- content that matches its digest and is still not ours: a miss, never the end of a night (review 2026-12-07) ----
 def test_a_checkpoint_whose_history_is_not_ours_is_damaged_and_training_starts_afresh(store, tmp_path):
     """A planted checkpoint's ``history.json`` without epochs made every retrain end with ``KeyError: 'epoch'``."""
-    said: list[str] = []
-    store.warn = said.append
-    work = tmp_path / "work"
-    work.mkdir()
-    (work / "history.json").write_text('[{"no_epoch": 1}]')
-    push_checkpoint(store, "k", 1, work)
+    said = pushed_checkpoint(store, tmp_path, '[{"no_epoch": 1}]', epoch=1)
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     assert pull_checkpoint(store, "k", fresh) is None and list(fresh.iterdir()) == []
     assert any("history.json" in line and "training starts from epoch 0" in line for line in said)
-    (work / "history.json").write_text(json.dumps([{"epoch": 1, "loss": 0.5, "seconds": 2.0}]))
-    push_checkpoint(store, "k", 1, work)
+    pushed_checkpoint(store, tmp_path, json.dumps([{"epoch": 1, "loss": 0.5, "seconds": 2.0}]), epoch=1)
     assert pull_checkpoint(store, "k", fresh) == 1  # what our recorder writes is still resumed from
 
 
