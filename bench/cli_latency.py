@@ -43,6 +43,7 @@ def night_rows(night: int) -> dict[str, pd.DataFrame]:
     promoted = night % 3 != 2
     runs = {
         "finished_at": at + timedelta(minutes=9),
+        "night": at.date(),
         "dataset_sha256": "d" * 64,
         "dataset_version": f"{night:064x}",
         "batches_accepted": night,
@@ -67,12 +68,15 @@ def night_rows(night: int) -> dict[str, pd.DataFrame]:
         "resumed_from_epoch": 0,
         "scheduled_start": at,
         "started_at": at,
+        "published": True,
+        "publish_problem": None,
     }
     promotion = {
         "decided_at": at + timedelta(minutes=8),
         "decision": "promoted" if promoted else "rejected",
         "reason": "passes every rule" if promoted else "mnist-selection: significantly worse than the champion",
         "forced": False,
+        "decided_by": "gate",
         "challenger_model_key": key,
         "champion_before_model_key": f"{night - 1:032x}" if night else None,
         "challenger_selection_balanced_accuracy": 0.985,

@@ -415,19 +415,27 @@ UPGRADES: dict[str, Callable[[str, str, pd.DataFrame], pd.DataFrame]] = {
 
 
 def _latest(store: Store, table: str, fragment: ds.ParquetFileFragment) -> pa.Table:
-    """One partition as the latest schema: read as written, upgraded from the version its metadata declares. Its
-    run id (the folder's name, URL-decoded) must name a partition this store could hold: every reader uses it as
-    a key (``ValueError`` otherwise, and the partition is skipped)."""
+    """One partition as the latest schema: its file opened once, its footer checked against what a night writes
+    (``_check_footer``) before any column is decoded, then read as written and upgraded from the version its
+    metadata declares. Its run id (the folder's name, URL-decoded) must name a partition this store could hold:
+    every reader uses it as a key (``ValueError`` otherwise, and the partition is skipped)."""
     run_id = ds.get_partition_keys(fragment.partition_expression).get("run_id")
     confine_key(store.table_file(table, NO_RUN if run_id is None else str(run_id)))
     full = schema(table).append(RUN_ID)
-    physical = fragment.physical_schema
-    version = (physical.metadata or {}).get(b"schema_version", b"1").decode()
+    with fragment.open() as handle:
+        parquet = pq.ParquetFile(handle)
+        _check_footer(parquet.metadata, PARTITION_ROWS.get(table, PARTITION_ROWS_DEFAULT))
+        physical = parquet.schema_arrow
+        version = (physical.metadata or {}).get(b"schema_version", b"1").decode()
+        if version != SCHEMA_VERSION and version not in UPGRADES:
+            raise ValueError(
+                f"it declares schema version {version!r}, which this release does not know (newest: {SCHEMA_VERSION})"
+            )
+        # One thread: a partition is a few rows, and the reader's thread pool costs more than it saves on them.
+        data = parquet.read(use_threads=False)
     if version == SCHEMA_VERSION:
-        return fragment.to_table(schema=full)
-    if version not in UPGRADES:
-        raise ValueError(f"it declares schema version {version!r}, which this release does not know (newest: {SCHEMA_VERSION})")
-    frame = fragment.to_table(schema=physical).to_pandas()
+        return _as_schema(data, full, run_id)
+    frame = data.to_pandas()
     frame["run_id"] = run_id
     try:
         frame = UPGRADES[version](table, version, frame)
@@ -437,6 +445,24 @@ def _latest(store: Store, table: str, fragment: ds.ParquetFileFragment) -> pa.Ta
         if name not in frame:
             frame[name] = None
     return pa.Table.from_pandas(frame[full.names], schema=full, preserve_index=False)
+
+
+def _as_schema(data: pa.Table, full: pa.Schema, run_id: object) -> pa.Table:
+    """A partition of the latest version with exactly ``full``'s columns, as a dataset scan returns it: each column
+    cast to its type (``ArrowInvalid`` when it cannot be: the partition is skipped), a column the file lacks as
+    nulls, one it has beyond them dropped, and ``run_id`` the folder's, whatever the file holds."""
+    if len(set(data.column_names)) != len(data.column_names):
+        raise ValueError(f"it names a column twice ({', '.join(data.column_names)})")
+    rows = data.num_rows
+    columns = []
+    for field in full:
+        if field.name == RUN_ID.name:
+            columns.append(pa.array([run_id] * rows, type=field.type))
+        elif field.name in data.column_names:
+            columns.append(data.column(field.name).cast(field.type))
+        else:
+            columns.append(pa.nulls(rows, type=field.type))
+    return pa.Table.from_arrays(columns, schema=full)
 
 
 def write_frame(store: Store, path: str, table: str, frame: pd.DataFrame) -> str:
@@ -497,11 +523,6 @@ PARTITION_ROWS_DEFAULT = 500_000
 PARTITION_BYTES = 256 << 20
 
 
-def _check_size(fragment: ds.ParquetFileFragment, table: str) -> None:
-    """Refuse a partition whose footer declares more rows or uncompressed bytes than a night writes."""
-    _check_footer(fragment.metadata, PARTITION_ROWS.get(table, PARTITION_ROWS_DEFAULT))
-
-
 def _check_footer(metadata: pq.FileMetaData, limit: int) -> None:
     rows = metadata.num_rows
     size = sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
@@ -516,7 +537,7 @@ def read_table(store: Store, table: str, run_id: str | Collection[str] | None = 
     """All runs of ``table`` (or one, or those in a collection of run ids) as a DataFrame, ``run_id`` included.
     Only the named runs' partitions are opened: on a store of a year of nights, what one night's view reads.
 
-    Each partition is read on its own after its footer is checked (``_check_size``). One that cannot be read (empty
+    Each partition is read on its own after its footer is checked (``_check_footer``). One that cannot be read (empty
     after a crash, truncated, not Parquet, another schema, too large) is skipped with a warning naming its file, so
     one bad file in a shared store cannot stop every later night's report, trend and gate history. Rows whose values
     no writer of ours produces (``invalid_rows``: a null timestamp, a NaN or out-of-range figure, an unknown
@@ -563,27 +584,29 @@ def read_partition(store: Store, table: str, key: str) -> pd.DataFrame:
 
 
 def _read_fragments(store: Store, table: str, fragments: list[tuple[ds.ParquetFileFragment, str]]) -> pd.DataFrame:
+    """The partitions read one by one (a damaged one skipped with a warning naming it), then checked for invalid
+    rows together: one pass of ``invalid_rows`` over a year of nights costs what one partition's did."""
     full = schema(table).append(RUN_ID)
-    parts, dropped, example = [], 0, ""
+    parts, places = [], []
     for fragment, where in fragments:
         try:
-            _check_size(fragment, table)
-            part = _latest(store, table, fragment)
+            parts.append(_latest(store, table, fragment))
         except (pa.ArrowException, OSError, ValueError) as exc:
             store.warn(f"Skipping the damaged partition {where} of table {table!r}: {str(exc).splitlines()[0][:200]}")
             continue
-        bad, why = invalid_rows(table, part)
-        if bad.any():
-            dropped += int(bad.sum())
-            example = example or f"{why} in {where}"
-            part = part.filter(pa.array(~bad))
-        parts.append(part)
-    if dropped:
+        places.append(where)
+    data = pa.concat_tables(parts) if parts else full.empty_table()
+    bad, _ = invalid_rows(table, data)
+    if bad.any():
+        # The example named is the first partition holding such a row, with the reason it gives on its own.
+        first = int(np.searchsorted(np.cumsum([part.num_rows for part in parts]), int(np.argmax(bad)), side="right"))
+        _, why = invalid_rows(table, parts[first])
         store.warn(
-            f"Skipping {dropped} row(s) of table {table!r} whose values no run writes (first: {example}); "
-            "the rest of the table is read"
+            f"Skipping {int(bad.sum())} row(s) of table {table!r} whose values no run writes (first: {why} in "
+            f"{places[first]}); the rest of the table is read"
         )
-    return (pa.concat_tables(parts) if parts else full.empty_table()).to_pandas()
+        data = data.filter(pa.array(~bad))
+    return data.to_pandas()
 
 
 # ---- values, not only types ----------------------------------------------------------------------------------------
