@@ -454,18 +454,18 @@ def batch_command(args: argparse.Namespace) -> int:
 BATCH_COLUMNS = ["digest", "file", "rows", "decision", "decided_by", "decided_at", "reason", "run_id"]
 
 
-def _batch_decisions(store, run_id: str | None = None):
+def _batch_decisions(store, run_id: str | None = None, columns: list[str] | None = None):
     """Every decision about every batch (or those filed by one run), oldest first (an operator's later row
-    overrules the ingest step's)."""
+    overrules the ingest step's); with ``columns``, only those are read (a list reads what it shows)."""
     from storage.tables import read_table
 
-    return read_table(store, "batches", run_id=run_id).sort_values("decided_at", kind="stable")
+    return read_table(store, "batches", run_id=run_id, columns=columns).sort_values("decided_at", kind="stable")
 
 
 def batches_list_command(args: argparse.Namespace) -> int:
     """``batches list``: each batch once, with its latest decision."""
     store = _reading(args)
-    rows = _batch_decisions(store)
+    rows = _batch_decisions(store, columns=BATCH_COLUMNS)
     latest = rows.drop_duplicates("digest", keep="last").sort_values("decided_at", ascending=False, kind="stable")
     shown = latest[BATCH_COLUMNS]
     return _emit(args, records(shown), lambda: _table(shown, short=("digest",)), f"No batch has arrived in {store.url} yet.")
@@ -522,24 +522,33 @@ RUN_COLUMNS = [
 ]
 
 
-def _nights(store, run_id: str | None = None, last: int = 0):
+GATE_COLUMNS = ["decided_at", "decision", "reason", "forced"]  # and "slices" for one run: a nested column, costly to decode
+
+
+def _nights(store, run_id: str | None = None, last: int = 0, columns: list[str] | None = None):
     """The runs (or the one ``run_id``), newest first (the ``last`` ones, 0 for all), each with its own gate's
     decision: the first ``promotions`` row of its partition (an operator's later promote or rollback filed there is
-    not the night's decision). Only the shown runs' ``promotions`` partitions are read."""
+    not the night's decision). Only the shown runs' ``promotions`` partitions are read. With ``columns``, only
+    those columns of ``runs`` and the gate's decision without its slices (a list of a year of nights decodes what it
+    shows, not every column); without, every column and each slice's comparison."""
     from storage.tables import read_table
 
-    runs = read_table(store, "runs", run_id=run_id).sort_values("finished_at", ascending=False, kind="stable")
+    runs = read_table(store, "runs", run_id=run_id, columns=columns)
+    runs = runs.sort_values("finished_at", ascending=False, kind="stable")
     if last:
         runs = runs.head(last)
-    rows = read_table(store, "promotions", run_id=runs["run_id"].tolist())
+    gate_columns = GATE_COLUMNS if columns is not None else [*GATE_COLUMNS, "slices"]
+    rows = read_table(store, "promotions", run_id=runs["run_id"].tolist(), columns=gate_columns)
     decided = rows.sort_values("decided_at", kind="stable").drop_duplicates("run_id")
-    gate = decided[["run_id", "decision", "reason", "forced", "slices"]]
+    gate = decided[["run_id", *gate_columns[1:]]]
     return runs.merge(gate, on="run_id", how="left")
 
 
 def runs_list_command(args: argparse.Namespace) -> int:
     store = _reading(args)
-    shown = _nights(store, last=args.last)[RUN_COLUMNS]
+    from storage.tables import SCHEMAS
+
+    shown = _nights(store, last=args.last, columns=[c for c in RUN_COLUMNS if c in SCHEMAS["runs"].names])[RUN_COLUMNS]
 
     def human() -> None:
         forced = shown["forced"].astype(object).eq(True)
@@ -731,7 +740,7 @@ def champion_history_command(args: argparse.Namespace) -> int:
     from tasks.champion.pointer import promotions
 
     store = _reading(args)
-    rows = promotions(store)
+    rows = promotions(store, columns=["decision", *HISTORY_COLUMNS])
     shown = rows[rows["decision"] == "promoted"][HISTORY_COLUMNS]
     human = lambda: _table(shown, short=("challenger_model_key", "champion_before_model_key"))  # noqa: E731
     return _emit(args, records(shown), human, f"No model has been champion in {store.url} yet.")

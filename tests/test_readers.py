@@ -203,3 +203,42 @@ def test_an_old_store_reads_without_dropping_rows(store):
     for table, frame in sample_frames(2).items():
         write_table(store, table, "r", frame)
         assert len(read_table(store, table)) == len(frame)
+
+
+def test_the_warning_names_the_first_partition_with_a_bad_row_and_its_own_reason(store):
+    """The rows are checked once over the whole table; the warning still names the first partition holding a bad
+    row, with that partition's reason, and counts every row dropped."""
+    said: list[str] = []
+    store.warn = said.append
+    write_table(store, "runs", "a-good", sample_frames(0)["runs"])
+    planted(store, "runs", "b-bad", sample_frames(1)["runs"], epochs=-3)
+    planted(store, "runs", "c-bad", sample_frames(2)["runs"], test_accuracy=float("nan"))
+    frame = read_table(store, "runs")
+    assert set(frame["run_id"]) == {"a-good"}
+    (line,) = said
+    assert "Skipping 2 row(s)" in line and "epochs is negative (run b-bad)" in line and "run_id=b-bad" in line
+
+
+def test_a_read_of_some_columns_returns_those_checked_and_skips_damage_as_a_whole_read_does(store):
+    """``columns``: only those and ``run_id`` come back; a bad value in one of them still drops its row, a damaged
+    partition is still skipped with its warning; a column not read is not judged (``runs show`` reads them all)."""
+    said: list[str] = []
+    store.warn = said.append
+    write_table(store, "promotions", "a-good", sample_frames(0)["promotions"])
+    planted(store, "promotions", "b-bad", sample_frames(1)["promotions"], decision="maybe")
+    planted(store, "promotions", "c-odd", sample_frames(2)["promotions"], worst_digit=12)
+    key = write_table(store, "promotions", "d-cut", sample_frames(3)["promotions"])
+    Path(store.path(key)).write_bytes(Path(store.path(key)).read_bytes()[:-40])
+
+    frame = read_table(store, "promotions", columns=["decided_at", "decision"])
+    assert list(frame.columns) == ["decided_at", "decision", "run_id"]
+    assert set(frame["run_id"]) == {"a-good", "c-odd"}
+    damaged, dropped = said
+    assert "Skipping the damaged partition" in damaged and "run_id=d-cut" in damaged
+    assert "unknown decision (run b-bad)" in dropped
+
+    said.clear()
+    assert set(read_table(store, "promotions", columns=["decided_at"])["run_id"]) == {"a-good", "b-bad", "c-odd"}
+    assert set(read_table(store, "promotions")["run_id"]) == {"a-good"}
+    with pytest.raises(ValueError, match="has no column"):
+        read_table(store, "promotions", columns=["nonsense"])

@@ -87,9 +87,11 @@ def read_pointer(store: Store) -> Champion | None:
     return None if data is None else Champion.model_validate_json(data)
 
 
-def promotions(store: Store) -> pd.DataFrame:
-    """Every decision so far, oldest first."""
-    return read_table(store, "promotions").sort_values("decided_at", kind="stable").reset_index(drop=True)
+def promotions(store: Store, columns: Collection[str] | None = None) -> pd.DataFrame:
+    """Every decision so far, oldest first (with ``columns``, only those and ``decided_at`` are read)."""
+    wanted = None if columns is None else {*columns, "decided_at"}
+    rows = read_table(store, "promotions", columns=wanted)
+    return rows.sort_values("decided_at", kind="stable").reset_index(drop=True)
 
 
 def champions_in_history(store: Store) -> list[Champion]:
