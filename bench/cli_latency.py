@@ -175,6 +175,7 @@ def main() -> None:
             "champion show": [*cli, "champion", "show", "--store", store.url],
             "champion history": [*cli, "champion", "history", "--store", store.url],
             "batches list": [*cli, "batches", "list", "--store", store.url],
+            "batches show": [*cli, "batches", "show", f"{args.nights - 1:064x}", "--store", store.url],
         }
         print(f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
         print(f"{'command':<28} {'median s':>9} {'fastest s':>9} {'CPU s':>7}   ({args.repeat} runs each)")
