@@ -454,9 +454,10 @@ def batch_command(args: argparse.Namespace) -> int:
 BATCH_COLUMNS = ["digest", "file", "rows", "decision", "decided_by", "decided_at", "reason", "run_id"]
 
 
-def _batch_decisions(store, run_id: str | None = None, columns: list[str] | None = None):
+def _batch_decisions(store, run_id: str | list[str | None] | None = None, columns: list[str] | None = None):
     """Every decision about every batch (or those filed by one run), oldest first (an operator's later row
-    overrules the ingest step's); with ``columns``, only those are read (a list reads what it shows)."""
+    overrules the ingest step's); with ``columns``, only those are read (a list reads what it shows). A run id of
+    None names the operators' decisions, which no night filed."""
     from storage.tables import read_table
 
     return read_table(store, "batches", run_id=run_id, columns=columns).sort_values("decided_at", kind="stable")
@@ -474,7 +475,8 @@ def batches_list_command(args: argparse.Namespace) -> int:
 def batches_show_command(args: argparse.Namespace) -> int:
     """``batches show``: one batch's latest row of the batches table (every column), and each decision before it."""
     store = _reading(args)
-    rows = _batch_decisions(store)
+    # The digests first (two columns of every partition), then every column of the partitions holding the one named.
+    rows = _batch_decisions(store, columns=["digest", "decided_at"])
     prefix = args.batch.strip().lower()
     digests = rows["digest"].drop_duplicates()
     matches = digests[digests.str.startswith(prefix)] if len(prefix) >= 8 else digests.iloc[:0]
@@ -487,7 +489,15 @@ def batches_show_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILED
-    history = rows[rows["digest"] == matches.iloc[0]]
+    holding = rows.loc[rows["digest"] == matches.iloc[0], "run_id"].astype(object)
+    whole = _batch_decisions(store, run_id=[None if r is None or r != r else r for r in holding.drop_duplicates()])
+    history = whole[whole["digest"] == matches.iloc[0]]
+    if history.empty:  # its rows hold, beside the digest, a value no run writes: dropped (and said) as by any reader
+        print(
+            f"mnist-pipeline batches show: batch {matches.iloc[0][:12]} has no row that reads whole in {store.url}.",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     latest = records(history.tail(1))[0]
     data = {**latest, "decisions": records(history[["decision", "decided_by", "decided_at", "reason", "run_id"]])}
 

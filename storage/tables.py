@@ -550,8 +550,9 @@ def columns_of(table: str, columns: Collection[str] | None = None) -> pa.Schema:
 def read_table(
     store: Store, table: str, run_id: str | Collection[str] | None = None, columns: Collection[str] | None = None
 ) -> pd.DataFrame:
-    """All runs of ``table`` (or one, or those in a collection of run ids) as a DataFrame, ``run_id`` included.
-    Only the named runs' partitions are opened: on a store of a year of nights, what one night's view reads.
+    """All runs of ``table`` (or one, or those in a collection of run ids, where None names the operators'
+    partition, ``NO_RUN``) as a DataFrame, ``run_id`` included. Only the named runs' partitions are opened: on a
+    store of a year of nights, what one night's view reads.
     With ``columns``, only those (and ``run_id``) are decoded and checked: a list of a year of nights reads the
     columns it shows, not the thirty a night writes; a row is then dropped for a value no writer produces in one
     of those columns, and a view of a whole row (``runs show``) reads every column.
@@ -564,8 +565,9 @@ def read_table(
     are never discovered (``storage/door.py``).
     """
     full = columns_of(table, columns)
-    named = None if run_id is None or isinstance(run_id, str) else sorted(set(run_id))
-    if named == [] or not store.exists(store.table_dir(table)):  # no run named; no run has written it yet
+    named = None if run_id is None or isinstance(run_id, str) else sorted({r for r in run_id if r is not None})
+    operators = not isinstance(run_id, str) and run_id is not None and None in set(run_id)
+    if (named == [] and not operators) or not store.exists(store.table_dir(table)):  # no run named; none written yet
         return full.empty_table().to_pandas()
     if run_id is None:
         flt = None
@@ -573,6 +575,8 @@ def read_table(
         flt = ds.field("run_id") == run_id
     else:
         flt = ds.field("run_id").isin(named)
+        if operators:  # the partition Hive reads as a null run id
+            flt = flt | ds.field("run_id").is_null()
     try:
         data = dataset(store, table)
         fragments = list(data.get_fragments(filter=flt))

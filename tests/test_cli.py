@@ -369,3 +369,24 @@ def test_the_seed_is_empty_by_default_as_the_nightly_deployment_has_it():
 def test_serve_status_says_nothing_runs(capsys, tmp_path):
     code, out, _ = run_cli(capsys, "serve", "status", "--home", str(tmp_path / "serve"))
     assert code == 3 and "Nothing of" in out
+
+
+def test_batches_show_reads_the_operators_decision_filed_under_no_night(capsys, nights):
+    """``batches show`` finds the batch by its digest, then reads whole only the partitions holding it: the
+    operators' (a null run id) among them, so an operator's later quarantine is its latest decision."""
+    from datetime import timedelta
+
+    from storage.tables import read_table, write_table
+
+    ingested = read_table(nights, "batches").drop(columns=["run_id"])
+    overruled = ingested.assign(
+        decision="quarantined",
+        decided_by="operator",
+        reason="quarantined by hand",
+        decided_at=ingested["decided_at"] + timedelta(hours=1),
+    )
+    write_table(nights, "batches", None, overruled)
+    digest = ingested["digest"].iloc[0]
+    shown = as_json(capsys, "batches", "show", digest[:12], "--store", nights.url)
+    assert shown["decision"] == "quarantined" and shown["decided_by"] == "operator" and shown["run_id"] is None
+    assert [(d["decided_by"], d["run_id"]) for d in shown["decisions"]] == [("ingest", "run-c"), ("operator", None)]
