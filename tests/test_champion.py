@@ -177,6 +177,42 @@ def test_a_champion_whose_config_is_not_json_is_set_aside_and_the_gate_decides(s
     assert read_pointer(store).run_id == "run-1"  # repaired by this gate decision, to the champion it compared against
 
 
+def test_a_night_sets_aside_at_most_max_set_aside_damaged_champions_then_judges_a_first_champion(store, lab):
+    """Eleven nights each promoted a model that is damaged now (not a .keras archive, its digests set to match),
+    and before them an intact champion: the night sets aside ``MAX_SET_ASIDE`` of them, in one sentence, and judges
+    its model as a first champion without looking further (each set-aside costs a read of up to ``MODEL_LIMIT``)."""
+    from storage.tables import write_table
+    from tasks.champion.pointer import Champion
+
+    decide(store, lab, "weak", "run-0")  # the intact champion, oldest, beyond the limit
+    weak = lab["weak"][1]
+    (promoted,) = [read_table(store, "promotions", run_id="run-0")]
+    planted = 11  # one more than MAX_SET_ASIDE (10): the eleventh and the intact champion are never read
+    for night in range(1, planted + 1):
+        key, data = f"damaged-{night:02d}", b"not a keras archive %d" % night
+        store.write_bytes(store.model_file(key), data)
+        damaged = weak.model_copy(update={"key": key, "file_key": store.model_file(key), "sha256": sha256_bytes(data)})
+        store.write_text(store.model_info_file(key), damaged.model_dump_json())
+        row = promoted.assign(
+            run_id=f"run-{night}", challenger_model_key=key, decided_at=promoted["decided_at"] + pd.Timedelta(hours=night)
+        )
+        write_table(store, "promotions", f"run-{night}", row)
+    pointer = read_pointer(store)
+    store.write_text(
+        store.champion_file(),
+        Champion.model_validate(
+            pointer.model_dump() | {"model_key": key, "sha256": damaged.sha256, "run_id": f"run-{planted}", "revision": None}
+        ).model_dump_json(),
+    )
+    said = []
+    decided = decide(store, lab, "better", "run-12", log=said.append)
+    (sentence,) = said  # once, for all of them
+    assert f"The champion model damaged-{planted:02d} of run run-{planted} is damaged and set aside" in sentence
+    assert "10 damaged champions were set aside tonight" in sentence and "judged as a first champion" in sentence
+    assert decided.champion_before is None and decided.promoted and decided.reason.startswith("first champion")
+    assert read_pointer(store).run_id == "run-12"
+
+
 def test_a_foreign_slow_champion_is_refused_before_it_runs_and_the_night_judges_a_first_champion(store, lab, tmp_path):
     from tasks.training.keras_runtime import import_keras
 

@@ -66,3 +66,44 @@ def test_damaged_tables_and_a_failed_report_end_nights_completed_with_the_decisi
     assert not row.published and "report failed (OSError" in row.publish_problem
     decided = read_table(store, "promotions", run_id=third.run_id)
     assert list(decided["decision"]) == [third.decision]
+
+
+def test_a_night_whose_models_training_history_is_damaged_ends_completed_with_the_curves_said_unavailable(
+    mnist_store, prefect_harness, tmp_path
+):
+    """The model's training history (its curves, a Parquet file in the store) truncated by a writer of the store:
+    the next night that draws the model's plots ends Completed with its decision, its curves figure says they are
+    unavailable, and the damage is reported in the night's log."""
+    import logging
+    import re
+
+    from flows.night.pipeline import mnist_retrain
+    from tasks.evaluation.plots import png_bytes, training_curves
+    from tasks.training.model import ModelRef
+
+    store = with_mnist(Store(tmp_path / "store"), mnist_store)
+    params = PipelineParameters(epochs=1, train_limit=500, n_per_class=10, seed=3, store=store.url)
+    first = mnist_retrain(params)
+    (model,) = [ModelRef.model_validate_json(store.read_bytes(p)) for p in store.fs.glob(store.path("models", "*", "model.json"))]
+    history = Path(store.path(model.history_key))
+    history.write_bytes(history.read_bytes()[:40])  # truncated: a Parquet file without its footer
+
+    said: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: said.append(record.getMessage())
+    logger = logging.getLogger("prefect")
+    logger.addHandler(handler)
+    try:  # another evaluation sample: the model is reused (its training cached), its plots are drawn again
+        second = mnist_retrain(params.model_copy(update={"n_per_class": 12}))
+    finally:
+        logger.removeHandler(handler)
+    assert second.step_states["train"] == "Cached" and second.step_states["plot"] == "Completed", second.step_states
+    assert second.published and second.decision in ("promoted", "rejected", "unchanged"), second.publish_problem
+    (row,) = read_table(store, "runs", run_id=second.run_id).itertuples()
+    assert row.published
+    (warning,) = [line for line in said if "training history" in line]
+    assert f"The training history of model {model.key} is damaged" in warning and "curves are not drawn" in warning
+    problem = re.search(r"is damaged \((.*)\): its curves are not drawn", warning, re.S).group(1)
+    unavailable = png_bytes(training_curves(None, problem))  # the figure that says "Training curves unavailable: ..."
+    assert Path(store.path(store.report_file(second.run_id, "training_curves.png"))).read_bytes() == unavailable
+    assert Path(store.path(store.report_file(first.run_id, "training_curves.png"))).read_bytes() != unavailable

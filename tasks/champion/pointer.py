@@ -208,6 +208,12 @@ def setting_aside_damaged(store: Store, lookup: ChampionLookup, use: Callable[[M
         return _with_damage(lookup, first, f"compared against the last intact champion, run {lookup.champion.run_id}"), value
     if first is None:
         return lookup, None
+    if len(set_aside) >= MAX_SET_ASIDE:  # earlier champions may be intact: not looked at, and not said to be damaged
+        instead = (
+            f"{len(set_aside)} damaged champions were set aside tonight, the most one night sets aside, "
+            "so this night's model is judged as a first champion"
+        )
+        return _with_damage(lookup, first, instead), None
     return _with_damage(lookup, first, "no earlier champion is intact, so this night's model is judged as a first champion"), None
 
 

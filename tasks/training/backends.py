@@ -46,6 +46,18 @@ def process_backend() -> Backend:
         raise ValueError(f"{BACKEND_ENV}={name!r} is not a backend this pipeline trains on; choose one of {choices}") from None
 
 
+STOP_GRACE = 5.0  # seconds a training child has to end on SIGTERM before it is killed
+
+
+def _stop(child: subprocess.Popen) -> None:
+    """End the training child now: SIGTERM (Python's default: it ends at once), SIGKILL after ``STOP_GRACE``."""
+    child.terminate()
+    try:
+        child.wait(timeout=STOP_GRACE)
+    except subprocess.TimeoutExpired:
+        child.kill()
+
+
 def run_in_backend(
     backend: Backend, arguments: dict, log: Callable[[str], None], on_epoch: Callable[[int, int, dict], None] | None
 ) -> dict:
@@ -61,19 +73,25 @@ def run_in_backend(
         command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2]
     ) as child:
         assert child.stdin is not None and child.stdout is not None
-        child.stdin.write(json.dumps(arguments) + "\n")
-        child.stdin.close()
-        for line in child.stdout:
-            if not line.startswith(MESSAGE):
-                print(line, end="")  # the child's own prints (a library's warning, say): not ours to drop
-                continue
-            message = json.loads(line[len(MESSAGE) :])
-            if "log" in message:
-                log(message["log"])
-            elif "epoch" in message and on_epoch is not None:
-                on_epoch(*message["epoch"])
-            elif "result" in message:
-                result = message["result"]
+        try:
+            child.stdin.write(json.dumps(arguments) + "\n")
+            child.stdin.close()
+            for line in child.stdout:
+                if not line.startswith(MESSAGE):
+                    print(line, end="")  # the child's own prints (a library's warning, say): not ours to drop
+                    continue
+                message = json.loads(line[len(MESSAGE) :])
+                if "log" in message:
+                    log(message["log"])
+                elif "epoch" in message and on_epoch is not None:
+                    on_epoch(*message["epoch"])
+                elif "result" in message:
+                    result = message["result"]
+        except BaseException:
+            # A stop (SIGTERM turned into Prefect's TerminationSignal), the step's timeout or an error here: the
+            # training ends with the night. Leaving the block would otherwise wait for the child to finish.
+            _stop(child)
+            raise
     if child.returncode != 0 or result is None:
         raise RuntimeError(
             f"training on the {backend.value} backend failed in its process (exit status {child.returncode}); "
