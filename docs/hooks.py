@@ -173,15 +173,22 @@ def soak() -> str:
             f"| {n['night']} | {n['wall_s']:.0f} | {steps.get('train', 0):.0f} | {steps.get('ingest', 0):.0f} | "
             f"{n['peak_rss_mb']:.0f} |"
         )
-    out += ["", "| night | training | holdout | store MB | batches |", "|---:|---:|---:|---:|---|"]
+    out += [
+        "",
+        "| night | training | holdout | store MB | of it pruned by retention, MB | batches |",
+        "|---:|---:|---:|---:|---:|---|",
+    ]
     for n in nights:
+        derived = f"{n['derived_mb']:.0f}" if n.get("derived_mb") is not None else "(not recorded)"
         out.append(
-            f"| {n['night']} | {n['available_training_images']} | {n['holdout_images']} | {n['store_mb']:.0f} | "
+            f"| {n['night']} | {n['available_training_images']} | {n['holdout_images']} | {n['store_mb']:.0f} | {derived} | "
             f"{n['accepted_tonight']}✓ {n['quarantined_tonight']}✗ |"
         )
     out += [
         "",
         "*training*: images the accepted batches and MNIST's base set make available (the budget chooses from them); "
+        "*of it pruned by retention*: the models, evaluations, plots, reports and checkpoints folders, which the "
+        "night's retention bounds (the batches and tables are the data, kept); "
         "*batches*: accepted ✓ and quarantined ✗ that night. The gate's decisions, night by night: "
         + ", ".join(n["decision"] for n in nights)
         + ". Growth per night (least-squares slope over the nights):",
