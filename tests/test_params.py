@@ -110,3 +110,12 @@ def test_the_incoming_location_is_no_parameter_so_an_api_caller_cannot_point_a_w
             PipelineParameters(**{name: "/etc"})
     with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
         PipelineParameters(ingest={"incoming": "s3://elsewhere"})
+
+
+def test_the_command_line_turns_the_nights_prune_off_and_sets_the_reports_kept():
+    from flows.cli import build_parser, parameters_from
+
+    parser = build_parser()
+    assert parameters_from(parser.parse_args(["run"])).retention.prune is True  # on unless turned off
+    off = parameters_from(parser.parse_args(["run", "--no-prune", "--keep-reports", "5"])).retention
+    assert (off.prune, off.keep_reports) == (False, 5)

@@ -548,5 +548,5 @@ def test_each_night_prunes_after_publishing_and_a_prune_failure_is_recorded_neve
     row = read_table(store, "runs").set_index("run_id").loc[fourth.run_id]
     assert not row["published"] and "prune failed" in row["publish_problem"]
     assert runs[third.run_id] in os.listdir(store.path("models"))  # nothing went
-    off = mnist_retrain(base.model_copy(update={"seed": 5, "gate": strict, "retention": {"prune": False}}))
+    off = mnist_retrain(base.model_copy(update={"seed": 5, "gate": strict, "retention": RetentionRules(prune=False)}))
     assert off.published and runs[third.run_id] in os.listdir(store.path("models"))
