@@ -5,8 +5,9 @@ deformations of MNIST's base training images, as infiMNIST made them, so the int
 and on a share of the nights one bad batch too (mislabelled, copies of test images, or inverted: what the intake
 must catch). Then the night runs as the deployment runs it, in a process of its own against one temporary Prefect
 API, and this records per night: wall time, each step's time (from the API's task runs), peak RSS of the night's
-process (``wait4``), the training-set size the accepted batches give, the new-data holdout, the store's size, and
-the intake's decisions. A year is compressed into fewer, bigger nights (``--days-per-night`` days of arrivals each)
+process (``wait4``), the training-set size the accepted batches give, the new-data holdout, the store's size (and
+of it, the folders the night's retention prunes: models, evaluations, plots, reports, checkpoints), and the
+intake's decisions. A year is compressed into fewer, bigger nights (``--days-per-night`` days of arrivals each)
 so that it finishes within an hour on 2 cores; docs/scaling.md says how.
 
 Writes JSON lines (``--out``) and a plot (``--plot``), and prints each quantity's growth per night (a least-squares
@@ -31,6 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from storage import Store  # noqa: E402
+from storage.retention import FOLDERS  # noqa: E402
 from storage.tables import read_table  # noqa: E402
 from tasks.data.batch_format import batch_bytes  # noqa: E402
 from tasks.data.deformed import deformed_batch  # noqa: E402
@@ -73,6 +75,15 @@ def arrivals(mnist, sources: np.ndarray, night: int, files: int, images: int, ba
 
 def store_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+# The folders the night's retention prunes (storage/retention.py): models, evaluations, plots, reports, checkpoints.
+# Their size is what the policy bounds; the rest of the store (batches, tables) is the data, kept by design.
+PRUNED_FOLDERS = sorted({folder.split("/")[0] for folder in FOLDERS.values()})
+
+
+def derived_bytes(root: Path) -> int:
+    return sum(store_bytes(root / folder) for folder in PRUNED_FOLDERS if (root / folder).is_dir())
 
 
 def step_seconds(run_id: str) -> dict[str, float]:
@@ -161,6 +172,7 @@ def soak(
                 "available_training_images": int(len(sources) + accepted["train_rows"].fillna(0).sum()),
                 "holdout_images": summary["new_data_images"],
                 "store_mb": round(store_bytes(root) / 1e6, 2),
+                "derived_mb": round(derived_bytes(root) / 1e6, 2),  # what retention prunes: bounded by its policy
                 "accepted_tonight": int((tonight["decision"] == "accepted").sum()),
                 "quarantined_tonight": int((tonight["decision"] == "quarantined").sum()),
                 "bad_batch": bad,
@@ -181,7 +193,8 @@ def slopes(records: list[dict]) -> dict[str, tuple[float, float, float]]:
     """Per quantity: (growth per night, first night's value, last night's value)."""
     nights = np.array([r["night"] for r in records], dtype=float)
     series = {
-        k: [r[k] for r in records] for k in ("wall_s", "peak_rss_mb", "available_training_images", "holdout_images", "store_mb")
+        k: [r.get(k) for r in records]
+        for k in ("wall_s", "peak_rss_mb", "available_training_images", "holdout_images", "store_mb", "derived_mb")
     }
     steps = sorted({s for r in records for s in r["steps_s"]})
     series |= {f"step {s} (s)": [r["steps_s"].get(s, np.nan) for r in records] for s in steps}
@@ -207,10 +220,11 @@ def plot(records: list[dict], path: Path) -> None:
         ("available_training_images", "training images available\n(base + accepted)"),
         ("holdout_images", "new-data holdout images"),
         ("store_mb", "store size (MB)"),
+        ("derived_mb", "models, evaluations, plots,\nreports, checkpoints (MB)"),
     )
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.2 * len(panels)), sharex=True)
     for ax, (key, label) in zip(axes, panels):
-        ax.plot(day, [np.nan if r[key] is None else r[key] for r in records], marker="o", markersize=3)
+        ax.plot(day, [np.nan if r.get(key) is None else r[key] for r in records], marker="o", markersize=3)
         ax.set_ylabel(label, fontsize=8)
         ax.set_ylim(bottom=0)  # growth is read against the whole figure, not against a zoomed-in axis
         ax.grid(alpha=0.3)

@@ -3,7 +3,7 @@
 ``<!-- generated: NAME -->`` in a page is replaced by ``GENERATED[NAME]()``: the data dictionary from
 ``storage/tables.py``'s schemas, the CLI reference from ``flows/cli.py``'s parser, the changelog from
 ``CHANGELOG.md``, and measured tables from the records real runs wrote (``docs/measured/``: the scripted week's,
-the near-copy check's). A page naming a generator that does not exist fails the build.
+the near-copy check's, the soak's, the training budgets'). A page naming a generator that does not exist fails the build.
 """
 
 from __future__ import annotations
@@ -173,15 +173,22 @@ def soak() -> str:
             f"| {n['night']} | {n['wall_s']:.0f} | {steps.get('train', 0):.0f} | {steps.get('ingest', 0):.0f} | "
             f"{n['peak_rss_mb']:.0f} |"
         )
-    out += ["", "| night | training | holdout | store MB | batches |", "|---:|---:|---:|---:|---|"]
+    out += [
+        "",
+        "| night | training | holdout | store MB | of it pruned by retention, MB | batches |",
+        "|---:|---:|---:|---:|---:|---|",
+    ]
     for n in nights:
+        derived = f"{n['derived_mb']:.0f}" if n.get("derived_mb") is not None else "(not recorded)"
         out.append(
-            f"| {n['night']} | {n['available_training_images']} | {n['holdout_images']} | {n['store_mb']:.0f} | "
+            f"| {n['night']} | {n['available_training_images']} | {n['holdout_images']} | {n['store_mb']:.0f} | {derived} | "
             f"{n['accepted_tonight']}✓ {n['quarantined_tonight']}✗ |"
         )
     out += [
         "",
         "*training*: images the accepted batches and MNIST's base set make available (the budget chooses from them); "
+        "*of it pruned by retention*: the models, evaluations, plots, reports and checkpoints folders, which the "
+        "night's retention bounds (the batches and tables are the data, kept); "
         "*batches*: accepted ✓ and quarantined ✗ that night. The gate's decisions, night by night: "
         + ", ".join(n["decision"] for n in nights)
         + ". Growth per night (least-squares slope over the nights):",
@@ -191,8 +198,58 @@ def soak() -> str:
     return "\n".join(out)
 
 
+def _accuracy(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
+def training_budgets() -> str:
+    """Accuracy on every slice under the training-set budget against training on everything, from the record
+    ``bench/training_budgets.py --record`` wrote."""
+    import json
+
+    record = json.loads((REPO / "docs" / "measured" / "training-budgets.json").read_text())
+    settings, base = record["settings"], record["base_images"]
+    out = [
+        f"Measured {record['date']} on {record['cpu']} ({record['cpu_count']} cores, shared with other work) by "
+        f"`bench/training_budgets.py`: the seed network trained by the project's own code, {settings['epochs']} "
+        f"epoch each (a night's default is 15; cut to fit the bench in ~20 minutes), seed 0, on MNIST's base set "
+        f"({base} images) plus accepted batches of {settings['batch_images']} deformed digits "
+        f"(`tasks/data/deformed.py`), oldest first; the policy is `max_training_images` = {settings['budget']}. "
+        f"Balanced accuracy on each slice the gate judges; *trained* counts the images of the epoch (the rest of "
+        f"the set is Keras' validation split). The whole run took {record['total_seconds'] / 60:.0f} minutes, "
+        f"{record['deform_seconds'] / 60:.0f} of them deforming digits.",
+        "",
+        "| total size | trained on | trained | test | selection | new data | train s | peak RSS MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for t in record["trainings"]:
+        who = "everything (= the policy)" if t["same_as_everything"] else t["policy"]
+        acc = t["balanced_accuracy"]
+        out.append(
+            f"| {t['multiple']}× ({t['available']}) | {who} | {t['train_images']} | {_accuracy(acc['mnist-test'])} | "
+            f"{_accuracy(acc['mnist-selection'])} | {_accuracy(acc['new-data'])} | {t['train_seconds']:.0f} | "
+            f"{t['peak_rss_mb']:.0f} |"
+        )
+    out += [
+        "",
+        "The policy against training on everything, at the same total size (the same run's figures; accuracy in "
+        "points of balanced accuracy):",
+        "",
+        "| total size | test | selection | new data | training time | peak RSS |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for c in record["comparisons"]:
+        change = c["accuracy_change"]
+        out.append(
+            f"| {c['multiple']}× | {100 * change['mnist-test']:+.2f} | {100 * change['mnist-selection']:+.2f} | "
+            f"{100 * change['new-data']:+.2f} | ×{c['train_seconds_ratio']:.2f} | ×{c['peak_rss_ratio']:.2f} |"
+        )
+    return "\n".join(out)
+
+
 GENERATED: dict[str, Callable[[], str]] = {
     "soak": soak,
+    "training-budgets": training_budgets,
     "near-copies": near_copies,
     "week-tables": week_tables,
     "cli-reference": cli_reference,

@@ -34,6 +34,7 @@ def _quiet_environment() -> None:
 GROUPS = {
     "gate": ("champion gate", "when this run's model replaces the champion (compared on the same images)"),
     "ingest": ("new-data checks", "when a new batch is quarantined instead of trained on"),
+    "retention": ("store retention", "what the night removes from the store after publishing (docs/store.md)"),
 }
 
 
@@ -44,6 +45,8 @@ def _flag_options(field: FieldInfo) -> dict:
     kind = kinds[0]
     default = field.get_default(call_default_factory=True)
     text = field.description or field.title or ""
+    if kind is bool and default is True:  # on unless turned off: --name and --no-name
+        return {"action": argparse.BooleanOptionalAction, "default": True, "help": text.replace("%", "%%") + " (default on)"}
     if kind is bool:
         return {"action": "store_true", "help": text.replace("%", "%%")}
     options: dict = {"default": default.value if isinstance(default, enum.Enum) else default}

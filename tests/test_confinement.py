@@ -117,6 +117,7 @@ LOOSER = [
     ("ingest", "max_disagreement_excess", 1.0),
     ("ingest", "min_batch_images", 1),
     ("ingest", "holdout_share", 1e-9),  # issue 39, finding 7: the night's batches would get no new-data holdout
+    ("retention", "keep_reports", 0),  # a run that erases every report but its own
 ]
 
 
@@ -172,14 +173,16 @@ def test_every_rule_is_judged_in_one_direction_and_the_defaults_pass(worker):
     from flows.night.confinement import LOOSER_WHEN_HIGHER, LOOSER_WHEN_LOWER, NOT_A_RULE
     from tasks.champion.gate import GateRules
     from tasks.intake.checks import IngestRules
+    from tasks.publish.retention_rules import RetentionRules
 
-    for group, rules in (("gate", GateRules), ("ingest", IngestRules)):
+    for group, rules in (("gate", GateRules), ("ingest", IngestRules), ("retention", RetentionRules)):
         named = [LOOSER_WHEN_LOWER[group], LOOSER_WHEN_HIGHER[group], NOT_A_RULE[group]]
         for field in rules.model_fields:
             assert sum(field in names for names in named) == 1, f"{group}.{field}: say which way it loosens"
     tighter = PipelineParameters(gate={"min_balanced_accuracy": 0.99, "max_regression": 0.0}, ingest={"drift_p": 0.5})
     check_deployed_run(tighter)
     check_deployed_run(PipelineParameters())
+    check_deployed_run(PipelineParameters(retention={"prune": False, "keep_reports": 365}))  # keeping more: any run may
 
 
 def test_the_pool_template_exposes_nothing_that_changes_what_or_where_a_run_executes():

@@ -43,6 +43,14 @@ def test_defaults_are_the_documented_ones():
     p = PipelineParameters()
     assert (p.epochs, p.batch_size, p.n_per_class, p.seed, p.train_limit, p.model.value) == (None, 128, 800, 0, None, "seed")
     assert (p.backend, p.train_config(0).epochs) == (None, 15)  # empty: the worker's backend, the model's epochs
+    assert (p.retention.prune, p.retention.keep_reports) == (True, 30)  # a night prunes the store: docs/store.md
+
+
+def test_a_bad_retention_value_is_refused_naming_the_field_and_range():
+    with pytest.raises(ValidationError) as info:
+        PipelineParameters(retention={"keep_reports": -1, "keep_models": 3})
+    message = describe_errors(info.value)
+    assert "retention.keep_reports=-1" in message and "0–100000" in message and "retention.keep_models" in message
 
 
 def test_the_ui_form_has_titles_descriptions_and_bounds():
@@ -102,3 +110,12 @@ def test_the_incoming_location_is_no_parameter_so_an_api_caller_cannot_point_a_w
             PipelineParameters(**{name: "/etc"})
     with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
         PipelineParameters(ingest={"incoming": "s3://elsewhere"})
+
+
+def test_the_command_line_turns_the_nights_prune_off_and_sets_the_reports_kept():
+    from flows.cli import build_parser, parameters_from
+
+    parser = build_parser()
+    assert parameters_from(parser.parse_args(["run"])).retention.prune is True  # on unless turned off
+    off = parameters_from(parser.parse_args(["run", "--no-prune", "--keep-reports", "5"])).retention
+    assert (off.prune, off.keep_reports) == (False, 5)

@@ -26,7 +26,8 @@ from tasks.champion.pointer import Champion
 from tasks.evaluation.evaluate import EvaluationRef, ModelPredictionsRef
 from tasks.evaluation.plots import PlotsRef, plots_key
 from tasks.publish.report import MANIFEST, ReportFile, ReportManifest, read_manifest
-from tasks.publish.retention import KEEP_REPORTS, PruneRefused, prune
+from tasks.publish.retention import KEEP_REPORTS, PruneRefused, prune, prune_store
+from tasks.publish.retention_rules import RetentionRules
 from tests.conftest import model_ref, sample_frames
 
 REPO = Path(__file__).resolve().parent.parent
@@ -458,3 +459,94 @@ def test_a_night_that_fails_removes_its_marker(prefect_harness, tmp_path, monkey
         mnist_retrain(PipelineParameters(store=store.url, mnist_source=str(tmp_path / "empty")))
     assert store.exists(store.night_markers_dir()) and not store.list_files(store.night_markers_dir())
     assert prune(store).plan.doomed == []  # and a prune is not held back by it
+
+
+def test_a_nights_own_prune_keeps_what_it_made_and_its_report_and_its_own_marker_does_not_stop_it(planted: Store):
+    """The nightly step (``retention`` parameters): run inside night r6, whose model e was rejected and whose runs
+    row was never written (its tables failed), keeping no report but its own."""
+    e = "e" * 32
+    plant_model(planted, e)
+    write_table(planted, "promotions", "r6", promotions_row(e, "c" * 32, "rejected", 6))
+    plant_report(planted, "r6", {"trend.png": b"trend 6"})
+    mark_running(planted, "r6")
+    result = prune_store(planted, "r6", [e], RetentionRules(keep_reports=0))
+    for key in (
+        f"models/{e}/model.keras",  # tonight's model: tomorrow's night on the same data reuses it
+        f"evaluations/e{e}/evaluation.json",
+        f"evaluations/by-model/p{e}/test_predictions.json",
+        f"evaluations/p{e}/mnist-test-1.parquet",
+        f"plots/{plots_of(planted, 'e')}/plots.json",
+        "reports/r6/index.md",  # tonight's report
+        f"models/{'c' * 32}/model.keras",  # the champion
+        "incoming/night-6.parquet",  # a pending batch
+        planted.night_marker_file("r6"),
+    ):
+        assert planted.exists(key), key
+    assert {d.key for d in result.plan.doomed} >= GOES | {"reports/r1", "reports/r3", "reports/r4", "reports/r5"}
+    assert not planted.exists(f"models/{'b' * 32}/model.keras") and not planted.exists("reports/r5/index.md")
+
+
+def test_a_nights_prune_refuses_while_another_night_runs_and_nothing_goes(planted: Store):
+    mark_running(planted, "r6")
+    mark_running(planted, "r7")
+    before = files(planted)
+    with pytest.raises(PruneRefused, match="while a night runs: r7"):
+        prune_store(planted, "r6", [], RetentionRules())
+    assert files(planted) == before
+
+
+def test_pruned_every_night_the_store_holds_the_champions_the_last_reports_and_tonight_whatever_came_before(tmp_path: Path):
+    """A year of rejected nights, compressed: one folder of each kind a night, pruned each night; what stays is
+    bounded by the policy, not by the number of nights."""
+    store = plant(Store(tmp_path / "store"))
+    c = "c" * 32
+    sizes = []
+    for night in range(6, 18):
+        run_id, k = f"r{night}", f"{night:032x}"
+        mark_running(store, run_id)
+        model, evaluation = plant_model(store, k)
+        write_table(store, "runs", run_id, runs_row(run_id, model.key, evaluation.key, night))
+        write_table(store, "promotions", run_id, promotions_row(k, c, "rejected", night))
+        plant_report(store, run_id, {"trend.png": f"trend {night}".encode()})
+        prune_store(store, run_id, [k], RetentionRules(keep_reports=2))
+        store.remove(store.night_marker_file(run_id))
+        sizes.append({kind: len(os.listdir(store.path(kind))) for kind in ("models", "reports", "plots")})
+        assert store.exists(f"models/{k}/model.keras") and not store.exists(f"models/{night - 1:032x}")
+    assert sizes[-1] == sizes[2] == {"models": 3, "reports": 2, "plots": 3}  # a, c (champions) and tonight's
+
+
+@pytest.mark.slow
+def test_each_night_prunes_after_publishing_and_a_prune_failure_is_recorded_never_changing_the_decision(
+    mnist_store: Store, prefect_harness, tmp_path
+):
+    from flows.night.params import PipelineParameters
+    from flows.night.pipeline import mnist_retrain
+    from storage.tables import read_table
+    from tasks.champion.gate import GateRules
+    from tests.conftest import with_mnist
+
+    store = Store(tmp_path / "store")
+    store.fs.makedirs(store.path("objects"), exist_ok=True)
+    with_mnist(store, mnist_store)
+    lenient = GateRules(min_balanced_accuracy=0.0, max_digit_drop=1.0)  # night 1's 1-epoch model becomes champion
+    strict = GateRules(min_balanced_accuracy=1.0)  # the nights after are rejected
+    base = PipelineParameters(epochs=1, train_limit=1000, n_per_class=10, store=store.url)
+    first = mnist_retrain(base.model_copy(update={"seed": 1, "gate": lenient}))
+    second = mnist_retrain(base.model_copy(update={"seed": 2, "gate": strict}))
+    third = mnist_retrain(base.model_copy(update={"seed": 3, "gate": strict}))
+    assert (first.decision, second.decision, third.decision) == ("promoted", "rejected", "rejected")
+    assert first.published and second.published and third.published, third.publish_problem
+    runs = read_table(store, "runs").set_index("run_id")["model_key"]
+    models = set(os.listdir(store.path("models")))
+    assert models == {runs[first.run_id], runs[third.run_id]}  # the champion and tonight's; night 2's went at night 3
+    assert sorted(os.listdir(store.path("reports"))) == sorted(r.run_id for r in (first, second, third))
+
+    mark_running(store, "another-night")  # a prune that must refuse: the night goes on, and says so
+    fourth = mnist_retrain(base.model_copy(update={"seed": 4, "gate": strict}))
+    assert fourth.decision == "rejected" and not fourth.published
+    assert "prune failed" in fourth.publish_problem and "while a night runs: another-night" in fourth.publish_problem
+    row = read_table(store, "runs").set_index("run_id").loc[fourth.run_id]
+    assert not row["published"] and "prune failed" in row["publish_problem"]
+    assert runs[third.run_id] in os.listdir(store.path("models"))  # nothing went
+    off = mnist_retrain(base.model_copy(update={"seed": 5, "gate": strict, "retention": RetentionRules(prune=False)}))
+    assert off.published and runs[third.run_id] in os.listdir(store.path("models"))

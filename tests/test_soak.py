@@ -56,8 +56,8 @@ def test_a_soak_of_two_nights_records_what_a_year_would(mnist_store: Store, tmp_
         assert record["accepted_tonight"] == 2  # the producer's digits pass every check
         if record["bad_batch"] != "mislabelled":  # with no label check, only the drifted and copied are caught
             assert record["quarantined_tonight"] == 1
-        assert {"ingest", "train", "evaluate", "gate", "tabulate", "report"} <= set(record["steps_s"])
-        assert record["peak_rss_mb"] > 100 and record["store_mb"] > 0
+        assert {"ingest", "train", "evaluate", "gate", "tabulate", "report", "prune"} <= set(record["steps_s"])
+        assert record["peak_rss_mb"] > 100 and record["store_mb"] > record["derived_mb"] > 0
     assert second["holdout_images"] > first["holdout_images"] > 0
     growth = soak.slopes(records)
     assert growth["available_training_images"][0] > 0

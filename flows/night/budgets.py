@@ -26,6 +26,11 @@ STEP_SECONDS = 0.1
 PARSE_SECONDS = 120.0  # the child that parses one incoming file is stopped after this (tasks/data/batch_format.py)
 TEST_IMAGES = 10_000
 SELECTION_IMAGES = 10 * SELECTION_PER_DIGIT
+# The night's prune (flows/night/steps.py): run every night, it removes about one night's folders (a model, its
+# evaluation and plots, the report that left the window), seconds even on S3; the first prune of a store never
+# pruned may have years to remove. A prune stopped by its budget loses nothing (tasks/publish/retention.py) and
+# the next night's goes on from there, so a fixed budget bounds the step without bounding what it can catch up on.
+PRUNE_SECONDS = FLOOR
 # A night is due once a day and its deployment runs one at a time: a night still running when the next one is due
 # would hold the slot. The flow's own limit ends it before that, whatever the step budgets add up to.
 FLOW_SECONDS = 23 * 3600

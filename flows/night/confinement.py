@@ -8,7 +8,7 @@ would put any model in production. The worker's own settings decide instead:
 * ``MNIST_STORE`` and ``MNIST_ALLOWED_STORES`` (comma-separated) name the stores it serves;
 * ``MNIST_SOURCE`` and ``MNIST_ALLOWED_SOURCES`` the directories a run may read MNIST from;
 * ``MNIST_ALLOW_FORCE_PROMOTE=1`` lets deployed runs overrule the gate;
-* ``MNIST_ALLOW_LOOSER_RULES=1`` lets deployed runs set gate and ingest rules looser than the defaults (without
+* ``MNIST_ALLOW_LOOSER_RULES=1`` lets deployed runs set gate, ingest and retention rules looser than the defaults (without
   it a run may only tighten them: a lower accuracy floor or a larger leaked share would let through what
   force-promote was kept from).
 
@@ -32,6 +32,7 @@ from storage.store import DEFAULT_STORE
 from tasks.champion.gate import GateRules
 from tasks.data.fetch import SOURCE_ENV
 from tasks.intake.checks import IngestRules
+from tasks.publish.retention_rules import RetentionRules
 
 ALLOWED_STORES_ENV = "MNIST_ALLOWED_STORES"
 ALLOWED_SOURCES_ENV = "MNIST_ALLOWED_SOURCES"
@@ -43,10 +44,12 @@ LOOSER_RULES_ENV = "MNIST_ALLOW_LOOSER_RULES"
 # Which way each rule loosens: a deployed run may move a rule the other way only.
 LOOSER_WHEN_LOWER = {
     "gate": {"min_balanced_accuracy"},
+    "retention": {"keep_reports"},  # fewer reports kept: a run could erase the store's history of reports
     # a smaller holdout share: the new-data slice grows slower, and never decides if the share is tiny
     "ingest": {"drift_p", "min_batch_images", "holdout_share"},
 }
 LOOSER_WHEN_HIGHER = {
+    "retention": {"prune"},  # pruning is the default; turning it off keeps more, which any run may
     "gate": {"max_regression", "max_digit_drop", "min_digit_images", "min_new_data_images"},
     "ingest": {
         "max_leaked_share",
@@ -60,8 +63,12 @@ LOOSER_WHEN_HIGHER = {
         "accept_unjudged_labels",
     },
 }
-NOT_A_RULE = {"gate": {"force_promote"}, "ingest": set()}  # force_promote has its own setting (FORCE_PROMOTE_ENV)
-RULE_GROUPS = {"gate": GateRules, "ingest": IngestRules}
+NOT_A_RULE = {
+    "gate": {"force_promote"},
+    "ingest": set(),
+    "retention": set(),
+}  # force_promote has its own setting (FORCE_PROMOTE_ENV)
+RULE_GROUPS = {"gate": GateRules, "ingest": IngestRules, "retention": RetentionRules}
 # What to train and what to report: the gate judges whatever they make, on images none of them chooses
 PLAIN_SETTINGS = {
     "model",

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tasks.champion.rules import GateRules
 from tasks.data.training_set import DEFAULT_MAX_TRAINING_IMAGES, MAX_MAX_TRAINING_IMAGES, MIN_MAX_TRAINING_IMAGES
 from tasks.intake.rules import IngestRules
+from tasks.publish.retention_rules import RetentionRules
 from tasks.training.backends import Backend, process_backend
 from tasks.training.config import SEED_MAX, ModelName, TrainConfig
 from tasks.training.precision import Precision
@@ -87,6 +88,13 @@ class PipelineParameters(BaseModel):
         title="New-data checks",
         description="When a new batch is quarantined instead of trained on: leakage, drift, and labels the champion contradicts.",
     )
+    retention: RetentionRules = Field(
+        default_factory=RetentionRules,
+        title="Store retention",
+        description="After publishing, the night removes what no night needs any more, as `mnist-pipeline store prune "
+        "--apply` does, keeping every model that was ever champion, what its decisions rest on, tonight's work and "
+        "the last reports (docs/store.md).",
+    )
     refresh: bool = Field(
         False,
         title="Refresh",
@@ -128,7 +136,7 @@ def describe_errors(error: ValidationError) -> str:
     for item in error.errors():
         loc = item["loc"]
         field = ".".join(str(p) for p in loc) or "parameters"
-        groups = {"gate": GateRules.model_fields, "ingest": IngestRules.model_fields}
+        groups = {"gate": GateRules.model_fields, "ingest": IngestRules.model_fields, "retention": RetentionRules.model_fields}
         fields = groups.get(str(loc[0]), PipelineParameters.model_fields) if len(loc) > 1 else PipelineParameters.model_fields
         info = fields.get(str(loc[-1])) if loc else None
         allowed = f" ({info.description})" if info is not None and info.description else ""

@@ -11,6 +11,10 @@ What a step's failure means (each step also fails when it runs past its budget, 
   emitted as ``mnist.night.unpublished`` (the alert automation hears it) and written in the run's ``runs`` row
   (``published`` false, ``publish_problem`` saying which step and why); the champion decision stands and the run
   ends ``Completed``. A step after a failed one that needs its output is skipped, and said so.
+* prune (``params.retention``, on by default) removes what no night needs any more once the night has published,
+  keeping tonight's model and report; it is a publication step too: a failure (a prune refused because the
+  pointer, a table or another night's marker cannot be read, or its budget spent) is logged, alerted and written
+  in the ``runs`` row as above, the decision stands, and nothing is removed that the prune had not listed.
 * The ``runs`` row says whether the night finished: ``published`` is false from the moment the tables are written
   until the last publication step is done, so a night stopped in between (a cancel, SIGTERM, a crash) reads as
   unfinished.
@@ -143,6 +147,8 @@ def mnist_retrain(params: PipelineParameters = PipelineParameters()) -> RunSumma
         publishing("artifacts", lambda: artifacts.publish(store, tables, artifacts.summary_markdown(store, summary, run, report)))
     elif tables is not None:
         problems.append("artifacts skipped (no report)")
+    if params.retention.prune:  # after everything tonight wrote; what it made is kept (tasks/publish/retention.py)
+        publishing("prune", lambda: steps.prune(store.url, run_id, [model.key], params.retention))
     publishing("runs row", lambda: record_finish(store, run, tables, problems))
     if problems:
         emit_event(

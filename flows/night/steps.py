@@ -27,7 +27,7 @@ import tasks.data.fetch
 import tasks.intake.ingest
 import tasks.publish.tabulate
 from flows.night import caching
-from flows.night.budgets import FLOOR
+from flows.night.budgets import FLOOR, PRUNE_SECONDS
 from flows.night.locks import open_store
 from flows.night.results import ReferenceSerializer
 from tasks.champion.gate import GateRules
@@ -40,6 +40,8 @@ from tasks.evaluation.plots import PlotsRef, render_plots
 from tasks.intake.checks import IngestRules
 from tasks.intake.ingest import INCOMING_ENV, IngestRef
 from tasks.publish.report import ReportRef, publish_report
+from tasks.publish.retention import prune_store
+from tasks.publish.retention_rules import RetentionRules
 from tasks.publish.run_record import RunRecord
 from tasks.publish.tabulate import TablesRef
 from tasks.training.model import ModelRef
@@ -196,3 +198,19 @@ def tabulate(store_url: str, run: RunRecord) -> TablesRef:
 @task(name="report", cache_policy=NO_CACHE, timeout_seconds=FLOOR)
 def report(store_url: str, run: RunRecord, plots: PlotsRef, tables: TablesRef) -> ReportRef:
     return publish_report(open_store(store_url), run, plots, tables)
+
+
+@task(name="prune", cache_policy=NO_CACHE, timeout_seconds=PRUNE_SECONDS)
+def prune(store_url: str, run_id: str, models: list[str], rules: RetentionRules) -> int:
+    """Remove what no night needs any more (``tasks/publish/retention.py``), keeping tonight's work; returns the
+    bytes removed. Never cached: the store changes every night."""
+    logger = get_run_logger()
+    result = prune_store(open_store(store_url, warn=logger.warning), run_id, models, rules)
+    logger.info(
+        "Store pruned: %d folders (%d files, %.1f MB) removed; kept %s",
+        len(result.plan.doomed),
+        len(result.removed),
+        result.plan.bytes / 1e6,
+        ", ".join(f"{n} {kind}" for kind, n in result.plan.kept.items()),
+    )
+    return result.plan.bytes

@@ -19,12 +19,18 @@ A prune refuses, and removes nothing, when any of what it decides from cannot be
 partition of ``promotions`` or ``runs``, or the markers of running nights; and while a night runs (it could be
 using what would go). It holds the ``champion`` lock throughout, so no gate or operator moves the champion
 between the decision and the removal.
+
+Every night prunes too, after it has published (``RetentionRules``, a parameter of the pipeline, on by default):
+then the night running it is no reason to refuse, and what that night made (its model, and so that model's
+evaluations, predictions and plots, and its report) is kept as well, so a night without new data tomorrow reuses
+tonight's model instead of training it again. Run every night, a prune removes about one night's folders; the
+store then holds the champions, the last ``keep_reports`` reports and tonight's work, whatever the nights before.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import pandas as pd
 from pydantic import BaseModel, ValidationError
@@ -38,9 +44,9 @@ from tasks.champion.promotion import LOCK
 from tasks.evaluation.evaluate import EvaluationRef, ModelPredictionsRef
 from tasks.evaluation.plots import plots_key
 from tasks.publish.report import MANIFEST, read_manifest
+from tasks.publish.retention_rules import KEEP_REPORTS, RetentionRules
 from tasks.training.model import ModelRef
 
-KEEP_REPORTS = 30  # the reports of the last 30 runs: a month of nights
 PROMOTED = "promoted"
 
 
@@ -129,15 +135,16 @@ def champion_models(pointer: Champion | None, promotions: pd.DataFrame) -> set[s
     return {str(m) for m in models}
 
 
-def kept(store: Store, keep_reports: int = KEEP_REPORTS) -> Keep:
-    """The folders of each kind a prune keeps (the module's docstring says which, and why)."""
+def kept(store: Store, keep_reports: int = KEEP_REPORTS, night: str | None = None, night_models: Iterable[str] = ()) -> Keep:
+    """The folders of each kind a prune keeps (the module's docstring says which, and why); ``night`` and
+    ``night_models``: the run pruning from inside a night, and the models it made or used, kept as a champion's are."""
     pointer = _pointer(store)
     with _strict(store, "the promotions table"):
         promotions = read_table(store, "promotions")
     with _strict(store, "the runs table"):
         runs = read_table(store, "runs")
     keep = Keep()
-    models = champion_models(pointer, promotions)
+    models = champion_models(pointer, promotions) | {str(m) for m in night_models}
     keep.add("models", *models)
     refs = [r for r in (_model(store, m) for m in models) if r is not None]
     digests = {r.sha256 for r in refs} | ({pointer.sha256} if pointer is not None else set())
@@ -160,6 +167,7 @@ def kept(store: Store, keep_reports: int = KEEP_REPORTS) -> Keep:
     keep.add("plots", *(plots_key(m, e) for e in evaluations for m in refs if m.sha256 == e.model_sha256))
 
     last = runs.sort_values("finished_at", kind="stable")["run_id"].astype(str).tolist()[-keep_reports:] if keep_reports else []
+    last += [night] if night else []
     keep.add("reports", *last)
     for run_id in last:
         manifest = read_manifest(store, run_id)
@@ -178,12 +186,13 @@ def kept(store: Store, keep_reports: int = KEEP_REPORTS) -> Keep:
     return keep
 
 
-def _no_night_running(store: Store) -> list[NightMarker]:
-    """The markers of nights killed long ago; refuses while a night runs."""
+def _no_night_running(store: Store, night: str | None = None) -> list[NightMarker]:
+    """The markers of nights killed long ago; refuses while a night runs, other than ``night`` (the one pruning)."""
     try:
         running, left_behind = running_nights(store)
     except NightStateUnreadable as exc:
         raise PruneRefused(f"Cannot prune {store.url}: {exc}") from exc
+    running = [m for m in running if m.run_id != night]
     if running:
         nights = ", ".join(f"{m.run_id} (started {m.started_at:%Y-%m-%d %H:%M} UTC)" for m in running)
         raise PruneRefused(
@@ -194,19 +203,27 @@ def _no_night_running(store: Store) -> list[NightMarker]:
 
 
 def prune(
-    store: Store, apply: bool = False, keep_reports: int = KEEP_REPORTS, before_each: Callable[[DoomedFolder], None] | None = None
+    store: Store,
+    apply: bool = False,
+    keep_reports: int = KEEP_REPORTS,
+    before_each: Callable[[DoomedFolder], None] | None = None,
+    night: str | None = None,
+    night_models: Iterable[str] = (),
 ) -> PruneResult:
-    """List (``apply=False``) or remove what the store no longer needs. Refuses (``PruneRefused``) rather than guess."""
+    """List (``apply=False``) or remove what the store no longer needs. Refuses (``PruneRefused``) rather than guess.
+
+    ``night``: the run id of the night pruning after it published (its own marker does not hold it back, its
+    report is kept); ``night_models``: the models that night made or compared with, kept with what they rest on."""
     if keep_reports < 0:
         raise PruneRefused(f"keep_reports must be 0 or more, not {keep_reports}")
-    left_behind = _no_night_running(store)
+    left_behind = _no_night_running(store, night)
     with store.lock(LOCK):
-        doomed = plan(store, kept(store, keep_reports))
+        doomed = plan(store, kept(store, keep_reports, night, night_models))
         removed = []
         if apply:
 
             def check(folder: DoomedFolder) -> None:
-                _no_night_running(store)  # a night that started since: stop before its first file
+                _no_night_running(store, night)  # a night that started since: stop before its first file
                 if before_each is not None:
                     before_each(folder)
 
@@ -214,3 +231,8 @@ def prune(
     return PruneResult(
         store=store.url, applied=apply, keep_reports=keep_reports, plan=doomed, removed=removed, left_behind=left_behind
     )
+
+
+def prune_store(store: Store, night: str, models: Iterable[str], rules: RetentionRules) -> PruneResult:
+    """A night's own prune, after it published: ``rules`` applied, night ``night`` and its ``models`` kept."""
+    return prune(store, apply=True, keep_reports=rules.keep_reports, night=night, night_models=models)
