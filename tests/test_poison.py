@@ -325,30 +325,39 @@ def test_names_never_read_are_removed_after_a_day_and_batch_files_never(small):
     assert any("_folder" in line and "left alone" in line for line in said)
 
 
-# ---- the label rule's absolute cap ------------------------------------------------------------------------------------
-def champion_on(n: int, wrong_labels: int, own_rate: float = 0.01) -> tuple:
-    """A champion confident about every one of ``n`` batch images, wrong on ``own_rate`` of the selection split's
-    (correct) labels and on as many of the batch's; ``wrong_labels`` more batch labels are wrong (the champion right)."""
+# ---- the label rule's count: what the champion's rates and chance do not explain -------------------------------------
+def judged_by(n: int, rate: float, flips: int = 0, onto: int = 1) -> tuple:
+    """``n`` labels (0–9 in turn) the champion confidently contradicts at ``rate`` (its mistakes spread over the
+    digits), and ``flips`` more labels, of images of other digits, set to ``onto`` (the champion right about them)."""
     truth = np.arange(n) % 10
     predicted = truth.copy()
-    own = round(own_rate * n)
-    predicted[:own] = (truth[:own] + 1) % 10  # the champion's own mistakes, as often as on the selection split
+    wrong = np.arange(0, n, round(1 / rate))
+    predicted[wrong] = (truth[wrong] + 1) % 10
     labels = truth.copy()
-    labels[own : own + wrong_labels] = (truth[own : own + wrong_labels] + 3) % 10
-    confidence = np.full(n, 0.99)
-    return labels, predicted, confidence, truth, predicted, confidence
+    labels[np.setdiff1d(np.flatnonzero(truth != onto), wrong)[:flips]] = onto
+    return labels, predicted, np.full(n, 0.99)
 
 
-def test_the_absolute_cap_on_confident_disagreements_fires_above_it_and_not_at_it():
+def test_the_count_rule_grows_with_the_images_judged_and_caps_what_no_rate_explains():
     rules = IngestRules()
     cap = rules.max_excess_disagreements
-    n = 20_000  # large: the cap's count is 0.25 % of it, far below the allowed rate excess of 5 %
-    at_cap, problems = label_quality(*champion_on(n, cap), rules)
-    assert at_cap.excess_disagreements == pytest.approx(cap) and not problems
-    over, problems = label_quality(*champion_on(n, cap + 1), rules)
-    assert over.excess_disagreements == pytest.approx(cap + 1) and over.confident_disagreement - 0.01 < 0.05
+    _, predicted, confidence = judged_by(5_000, 0.01)
+    selection = (np.arange(5_000) % 10, predicted, confidence)  # the selection split's labels are right
+    # an honest batch of 100 000 images, half again as hard for the champion as the selection split: 500 disagreements
+    # beyond its own rate, ten times the cap, and none that its per-digit rates (at their upper bound) do not explain
+    honest, problems = label_quality(*judged_by(100_000, 0.015), *selection, rules)
+    assert honest.excess_disagreements == pytest.approx(500, abs=10)
+    assert honest.unexplained_disagreements == 0 and not problems
+    # targeted flips onto one digit: counted beyond the allowance, refused once more than the cap is left over
+    counted = [label_quality(*judged_by(20_000, 0.01, flips), *selection, rules)[0] for flips in range(0, 400, 10)]
+    flips = 10 * next(i for i, figures in enumerate(counted) if figures.unexplained_disagreements > cap)
+    assert cap < flips <= cap + 100  # the allowance for 2 000 images of one digit: its rate, the tolerance, chance
+    under, problems = label_quality(*judged_by(20_000, 0.01, flips - 10), *selection, rules)
+    assert 0 < under.unexplained_disagreements <= cap and not problems
+    over, problems = label_quality(*judged_by(20_000, 0.01, flips), *selection, rules)
+    assert over.confident_disagreement - over.champion_confident_disagreement < rules.max_disagreement_excess
     assert len(problems) == 1 and problems[0].startswith("likely mislabelled")
     assert f"more than the {cap} a batch may carry" in problems[0]
     # the same count in a small batch is also a large rate: one sentence says both
-    small, problems = label_quality(*champion_on(500, cap + 1), rules)
+    small, problems = label_quality(*judged_by(1_000, 0.01, flips), *selection, rules)
     assert len(problems) == 1 and "more often, more than the 5.0% allowed and" in problems[0]

@@ -58,6 +58,7 @@ LOOSER_WHEN_HIGHER = {
         "max_disagreement_excess",
         "confident_probability",
         "max_excess_disagreements",
+        "disagreement_tolerance",
         "max_files_per_night",
         "max_images_per_night",
         "accept_unjudged_labels",

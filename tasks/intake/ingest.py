@@ -50,6 +50,7 @@ from tasks.data.fetch import DatasetRef, load_mnist
 from tasks.data.slices import base_training, new_holdout_images, new_training_images
 from tasks.data.splits import SLICE_SELECTION, SPLIT_SEED, selection_indices
 from tasks.intake.checks import (
+    DIGITS,
     NEAR_COPY_PIXELS,
     PIXEL_TOLERANCE,
     REFERENCE_IMAGES,
@@ -62,6 +63,7 @@ from tasks.intake.checks import (
     image_statistics,
     label_quality,
     near_copies,
+    unexplained_disagreements,
 )
 
 INCOMING_ENV = "MNIST_INCOMING"
@@ -101,6 +103,11 @@ class BatchFigures(BaseModel):
     champion_confident_disagreement: float | None = None
     confident_images: int | None = None  # not in the batches table: kept in batch.json
     excess_disagreements: float | None = None  # not in the batches table: kept in batch.json and said in the reason
+    # per label 0–9, and what no rate explains (tasks/intake/checks.py): kept in batch.json, what the night's and a
+    # source's caps sum
+    disagreements_by_label: list[int] | None = Field(None, max_length=10)
+    explained_by_label: list[float] | None = Field(None, max_length=10)
+    unexplained_disagreements: float | None = None
     champion_model_key: str | None = Field(None, max_length=64)
 
 
@@ -297,14 +304,37 @@ class Waits(Exception):
 
 
 @dataclass
+class LabelCount:
+    """A group's confident disagreements per label 0–9 and what the champions' own rates explain of them, summed
+    over its accepted batches; ``recorded`` adds the positive excess of batches recorded before per-label figures
+    were kept (counted whole: nothing says how much of it a rate explains)."""
+
+    disagreements: np.ndarray = field(default_factory=lambda: np.zeros(DIGITS))
+    explained: np.ndarray = field(default_factory=lambda: np.zeros(DIGITS))
+    recorded: float = 0.0
+
+    def plus(self, row: dict) -> LabelCount:
+        by_label, explained = row.get("disagreements_by_label"), row.get("explained_by_label")
+        if by_label is not None and explained is not None and len(by_label) == len(explained) == DIGITS:
+            return LabelCount(
+                self.disagreements + np.asarray(by_label, float), self.explained + np.asarray(explained, float), self.recorded
+            )
+        return LabelCount(self.disagreements, self.explained, self.recorded + _positive_excess(row))
+
+    def unexplained(self, tolerance: float) -> float:
+        return unexplained_disagreements(self.disagreements, self.explained, tolerance) + self.recorded
+
+
+@dataclass
 class NightRoom:
-    """What a night may still take: files and images left under ``max_files_per_night`` and ``max_images_per_night``."""
+    """What a night may still take: files and images left under ``max_files_per_night`` and ``max_images_per_night``,
+    and the confident disagreements its accepted batches (and each declared source's) already carry."""
 
     files: int
     images: int
     limit: int  # max_images_per_night, to say it
-    excess: float = 0.0  # confident disagreements beyond the champion's rate, in batches accepted tonight
-    by_source: dict[str, float] = field(default_factory=dict)  # the same per declared source, over SOURCE_WINDOW
+    night: LabelCount = field(default_factory=LabelCount)  # batches accepted tonight
+    by_source: dict[str, LabelCount] = field(default_factory=dict)  # the same per declared source, over SOURCE_WINDOW
 
     @classmethod
     def of(cls, rules: IngestRules, records: list[BatchRecord] = (), run_id: str = "", now: datetime | None = None) -> NightRoom:
@@ -315,40 +345,44 @@ class NightRoom:
         for record in records:
             if record.status != "accepted" or record.decided_by != "ingest":
                 continue
-            excess = _positive_excess(record.row.model_dump())
+            row = record.row.model_dump()
             if record.run_id == run_id:
-                room.excess += excess
+                room.night = room.night.plus(row)
             if record.row.source and record.decided_at >= since:
-                room.by_source[record.row.source] = room.by_source.get(record.row.source, 0.0) + excess
+                room.by_source[record.row.source] = room.by_source.get(record.row.source, LabelCount()).plus(row)
         return room
 
     def label_problems(self, row: dict, rules: IngestRules) -> list[str]:
-        """A batch within the per-batch cap on confident disagreements may still carry the night (or its source) over
-        it: ``max_excess_disagreements`` bounds what one night, and one declared source in a week, adds to training."""
-        excess, cap = _positive_excess(row), rules.max_excess_disagreements
-        if excess == 0 or excess > cap:  # nothing to add, or label_quality already said the batch alone is over
-            return []
+        """A batch within the per-batch cap may still carry the night (or its source) over it:
+        ``max_excess_disagreements`` bounds what one night, and one declared source in a week, adds to training
+        beyond what the champion's own per-digit rates and chance explain for all the images they hold."""
+        cap, tolerance = rules.max_excess_disagreements, rules.disagreement_tolerance
+        if row.get("disagreements_by_label") is None and _positive_excess(row) == 0:
+            return []  # nothing judged, or nothing to add
         problems = []
-        if self.excess + excess > cap:
+        night = self.night.plus(row).unexplained(tolerance)
+        if night > cap:
             problems.append(
-                f"likely mislabelled, counted over the night: with its {excess:.0f} confident disagreements beyond the "
-                f"champion's own rate, tonight's accepted batches would carry {self.excess + excess:.0f}, more than the "
-                f"{cap} a night may (max_excess_disagreements)"
+                f"likely mislabelled, counted over the night: with it, tonight's accepted batches would carry "
+                f"{night:.0f} confident disagreements beyond what the champion's per-digit rates and chance explain "
+                f"for their images, more than the {cap} a night may (max_excess_disagreements)"
             )
         source = row.get("source")
-        if source and self.by_source.get(source, 0.0) + excess > cap:
-            problems.append(
-                f"likely mislabelled, counted over its source: batches declaring source {source!r} accepted in the last "
-                f"{SOURCE_WINDOW.days} days would carry {self.by_source.get(source, 0.0) + excess:.0f} confident "
-                f"disagreements beyond the champion's own rate, more than the {cap} allowed (max_excess_disagreements)"
-            )
+        if source:
+            carried = self.by_source.get(source, LabelCount()).plus(row).unexplained(tolerance)
+            if carried > cap:
+                problems.append(
+                    f"likely mislabelled, counted over its source: batches declaring source {source!r} accepted in the "
+                    f"last {SOURCE_WINDOW.days} days would carry {carried:.0f} confident disagreements beyond what the "
+                    f"champion's per-digit rates and chance explain for their images, more than the {cap} allowed "
+                    "(max_excess_disagreements)"
+                )
         return problems
 
     def count_accepted(self, row: dict) -> None:
-        excess = _positive_excess(row)
-        self.excess += excess
+        self.night = self.night.plus(row)
         if row.get("source"):
-            self.by_source[row["source"]] = self.by_source.get(row["source"], 0.0) + excess
+            self.by_source[row["source"]] = self.by_source.get(row["source"], LabelCount()).plus(row)
 
     def take_images(self, n: int) -> None:
         """Count ``n`` images against the night, or raise ``Waits`` saying why they do not fit."""
@@ -439,7 +473,8 @@ def _passed(row: dict) -> str:
         said.append(
             f"champion confidently disagrees with {row['confident_disagreement']:.1%} of labels "
             f"({row['champion_confident_disagreement']:.1%} on the selection split, "
-            f"{row['excess_disagreements']:.0f} disagreements beyond that rate)"
+            f"{row['excess_disagreements']:.0f} disagreements beyond that rate, "
+            f"{row['unexplained_disagreements']:.0f} beyond what its per-digit rates and chance explain)"
         )
         return "passed every check: " + ", ".join(said)
     if row.get("champion_model_key"):

@@ -72,12 +72,23 @@ class IngestRules(BaseModel):
         50,
         ge=0,
         le=100_000,
-        title="Most confident disagreements beyond the champion's own rate",
-        description="A batch whose labels the champion confidently contradicts more than this many times beyond what "
-        "its own rate on the selection split predicts is quarantined as likely mislabelled, however large the batch: "
-        "a share alone would let 100 000 images carry some 5 000 targeted wrong labels. Counted across every batch "
-        "accepted in one night, and across a week of batches declaring the same source: twenty files each under "
-        "it are not twenty times it.",
+        title="Most confident disagreements no rate explains",
+        description="Confident disagreements beyond what the champion's own per-digit rates on the selection split "
+        "(at their upper 99 % bound, times 1 + the disagreement tolerance) and chance (3 standard deviations) explain "
+        "are counted across every batch accepted in one night, and across a week of batches declaring the same "
+        "source; a batch that would carry the count over this is quarantined as likely mislabelled, however large it "
+        "is. The allowance grows with the images judged, so honest data is not refused for its volume, and this "
+        "floor bounds what targeted wrong labels may add beyond it.",
+    )
+    disagreement_tolerance: float = Field(
+        0.5,
+        ge=0.0,
+        le=100.0,
+        title="Tolerance on the champion's own disagreement rate",
+        description="New data may be harder for the champion than the selection split: up to (1 + this) times its "
+        "own per-digit rate of confident disagreement is explained before any disagreement counts against "
+        "max_excess_disagreements (measured: clean deformed digits 1.5–4 times the plain rate, at most 0.97 "
+        "times its upper bound).",
     )
     accept_unjudged_labels: bool = Field(
         False,
