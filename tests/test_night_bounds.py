@@ -6,6 +6,7 @@ damage is planted between nights, as a writer of the store could plant it (findi
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -84,7 +85,9 @@ def test_a_night_whose_models_training_history_is_damaged_ends_completed_with_th
     store = with_mnist(Store(tmp_path / "store"), mnist_store)
     params = PipelineParameters(epochs=1, train_limit=500, n_per_class=10, seed=3, store=store.url)
     first = mnist_retrain(params)
-    (model,) = [ModelRef.model_validate_json(store.read_bytes(p)) for p in store.fs.glob(store.path("models", "*", "model.json"))]
+    (model,) = [
+        ModelRef.model_validate_json(store.read_bytes(store.model_info_file(k))) for k in os.listdir(store.path("models"))
+    ]
     history = Path(store.path(model.history_key))
     history.write_bytes(history.read_bytes()[:40])  # truncated: a Parquet file without its footer
 

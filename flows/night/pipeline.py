@@ -12,9 +12,10 @@ What a step's failure means (each step also fails when it runs past its budget, 
   (``published`` false, ``publish_problem`` saying which step and why); the champion decision stands and the run
   ends ``Completed``. A step after a failed one that needs its output is skipped, and said so.
 * prune (``params.retention``, on by default) removes what no night needs any more once the night has published,
-  keeping tonight's model and report; it is a publication step too: a failure (a prune refused because the
-  pointer, a table or another night's marker cannot be read, or its budget spent) is logged, alerted and written
-  in the ``runs`` row as above, the decision stands, and nothing is removed that the prune had not listed.
+  keeping tonight's model and report. A prune that refuses (another night runs; the pointer, a table or a night
+  marker cannot be read whole) removes nothing and says why in a warning: the night's record is whole. A prune
+  that fails (its budget spent, the store failing under it) is a publication failure as above, and nothing is
+  removed that the prune had not listed.
 * The ``runs`` row says whether the night finished: ``published`` is false from the moment the tables are written
   until the last publication step is done, so a night stopped in between (a cancel, SIGTERM, a crash) reads as
   unfinished.
