@@ -133,15 +133,18 @@ def soak(
     timeout: float = 1800,
     log=print,
     prepare=None,
+    api_url: str | None = None,
 ) -> list[dict]:
     """Run ``nights`` nights on a temporary store; return (and append to ``out``) one record per night. ``prepare``:
-    called with the new store first (a test puts its verified MNIST there, so nothing is fetched again)."""
-    from prefect.settings import PREFECT_API_URL
+    called with the new store first (a test puts its verified MNIST there, so nothing is fetched again);
+    ``api_url``: a Prefect API that is already up (a test's), instead of a temporary one started here."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
     out.parent.mkdir(parents=True, exist_ok=True)
     records = []
-    with tempfile.TemporaryDirectory(prefix="soak-") as tmp, prefect_test_harness(server_startup_timeout=120):
+    api = temporary_settings({PREFECT_API_URL: api_url}) if api_url else prefect_test_harness(server_startup_timeout=120)
+    with tempfile.TemporaryDirectory(prefix="soak-") as tmp, api:
         root = Path(tmp) / "store"
         store = Store(root)
         if prepare is not None:

@@ -9,9 +9,10 @@ each test leaves two live workers behind, whichever order the tests run in.
   every heavy step cached; the summary artifact in a real browser; a run pointed at another store fails and
   alerts;
 - three runs due while the workers were away (two identical) are Late, run when they return, one at a time on each worker, and
-  identical ones train once;
-- a worker killed with SIGKILL during epoch 2 of 3: the run is Crashed for its missing heartbeats, scheduled
-  again, picked up by the other worker, resumes from the checkpoint, completes, and is one row in ``runs``.
+  identical ones train once.
+
+A machine killed during a training, its run crashed and resumed on another machine, is tested on the production
+topology, in tests/test_ha.py (the same recovery code on both).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import threading
 import time
@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.night.alerts import AUTOMATION_NAME
-from flows.night.recovery import BUCKET_BUFFER, BUCKET_BUFFER_ENV, CRASH_MESSAGE, MAX_ATTEMPTS, RESTART_MESSAGE
+from flows.night.recovery import BUCKET_BUFFER, BUCKET_BUFFER_ENV, CRASH_MESSAGE, MAX_ATTEMPTS
 from flows.stack.database import LocalPostgres, postgres_binary
 from flows.stack.serve import LocalStack, free_port
 from storage import Store
@@ -230,7 +230,7 @@ def ops(tmp_path_factory: pytest.TempPathFactory, mnist_store: Store):
 
 @pytest.fixture
 def two_workers(ops):
-    """Two live workers for the test, whichever tests ran before (one may have killed a worker), each as its own
+    """Two live workers for the test, whichever tests ran before, each as its own
     machine: its own Prefect home, directory and cache, so a resumed training can only come from the bucket."""
     while len(ops.stack.workers()) < 2:
         home = ops.machines / f"machine-{time.monotonic_ns()}"
@@ -449,76 +449,7 @@ def test_runs_due_while_the_workers_were_away_run_when_they_return_and_train_eac
     assert not temporaries  # these runs left no temporary object in the bucket
 
 
-def test_a_killed_workers_run_is_crashed_restarted_elsewhere_and_resumes(ops, two_workers):
-    run = ops.trigger(epochs=3, train_limit=8000, n_per_class=20, seed=None)  # the seed is derived from the dataset version
-    ops.wait([run.id], lambda rs: rs[0].state.is_running(), 120, "the run did not start")
-    (worker,) = submissions(ops.client, [run.id])[str(run.id)]  # the worker that took the run, known before the kill
-
-    def epochs_backed_up() -> int:
-        found = ops.checkpoints()
-        return json.loads(ops.store.fs.cat_file(found[0]))["epoch"] if found else 0
-
-    deadline, polls, heard = time.monotonic() + 180, 0, []
-    while time.monotonic() < deadline and (epochs_backed_up() < 1 or not heard):  # epoch 1 in the store, a heartbeat heard
-        polls += 1
-        if polls % 5 == 0:  # the bucket every 0.2 s, the API every second
-            assert not ops.client.read_flow_run(run.id).state.is_final(), "the run ended before it could be killed"
-            heard = heard or ops.heartbeats(run.id)  # what the recovery automation starts counting from
-        time.sleep(0.2)
-    assert heard, "the server received no heartbeat from the run within 180 s: nothing could tell it died"
-    assert epochs_backed_up() >= 1, "epoch 1 was not backed up within 180 s"
-
-    log_name = ops.stack.worker_log_name("gpu", worker)
-    infrastructure = ops.client.read_flow_run(run.id).infrastructure_pid  # "host:pid" of the flow run's process
-    killed_at, killed_on = time.monotonic(), datetime.now(UTC)
-    os.killpg(ops.stack.pids()[log_name], signal.SIGKILL)  # the worker's machine dies: worker and flow process
-    if infrastructure:
-        try:
-            os.killpg(os.getpgid(int(infrastructure.rsplit(":", 1)[-1])), signal.SIGKILL)
-        except ProcessLookupError:
-            pass  # it was in the worker's group
-    at_kill = epochs_backed_up()  # nothing writes after the kill: this is what the restart finds
-    assert 1 <= at_kill < 3, f"the run was killed after {at_kill} of 3 epochs: it should still have been training"
-
-    try:  # two missed heartbeats, then Prefect's proactive evaluation, which lags on a loaded server
-        ops.wait([run.id], lambda rs: rs[0].state.is_crashed() or rs[0].state.is_scheduled(), SILENT_AFTER + 150, "not crashed")
-    except AssertionError as late:
-        raise AssertionError(f"{late}; killed at {killed_on:%H:%M:%S}, heartbeats received {ops.heartbeats(run.id)}") from None
-    crashed_after = time.monotonic() - killed_at
-    # Crashed is a final state: wait for the restart automation to take the run out of it before waiting for the end
-    ops.wait([run.id], lambda rs: not rs[0].state.is_crashed(), 60, "the crashed run was not scheduled again")
-    (done,) = ops.finished([run.id], timeout=300)
-    recovered_after = time.monotonic() - killed_at
-    silent = (killed_on - heard[-1]).total_seconds()
-    print(f"\nkilled after {at_kill} epochs, {silent:.0f} s after the last heartbeat heard: ", end="")
-    print(f"Crashed after {crashed_after:.0f} s, completed after {recovered_after:.0f} s")
-
-    states = ops.client.read_flow_run_states(run.id)
-    crashed = [s for s in states if s.is_crashed()]
-    assert len(crashed) == 1 and crashed[0].message == CRASH_MESSAGE.format(automation="mnist-crash-silent-runs")
-    assert any(
-        s.name == "AwaitingRetry" and s.message == RESTART_MESSAGE.format(automation="mnist-restart-crashed-runs") for s in states
-    )
-    took = submissions(ops.client, [run.id], at_least=2)[str(run.id)]
-    assert len(took) == 2 and worker in took and len(set(took)) == 2, took  # the second attempt ran on the other machine
-
-    mine = ops.rows("runs", [run.id])
-    assert len(mine) == 1  # the crashed attempt left no row; the restart wrote one
-    (row,) = mine.itertuples()
-    assert row.attempt == 2 and row.resumed_from_epoch == at_kill, (row.attempt, row.resumed_from_epoch, at_kill)
-    assert json.loads(row.parameters)["seed"] is not None  # the derived seed, the same both attempts (same training key)
-    assert ops.checkpoints() == []  # the checkpoint went with the published model
-    summary = ops.summary(run.id)
-    from tasks.publish.markdown import md_text  # the crash's message comes from the API: escaped as untrusted text
-
-    crash = md_text("No heartbeat from this flow run's process")
-    assert f"| attempt | **2**: a retry of this run's crashed attempt (1 crash: {crash}" in summary
-    assert f"training resumed from the checkpoint after epoch {row.resumed_from_epoch}" in summary
-    assert done.state.is_completed()
-
-
 def test_a_run_that_keeps_crashing_fails_instead_of_looping():
-    from datetime import UTC, datetime
 
     from flows.night.recovery import Attempt, check_attempt
 

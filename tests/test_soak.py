@@ -43,13 +43,16 @@ def test_deformed_digits_are_new_images_the_intake_accepts_on_their_merits(mnist
 
 
 @pytest.mark.slow
-def test_a_soak_of_two_nights_records_what_a_year_would(mnist_store: Store, tmp_path):
+def test_a_soak_of_two_nights_records_what_a_year_would(mnist_store: Store, tmp_path, prefect_api):
     soak = soak_module()
     out = tmp_path / "soak.jsonl"
     # a model this small is confident about no image, so no label could be judged: the rule that accepts unjudged
     # batches keeps the soak's mechanics in view (the label check has tests of its own)
     params = {"epochs": 1, "train_limit": 1000, "n_per_class": 10, "ingest": {"accept_unjudged_labels": True}}
-    records = soak.soak(2, 2, 150, 2, 1.0, params, out, log=lambda line: None, prepare=lambda s: with_mnist(s, mnist_store))
+    prepare = lambda s: with_mnist(s, mnist_store)  # noqa: E731
+    records = soak.soak(
+        2, 2, 150, 2, 1.0, params, out, log=lambda line: None, prepare=prepare, api_url=prefect_api["PREFECT_API_URL"]
+    )
     assert [json.loads(line)["night"] for line in out.read_text().splitlines()] == [1, 2]
     first, second = records
     for record in records:
