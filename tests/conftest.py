@@ -486,7 +486,7 @@ SHARED_WORKER = {
 
 # The modules that take longest (servers, heartbeats, several runs) go first: with two workers the short tests
 # then fill the gaps, instead of a long module starting last and running alone.
-LONG_FIRST = ("test_deployment", "test_ha", "test_backends", "test_s3_store", "test_secrets")
+LONG_FIRST = ("test_deployment", "test_ha", "test_night_stop", "test_s3_store", "test_secrets")
 
 
 def module_of(nodeid: str) -> str:
