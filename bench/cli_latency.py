@@ -7,13 +7,18 @@ as it does on a real store. Every command runs as a user runs it, in a fresh int
 the figures can be read against the machine's load. Prints one line per command: median and fastest wall seconds,
 and the median CPU seconds the command spent (user + system).
 
-    PYTHONPATH=$PWD .venv/bin/python bench/cli_latency.py [--nights 365] [--repeat 5]
+    PYTHONPATH=$PWD .venv/bin/python bench/cli_latency.py [--nights 365] [--repeat 5] [--record]
+
+``--record`` writes the figures to ``docs/measured/cli-latency.json``, from which the docs build renders the table
+of docs/benchmarks.md (``docs/hooks.py``): the page's figures are this script's, never pasted.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -158,6 +163,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nights", type=int, default=365)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--record", action="store_true", help="write docs/measured/cli-latency.json for the docs")
     args = parser.parse_args()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with tempfile.TemporaryDirectory(prefix="mnist-bench-cli-") as tmp:
@@ -177,11 +183,38 @@ def main() -> None:
             "batches list": [*cli, "batches", "list", "--store", store.url],
             "batches show": [*cli, "batches", "show", f"{args.nights - 1:064x}", "--store", store.url],
         }
+        load = os.getloadavg()[0]
         print(f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
         print(f"{'command':<28} {'median s':>9} {'fastest s':>9} {'CPU s':>7}   ({args.repeat} runs each)")
+        rows = []
         for name, command in commands.items():
             median, fastest, cpu = timed(command, args.repeat, env)
             print(f"{name:<28} {median:>9.2f} {fastest:>9.2f} {cpu:>7.2f}")
+            rows.append({"command": name, "median_s": round(median, 2), "fastest_s": round(fastest, 2), "cpu_s": round(cpu, 2)})
+    if args.record:
+        record = {
+            "date": datetime.now(UTC).date().isoformat(),
+            "cpu": cpu_name(),
+            "cpu_count": os.cpu_count(),
+            "load_average": round(load, 1),
+            "nights": args.nights,
+            "repeat": args.repeat,
+            "commands": rows,
+        }
+        out = REPO / "docs" / "measured" / "cli-latency.json"
+        out.write_text(json.dumps(record, indent=1) + "\n")
+        print(f"recorded in {out.relative_to(REPO)}")
+
+
+def cpu_name() -> str:
+    """The CPU's model name, as `lscpu` says it (the figures are only comparable on the same kind)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

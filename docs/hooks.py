@@ -215,18 +215,19 @@ def training_budgets() -> str:
         f"epoch each (a night's default is 15; cut to fit the bench in ~20 minutes), seed 0, on MNIST's base set "
         f"({base} images) plus accepted batches of {settings['batch_images']} deformed digits "
         f"(`tasks/data/deformed.py`), oldest first; the policy is `max_training_images` = {settings['budget']}. "
-        f"Balanced accuracy on each slice the gate judges; *trained* counts the images of the epoch (the rest of "
-        f"the set is Keras' validation split). The whole run took {record['total_seconds'] / 60:.0f} minutes, "
+        f"Balanced accuracy on each slice the gate judges; *size* is the accepted data available as a multiple of "
+        f"the base set, *images* counts the images of the epoch (the rest of the set is Keras' validation split), "
+        f"*s* the training seconds and *RSS MB* the training process's peak. The whole run took {record['total_seconds'] / 60:.0f} minutes, "
         f"{record['deform_seconds'] / 60:.0f} of them deforming digits.",
         "",
-        "| total size | trained on | trained | test | selection | new data | train s | peak RSS MB |",
+        "| size | trained on | images | test | selection | new data | s | RSS MB |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for t in record["trainings"]:
-        who = "everything (= the policy)" if t["same_as_everything"] else t["policy"]
+        who = "all (= policy)" if t["same_as_everything"] else "all" if t["policy"] == "everything" else t["policy"]
         acc = t["balanced_accuracy"]
         out.append(
-            f"| {t['multiple']}× ({t['available']}) | {who} | {t['train_images']} | {_accuracy(acc['mnist-test'])} | "
+            f"| {t['multiple']}× | {who} | {t['train_images']} | {_accuracy(acc['mnist-test'])} | "
             f"{_accuracy(acc['mnist-selection'])} | {_accuracy(acc['new-data'])} | {t['train_seconds']:.0f} | "
             f"{t['peak_rss_mb']:.0f} |"
         )
