@@ -3,7 +3,7 @@
 ``<!-- generated: NAME -->`` in a page is replaced by ``GENERATED[NAME]()``: the data dictionary from
 ``storage/tables.py``'s schemas, the CLI reference from ``flows/cli.py``'s parser, the changelog from
 ``CHANGELOG.md``, and measured tables from the records real runs wrote (``docs/measured/``: the scripted week's,
-the near-copy check's, the soak's, the training budgets'). A page naming a generator that does not exist fails the build.
+the near-copy check's, the soak's, the training budgets', the CLI's latency). A page naming a generator that does not exist fails the build.
 """
 
 from __future__ import annotations
@@ -151,6 +151,26 @@ def near_copies() -> str:
     )
 
 
+def cli_latency() -> str:
+    """How fast each command answers on a store of a year of nights, from the record ``bench/cli_latency.py
+    --record`` wrote."""
+    import json
+
+    record = json.loads((REPO / "docs" / "measured" / "cli-latency.json").read_text())
+    out = [
+        f"Measured {record['date']} on {record['cpu']} ({record['cpu_count']} cores; load average "
+        f"{record['load_average']} when it started) on a store of {record['nights']} nights, each command "
+        f"{record['repeat']} times in a fresh interpreter; CPU seconds are what the command itself spent:",
+        "",
+        "| command | median wall s | fastest wall s | CPU s |",
+        "|---|---:|---:|---:|",
+    ]
+    for row in record["commands"]:
+        name = row["command"] if row["command"].startswith("python") else f"`{row['command']}`"
+        out.append(f"| {name} | {row['median_s']:.2f} | {row['fastest_s']:.2f} | {row['cpu_s']:.2f} |")
+    return "\n".join(out)
+
+
 def soak() -> str:
     """The soak's nights and each quantity's growth per night, from the record ``bench/soak.py --record`` wrote."""
     import json
@@ -249,6 +269,7 @@ def training_budgets() -> str:
 
 
 GENERATED: dict[str, Callable[[], str]] = {
+    "cli-latency": cli_latency,
     "soak": soak,
     "training-budgets": training_budgets,
     "near-copies": near_copies,

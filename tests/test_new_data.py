@@ -15,7 +15,7 @@ import pytest
 from storage import Store
 from storage.tables import read_table
 from tasks.data import batch_format, splits
-from tasks.data.batch_format import BatchRejected, batch_bytes, parse_batch
+from tasks.data.batch_format import BatchRejected, batch_bytes, parse_batch, parse_share
 from tasks.data.slices import new_training_images, slice_images
 from tasks.intake.checks import IngestRules, holdout_rows, label_quality
 from tasks.intake.ingest import BatchNotFound, accepted_batches, batch_records, incoming_store, ingest_batches, set_status
@@ -390,12 +390,32 @@ def test_repeats_within_a_batch_and_copies_of_the_holdout_never_reach_both_train
     base = mnist.x_train[splits.base_training_indices(mnist.y_train)]
     trained = set(image_hashes(new_training_images(store, ref.dataset).x)) | set(image_hashes(base))
     assert holdout and not holdout & trained
-    # a later batch copying holdout images: the copies are dropped as leakage, the holdout stays unseen
+    # a later night's batch copying holdout images: the copies are dropped as leakage, the holdout stays unseen.
+    # The night passes the fetch step's dataset, which names no batch: what may not be copied comes from the store.
     held_x = new_holdout_images(store, ref.dataset).x
     z, w = fresh_images(40, seed=9)
     arrive(store, "resent.parquet", batch_bytes(np.concatenate([held_x, z]), np.concatenate([np.zeros(len(held_x), int), w])))
-    (again,) = ingest(store, ref.dataset, run_id="run-3")[0].night
+    (again,) = ingest(store, dataset, run_id="run-3")[0].night
     assert again.row.leaked_holdout == len(held_x) and again.train.rows + again.holdout.rows == 40
+
+
+def test_the_near_copy_index_holds_what_the_training_set_policy_keeps(small):
+    """A copy of a batch that the training-set budget retired is no copy of anything trained on (nothing a night
+    trains on holds it), and the index stays the size the budget sets; a copy of a kept batch is dropped."""
+    store, dataset, _ = small
+    older, newer = fresh_images(60, seed=11), fresh_images(60, seed=12)
+    for night, (x, y) in enumerate((older, newer)):
+        arrive(store, f"night-{night}.parquet", batch_bytes(x, y))
+        (record,) = ingest(store, dataset, run_id=f"run-{night}")[0].night
+        assert record.status == "accepted"
+    first, second = accepted_batches(store)
+    budget = second.train.rows  # room for the newer batch's training share alone: the older one is retired
+    retired, kept = (parse_share(store.read_bytes(b.train.key), b.train.rows) for b in (first, second))
+    images, labels = np.concatenate([retired.images, kept.images]), np.concatenate([retired.labels, kept.labels])
+    arrive(store, "copies.parquet", batch_bytes(images, labels))
+    ref = ingest_batches(store, incoming_store(store), dataset, RULES, "run-2", lambda _: None, budget, 0)
+    (copies,) = ref.night
+    assert copies.row.trained_copies == len(kept.labels)  # the kept batch's images are dropped, the retired one's are not
 
 
 def test_a_name_a_plot_would_parse_and_a_pipe_swapped_in_stop_nothing(small, monkeypatch):
@@ -461,3 +481,46 @@ def test_a_batch_copying_base_training_images_drops_the_copies_and_holds_none_ou
     ref = ingest(store, dataset, run_id="run-2")[0]
     held = set(image_hashes(new_holdout_images(store, ref.dataset).x))
     assert len(held) == record.holdout.rows > 0 and not held & set(image_hashes(mnist.x_train[base]))
+
+
+def test_copies_of_a_known_batch_count_against_the_nights_files(small):
+    """Hard links of one known file cost a sender no disk, and each is read and hashed: they count against
+    ``max_files_per_night`` like any file, so a flood of them costs a night what that many files cost, and drains
+    over the nights; a new batch behind them waits for a later night."""
+    store, dataset, _ = small
+    x, y = fresh_images(60, seed=21)
+    data = batch_bytes(x, y)
+    arrive(store, "first.parquet", data)
+    (record,) = ingest(store, dataset)[0].night
+    assert record.status == "accepted"
+    incoming = incoming_store(store)
+    for i in range(5):
+        arrive(store, f"copy-{i}.parquet", data)
+        os.utime(incoming.path(f"copy-{i}.parquet"), (1_000_000 + i, 1_000_000 + i))  # oldest first: the copies
+    arrive(store, "new.parquet", batch_bytes(*fresh_images(60, seed=22)))
+    rules = RULES.model_copy(update={"max_files_per_night": 3})
+    ref, lines = ingest(store, dataset, run_id="run-2", rules=rules)
+    assert ref.night == []  # three known copies read, removed; the rest waits
+    assert sorted(os.listdir(incoming.root)) == ["copy-3.parquet", "copy-4.parquet", "new.parquet"], lines
+    assert any("3 incoming files wait for a later night" in line for line in lines), lines
+
+
+def test_no_holdout_image_has_a_near_twin_in_its_batchs_training_share(small):
+    """A sender who pairs each image with a copy shifted by one pixel (not an exact repeat) would put half of each
+    pair in the new-data holdout and its twin in training: the holdout image is dropped as a repeat."""
+    from tasks.intake.checks import ImageIndex, near_copies
+
+    store, dataset, _ = small
+    rng = np.random.default_rng(5)
+    x = np.zeros((100, 28, 28), np.uint8)
+    for image in x:  # distinct sparse strokes, so no two are near copies once centred
+        row, col = rng.integers(4, 14, 2)
+        image[row : row + 10, col : col + 10] = (rng.random((10, 10)) < 0.4) * 255
+    twins = np.roll(x, 1, axis=2)
+    arrive(store, "twins.parquet", batch_bytes(np.concatenate([x, twins]), np.tile(np.arange(100) % 10, 2)))
+    (record,) = ingest(store, dataset)[0].night
+    held = parse_share(store.read_bytes(record.holdout.key), record.holdout.rows).images
+    trained = parse_share(store.read_bytes(record.train.key), record.train.rows).images
+    assert len(held) and len(trained)
+    assert not near_copies(held, ImageIndex(trained)).any()
+    assert record.row.duplicates == 200 - len(held) - len(trained) > 0

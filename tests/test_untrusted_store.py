@@ -616,3 +616,46 @@ def test_stored_predictions_that_match_their_digest_but_are_not_ours_are_predict
     again = predicted_labels(store, dataset, model, "mnist-test")
     assert again["predicted_label"].tolist() == first["predicted_label"].tolist() and len(again) == len(mnist.y_test)
     assert any("damaged" in line and "predicting again" in line for line in said)
+
+
+def test_a_broken_pointer_checks_at_most_max_looked_at_earlier_champions(store, monkeypatch):
+    """A store writer plants many promoted rows, each naming a model record whose file does not match its digest
+    (each check may hash up to 16 MiB), and a pointer that is not JSON: the fallback checks the newest
+    ``MAX_LOOKED_AT`` models, says it gives up, and the night judges its model as a first champion. An intact
+    champion older than those is not reached (a walk over every row would spend the gate's budget)."""
+    import pandas as pd
+
+    from storage.tables import SCHEMAS
+    from tasks.champion.pointer import MAX_LOOKED_AT
+
+    rows = []
+    for i in range(3 * MAX_LOOKED_AT):
+        key = f"m{i:03d}"
+        blob = b"weights %d" % i
+        store.write_bytes(store.model_file(key), blob)
+        digest = sha256_bytes(blob) if i == 0 else "a" * 64  # the oldest is intact, every later one is damaged
+        store.write_text(
+            store.model_info_file(key), model_ref(key=key, file_key=store.model_file(key), sha256=digest).model_dump_json()
+        )
+        rows.append(
+            {
+                "decided_at": pd.Timestamp("2026-01-01", tz="UTC") + pd.Timedelta(days=i),
+                "decision": "promoted",
+                "reason": "passes every rule",
+                "forced": False,
+                "decided_by": "gate",
+                "challenger_model_key": key,
+                "challenger_test_accuracy": 0.99,
+            }
+        )
+    write_table(store, "promotions", "planted", pd.DataFrame(rows).reindex(columns=SCHEMAS["promotions"].names))
+    store.write_text(store.champion_file(), "not json")
+    checked = []
+    matches = Store.matches
+    monkeypatch.setattr(Store, "matches", lambda self, key, *a, **k: checked.append(key) or matches(self, key, *a, **k))
+    said: list[str] = []
+    store.warn = said.append
+    lookup = find_champion(store)
+    assert lookup.champion is None and "no earlier champion is intact" in lookup.problem
+    assert len(checked) == MAX_LOOKED_AT and store.model_file("m000") not in checked
+    assert any(f"None of the {MAX_LOOKED_AT} latest earlier champions is intact" in line for line in said), said

@@ -91,7 +91,7 @@ def ingest(
     base = dataset.model_copy(update={"held_back": held_back})
     base_images = training_set.base_images(load_mnist(store, base).y_train, held_back, train_limit)
     training_set.choose_batches([], base_images, max_training_images)  # a misconfigured budget: refused first
-    ref = tasks.intake.ingest.ingest_batches(store, incoming, base, rules, run_id, log=logger.info)
+    ref = tasks.intake.ingest.ingest_batches(store, incoming, base, rules, run_id, logger.info, max_training_images, base_images)
     chosen = training_set.choose_batches(ref.dataset.batches, base_images, max_training_images)
     if chosen.retired:
         logger.info(

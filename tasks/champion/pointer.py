@@ -127,11 +127,24 @@ def champions_in_history(store: Store) -> list[Champion]:
     return found
 
 
+MAX_LOOKED_AT = 10  # earlier champions a broken pointer's fallback checks, newest first, before it gives up
+
+
 def first_intact(store: Store, candidates: list[Champion], skip: Collection[str] = ()) -> tuple[Champion, ModelRef] | None:
-    """The first candidate (other than the models in ``skip``) whose model file is intact, with its SHA-256, and its model."""
+    """The first candidate (other than the models in ``skip``) whose model file is intact, with its SHA-256, and its
+    model. At most ``MAX_LOOKED_AT`` distinct models are checked: each check may hash a file of up to ``MODEL_LIMIT``,
+    and a store writer can plant any number of promoted rows, so an unbounded walk would spend the step's budget."""
+    looked_at: set[str] = set()
     for candidate in candidates:
-        if candidate.model_key in skip:
+        if candidate.model_key in skip or candidate.model_key in looked_at:
             continue
+        if len(looked_at) >= MAX_LOOKED_AT:
+            store.warn(
+                f"None of the {MAX_LOOKED_AT} latest earlier champions is intact; older ones are not looked at "
+                "(a store with that many damaged champions needs an operator: `mnist-pipeline champion promote`)"
+            )
+            return None
+        looked_at.add(candidate.model_key)
         ref, _ = intact_model(store, candidate.model_key)
         if ref is not None:
             return candidate.model_copy(update={"sha256": ref.sha256}), ref

@@ -49,6 +49,7 @@ from tasks.data.batch_format import (
 from tasks.data.fetch import DatasetRef, load_mnist
 from tasks.data.slices import base_training, new_holdout_images, new_training_images
 from tasks.data.splits import SLICE_SELECTION, SPLIT_SEED, selection_indices
+from tasks.data.training_set import DEFAULT_MAX_TRAINING_IMAGES, choose_batches
 from tasks.intake.checks import (
     DIGITS,
     NEAR_COPY_PIXELS,
@@ -436,6 +437,12 @@ def _ingest_one(
     images, labels = batch.images[keep], batch.labels[keep]
     held = np.zeros(len(labels), dtype=bool)
     held[holdout_rows(labels, rules.holdout_share, digest)] = True
+    # A holdout image whose near twin (shifted a pixel, say) is in the batch's own training share would make the
+    # new-data slice a test of memory: it is dropped, and counted with the repeats within the batch.
+    twins = np.flatnonzero(held)[near_copies(images[held], ImageIndex(images[~held]))] if held.any() and (~held).any() else []
+    if len(twins):
+        images, labels, held = np.delete(images, twins, 0), np.delete(labels, twins), np.delete(held, twins)
+        row["duplicates"] += len(twins)
     train = _part(store, digest, "train", share_bytes(images[~held], labels[~held]), int((~held).sum()))
     holdout = _part(store, digest, "holdout", share_bytes(images[held], labels[held]), int(held.sum()))
     row |= {"rows": len(batch.labels), "train_rows": train.rows, "holdout_rows": holdout.rows}
@@ -654,6 +661,10 @@ def _take(
     digest = sha256_bytes(data)
     known = batch_record(store, digest)
     fresh = known is None
+    if not fresh:
+        # Read and hashed like any file: it counts against max_files_per_night, so a flood of copies of a known
+        # file (hard links cost a sender no disk) costs a night what max_files_per_night files cost, and drains.
+        room.files -= 1
     if fresh:
         try:
             known = _ingest_one(store, _safe_name(name), data, digest, refs, rules, run_id, room)
@@ -679,16 +690,36 @@ def _take(
     return known if fresh else None
 
 
+def _by_age(records: list[BatchRecord]) -> list[AcceptedBatch]:
+    """The trainable batches, oldest first: the training-set policy keeps the newest."""
+    by_age = sorted(records, key=lambda r: (r.decided_at, r.digest))
+    return [AcceptedBatch(digest=r.digest, train=r.train, holdout=r.holdout) for r in by_age if _trainable(r)]
+
+
 def ingest_batches(
-    store: Store, incoming: Store, dataset: DatasetRef, rules: IngestRules, run_id: str, log: Log = print
+    store: Store,
+    incoming: Store,
+    dataset: DatasetRef,
+    rules: IngestRules,
+    run_id: str,
+    log: Log = print,
+    max_training_images: int = DEFAULT_MAX_TRAINING_IMAGES,
+    base_images: int = 0,
 ) -> IngestRef:
     """Check the new batches, oldest first and as many as the night takes, record each decision, and return the
     dataset version to train on. The night's batches are every batch this run ingested, also in an attempt that
-    crashed before this one."""
+    crashed before this one.
+
+    What a new batch may not copy comes from the store, not from ``dataset``'s batches (the fetch step's dataset
+    holds none): the holdout and training shares of the accepted batches a night may train on under
+    ``max_training_images`` (with ``base_images`` of MNIST), so the near-copy index is bounded by the same policy
+    as training, whatever arrived before."""
     with store.lock(LOCK):
-        refs = References(store, dataset, log)
         arrived = incoming_files(incoming)
-        room = NightRoom.of(rules, batch_records(store) if arrived else [], run_id)
+        known = batch_records(store) if arrived else []
+        chosen = choose_batches(_by_age(known), base_images, max_training_images).chosen
+        refs = References(store, dataset.model_copy(update={"batches": chosen}), log)
+        room = NightRoom.of(rules, known, run_id)
         waiting = []
         for name, size in arrived:
             if size > MAX_BATCH_BYTES:
@@ -706,9 +737,7 @@ def ingest_batches(
         remove_stale(incoming, log)
         records = batch_records(store)
     night = sorted((r for r in records if r.run_id == run_id and r.decided_by == "ingest"), key=lambda r: r.decided_at)
-    by_age = sorted(records, key=lambda r: (r.decided_at, r.digest))  # oldest first: the training-set policy keeps the newest
-    accepted = [AcceptedBatch(digest=r.digest, train=r.train, holdout=r.holdout) for r in by_age if _trainable(r)]
-    return IngestRef(dataset=dataset.model_copy(update={"batches": accepted}), night=night)
+    return IngestRef(dataset=dataset.model_copy(update={"batches": _by_age(records)}), night=night)
 
 
 # ---- the operator's overrides -------------------------------------------------------------------------
