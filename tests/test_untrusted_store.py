@@ -646,6 +646,7 @@ def test_a_broken_pointer_checks_at_most_max_looked_at_earlier_champions(store, 
                 "decided_by": "gate",
                 "challenger_model_key": key,
                 "challenger_test_accuracy": 0.99,
+                "slices": [],
             }
         )
     write_table(store, "promotions", "planted", pd.DataFrame(rows).reindex(columns=SCHEMAS["promotions"].names))
