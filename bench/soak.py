@@ -38,6 +38,7 @@ from tasks.data.batch_format import batch_bytes  # noqa: E402
 from tasks.data.deformed import deformed_batch  # noqa: E402
 from tasks.data.fetch import fetch_mnist, load_mnist  # noqa: E402
 from tasks.data.splits import base_training_indices  # noqa: E402
+from tasks.data.training_set import DEFAULT_MAX_TRAINING_IMAGES  # noqa: E402
 from tasks.intake.ingest import incoming_store  # noqa: E402
 
 BAD_KINDS = ("mislabelled", "test copies", "inverted")
@@ -165,6 +166,7 @@ def soak(
             latest = batches.sort_values("decided_at").drop_duplicates("digest", keep="last")
             accepted = latest[latest["decision"] == "accepted"]
             tonight = batches[batches["run_id"] == summary["run_id"]]
+            trained = trained_images(store, summary["run_id"])
             record = {
                 "night": night,
                 "day": night * days_per_night,
@@ -173,6 +175,7 @@ def soak(
                 "steps_s": step_seconds(summary["run_id"]),
                 "peak_rss_mb": round(rss, 1),
                 "available_training_images": int(len(sources) + accepted["train_rows"].fillna(0).sum()),
+                "trained_images": trained,  # what the training-set policy let the night's model train on
                 "holdout_images": summary["new_data_images"],
                 "store_mb": round(store_bytes(root) / 1e6, 2),
                 "derived_mb": round(derived_bytes(root) / 1e6, 2),  # what retention prunes: bounded by its policy
@@ -192,12 +195,31 @@ def soak(
     return records
 
 
+def trained_images(store: Store, run_id: str) -> int | None:
+    """The images the night's model trained on (its record's ``train_images``), None if the night made none."""
+    from tasks.training.model import ModelRef
+
+    runs = read_table(store, "runs", run_id=run_id)
+    if runs.empty:
+        return None
+    info = store.model_info_file(str(runs["model_key"].iloc[0]))
+    return ModelRef.model_validate_json(store.read_bytes(info)).train_images if store.exists(info) else None
+
+
 def slopes(records: list[dict]) -> dict[str, tuple[float, float, float]]:
     """Per quantity: (growth per night, first night's value, last night's value)."""
     nights = np.array([r["night"] for r in records], dtype=float)
     series = {
         k: [r.get(k) for r in records]
-        for k in ("wall_s", "peak_rss_mb", "available_training_images", "holdout_images", "store_mb", "derived_mb")
+        for k in (
+            "wall_s",
+            "peak_rss_mb",
+            "available_training_images",
+            "trained_images",
+            "holdout_images",
+            "store_mb",
+            "derived_mb",
+        )
     }
     steps = sorted({s for r in records for s in r["steps_s"]})
     series |= {f"step {s} (s)": [r["steps_s"].get(s, np.nan) for r in records] for s in steps}
@@ -221,6 +243,7 @@ def plot(records: list[dict], path: Path) -> None:
         ("wall_s", "night's wall time (s)"),
         ("peak_rss_mb", "peak RSS of the night (MB)"),
         ("available_training_images", "training images available\n(base + accepted)"),
+        ("trained_images", "images the night's\nmodel trained on"),
         ("holdout_images", "new-data holdout images"),
         ("store_mb", "store size (MB)"),
         ("derived_mb", "models, evaluations, plots,\nreports, checkpoints (MB)"),
@@ -236,6 +259,22 @@ def plot(records: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def budget_figures(records: list[dict], budget: int) -> dict:
+    """The nights from the first whose available images reach the training-set budget: the last night's wall time
+    against that night's, and the spread of peak RSS over them (what "a night's cost is bounded" means here)."""
+    at = [r for r in records if r["available_training_images"] >= budget]
+    if not at:
+        return {"max_training_images": budget, "reached_on_night": None}
+    walls, rss = [r["wall_s"] for r in at], [r["peak_rss_mb"] for r in at]
+    return {
+        "max_training_images": budget,
+        "reached_on_night": at[0]["night"],
+        "nights_at_budget": len(at),
+        "last_wall_over_first_at_budget": round(walls[-1] / walls[0], 2),
+        "peak_rss_max_over_min_at_budget": round(max(rss) / min(rss), 2),
+    }
 
 
 def main() -> None:
@@ -255,6 +294,8 @@ def main() -> None:
     records = soak(args.nights, args.days_per_night, args.images_per_day, args.files_per_night, args.bad_share, params, args.out)
     plot(records, args.plot)
     growth = slopes(records)
+    bounded = budget_figures(records, params.get("max_training_images", DEFAULT_MAX_TRAINING_IMAGES))
+    print(f"\nthe training-set budget: {json.dumps(bounded)}")
     if args.record:
         import datetime as dt
         import platform
@@ -264,6 +305,7 @@ def main() -> None:
         settings = {k: v for k, v in vars(args).items() if k not in ("out", "plot", "record")}
         record = {"date": dt.date.today().isoformat(), "cpu": model, "settings": settings, "nights": records}
         record["growth_per_night"] = {k: round(v[0], 4) for k, v in growth.items()}
+        record["budget"] = bounded
         args.record.parent.mkdir(parents=True, exist_ok=True)
         args.record.write_text(json.dumps(record, indent=1) + "\n")
     print(f"\n{'quantity':<32} {'per night':>12} {'first':>12} {'last':>12}")

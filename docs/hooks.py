@@ -195,24 +195,37 @@ def soak() -> str:
         )
     out += [
         "",
-        "| night | training | holdout | store MB | of it pruned by retention, MB | batches |",
-        "|---:|---:|---:|---:|---:|---|",
+        "| night | available | trained | holdout | store MB | of it pruned by retention, MB | batches |",
+        "|---:|---:|---:|---:|---:|---:|---|",
     ]
     for n in nights:
         derived = f"{n['derived_mb']:.0f}" if n.get("derived_mb") is not None else "(not recorded)"
+        trained = n.get("trained_images")
         out.append(
-            f"| {n['night']} | {n['available_training_images']} | {n['holdout_images']} | {n['store_mb']:.0f} | {derived} | "
-            f"{n['accepted_tonight']}✓ {n['quarantined_tonight']}✗ |"
+            f"| {n['night']} | {n['available_training_images']} | {'–' if trained is None else trained} | "
+            f"{n['holdout_images']} | {n['store_mb']:.0f} | {derived} | {n['accepted_tonight']}✓ {n['quarantined_tonight']}✗ |"
         )
     out += [
         "",
-        "*training*: images the accepted batches and MNIST's base set make available (the budget chooses from them); "
+        "*available*: images the accepted batches and MNIST's base set make available (the budget chooses from "
+        "them); *trained*: the images of the night's training epoch (the policy's choice, less Keras' validation "
+        "split; – on a night that recorded none); "
         "*of it pruned by retention*: the models, evaluations, plots, reports and checkpoints folders, which the "
         "night's retention bounds (the batches and tables are the data, kept); "
         "*batches*: accepted ✓ and quarantined ✗ that night. The gate's decisions, night by night: "
         + ", ".join(n["decision"] for n in nights)
         + ". Growth per night (least-squares slope over the nights):",
     ]
+    bounded = record.get("budget") or {}
+    if bounded.get("reached_on_night"):
+        out[-1] += (
+            f" The training-set budget (`max_training_images` = {bounded['max_training_images']}) was reached on night "
+            f"{bounded['reached_on_night']}; over the {bounded['nights_at_budget']} nights from then on, the last night "
+            f"took {bounded['last_wall_over_first_at_budget']:g} times the wall time of the first, and peak RSS varied "
+            f"by a factor of {bounded['peak_rss_max_over_min_at_budget']:g} (largest over smallest)."
+        )
+    elif bounded:
+        out[-1] += f" The training-set budget ({bounded['max_training_images']}) was not reached in this run."
     out += ["", "| quantity | per night |", "|---|---:|"]
     out += [f"| {name} | {value:g} |" for name, value in record["growth_per_night"].items()]
     return "\n".join(out)
@@ -229,27 +242,30 @@ def training_budgets() -> str:
 
     record = json.loads((REPO / "docs" / "measured" / "training-budgets.json").read_text())
     settings, base = record["settings"], record["base_images"]
+    rss = [t["peak_rss_mb"] for t in record["trainings"]]
     out = [
         f"Measured {record['date']} on {record['cpu']} ({record['cpu_count']} cores, shared with other work) by "
         f"`bench/training_budgets.py`: the seed network trained by the project's own code, {settings['epochs']} "
         f"epoch each (a night's default is 15; cut to fit the bench in ~20 minutes), seed 0, on MNIST's base set "
         f"({base} images) plus accepted batches of {settings['batch_images']} deformed digits "
         f"(`tasks/data/deformed.py`), oldest first; the policy is `max_training_images` = {settings['budget']}. "
-        f"Balanced accuracy on each slice the gate judges; *size* is the accepted data available as a multiple of "
-        f"the base set, *images* counts the images of the epoch (the rest of the set is Keras' validation split), "
-        f"*s* the training seconds and *RSS MB* the training process's peak. The whole run took {record['total_seconds'] / 60:.0f} minutes, "
+        f"Balanced accuracy on each slice the gate judges (*sel.*: the selection split, *new*: the new-data "
+        f"slice); *size* is the data available as a multiple of the base set, *on*: trained on everything "
+        f"(*all*), under the policy, or *both* where the policy keeps everything; *images* counts the images of "
+        f"the epoch (the rest of the set is Keras' validation split), "
+        f"*s* the training seconds. Peak RSS of the training process: {min(rss):.0f}–{max(rss):.0f} MB in every "
+        f"training. The whole run took {record['total_seconds'] / 60:.0f} minutes, "
         f"{record['deform_seconds'] / 60:.0f} of them deforming digits.",
         "",
-        "| size | trained on | images | test | selection | new data | s | RSS MB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| size | on | images | test | sel. | new | s |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for t in record["trainings"]:
-        who = "all (= policy)" if t["same_as_everything"] else "all" if t["policy"] == "everything" else t["policy"]
+        who = "both" if t["same_as_everything"] else "all" if t["policy"] == "everything" else t["policy"]
         acc = t["balanced_accuracy"]
         out.append(
             f"| {t['multiple']}× | {who} | {t['train_images']} | {_accuracy(acc['mnist-test'])} | "
-            f"{_accuracy(acc['mnist-selection'])} | {_accuracy(acc['new-data'])} | {t['train_seconds']:.0f} | "
-            f"{t['peak_rss_mb']:.0f} |"
+            f"{_accuracy(acc['mnist-selection'])} | {_accuracy(acc['new-data'])} | {t['train_seconds']:.0f} |"
         )
     out += [
         "",

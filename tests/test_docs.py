@@ -92,7 +92,7 @@ WIDTH = 1280  # a laptop's screen: the main column is about 780 px there
 OVERFLOW = r"""() => {
   const content = document.querySelector('.md-content');
   const right = content.getBoundingClientRect().right + 1;
-  const wide = [content, ...content.querySelectorAll('.md-typeset__scrollwrap, .md-typeset__table, table, .language-output pre > code')]
+  const wide = [content, ...content.querySelectorAll('.md-typeset__scrollwrap, .md-typeset__table, table, pre > code:not(.language-text pre > code)')]
     .filter(e => e.scrollWidth > e.clientWidth + 1 || e.getBoundingClientRect().right > right);
   return wide.map(e => `${e.tagName.toLowerCase()}.${e.className} ${e.scrollWidth} px in ${e.clientWidth} px: `
     + (e.innerText || '').slice(0, 80).replace(/\s+/g, ' '));
