@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # the temporary server sends nothing out
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 

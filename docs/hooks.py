@@ -171,18 +171,38 @@ def cli_latency() -> str:
     return "\n".join(out)
 
 
+def _soak_figure(nights: list[dict]) -> str:
+    """The soak's figure drawn from its record by ``bench/soak.py``'s own ``plot``, as base64 PNG: the page shows
+    the run it describes, and no generated image is committed."""
+    import base64
+    import importlib.util
+    import tempfile
+
+    spec = importlib.util.spec_from_file_location("soak_bench", REPO / "bench" / "soak.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "soak.png"
+        bench.plot(nights, path)
+        return base64.b64encode(path.read_bytes()).decode()
+
+
 def soak() -> str:
     """The soak's nights and each quantity's growth per night, from the record ``bench/soak.py --record`` wrote."""
     import json
 
     record = json.loads((REPO / "docs" / "measured" / "soak.json").read_text())
     nights, settings = record["nights"], record["settings"]
+    figure = _soak_figure(nights)
     days = nights[-1]["day"] if nights else 0
     out = [
         f"Measured {record['date']} on {record['cpu']} by `bench/soak.py` ({len(nights)} nights of "
         f"{settings['days_per_night']} days' arrivals each, {settings['images_per_day']} new images a day in "
         f"{settings['files_per_night']} files, a bad batch on {settings['bad_share']:.0%} of the nights, "
         f"{settings['epochs']}-epoch models; {days} days in all):",
+        "",
+        f"![The soak, night by night: wall time, peak RSS, training images available and trained on, the new-data "
+        f"holdout, the store's size and the part retention prunes](data:image/png;base64,{figure})",
         "",
         "| night | wall s | train s | ingest s | peak RSS MB |",
         "|---:|---:|---:|---:|---:|",
