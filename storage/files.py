@@ -33,6 +33,9 @@ from storage.layout import STORE_ENTRIES
 RefT = TypeVar("RefT")  # a pydantic model describing stored files
 STORE_ENV = "MNIST_STORE"
 SIDECAR_LIMIT = 1 << 20  # a reference, pointer or record is a few KB: more is not ours
+REFERENCED_FILE_LIMIT = (
+    128 << 20
+)  # the largest file a reference of ours names: a batch's share (100 000 images) or its incoming file
 STALE_TMP_SECONDS = 24 * 3600  # a temporary file this old belongs to a writer that was killed
 _TMP_NAME = re.compile(r"^\..+\.tmp-[0-9a-f]{32}$")
 
@@ -157,11 +160,19 @@ class StoreFiles:
         with self.fs.open(self.path(key), "rb") as f:
             return sha256_stream(f)
 
-    def load_ref(self, info_path: str, ref_type: type[RefT], files: Callable[[RefT], dict[str, str]]) -> RefT | None:
+    def load_ref(
+        self,
+        info_path: str,
+        ref_type: type[RefT],
+        files: Callable[[RefT], dict[str, str]],
+        limit: int = REFERENCED_FILE_LIMIT,
+    ) -> RefT | None:
         """A reference stored as JSON beside its artifacts, if every file it names (path → SHA-256) is intact.
 
         This is what lets a cache hit or a second writer trust a stored result: a missing or
-        altered file makes it ``None``, and the step runs again.
+        altered file makes it ``None``, and the step runs again. A named file over ``limit`` bytes is not ours and
+        is a miss before a byte of it is hashed: a sparse file of terabytes planted under a reference would
+        otherwise be read whole, by every night that looks at it, outside any step's budget.
         """
         kind = self.kind(info_path)
         if kind is None:
@@ -180,7 +191,7 @@ class StoreFiles:
             self.warn(damage(f"The reference {self.location(info_path)}", exc))
             return None
         for path, sha256 in named.items():
-            if not self.matches(path, sha256):
+            if not self.matches(path, sha256, limit=limit):
                 return None
         return ref
 

@@ -45,6 +45,9 @@ class StoreLocks:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             handle = open(path, "a")  # this machine's own cache, not the store
         with handle:
+            # Only the pipeline's own user may open a lock file: a consumer given read access to the store could
+            # otherwise hold an flock on a read-only descriptor and keep every night waiting on it.
+            os.fchmod(handle.fileno(), 0o600)
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield

@@ -660,3 +660,78 @@ def test_a_broken_pointer_checks_at_most_max_looked_at_earlier_champions(store, 
     assert lookup.champion is None and "no earlier champion is intact" in lookup.problem
     assert len(checked) == MAX_LOOKED_AT and store.model_file("m000") not in checked
     assert any(f"None of the {MAX_LOOKED_AT} latest earlier champions is intact" in line for line in said), said
+
+
+# ---- the second review's probes (2026-12-07): sizes a reference may name, checkpoints Keras restores, locks -------
+def test_a_reference_naming_a_huge_file_is_a_miss_before_a_byte_is_hashed(store, monkeypatch):
+    """A night's model (or a batch's incoming copy) swapped for a sparse file of terabytes was hashed whole, in the
+    flow body outside any step's budget: a file over what a reference of ours names is a miss, unread."""
+    from storage.files import REFERENCED_FILE_LIMIT
+    from tasks.training.rebuilt import MODEL_LIMIT
+
+    path = store.model_file("big")
+    store.write_bytes(path, b"x")
+    store.write_text(store.model_info_file("big"), model_ref(key="big", file_key=path).model_dump_json())
+    with open(store.path(path), "r+b") as f:
+        f.truncate(2 * MODEL_LIMIT)  # over a model's limit, under a reference's
+    hashed = []
+    monkeypatch.setattr(Store, "digest", lambda self, key: hashed.append(key) or pytest.fail(f"{key} was hashed"))
+    assert stored_model(store, "big") is None and hashed == []
+    with open(store.path(path), "r+b") as f:
+        f.truncate(4 * REFERENCED_FILE_LIMIT)
+    assert store.load_ref(store.model_info_file("big"), ModelRef, lambda r: {r.file_key: r.sha256}) is None
+
+
+def test_a_batch_record_claiming_more_rows_than_a_batch_holds_is_not_used():
+    """A planted accepted batch whose holdout share claims two million rows (sparse on disk, its digest matching)
+    was read whole by the new-data slice: such a record is not ours."""
+    from pydantic import ValidationError
+
+    from tasks.data.batch_format import BatchPart
+    from tasks.data.batch_limits import MAX_BATCH_ROWS
+
+    BatchPart(key="batches/a/holdout.raw", sha256="a" * 64, size=MAX_BATCH_ROWS * 785, rows=MAX_BATCH_ROWS)
+    with pytest.raises(ValidationError, match="rows"):
+        BatchPart(key="batches/a/holdout.raw", sha256="a" * 64, size=785, rows=2_000_000)
+    with pytest.raises(ValidationError, match="size"):
+        BatchPart(key="batches/a/holdout.raw", sha256="a" * 64, size=2_000_000 * 785, rows=1)
+
+
+def test_a_checkpoint_keras_cannot_restore_is_removed_and_training_starts_afresh(small, tmp_path):
+    """A planted checkpoint whose history is ours but whose Keras backup files are not (garbage weights, a metadata
+    epoch that is text) ended every retrain inside ``model.fit``: it is removed, training starts from epoch 0."""
+    from tasks.training.config import TrainConfig
+    from tasks.training.train import train_model, training_key
+
+    store, dataset, _ = small
+    config = TrainConfig(epochs=2, batch_size=16, seed=3, train_limit=None)
+    key = training_key(dataset, config)
+    work = tmp_path / "planted"
+    work.mkdir()
+    (work / "history.json").write_text(json.dumps([{"epoch": 1, "loss": 0.5, "seconds": 1.0}]))
+    (work / "latest.weights.h5").write_bytes(b"not an HDF5 file")
+    (work / "training_metadata.json").write_text('{"epoch": "one", "batch": -1}')
+    push_checkpoint(store, key, 1, work)
+    said: list[str] = []
+    store.warn = said.append
+    ref = train_model(store, dataset, config, log=lambda _: None)
+    assert ref.resumed_from_epoch == 0 and ref.epochs == 2
+    assert any(f"The checkpoint of training {key} could not be restored" in line for line in said), said
+
+
+def test_a_lock_file_is_the_pipelines_own(store):
+    """A consumer with read access to the store held an flock on a read-only descriptor of ``locks/ingest.lock``,
+    and every night waited on it: the lock files are readable by their owner only."""
+    with store.lock("ingest"):
+        pass
+    assert os.stat(store.path(store.lock_file("ingest"))).st_mode & 0o777 == 0o600
+
+
+def test_float16_on_a_cpu_worker_is_refused_with_what_to_use(monkeypatch):
+    """mixed_float16 on this CPU trained 36 times slower than float32 and ran past the train step's budget."""
+    from tasks.training import precision
+
+    monkeypatch.setattr(precision, "has_gpu", lambda backend=None: False)
+    with pytest.raises(ValueError, match="no fast float16 path.*use auto, float32 or mixed_bfloat16"):
+        precision.select_device("mixed_float16")
+    assert precision.select_device("float32") == ("CPU:0", "float32")

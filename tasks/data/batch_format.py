@@ -64,8 +64,10 @@ class BatchPart(BaseModel):
 
     key: StoreKey
     sha256: str = Field(pattern=SHA256)
-    size: int = Field(ge=0)
-    rows: int = Field(ge=0)
+    # No file of a batch is larger than the incoming file may be, or a share of the most rows a batch holds: a record
+    # naming more (a planted share of two million "images", sparse on disk) is not ours and is not used.
+    size: int = Field(ge=0, le=max(MAX_BATCH_BYTES, MAX_BATCH_ROWS * (PIXELS + 1)))
+    rows: int = Field(ge=0, le=MAX_BATCH_ROWS)
 
 
 class AcceptedBatch(BaseModel):

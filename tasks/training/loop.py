@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -107,36 +108,56 @@ def _fit(
         backup = Path(work)
         if (pulled := pull_checkpoint(store, key, backup)) is not None:
             log(f"Found a checkpoint after epoch {pulled} in the store")
-        recorder = _epoch_recorder(
-            backup / HISTORY,
-            log,
-            on_epoch,
-            config.epochs,
-            on_backup=lambda epoch: push_checkpoint(store, key, epoch, backup),
-        )
+
+        def recorder_for_backup():
+            on_backup = lambda epoch: push_checkpoint(store, key, epoch, backup)  # noqa: E731
+            return _epoch_recorder(backup / HISTORY, log, on_epoch, config.epochs, on_backup=on_backup)
+
+        def fit(recorder):
+            with dtype_policy(policy):
+                model = build_model(config.model)
+                loss, _ = networks.loss_and_targets(config.model, source.labels[:1])
+
+                def targets(labels: np.ndarray) -> np.ndarray:
+                    return networks.loss_and_targets(config.model, labels)[1]
+
+                model.compile(
+                    optimizer=make_optimizer(config.model, config.learning_rate, config.epochs * steps_per_epoch),
+                    loss=loss,
+                    metrics=["accuracy"],
+                    steps_per_execution=steps_per_execution(backend),
+                )
+                batches = input_pipeline if backend is Backend.tensorflow else shuffled_batches
+                model.fit(
+                    batches(source, train_rows, config.batch_size, config.seed, training=True, targets=targets),
+                    epochs=config.epochs,
+                    validation_data=batches(source, val_rows, VALIDATION_BATCH, None, training=False, targets=targets),
+                    callbacks=[keras.callbacks.BackupAndRestore(str(backup), delete_checkpoint=False), recorder],
+                    shuffle=False,  # the input reshuffles every epoch itself
+                    verbose=0,
+                )
+            return model
+
+        recorder = recorder_for_backup()
         started = time.perf_counter()
-        with dtype_policy(policy):
-            model = build_model(config.model)
-            loss, _ = networks.loss_and_targets(config.model, source.labels[:1])
-
-            def targets(labels: np.ndarray) -> np.ndarray:
-                return networks.loss_and_targets(config.model, labels)[1]
-
-            model.compile(
-                optimizer=make_optimizer(config.model, config.learning_rate, config.epochs * steps_per_epoch),
-                loss=loss,
-                metrics=["accuracy"],
-                steps_per_execution=steps_per_execution(backend),
+        try:
+            model = fit(recorder)
+        except Exception as exc:
+            if pulled is None or recorder.resumed_from is not None:  # not the restore: a failure of the training itself
+                raise
+            # Keras' BackupAndRestore failed to read the checkpoint's own files (weights or metadata a writer of the
+            # store planted): that checkpoint is damaged, not the training. It goes, and training starts afresh.
+            store.warn(
+                f"The checkpoint of training {key} could not be restored ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); it is removed and training starts from epoch 0"
             )
-            batches = input_pipeline if backend is Backend.tensorflow else shuffled_batches
-            model.fit(
-                batches(source, train_rows, config.batch_size, config.seed, training=True, targets=targets),
-                epochs=config.epochs,
-                validation_data=batches(source, val_rows, VALIDATION_BATCH, None, training=False, targets=targets),
-                callbacks=[keras.callbacks.BackupAndRestore(str(backup), delete_checkpoint=False), recorder],
-                shuffle=False,  # the input reshuffles every epoch itself
-                verbose=0,
-            )
+            shutil.rmtree(backup, ignore_errors=True)
+            backup.mkdir()
+            drop_checkpoint(store, key)
+            keras.utils.set_random_seed(config.seed)
+            recorder = recorder_for_backup()
+            started = time.perf_counter()
+            model = fit(recorder)
     return model, recorder, device, policy, time.perf_counter() - started
 
 

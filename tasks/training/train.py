@@ -15,6 +15,7 @@ from tasks.training.config import SEED_MAX, TRAIN_IMAGES, TrainConfig
 from tasks.training.loop import Log, OnEpoch, train_and_store
 from tasks.training.model import NETWORK_CODE, ModelRef
 from tasks.training.precision import Precision
+from tasks.training.rebuilt import MODEL_LIMIT
 
 __all__ = ["SEED_MAX", "TRAIN_IMAGES", "Precision", "TrainConfig", "stored_model", "train_model", "training_code", "training_key"]
 
@@ -32,8 +33,9 @@ def training_key(dataset: DatasetRef, config: TrainConfig) -> str:
 
 
 def stored_model(store: Store, key: str) -> ModelRef | None:
-    """The model already trained under ``key``, if its file is there and still matches its digest."""
-    return store.load_ref(store.model_info_file(key), ModelRef, lambda ref: {ref.file_key: ref.sha256})
+    """The model already trained under ``key``, if its file is there and still matches its digest (and is no larger
+    than a model of ours may be: a larger file is a miss before it is hashed)."""
+    return store.load_ref(store.model_info_file(key), ModelRef, lambda ref: {ref.file_key: ref.sha256}, MODEL_LIMIT)
 
 
 def train_model(
