@@ -155,14 +155,14 @@ def flipped_accepted(records) -> int:
 
 
 def test_a_steady_honest_source_is_not_refused_for_the_images_it_sends(judged):
-    """The soak's finding: a steady sender of clean data harder for the champion than the selection split (here 1.5
-    times its rate) had most of its batches quarantined after a few nights, the per-source count of disagreements
+    """The soak's finding: a steady sender of clean data harder for the champion than the selection split (here twice
+    its rate) had most of its batches quarantined after a few nights, the per-source count of disagreements
     beyond the champion's own rate growing with every batch. The allowance now grows with the images judged."""
     store, dataset = judged
     incoming = incoming_store(store)
     for n in range(3):
         for k in range(4):
-            incoming.write_bytes(f"n{n}-{k}.parquet", level_batch(10 * n + k, 1000, 1.5 * OWN_RATE, source="scanner-3"))
+            incoming.write_bytes(f"n{n}-{k}.parquet", level_batch(10 * n + k, 600, 2 * OWN_RATE, source="scanner-3"))
         ref, _ = night(store, dataset, f"run-{n}")
         assert [r.status for r in ref.night] == ["accepted"] * 4, [r.reason for r in ref.night]
     records = batch_records(store)
@@ -171,11 +171,12 @@ def test_a_steady_honest_source_is_not_refused_for_the_images_it_sends(judged):
 
 def test_twenty_files_of_targeted_flips_in_one_night_are_capped(judged):
     """Finding 6: 20 files of 500 images, 24 sevens labelled 1 in each, were all accepted. Counted across the night,
-    the accepted ones carry few of the 480 flips, and the rest are quarantined saying why."""
+    the accepted ones carry few of the 480 flips, and the rest are quarantined saying why (here files of 300 images:
+    24 flips in each as in the finding, fewer honest images around them)."""
     store, dataset = judged
     incoming = incoming_store(store)
     for i in range(20):
-        incoming.write_bytes(f"flip-{i:02d}.parquet", level_batch(i, 500, OWN_RATE, flips=24))
+        incoming.write_bytes(f"flip-{i:02d}.parquet", level_batch(i, 300, OWN_RATE, flips=24))
     ref, _ = night(store, dataset, "run-1")
     assert len(ref.night) == 20
     assert all(0 < r.row.unexplained_disagreements <= RULES.max_excess_disagreements for r in ref.night)  # each alone
