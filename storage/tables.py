@@ -437,11 +437,11 @@ def _latest(store: Store, table: str, fragment: ds.ParquetFileFragment, full: pa
         data = parquet.read(columns=wanted, use_threads=False)
     if version == SCHEMA_VERSION:
         return _as_schema(data, full, run_id)
-    frame = data.to_pandas()
+    frame = data.to_pandas(ignore_metadata=True)  # the file's own pandas metadata is not obeyed: not ours to trust
     frame["run_id"] = run_id
     try:
         frame = UPGRADES[version](table, version, frame)
-    except (KeyError, TypeError, AttributeError) as exc:  # a file that is not what its version says
+    except (KeyError, TypeError, AttributeError, IndexError) as exc:  # a file that is not what its version says
         raise ValueError(f"its columns are not those of schema version {version} ({type(exc).__name__}: {exc})") from None
     for name in full.names:
         if name not in frame:
@@ -495,8 +495,8 @@ def read_frame(store: Store, path: str, sha256: str | None = None, columns: Coll
     try:
         parquet = pq.ParquetFile(pa.BufferReader(data))
         _check_footer(parquet.metadata, PARTITION_ROWS_DEFAULT)
-        frame = parquet.read().to_pandas()
-    except (ValueError, pa.ArrowException, OSError) as exc:  # ArrowInvalid is a ValueError; footers are checked first
+        frame = parquet.read().to_pandas(ignore_metadata=True)  # the file's pandas metadata is not obeyed
+    except Exception as exc:  # noqa: BLE001 (whatever the decoder raises on bytes a writer planted, they are damage)
         raise DamagedArtifact(f"{store.location(path)} is not a frame this pipeline wrote: {exc}") from None
     missing = [c for c in columns if c not in frame.columns]
     if missing:
@@ -615,7 +615,7 @@ def _read_fragments(
     for fragment, where in fragments:
         try:
             parts.append(_latest(store, table, fragment, full))
-        except (pa.ArrowException, OSError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 (a partition a writer planted: whatever its decoding raises, it is skipped)
             store.warn(f"Skipping the damaged partition {where} of table {table!r}: {str(exc).splitlines()[0][:200]}")
             continue
         places.append(where)

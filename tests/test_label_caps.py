@@ -171,12 +171,11 @@ def test_a_steady_honest_source_is_not_refused_for_the_images_it_sends(judged):
 
 def test_twenty_files_of_targeted_flips_in_one_night_are_capped(judged):
     """Finding 6: 20 files of 500 images, 24 sevens labelled 1 in each, were all accepted. Counted across the night,
-    the accepted ones carry few of the 480 flips, and the rest are quarantined saying why (here files of 300 images:
-    24 flips in each as in the finding, fewer honest images around them)."""
+    the accepted ones carry few of the 480 flips, and the rest are quarantined saying why."""
     store, dataset = judged
     incoming = incoming_store(store)
     for i in range(20):
-        incoming.write_bytes(f"flip-{i:02d}.parquet", level_batch(i, 300, OWN_RATE, flips=24))
+        incoming.write_bytes(f"flip-{i:02d}.parquet", level_batch(i, 500, OWN_RATE, flips=24))
     ref, _ = night(store, dataset, "run-1")
     assert len(ref.night) == 20
     assert all(0 < r.row.unexplained_disagreements <= RULES.max_excess_disagreements for r in ref.night)  # each alone

@@ -18,9 +18,11 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from storage import Store, UnsafeKey, confine_key, sha256_bytes
+from storage import DamagedArtifact, Store, UnsafeKey, confine_key, sha256_bytes
 from storage.tables import read_table, write_table
 from tasks.champion.promotion import Champion, find_champion
 from tasks.data.fetch import DirectorySource, FileSpec, HttpMirror, SourceError, fetch_mnist
@@ -735,3 +737,125 @@ def test_float16_on_a_cpu_worker_is_refused_with_what_to_use(monkeypatch):
     with pytest.raises(ValueError, match="no fast float16 path.*use auto, float32 or mixed_bfloat16"):
         precision.select_device("mixed_float16")
     assert precision.select_device("float32") == ("CPU:0", "float32")
+
+
+# ---- the second review's probes (2026-12-07): content read with its own metadata, times without a zone ------------
+def planted_pandas_metadata(table: pa.Table, version: bytes | None = None) -> bytes:
+    """``table`` as Parquet whose pandas metadata names an index column the file lacks (``to_pandas`` obeying it
+    raises KeyError), optionally declaring an older schema version."""
+    metadata = {b"pandas": json.dumps({"index_columns": ["zzz"], "column_indexes": [], "columns": []}).encode()}
+    if version is not None:
+        metadata[b"schema_version"] = version
+    sink = pa.BufferOutputStream()
+    pq.write_table(table.replace_schema_metadata(metadata), sink)
+    return sink.getvalue().to_pybytes()
+
+
+def test_a_partition_whose_pandas_metadata_breaks_decoding_is_skipped(store):
+    """A partition of schema 3 whose pandas metadata names a missing index column made ``read_table`` raise
+    KeyError, and every night's gate with it: the file's pandas metadata is not obeyed, and any error decoding a
+    partition skips it with a warning."""
+    frames = sample_frames(1)
+    write_table(store, "promotions", "good", frames["promotions"])
+    store.write_bytes(store.table_file("promotions", "planted"), planted_pandas_metadata(pa.table({"reason": ["x"]}), b"3"))
+    said: list[str] = []
+    store.warn = said.append
+    read = read_table(store, "promotions")
+    assert set(read["run_id"]) == {"good"}
+    assert any("planted" in line for line in said), said
+
+
+def test_stored_predictions_that_decode_badly_or_cover_part_of_the_slice_are_predicted_again(two_models, small):
+    """The champion's stored predictions replaced (their sidecar's digest set to match) by the same rows with breaking
+    pandas metadata, or by ten of its rows: the gate failed with KeyError or "cannot pair predictions"; now a miss."""
+    from tasks.evaluation.evaluate import model_predictions_key, predicted_labels, publish_model_predictions
+
+    store, dataset, mnist = small
+    model = stored_model_ref(store, two_models[0])
+    first = predicted_labels(store, dataset, model, "mnist-test")
+    key = model_predictions_key(model, dataset, "mnist-test")
+    whole = pa.Table.from_pandas(first, preserve_index=False)
+    planted_files = {  # our rows read as ours (their pandas metadata ignored); ten rows predicted again
+        False: planted_pandas_metadata(whole),
+        True: planted_pandas_metadata(whole.slice(0, 10)).replace(b"zzz", b"   "),
+    }
+    for damaged, planted in planted_files.items():
+        path = store.unique(store.slice_predictions_file(key, "mnist-test"))
+        store.write_bytes(path, planted)
+        publish_model_predictions(store, model, key, path, sha256_bytes(planted))
+        said: list[str] = []
+        store.warn = said.append
+        again = predicted_labels(store, dataset, model, "mnist-test")
+        assert again["predicted_label"].tolist() == first["predicted_label"].tolist() and len(again) == len(mnist.y_test)
+        assert any("damaged" in line and "predicting again" in line for line in said) is damaged, said
+
+
+def test_a_training_history_with_text_for_figures_is_drawn_as_unavailable(store, monkeypatch):
+    """A model's history replaced by one whose ``seconds`` are text failed the plot step with a format error."""
+    import pandas as pd
+
+    from tasks.evaluation import plots
+    from tasks.evaluation.plots import HISTORY_COLUMNS
+
+    history = pd.DataFrame({c: ["1"] for c in HISTORY_COLUMNS})
+    key = store.history_file("m")
+    store.write_bytes(key, planted_pandas_metadata(pa.Table.from_pandas(history, preserve_index=False)).replace(b"zzz", b"   "))
+    with pytest.raises(DamagedArtifact, match="hold no numbers"):
+        plots._history(store, model_ref(key="m", history_key=key))
+
+
+def test_a_batch_record_whose_time_has_no_zone_is_not_used(small):
+    """A planted ``batch.json`` whose ``decided_at`` has no time zone stopped every night's ingest (naive and aware
+    times compared while ordering the batches): such a record is not ours, and is not used."""
+    from pydantic import ValidationError
+
+    from tasks.intake.ingest import BatchRecord
+
+    fields = {
+        "digest": "a" * 64,
+        "file": "x.parquet",
+        "status": "accepted",
+        "reason": "planted",
+        "run_id": "r",
+        "incoming": {"key": "batches/a/incoming.parquet", "sha256": "a" * 64, "size": 1, "rows": 0},
+    }
+    BatchRecord.model_validate({**fields, "decided_at": "2026-12-01T00:00:00Z"})
+    with pytest.raises(ValidationError, match="timezone"):
+        BatchRecord.model_validate({**fields, "decided_at": "2026-12-01T00:00:00"})
+
+
+def test_a_checkpoint_restored_past_its_last_epoch_is_removed_and_training_starts_afresh(small):
+    """Keras' own backup files with their metadata set past the last epoch (and an empty history, which is ours):
+    ``fit`` ran no epoch and every retrain of that key failed on the empty history. Now the checkpoint is damaged:
+    removed, and training starts afresh."""
+    from tasks.training.config import TrainConfig
+    from tasks.training.train import train_model, training_key
+
+    store, dataset, _ = small
+    config = TrainConfig(epochs=1, batch_size=16, seed=3, train_limit=None)
+    longer = config.model_copy(update={"epochs": 2})
+
+    class Stop(Exception):
+        pass
+
+    def stop(epoch, total, row):
+        raise Stop
+
+    with pytest.raises(Stop):  # a real checkpoint after epoch 1 of 2, left in the store
+        train_model(store, dataset, longer, log=lambda _: None, on_epoch=stop)
+    source_key, key = training_key(dataset, longer), training_key(dataset, config)
+    pointer = json.loads(store.read_bytes(store.checkpoint_key(source_key, "latest.json")))
+    source = store.checkpoint_key(source_key, pointer["folder"])
+    for name in store.list_files(source):
+        data = store.read_bytes(store.key(source, name))
+        if name == "training_metadata.json":
+            data = json.dumps({"epoch": 1000, "batch": -1}).encode()
+        if name == "history.json":
+            data = b"[]"
+        store.write_bytes(store.checkpoint_key(key, "epoch-0001-planted", name), data)
+    store.write_text(store.checkpoint_key(key, "latest.json"), json.dumps({"epoch": 1, "folder": "epoch-0001-planted"}))
+    said: list[str] = []
+    store.warn = said.append
+    ref = train_model(store, dataset, config, log=lambda _: None)
+    assert ref.resumed_from_epoch == 0 and ref.epochs == 1
+    assert any(f"The checkpoint of training {key} could not be restored" in line for line in said), said

@@ -196,11 +196,27 @@ def stored_plots(store: Store, key: str) -> PlotsRef | None:
     )
 
 
+MAX_EPOCHS = 10_000  # more rows than any training of ours has epochs: not our history
+
+
+def _history(store: Store, model: ModelRef) -> pd.DataFrame:
+    """The model's training history as our recorder writes it: numbers, one row an epoch; anything else (text where
+    a figure belongs, a planted file) is ``DamagedArtifact``, so the curves are said unavailable, never a failed step."""
+    history = read_frame(store, model.history_key, columns=HISTORY_COLUMNS)
+    wrong = [c for c in HISTORY_COLUMNS if not pd.api.types.is_numeric_dtype(history[c])]
+    if wrong or len(history) > MAX_EPOCHS:
+        raise DamagedArtifact(
+            f"{store.location(model.history_key)} is not a training history of ours: "
+            + (f"the column(s) {', '.join(wrong)} hold no numbers" if wrong else f"{len(history)} epochs")
+        )
+    return history
+
+
 def render_plots(store: Store, dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef) -> PlotsRef:
     """Render every figure of an evaluation into ``plots/<key>/``."""
     predictions = read_frame(store, evaluation.predictions_key, evaluation.predictions_sha256)
     try:
-        history, problem = read_frame(store, model.history_key, columns=HISTORY_COLUMNS), ""
+        history, problem = _history(store, model), ""
     except (DamagedArtifact, StoreError, OSError) as exc:
         history, problem = None, str(exc)
         store.warn(f"The training history of model {model.key} is damaged ({exc}): its curves are not drawn")

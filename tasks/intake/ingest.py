@@ -29,7 +29,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from storage import Store, StoreError, UnsafeKey, confine_name, sha256_bytes
 from storage.door import NotARegularFile
@@ -120,7 +120,7 @@ class BatchRecord(BaseModel):
     status: Literal["accepted", "quarantined"]
     reason: str = Field(max_length=4000)
     run_id: str = Field(max_length=64)  # the run that ingested it (its rows are in that run's partition of ``batches``)
-    decided_at: datetime
+    decided_at: AwareDatetime  # a time without a zone is not ours, and could not be ordered against ours
     decided_by: Literal["ingest", "operator"] = "ingest"
     incoming: BatchPart  # the file as it arrived
     train: BatchPart | None = None  # None: it could not be read, so it can never be trained on

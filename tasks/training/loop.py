@@ -142,11 +142,16 @@ def _fit(
         started = time.perf_counter()
         try:
             model = fit(recorder)
+            done = [r["epoch"] for r in recorder.rows]
+            if pulled is not None and (not done or max(done) != config.epochs):
+                # Keras restored an epoch past the end (metadata a writer planted): no epoch ran, nothing learned
+                raise ValueError(f"the restored training ended after epochs {done or 'none'}, not {config.epochs}")
         except Exception as exc:
-            if pulled is None or recorder.resumed_from is not None:  # not the restore: a failure of the training itself
+            if pulled is None or recorder.resumed_from is not None and recorder.rows:  # the training itself failed
                 raise
-            # Keras' BackupAndRestore failed to read the checkpoint's own files (weights or metadata a writer of the
-            # store planted): that checkpoint is damaged, not the training. It goes, and training starts afresh.
+            # Keras' BackupAndRestore failed to read the checkpoint's own files, or restored a state past the end
+            # (weights or metadata a writer of the store planted): that checkpoint is damaged, not the training. It
+            # goes, and training starts afresh.
             store.warn(
                 f"The checkpoint of training {key} could not be restored ({type(exc).__name__}: "
                 f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); it is removed and training starts from epoch 0"
