@@ -37,6 +37,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from child_process import measured_child  # noqa: E402 (bench/, beside this script)
+
 from storage import Store, sha256_bytes  # noqa: E402
 from tasks.data.batch_format import AcceptedBatch, BatchPart, share_bytes  # noqa: E402
 from tasks.data.deformed import deformed_batch  # noqa: E402
@@ -107,22 +109,7 @@ def child(store_url: str, dataset_json: str, epochs: int) -> None:
 def train(store: Store, dataset: DatasetRef, epochs: int, work: Path) -> dict:
     spec = work / f"dataset-{len(list(work.glob('dataset-*.json')))}.json"
     spec.write_text(dataset.model_dump_json())
-    started = time.perf_counter()
-    process = subprocess.Popen(
-        [sys.executable, __file__, "--child", store.url, str(spec), "--epochs", str(epochs)],
-        stdout=subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    out = process.stdout.read() if process.stdout else b""
-    _, status, usage = os.wait4(process.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"the training child failed (exit {os.waitstatus_to_exitcode(status)})")
-    figures = json.loads(out.decode().strip().splitlines()[-1])
-    return {
-        **figures,
-        "wall_seconds": round(time.perf_counter() - started, 1),
-        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # Linux: kilobytes
-    }
+    return measured_child(__file__, ["--child", store.url, str(spec), "--epochs", str(epochs)])
 
 
 def cpu_model() -> str:

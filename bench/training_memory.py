@@ -15,10 +15,8 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -27,6 +25,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from child_process import measured_child  # noqa: E402 (bench/, beside this script)
 
 from storage import Store, sha256_bytes  # noqa: E402
 from tasks.data.batch_format import AcceptedBatch, BatchPart, share_bytes  # noqa: E402
@@ -75,22 +75,9 @@ def child(store_url: str, dataset_json: str, epochs: int) -> None:
 def measure(store: Store, dataset: DatasetRef, epochs: int, work: Path) -> dict:
     spec = work / f"dataset-{len(dataset.batches)}.json"
     spec.write_text(dataset.model_dump_json())
-    started = time.perf_counter()
-    process = subprocess.Popen(
-        [sys.executable, __file__, "--child", store.url, str(spec), "--epochs", str(epochs)],
-        stdout=subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    out = process.stdout.read() if process.stdout else b""
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise SystemExit(f"the training child failed (exit {process.returncode})")
-    figures = json.loads(out.decode().strip().splitlines()[-1])
+    figures = measured_child(__file__, ["--child", store.url, str(spec), "--epochs", str(epochs)])
     return {
         **figures,
-        "wall_seconds": round(time.perf_counter() - started, 1),
-        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # Linux: kilobytes
         "train_seconds_per_1000_images": round(1000 * figures["train_seconds"] / (figures["train_images"] * epochs), 3),
     }
 
