@@ -785,7 +785,7 @@ def test_stored_predictions_that_decode_badly_or_cover_part_of_the_slice_are_pre
         publish_model_predictions(store, model, key, path, sha256_bytes(planted))
         said: list[str] = []
         store.warn = said.append
-        again = predicted_labels(store, dataset, model, "mnist-test")
+        again = predicted_labels(store, dataset, model, "mnist-test", mnist.y_test)  # the slice's labels, as the gate
         assert again["predicted_label"].tolist() == first["predicted_label"].tolist() and len(again) == len(mnist.y_test)
         assert any("damaged" in line and "predicting again" in line for line in said) is damaged, said
 

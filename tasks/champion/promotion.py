@@ -207,7 +207,8 @@ def gate(
                     store,
                     lookup,
                     lambda ref: {
-                        name: predicted_labels(store, dataset, ref, name)["predicted_label"].to_numpy() for name in challenger
+                        name: predicted_labels(store, dataset, ref, name, challenger[name][0])["predicted_label"].to_numpy()
+                        for name in challenger
                     },
                 )
             before = lookup.champion

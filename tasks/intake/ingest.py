@@ -199,7 +199,12 @@ class References:
         lookup, loaded = setting_aside_damaged(
             self.store,
             find_champion(self.store),
-            lambda ref: (load_model(self.store, ref), predicted_labels(self.store, self.dataset, ref, SLICE_SELECTION)),
+            lambda ref: (
+                load_model(self.store, ref),
+                predicted_labels(
+                    self.store, self.dataset, ref, SLICE_SELECTION, self.mnist.y_train[selection_indices(self.mnist.y_train)]
+                ),
+            ),
         )
         if lookup.champion is None or loaded is None:
             if lookup.problem:
