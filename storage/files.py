@@ -33,9 +33,8 @@ from storage.layout import STORE_ENTRIES
 RefT = TypeVar("RefT")  # a pydantic model describing stored files
 STORE_ENV = "MNIST_STORE"
 SIDECAR_LIMIT = 1 << 20  # a reference, pointer or record is a few KB: more is not ours
-REFERENCED_FILE_LIMIT = (
-    128 << 20
-)  # the largest file a reference of ours names: a batch's share (100 000 images) or its incoming file
+# The largest file a reference of ours names: a batch's share (100 000 images) or its incoming file.
+REFERENCED_FILE_LIMIT = 128 << 20
 STALE_TMP_SECONDS = 24 * 3600  # a temporary file this old belongs to a writer that was killed
 _TMP_NAME = re.compile(r"^\..+\.tmp-[0-9a-f]{32}$")
 

@@ -721,18 +721,18 @@ def ingest_batches(
     as training, whatever arrived before."""
     with store.lock(LOCK):
         arrived = incoming_files(incoming)
-        known = batch_records(store) if arrived else []
+        known = batch_records(store)  # read (every record's files checked) once a night: tonight's are added below
         chosen = choose_batches(_by_age(known), base_images, max_training_images).chosen
         refs = References(store, dataset.model_copy(update={"batches": chosen}), log)
         room = NightRoom.of(rules, known, run_id)
-        waiting = []
+        waiting, taken = [], []
         for name, size in arrived:
             if size > MAX_BATCH_BYTES:
                 log(f"Incoming file {name!r} is {size} bytes, more than a batch may be ({MAX_BATCH_BYTES}): left where it is")
             elif room.files <= 0:
                 waiting.append(name)  # not read: a file known already would be removed, and that can wait too
-            else:
-                _take(store, incoming, name, refs, rules, run_id, log, room)
+            elif (record := _take(store, incoming, name, refs, rules, run_id, log, room)) is not None:
+                taken.append(record)
         if waiting:
             shown = ", ".join(repr(n[:80]) for n in waiting[:10]) + (", …" if len(waiting) > 10 else "")
             log(
@@ -740,7 +740,7 @@ def ingest_batches(
                 f"{rules.max_files_per_night} files it may (max_files_per_night): {shown}"
             )
         remove_stale(incoming, log)
-        records = batch_records(store)
+    records = known + taken  # a record _take wrote is a digest no intact record named
     night = sorted((r for r in records if r.run_id == run_id and r.decided_by == "ingest"), key=lambda r: r.decided_at)
     return IngestRef(dataset=dataset.model_copy(update={"batches": _by_age(records)}), night=night)
 
