@@ -28,8 +28,8 @@ sys.path.insert(0, str(REPO))
 
 from storage import Store  # noqa: E402
 from tasks.data.fetch import fetch_mnist, load_mnist  # noqa: E402
+from tasks.data.near_copies import ImageIndex, near_copies  # noqa: E402
 from tasks.data.splits import selection_indices  # noqa: E402
-from tasks.intake.checks import ImageIndex, near_copies  # noqa: E402
 
 CROSS = ndimage.generate_binary_structure(2, 1)
 

@@ -377,8 +377,8 @@ def test_odd_columns_are_refused_or_read_never_raised(table, said):
 
 
 def test_repeats_within_a_batch_and_copies_of_the_holdout_never_reach_both_training_and_holdout(small):
+    from tasks.data.near_copies import image_hashes
     from tasks.data.slices import new_holdout_images
-    from tasks.intake.checks import image_hashes
 
     store, dataset, mnist = small
     x, y = fresh_images(60)
@@ -475,8 +475,8 @@ def test_a_batch_copying_base_training_images_drops_the_copies_and_holds_none_ou
     (record,) = ingest(store, dataset)[0].night
     assert record.status == "accepted" and record.train.rows + record.holdout.rows == 60  # the 60 copies dropped
     assert record.row.trained_copies == 60 and "60 copies of images already trained on" in record.reason
+    from tasks.data.near_copies import image_hashes
     from tasks.data.slices import new_holdout_images
-    from tasks.intake.checks import image_hashes
 
     ref = ingest(store, dataset, run_id="run-2")[0]
     held = set(image_hashes(new_holdout_images(store, ref.dataset).x))
@@ -508,7 +508,7 @@ def test_copies_of_a_known_batch_count_against_the_nights_files(small):
 def test_no_holdout_image_has_a_near_twin_in_its_batchs_training_share(small):
     """A sender who pairs each image with a copy shifted by one pixel (not an exact repeat) would put half of each
     pair in the new-data holdout and its twin in training: the holdout image is dropped as a repeat."""
-    from tasks.intake.checks import ImageIndex, near_copies
+    from tasks.data.near_copies import ImageIndex, near_copies
 
     store, dataset, _ = small
     rng = np.random.default_rng(5)

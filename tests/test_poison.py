@@ -15,17 +15,11 @@ import pytest
 from storage import Store
 from tasks.data import splits
 from tasks.data.batch_format import batch_bytes
+from tasks.data.copy_limits import NEAR_COPY_PIXELS, PIXEL_TOLERANCE
 from tasks.data.fetch import DirectorySource, fetch_mnist, load_mnist, stored_dataset
+from tasks.data.near_copies import ImageIndex, differing_pixels, near_copies
 from tasks.data.slices import new_holdout_images, new_training_images
-from tasks.intake.checks import (
-    NEAR_COPY_PIXELS,
-    PIXEL_TOLERANCE,
-    ImageIndex,
-    IngestRules,
-    differing_pixels,
-    label_quality,
-    near_copies,
-)
+from tasks.intake.checks import IngestRules, label_quality
 from tasks.intake.ingest import STALE_SECONDS, batch_records, incoming_store, ingest_batches, remove_stale
 from tests.conftest import with_mnist
 

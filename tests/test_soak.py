@@ -15,8 +15,9 @@ import pytest
 from storage import Store
 from tasks.data.deformed import deformed_batch
 from tasks.data.fetch import load_mnist, stored_dataset
+from tasks.data.near_copies import ImageIndex, differing_pixels, near_copies
 from tasks.data.splits import base_training_indices, selection_indices
-from tasks.intake.checks import ImageIndex, differing_pixels, drift, drift_problems, near_copies
+from tasks.intake.checks import drift, drift_problems
 from tasks.intake.rules import IngestRules
 from tests.conftest import with_mnist
 

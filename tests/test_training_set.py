@@ -16,12 +16,14 @@ from storage import DamagedArtifact, Store
 from storage.tables import read_table
 from tasks.data import slices
 from tasks.data.batch_format import AcceptedBatch, BatchPart, BatchRejected, batch_bytes
-from tasks.data.fetch import DatasetRef
+from tasks.data.fetch import DatasetRef, load_mnist
+from tasks.data.near_copies import image_hashes
 from tasks.data.slices import new_data_slice, new_training_images, slice_digest, slice_images
+from tasks.data.splits import held_back_indices
 from tasks.data.training_images import staged_training_images
 from tasks.data.training_set import TrainingBudgetError, base_images, choose_batches
 from tasks.intake.checks import IngestRules
-from tasks.intake.ingest import batch_records, incoming_store, ingest_batches
+from tasks.intake.ingest import accepted_batches, batch_records, incoming_store, ingest_batches, set_status
 from tests.conftest import with_mnist
 
 RULES = IngestRules(accept_unjudged_labels=True)  # no champion judges these nights: the budget is the point
@@ -117,6 +119,58 @@ def test_the_new_data_slice_takes_each_digit_from_the_newest_batches_up_to_its_c
     monkeypatch.setattr(slices, "NEW_DATA_PER_DIGIT", 1)
     assert len(slice_images(store, dataset, "new-data").y) == 10
     assert slice_digest(dataset, "new-data") != before
+
+
+def _arrives(store, dataset, name: str, x: np.ndarray, y: np.ndarray, rules=RULES, budget: int = 10**6) -> DatasetRef:
+    incoming_store(store).write_bytes(name, batch_bytes(x, y))
+    base = base_images(np.asarray(load_mnist(store, dataset).y_train), dataset.held_back, None)
+    return ingest_batches(store, incoming_store(store), dataset, rules, f"run-{name}", lambda _: None, budget, base).dataset
+
+
+@pytest.mark.parametrize("route", ["retired by the budget", "held back no more", "released from quarantine"])
+def test_no_new_data_image_is_one_the_night_trains_on_whatever_history_put_it_there(small, route):
+    """The second review's three ways to get a holdout image trained on (each a path the intake could not see when the
+    batch arrived) end in one night whose new-data slice must hold none of the images that night trains on."""
+    store, dataset, mnist = small
+    noise = np.random.default_rng(7).integers(0, 256, (150, 28, 28), dtype=np.uint8)
+    labels = np.arange(150) % 10
+    if route == "held back no more":
+        # X: MNIST images held back tonight (new to every model), accepted; a later night holds nothing back
+        dataset = dataset.model_copy(update={"held_back": 30})
+        reserve = held_back_indices(mnist.y_train, 30)
+        _arrives(store, dataset, "x.parquet", mnist.x_train[reserve], mnist.y_train[reserve])
+        tonight = dataset.model_copy(update={"held_back": 0})
+    else:
+        # X, then Y: X's holdout images (unprotected when Y arrives: X retired, or still quarantined) and new ones
+        held = route == "released from quarantine"
+        _arrives(
+            store,
+            dataset,
+            "x.parquet",
+            noise[:60],
+            labels[:60],
+        )
+        [x] = batch_records(store)
+        if held:  # an operator sets it aside (or the intake did): while quarantined, nothing protects its holdout
+            x = set_status(store, x.digest[:12], "quarantined")[0]
+        x_holdout = slices._parts(store, [x.holdout])
+        base = base_images(mnist.y_train, dataset.held_back, None)
+        y = (np.concatenate([x_holdout.x, noise[60:110]]), np.concatenate([x_holdout.y, labels[60:110]]))
+        _arrives(store, dataset, "y.parquet", *y, budget=base if not held else 10**6)
+        assert {r.file: r.status for r in batch_records(store)}["y.parquet"] == "accepted"
+        if held:
+            set_status(store, x.digest[:12], "accepted")
+    _arrives(store, dataset, "z.parquet", noise[110:], labels[110:])  # and a clean batch, whose holdout stays
+    tonight = tonight if route == "held back no more" else dataset
+    tonight = tonight.model_copy(update={"batches": accepted_batches(store)})
+    trained = np.concatenate([mnist.x_train[slices.base_training(mnist, tonight)], new_training_images(store, tonight).x])
+    trained_hashes = set(image_hashes(trained))
+    every_holdout = slices.new_holdout_images(store, tonight)
+    assert any(h in trained_hashes for h in image_hashes(every_holdout.x)), "the route no longer leaks: test it anew"
+
+    judged = new_data_slice(store, tonight)
+    assert len(judged.y) and not any(h in trained_hashes for h in image_hashes(judged.x))
+    assert len(judged.y) == sum(h not in trained_hashes for h in image_hashes(every_holdout.x))  # only those are left out
 
 
 # ---- the staged training images ------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
 * ``mnist-selection``: the fixed selection split of MNIST's training images (where the gate decides);
 * ``mnist-test``: MNIST's test set (reported, never decided on);
 * ``new-data``: the accepted batches' holdout shares, newest first, at most ``NEW_DATA_PER_DIGIT`` images of each
-  digit (where the gate decides too).
+  digit (where the gate decides too), without any image that is an exact or near copy of one the night trains on.
 
 Batch shares are read from the store through their recorded digests, parsed by the one batch parser.
 """
@@ -18,9 +18,11 @@ import numpy as np
 from storage import Store, sha256_json
 from tasks.data.batch_format import BatchPart, parse_share
 from tasks.data.fetch import DatasetRef, Mnist, load_mnist
+from tasks.data.near_copies import ImageIndex, near_copies
 from tasks.data.splits import SLICE_NEW, SLICE_SELECTION, SLICE_TEST, base_training_indices, selection_indices
 
 NEW_DATA_PER_DIGIT = 1_000  # the new-data slice's cap: 10 000 images at most, the size of MNIST's test set
+_SLICES: dict[tuple[str, str, int], Images] = {}  # the last slice made, by its digest: its images are what it names
 
 
 class Images(NamedTuple):
@@ -43,34 +45,61 @@ def new_holdout_images(store: Store, dataset: DatasetRef) -> Images:
     return _parts(store, [b.holdout for b in dataset.batches])
 
 
-def new_data_slice(store: Store, dataset: DatasetRef, per_digit: int | None = None) -> Images:
+def trained_on(store: Store, dataset: DatasetRef, mnist: Mnist | None = None) -> ImageIndex:
+    """Every image the night trains on (MNIST's base training images and each chosen batch's training share), ready
+    for ``near_copies``; shares are added one at a time, never concatenated."""
+    mnist = mnist or load_mnist(store, dataset)
+    index = ImageIndex(mnist.x_train[base_training(mnist, dataset)])
+    for batch in dataset.batches:
+        index.add(_parts(store, [batch.train]).x)
+    return index
+
+
+def new_data_slice(store: Store, dataset: DatasetRef, per_digit: int | None = None, mnist: Mnist | None = None) -> Images:
     """The ``new-data`` slice: the accepted batches' holdout images, newest batch first, at most ``per_digit`` of each
     digit (within a batch, in its share's order). Bounded, so that predicting it costs the same every night however
     many batches came before, and balanced enough that the gate's per-digit rules see every digit that arrived;
-    shares past the cap are not read."""
+    shares past the cap are not read.
+
+    A holdout image that is an exact or near copy of an image the night trains on is left out, whatever history let
+    it get there (a batch checked while the other was retired by ``max_training_images``, held back under another
+    ``held_back``, or released from quarantine by an operator): the intake protects each holdout when a batch
+    arrives, and this holds tonight's slice to it against tonight's training set, so no path through history makes
+    the slice a test of memory. The cost is one near-copy search of at most ``10 × per_digit`` images (plus those
+    left out) against the training set, which the training-set budget bounds."""
     per_digit = NEW_DATA_PER_DIGIT if per_digit is None else per_digit
+    cached = _SLICES.get((store.url, slice_digest(dataset, SLICE_NEW), per_digit))
+    if cached is not None:
+        return cached
     taken = np.zeros(10, dtype=np.int64)
     chosen: list[Images] = []
+    trained: ImageIndex | None = None
     for batch in reversed(dataset.batches):  # oldest first in the dataset: newest first here
         if taken.min() >= per_digit:
             break
         part = batch.holdout
         share = parse_share(store.verified_bytes(part.key, part.sha256, limit=part.size), part.rows)
-        rank = np.zeros(len(share.labels), dtype=np.int64)  # each image's place among its digit's in this share
-        for digit in np.unique(share.labels):
-            where = np.flatnonzero(share.labels == digit)
+        trained = trained or trained_on(store, dataset, mnist)
+        clean = ~near_copies(share.images, trained) if len(share.labels) else np.zeros(0, bool)
+        images, labels = share.images[clean], share.labels[clean]
+        rank = np.zeros(len(labels), dtype=np.int64)  # each image's place among its digit's in this share
+        for digit in np.unique(labels):
+            where = np.flatnonzero(labels == digit)
             rank[where] = np.arange(len(where)) + taken[digit]
         keep = rank < per_digit
-        taken += np.bincount(share.labels[keep], minlength=10)
-        chosen.append(Images(share.images[keep], share.labels[keep]))
+        taken += np.bincount(labels[keep], minlength=10)
+        chosen.append(Images(images[keep], labels[keep]))
     if not chosen:
         return Images(np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.int64))
-    return Images(np.concatenate([c.x for c in chosen]), np.concatenate([c.y for c in chosen]))
+    result = Images(np.concatenate([c.x for c in chosen]), np.concatenate([c.y for c in chosen]))
+    _SLICES.clear()  # one slice kept: a night asks for it once per model it predicts with
+    _SLICES[(store.url, slice_digest(dataset, SLICE_NEW), per_digit)] = result
+    return result
 
 
 def slice_images(store: Store, dataset: DatasetRef, name: str, mnist: Mnist | None = None) -> Images:
     if name == SLICE_NEW:
-        return new_data_slice(store, dataset)
+        return new_data_slice(store, dataset, mnist=mnist)
     mnist = mnist or load_mnist(store, dataset)
     if name == SLICE_TEST:
         return Images(mnist.x_test, mnist.y_test.astype(np.int64))
@@ -84,7 +113,16 @@ def slice_digest(dataset: DatasetRef, name: str) -> str:
     """What a slice's images are: the same digest, the same images (a champion's predictions on it are reusable)."""
     if name == SLICE_NEW:
         parts = [b.holdout.sha256 for b in dataset.batches]
-        return sha256_json({"slice": name, "parts": parts, "per_digit": NEW_DATA_PER_DIGIT, "order": "newest first"})
+        trained = {"mnist": dataset.sha256, "held_back": dataset.held_back, "parts": [b.train.sha256 for b in dataset.batches]}
+        return sha256_json(
+            {
+                "slice": name,
+                "parts": parts,
+                "per_digit": NEW_DATA_PER_DIGIT,
+                "order": "newest first",
+                "without copies of": trained,
+            }
+        )
     return sha256_json({"slice": name, "mnist": dataset.sha256})
 
 

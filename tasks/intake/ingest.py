@@ -46,24 +46,21 @@ from tasks.data.batch_format import (
     parse_untrusted,
     share_bytes,
 )
+from tasks.data.copy_limits import NEAR_COPY_PIXELS, PIXEL_TOLERANCE
 from tasks.data.fetch import DatasetRef, load_mnist
+from tasks.data.near_copies import ImageIndex, image_hashes, near_copies
 from tasks.data.slices import base_training, new_holdout_images, new_training_images
 from tasks.data.splits import SLICE_SELECTION, SPLIT_SEED, selection_indices
 from tasks.data.training_set import DEFAULT_MAX_TRAINING_IMAGES, choose_batches
 from tasks.intake.checks import (
     DIGITS,
-    NEAR_COPY_PIXELS,
-    PIXEL_TOLERANCE,
     REFERENCE_IMAGES,
-    ImageIndex,
     IngestRules,
     drift,
     drift_problems,
     holdout_rows,
-    image_hashes,
     image_statistics,
     label_quality,
-    near_copies,
     unexplained_disagreements,
 )
 

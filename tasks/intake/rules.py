@@ -7,10 +7,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.data.batch_limits import MAX_BATCH_ROWS
-
-PIXEL_TOLERANCE = 32  # of 255: a pixel off by no more than this is the same pixel (noise, rounding, a re-encoding)
-NEAR_COPY_PIXELS = 8  # at most this many pixels differing by more than PIXEL_TOLERANCE: a near copy
-RANKED_COPY_PIXELS = 4  # … or at most this many once both images are ranked by intensity (checks.intensity_ranked)
+from tasks.data.copy_limits import NEAR_COPY_PIXELS, PIXEL_TOLERANCE, RANKED_COPY_PIXELS
 
 
 class IngestRules(BaseModel):
