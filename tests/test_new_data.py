@@ -18,7 +18,15 @@ from tasks.data import batch_format, splits
 from tasks.data.batch_format import BatchRejected, batch_bytes, parse_batch, parse_share
 from tasks.data.slices import new_training_images, slice_images
 from tasks.intake.checks import IngestRules, holdout_rows, label_quality
-from tasks.intake.ingest import BatchNotFound, accepted_batches, batch_records, incoming_store, ingest_batches, set_status
+from tasks.intake.ingest import (
+    MAX_DAMAGED_RECORDS,
+    BatchNotFound,
+    accepted_batches,
+    batch_records,
+    incoming_store,
+    ingest_batches,
+    set_status,
+)
 
 # These stores have no champion: their batches would wait for one (test_label_caps.py tests that); here every
 # batch is judged by the other checks, as a run that accepts unjudged labels judges it.
@@ -464,6 +472,28 @@ def test_a_planted_record_naming_other_files_or_a_link_is_not_used_and_stops_not
     warnings: list[str] = []
     store.warn = warnings.append
     assert accepted_batches(store) == [] and any("cannot be read" in w for w in warnings)
+
+
+def test_a_flood_of_planted_batch_records_costs_a_night_at_most_max_damaged_records_reads(small):
+    """Each record's files are hashed before it is used: planted records (here naming another batch's files) are read
+    up to MAX_DAMAGED_RECORDS, then the rest are left for that read, with a warning naming what to remove."""
+    store, dataset, _ = small
+    arrive(store, "night-1.parquet", batch_bytes(*fresh_images(60)))
+    (record,) = ingest(store, dataset)[0].night
+    info = store.batch_file(record.digest, "batch.json")
+    warnings: list[str] = []
+    store.warn = warnings.append
+    for i in range(MAX_DAMAGED_RECORDS - 1):  # sorted before the real one: read first
+        store.write_text(store.batch_file(f"{i:064x}", "batch.json"), store.read_bytes(info).decode())
+    assert [r.digest for r in batch_records(store)] == [record.digest]  # fewer than the bound: all read
+    assert sum("missing or damaged" in w for w in warnings) == MAX_DAMAGED_RECORDS - 1
+
+    for i in range(MAX_DAMAGED_RECORDS - 1, MAX_DAMAGED_RECORDS + 5):
+        store.write_text(store.batch_file(f"{i:064x}", "batch.json"), store.read_bytes(info).decode())
+    warnings.clear()
+    assert batch_records(store) == []  # the real one lies past the bound this time
+    assert sum("missing or damaged" in w for w in warnings) == MAX_DAMAGED_RECORDS
+    assert "the other 6 were not read this time" in warnings[-1] and "Remove the damaged batch folders" in warnings[-1]
 
 
 def test_a_batch_copying_base_training_images_drops_the_copies_and_holds_none_out(small):

@@ -65,6 +65,7 @@ from tasks.intake.checks import (
 )
 
 INCOMING_ENV = "MNIST_INCOMING"
+MAX_DAMAGED_RECORDS = 20  # damaged batch records read in one pass before the rest are left (each costs hashing)
 LOCK = "ingest"
 RECORD = "batch.json"
 PARTS = {"incoming": "incoming.parquet", "train": "train.u8", "holdout": "holdout.u8", "drift_plot": "drift.png"}
@@ -549,18 +550,31 @@ def batch_record(store: Store, digest: str) -> BatchRecord | None:
 
 
 def batch_records(store: Store) -> list[BatchRecord]:
-    """Every intact batch record in the store, by digest."""
+    """Every intact batch record in the store, by digest, reading at most ``MAX_DAMAGED_RECORDS`` damaged ones.
+
+    Each record's files are hashed before it is used (up to 64 MiB for the original, a share's size for the shares),
+    so a store holding thousands of planted records would cost every night minutes of hashing: after that many
+    damaged records the rest are not read that time, with a warning saying so (the night goes on with the intact
+    records read so far; an operator removes the damaged ones)."""
     if not store.exists(store.batch_dir()):
         return []
-    records = []
-    for name in sorted(store.list_files(store.batch_dir())):
-        if len(name) != 64 or any(c not in "0123456789abcdef" for c in name):
-            continue  # not a batch folder of ours
+    records: list[BatchRecord] = []
+    damaged: list[str] = []
+    names = sorted(n for n in store.list_files(store.batch_dir()) if len(n) == 64 and not set(n) - set("0123456789abcdef"))
+    for place, name in enumerate(names):
         record = batch_record(store, name)
-        if record is None:
-            store.warn(f"Batch {name[:12]}: its record or one of its files is missing or damaged, so it is not used")
+        if record is not None:
+            records.append(record)
             continue
-        records.append(record)
+        store.warn(f"Batch {name[:12]}: its record or one of its files is missing or damaged, so it is not used")
+        damaged.append(name[:12])
+        if len(damaged) >= MAX_DAMAGED_RECORDS and place + 1 < len(names):
+            store.warn(
+                f"{len(damaged)} batch records in {store.location(store.batch_dir())} are damaged ({', '.join(damaged)}): "
+                f"the other {len(names) - place - 1} were not read this time, so their batches are not used. Remove the "
+                "damaged batch folders (their records name files that do not match their digests), then run again"
+            )
+            break
     return records
 
 
