@@ -12,6 +12,7 @@ and a batch's disagreements are known.
 
 from __future__ import annotations
 
+import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -129,14 +130,16 @@ def night(store: Store, dataset, run_id: str, rules: IngestRules = RULES):
     return ingest_batches(store, incoming_store(store), dataset, rules, run_id, log=lines.append), lines
 
 
-@pytest.fixture
-def judged(tmp_path):
+@pytest.fixture(scope="module")
+def judged_template(tmp_path_factory):
     """A store of 25 000 training "digits" (500 a digit in the selection split, ``OWN_RATE`` of them hard) with the
-    brightness judge as its champion."""
+    brightness judge as its champion: made once a module (the judge's calibration predicts 2 000 images), copied
+    for each test, which then changes only its copy."""
     from tasks.data.fetch import DirectorySource, fetch_mnist
     from tasks.data.idx import encode_idx
     from tests.conftest import SyntheticMnist
 
+    tmp_path = tmp_path_factory.mktemp("judged")
     rng = np.random.default_rng(7)
     mnist = SyntheticMnist(tmp_path / "levels", n_train=25_000, n_test=200)
     for kind in ("train", "t10k"):
@@ -147,7 +150,15 @@ def judged(tmp_path):
     store = Store(tmp_path / "store")
     dataset = fetch_mnist(store, sources=[DirectorySource(mnist.write_raw())], files=mnist.specs, log=lambda m: None)
     install_champion(store, tmp_path, brightness_judge(), "judgelevels")
-    return store, dataset
+    return Path(store.root), dataset
+
+
+@pytest.fixture
+def judged(judged_template, tmp_path):
+    """The judged store, a copy of its own."""
+    root, dataset = judged_template
+    shutil.copytree(root, tmp_path / "store", symlinks=True)
+    return Store(tmp_path / "store"), dataset
 
 
 def flipped_accepted(records) -> int:
