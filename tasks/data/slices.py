@@ -46,13 +46,11 @@ def new_holdout_images(store: Store, dataset: DatasetRef) -> Images:
 
 
 def trained_on(store: Store, dataset: DatasetRef, mnist: Mnist | None = None) -> ImageIndex:
-    """Every image the night trains on (MNIST's base training images and each chosen batch's training share), ready
-    for ``near_copies``; shares are added one at a time, never concatenated."""
+    """Every image the night trains on (MNIST's base training images and the chosen batches' training shares), ready
+    for ``near_copies``. The shares are one part of the index, not one part each: the search compares pixels with
+    the nearest candidates of every part, so forty small parts cost forty times the pixel work of one."""
     mnist = mnist or load_mnist(store, dataset)
-    index = ImageIndex(mnist.x_train[base_training(mnist, dataset)])
-    for batch in dataset.batches:
-        index.add(_parts(store, [batch.train]).x)
-    return index
+    return ImageIndex(mnist.x_train[base_training(mnist, dataset)], new_training_images(store, dataset).x)
 
 
 def new_data_slice(store: Store, dataset: DatasetRef, per_digit: int | None = None, mnist: Mnist | None = None) -> Images:
