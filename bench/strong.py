@@ -153,7 +153,8 @@ def main() -> None:
             out.write(json.dumps(row) + "\n")
         rows.append(row)
     if args.record:
-        record = json.loads((MEASURED / "strong.json").read_text())
+        kept = MEASURED / "strong.json"
+        record = json.loads(kept.read_text()) if kept.exists() else {"sittings": []}
         record["sittings"].append({"source": "measured", **measured, "test_images": len(slices[SLICE_TEST].y), "rows": rows})
         progress(f"recorded in {write_record('strong.json', record).relative_to(REPO)}")
 

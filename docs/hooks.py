@@ -465,7 +465,7 @@ def _strong_sitting(sitting: dict) -> list[str]:
     if sitting["source"] == "measured":
         epochs = sorted({row["epochs"] for row in rows})
         command = f"bench/strong.py --seeds {' '.join(str(r['seed']) for r in rows)}{' --views' if rows[0]['views'] else ''}"
-        out = [f"{_measured_by(sitting, command + ' --record')} ({', '.join(map(str, epochs))} epochs):"]
+        out = [f"{_measured_by(sitting, command + ' --record')} ({' and '.join(map(str, epochs))} epochs):"]
     else:
         out = [
             f"**{sitting['date']}, commit `{sitting['commit']}`, {sitting['cpu']} (transcribed).** These figures "

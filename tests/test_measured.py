@@ -181,6 +181,7 @@ def test_the_strong_sittings_are_rendered_with_their_provenance():
             assert f"{headline} These figures were {sitting['provenance']}:" in rendered
         else:
             assert f"Measured {sitting['date']} at commit `{sitting['commit']}` on {sitting['cpu']}" in rendered
+            assert "+changes" not in sitting["commit"], "a sitting is measured at a commit: commit, then measure"
         strong_rows(hooks._strong_sitting(sitting), sitting)
 
 
