@@ -276,6 +276,8 @@ def budget_figures(records: list[dict], budget: int) -> dict:
         "nights_at_budget": len(at),
         "last_wall_over_first_at_budget": round(walls[-1] / walls[0], 2),
         "peak_rss_max_over_min_at_budget": round(max(rss) / min(rss), 2),
+        # what still grows once the budget holds: the slopes over those nights only (the ramp before it grows by design)
+        "growth_per_night_at_budget": {k: round(v[0], 4) for k, v in slopes(at).items()} if len(at) >= 2 else {},
     }
 
 

@@ -249,8 +249,17 @@ def soak() -> str:
         )
     elif bounded:
         out[-1] += f" The training-set budget ({bounded['max_training_images']}) was not reached in this run."
-    out += ["", "| quantity | per night |", "|---|---:|"]
-    out += [f"| {name} | {value:g} |" for name, value in record["growth_per_night"].items()]
+    at_budget = bounded.get("growth_per_night_at_budget") or {}
+    if at_budget:
+        out += ["", f"| quantity | per night, all nights | per night, from night {bounded['reached_on_night']} on |"]
+        out += ["|---|---:|---:|"]
+        out += [
+            f"| {name} | {value:g} | {at_budget[name]:g} |" if name in at_budget else f"| {name} | {value:g} | – |"
+            for name, value in record["growth_per_night"].items()
+        ]
+    else:
+        out += ["", "| quantity | per night |", "|---|---:|"]
+        out += [f"| {name} | {value:g} |" for name, value in record["growth_per_night"].items()]
     return "\n".join(out)
 
 
