@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from storage import Store, StoreError, UnsafeKey, confine_name, sha256_bytes
+from storage import DamagedArtifact, Store, StoreError, UnsafeKey, confine_name, sha256_bytes
 from storage.door import NotARegularFile
 from storage.files import listed_mtime  # the store's own reading of a listing's time (local or S3)
 from storage.tables import schema, write_table
@@ -43,6 +43,7 @@ from tasks.data.batch_format import (
     Batch,
     BatchPart,
     BatchRejected,
+    parse_share,
     parse_untrusted,
     share_bytes,
 )
@@ -526,7 +527,7 @@ def batch_record(store: Store, digest: str) -> BatchRecord | None:
     """The record of batch ``digest`` if it and every file it names are intact, else None (with a warning)."""
     try:
         info = store.batch_file(digest, RECORD)
-        record = store.load_ref(info, BatchRecord, BatchRecord.files)
+        record = store.load_ref(info, BatchRecord, _files_besides_the_shares)
     except (UnsafeKey, StoreError, OSError, ValueError) as exc:  # a link, a folder where a file should be, …
         store.warn(f"The record of batch {digest[:12]} cannot be read ({str(exc)[:200]}): not used")
         return None
@@ -546,7 +547,21 @@ def batch_record(store: Store, digest: str) -> BatchRecord | None:
                 f"The batch record {store.location(info)} gives its {part} share a size that does not fit its rows: not used"
             )
             return None
+    for part in ("train", "holdout"):  # read and parsed, not only hashed: what trains must parse as a share
+        ref = named.get(part)
+        try:
+            if ref is not None:
+                parse_share(store.verified_bytes(ref.key, ref.sha256, limit=ref.size), ref.rows)
+        except (DamagedArtifact, BatchRejected, StoreError, OSError) as exc:
+            store.warn(f"The batch record {store.location(info)} names a {part} share that is not a share ({exc}): not used")
+            return None
     return record
+
+
+def _files_besides_the_shares(record: BatchRecord) -> dict[str, str]:
+    """The files ``load_ref`` hashes: the shares are read once, hashed and parsed by ``batch_record`` itself."""
+    shares = {p.key for p in (record.train, record.holdout) if p is not None}
+    return {key: sha256 for key, sha256 in record.files().items() if key not in shares}
 
 
 def batch_records(store: Store) -> list[BatchRecord]:
