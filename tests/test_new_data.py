@@ -4,6 +4,7 @@ the batch records as untrusted input. Small synthetic MNIST, no training (the we
 from __future__ import annotations
 
 import io
+import json
 import os
 
 import numpy as np
@@ -494,6 +495,22 @@ def test_a_record_whose_share_is_not_a_share_is_not_used_though_its_digests_matc
         store.write_bytes(getattr(record, part).key, written[part])
     store.write_text(info, record.model_dump_json())
     assert [b.digest for b in accepted_batches(store)] == [record.digest]  # the record as written: used
+
+
+def test_a_record_whose_figures_no_batch_could_have_is_damaged_and_the_night_goes_on(small):
+    """A 401-digit count in a record (valid JSON, its files intact) overflowed the night's and its source's caps
+    before any incoming file was read, every night: a record's figures are bounded like a batch, or it is unused."""
+    store, dataset, _ = small
+    arrive(store, "night-1.parquet", batch_bytes(*fresh_images(60), source="scanner-1"))
+    (record,) = ingest(store, dataset)[0].night
+    info = store.batch_file(record.digest, "batch.json")
+    for seed, figures in enumerate(({"disagreements_by_label": [10**400] + [0] * 9}, {"excess_disagreements": "NaN"}), 2):
+        planted = record.model_dump(mode="json")
+        planted["row"] |= figures
+        store.write_bytes(info, json.dumps(planted).encode())
+        arrive(store, f"night-{seed}.parquet", batch_bytes(*fresh_images(60, seed=seed), source="scanner-1"))
+        ref, _ = ingest(store, dataset, run_id=f"run-{seed}")
+        assert [r.status for r in ref.night] == ["accepted"] and record.digest not in {b.digest for b in ref.dataset.batches}
 
 
 def test_a_flood_of_planted_batch_records_costs_a_night_at_most_max_damaged_records_reads(small):

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
@@ -47,6 +47,7 @@ from tasks.data.batch_format import (
     parse_untrusted,
     share_bytes,
 )
+from tasks.data.batch_limits import MAX_BATCH_ROWS
 from tasks.data.copy_limits import NEAR_COPY_PIXELS, PIXEL_TOLERANCE
 from tasks.data.fetch import DatasetRef, load_mnist
 from tasks.data.near_copies import ImageIndex, image_hashes, near_copies
@@ -74,40 +75,46 @@ STALE_SECONDS = 24 * 3600  # a file the pipeline never reads is removed from the
 Log = Callable[[str], None]
 
 
+# A record is read from the store: every figure bounded, so that summing them (the night's and a source's caps) can
+# neither overflow nor turn NaN. A count is of images in one batch; a figure is a rate, a p-value or a count.
+Count = Annotated[int, Field(ge=0, le=MAX_BATCH_ROWS)]
+Figure = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_BATCH_ROWS, le=MAX_BATCH_ROWS)]
+
+
 class BatchFigures(BaseModel):
     """What the checks measured: the figures of a ``batches`` row (None where a check did not get that far)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    rows: int = 0
+    rows: Count = 0
     source: str | None = Field(None, max_length=300)
-    duplicates: int | None = None  # exact repeats of an image within the batch, dropped
-    leaked_test: int | None = None
-    leaked_selection: int | None = None
-    leaked_holdout: int | None = None  # copies of images already in the new-data holdout, dropped
+    duplicates: Count | None = None  # exact repeats of an image within the batch, dropped
+    leaked_test: Count | None = None
+    leaked_selection: Count | None = None
+    leaked_holdout: Count | None = None  # copies of images already in the new-data holdout, dropped
     # exact or near copies of images already trained on (base MNIST, accepted batches' training shares) or accepted
     # earlier the same night, dropped; the batches table has no column for it (its schema is storage's): the reason says it
-    trained_copies: int | None = None
-    train_rows: int | None = None
-    holdout_rows: int | None = None
-    label_chi2_p: float | None = None
-    label_shift: float | None = None
-    mean_intensity: float | None = None
-    mean_intensity_ks: float | None = None
-    mean_intensity_p: float | None = None
-    ink_fraction: float | None = None
-    ink_fraction_ks: float | None = None
-    ink_fraction_p: float | None = None
-    disagreement: float | None = None
-    confident_disagreement: float | None = None
-    champion_confident_disagreement: float | None = None
-    confident_images: int | None = None  # not in the batches table: kept in batch.json
-    excess_disagreements: float | None = None  # not in the batches table: kept in batch.json and said in the reason
+    trained_copies: Count | None = None
+    train_rows: Count | None = None
+    holdout_rows: Count | None = None
+    label_chi2_p: Figure | None = None
+    label_shift: Figure | None = None
+    mean_intensity: Figure | None = None
+    mean_intensity_ks: Figure | None = None
+    mean_intensity_p: Figure | None = None
+    ink_fraction: Figure | None = None
+    ink_fraction_ks: Figure | None = None
+    ink_fraction_p: Figure | None = None
+    disagreement: Figure | None = None
+    confident_disagreement: Figure | None = None
+    champion_confident_disagreement: Figure | None = None
+    confident_images: Count | None = None  # not in the batches table: kept in batch.json
+    excess_disagreements: Figure | None = None  # not in the batches table: kept in batch.json and said in the reason
     # per label 0–9, and what no rate explains (tasks/intake/checks.py): kept in batch.json, what the night's and a
     # source's caps sum
-    disagreements_by_label: list[int] | None = Field(None, max_length=10)
-    explained_by_label: list[float] | None = Field(None, max_length=10)
-    unexplained_disagreements: float | None = None
+    disagreements_by_label: list[Count] | None = Field(None, max_length=10)
+    explained_by_label: list[Figure] | None = Field(None, max_length=10)
+    unexplained_disagreements: Figure | None = None
     champion_model_key: str | None = Field(None, max_length=64)
 
 
