@@ -80,6 +80,22 @@ def test_the_policy_keeps_the_newest_stretch_and_never_splits_a_batch():
     assert chosen.chosen == [new] and chosen.retired == [old_small, big]  # not the old small one past the big one
 
 
+def test_batches_of_holdout_images_only_are_bounded_by_the_budget_too():
+    """Planted batches that train on nothing but hold out 100 000 images each were all chosen at any budget, and
+    every night read and searched their holdouts: the chosen holdouts are bounded by the same figure."""
+
+    def holdout_only(number: int, rows: int) -> AcceptedBatch:
+        empty = BatchPart(key=f"batches/{number}/train", sha256=f"{number:064x}", size=0, rows=0)
+        held = BatchPart(key=f"batches/{number}/holdout", sha256=f"{number:064x}", size=rows * 785, rows=rows)
+        return AcceptedBatch(digest=f"{number:064x}", train=empty, holdout=held)
+
+    planted = [holdout_only(n, 100_000) for n in range(50)]
+    chosen = choose_batches([fake_batch(99, 10), *planted], base_images=1_000, max_training_images=240_000)
+    assert chosen.chosen == planted[-2:] and sum(b.holdout.rows for b in chosen.chosen) <= 240_000
+    honest = [fake_batch(n, 1_000) for n in range(300)]  # an honest batch holds out less than it trains on
+    assert choose_batches(honest, 1_000, 240_000).images(1_000) == 240_000
+
+
 def test_a_budget_below_the_base_set_is_refused_naming_both_figures(small):
     _, dataset, mnist = small
     base = base_images(mnist.y_train, dataset.held_back, None)
