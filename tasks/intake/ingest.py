@@ -531,10 +531,16 @@ def _publish(store: Store, record: BatchRecord) -> None:
 
 
 def batch_record(store: Store, digest: str) -> BatchRecord | None:
-    """The record of batch ``digest`` if it and every file it names are intact, else None (with a warning)."""
+    """The record of batch ``digest`` if it is whole and, for an accepted batch, its shares are intact, else None
+    (with a warning).
+
+    Only what a night uses is read: an accepted batch's two shares, each read once, hashed and parsed. The file as it
+    arrived and the drift plot are not (the digest of the one is the batch's name; the report checks the other when
+    it shows it), and a quarantined batch's shares are checked when an operator releases it (``set_status``): a
+    night's reading of the records costs what the accepted data holds, not what every file ever sent held."""
     try:
         info = store.batch_file(digest, RECORD)
-        record = store.load_ref(info, BatchRecord, _files_besides_the_shares)
+        record = store.load_ref(info, BatchRecord, lambda _: {})
     except (UnsafeKey, StoreError, OSError, ValueError) as exc:  # a link, a folder where a file should be, …
         store.warn(f"The record of batch {digest[:12]} cannot be read ({str(exc)[:200]}): not used")
         return None
@@ -554,28 +560,30 @@ def batch_record(store: Store, digest: str) -> BatchRecord | None:
                 f"The batch record {store.location(info)} gives its {part} share a size that does not fit its rows: not used"
             )
             return None
-    for part in ("train", "holdout"):  # read and parsed, not only hashed: what trains must parse as a share
-        ref = named.get(part)
+    problem = _damaged_share(store, record) if record.status == "accepted" else None
+    if problem is not None:
+        store.warn(f"The batch record {store.location(info)} names {problem}: not used")
+        return None
+    return record
+
+
+def _damaged_share(store: Store, record: BatchRecord) -> str | None:
+    """What is wrong with the record's shares, read and parsed (not only hashed: what trains must parse as a share)."""
+    for part in ("train", "holdout"):
+        ref = getattr(record, part)
         try:
             if ref is not None:
                 parse_share(store.verified_bytes(ref.key, ref.sha256, limit=ref.size), ref.rows)
         except (DamagedArtifact, BatchRejected, StoreError, OSError) as exc:
-            store.warn(f"The batch record {store.location(info)} names a {part} share that is not a share ({exc}): not used")
-            return None
-    return record
-
-
-def _files_besides_the_shares(record: BatchRecord) -> dict[str, str]:
-    """The files ``load_ref`` hashes: the shares are read once, hashed and parsed by ``batch_record`` itself."""
-    shares = {p.key for p in (record.train, record.holdout) if p is not None}
-    return {key: sha256 for key, sha256 in record.files().items() if key not in shares}
+            return f"a {part} share that is not a share ({exc})"
+    return None
 
 
 def batch_records(store: Store) -> list[BatchRecord]:
     """Every intact batch record in the store, by digest, reading at most ``MAX_DAMAGED_RECORDS`` damaged ones.
 
-    Each record's files are hashed before it is used (up to 64 MiB for the original, a share's size for the shares),
-    so a store holding thousands of planted records would cost every night minutes of hashing: after that many
+    An accepted batch's shares are hashed and parsed before it is used (up to 100 000 rows each), so a store holding
+    thousands of planted records would cost every night minutes of hashing: after that many
     damaged records the rest are not read that time, with a warning saying so (the night goes on with the intact
     records read so far; an operator removes the damaged ones)."""
     if not store.exists(store.batch_dir()):
@@ -799,6 +807,8 @@ def set_status(store: Store, prefix: str, status: Literal["accepted", "quarantin
             return record, False
         if status == "accepted" and record.train is None:
             raise BatchNotFound(f"Batch {record.digest[:12]} cannot be released: it never parsed ({record.reason})")
+        if status == "accepted" and (problem := _damaged_share(store, record)) is not None:
+            raise BatchNotFound(f"Batch {record.digest[:12]} cannot be released: its record names {problem}")
         changed = record.model_copy(
             update={
                 "status": status,
