@@ -1,7 +1,9 @@
 """Benchmark: our training step and pipeline against a plain Keras script, measured in the same run.
 
 Prints one JSON object on stdout and its progress, phase by phase, on stderr. ``make bench`` runs
-15 epochs, ``make bench-quick`` 2. The baseline is what a user would write themselves: the seed
+15 epochs, ``make bench-quick`` 2. ``--record`` also writes the object, with the date, commit, CPU model and load
+it ran under, to ``docs/measured/bench.json``, from which the docs build renders docs/benchmarks.md's first two
+tables. The baseline is what a user would write themselves: the seed
 network, float32, ``model.fit`` on in-memory NumPy arrays, batch 128, ``validation_split=0.1``.
 
 The baseline and our step are each trained twice, in the order baseline, ours, ours, baseline, so a
@@ -29,6 +31,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from measured_record import provenance, write_record  # noqa: E402 (bench/, beside this script)
 
 from storage import Store  # noqa: E402
 from tasks.champion.gate import GateRules  # noqa: E402
@@ -78,9 +82,11 @@ def plain_keras(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_
     train_images = len(x) - int(len(x) * 0.1)
     return {
         "seed": seed,
+        "train_images": train_images,
         "seconds_per_epoch": round(float(np.mean(times)), 2),
         "images_per_second": round(train_images * epochs / sum(times), 1),
         "test_accuracy": round(float(accuracy), 4),
+        "test_images": len(y_test),
         "test_accuracy_ci95": interval(float(accuracy), len(y_test)),
     }
 
@@ -93,10 +99,12 @@ def ours(store: Store, dataset, epochs: int, seed: int) -> tuple[dict, object]:
     evaluation = evaluate_model(store, dataset, ref, n_per_class=800, seed=seed, reuse=False)
     return {
         "seed": seed,
+        "train_images": ref.train_images,
         "seconds_per_epoch": round(float(history["seconds"].mean()), 2),
         "images_per_second": round(ref.train_images * epochs / float(history["seconds"].sum()), 1),
         "dtype_policy": ref.precision,
         "test_accuracy": round(evaluation.test_accuracy, 4),
+        "test_images": evaluation.test_images,
         "test_accuracy_ci95": interval(evaluation.test_accuracy, evaluation.test_images),
     }, (ref, evaluation)
 
@@ -123,7 +131,9 @@ def main() -> None:
         default=os.environ.get("MNIST_STORE", str(REPO / "artifacts")),
         help="store that holds (or will hold) the verified MNIST files",
     )
+    parser.add_argument("--record", action="store_true", help="also write docs/measured/bench.json for the docs")
     args = parser.parse_args()
+    measured = provenance()  # before the run: its load average is the machine's, not ours
 
     data_store = Store(args.data_store)
     dataset = fetch_mnist(data_store, log=lambda _: None)
@@ -169,28 +179,27 @@ def main() -> None:
 
     # pairs in time order: (baseline 1, ours 1) and (baseline 2, ours 2), i.e. the outer and the inner pair
     ratios = [o["images_per_second"] / b["images_per_second"] for b, o in zip(baselines, ours_runs)]
-    print(
-        json.dumps(
-            {
-                "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-                "epochs": args.epochs,
-                "batch_size": 128,
-                "order": "baseline, ours, ours, baseline",
-                "baseline_plain_keras": baselines,
-                "ours": ours_runs,
-                "ratio_images_per_second_ours_over_baseline": round(
-                    sum(o["images_per_second"] for o in ours_runs) / sum(b["images_per_second"] for b in baselines), 2
-                ),
-                "ratio_per_pair": [round(r, 2) for r in ratios],
-                "ratio_spread": round(max(ratios) - min(ratios), 2),
-                "flow_cold_run_seconds": cold,
-                "flow_warm_rerun_seconds": warm,
-                "evaluation_tables_plots_seconds": round(eval_tables_plots, 1),
-                "peak_rss_gb_full_run": max(cold_rss, warm_rss),
-            },
-            indent=2,
-        )
-    )
+    result = {
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "epochs": args.epochs,
+        "batch_size": 128,
+        "order": "baseline, ours, ours, baseline",
+        "baseline_plain_keras": baselines,
+        "ours": ours_runs,
+        "ratio_images_per_second_ours_over_baseline": round(
+            sum(o["images_per_second"] for o in ours_runs) / sum(b["images_per_second"] for b in baselines), 2
+        ),
+        "ratio_per_pair": [round(r, 2) for r in ratios],
+        "ratio_spread": round(max(ratios) - min(ratios), 2),
+        "flow_cold_run_seconds": cold,
+        "flow_warm_rerun_seconds": warm,
+        "evaluation_tables_plots_seconds": round(eval_tables_plots, 1),
+        "peak_rss_gb_full_run": max(cold_rss, warm_rss),
+    }
+    print(json.dumps(result, indent=2))
+    if args.record:
+        out = write_record("bench.json", {**measured, **result})
+        progress(f"recorded in {out.relative_to(REPO)}")
 
 
 if __name__ == "__main__":

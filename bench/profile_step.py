@@ -7,10 +7,13 @@ the cost of calling a compiled function at all, and scaled to one epoch's steps;
 ``model.fit`` as ``tasks/training/train.py`` compiles it (without validation and checkpoints). Parts timed alone
 miss the fusion TensorFlow does across layers, so they can add up to more than the whole. Prints
 a table on stdout (``make profile``). Figures vary ±10–30 % on a shared machine; compare shares, not digits.
+``--record`` also writes the figures, with the date, commit, CPU model and load it ran under, to
+``docs/measured/profile.json``, from which the docs build renders docs/benchmarks.md's profile table.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -21,6 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
+from measured_record import provenance, write_record  # noqa: E402 (bench/, beside this script)
 
 from storage import Store  # noqa: E402
 from tasks.data.fetch import fetch_mnist, load_mnist  # noqa: E402
@@ -45,6 +49,10 @@ def timed(fn, repeats: int = REPEATS) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--record", action="store_true", help="also write docs/measured/profile.json for the docs")
+    args = parser.parse_args()
+    measured = provenance()
     keras = import_keras()
     import tensorflow as tf
 
@@ -151,6 +159,20 @@ def main() -> None:
         f"| everything else: Keras' loop, Python, TensorFlow's dispatch | {epoch - accounted:.2f} | {100 * (epoch - accounted) / epoch:.0f} % |"
     )
     print(f"| **whole epoch (model.fit, median of epochs 2–3)** | **{epoch:.2f}** | 100 % |")
+    if args.record:
+        record = {
+            **measured,
+            "device": device,
+            "dtype_policy": policy,
+            "batch_size": BATCH,
+            "steps_per_epoch": steps,
+            "dispatch_us": round(dispatch * 1e6),
+            "epoch_seconds": round(epoch, 3),
+            "parts": [{"part": name, "seconds_per_epoch": round(s, 3)} for name, s in rows],
+            "unexplained_seconds_per_epoch": round(epoch - accounted, 3),
+        }
+        out = write_record("profile.json", record)
+        print(f"recorded in {out.relative_to(REPO)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

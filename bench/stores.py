@@ -3,11 +3,14 @@
 One sitting, same machine, same parameters (`--epochs 1 --train-limit 6000 --n-per-class 100`): moto's
 S3 server on a loopback port stands in for the bucket. The warm S3 run is made as a second machine
 would make it (another directory, PREFECT_HOME and cache directory: its ephemeral Prefect database is
-created on that run, which the same-machine warm run does not pay). Prints one JSON object.
+created on that run, which the same-machine warm run does not pay). Prints one JSON object; ``--record`` also
+writes it, with the date, commit, CPU model and load it ran under, to ``docs/measured/stores.json``, from which the
+docs build renders docs/deploying.md's table.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -19,6 +22,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from measured_record import provenance, write_record  # noqa: E402 (bench/, beside this script)
 
 from flows.stack.serve import free_port  # noqa: E402
 from storage import Store  # noqa: E402
@@ -47,6 +52,10 @@ def timed_run(store: str, machine: Path, env: dict[str, str], *extra: str) -> tu
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--record", action="store_true", help="also write docs/measured/stores.json for the docs")
+    args = parser.parse_args()
+    measured = provenance()
     data = Store(os.environ.get("MNIST_STORE", str(REPO / "artifacts")))
     dataset = fetch_mnist(data, log=lambda _: None)
     with tempfile.TemporaryDirectory(prefix="mnist-bench-stores-") as tmp:
@@ -92,7 +101,11 @@ def main() -> None:
         finally:
             moto.terminate()
             moto.wait()
-    print(json.dumps({name: {"seconds": s, "steps": steps} for name, (s, steps) in results.items()}, indent=2))
+    result = {name: {"seconds": s, "steps": steps} for name, (s, steps) in results.items()}
+    print(json.dumps(result, indent=2))
+    if args.record:
+        out = write_record("stores.json", {**measured, "arguments": " ".join(ARGS), "runs": result})
+        print(f"recorded in {out.relative_to(REPO)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ scored on the whole test set (10 000 images) and on the held-out ``mnist-selecti
 One JSON line per seed on stdout (appended to ``--out`` as well, so a long sitting keeps what it measured),
 progress on stderr. ``make bench-strong`` runs seeds 0, 1 and 2: about 45 minutes alone on 2 cores.
 
+``--record`` appends the sitting (its rows, with the date, commit, CPU model and load it ran under) to
+``docs/measured/strong.json``, from which the docs build renders docs/benchmarks.md's strong-model tables.
+
 Run it for two commits in one sitting (``git worktree add``, then this script from each) to compare recipes.
 """
 
@@ -26,6 +29,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from measured_record import MEASURED, provenance, write_record  # noqa: E402 (bench/, beside this script)
 
 from storage import Store  # noqa: E402
 from tasks.data.fetch import fetch_mnist, load_mnist  # noqa: E402
@@ -66,10 +71,12 @@ def main() -> None:
     parser.add_argument("--data-store", default=os.environ.get("MNIST_STORE", str(REPO / "artifacts")))
     parser.add_argument("--out", default=str(REPO / "bench-results" / "strong.jsonl"))
     parser.add_argument("--views", action="store_true", help="also score the trained network with each of VIEW_SETS")
+    parser.add_argument("--record", action="store_true", help="append this sitting to docs/measured/strong.json")
     parser.add_argument("--score-keys", nargs="+", default=None, help="score these stored models' view sets; train nothing")
     args = parser.parse_args()
 
     label = commit()
+    measured = provenance()
     data_store = Store(args.data_store)
     dataset = fetch_mnist(data_store, log=progress)
     mnist = load_mnist(data_store, dataset)
@@ -113,6 +120,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
         return
 
+    rows = []
     for seed in args.seeds:
         config = TrainConfig(model="strong", seed=seed, epochs=args.epochs)
         progress(f"seed {seed}: training strong, {config.epochs} epochs ({label})")
@@ -143,6 +151,12 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         with open(args.out, "a") as out:
             out.write(json.dumps(row) + "\n")
+        rows.append(row)
+    if args.record:
+        kept = MEASURED / "strong.json"
+        record = json.loads(kept.read_text()) if kept.exists() else {"sittings": []}
+        record["sittings"].append({"source": "measured", **measured, "test_images": len(slices[SLICE_TEST].y), "rows": rows})
+        progress(f"recorded in {write_record('strong.json', record).relative_to(REPO)}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ that the training set is ``--sizes`` images in all (base MNIST included). The pa
 RSS from ``wait4``. Prints one JSON object on stdout (peak RSS per size, its ratio to the first size's, seconds
 per image) and progress on stderr.
 
-    .venv/bin/python bench/training_memory.py --sizes 60000 240000
+    .venv/bin/python bench/training_memory.py --sizes 60000 240000 [--record]
+
+``--record`` also writes the object, with the date, commit, CPU model and load it ran under, to
+``docs/measured/training-memory.json``, from which the docs build renders docs/scaling.md's memory table.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from child_process import measured_child  # noqa: E402 (bench/, beside this script)
+from measured_record import provenance, write_record  # noqa: E402
 
 from storage import Store, sha256_bytes  # noqa: E402
 from tasks.data.batch_format import AcceptedBatch, BatchPart, share_bytes  # noqa: E402
@@ -87,12 +91,14 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[60_000, 240_000], help="training-set sizes, in images")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--data-store", default=os.environ.get("MNIST_STORE", str(REPO / "artifacts")))
+    parser.add_argument("--record", action="store_true", help="also write docs/measured/training-memory.json")
     parser.add_argument("--child", nargs=2, metavar=("STORE", "DATASET_JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child, args.epochs)
         return
 
+    measured = provenance()
     data_store = Store(args.data_store)
     dataset = fetch_mnist(data_store, log=lambda _: None)
     results = []
@@ -112,7 +118,11 @@ def main() -> None:
     first = results[0]["peak_rss_mb"]
     for row in results:
         row["peak_rss_over_first"] = round(row["peak_rss_mb"] / first, 3)
-    print(json.dumps({"cpu_count": os.cpu_count(), "epochs": args.epochs, "sizes": results}, indent=2))
+    result = {"cpu_count": os.cpu_count(), "epochs": args.epochs, "sizes": results}
+    print(json.dumps(result, indent=2))
+    if args.record:
+        out = write_record("training-memory.json", {**measured, **result})
+        print(f"[memory] recorded in {out.relative_to(REPO)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@
 ``<!-- generated: NAME -->`` in a page is replaced by ``GENERATED[NAME]()``: the data dictionary from
 ``storage/tables.py``'s schemas, the CLI reference from ``flows/cli.py``'s parser, the changelog from
 ``CHANGELOG.md``, and measured tables from the records real runs wrote (``docs/measured/``: the scripted week's,
-the near-copy check's, the soak's, the training budgets', the CLI's latency). A page naming a generator that does not exist fails the build.
+the near-copy check's, the soak's, the training budgets', the CLI's latency, and ``bench/``'s ``--record`` runs:
+plain Keras against ours, the step's profile, training memory, the store backends, the strong model's sittings).
+A page naming a generator that does not exist fails the build; ``tests/test_measured.py`` checks that each table
+shows its record's provenance and figures.
 """
 
 from __future__ import annotations
@@ -304,7 +307,227 @@ def training_budgets() -> str:
     return "\n".join(out)
 
 
+MEASURED = REPO / "docs" / "measured"
+
+
+def _record(name: str) -> dict:
+    import json
+
+    return json.loads((MEASURED / name).read_text())
+
+
+def _thousands(value: float) -> str:
+    return f"{value:,.0f}".replace(",", " ")
+
+
+def _measured_by(record: dict, command: str) -> str:
+    """Where a record's figures come from, as bench/measured_record.py's provenance has it: date, commit, CPU, cores
+    and the load the machine was under when it started (a shared machine's load is part of what they mean)."""
+    niced = f", niced to {record['nice']} on a machine shared with other work" if record.get("nice") else ""
+    return (
+        f"Measured {record['date']} at commit `{record['commit']}` on {record['cpu']} ({record['cpu_count']} cores, load "
+        f"average {record['load_average']} when it started{niced}) by `{command}`"
+    )
+
+
+def bench() -> str:
+    """Plain Keras against this pipeline, and the whole pipeline's times, from the record ``bench/bench.py --record``
+    wrote (``docs/measured/bench.json``)."""
+    record = _record("bench.json")
+    base, ours, epochs = record["baseline_plain_keras"], record["ours"], record["epochs"]
+
+    def both(runs: list[dict], field: str, shown: Callable[[float], str]) -> str:
+        return " / ".join(shown(run[field]) for run in runs)
+
+    def accuracy(runs: list[dict]) -> str:
+        low, high = runs[0]["test_accuracy_ci95"]
+        rest = [f"{run['test_accuracy']:.4f}" for run in runs[1:]]
+        return " / ".join([f"{runs[0]['test_accuracy']:.4f} ({low:.4f}–{high:.4f})", *rest])
+
+    pairs = " and ".join(f"{ratio:.2f}×" for ratio in record["ratio_per_pair"])
+    seeds = " / ".join(f"seed {run['seed']}" for run in ours)
+    return "\n".join(
+        [
+            f"{_measured_by(record, f'bench/bench.py --epochs {epochs} --record')}: {epochs} epochs each, batch "
+            f"{record['batch_size']}, in the order {record['order']}; test accuracy on all "
+            f"{_thousands(ours[0]['test_images'])} test images. This pipeline trains on fewer images than the baseline: "
+            "it holds the `mnist-selection` split out of training for the gate, then both leave Keras' validation "
+            "split out.",
+            "",
+            "| | plain Keras (baseline) | this pipeline |",
+            "|---|---|---|",
+            f"| training images per epoch | {both(base, 'train_images', _thousands)} | "
+            f"{both(ours, 'train_images', _thousands)} |",
+            f"| seconds per epoch ({seeds}) | {both(base, 'seconds_per_epoch', '{:.2f}'.format)} | "
+            f"**{both(ours, 'seconds_per_epoch', '{:.2f}'.format)}** |",
+            f"| training images per second | {both(base, 'images_per_second', _thousands)} | "
+            f"**{both(ours, 'images_per_second', _thousands)}** |",
+            f"| ratio, ours over baseline | | **{record['ratio_images_per_second_ours_over_baseline']:.2f}×** overall; "
+            f"{pairs} per pair (spread {record['ratio_spread']:.2f}) |",
+            f"| test accuracy, {epochs} epochs (95 % Wilson interval) | {accuracy(base)} | {accuracy(ours)} |",
+            "",
+            "| whole pipeline, the same run | |",
+            "|---|---|",
+            f"| cold flow run (`mnist-pipeline run`, {epochs} epochs, MNIST already in the store) | "
+            f"{record['flow_cold_run_seconds']:.1f} s |",
+            f"| warm re-run, everything cached (Prefect's ephemeral start-up, see below) | "
+            f"{record['flow_warm_rerun_seconds']:.1f} s |",
+            f"| evaluation + tables + plots | {record['evaluation_tables_plots_seconds']:.1f} s |",
+            f"| peak resident memory of a full run | {record['peak_rss_gb_full_run']:.2f} GB |",
+        ]
+    )
+
+
+def training_memory() -> str:
+    """Peak RSS of a training against the size of its training set, from the record ``bench/training_memory.py
+    --record`` wrote (``docs/measured/training-memory.json``)."""
+    record = _record("training-memory.json")
+    sizes, epochs = record["sizes"], record["epochs"]
+    command = f"bench/training_memory.py --sizes {' '.join(str(row['training_set']) for row in sizes)} --record"
+    out = [
+        f"{_measured_by(record, command)}; {epochs} epoch{'s' if epochs != 1 else ''} each, every size trained in a "
+        f"process of its own (*epoch images*: the training set less Keras' validation split):",
+        "",
+        "| training set (images) | epoch images | peak RSS | relative to the first | training seconds per 1 000 images |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for row in sizes:
+        out.append(
+            f"| {_thousands(row['training_set'])} | {_thousands(row['train_images'])} | "
+            f"{_thousands(row['peak_rss_mb'])} MB | {row['peak_rss_over_first']:.2f} | "
+            f"{row['train_seconds_per_1000_images']:.2f} |"
+        )
+    return "\n".join(out)
+
+
+def stores() -> str:
+    """A small run's cold and warm wall times on a local store and on an S3 bucket, from the record
+    ``bench/stores.py --record`` wrote (``docs/measured/stores.json``)."""
+    record = _record("stores.json")
+    runs = {name: f"{run['seconds']:.1f} s" for name, run in record["runs"].items()}
+    return "\n".join(
+        [
+            f"{_measured_by(record, 'bench/stores.py --record')}, every run `mnist-pipeline run {record['arguments']}`:",
+            "",
+            "| | local store | S3 bucket (moto on loopback) |",
+            "|---|---|---|",
+            f"| cold (MNIST from a directory, train, evaluate, plot) | {runs['local_cold']} | {runs['s3_cold']} |",
+            f"| warm, same machine (every heavy step `Cached`) | {runs['local_warm']} | {runs['s3_warm_same_machine']} |",
+            "| warm, a second machine (fresh `PREFECT_HOME`: its ephemeral Prefect database is created on that run) | | "
+            f"{runs['s3_warm_second_machine']} |",
+        ]
+    )
+
+
+def profile() -> str:
+    """Where one epoch of our step goes, part by part, from the record ``bench/profile_step.py --record`` wrote
+    (``docs/measured/profile.json``)."""
+    record = _record("profile.json")
+    epoch = record["epoch_seconds"]
+
+    def share(seconds: float) -> str:
+        return f"{100 * seconds / epoch:.0f} %"
+
+    out = [
+        f"{_measured_by(record, 'bench/profile_step.py --record')}: one epoch of the seed network on "
+        f"{record['device']} in `{record['dtype_policy']}`, batch {record['batch_size']}, {record['steps_per_epoch']} "
+        f"steps. Each part is timed alone in a compiled function, less the {record['dispatch_us']} µs any call costs, "
+        f"times the steps; the whole is one epoch of `model.fit` without validation (median of epochs 2–3): "
+        f"**{epoch:.2f} s**.",
+        "",
+        "| part | seconds per epoch | share |",
+        "|---|---:|---:|",
+    ]
+    for part in record["parts"]:
+        seconds = part["seconds_per_epoch"]
+        shown = f"({share(seconds)})" if part["part"].startswith("input") else share(seconds)
+        out.append(f"| {part['part']} | {seconds:.2f} | {shown} |")
+    rest = record["unexplained_seconds_per_epoch"]
+    out.append(f"| what the parts do not explain: Keras' loop, Python, dispatch | {rest:.2f} | {share(rest)} |")
+    out += [
+        "",
+        "The input pipeline is prefetched: it overlaps the step, so its share is in brackets and left out of the rest. "
+        "Parts timed alone miss the fusion TensorFlow does across layers, so they can add up to more than the whole "
+        "(then the last row is negative).",
+    ]
+    return "\n".join(out)
+
+
+def _per_seed(values: list[float | None]) -> str:
+    """``a / b / c (mean)`` of a figure per seed; ``–`` for a seed without it, and no mean unless every seed has it."""
+    shown = " / ".join("–" if v is None else f"{v:.4f}" for v in values)
+    known = [v for v in values if v is not None]
+    return f"{shown} ({sum(known) / len(known):.4f})" if len(known) == len(values) > 1 else shown
+
+
+def _strong_sitting(sitting: dict) -> list[str]:
+    rows = sitting["rows"]
+    if sitting["source"] == "measured":
+        epochs = sorted({row["epochs"] for row in rows})
+        command = f"bench/strong.py --seeds {' '.join(str(r['seed']) for r in rows)}{' --views' if rows[0]['views'] else ''}"
+        out = [f"{_measured_by(sitting, command + ' --record')} ({' and '.join(map(str, epochs))} epochs):"]
+    else:
+        out = [
+            f"**{sitting['date']}, commit `{sitting['commit']}`, {sitting['cpu']} (transcribed).** These figures "
+            f"were {sitting['provenance']}:"
+        ]
+    out += [
+        "",
+        "| recipe | seed | views saved | training min | test acc. | test bal. acc. | selection bal. acc. |",
+        "|---|---:|---:|---|---:|---:|---:|",
+    ]
+    by_recipe: dict[str, list[dict]] = {}
+    for row in rows:
+        recipe = row.get("recipe") or f"strong, {row['epochs']} epochs"
+        by_recipe.setdefault(recipe, []).append(row)
+        minutes = f"{row['train_minutes']:.1f}" + (f" ({row['note']})" if row.get("note") else "")
+        out.append(
+            f"| {recipe} | {row['seed']} | {row['serving_shifts']} | {minutes} | {_accuracy(row['test_accuracy'])} | "
+            f"{_accuracy(row['test_balanced_accuracy'])} | {_accuracy(row['selection_balanced_accuracy'])} |"
+        )
+    for recipe, group in by_recipe.items():
+        if len(group) > 1:
+            test = [row["test_accuracy"] for row in group]
+            out.append(f"| {recipe}: mean / minimum | | | | {sum(test) / len(test):.4f} / {min(test):.4f} | | |")
+    scored = [row for row in rows if row.get("views")]
+    if scored:
+        seeds = " / ".join(str(row["seed"]) for row in scored)
+        out += [
+            "",
+            f"The same trained networks scored with each view set (per seed {seeds}; the mean in brackets):",
+            "",
+            "| views | selection bal. acc. | test acc. | test bal. acc. | test predictions, s |",
+            "|---|---|---|---|---|",
+        ]
+        for name in scored[0]["views"]:
+            figures = [row["views"][name] for row in scored]
+            seconds = " / ".join(
+                "–" if f["test_predict_seconds"] is None else f"{f['test_predict_seconds']:.1f}" for f in figures
+            )
+            out.append(
+                f"| {name} | {_per_seed([f['selection_balanced_accuracy'] for f in figures])} | "
+                f"{_per_seed([f['test_accuracy'] for f in figures])} | "
+                f"{_per_seed([f['test_balanced_accuracy'] for f in figures])} | {seconds} |"
+            )
+    return out
+
+
+def strong() -> str:
+    """The strong model's sittings, oldest first, from ``docs/measured/strong.json``: what ``bench/strong.py
+    --record`` appended, and the figures transcribed from the page before it had a record, saying so."""
+    record = _record("strong.json")
+    out: list[str] = []
+    for sitting in record["sittings"]:
+        out += [*_strong_sitting(sitting), ""]
+    return "\n".join(out).rstrip()
+
+
 GENERATED: dict[str, Callable[[], str]] = {
+    "bench": bench,
+    "training-memory": training_memory,
+    "stores": stores,
+    "profile": profile,
+    "strong": strong,
     "cli-latency": cli_latency,
     "soak": soak,
     "training-budgets": training_budgets,

@@ -60,7 +60,7 @@ def test_budgets_grow_with_the_work():
 
 
 def test_the_budgets_leave_a_slow_two_core_machine_room():
-    """The measured rates (docs/benchmarks.md, 2 cores without a GPU): the seed network trains about 14 700 images a
+    """The measured rates (bench/bench.py on 2026-11-26, 2 cores without a GPU): the seed network trained about 14 700 images a
     second, 40 epochs of the strong one took 12.7–14.0 min. Each budget allows at least 25 times that."""
     full = TrainConfig(epochs=15)
     assert budgets.train_seconds(dataset(), full) >= 25 * 15 * 60_000 / 14_700
