@@ -448,9 +448,13 @@ def _ingest_one(
     images, labels = batch.images[keep], batch.labels[keep]
     held = np.zeros(len(labels), dtype=bool)
     held[holdout_rows(labels, rules.holdout_share, digest)] = True
-    # A holdout image whose near twin (shifted a pixel, say) is in the batch's own training share would make the
-    # new-data slice a test of memory: it is dropped, and counted with the repeats within the batch.
-    twins = np.flatnonzero(held)[near_copies(images[held], ImageIndex(images[~held]))] if held.any() and (~held).any() else []
+    # A holdout image whose near twin (shifted a pixel, or changed by a gamma curve, say) is in the batch's own
+    # training share would make the new-data slice a test of memory: it is dropped, counted with the batch's repeats.
+    twins = (
+        np.flatnonzero(held)[near_copies(images[held], ImageIndex(images[~held], ranked=True))]
+        if held.any() and (~held).any()
+        else []
+    )
     if len(twins):
         images, labels, held = np.delete(images, twins, 0), np.delete(labels, twins), np.delete(held, twins)
         row["duplicates"] += len(twins)
