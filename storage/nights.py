@@ -19,6 +19,7 @@ from storage.keys import StoreName, damage
 from storage.store import Store
 
 NIGHT_HOURS = 24  # a marker older than this belongs to a night that was killed: reported, not obeyed
+FUTURE_MINUTES = 10  # … and one dated later than this from now (clocks differ by less): not ours, reported
 
 
 class NightStateUnreadable(StoreError):
@@ -44,7 +45,8 @@ def mark_ended(store: Store, run_id: str) -> None:
 
 
 def running_nights(store: Store, now: datetime | None = None) -> tuple[list[NightMarker], list[NightMarker]]:
-    """The nights running now and the markers left behind by killed nights (older than ``NIGHT_HOURS``).
+    """The nights running now and the markers left behind by killed nights (older than ``NIGHT_HOURS``, or dated
+    more than ``FUTURE_MINUTES`` ahead of this machine's clock, which no night that runs can be).
 
     Fails closed: a marker that cannot be read or is not one of ours, or a folder of markers that cannot be
     listed, raises ``NightStateUnreadable``, since a night it hides could be using what a prune would remove."""
@@ -76,5 +78,7 @@ def running_nights(store: Store, now: datetime | None = None) -> tuple[list[Nigh
                 + ": whether that night still runs cannot be told. Remove the marker if no night is running, then prune again."
             ) from exc
         started = marker.started_at if marker.started_at.tzinfo else marker.started_at.replace(tzinfo=UTC)
-        (stale if now - started > timedelta(hours=NIGHT_HOURS) else running).append(marker)
+        # a marker from the future is not a night that runs now: obeyed, it would stop every prune for good
+        old = now - started > timedelta(hours=NIGHT_HOURS) or started - now > timedelta(minutes=FUTURE_MINUTES)
+        (stale if old else running).append(marker)
     return running, stale

@@ -4,6 +4,7 @@ the batch records as untrusted input. Small synthetic MNIST, no training (the we
 from __future__ import annotations
 
 import io
+import json
 import os
 
 import numpy as np
@@ -12,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from storage import Store
+from storage import Store, sha256_bytes
 from storage.tables import read_table
 from tasks.data import batch_format, splits
 from tasks.data.batch_format import BatchRejected, batch_bytes, parse_batch, parse_share
@@ -472,6 +473,44 @@ def test_a_planted_record_naming_other_files_or_a_link_is_not_used_and_stops_not
     warnings: list[str] = []
     store.warn = warnings.append
     assert accepted_batches(store) == [] and any("cannot be read" in w for w in warnings)
+
+
+def test_a_record_whose_share_is_not_a_share_is_not_used_though_its_digests_match(small):
+    """A share with a label byte of 10 (or more bytes than its rows), its digest set to match, failed every later
+    night in training, the new-data slice or the intake's index: the record is read, hashed and parsed, or unused."""
+    store, dataset, _ = small
+    arrive(store, "night-1.parquet", batch_bytes(*fresh_images(60)))
+    (record,) = ingest(store, dataset)[0].night
+    info = store.batch_file(record.digest, "batch.json")
+    written = {part: store.read_bytes(getattr(record, part).key) for part in ("train", "holdout")}
+    planted = {"train": written["train"][:-1] + b"\x0a", "holdout": written["holdout"] + b"\0" * 785}
+    for part, data in planted.items():  # a label of 10; one image more than the record's rows and size
+        store.write_bytes(getattr(record, part).key, data)
+        ref = getattr(record, part).model_copy(update={"sha256": sha256_bytes(data)})
+        store.write_text(info, record.model_copy(update={part: ref}).model_dump_json())
+        warnings: list[str] = []
+        store.warn = warnings.append
+        assert accepted_batches(store) == [], part
+        assert any(f"names a {part} share that is not a share" in w for w in warnings), warnings
+        store.write_bytes(getattr(record, part).key, written[part])
+    store.write_text(info, record.model_dump_json())
+    assert [b.digest for b in accepted_batches(store)] == [record.digest]  # the record as written: used
+
+
+def test_a_record_whose_figures_no_batch_could_have_is_damaged_and_the_night_goes_on(small):
+    """A 401-digit count in a record (valid JSON, its files intact) overflowed the night's and its source's caps
+    before any incoming file was read, every night: a record's figures are bounded like a batch, or it is unused."""
+    store, dataset, _ = small
+    arrive(store, "night-1.parquet", batch_bytes(*fresh_images(60), source="scanner-1"))
+    (record,) = ingest(store, dataset)[0].night
+    info = store.batch_file(record.digest, "batch.json")
+    for seed, figures in enumerate(({"disagreements_by_label": [10**400] + [0] * 9}, {"excess_disagreements": "NaN"}), 2):
+        planted = record.model_dump(mode="json")
+        planted["row"] |= figures
+        store.write_bytes(info, json.dumps(planted).encode())
+        arrive(store, f"night-{seed}.parquet", batch_bytes(*fresh_images(60, seed=seed), source="scanner-1"))
+        ref, _ = ingest(store, dataset, run_id=f"run-{seed}")
+        assert [r.status for r in ref.night] == ["accepted"] and record.digest not in {b.digest for b in ref.dataset.batches}
 
 
 def test_a_flood_of_planted_batch_records_costs_a_night_at_most_max_damaged_records_reads(small):

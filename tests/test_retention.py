@@ -237,8 +237,10 @@ def test_a_running_night_refuses_the_prune_and_nothing_goes(planted: Store):
     assert files(planted) == before
 
 
-def test_a_night_marker_left_by_a_killed_night_long_ago_is_reported_not_obeyed(planted: Store):
-    old = {"run_id": "killed", "started_at": (datetime.now(UTC) - timedelta(days=3)).isoformat()}
+@pytest.mark.parametrize("started", [timedelta(days=-3), timedelta(days=365 * 170)], ids=["long ago", "in the future"])
+def test_a_night_marker_left_by_a_killed_night_long_ago_is_reported_not_obeyed(planted: Store, started):
+    """A marker from the future (2199, say) would never grow old: obeyed, it stopped every prune for good."""
+    old = {"run_id": "killed", "started_at": (datetime.now(UTC) + started).isoformat()}
     planted.write_text(planted.night_marker_file("killed"), json.dumps(old))
     result = prune(planted, keep_reports=3)
     assert [m.run_id for m in result.left_behind] == ["killed"] and result.plan.doomed

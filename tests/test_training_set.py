@@ -80,6 +80,22 @@ def test_the_policy_keeps_the_newest_stretch_and_never_splits_a_batch():
     assert chosen.chosen == [new] and chosen.retired == [old_small, big]  # not the old small one past the big one
 
 
+def test_batches_of_holdout_images_only_are_bounded_by_the_budget_too():
+    """Planted batches that train on nothing but hold out 100 000 images each were all chosen at any budget, and
+    every night read and searched their holdouts: the chosen holdouts are bounded by the same figure."""
+
+    def holdout_only(number: int, rows: int) -> AcceptedBatch:
+        empty = BatchPart(key=f"batches/{number}/train", sha256=f"{number:064x}", size=0, rows=0)
+        held = BatchPart(key=f"batches/{number}/holdout", sha256=f"{number:064x}", size=rows * 785, rows=rows)
+        return AcceptedBatch(digest=f"{number:064x}", train=empty, holdout=held)
+
+    planted = [holdout_only(n, 100_000) for n in range(50)]
+    chosen = choose_batches([fake_batch(99, 10), *planted], base_images=1_000, max_training_images=240_000)
+    assert chosen.chosen == planted[-2:] and sum(b.holdout.rows for b in chosen.chosen) <= 240_000
+    honest = [fake_batch(n, 1_000) for n in range(300)]  # an honest batch holds out less than it trains on
+    assert choose_batches(honest, 1_000, 240_000).images(1_000) == 240_000
+
+
 def test_a_budget_below_the_base_set_is_refused_naming_both_figures(small):
     _, dataset, mnist = small
     base = base_images(mnist.y_train, dataset.held_back, None)
@@ -171,6 +187,51 @@ def test_no_new_data_image_is_one_the_night_trains_on_whatever_history_put_it_th
     judged = new_data_slice(store, tonight)
     assert len(judged.y) and not any(h in trained_hashes for h in image_hashes(judged.x))
     assert len(judged.y) == sum(h not in trained_hashes for h in image_hashes(every_holdout.x))  # only those are left out
+
+
+def test_a_gamma_copy_of_an_image_trained_on_is_not_judged_on(small):
+    """An image and its copy under a gamma curve, in one batch or in two, or a gamma copy of a base training image:
+    the one held out is never judged beside the other trained on (the review's p1/p1b)."""
+    store, dataset, mnist = small
+    gamma = (255 * (np.arange(256) / 255) ** 0.5).round().astype(np.uint8)
+    images = np.random.default_rng(11).integers(0, 256, (120, 28, 28), dtype=np.uint8)
+    labels = np.arange(120) % 10
+    base = mnist.x_train[slices.base_training(mnist, dataset)][:30]
+    brighter = RULES.model_copy(update={"max_image_drift": 1.0})  # a gamma curve brightens noise: not the point here
+    _arrives(
+        store, dataset, "pairs.parquet", np.concatenate([images[:60], gamma[images[:60]]]), np.tile(labels[:60], 2), brighter
+    )
+    _arrives(store, dataset, "first.parquet", images[60:], labels[60:])
+    _arrives(
+        store, dataset, "copies.parquet", np.concatenate([gamma[images[60:]], gamma[base]]), np.tile(labels[:30], 3), brighter
+    )
+    assert all(r.status == "accepted" for r in batch_records(store)), [r.reason for r in batch_records(store)]
+    [pairs_batch] = [r for r in batch_records(store) if r.file == "pairs.parquet"]
+    one = dataset.model_copy(update={"batches": [b for b in accepted_batches(store) if b.digest == pairs_batch.digest]})
+    index = {h: i % 60 for i, h in enumerate(image_hashes(np.concatenate([images[:60], gamma[images[:60]]])))}
+    held_out = {index[h] for h in image_hashes(slices.new_holdout_images(store, one).x)}
+    assert not held_out & {index[h] for h in image_hashes(new_training_images(store, one).x)}  # the intake's own check
+    assert pairs_batch.row.duplicates >= 10  # each held-out image's twin trains: dropped, counted with the repeats
+    tonight = dataset.model_copy(update={"batches": accepted_batches(store)})
+    trained = np.concatenate([mnist.x_train[slices.base_training(mnist, tonight)], new_training_images(store, tonight).x])
+    judged = new_data_slice(store, tonight)
+    originals = {h: i for i, h in enumerate(image_hashes(np.concatenate([images, base])))}
+    copies = {h: i for i, h in enumerate(image_hashes(gamma[np.concatenate([images, base])]))}
+    pairs = {
+        *(originals[h] for h in image_hashes(judged.x) if h in originals),
+        *(copies[h] for h in image_hashes(judged.x) if h in copies),
+    }
+    trained_pairs = {
+        *(originals[h] for h in image_hashes(trained) if h in originals),
+        *(copies[h] for h in image_hashes(trained) if h in copies),
+    }
+    every = slices.new_holdout_images(store, tonight).x
+    held = {
+        *(originals[h] for h in image_hashes(every) if h in originals),
+        *(copies[h] for h in image_hashes(every) if h in copies),
+    }
+    assert held & trained_pairs, "no gamma copy of a trained image was held out: the test tests nothing"
+    assert len(judged.y) and not pairs & trained_pairs
 
 
 # ---- the staged training images ------------------------------------------------------------------------------

@@ -48,9 +48,11 @@ def new_holdout_images(store: Store, dataset: DatasetRef) -> Images:
 def trained_on(store: Store, dataset: DatasetRef, mnist: Mnist | None = None) -> ImageIndex:
     """Every image the night trains on (MNIST's base training images and the chosen batches' training shares), ready
     for ``near_copies``. The shares are one part of the index, not one part each: the search compares pixels with
-    the nearest candidates of every part, so forty small parts cost forty times the pixel work of one."""
+    the nearest candidates of every part, so forty small parts cost forty times the pixel work of one. Ranked by
+    intensity too (``near_copies.intensity_ranked``): a gamma-changed copy of a trained image is that image, held out
+    or not."""
     mnist = mnist or load_mnist(store, dataset)
-    return ImageIndex(mnist.x_train[base_training(mnist, dataset)], new_training_images(store, dataset).x)
+    return ImageIndex(mnist.x_train[base_training(mnist, dataset)], new_training_images(store, dataset).x, ranked=True)
 
 
 def new_data_slice(store: Store, dataset: DatasetRef, per_digit: int | None = None, mnist: Mnist | None = None) -> Images:

@@ -41,19 +41,25 @@ class TrainingSet(NamedTuple):
 
 def choose_batches(batches: Sequence[AcceptedBatch], base_images: int, max_training_images: int) -> TrainingSet:
     """Split ``batches`` (oldest first) into those this night trains on and those it retires, so that the
-    ``base_images`` MNIST images plus the chosen batches' training shares are at most ``max_training_images``."""
+    ``base_images`` MNIST images plus the chosen batches' training shares are at most ``max_training_images``, and
+    so are the chosen batches' holdout shares."""
     if base_images > max_training_images:
         raise TrainingBudgetError(
             f"max_training_images={max_training_images} is smaller than the {base_images} MNIST base training images "
             f"every night trains on: raise it to at least {base_images} (or lower train_limit, or hold back more images)"
         )
     room = max_training_images - base_images
+    # The holdout shares are bounded by the same figure: the intake's protected index and the new-data slice read
+    # every chosen batch's holdout, so a store holding batches of holdout images only (none of which train) would
+    # otherwise cost a night without limit. An honest batch holds out a fifth of what it trains on: never binding.
+    held_room = max_training_images
     newest: list[AcceptedBatch] = []
     for batch in reversed(batches):
-        if batch.train.rows > room:
+        if batch.train.rows > room or batch.holdout.rows > held_room:
             break
         newest.append(batch)
         room -= batch.train.rows
+        held_room -= batch.holdout.rows
     chosen = newest[::-1]
     return TrainingSet(chosen=chosen, retired=list(batches[: len(batches) - len(chosen)]))
 

@@ -25,13 +25,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from storage import Store, StoreError, UnsafeKey, confine_name, sha256_bytes
+from storage import DamagedArtifact, Store, StoreError, UnsafeKey, confine_name, sha256_bytes
 from storage.door import NotARegularFile
 from storage.files import listed_mtime  # the store's own reading of a listing's time (local or S3)
 from storage.tables import schema, write_table
@@ -43,9 +43,11 @@ from tasks.data.batch_format import (
     Batch,
     BatchPart,
     BatchRejected,
+    parse_share,
     parse_untrusted,
     share_bytes,
 )
+from tasks.data.batch_limits import MAX_BATCH_ROWS
 from tasks.data.copy_limits import NEAR_COPY_PIXELS, PIXEL_TOLERANCE
 from tasks.data.fetch import DatasetRef, load_mnist
 from tasks.data.near_copies import ImageIndex, image_hashes, near_copies
@@ -73,40 +75,46 @@ STALE_SECONDS = 24 * 3600  # a file the pipeline never reads is removed from the
 Log = Callable[[str], None]
 
 
+# A record is read from the store: every figure bounded, so that summing them (the night's and a source's caps) can
+# neither overflow nor turn NaN. A count is of images in one batch; a figure is a rate, a p-value or a count.
+Count = Annotated[int, Field(ge=0, le=MAX_BATCH_ROWS)]
+Figure = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_BATCH_ROWS, le=MAX_BATCH_ROWS)]
+
+
 class BatchFigures(BaseModel):
     """What the checks measured: the figures of a ``batches`` row (None where a check did not get that far)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    rows: int = 0
+    rows: Count = 0
     source: str | None = Field(None, max_length=300)
-    duplicates: int | None = None  # exact repeats of an image within the batch, dropped
-    leaked_test: int | None = None
-    leaked_selection: int | None = None
-    leaked_holdout: int | None = None  # copies of images already in the new-data holdout, dropped
+    duplicates: Count | None = None  # exact repeats of an image within the batch, dropped
+    leaked_test: Count | None = None
+    leaked_selection: Count | None = None
+    leaked_holdout: Count | None = None  # copies of images already in the new-data holdout, dropped
     # exact or near copies of images already trained on (base MNIST, accepted batches' training shares) or accepted
     # earlier the same night, dropped; the batches table has no column for it (its schema is storage's): the reason says it
-    trained_copies: int | None = None
-    train_rows: int | None = None
-    holdout_rows: int | None = None
-    label_chi2_p: float | None = None
-    label_shift: float | None = None
-    mean_intensity: float | None = None
-    mean_intensity_ks: float | None = None
-    mean_intensity_p: float | None = None
-    ink_fraction: float | None = None
-    ink_fraction_ks: float | None = None
-    ink_fraction_p: float | None = None
-    disagreement: float | None = None
-    confident_disagreement: float | None = None
-    champion_confident_disagreement: float | None = None
-    confident_images: int | None = None  # not in the batches table: kept in batch.json
-    excess_disagreements: float | None = None  # not in the batches table: kept in batch.json and said in the reason
+    trained_copies: Count | None = None
+    train_rows: Count | None = None
+    holdout_rows: Count | None = None
+    label_chi2_p: Figure | None = None
+    label_shift: Figure | None = None
+    mean_intensity: Figure | None = None
+    mean_intensity_ks: Figure | None = None
+    mean_intensity_p: Figure | None = None
+    ink_fraction: Figure | None = None
+    ink_fraction_ks: Figure | None = None
+    ink_fraction_p: Figure | None = None
+    disagreement: Figure | None = None
+    confident_disagreement: Figure | None = None
+    champion_confident_disagreement: Figure | None = None
+    confident_images: Count | None = None  # not in the batches table: kept in batch.json
+    excess_disagreements: Figure | None = None  # not in the batches table: kept in batch.json and said in the reason
     # per label 0–9, and what no rate explains (tasks/intake/checks.py): kept in batch.json, what the night's and a
     # source's caps sum
-    disagreements_by_label: list[int] | None = Field(None, max_length=10)
-    explained_by_label: list[float] | None = Field(None, max_length=10)
-    unexplained_disagreements: float | None = None
+    disagreements_by_label: list[Count] | None = Field(None, max_length=10)
+    explained_by_label: list[Figure] | None = Field(None, max_length=10)
+    unexplained_disagreements: Figure | None = None
     champion_model_key: str | None = Field(None, max_length=64)
 
 
@@ -440,9 +448,13 @@ def _ingest_one(
     images, labels = batch.images[keep], batch.labels[keep]
     held = np.zeros(len(labels), dtype=bool)
     held[holdout_rows(labels, rules.holdout_share, digest)] = True
-    # A holdout image whose near twin (shifted a pixel, say) is in the batch's own training share would make the
-    # new-data slice a test of memory: it is dropped, and counted with the repeats within the batch.
-    twins = np.flatnonzero(held)[near_copies(images[held], ImageIndex(images[~held]))] if held.any() and (~held).any() else []
+    # A holdout image whose near twin (shifted a pixel, or changed by a gamma curve, say) is in the batch's own
+    # training share would make the new-data slice a test of memory: it is dropped, counted with the batch's repeats.
+    twins = (
+        np.flatnonzero(held)[near_copies(images[held], ImageIndex(images[~held], ranked=True))]
+        if held.any() and (~held).any()
+        else []
+    )
     if len(twins):
         images, labels, held = np.delete(images, twins, 0), np.delete(labels, twins), np.delete(held, twins)
         row["duplicates"] += len(twins)
@@ -523,10 +535,16 @@ def _publish(store: Store, record: BatchRecord) -> None:
 
 
 def batch_record(store: Store, digest: str) -> BatchRecord | None:
-    """The record of batch ``digest`` if it and every file it names are intact, else None (with a warning)."""
+    """The record of batch ``digest`` if it is whole and, for an accepted batch, its shares are intact, else None
+    (with a warning).
+
+    Only what a night uses is read: an accepted batch's two shares, each read once, hashed and parsed. The file as it
+    arrived and the drift plot are not (the digest of the one is the batch's name; the report checks the other when
+    it shows it), and a quarantined batch's shares are checked when an operator releases it (``set_status``): a
+    night's reading of the records costs what the accepted data holds, not what every file ever sent held."""
     try:
         info = store.batch_file(digest, RECORD)
-        record = store.load_ref(info, BatchRecord, BatchRecord.files)
+        record = store.load_ref(info, BatchRecord, lambda _: {})
     except (UnsafeKey, StoreError, OSError, ValueError) as exc:  # a link, a folder where a file should be, …
         store.warn(f"The record of batch {digest[:12]} cannot be read ({str(exc)[:200]}): not used")
         return None
@@ -546,14 +564,30 @@ def batch_record(store: Store, digest: str) -> BatchRecord | None:
                 f"The batch record {store.location(info)} gives its {part} share a size that does not fit its rows: not used"
             )
             return None
+    problem = _damaged_share(store, record) if record.status == "accepted" else None
+    if problem is not None:
+        store.warn(f"The batch record {store.location(info)} names {problem}: not used")
+        return None
     return record
+
+
+def _damaged_share(store: Store, record: BatchRecord) -> str | None:
+    """What is wrong with the record's shares, read and parsed (not only hashed: what trains must parse as a share)."""
+    for part in ("train", "holdout"):
+        ref = getattr(record, part)
+        try:
+            if ref is not None:
+                parse_share(store.verified_bytes(ref.key, ref.sha256, limit=ref.size), ref.rows)
+        except (DamagedArtifact, BatchRejected, StoreError, OSError) as exc:
+            return f"a {part} share that is not a share ({exc})"
+    return None
 
 
 def batch_records(store: Store) -> list[BatchRecord]:
     """Every intact batch record in the store, by digest, reading at most ``MAX_DAMAGED_RECORDS`` damaged ones.
 
-    Each record's files are hashed before it is used (up to 64 MiB for the original, a share's size for the shares),
-    so a store holding thousands of planted records would cost every night minutes of hashing: after that many
+    An accepted batch's shares are hashed and parsed before it is used (up to 100 000 rows each), so a store holding
+    thousands of planted records would cost every night minutes of hashing: after that many
     damaged records the rest are not read that time, with a warning saying so (the night goes on with the intact
     records read so far; an operator removes the damaged ones)."""
     if not store.exists(store.batch_dir()):
@@ -777,6 +811,8 @@ def set_status(store: Store, prefix: str, status: Literal["accepted", "quarantin
             return record, False
         if status == "accepted" and record.train is None:
             raise BatchNotFound(f"Batch {record.digest[:12]} cannot be released: it never parsed ({record.reason})")
+        if status == "accepted" and (problem := _damaged_share(store, record)) is not None:
+            raise BatchNotFound(f"Batch {record.digest[:12]} cannot be released: its record names {problem}")
         changed = record.model_copy(
             update={
                 "status": status,
