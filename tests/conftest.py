@@ -482,6 +482,7 @@ SHARED_WORKER = {
     "test_docs": "docs-night",  # one real run that every example reads
     "test_protections": "protections-s3",  # one moto server for the module
     "test_cli": "cli-stores",  # its read commands' stores, made once
+    "test_label_caps": "judged-store",  # the judged store and its calibrated judge, made once
 }
 
 # The modules that take longest (servers, heartbeats, several runs) go first: with two workers the short tests
