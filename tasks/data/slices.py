@@ -68,8 +68,8 @@ def new_data_slice(store: Store, dataset: DatasetRef, per_digit: int | None = No
     the slice a test of memory. The cost is one near-copy search of at most ``10 × per_digit`` images (plus those
     left out) against the training set, which the training-set budget bounds."""
     per_digit = NEW_DATA_PER_DIGIT if per_digit is None else per_digit
-    cached = _SLICES.get((store.url, slice_digest(dataset, SLICE_NEW), per_digit))
-    if cached is not None:
+    key = (store.url, slice_digest(dataset, SLICE_NEW), per_digit)
+    if (cached := _SLICES.get(key)) is not None:
         return cached
     taken = np.zeros(10, dtype=np.int64)
     chosen: list[Images] = []
@@ -79,7 +79,8 @@ def new_data_slice(store: Store, dataset: DatasetRef, per_digit: int | None = No
             break
         part = batch.holdout
         share = parse_share(store.verified_bytes(part.key, part.sha256, limit=part.size), part.rows)
-        trained = trained or trained_on(store, dataset, mnist)
+        if trained is None:  # built once, and only when a share is read (an ImageIndex is falsy when empty)
+            trained = trained_on(store, dataset, mnist)
         clean = ~near_copies(share.images, trained) if len(share.labels) else np.zeros(0, bool)
         images, labels = share.images[clean], share.labels[clean]
         rank = np.zeros(len(labels), dtype=np.int64)  # each image's place among its digit's in this share
@@ -93,7 +94,7 @@ def new_data_slice(store: Store, dataset: DatasetRef, per_digit: int | None = No
         return Images(np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.int64))
     result = Images(np.concatenate([c.x for c in chosen]), np.concatenate([c.y for c in chosen]))
     _SLICES.clear()  # one slice kept: a night asks for it once per model it predicts with
-    _SLICES[(store.url, slice_digest(dataset, SLICE_NEW), per_digit)] = result
+    _SLICES[key] = result
     return result
 
 

@@ -134,10 +134,6 @@ class BatchRecord(BaseModel):
     drift_plot: BatchPart | None = None
     row: BatchFigures = BatchFigures()
 
-    def files(self) -> dict[str, str]:
-        parts = (self.incoming, self.train, self.holdout, self.drift_plot)
-        return {p.key: p.sha256 for p in parts if p is not None}
-
 
 class IngestRef(BaseModel):
     """The night's data after ingest: the dataset version to train on, and this night's batches."""
@@ -766,7 +762,7 @@ def ingest_batches(
     as training, whatever arrived before."""
     with store.lock(LOCK):
         arrived = incoming_files(incoming)
-        known = batch_records(store)  # read (every record's files checked) once a night: tonight's are added below
+        known = batch_records(store)  # read once a night (accepted shares checked): tonight's are added below
         chosen = choose_batches(_by_age(known), base_images, max_training_images).chosen
         refs = References(store, dataset.model_copy(update={"batches": chosen}), log)
         room = NightRoom.of(rules, known, run_id)
