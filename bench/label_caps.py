@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +28,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from measured_record import cpu_model  # noqa: E402 (bench/, beside this script)
 
 from storage import Store  # noqa: E402
 from tasks.data.deformed import deformed_batch  # noqa: E402
@@ -162,10 +162,9 @@ def main() -> None:
         if args.predictions:
             np.savez(args.predictions, **predictions)
     rules = IngestRules()
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     record = {
         "date": dt.date.today().isoformat(),
-        "cpu": next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if "Model name" in line), platform.processor()),
+        "cpu": cpu_model(),
         "rules": {
             "max_excess_disagreements": rules.max_excess_disagreements,
             "disagreement_tolerance": rules.disagreement_tolerance,

@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,6 +23,8 @@ from scipy import ndimage
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from measured_record import cpu_model  # noqa: E402 (bench/, beside this script)
 
 from storage import Store  # noqa: E402
 from tasks.data.fetch import fetch_mnist, load_mnist  # noqa: E402
@@ -134,10 +134,7 @@ def main() -> None:
     started = time.perf_counter()
     near_copies(timed, plain[0]) | near_copies(timed, plain[1])
     plain_s = time.perf_counter() - started
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next(
-        (line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), platform.processor()
-    )
+    model = cpu_model()
     record = {
         "date": dt.date.today().isoformat(),
         "cpu": model,

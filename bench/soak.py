@@ -302,10 +302,10 @@ def main() -> None:
     print(f"\nthe training-set budget: {json.dumps(bounded)}")
     if args.record:
         import datetime as dt
-        import platform
 
-        cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next((x.split(":", 1)[1].strip() for x in cpu.splitlines() if x.startswith("Model name")), platform.processor())
+        from measured_record import cpu_model  # bench/, beside this script
+
+        model = cpu_model()
         settings = {k: v for k, v in vars(args).items() if k not in ("out", "plot", "record")}
         record = {"date": dt.date.today().isoformat(), "cpu": model, "settings": settings, "nights": records}
         record["growth_per_night"] = {k: round(v[0], 4) for k, v in growth.items()}

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from child_process import measured_child  # noqa: E402 (bench/, beside this script)
+from measured_record import cpu_model  # noqa: E402 (bench/, beside this script)
 
 from storage import Store, sha256_bytes  # noqa: E402
 from tasks.data.batch_format import AcceptedBatch, BatchPart, share_bytes  # noqa: E402
@@ -110,13 +110,6 @@ def train(store: Store, dataset: DatasetRef, epochs: int, work: Path) -> dict:
     spec = work / f"dataset-{len(list(work.glob('dataset-*.json')))}.json"
     spec.write_text(dataset.model_dump_json())
     return measured_child(__file__, ["--child", store.url, str(spec), "--epochs", str(epochs)])
-
-
-def cpu_model() -> str:
-    import platform
-
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((x.split(":", 1)[1].strip() for x in cpu.splitlines() if x.startswith("Model name")), platform.processor())
 
 
 def main() -> None:
