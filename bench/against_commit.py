@@ -8,7 +8,10 @@ plain Keras, earlier, now, now, earlier, plain Keras (linear drift of the machin
 seeds, and prints one JSON object: each training's images per second, the ratio now/earlier per pair, and each
 tree's ratio against plain Keras. Progress goes to stderr.
 
-    python bench/against_commit.py --commit 57b1b4a^1 --epochs 5
+    python bench/against_commit.py --commit 57b1b4a^1 --epochs 5 --record
+
+``--record`` also writes the object, with the date, commit, CPU model and load it ran under, to
+``docs/measured/against-commit.json``, from which docs/scaling.md's table is generated at every build.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from measured_record import provenance  # noqa: E402 (bench/, beside this script)
+from measured_record import provenance, write_record  # noqa: E402 (bench/, beside this script)
 
 # Run inside each tree (cwd and PYTHONPATH set to it): its own bench.bench.ours, on a store of its own layout.
 TRAIN_ONE = """
@@ -70,6 +73,7 @@ def main() -> None:
     parser.add_argument("--commit", required=True, help="the earlier commit (any git revision)")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--record", action="store_true", help="also write docs/measured/against-commit.json for the docs")
     args = parser.parse_args()
     if not os.environ.get("MNIST_SOURCE"):
         parser.error("set MNIST_SOURCE to a directory holding MNIST's four IDX files (each tree fetches its own store)")
@@ -99,6 +103,9 @@ def main() -> None:
     result = {
         **measured,
         "earlier_commit": earlier.stdout.strip(),
+        "earlier_subject": subprocess.run(
+            ["git", "log", "-1", "--format=%s", args.commit], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()[:200],
         "epochs": args.epochs,
         "order": "baseline, earlier, now, now, earlier, baseline",
         "runs": runs,
@@ -110,6 +117,8 @@ def main() -> None:
         },
     }
     print(json.dumps(result, indent=2))
+    if args.record:
+        progress(f"recorded in {write_record('against-commit.json', result)}")
 
 
 if __name__ == "__main__":

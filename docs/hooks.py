@@ -4,7 +4,7 @@
 ``storage/tables.py``'s schemas, the CLI reference from ``flows/cli.py``'s parser, the changelog from
 ``CHANGELOG.md``, and measured tables from the records real runs wrote (``docs/measured/``: the scripted week's,
 the near-copy check's, the soak's, the training budgets', the CLI's latency, and ``bench/``'s ``--record`` runs:
-plain Keras against ours, the step's profile, training memory, the store backends, the strong model's sittings).
+plain Keras against ours, the step's profile, training memory, the store backends, the strong model's sittings, our step against an earlier commit's).
 A page naming a generator that does not exist fails the build; ``tests/test_measured.py`` checks that each table
 shows its record's provenance and figures.
 """
@@ -521,6 +521,34 @@ def _strong_sitting(sitting: dict) -> list[str]:
     return out
 
 
+def against_commit() -> str:
+    """Our step at the recorded commit against the same step at an earlier one, in one run, from the record
+    ``bench/against_commit.py --record`` wrote (``docs/measured/against-commit.json``)."""
+    record = _record("against-commit.json")
+    runs, epochs = record["runs"], record["epochs"]
+
+    def speeds(who: str) -> str:
+        return " / ".join(_thousands(run["images_per_second"]) for run in runs[who])
+
+    pairs = " and ".join(f"{ratio:.2f}" for ratio in record["ratio_now_over_earlier_per_pair"])
+    over = record["ratio_over_plain_keras"]
+    command = f"bench/against_commit.py --commit {record['earlier_commit']} --epochs {epochs} --record"
+    return "\n".join(
+        [
+            f"{_measured_by(record, command)}: {epochs} epochs each, in the order {record['order']}, each training in "
+            f"a process of its own (the earlier commit `{record['earlier_commit']}`: {record['earlier_subject']}).",
+            "",
+            "| training | images per second (first / second) | over plain Keras |",
+            "|---|---:|---:|",
+            f"| plain Keras (baseline) | {speeds('baseline')} | |",
+            f"| our step at `{record['earlier_commit']}` | {speeds('earlier')} | {over['earlier']:.2f}× |",
+            f"| our step at `{record['commit']}` | {speeds('now')} | {over['now']:.2f}× |",
+            f"| ratio, `{record['commit']}` over `{record['earlier_commit']}` | **{record['ratio_now_over_earlier']:.2f}** "
+            f"({pairs} per pair) | |",
+        ]
+    )
+
+
 def strong() -> str:
     """The strong model's sittings, oldest first, from ``docs/measured/strong.json``: what ``bench/strong.py
     --record`` appended, and the figures transcribed from the page before it had a record, saying so."""
@@ -537,6 +565,7 @@ GENERATED: dict[str, Callable[[], str]] = {
     "stores": stores,
     "profile": profile,
     "strong": strong,
+    "against-commit": against_commit,
     "cli-latency": cli_latency,
     "soak": soak,
     "training-budgets": training_budgets,

@@ -24,7 +24,7 @@ from tasks.champion.pointer import Champion, write_pointer
 from tasks.data.batch_format import batch_bytes
 from tasks.data.fetch import FileSpec
 from tasks.intake.checks import IngestRules
-from tasks.intake.ingest import batch_records, incoming_store, ingest_batches
+from tasks.intake.ingest import batch_records, incoming_files, incoming_store, ingest_batches
 from tests.conftest import model_ref
 
 RULES = IngestRules()  # the defaults: max_excess_disagreements 50, disagreement_tolerance 0.5
@@ -223,6 +223,28 @@ def test_without_a_champion_a_batch_waits_untouched(small):
     ref, _ = night(store, dataset, "run-2", allowed)
     (record,) = ref.night
     assert record.status == "accepted" and record.reason.startswith("accepted without a label check")
+
+
+def test_files_that_wait_count_against_the_nights_files_so_a_flood_of_them_costs_a_night_that_many_parses(small, monkeypatch):
+    """Review 5 (2026-12-07): a file that waits (no champion yet, or no room for its images) was read and parsed in a
+    child process every night without counting against ``max_files_per_night``; a few thousand tiny waiting files
+    spent the ingest step's whole time budget on parsing, and the night failed. Each parse now counts."""
+    from tasks.intake import ingest
+
+    store, dataset, _ = small
+    incoming = incoming_store(store)
+    for i in range(8):
+        incoming.write_bytes(f"wait-{i}.parquet", nonzero_batch(i, n=20))
+    parsed: list[int] = []
+    real = ingest.parse_untrusted
+    monkeypatch.setattr(ingest, "parse_untrusted", lambda data: parsed.append(len(data)) or real(data))
+    rules = IngestRules(max_files_per_night=3)
+    for run in ("run-1", "run-2"):
+        parsed.clear()
+        ref, lines = night(store, dataset, run, rules)
+        assert ref.night == [] and len(parsed) == 3, (run, len(parsed))  # no champion: every file waits
+        assert any("5 incoming files wait for a later night, untouched" in line for line in lines)
+    assert len(incoming_files(incoming)) == 8
 
 
 def test_a_batch_the_champion_is_confident_about_none_of_is_quarantined_not_passed(small, tmp_path):

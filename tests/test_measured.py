@@ -23,12 +23,14 @@ PAGES = {
     "training-memory": "scaling.md",
     "stores": "deploying.md",
     "cli-latency": "benchmarks.md",
+    "against-commit": "scaling.md",
 }
 RECORDS = {
     "bench": "bench.json",
     "profile": "profile.json",
     "training-memory": "training-memory.json",
     "stores": "stores.json",
+    "against-commit": "against-commit.json",
 }
 
 
@@ -108,6 +110,22 @@ def test_the_bench_table_shows_every_training_and_the_whole_pipeline():
     ):
         assert cells(line(rendered, row))[1] == unit.format(measured[field]), row
     assert f"`mnist-pipeline run`, {measured['epochs']} epochs" in line(rendered, "cold flow run")
+
+
+def test_the_against_commit_table_shows_every_training_and_both_ratios():
+    measured = record("against-commit.json")
+    rendered = hooks.against_commit()
+    runs, earlier, now = measured["runs"], measured["earlier_commit"], measured["commit"]
+    assert f"--commit {earlier} --epochs {measured['epochs']} --record" in rendered
+    assert f"in the order {measured['order']}" in rendered and measured["earlier_subject"] in rendered
+    speeds = {who: " / ".join(thousands(run["images_per_second"]) for run in runs[who]) for who in runs}
+    assert cells(line(rendered, "plain Keras"))[1] == speeds["baseline"]
+    for who, commit in (("earlier", earlier), ("now", now)):
+        row = cells(line(rendered, f"our step at `{commit}`"))
+        assert row[1:] == [speeds[who], f"{measured['ratio_over_plain_keras'][who]:.2f}×"], who
+    ratio = cells(line(rendered, "ratio,"))[1]
+    assert ratio.startswith(f"**{measured['ratio_now_over_earlier']:.2f}**")
+    assert all(f"{pair:.2f}" in ratio for pair in measured["ratio_now_over_earlier_per_pair"])
 
 
 def test_the_profile_table_shows_every_part():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -31,6 +32,7 @@ from tasks.intake.ingest import (
 
 # These stores have no champion: their batches would wait for one (test_label_caps.py tests that); here every
 # batch is judged by the other checks, as a run that accepts unjudged labels judges it.
+REPO = Path(__file__).resolve().parent.parent
 RULES = IngestRules(accept_unjudged_labels=True)
 
 
@@ -255,6 +257,88 @@ def test_only_plain_batch_files_inside_the_incoming_location_are_read(small, tmp
     assert "link.parquet" in said and "symbolic link" in said and "glob[1].parquet" in said and "huge.parquet" in said
 
 
+def test_the_new_data_slice_reads_at_most_twice_its_size_when_a_digit_never_arrives(small, monkeypatch):
+    """Review 5 (2026-12-07): a sender who sends no 5s passes the drift check, and the slice, filled newest first
+    until every digit had its cap, read and searched every chosen batch's holdout. Now at most
+    ``SLICE_READ_FACTOR`` times the slice (plus the share that crosses it) is read; the slice keeps what it found."""
+    from tasks.data import slices
+
+    store, dataset, _ = small
+    rules = RULES.model_copy(update={"max_label_shift": 1.0})  # tiny batches: their label shares are not the point
+    digits = np.array([d for d in range(10) if d != 5])
+    for n in range(12):
+        x = np.random.default_rng(100 + n).integers(0, 256, (100, 28, 28), dtype=np.uint8)
+        arrive(store, f"b{n:02}.parquet", batch_bytes(x, digits[np.arange(100) % 9]))
+        ingest(store, dataset, f"run-{n}", rules)
+    tonight = dataset.model_copy(update={"batches": accepted_batches(store)})
+    (share,) = {b.holdout.rows for b in tonight.batches}  # 2 of each of the nine digits
+    assert len(tonight.batches) == 12 and share == 18
+    searched: list[int] = []
+    real = slices.near_copies
+    monkeypatch.setattr(slices, "near_copies", lambda images, index: searched.append(len(images)) or real(images, index))
+    slices._SLICES.clear()
+    judged = slices.new_data_slice(store, tonight, per_digit=6)
+    bound = slices.SLICE_READ_FACTOR * 10 * 6
+    assert bound <= sum(searched) < bound + share  # seven shares of 18, not all twelve
+    assert len(judged.y) == 9 * 6 and 5 not in judged.y
+
+
+UNLISTABLE_NIGHT = """
+import sys
+from pathlib import Path
+from storage import Store
+from tasks.data.fetch import DirectorySource, fetch_mnist
+from tasks.intake.checks import IngestRules
+from tasks.intake.ingest import incoming_store, ingest_batches
+from tests.conftest import SyntheticMnist
+
+work, dropbox = sys.argv[1], sys.argv[2]
+synthetic = SyntheticMnist(Path(work) / "synthetic")
+store = Store(f"{work}/store", warn=lambda m: print("WARNING", m))
+dataset = fetch_mnist(store, sources=[DirectorySource(synthetic.write_raw())], files=synthetic.specs, log=lambda m: None)
+ref = ingest_batches(store, incoming_store(store, dropbox), dataset, IngestRules(), "run-1", log=print)
+print("batches tonight:", len(ref.night))
+"""
+
+
+def test_an_incoming_location_the_pipeline_cannot_list_takes_no_batch_and_the_night_goes_on():
+    """Review 5 (2026-12-07): a sender's write-only drop box (``chmod 0333``, the sender's own location) raised
+    ``PermissionError`` out of the ingest step, and the night failed. Run as another user than the location's
+    owner (root lists anything, so a root test runs the night as ``nobody``, in a folder ``nobody`` can reach)."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="mnist-unlistable-"))
+    try:
+        base.chmod(0o755)
+        work, dropbox = base / "pipeline", base / "dropbox"
+        work.mkdir()
+        dropbox.mkdir()
+        (dropbox / "batch.parquet").write_bytes(batch_bytes(*fresh_images(60)))
+        command = [sys.executable, "-c", UNLISTABLE_NIGHT, str(work), str(dropbox)]
+        if os.geteuid() == 0:
+            os.chown(work, 65534, 65534)
+            command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+        dropbox.chmod(0o333)  # written to, never listed
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=REPO,
+            env={"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), "HOME": str(work)},
+        )
+        dropbox.chmod(0o755)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "batches tonight: 0" in done.stdout
+        assert f"The incoming location {dropbox} cannot be listed (PermissionError" in done.stdout
+        assert (dropbox / "batch.parquet").exists()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def test_a_planted_batch_record_cannot_reach_outside_the_store_or_swap_its_files(small, tmp_path):
     store, dataset, _ = small
     x, y = fresh_images(60)
@@ -357,6 +441,26 @@ def test_a_file_that_needs_more_memory_than_allowed_is_refused_and_the_worker_li
     monkeypatch.setattr(batch_format, "PARSE_MEMORY", 200 << 20)
     with pytest.raises(BatchRejected, match="needed more than 200 MiB"):
         parse_untrusted(data)
+
+
+def test_the_largest_batch_a_sender_may_send_parses_as_pandas_writes_it():
+    """Review 5 (2026-12-07): a batch of ``MAX_BATCH_ROWS`` rows (100 000), written by pandas as the docs show
+    (64-bit integer lists), was refused as unreadable: decoded whole, it needed more memory than the parsing child
+    may hold (90 000 rows already did). Decoded ``PARSE_ROWS`` at a time, it parses, row for row."""
+    from tasks.data.batch_format import MAX_BATCH_ROWS, parse_untrusted
+
+    x, y = fresh_images(100, seed=7)
+    x[:, :4], x[:, -4:], x[:, :, :4], x[:, :, -4:] = 0, 0, 0, 0  # a blank frame, as MNIST's: the file fits 64 MiB
+    rows = np.arange(MAX_BATCH_ROWS) % 100
+    images = x.reshape(100, -1).astype(np.int64)[rows]
+    offsets = pa.array(np.arange(0, MAX_BATCH_ROWS * 784 + 1, 784, dtype=np.int32))
+    table = pa.table({"image": pa.ListArray.from_arrays(offsets, pa.array(images.reshape(-1))), "label": y[rows]})
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    assert table.column("image").type == pa.list_(pa.int64())  # what pandas writes
+    batch = parse_untrusted(buffer.getvalue())
+    assert len(batch.labels) == MAX_BATCH_ROWS
+    assert (batch.images[::997] == x[rows[::997]]).all() and (batch.labels == y[rows]).all()
 
 
 @pytest.mark.parametrize(

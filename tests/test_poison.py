@@ -38,8 +38,8 @@ class Lab:
         self.selection = splits.selection_indices(y)
         self.held = splits.held_back_indices(y, HELD_BACK)
         self.base = splits.base_training_indices(y, HELD_BACK)
-        self.test_index = ImageIndex(self.mnist.x_test, ranked=True)  # as ingest builds them
-        self.selection_index = ImageIndex(self.mnist.x_train[self.selection], ranked=True)
+        self.test_index = ImageIndex(self.mnist.x_test, ranked=True, decreasing=True)  # as ingest builds them
+        self.selection_index = ImageIndex(self.mnist.x_train[self.selection], ranked=True, decreasing=True)
 
     def leaked(self, images: np.ndarray) -> np.ndarray:
         """Near copies of a test or a selection image."""
@@ -132,6 +132,29 @@ def test_copies_changed_in_intensity_or_given_a_border_are_near_copies(lab):
             changed = curved(originals, curve)
             assert not near_copies(changed, ImageIndex(originals)).all(), f"{name}: caught without the ranked view"
             assert lab.leaked(changed).mean() >= floor, name
+
+
+def test_copies_under_a_decreasing_curve_are_near_copies_and_an_inverted_image_is_not_a_blank_one(lab):
+    """Review 4 (2026-12-07): copies with the ink reversed (``256 - v`` on ink pixels) or the whole image inverted
+    (``255 - v``) kept every stroke of a test image and 0 of 300 were caught. Turned back (``decreasing_forms``) and
+    ranked, they are their originals again; a gamma on top of the inversion too."""
+    cases = {
+        "ink reversed": lambda x: np.where(x > 0, 256 - x, 0),
+        "inverted": lambda x: 255 - x,
+        "inverted, then gamma 2": lambda x: 255 * ((255 - x) / 255) ** 2.0,
+    }
+    for originals in (lab.mnist.x_test[:300], lab.mnist.x_train[lab.selection[:300]]):
+        for name, curve in cases.items():
+            changed = curved(originals, curve)
+            assert not near_copies(changed, ImageIndex(originals, ranked=True)).any(), f"{name}: caught unturned"
+            assert lab.leaked(changed).mean() >= 0.95, name
+    # An ordinary image inverted ranks blank: it must not be taken for a copy of a blank (or near-blank) image that a
+    # sender put in the holdout, or every later batch would be "copying" it.
+    planted = np.zeros((3, 28, 28), np.uint8)
+    planted[1, 14, 14] = planted[2, 10:12, 10:12] = 255
+    holdout = ImageIndex(planted, ranked=True, decreasing=True)
+    clean = lab.mnist.x_train[lab.held[:500]]
+    assert not near_copies(clean, holdout).any()
 
 
 def test_the_near_copy_line_lies_between_its_pixel_count_and_one_more(lab):

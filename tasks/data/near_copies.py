@@ -59,6 +59,10 @@ RANKED_SATURATIONS = (0.4, 0.6)
 # lifted by a constant (×0.85 + 1: 0 of 300 caught before, 300 of 300 after) is its original again; 2 already cost
 # gamma 2 half its catch rate (faint pixels made background shift every rank), so noise everywhere is not undone.
 BACKGROUND_MARGIN = 0
+# A turned-back form (``decreasing_forms``) is compared only when it keeps this many ink pixels once ranked: an
+# ordinary image inverted ranks blank (its background becomes the brightest), and a blank form would be a "copy" of
+# any near-blank image a sender put in the holdout. MNIST's digits keep 34 or more (training set; 44 in the test set).
+MIN_TURNED_INK = 20
 QUERY_ROWS = 128  # batch images searched at once: a 128 × 60 000 distance matrix is 30 MB
 BLOCK = 64  # index columns per block when the nearest sketches are picked (``_nearest``)
 
@@ -180,11 +184,13 @@ class ImageIndex:
     the others: 45 000 training images are 70 MB. ``ranked``: also as ``intensity_ranked`` at each of
     ``RANKED_SATURATIONS``, for the images that decide or report (test, selection, holdout), where a copy changed
     in intensity must be caught too; the images trained on are compared as given only (a repeat there costs a
-    double count, not a test of memory)."""
+    double count, not a test of memory). ``decreasing`` (with ``ranked``): a searched image is also turned back
+    (``decreasing_forms``: inverted, ink reversed) and ranked, for the images that decide (test, selection, holdout)."""
 
-    def __init__(self, *images: np.ndarray, ranked: bool = False) -> None:
+    def __init__(self, *images: np.ndarray, ranked: bool = False, decreasing: bool = False) -> None:
         self.parts: list[list[_View]] = []
         self.ranked = {saturation: ImageIndex() for saturation in RANKED_SATURATIONS} if ranked else {}
+        self.decreasing = decreasing and ranked
         for part in images:
             self.add(part)
 
@@ -247,13 +253,31 @@ def differing_pixels(images: np.ndarray, index: ImageIndex) -> np.ndarray:
     return fewest
 
 
+def decreasing_forms(flat: np.ndarray) -> list[np.ndarray]:
+    """The image as its original would be had a decreasing curve been applied to it: inverted (``255 - v``, the
+    background made ink and the ink background) and ink reversed (``256 - v`` on ink pixels, the background kept).
+    Ranked, either is its original again for any decreasing curve of the whole image or of its ink: a review
+    (2026-12-07) caught 0 of 300 such copies of test images before."""
+    inverted = 255 - flat
+    ink_reversed = np.where(flat > 0, 256 - flat.astype(np.int16), 0).astype(np.uint8)
+    return [inverted, ink_reversed]
+
+
 def near_copies(images: np.ndarray, index: ImageIndex) -> np.ndarray:
     """True for each image that is an exact or near copy of an image in ``index``: at most ``NEAR_COPY_PIXELS``
     differ as given (or centred), or, for a ``ranked`` index, at most ``RANKED_COPY_PIXELS`` once both are
-    ``intensity_ranked``."""
-    found = differing_pixels(images, index) <= NEAR_COPY_PIXELS
-    for saturation, ranked in index.ranked.items():
-        rest = ~found
-        if rest.any():
-            found[rest] = differing_pixels(intensity_ranked(_flat(images)[rest], saturation), ranked) <= RANKED_COPY_PIXELS
+    ``intensity_ranked`` (and, for a ``decreasing`` one, once the image is turned back by ``decreasing_forms``)."""
+    flat = _flat(images)
+    found = differing_pixels(flat, index) <= NEAR_COPY_PIXELS
+    forms = [flat, *decreasing_forms(flat)] if index.decreasing else [flat]
+    for turned, form in enumerate(forms):
+        for saturation, ranked in index.ranked.items():
+            rest = np.flatnonzero(~found)
+            if not len(rest):
+                return found
+            query = intensity_ranked(form[rest], saturation)
+            if turned:  # an image's own inverted form is blank: never compared, or it would match a blank image
+                inked = (query > 0).sum(axis=1) >= MIN_TURNED_INK
+                rest, query = rest[inked], query[inked]
+            found[rest] = differing_pixels(query, ranked) <= RANKED_COPY_PIXELS
     return found

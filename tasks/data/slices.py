@@ -22,6 +22,10 @@ from tasks.data.near_copies import ImageIndex, near_copies
 from tasks.data.splits import SLICE_NEW, SLICE_SELECTION, SLICE_TEST, base_training_indices, selection_indices
 
 NEW_DATA_PER_DIGIT = 1_000  # the new-data slice's cap: 10 000 images at most, the size of MNIST's test set
+# Holdout images read (and searched for copies of trained images) to fill the slice: at most this many times its
+# size, plus the share that crosses it. Without it a digit that never arrives (review 5, 2026-12-07: a sender who
+# sends no 5s passes the drift check) made a night read and search every chosen batch's holdout.
+SLICE_READ_FACTOR = 2
 _SLICES: dict[tuple[str, str, int], Images] = {}  # the last slice made, by its digest: its images are what it names
 
 
@@ -65,8 +69,9 @@ def new_data_slice(store: Store, dataset: DatasetRef, per_digit: int | None = No
     it get there (a batch checked while the other was retired by ``max_training_images``, held back under another
     ``held_back``, or released from quarantine by an operator): the intake protects each holdout when a batch
     arrives, and this holds tonight's slice to it against tonight's training set, so no path through history makes
-    the slice a test of memory. The cost is one near-copy search of at most ``10 × per_digit`` images (plus those
-    left out) against the training set, which the training-set budget bounds."""
+    the slice a test of memory. The cost is one near-copy search of the shares read, newest first, until every digit
+    has ``per_digit`` images or ``SLICE_READ_FACTOR`` times the slice's size was read (a digit that seldom or never
+    arrives then has fewer: it did not arrive), against the training set, which the training-set budget bounds."""
     per_digit = NEW_DATA_PER_DIGIT if per_digit is None else per_digit
     key = (store.url, slice_digest(dataset, SLICE_NEW), per_digit)
     if (cached := _SLICES.get(key)) is not None:
@@ -74,11 +79,13 @@ def new_data_slice(store: Store, dataset: DatasetRef, per_digit: int | None = No
     taken = np.zeros(10, dtype=np.int64)
     chosen: list[Images] = []
     trained: ImageIndex | None = None
+    read = 0
     for batch in reversed(dataset.batches):  # oldest first in the dataset: newest first here
-        if taken.min() >= per_digit:
+        if taken.min() >= per_digit or read >= SLICE_READ_FACTOR * 10 * per_digit:
             break
         part = batch.holdout
         share = parse_share(store.verified_bytes(part.key, part.sha256, limit=part.size), part.rows)
+        read += len(share.labels)
         if trained is None:  # built once, and only when a share is read (an ImageIndex is falsy when empty)
             trained = trained_on(store, dataset, mnist)
         clean = ~near_copies(share.images, trained) if len(share.labels) else np.zeros(0, bool)
@@ -121,6 +128,7 @@ def slice_digest(dataset: DatasetRef, name: str) -> str:
                 "parts": parts,
                 "per_digit": NEW_DATA_PER_DIGIT,
                 "order": "newest first",
+                "read at most": SLICE_READ_FACTOR,
                 "without copies of": trained,
             }
         )

@@ -166,9 +166,9 @@ class References:
         selection = selection_indices(self.mnist.y_train)
         holdout = new_holdout_images(self.store, self.dataset)
         return {
-            "test": ImageIndex(self.mnist.x_test, ranked=True),
-            "selection": ImageIndex(self.mnist.x_train[selection], ranked=True),
-            "holdout": ImageIndex(holdout.x, ranked=True),
+            "test": ImageIndex(self.mnist.x_test, ranked=True, decreasing=True),
+            "selection": ImageIndex(self.mnist.x_train[selection], ranked=True, decreasing=True),
+            "holdout": ImageIndex(holdout.x, ranked=True, decreasing=True),
         }
 
     @cached_property
@@ -633,6 +633,12 @@ def _listing(incoming: Store) -> list[dict]:
     except NotARegularFile:
         incoming.warn(f"The incoming location {incoming.url} is a link or not a folder: nothing is read from it")
         return []
+    except OSError as exc:  # e.g. a sender's write-only drop box: tonight takes no batch, and the night goes on
+        incoming.warn(
+            f"The incoming location {incoming.url} cannot be listed ({type(exc).__name__}: {str(exc)[:160]}): no batch "
+            "is read from it tonight; give the pipeline's user permission to list it"
+        )
+        return []
 
 
 def _entry_name(entry: dict) -> str:
@@ -715,6 +721,9 @@ def _take(
         try:
             known = _ingest_one(store, _safe_name(name), data, digest, refs, rules, run_id, room)
         except Waits as exc:
+            # Read and parsed all the same: it counts against max_files_per_night, so files that wait (no champion
+            # yet, no room for their images) cost a night at most that many parses, however many a sender leaves.
+            room.files -= 1
             log(f"Incoming file {name!r} is left where it is: {exc}")
             return None
         except Exception as exc:  # noqa: BLE001 (a batch must not stop the night, whatever went wrong with it)
