@@ -503,7 +503,8 @@ def _strong_sitting(sitting: dict) -> list[str]:
         seeds = " / ".join(str(row["seed"]) for row in scored)
         out += [
             "",
-            f"The same trained networks scored with each view set (per seed {seeds}; the mean in brackets):",
+            f"The same trained networks scored with each view set (per seed {seeds}"
+            f"{'; the mean in brackets' if len(scored) > 1 else ''}):",
             "",
             "| views | selection bal. acc. | test acc. | test bal. acc. | test predictions, s |",
             "|---|---|---|---|---|",
