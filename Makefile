@@ -65,22 +65,27 @@ run: $(STAMP)
 # that share a server stack or trained models stay on one worker (--dist loadgroup, scheduled by
 # tests/conftest.py's SHARED_WORKER: xdist_group is ignored under pytest 9.2);
 # --no-loadscope-reorder keeps the collection order (long modules first) instead of xdist's largest-group-first.
+# One thread per worker for NumPy's BLAS, TensorFlow's kernels and PyTorch: by default each worker starts a
+# thread per core, and three workers' threads spin-waiting for each other on two cores burned a third of the
+# suite's CPU (2026-12-07, the CPU-bound label-cap, poison, training-set, caching and night-bound modules on three
+# workers: 4 min 36 s of pytest and 535 s of CPU with the defaults, 2 min 57 s and 345 s with one thread each).
+TEST_THREADS = OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 TF_NUM_INTRAOP_THREADS=1 TF_NUM_INTEROP_THREADS=2
 TEST_WORKERS ?= 3
 PYTEST_ARGS ?=
 test: $(STAMP) browser ha-tools
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=15 $(PYTEST_ARGS)
+	$(TEST_THREADS) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=15 $(PYTEST_ARGS)
 
 # The inner loop: no training, no Prefect server, no npm download (about a minute). See docs/development.md.
 test-quick: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow and not network" $(PYTEST_ARGS)
+	$(TEST_THREADS) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow and not network" $(PYTEST_ARGS)
 
 # The whole suite in a random order (pytest-randomly; it prints "Using --randomly-seed=N", and
 # `make test-shuffled PYTEST_ARGS=--randomly-seed=N` repeats that order). make test keeps a fixed order.
 test-shuffled: $(STAMP) browser
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder -p randomly $(PYTEST_ARGS)
+	$(TEST_THREADS) $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder -p randomly $(PYTEST_ARGS)
 
 # The UI test drives Debian's chromium through Playwright (Playwright's own browser download needs the open web).
 browser:
