@@ -58,11 +58,10 @@ torch-cpu:
 run: $(STAMP)
 	$(BIN)/mnist-pipeline run $(RUN_ARGS)
 
-# Four pytest workers (pytest-xdist) on two cores: the deployment and HA stacks each hold a worker mostly waiting (a
-# server starting, heartbeats missed, runs in the stack's own processes) while two others keep both cores busy from
-# the start (on three, one core sat mostly idle while both stacks ran). Four were tried before with each worker's
-# libraries on every core (2026-12-06: 7:37 to 9:34 of pytest against 8:00 to 8:55 on three); with one thread each
-# (below) the workers no longer spin against each other. Modules
+# Three pytest workers (pytest-xdist) on two cores: the deployment tests hold one worker mostly waiting (a server
+# starting, heartbeats missed, runs in the stack's own processes) while the others keep both cores busy. Four were
+# measured too (2026-12-06): 7:37 to 9:34 of pytest against 8:00 to 8:55 on three; the long modules then all start
+# at once and each runs slower (the backend tests twice as long). Modules
 # that share a server stack or trained models stay on one worker (--dist loadgroup, scheduled by
 # tests/conftest.py's SHARED_WORKER: xdist_group is ignored under pytest 9.2);
 # --no-loadscope-reorder keeps the collection order (long modules first) instead of xdist's largest-group-first.
@@ -71,7 +70,7 @@ run: $(STAMP)
 # suite's CPU (2026-12-07, the CPU-bound label-cap, poison, training-set, caching and night-bound modules on three
 # workers: 4 min 36 s of pytest and 535 s of CPU with the defaults, 2 min 57 s and 345 s with one thread each).
 TEST_THREADS = OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 TF_NUM_INTRAOP_THREADS=1 TF_NUM_INTEROP_THREADS=2
-TEST_WORKERS ?= 4
+TEST_WORKERS ?= 3
 PYTEST_ARGS ?=
 test: $(STAMP) browser ha-tools
 	$(BIN)/ruff format --check .

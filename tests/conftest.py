@@ -485,23 +485,9 @@ SHARED_WORKER = {
     "test_label_caps": "judged-store",  # the judged store and its calibrated judge, made once
 }
 
-# The modules that take longest go first, the two stacks (mostly waiting on their processes) and then the longest
-# CPU-bound ones (one worker each: the label caps' judged store, the poison lab, the week, the soak), so the short
-# tests fill the gaps at the end instead of a long module starting last and running alone (2026-12-07, three
-# workers: the week started at 13:37 of a 15:30 run and the label caps at 6:23, for 5:27).
-LONG_FIRST = (
-    "test_deployment",
-    "test_ha",
-    "test_label_caps",
-    "test_poison",
-    "test_week",
-    "test_soak",
-    "test_night_stop",
-    "test_flow_e2e",
-    "test_retention",
-    "test_s3_store",
-    "test_secrets",
-)
+# The modules that take longest (servers, heartbeats, several runs) go first: with two workers the short tests
+# then fill the gaps, instead of a long module starting last and running alone.
+LONG_FIRST = ("test_deployment", "test_ha", "test_night_stop", "test_s3_store", "test_secrets")
 
 
 def module_of(nodeid: str) -> str:
