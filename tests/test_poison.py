@@ -142,6 +142,8 @@ def test_copies_under_a_decreasing_curve_are_near_copies_and_an_inverted_image_i
         "ink reversed": lambda x: np.where(x > 0, 256 - x, 0),
         "inverted": lambda x: 255 - x,
         "inverted, then gamma 2": lambda x: 255 * ((255 - x) / 255) ** 2.0,
+        "ink reversed, then + 1": lambda x: np.where(x > 0, 256 - x, 0) + 1,  # review 6: 0 of 300 caught
+        "ink reversed, then × 0.85 + 10": lambda x: 0.85 * np.where(x > 0, 256 - x, 0) + 10,
     }
     for originals in (lab.mnist.x_test[:300], lab.mnist.x_train[lab.selection[:300]]):
         for name, curve in cases.items():
