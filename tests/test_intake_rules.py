@@ -59,7 +59,7 @@ def test_drift_quarantines_only_what_is_both_significant_and_large(changed, fire
 
 def test_the_parsing_childs_memory_limit_tells_a_big_batch_from_a_small_one(monkeypatch):
     """The same limit that refuses 20 000 honest images (more than it lets the child hold) parses 20 of them."""
-    monkeypatch.setattr(batch_format, "PARSE_MEMORY", 400 << 20)
+    monkeypatch.setattr(batch_format, "PARSE_MEMORY", 300 << 20)
     x, y = fresh_images(20)
     assert len(parse_untrusted(batch_bytes(x, y)).labels) == 20
     x, y = fresh_images(20_000)

@@ -16,7 +16,7 @@ import pytest
 
 from storage import Store, sha256_bytes
 from storage.tables import read_table
-from tasks.data import batch_format, splits
+from tasks.data import batch_format, batch_parser, splits
 from tasks.data.batch_format import BatchRejected, batch_bytes, parse_batch, parse_share
 from tasks.data.slices import new_training_images, slice_images
 from tasks.intake.checks import IngestRules, holdout_rows, label_quality
@@ -93,10 +93,10 @@ def test_not_parquet_and_oversized_batches_are_refused_before_decompressing(monk
         parse_batch(bomb.getvalue())
     x, y = fresh_images(50)
     data = batch_bytes(x, y)
-    monkeypatch.setattr(batch_format, "MAX_UNCOMPRESSED_BYTES", 20 * 784)
+    monkeypatch.setattr(batch_parser, "MAX_UNCOMPRESSED_BYTES", 20 * 784)
     with pytest.raises(BatchRejected, match="would decompress to"):
         parse_batch(data)
-    monkeypatch.setattr(batch_format, "MAX_BATCH_ROWS", 10)
+    monkeypatch.setattr(batch_parser, "MAX_BATCH_ROWS", 10)
     with pytest.raises(BatchRejected, match="50 rows, more than the 10"):
         parse_batch(data)
 

@@ -24,7 +24,7 @@ from tests.conftest import sample_frames
 
 REPO = Path(__file__).resolve().parent.parent
 # The reader module, and the one module that parses *incoming* batch files (not the store) behind its own bounds.
-READERS = {"storage/tables.py", "tasks/data/batch_format.py"}
+READERS = {"storage/tables.py", "tasks/data/batch_format.py", "tasks/data/batch_parser.py"}
 PARQUET_MODULES = {"pyarrow.parquet", "pyarrow.dataset", "pyarrow.feather", "pyarrow.orc"}
 READ_NAMES = {
     "read_parquet",

@@ -15,47 +15,42 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import struct
 import subprocess
 import sys
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
 from storage import StoreKey
 from tasks.data.batch_limits import MAX_BATCH_BYTES, MAX_BATCH_ROWS, PIXELS
+from tasks.data.batch_parser import (  # noqa: F401 (the batch format's names, where its users import them)
+    COLUMNS,
+    MAX_UNCOMPRESSED_BYTES,
+    Batch,
+    BatchRejected,
+    parse_batch,
+    share_bytes,
+)
 
-MAX_UNCOMPRESSED_BYTES = 2 * MAX_BATCH_ROWS * PIXELS  # what the footer may say the columns decompress to
 PARSE_MEMORY = 3 << 29  # 1.5 GiB of address space for the child that parses one incoming file
 PARSE_SECONDS = 120
 # The parsing child's whole environment, never the worker's secrets: malloc for Arrow, one malloc arena and one
 # thread, so the address-space limit measures the batch rather than the threads' reservations (measured 2026-12-06:
 # under 400 MiB, 20 images parse and 20 000 are refused on every try; with glibc's default arenas the same limit
-# refused 20 images too); and the OpenBLAS settings some processors need for numpy to load.
+# refused 20 images too; 2026-12-07, the child importing only ``tasks/data/batch_parser.py``: under 300 MiB, 20 and
+# 2 000 parse and 20 000 are refused, and under 400 MiB 20 000 parse); and the OpenBLAS settings some processors
+# need for numpy to load.
 PARSE_ENV = {
     "ARROW_DEFAULT_MEMORY_POOL": "system",
     "MALLOC_ARENA_MAX": "1",
     "OMP_NUM_THREADS": "1",
     "OPENBLAS_NUM_THREADS": "1",
 } | {name: os.environ[name] for name in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if name in os.environ}
-COLUMNS = ("image", "label")
 SHA256 = r"^[0-9a-f]{64}$"
-
-
-class BatchRejected(ValueError):
-    """The file is not a batch we can read: the message says what is wrong and how to fix it."""
-
-
-class Batch(NamedTuple):
-    images: np.ndarray  # (n, 28, 28) uint8
-    labels: np.ndarray  # (n,) int64, 0–9
-    source: str | None = None  # the optional ``source`` column's values, as text for the batches table
 
 
 class BatchPart(BaseModel):
@@ -78,129 +73,6 @@ class AcceptedBatch(BaseModel):
     holdout: BatchPart
 
 
-def _integers(column: pa.ChunkedArray | pa.Array, what: str, low: int, high: int) -> np.ndarray:
-    """The values as uint8 (every range here fits), checked in Arrow before any copy."""
-    if pa.types.is_dictionary(column.type):
-        column = column.cast(column.type.value_type)
-    if not pa.types.is_integer(column.type):
-        raise BatchRejected(f"{what} must be integers, not {column.type}")
-    if column.null_count:
-        raise BatchRejected(f"{what} holds {column.null_count} missing values")
-    if len(column):
-        lo, hi = pc.min_max(column).values()
-        if lo.as_py() < low or hi.as_py() > high:
-            raise BatchRejected(f"{what} must lie in {low}–{high}; this file has values from {lo.as_py()} to {hi.as_py()}")
-    return np.asarray(pc.cast(column, pa.uint8()).to_numpy(zero_copy_only=False), dtype=np.uint8)
-
-
-def _check_footer(data: bytes) -> pq.ParquetFile:
-    try:
-        parquet = pq.ParquetFile(pa.BufferReader(data))
-    except (pa.ArrowException, OSError) as exc:
-        raise BatchRejected(f"it is not a readable Parquet file ({str(exc).splitlines()[0][:160]})") from exc
-    meta = parquet.metadata
-    all_names = parquet.schema_arrow.names
-    doubled = sorted({n for n in all_names if all_names.count(n) > 1})
-    if doubled:
-        raise BatchRejected(f"it has more than one column named {', '.join(doubled)[:120]}")
-    names = set(all_names)
-    missing = [c for c in COLUMNS if c not in names]
-    if missing:
-        raise BatchRejected(f"it has no column {' or '.join(missing)} (columns: {', '.join(sorted(names))[:200]})")
-    if meta.num_rows == 0:
-        raise BatchRejected("it holds no rows")
-    if meta.num_rows > MAX_BATCH_ROWS:
-        raise BatchRejected(f"it holds {meta.num_rows} rows, more than the {MAX_BATCH_ROWS} a batch may hold: split it")
-    groups = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
-    if sum(groups) != meta.num_rows or any(n < 0 or n > MAX_BATCH_ROWS for n in groups):
-        raise BatchRejected(f"its row groups ({sum(groups)} rows) disagree with the {meta.num_rows} rows it declares: refused")
-    chunks = [
-        meta.row_group(g).column(i)
-        for g in range(meta.num_row_groups)
-        for i in range(meta.num_columns)
-        if meta.schema.column(i).path.split(".")[0] in COLUMNS
-    ]
-    unpacked = sum(c.total_uncompressed_size for c in chunks)
-    if unpacked > MAX_UNCOMPRESSED_BYTES:
-        raise BatchRejected(f"its columns would decompress to {unpacked} bytes, more than {MAX_UNCOMPRESSED_BYTES}: refused")
-    # run-length encoding packs a million equal values in a few bytes: count the values, not the bytes
-    values = sum(c.num_values for c in chunks if c.path_in_schema.split(".")[0] == "image")
-    if values > meta.num_rows * PIXELS:
-        raise BatchRejected(f"it declares {values} pixel values for {meta.num_rows} images (at most {PIXELS} each): refused")
-    return parquet
-
-
-def parse_batch(data: bytes) -> Batch:
-    """The images and labels of one batch file, or ``BatchRejected`` saying why not. In this process: for
-    an untrusted file use ``parse_untrusted``."""
-    try:
-        return _parse(data)
-    except BatchRejected:
-        raise
-    except Exception as exc:  # noqa: BLE001 (whatever a crafted file makes pyarrow raise, it is a bad batch)
-        raise BatchRejected(
-            f"it cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})"
-        ) from exc
-
-
-PARSE_ROWS = 8192  # rows decoded at a time: a 100 000-row file of int64 pixels is 627 MB decoded whole, 51 MB so
-
-
-def _parse(data: bytes) -> Batch:
-    """Decoded ``PARSE_ROWS`` rows at a time into one uint8 array, so that the largest batch a sender may send
-    (``MAX_BATCH_ROWS``, as pandas writes it: 64-bit integers) parses within ``PARSE_MEMORY``: decoded whole, a
-    batch of 90 000 rows or more needed more and was refused as unreadable (a review, 2026-12-07)."""
-    if len(data) > MAX_BATCH_BYTES:
-        raise BatchRejected(f"it is {len(data)} bytes, more than the {MAX_BATCH_BYTES} a batch file may be: split it")
-    parquet = _check_footer(data)
-    rows = parquet.metadata.num_rows
-    pixels = np.empty((rows, PIXELS), dtype=np.uint8)
-    labels = np.empty(rows, dtype=np.int64)
-    done = 0
-    try:
-        for part in parquet.iter_batches(batch_size=PARSE_ROWS, columns=list(COLUMNS), use_pandas_metadata=False):
-            if done + part.num_rows > rows:
-                raise BatchRejected(f"it holds more rows than the {rows} its footer declares: refused")
-            x, y = _rows(pa.Table.from_batches([part]), first=done)
-            pixels[done : done + len(y)], labels[done : done + len(y)] = x, y
-            done += len(y)
-        source = _source(parquet.read(columns=["source"])) if "source" in parquet.schema_arrow.names else None
-    except (pa.ArrowException, OSError) as exc:
-        raise BatchRejected(f"its columns cannot be read ({str(exc).splitlines()[0][:160]})") from exc
-    if done != rows:
-        raise BatchRejected(f"it holds {done} rows, not the {rows} its footer declares: refused")
-    return Batch(pixels.reshape(-1, 28, 28), labels, source)
-
-
-def _rows(table: pa.Table, first: int) -> tuple[np.ndarray, np.ndarray]:
-    """One part's pixels (n, 784) and labels, every value's type and range checked; ``first``: its first row's number."""
-    image = table.column("image").combine_chunks()
-    if not (pa.types.is_list(image.type) or pa.types.is_large_list(image.type) or pa.types.is_fixed_size_list(image.type)):
-        raise BatchRejected(f"column image must be a list of {PIXELS} integers per row, not {image.type}")
-    if image.null_count:
-        raise BatchRejected(f"column image has {image.null_count} missing rows")
-    lengths = pc.list_value_length(image).to_numpy(zero_copy_only=False)
-    if len(lengths) and (lengths.min() != PIXELS or lengths.max() != PIXELS):
-        bad = int(np.flatnonzero(lengths != PIXELS)[0])
-        raise BatchRejected(
-            f"row {first + bad}'s image has {lengths[bad]} values; every image must have {PIXELS} (28×28, row-major)"
-        )
-    pixels = _integers(pc.list_flatten(image), "pixel values (column image)", 0, 255)
-    labels = _integers(table.column("label"), "column label", 0, 9).astype(np.int64)
-    return pixels.reshape(-1, PIXELS), labels
-
-
-def _source(table: pa.Table) -> str | None:
-    if "source" not in table.column_names or not pa.types.is_string(table.schema.field("source").type):
-        return None
-    column = table.column("source")
-    if column.nbytes > 1 << 20:
-        return None  # metadata only: not worth holding
-    values = [v.decode("utf-8", "replace") for v in pc.unique(column.cast(pa.binary())).to_pylist() if v]
-    shown = ", ".join(str(v)[:80] for v in values[:3]) + (f" and {len(values) - 3} more" if len(values) > 3 else "")
-    return shown or None
-
-
 def batch_table(images: np.ndarray, labels: np.ndarray, **metadata) -> pa.Table:
     """A batch in the documented format (what ``simulate-arrivals`` writes and the store keeps)."""
     flat = pa.array(np.asarray(images, dtype=np.uint8).reshape(-1), type=pa.uint8())
@@ -219,11 +91,6 @@ def batch_bytes(images: np.ndarray, labels: np.ndarray, **metadata) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-# ---- an incoming file, parsed where a lying file cannot exhaust the worker ---------------------------------
-def _limit_memory(limit: int) -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-
 def parse_untrusted(data: bytes) -> Batch:
     """``parse_batch`` in a child process limited to ``PARSE_MEMORY`` and ``PARSE_SECONDS``: a file whose pages
     decode to far more than its footer said is refused instead of taking the worker down."""
@@ -231,10 +98,10 @@ def parse_untrusted(data: bytes) -> Batch:
         raise BatchRejected(f"it is {len(data)} bytes, more than the {MAX_BATCH_BYTES} a batch file may be: split it")
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "tasks.data.batch_format", str(PARSE_MEMORY)],  # the child limits itself first
+            [sys.executable, "-m", "tasks.data.batch_parser", str(PARSE_MEMORY)],  # the child limits itself first
             input=data,
             env=PARSE_ENV,  # nothing of the worker's: no API auth string, no store credentials for a hostile file
-            cwd=Path(__file__).resolve().parents[2],  # where ``-m tasks.data.batch_format`` is found
+            cwd=Path(__file__).resolve().parents[2],  # where ``-m tasks.data.batch_parser`` is found
             capture_output=True,
             timeout=PARSE_SECONDS,
             check=False,
@@ -254,11 +121,6 @@ def parse_untrusted(data: bytes) -> Batch:
     return batch._replace(source=header["source"])
 
 
-def share_bytes(images: np.ndarray, labels: np.ndarray) -> bytes:
-    """A share of a batch as the store keeps it: every image's 784 bytes, then every label's byte."""
-    return np.ascontiguousarray(images, dtype=np.uint8).tobytes() + np.asarray(labels, dtype=np.uint8).tobytes()
-
-
 def parse_share(data: bytes, rows: int) -> Batch:
     """A share written by ``share_bytes``: its size must be exactly ``rows`` × 785, its labels 0–9."""
     if rows < 0 or len(data) != rows * (PIXELS + 1):
@@ -268,22 +130,3 @@ def parse_share(data: bytes, rows: int) -> Batch:
     if rows and labels.max() > 9:
         raise BatchRejected(f"a share holds label {labels.max()}: labels are 0–9")
     return Batch(images, labels)
-
-
-def _child() -> None:
-    """The parsing child: its own memory limit first (set here, not by a ``preexec_fn`` in the parent, which is
-    unsafe in a worker running TensorFlow's or JAX's threads), then the one batch on stdin."""
-    _limit_memory(int(sys.argv[1]))
-    data = sys.stdin.buffer.read()
-    try:
-        batch = parse_batch(data)
-        header = {"ok": True, "rows": len(batch.labels), "source": batch.source}
-        body = share_bytes(batch.images, batch.labels)
-    except BatchRejected as exc:
-        header, body = {"ok": False, "reason": str(exc)}, b""
-    encoded = json.dumps(header).encode()
-    sys.stdout.buffer.write(struct.pack(">I", len(encoded)) + encoded + body)
-
-
-if __name__ == "__main__":
-    _child()
