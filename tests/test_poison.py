@@ -15,7 +15,7 @@ import pytest
 from storage import Store
 from tasks.data import splits
 from tasks.data.batch_format import batch_bytes
-from tasks.data.copy_limits import NEAR_COPY_PIXELS, PIXEL_TOLERANCE
+from tasks.data.copy_limits import NEAR_COPY_PIXELS, PIXEL_TOLERANCE, RANKED_COPY_PIXELS
 from tasks.data.fetch import DirectorySource, fetch_mnist, load_mnist, stored_dataset
 from tasks.data.near_copies import ImageIndex, differing_pixels, near_copies
 from tasks.data.slices import new_holdout_images, new_training_images
@@ -178,6 +178,28 @@ def test_the_near_copy_line_lies_between_its_pixel_count_and_one_more(lab):
     # by how much a pixel may differ and still be the same pixel: PIXEL_TOLERANCE, not one level more
     assert (differing_pixels(blank_pixels_set_to(PIXEL_TOLERANCE, 20), plain) == 0).all()
     assert not near_copies(blank_pixels_set_to(PIXEL_TOLERANCE + 1, 20), plain).any()
+
+
+def test_the_probed_search_answers_as_counting_every_pixel_of_every_pair(lab):
+    """``near_copies`` settles most pairs on ``PROBE``'s 200 pixels: a shortcut, so it must give exactly the answers
+    of counting all 784 (``differing_pixels``) at every line, on clean images, near copies and images just past
+    the line."""
+    from tasks.data.near_copies import _within, intensity_ranked
+
+    rng = np.random.default_rng(11)
+    originals = lab.mnist.x_test[rng.choice(len(lab.mnist.x_test), 200, replace=False)]
+    specks = originals.reshape(200, -1).copy()
+    for row, count in zip(specks, rng.integers(0, 14, 200)):  # 0–13 pixels set: both sides of every line
+        row[rng.choice(784, count, replace=False)] = 255
+    queries = np.concatenate(
+        [lab.mnist.x_train[lab.held[:300]], one_pixel_up(originals), moved(originals, 1, 0), specks.reshape(-1, 28, 28)]
+    )
+    flat = queries.reshape(len(queries), -1)
+    for form, index in [(flat, lab.test_index)] + [(intensity_ranked(flat, s), i) for s, i in lab.test_index.ranked.items()]:
+        counts = differing_pixels(form, index)
+        for limit in (0, RANKED_COPY_PIXELS, NEAR_COPY_PIXELS, 12, 20):
+            assert (_within(form, index, limit) == (counts <= limit)).all(), limit
+        assert 0 < (counts <= NEAR_COPY_PIXELS).sum() < len(queries)  # both answers occur
 
 
 def test_clean_mnist_training_images_are_not_taken_for_copies_of_the_test_or_selection_images(lab):

@@ -120,9 +120,26 @@ def _sketch(flat: np.ndarray) -> np.ndarray:
     return out
 
 
+def _probe_pixels() -> np.ndarray:
+    """Every other pixel of the middle 20 × 20 (a checkerboard of 200), where MNIST's digits lie."""
+    row, column = np.mgrid[0:SIDE, 0:SIDE]
+    middle = (row >= 4) & (row < SIDE - 4) & (column >= 4) & (column < SIDE - 4)
+    return np.flatnonzero((middle & ((row + column) % 2 == 0)).ravel())
+
+
+# The pixels compared first when the question is only "is it within the limit?" (``near_copies``): a pair that
+# differs in more than the limit among them differs in more among all 784, so it is settled without the rest, and
+# the few pairs left are compared whole. The same answers as comparing every pixel of every pair (tests/test_poison.py
+# checks it on real MNIST at every line). Measured 2026-12-07 (Intel Xeon, 2 cores, shared), with ``_nearest``'s
+# block gather: ``near_copies`` of 600 held-back MNIST images against the test set and the selection split (ranked,
+# decreasing forms) 0.71 s of CPU instead of 1.21–1.48 s; against 45 000 training images 0.20 s instead of 0.24–0.29.
+PROBE = _probe_pixels()
+
+
 class _View(NamedTuple):
     pixels: np.ndarray  # (n, 784) uint8
     sketch: np.ndarray  # (n, 50) float32: the 49 sketch values, and 1 (queries) or minus half the squared norm (index)
+    probe: np.ndarray  # (n, len(PROBE)) uint8: the PROBE pixels, contiguous
 
 
 def _view(pixels: np.ndarray, index: bool, like: _View | None = None) -> _View:
@@ -137,7 +154,8 @@ def _view(pixels: np.ndarray, index: bool, like: _View | None = None) -> _View:
         changed = np.flatnonzero((pixels != like.pixels).any(axis=1))
         sketch[changed] = _sketch(pixels[changed])
     extra = -0.5 * np.einsum("ij,ij->i", sketch, sketch) if index else np.ones(len(sketch), np.float32)
-    return _View(pixels, np.concatenate([sketch, extra[:, None].astype(np.float32)], axis=1))
+    sketch = np.concatenate([sketch, extra[:, None].astype(np.float32)], axis=1)
+    return _View(pixels, sketch, np.ascontiguousarray(pixels[:, PROBE]))
 
 
 def _views(flat: np.ndarray, index: bool) -> list[_View]:
@@ -208,7 +226,8 @@ def _nearest(closeness: np.ndarray, k: int) -> np.ndarray:
     """Per row, the columns of the ``k`` largest values. They all lie in the ``k`` blocks of ``BLOCK`` columns with the
     largest maxima (a block left out has ``k`` larger values in the blocks kept), so the rows are scanned once for
     their block maxima and only ``k × BLOCK`` values a row are partitioned: about 12 times faster than partitioning
-    the whole rows, and the same columns."""
+    the whole rows, and the same columns. The blocks are gathered whole (a view of the rows as blocks), not value by
+    value: twice as fast again (2026-12-07: 2.9 ms instead of 6.0 for 128 rows of 10 000)."""
     rows, n = closeness.shape
     if n <= k:
         return np.broadcast_to(np.arange(n), (rows, n))
@@ -216,11 +235,15 @@ def _nearest(closeness: np.ndarray, k: int) -> np.ndarray:
     if maxima.shape[1] <= k:
         return np.argpartition(closeness, -k, axis=1)[:, -k:]
     blocks = np.argpartition(maxima, -k, axis=1)[:, -k:]
-    columns = (blocks[:, :, None] * BLOCK + np.arange(BLOCK)).reshape(rows, -1)
-    values = np.take_along_axis(closeness, np.minimum(columns, n - 1), axis=1)
-    values[columns >= n] = -np.inf  # past the last, partial block
-    best = np.argpartition(values, -k, axis=1)[:, -k:]
-    return np.take_along_axis(columns, best, axis=1)
+    whole = n // BLOCK
+    values = closeness[:, : whole * BLOCK].reshape(rows, whole, BLOCK)[np.arange(rows)[:, None], np.minimum(blocks, whole - 1)]
+    last = blocks == whole  # the partial last block, where one was picked: its values, the rest never picked
+    if last.any():
+        tail = np.full((rows, BLOCK), -np.inf, closeness.dtype)
+        tail[:, : n - whole * BLOCK] = closeness[:, whole * BLOCK :]
+        values[last] = tail[np.nonzero(last)[0]]
+    best = np.argpartition(values.reshape(rows, -1), -k, axis=1)[:, -k:]
+    return np.take_along_axis(blocks, best // BLOCK, axis=1) * BLOCK + best % BLOCK
 
 
 def _fewest_differing(query: _View, index: _View) -> np.ndarray:
@@ -248,9 +271,43 @@ def differing_pixels(images: np.ndarray, index: ImageIndex) -> np.ndarray:
         for query, view in zip(queries, views):
             for start in range(0, len(flat), QUERY_ROWS):
                 rows = slice(start, start + QUERY_ROWS)
-                some = _View(query.pixels[rows], query.sketch[rows])
+                some = _View(query.pixels[rows], query.sketch[rows], query.probe[rows])
                 fewest[rows] = np.minimum(fewest[rows], _fewest_differing(some, view))
     return fewest
+
+
+def _any_within(query: _View, index: _View, limit: int) -> np.ndarray:
+    """Per query image: whether one of the ``CANDIDATES`` index images with the nearest sketches differs in at most
+    ``limit`` pixels. ``_fewest_differing``'s answer to ``<= limit``, the pairs first compared on ``PROBE``."""
+    nearest = _nearest(query.sketch @ index.sketch.T, CANDIDATES)
+    near, given = index.probe[nearest], query.probe[:, None, :]
+    gaps = np.maximum(given, near)
+    gaps -= np.minimum(given, near)
+    rows, columns = np.nonzero((gaps > PIXEL_TOLERANCE).sum(axis=2, dtype=np.int32) <= limit)
+    found = np.zeros(len(nearest), dtype=bool)
+    if len(rows):
+        given, near = query.pixels[rows], index.pixels[nearest[rows, columns]]
+        gaps = np.maximum(given, near)
+        gaps -= np.minimum(given, near)
+        found[rows[(gaps > PIXEL_TOLERANCE).sum(axis=1, dtype=np.int32) <= limit]] = True
+    return found
+
+
+def _within(flat: np.ndarray, index: ImageIndex, limit: int) -> np.ndarray:
+    """Per image: ``differing_pixels(flat, index) <= limit``, without counting the pixels of pairs the probe settles."""
+    found = np.zeros(len(flat), dtype=bool)
+    if not len(flat) or not len(index):
+        return found
+    queries = _views(flat, index=False)
+    for views in index.parts:
+        for query, view in zip(queries, views):
+            for start in range(0, len(flat), QUERY_ROWS):
+                rows = np.arange(start, min(start + QUERY_ROWS, len(flat)))
+                rows = rows[~found[rows]]
+                if len(rows):
+                    some = _View(query.pixels[rows], query.sketch[rows], query.probe[rows])
+                    found[rows] = _any_within(some, view, limit)
+    return found
 
 
 def decreasing_forms(flat: np.ndarray) -> list[np.ndarray]:
@@ -271,7 +328,7 @@ def near_copies(images: np.ndarray, index: ImageIndex) -> np.ndarray:
     differ as given (or centred), or, for a ``ranked`` index, at most ``RANKED_COPY_PIXELS`` once both are
     ``intensity_ranked`` (and, for a ``decreasing`` one, once the image is turned back by ``decreasing_forms``)."""
     flat = _flat(images)
-    found = differing_pixels(flat, index) <= NEAR_COPY_PIXELS
+    found = _within(flat, index, NEAR_COPY_PIXELS)
     forms = [flat, *decreasing_forms(flat)] if index.decreasing else [flat]
     for turned, form in enumerate(forms):
         for saturation, ranked in index.ranked.items():
@@ -282,5 +339,5 @@ def near_copies(images: np.ndarray, index: ImageIndex) -> np.ndarray:
             if turned:  # an image's own inverted form is blank: never compared, or it would match a blank image
                 inked = (query > 0).sum(axis=1) >= MIN_TURNED_INK
                 rest, query = rest[inked], query[inked]
-            found[rest] = differing_pixels(query, ranked) <= RANKED_COPY_PIXELS
+            found[rest] = _within(query, ranked, RANKED_COPY_PIXELS)
     return found
