@@ -12,10 +12,10 @@ import pytest
 from pydantic import ValidationError
 
 from flows.night.params import PipelineParameters, describe_errors
-from storage import DamagedArtifact, Store
+from storage import Store
 from storage.tables import read_table
 from tasks.data import slices
-from tasks.data.batch_format import AcceptedBatch, BatchPart, BatchRejected, batch_bytes
+from tasks.data.batch_format import AcceptedBatch, BatchPart, DamagedShare, batch_bytes
 from tasks.data.fetch import DatasetRef, load_mnist
 from tasks.data.near_copies import image_hashes
 from tasks.data.slices import new_data_slice, new_training_images, slice_digest, slice_images
@@ -127,7 +127,7 @@ def test_the_new_data_slice_takes_each_digit_from_the_newest_batches_up_to_its_c
     # shares past the cap are not read: the oldest one, damaged, is not noticed with a cap of 2 ...
     store.write_bytes(dataset.batches[0].holdout.key, b"\0" * dataset.batches[0].holdout.size)
     assert len(new_data_slice(store, dataset, per_digit=2).y) == 20
-    with pytest.raises(DamagedArtifact):  # ... and refused once the cap reaches it
+    with pytest.raises(DamagedShare):  # ... and refused once the cap reaches it
         new_data_slice(store, dataset, per_digit=3)
 
     # the slice the evaluation and the gate read is capped at NEW_DATA_PER_DIGIT, and its digest says so
@@ -253,11 +253,11 @@ def test_a_share_whose_record_says_other_rows_than_it_holds_is_refused(three_nig
     store, dataset, mnist = three_nights
     part = dataset.batches[0].train
     lying = part.model_copy(update={"rows": part.rows - 1})  # the digest still matches: only the row count lies
-    with pytest.raises(BatchRejected, match=r"a share of 49 images must be 38465 bytes, not 39250"):
+    with pytest.raises(DamagedShare, match=r"a share of 49 images must be 38465 bytes, not 39250"):
         with staged_training_images(store, mnist.x_train, mnist.y_train, np.arange(3), [lying]):
             pass
     store.write_bytes(part.key, b"\0" * part.size)  # changed in the store: its digest no longer matches
-    with pytest.raises(DamagedArtifact):
+    with pytest.raises(DamagedShare, match="does not match its SHA-256"):
         with staged_training_images(store, mnist.x_train, mnist.y_train, np.arange(3), [part]):
             pass
 

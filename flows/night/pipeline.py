@@ -6,7 +6,10 @@ What a step's failure means (each step also fails when it runs past its budget, 
 
 * fetch-mnist, ingest, train, evaluate, plot, gate decide the night: a failure there fails the run (Prefect's
   ``Failed`` state, which the alert automation hears) and no decision is taken. Inside ingest, one batch's
-  failure quarantines that batch only.
+  failure quarantines that batch only. An accepted batch's share that changed in the store after ingest checked it
+  (``DamagedShare``, raised where train, evaluate or the gate read it) is not such a failure: the night emits
+  ``mnist.batch.share-damaged``, ingests again (which leaves that batch out) and decides without it, at most
+  ``DATA_TRIES`` times.
 * tabulate, report and the artifacts are the record of a night, not its decision: a failure there is logged,
   emitted as ``mnist.night.unpublished`` (the alert automation hears it) and written in the run's ``runs`` row
   (``published`` false, ``publish_problem`` saying which step and why); the champion decision stands and the run
@@ -40,10 +43,15 @@ from flows.night.params import PipelineParameters, data_seed, run_seed
 from flows.night.results import result_storage
 from flows.night.summary import RunSummary
 from storage.nights import mark_ended, mark_running
+from tasks.data.batch_format import DamagedShare
 from tasks.publish.run_record import RunRecord
 from tasks.publish.tabulate import record_finish
 
 UNPUBLISHED_EVENT = "mnist.night.unpublished"
+DAMAGED_SHARE_EVENT = "mnist.batch.share-damaged"
+# Times a night decides when an accepted batch's share changes in the store under it (each time ingest drops the
+# batch first): a writer who damages a share three times in one night, each after ingest checked it, fails it.
+DATA_TRIES = 3
 
 
 def night_ended(flow, flow_run, state) -> None:
@@ -91,27 +99,48 @@ def mnist_retrain(params: PipelineParameters = PipelineParameters()) -> RunSumma
 
     fetched = cached(steps.fetch_mnist, store.url, params.mnist_source)
     ingest = steps.ingest.with_options(timeout_seconds=budgets.ingest_seconds(params.ingest))
-    ingested = ingest(
-        store.url, fetched.result(), params.ingest, run_id, params.held_back, params.train_limit, params.max_training_images
-    )
+
+    def ingested_now():
+        args = (params.ingest, run_id, params.held_back, params.train_limit, params.max_training_images)
+        return ingest(store.url, fetched.result(), *args)
+
+    def decided_on(dataset):
+        """Train, evaluate, plot and gate tonight's dataset: the steps that read the accepted batches' shares."""
+        seed = params.seed
+        if seed is None:
+            seed = run_seed(run_id) if params.new_seed else data_seed(dataset.version)
+            how = "from the run id (new_seed): a new model is trained" if params.new_seed else "from the dataset version"
+            logger.info("Seed %d for this run (seed left empty; drawn %s)", seed, how)
+        config = params.train_config(seed)
+        train = steps.train.with_options(timeout_seconds=budgets.train_seconds(dataset, config))
+        trained = cached(train, store.url, dataset, config, reuse)
+        model = trained.result()
+        evaluate = steps.evaluate.with_options(timeout_seconds=budgets.predict_seconds(dataset, model.network))
+        evaluated = cached(evaluate, store.url, dataset, model, params.n_per_class, seed, reuse)
+        evaluation = evaluated.result()
+        plotted = cached(steps.plot, store.url, dataset, model, evaluation)
+        plots = plotted.result()
+        gate = steps.gate.with_options(timeout_seconds=budgets.gate_seconds(dataset, model.network))
+        decided = gate(store.url, run_id, dataset, model, evaluation, params.gate)
+        return seed, model, evaluation, plots, decided, {"train": trained, "evaluate": evaluated, "plot": plotted}
+
+    ingested = ingested_now()
+    for tries in range(1, DATA_TRIES + 1):
+        try:
+            seed, model, evaluation, plots, decided, states = decided_on(ingested.dataset)
+            break
+        except DamagedShare as exc:  # a share changed after ingest checked it: ingest drops its batch, decide again
+            if tries == DATA_TRIES:
+                raise
+            logger.error("%s; tonight's batches are checked again and the night decides without it", exc)
+            emit_event(
+                event=DAMAGED_SHARE_EVENT,
+                resource={"prefect.resource.id": f"mnist.run.{run_id}", "prefect.resource.name": f"run {run_id}"},
+                payload={"reason": str(exc)},
+            )
+            ingested = ingested.model_copy(update={"dataset": ingested_now().dataset})  # tonight's decisions kept
     dataset = ingested.dataset
-    seed = params.seed
-    if seed is None:
-        seed = run_seed(run_id) if params.new_seed else data_seed(dataset.version)
-        how = "from the run id (new_seed): a new model is trained" if params.new_seed else "from the dataset version"
-        logger.info("Seed %d for this run (seed left empty; drawn %s)", seed, how)
     params = params.model_copy(update={"seed": seed})
-    config = params.train_config(seed)
-    train = steps.train.with_options(timeout_seconds=budgets.train_seconds(dataset, config))
-    trained = cached(train, store.url, dataset, config, reuse)
-    model = trained.result()
-    evaluate = steps.evaluate.with_options(timeout_seconds=budgets.predict_seconds(dataset, model.network))
-    evaluated = cached(evaluate, store.url, dataset, model, params.n_per_class, seed, reuse)
-    evaluation = evaluated.result()
-    plotted = cached(steps.plot, store.url, dataset, model, evaluation)
-    plots = plotted.result()
-    gate = steps.gate.with_options(timeout_seconds=budgets.gate_seconds(dataset, model.network))
-    decided = gate(store.url, run_id, dataset, model, evaluation, params.gate)
     run = RunRecord(
         run_id=run_id,
         parameters=params.model_dump(mode="json"),
@@ -137,7 +166,7 @@ def mnist_retrain(params: PipelineParameters = PipelineParameters()) -> RunSumma
     report = publishing("report", lambda: steps.report(store.url, run, plots, tables)) if tables else None
     if tables is None:
         problems.append("report and artifacts skipped (no tables)")
-    cacheable = {"fetch-mnist": fetched, "train": trained, "evaluate": evaluated, "plot": plotted}
+    cacheable = {"fetch-mnist": fetched, **states}
     published = {"tabulate": tables, "report": report}
     states = {  # every step in the order it ran: the four cacheable ones Completed or Cached, the rest ran tonight
         name: cacheable[name].name if name in cacheable else "Failed" if published.get(name, True) is None else "Completed"

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
-from storage import StoreKey
+from storage import DamagedArtifact, Store, StoreError, StoreKey
 from tasks.data.batch_limits import MAX_BATCH_BYTES, MAX_BATCH_ROWS, PIXELS
 from tasks.data.batch_parser import (  # noqa: F401 (the batch format's names, where its users import them)
     COLUMNS,
@@ -119,6 +119,27 @@ def parse_untrusted(data: bytes) -> Batch:
         raise BatchRejected(header["reason"])
     batch = parse_share(done.stdout[4 + size :], header["rows"])
     return batch._replace(source=header["source"])
+
+
+class DamagedShare(RuntimeError):
+    """An accepted batch's share that is no longer what its record says: changed, cut or removed in the store after
+    the night's ingest checked it (review 6, 2026-12-07, made the train and evaluate steps fail that way). The
+    night ingests again, which drops the batch, and decides without it (``flows/night/pipeline.py``)."""
+
+
+def share_problem(part: BatchPart, problem: Exception) -> DamagedShare:
+    return DamagedShare(
+        f"the batch share {part.key} is not what its record says ({type(problem).__name__}: {str(problem)[:300]}): "
+        "it changed in the store after tonight's ingest checked it"
+    )
+
+
+def read_share(store: Store, part: BatchPart) -> Batch:
+    """A share read through its recorded digest and size and parsed; ``DamagedShare`` if it is not that share."""
+    try:
+        return parse_share(store.verified_bytes(part.key, part.sha256, limit=part.size), part.rows)
+    except (DamagedArtifact, StoreError, BatchRejected, OSError) as exc:
+        raise share_problem(part, exc) from exc
 
 
 def parse_share(data: bytes, rows: int) -> Batch:

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 
 from storage import Store, sha256_json
-from tasks.data.batch_format import BatchPart, parse_share
+from tasks.data.batch_format import BatchPart, read_share
 from tasks.data.fetch import DatasetRef, Mnist, load_mnist
 from tasks.data.near_copies import ImageIndex, near_copies
 from tasks.data.splits import SLICE_NEW, SLICE_SELECTION, SLICE_TEST, base_training_indices, selection_indices
@@ -35,7 +35,7 @@ class Images(NamedTuple):
 
 
 def _parts(store: Store, parts: list[BatchPart]) -> Images:
-    loaded = [parse_share(store.verified_bytes(p.key, p.sha256, limit=p.size), p.rows) for p in parts]
+    loaded = [read_share(store, p) for p in parts]
     if not loaded:
         return Images(np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.int64))
     return Images(np.concatenate([b.images for b in loaded]), np.concatenate([b.labels for b in loaded]))
@@ -84,7 +84,7 @@ def new_data_slice(store: Store, dataset: DatasetRef, per_digit: int | None = No
         if taken.min() >= per_digit or read >= SLICE_READ_FACTOR * 10 * per_digit:
             break
         part = batch.holdout
-        share = parse_share(store.verified_bytes(part.key, part.sha256, limit=part.size), part.rows)
+        share = read_share(store, part)
         read += len(share.labels)
         if trained is None:  # built once, and only when a share is read (an ImageIndex is falsy when empty)
             trained = trained_on(store, dataset, mnist)

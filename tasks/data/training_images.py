@@ -21,8 +21,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from storage import Store
-from tasks.data.batch_format import PIXELS, BatchPart, BatchRejected
+from storage import DamagedArtifact, Store, StoreError
+from tasks.data.batch_format import PIXELS, BatchPart, BatchRejected, share_problem
 
 CHUNK_IMAGES = 8192  # images copied per write while staging: 6.4 MB, whatever the training set's size
 
@@ -51,7 +51,17 @@ class TrainingImages:
 
 
 def _copy_share(store: Store, part: BatchPart, target) -> np.ndarray:
-    """Append one verified share's images to ``target``; its labels."""
+    """Append one verified share's images to ``target``; its labels. ``DamagedShare`` if it is not that share."""
+    start = target.tell()
+    try:
+        return _copied_share(store, part, target)
+    except (DamagedArtifact, StoreError, BatchRejected, OSError) as exc:
+        target.seek(start)
+        target.truncate()
+        raise share_problem(part, exc) from exc
+
+
+def _copied_share(store: Store, part: BatchPart, target) -> np.ndarray:
     with store.verified_copy(part.key, part.sha256, limit=part.size) as local, open(local, "rb") as share:
         size = os.fstat(share.fileno()).st_size
         if part.rows < 0 or size != part.rows * (PIXELS + 1):

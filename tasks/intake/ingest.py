@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from storage import DamagedArtifact, Store, StoreError, UnsafeKey, confine_name, sha256_bytes
+from storage import Store, StoreError, UnsafeKey, confine_name, sha256_bytes
 from storage.door import NotARegularFile
 from storage.files import listed_mtime  # the store's own reading of a listing's time (local or S3)
 from storage.tables import schema, write_table
@@ -43,8 +43,9 @@ from tasks.data.batch_format import (
     Batch,
     BatchPart,
     BatchRejected,
-    parse_share,
+    DamagedShare,
     parse_untrusted,
+    read_share,
     share_bytes,
 )
 from tasks.data.batch_limits import MAX_BATCH_ROWS
@@ -573,9 +574,9 @@ def _damaged_share(store: Store, record: BatchRecord) -> str | None:
         ref = getattr(record, part)
         try:
             if ref is not None:
-                parse_share(store.verified_bytes(ref.key, ref.sha256, limit=ref.size), ref.rows)
-        except (DamagedArtifact, BatchRejected, StoreError, OSError) as exc:
-            return f"a {part} share that is not a share ({exc})"
+                read_share(store, ref)
+        except DamagedShare as exc:
+            return f"a {part} share that is not a share ({exc.__cause__})"
     return None
 
 
