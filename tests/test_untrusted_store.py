@@ -931,6 +931,7 @@ def test_a_training_history_with_values_no_training_records_is_drawn_as_unavaila
     assert f"The training history of model {model.key} is damaged" in warning and "curves are not drawn" in warning
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # matplotlib's, on the way to its error
 def test_a_training_history_matplotlib_cannot_draw_gives_the_unavailable_figure_not_a_failed_step(store, monkeypatch):
     """The failure boundary itself, with the value checks switched off: the f4 history reaches matplotlib, whose
     drawing (at ``savefig``) raises; that figure says the curves are unavailable, and the plot step goes on."""
