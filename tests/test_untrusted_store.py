@@ -850,7 +850,7 @@ def test_a_gate_against_a_champion_whose_stored_predictions_hold_label_120_decid
 
     store, dataset, _ = small
     rules = GateRules(min_balanced_accuracy=0.0, max_regression=1.0, max_digit_drop=1.0, min_digit_images=1)
-    champion = stored_model_ref(store, two_models[0], key="champion")
+    champion = stored_model_ref(store, two_models[0], key="champion").model_copy(update={"selection_held_out": True})
     store.write_text(store.model_info_file(champion.key), champion.model_dump_json())  # what find_champion checks
     first = gate(store, dataset, champion, evaluate_model(store, dataset, champion, 1, 0), rules, "run-1", log=lambda _: None)
     assert first.promoted
@@ -861,10 +861,11 @@ def test_a_gate_against_a_champion_whose_stored_predictions_hold_label_120_decid
     publish_model_predictions(store, champion, key, planted, digest)
     said: list[str] = []
     store.warn = said.append
-    challenger = stored_model_ref(store, two_models[1], key="challenger")
+    challenger = stored_model_ref(store, two_models[1], key="challenger").model_copy(update={"selection_held_out": True})
     decided = gate(store, dataset, challenger, evaluate_model(store, dataset, challenger, 1, 0), rules, "run-2", log=said.append)
     assert decided.decision in ("promoted", "rejected") and decided.champion_before.model_key == "champion"
-    assert any("predicted_label holds 120" in line and "predicting again" in line for line in said), said
+    assert decided.comparison is not None  # compared on the selection slice, with the champion's predictions made again
+    assert any("predicted_label holds 120" in line and "predicting again" in line for line in said), (said, decided)
 
 
 def test_a_stored_evaluation_whose_predictions_hold_label_120_is_evaluated_again_and_plotted(two_models, small):
