@@ -17,7 +17,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from pydantic import AliasChoices, BaseModel, Field
 
-from storage import DamagedArtifact, Store, StoreKey, StoreName, code_digest, sha256_bytes, sha256_json
+from storage import DamagedArtifact, Store, StoreError, StoreKey, StoreName, code_digest, sha256_bytes, sha256_json
 from storage.tables import NUM_CLASSES, read_frame, read_predictions
 from tasks.data.fetch import DatasetRef, load_mnist
 from tasks.evaluation.evaluate import EvaluationRef
@@ -252,7 +252,8 @@ def curves_png(store: Store, model: ModelRef) -> bytes:
     try:
         return png_bytes(training_curves(_history(store, model)))
     except Exception as exc:  # noqa: BLE001 (store content drawn: whatever reading or drawing raises, this figure only)
-        problem = str(exc) if isinstance(exc, DamagedArtifact) else f"it cannot be drawn ({type(exc).__name__}: {exc})"
+        damaged = isinstance(exc, (DamagedArtifact, StoreError, OSError))  # the file: unreadable, or not a history of ours
+        problem = str(exc) if damaged else f"it cannot be drawn ({type(exc).__name__}: {exc})"
         store.warn(f"The training history of model {model.key} is damaged ({problem}): its curves are not drawn")
         return png_bytes(training_curves(None, problem))
 
