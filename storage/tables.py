@@ -504,6 +504,56 @@ def read_frame(store: Store, path: str, sha256: str | None = None, columns: Coll
     return frame
 
 
+PREDICTION_COLUMNS = ("test_index", "true_label", "predicted_label", "confidence", "probabilities")
+
+
+def read_predictions(store: Store, path: str, sha256: str, images: int | None = None) -> pd.DataFrame:
+    """An evaluation's stored predictions (a ``PREDICTIONS_FILE``): read as ``read_frame`` reads it, then every value
+    checked as our evaluation writes it (``predictions_problem``). A frame whose digest matches but whose values no
+    evaluation of ours makes (a ``predicted_label`` of 120, a NaN confidence) is ``DamagedArtifact``, as one that is
+    not Parquet is: every caller treats it as a miss, never as a crash in a confusion matrix or a figure."""
+    frame = read_frame(store, path, sha256, columns=PREDICTION_COLUMNS)
+    problem = predictions_problem(frame, images)
+    if problem:
+        raise DamagedArtifact(f"{store.location(path)} holds predictions no evaluation of ours makes: {problem}")
+    return frame
+
+
+def predictions_problem(frame: pd.DataFrame, images: int | None = None) -> str:
+    """What in a predictions frame no evaluation of ours writes, in words ("" when nothing): ``test_index`` whole
+    numbers, each once, from 0 (below ``images`` when given: the slice's or test set's size); both labels digits
+    0–9; ``confidence`` and each of the ten ``probabilities`` finite and in [0, 1]."""
+    if frame.columns.duplicated().any():
+        return "a column is named twice"
+    for name in ("test_index", "true_label", "predicted_label"):
+        if not pd.api.types.is_integer_dtype(frame[name].dtype):
+            return f"{name} holds values that are not whole numbers ({frame[name].dtype})"
+    index = frame["test_index"]
+    if len(index) and (index.min() < 0 or (images is not None and index.max() >= images)):
+        return f"test_index runs from {index.min()} to {index.max()}, outside 0–{'' if images is None else images - 1}"
+    if index.duplicated().any():
+        return "test_index names an image twice"
+    for name in ("true_label", "predicted_label"):
+        column = frame[name]
+        if len(column) and (column.min() < 0 or column.max() > NUM_CLASSES - 1):
+            return f"{name} holds {column.max() if column.max() > NUM_CLASSES - 1 else column.min()}, not a digit 0–9"
+    if not pd.api.types.is_float_dtype(frame["confidence"].dtype):
+        return f"confidence holds values that are not numbers ({frame['confidence'].dtype})"
+    try:
+        rows = frame["probabilities"].to_numpy()
+        probabilities = np.stack(list(rows)).astype(np.float64) if len(rows) else np.empty((0, NUM_CLASSES))
+    except (TypeError, ValueError) as exc:
+        return f"probabilities are not ten numbers an image ({exc})"
+    if probabilities.shape != (len(frame), NUM_CLASSES):
+        return f"probabilities are not ten numbers an image (shape {probabilities.shape})"
+    for name, values in (("confidence", frame["confidence"].to_numpy(np.float64)), ("probabilities", probabilities)):
+        if not np.isfinite(values).all():
+            return f"{name} holds a NaN or an infinity"
+        if values.size and (values.min() < 0 or values.max() > 1):
+            return f"{name} holds {values.max() if values.max() > 1 else values.min()}, outside [0, 1]"
+    return ""
+
+
 def dataset(store: Store, table: str) -> ds.Dataset:
     """Every run of ``table`` as one pyarrow dataset; in-flight temporary files are ignored."""
     partitioning = ds.partitioning(pa.schema([RUN_ID]), flavor="hive")

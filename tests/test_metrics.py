@@ -58,3 +58,12 @@ def test_wilson_interval_always_contains_the_observed_rate():
     low, high = wilson_interval(k, np.full_like(k, 30))
     p = k / 30
     assert np.all(low <= p) and np.all(p <= high) and low[0] == 0.0 and high[-1] == 1.0
+
+
+def test_a_label_outside_the_classes_is_named_not_counted_in_another_cell():
+    """Review 7 (f5): a predicted label of 120 made ``bincount`` longer than 10 × 10 and the reshape failed with a
+    message naming neither the label nor the cause (and a label of 12 with 3 classes would land in another cell)."""
+    with pytest.raises(ValueError, match="a predicted label of 120 is not a class 0–9"):
+        confusion_matrix(np.array([0, 1]), np.array([0, 120]))
+    with pytest.raises(ValueError, match="a true label of -1 is not a class 0–2"):
+        confusion_matrix(np.array([-1, 1]), np.array([0, 1]), num_classes=3)

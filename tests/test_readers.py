@@ -85,6 +85,27 @@ def test_no_code_reads_parquet_outside_the_reader_module():
     assert outside == [], "read tables and stored frames through storage/tables.py (read_table, read_partition, read_frame)"
 
 
+def frame_reads(root: Path = REPO) -> list[str]:
+    """Every call of ``read_frame`` (the unchecked reader of one stored frame) in flows/ and tasks/."""
+    found = []
+    for package in ("flows", "tasks"):
+        for path in sorted((root / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Call):
+                    name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+                    if name == "read_frame":
+                        found.append(f"{path.relative_to(root).as_posix()}:{node.lineno}")
+    return found
+
+
+def test_stored_predictions_are_read_only_through_the_reader_that_checks_their_values():
+    """Review 7 (f5): the gate read the champion's stored predictions with ``read_frame``, which checks types, not
+    values, and a label of 120 failed every night. Every predictions frame is read with ``read_predictions`` now
+    (labels 0–9, probabilities in [0, 1]); ``read_frame`` stays for the training history, whose values
+    ``tasks.evaluation.plots.history_problem`` checks."""
+    assert [line.split(":")[0] for line in frame_reads()] == ["tasks/evaluation/plots.py"], frame_reads()
+
+
 def test_the_listing_finds_each_kind_of_read(tmp_path):
     """The check itself: each way of reading Parquet, planted in a module, is listed."""
     (tmp_path / "tasks").mkdir()

@@ -790,6 +790,167 @@ def test_stored_predictions_that_decode_badly_or_cover_part_of_the_slice_are_pre
         assert any("damaged" in line and "predicting again" in line for line in said) is damaged, said
 
 
+def rewrite_predictions(store: Store, path: str, **columns) -> tuple[str, str]:
+    """The stored predictions at ``path`` as a writer of the store rewrites them: the same frame with ``columns``
+    replaced (types kept), written to a new file; (its key, its digest), for a sidecar set to match."""
+    table = pq.read_table(store.path(path))
+    for name, values in columns.items():
+        field = table.schema.field(name)
+        table = table.set_column(table.schema.get_field_index(name), field, pa.array(values, type=field.type))
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    data = sink.getvalue().to_pybytes()
+    planted = store.unique(path)
+    store.write_bytes(planted, data)
+    return planted, sha256_bytes(data)
+
+
+def damaged_columns(rows: int, kind: str) -> dict[str, list]:
+    """One value our evaluation never writes, in an otherwise whole frame of ``rows`` predictions."""
+    if kind == "predicted_label 120":
+        return {"predicted_label": [120] * rows}
+    if kind == "true_label -1":
+        return {"true_label": [-1] + [0] * (rows - 1)}
+    if kind == "confidence NaN":
+        return {"confidence": [float("nan")] + [0.5] * (rows - 1)}
+    return {"probabilities": [[1.5] + [0.0] * 9] * rows}  # a probability above 1
+
+
+@pytest.mark.parametrize("kind", ["predicted_label 120", "true_label -1", "confidence NaN", "probabilities 1.5"])
+def test_stored_predictions_whose_values_no_model_makes_are_predicted_again(two_models, small, kind):
+    """Review 7 (f5): the champion's stored predictions rewritten with a ``predicted_label`` of 120, digest set to
+    match, passed ``predicted_labels`` (which checked the index and true labels only) and failed every gate in
+    ``confusion_matrix``. Every value is checked now; such a frame is a miss, and the model predicts again."""
+    from tasks.evaluation.evaluate import model_predictions_key, predicted_labels, publish_model_predictions
+
+    store, dataset, mnist = small
+    model = stored_model_ref(store, two_models[0])
+    first = predicted_labels(store, dataset, model, "mnist-test")
+    key = model_predictions_key(model, dataset, "mnist-test")
+    stored = json.loads(store.read_bytes(store.model_predictions_info_file(key)))
+    planted, digest = rewrite_predictions(store, stored["file_key"], **damaged_columns(len(first), kind))
+    publish_model_predictions(store, model, key, planted, digest)
+    said: list[str] = []
+    store.warn = said.append
+    again = predicted_labels(store, dataset, model, "mnist-test")  # no labels given: the values alone decide
+    assert again["predicted_label"].tolist() == first["predicted_label"].tolist()
+    assert again["true_label"].tolist() == mnist.y_test.tolist()
+    (warning,) = [line for line in said if "predicting again" in line]
+    assert kind.split()[0] in warning and "no evaluation of ours makes" in warning, warning
+
+
+def test_a_gate_against_a_champion_whose_stored_predictions_hold_label_120_decides(two_models, small):
+    """Review 7's f5 probe on a real store, through the gate: the champion's stored predictions on the selection
+    slice rewritten with ``predicted_label`` 120 (digest set to match) made the gate raise ``ValueError: cannot
+    reshape`` in every later night. Now the champion's predictions are made again, and the gate decides."""
+    from tasks.champion.promotion import gate
+    from tasks.champion.rules import GateRules
+    from tasks.data.splits import SLICE_SELECTION
+    from tasks.evaluation.evaluate import evaluate_model, model_predictions_key, publish_model_predictions
+
+    store, dataset, _ = small
+    rules = GateRules(min_balanced_accuracy=0.0, max_regression=1.0, max_digit_drop=1.0, min_digit_images=1)
+    champion = stored_model_ref(store, two_models[0], key="champion").model_copy(update={"selection_held_out": True})
+    store.write_text(store.model_info_file(champion.key), champion.model_dump_json())  # what find_champion checks
+    first = gate(store, dataset, champion, evaluate_model(store, dataset, champion, 1, 0), rules, "run-1", log=lambda _: None)
+    assert first.promoted
+    key = model_predictions_key(champion, dataset, SLICE_SELECTION)
+    stored = json.loads(store.read_bytes(store.model_predictions_info_file(key)))
+    rows = pq.read_metadata(store.path(stored["file_key"])).num_rows
+    planted, digest = rewrite_predictions(store, stored["file_key"], predicted_label=[120] * rows)
+    publish_model_predictions(store, champion, key, planted, digest)
+    said: list[str] = []
+    store.warn = said.append
+    challenger = stored_model_ref(store, two_models[1], key="challenger").model_copy(update={"selection_held_out": True})
+    decided = gate(store, dataset, challenger, evaluate_model(store, dataset, challenger, 1, 0), rules, "run-2", log=said.append)
+    assert decided.decision in ("promoted", "rejected") and decided.champion_before.model_key == "champion"
+    assert decided.comparison is not None  # compared on the selection slice, with the champion's predictions made again
+    assert any("predicted_label holds 120" in line and "predicting again" in line for line in said), (said, decided)
+
+
+def test_a_stored_evaluation_whose_predictions_hold_label_120_is_evaluated_again_and_plotted(two_models, small):
+    """Review 7 (f5, noticed): an evaluation's own predictions (named by its reference, which a cached night trusts)
+    rewritten with ``predicted_label`` 120 and the reference's digest set to match would fail the plot step and the
+    gate. The stored evaluation is a miss now: the model is evaluated again, and its figures draw. A frame changed
+    after that check reaches the plot step as ``DamagedArtifact`` naming the value, not a failed reshape."""
+    from tasks.evaluation.evaluate import evaluate_model, stored_evaluation
+    from tasks.evaluation.plots import render_plots
+
+    store, dataset, _ = small
+    model = stored_model_ref(store, two_models[0])
+    first = evaluate_model(store, dataset, model, 1, 0)
+    planted, digest = rewrite_predictions(store, first.predictions_key, predicted_label=[120] * first.n_evaluated)
+    damaged = first.model_copy(update={"predictions_key": planted, "predictions_sha256": digest})
+    store.write_text(store.evaluation_info_file(first.key), damaged.model_dump_json())
+    said: list[str] = []
+    store.warn = said.append
+    assert stored_evaluation(store, first.key) is None
+    assert any("predicted_label holds 120" in line and "evaluated again" in line for line in said), said
+    again = evaluate_model(store, dataset, model, 1, 0)
+    assert again.key == first.key and again.predictions_key not in (first.predictions_key, planted)
+    plots = render_plots(store, dataset, model, again)
+    assert set(plots.file_keys) >= {"confusion.png", "training_curves.png"}
+    with pytest.raises(DamagedArtifact, match="predicted_label holds 120"):
+        render_plots(store, dataset, model, damaged)
+
+
+def extreme_history(store: Store, key: str, **columns) -> ModelRef:
+    """Review 7's f4: a model's training history replaced by numbers of our columns, finite but extreme."""
+    import pandas as pd
+
+    from tasks.evaluation.plots import HISTORY_COLUMNS
+
+    values = {"epoch": [1.0, 2.0], "loss": [1e308, -1e308], "accuracy": [0.5, 0.6], "val_loss": [1.0, 0.9]}
+    values |= {"val_accuracy": [0.5, 0.6], "seconds": [1.0, 1.0]} | columns
+    path = store.history_file(key)
+    store.write_bytes(path, pd.DataFrame(values)[list(HISTORY_COLUMNS)].to_parquet(index=False))
+    return model_ref(key=key, history_key=path)
+
+
+@pytest.mark.parametrize(
+    "columns, why",
+    [
+        ({}, "loss runs from -1e\\+308 to 1e\\+308"),
+        ({"loss": [1.0, 0.5], "accuracy": [0.5, 1.5]}, "accuracy runs from 0.5 to 1.5"),
+        ({"loss": [1.0, 0.5], "val_loss": [float("inf"), 1.0]}, "val_loss holds a NaN or an infinity"),
+        ({"loss": [1.0, 0.5], "epoch": [1, 3]}, "epochs are not 1, 2, 3"),
+    ],
+)
+def test_a_training_history_with_values_no_training_records_is_drawn_as_unavailable(store, columns, why):
+    """Review 7 (f4): a history of finite extreme values (loss 1e308, -1e308) passed ``_history`` and matplotlib
+    failed the plot step, and the night, outside the "curves unavailable" ``try``. Values are checked now (finite,
+    loss 0–1e6, accuracies 0–1, epochs 1, 2, 3 …): such a history is damaged, its figure says so."""
+    from tasks.evaluation import plots
+
+    model = extreme_history(store, "m", **columns)
+    with pytest.raises(DamagedArtifact, match=why):
+        plots._history(store, model)
+    said: list[str] = []
+    store.warn = said.append
+    plots.curves_png(store, model)
+    (warning,) = said
+    assert f"The training history of model {model.key} is damaged" in warning and "curves are not drawn" in warning
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # matplotlib's, on the way to its error
+def test_a_training_history_matplotlib_cannot_draw_gives_the_unavailable_figure_not_a_failed_step(store, monkeypatch):
+    """The failure boundary itself, with the value checks switched off: the f4 history reaches matplotlib, whose
+    drawing (at ``savefig``) raises; that figure says the curves are unavailable, and the plot step goes on."""
+    from tasks.evaluation import plots
+
+    model = extreme_history(store, "m")
+    monkeypatch.setattr(plots, "history_problem", lambda history: "")
+    with pytest.raises(ValueError):  # what failed the night: matplotlib cannot draw it
+        plots.png_bytes(plots.training_curves(plots._history(store, model)))
+    said: list[str] = []
+    store.warn = said.append
+    png = plots.curves_png(store, model)
+    (warning,) = said
+    assert "it cannot be drawn (ValueError" in warning and "curves are not drawn" in warning
+    problem = warning.split("is damaged (", 1)[1].rsplit("): its curves are not drawn", 1)[0]
+    assert png == plots.png_bytes(plots.training_curves(None, problem))
+
+
 def test_a_training_history_with_text_for_figures_is_drawn_as_unavailable(store, monkeypatch):
     """A model's history replaced by one whose ``seconds`` are text failed the plot step with a format error."""
     import pandas as pd

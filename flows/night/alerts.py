@@ -23,7 +23,7 @@ ALERT_EVENTS = (
     "prefect.flow-run.Crashed",
     "mnist.model.rejected",
     "mnist.batch.quarantined",
-    "mnist.batch.share-damaged",  # flows/night/pipeline.py: a share changed under the night; decided without its batch
+    "mnist.night.artifact-changed",  # flows/night/pipeline.py: a stored file changed under the night; decided again
     "mnist.champion.damaged",  # flows/night/steps.py: the champion's model cannot be rebuilt by this code; set aside
     "mnist.night.unpublished",  # flows/night/pipeline.py: a publication step failed; the decision stands
     "mnist.schedule.missing",  # flows/stack/watchdog.py: no night in the next 26 h

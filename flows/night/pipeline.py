@@ -6,9 +6,10 @@ What a step's failure means (each step also fails when it runs past its budget, 
 
 * fetch-mnist, ingest, train, evaluate, plot, gate decide the night: a failure there fails the run (Prefect's
   ``Failed`` state, which the alert automation hears) and no decision is taken. Inside ingest, one batch's
-  failure quarantines that batch only. An accepted batch's share that changed in the store after ingest checked it
-  (``DamagedShare``, raised where train, evaluate or the gate read it) is not such a failure: the night emits
-  ``mnist.batch.share-damaged``, ingests again (which leaves that batch out) and decides without it, at most
+  failure quarantines that batch only. A stored file that changed under the night after its step checked it is not
+  such a failure: an accepted batch's share (``DamagedShare``, where train, evaluate or the gate read it), or a
+  model or an evaluation's predictions (``DamagedArtifact``). The night emits ``mnist.night.artifact-changed``,
+  ingests again (which leaves a damaged batch out) and decides again, the damaged artifact made again; at most
   ``DATA_TRIES`` times.
 * tabulate, report and the artifacts are the record of a night, not its decision: a failure there is logged,
   emitted as ``mnist.night.unpublished`` (the alert automation hears it) and written in the run's ``runs`` row
@@ -42,15 +43,16 @@ from flows.night.locks import open_store
 from flows.night.params import PipelineParameters, data_seed, run_seed
 from flows.night.results import result_storage
 from flows.night.summary import RunSummary
+from storage import DamagedArtifact
 from storage.nights import mark_ended, mark_running
 from tasks.data.batch_format import DamagedShare
 from tasks.publish.run_record import RunRecord
 from tasks.publish.tabulate import record_finish
 
 UNPUBLISHED_EVENT = "mnist.night.unpublished"
-DAMAGED_SHARE_EVENT = "mnist.batch.share-damaged"
-# Times a night decides when an accepted batch's share changes in the store under it (each time ingest drops the
-# batch first): a writer who damages a share three times in one night, each after ingest checked it, fails it.
+CHANGED_EVENT = "mnist.night.artifact-changed"
+# Times a night decides when a stored file changes under it (a batch's share: ingest drops the batch first; a model,
+# an evaluation's predictions: made again): a writer who damages one three times in one night fails it.
 DATA_TRIES = 3
 
 
@@ -129,12 +131,12 @@ def mnist_retrain(params: PipelineParameters = PipelineParameters()) -> RunSumma
         try:
             seed, model, evaluation, plots, decided, states = decided_on(ingested.dataset)
             break
-        except DamagedShare as exc:  # a share changed after ingest checked it: ingest drops its batch, decide again
+        except (DamagedShare, DamagedArtifact) as exc:  # changed after its step checked it: check again, decide again
             if tries == DATA_TRIES:
                 raise
-            logger.error("%s; tonight's batches are checked again and the night decides without it", exc)
+            logger.error("%s; tonight's batches are checked again and the night decides again", exc)
             emit_event(
-                event=DAMAGED_SHARE_EVENT,
+                event=CHANGED_EVENT,
                 resource={"prefect.resource.id": f"mnist.run.{run_id}", "prefect.resource.name": f"run {run_id}"},
                 payload={"reason": str(exc)},
             )

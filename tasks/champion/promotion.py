@@ -20,7 +20,7 @@ import pandas as pd
 from pydantic import BaseModel
 
 from storage import Store, WriteConflict
-from storage.tables import read_frame, read_table, write_table
+from storage.tables import read_predictions, read_table, write_table
 from tasks.champion.gate import (
     Comparison,
     Decision,
@@ -173,10 +173,12 @@ Slices = dict[str, tuple[np.ndarray, np.ndarray]]  # deciding slice → (true la
 
 
 def _challenger_slices(store: Store, evaluation: EvaluationRef) -> Slices:
-    """The challenger's predictions on every deciding slice, each file checked against its digest."""
+    """The challenger's predictions on every deciding slice, each file checked against its digest and its values
+    (``read_predictions``: the evaluate step re-made an evaluation whose files fail them, so here they pass unless a
+    writer changed them since)."""
     slices = {}
     for part in evaluation.slices:
-        frame = read_frame(store, part.predictions_key, part.predictions_sha256).sort_values("test_index")
+        frame = read_predictions(store, part.predictions_key, part.predictions_sha256, part.images).sort_values("test_index")
         slices[part.name] = (frame["true_label"].to_numpy(), frame["predicted_label"].to_numpy())
     if SLICE_SELECTION not in slices:
         raise ChampionError(f"evaluation {evaluation.key} has no {SLICE_SELECTION} slice: the gate cannot decide without it")

@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 from pydantic import AliasChoices, BaseModel, Field
 
-from storage import DamagedArtifact, Store, StoreKey, StoreName, code_digest, sha256_json
-from storage.tables import PREDICTIONS_FILE, read_frame, write_frame
+from storage import DamagedArtifact, Store, StoreError, StoreKey, StoreName, code_digest, sha256_json
+from storage.tables import PREDICTIONS_FILE, read_predictions, write_frame
 from tasks.data.fetch import DatasetRef, load_mnist
 from tasks.data.slices import slice_digest, slice_images
 from tasks.data.splits import DECIDING_SLICES, SLICE_TEST
@@ -112,13 +112,14 @@ def predicted_labels(
 ) -> pd.DataFrame:
     """The model's predictions on every image of slice ``name``, in slice order: from a stored evaluation
     when there is one (no TensorFlow), else predicted now and stored for the next night. Stored predictions must be
-    one row an image, in order (and, given the slice's ``labels``, of exactly those images): a frame a writer
-    shortened or reordered, its digest set to match, is a miss, predicted again."""
+    one row an image, in order (and, given the slice's ``labels``, of exactly those images), each value one our
+    evaluation writes (``storage.tables.read_predictions``: digits 0–9, probabilities in [0, 1]): a frame a writer
+    shortened, reordered or filled with a label of 120, its digest set to match, is a miss, predicted again."""
     key = model_predictions_key(model, dataset, name)
     stored = stored_model_predictions(store, model, key)
     if stored is not None:
         try:  # a file whose digest matches but that is not our frame is a miss, as a missing one is
-            frame = read_frame(store, stored.file_key, stored.sha256, columns=PREDICTION_COLUMNS)
+            frame = read_predictions(store, stored.file_key, stored.sha256)
             frame = frame.sort_values("test_index").reset_index(drop=True)
             whole = np.array_equal(frame["test_index"].to_numpy(), np.arange(len(frame)))
             if labels is not None:
@@ -168,9 +169,6 @@ def predict(model, images: np.ndarray, batch_size: int = PREDICT_BATCH) -> np.nd
     return np.asarray(model.predict(scale(images), batch_size=batch_size, verbose=0), dtype=np.float32)
 
 
-PREDICTION_COLUMNS = ("test_index", "true_label", "predicted_label", "confidence", "probabilities")
-
-
 def predictions_frame(indices: np.ndarray, labels: np.ndarray, probabilities: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame(
         {
@@ -184,8 +182,22 @@ def predictions_frame(indices: np.ndarray, labels: np.ndarray, probabilities: np
 
 
 def stored_evaluation(store: Store, key: str) -> EvaluationRef | None:
-    """The evaluation already made under ``key``, if its predictions are there and match their digest."""
-    return store.load_ref(store.evaluation_info_file(key), EvaluationRef, EvaluationRef.files)
+    """The evaluation already made under ``key``, if its predictions are there, match their digest and hold values
+    our evaluation writes (``read_predictions``). Plotting, the gate and the tables read these files: a frame whose
+    digest a writer set to match but whose labels are 120 is a miss here, and the model is evaluated again, instead
+    of failing the plot step or the gate."""
+    ref = store.load_ref(store.evaluation_info_file(key), EvaluationRef, EvaluationRef.files)
+    if ref is None:
+        return None
+    bounds = {ref.predictions_key: ref.test_images, ref.test_predictions_key: ref.test_images}
+    bounds |= {part.predictions_key: part.images for part in ref.slices}
+    try:
+        for path, sha256 in ref.files().items():
+            read_predictions(store, path, sha256, images=bounds[path])
+    except (DamagedArtifact, StoreError, OSError) as exc:  # OSError: a folder or pipe put there since load_ref
+        store.warn(f"The stored evaluation {key} is damaged ({exc}): the model is evaluated again")
+        return None
+    return ref
 
 
 def evaluate_model(

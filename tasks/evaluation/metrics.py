@@ -11,8 +11,18 @@ Z_95 = 1.959963984540054
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:
-    """Counts with true labels as rows and predictions as columns."""
-    flat = np.asarray(y_true, dtype=np.int64) * num_classes + np.asarray(y_pred, dtype=np.int64)
+    """Counts with true labels as rows and predictions as columns. A label outside 0…``num_classes - 1`` is a
+    ``ValueError`` naming it (readers of stored predictions refuse such frames before they get here:
+    ``storage.tables.read_predictions``); counted as is, it would land in another cell or fail a reshape."""
+    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    for name, labels in (("true", y_true), ("predicted", y_pred)):
+        outside = labels[(labels < 0) | (labels >= num_classes)]
+        if outside.size:
+            raise ValueError(
+                f"a {name} label of {outside[0]} is not a class 0–{num_classes - 1}: these labels are not predictions "
+                "of ours; read stored predictions with storage.tables.read_predictions, which refuses them"
+            )
+    flat = y_true * num_classes + y_pred
     return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from pydantic import AliasChoices, BaseModel, Field
 
 from storage import DamagedArtifact, Store, StoreError, StoreKey, StoreName, code_digest, sha256_bytes, sha256_json
-from storage.tables import NUM_CLASSES, read_frame
+from storage.tables import NUM_CLASSES, read_frame, read_predictions
 from tasks.data.fetch import DatasetRef, load_mnist
 from tasks.evaluation.evaluate import EvaluationRef
 from tasks.evaluation.metrics import confusion_matrix, per_class_frame, wilson_interval
@@ -177,6 +177,11 @@ def plots_code() -> str:
         random_samples,
         most_confused,
         training_curves,
+        curves_png,
+        _history,
+        history_problem,
+        HISTORY_RANGES,
+        MAX_EPOCHS,
         confusion_matrix,
         per_class_frame,
         wilson_interval,
@@ -197,30 +202,69 @@ def stored_plots(store: Store, key: str) -> PlotsRef | None:
 
 
 MAX_EPOCHS = 10_000  # more rows than any training of ours has epochs: not our history
+# What an epoch of ours records: a cross-entropy Keras clips at -log(1e-7), about 16 (a million leaves room for any
+# loss we might train with, and is far below what breaks drawing: 1e308 overflows matplotlib's tick arithmetic);
+# accuracies are shares; an epoch lasts less than a night's 23 hours.
+HISTORY_RANGES = {
+    "loss": (0.0, 1e6),
+    "val_loss": (0.0, 1e6),
+    "accuracy": (0.0, 1.0),
+    "val_accuracy": (0.0, 1.0),
+    "seconds": (0.0, 1e6),
+}
 
 
 def _history(store: Store, model: ModelRef) -> pd.DataFrame:
-    """The model's training history as our recorder writes it: numbers, one row an epoch; anything else (text where
-    a figure belongs, a planted file) is ``DamagedArtifact``, so the curves are said unavailable, never a failed step."""
+    """The model's training history as our recorder writes it: numbers, one row an epoch (1, 2, 3, …), each value
+    finite and in its range (``HISTORY_RANGES``); anything else (text where a figure belongs, a planted file, a loss
+    of 1e308) is ``DamagedArtifact``, so the curves are said unavailable, never a failed step."""
     history = read_frame(store, model.history_key, columns=HISTORY_COLUMNS)
-    wrong = [c for c in HISTORY_COLUMNS if not pd.api.types.is_numeric_dtype(history[c])]
-    if wrong or len(history) > MAX_EPOCHS:
-        raise DamagedArtifact(
-            f"{store.location(model.history_key)} is not a training history of ours: "
-            + (f"the column(s) {', '.join(wrong)} hold no numbers" if wrong else f"{len(history)} epochs")
-        )
+    problem = history_problem(history)
+    if problem:
+        raise DamagedArtifact(f"{store.location(model.history_key)} is not a training history of ours: {problem}")
     return history
 
 
-def render_plots(store: Store, dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef) -> PlotsRef:
-    """Render every figure of an evaluation into ``plots/<key>/``."""
-    predictions = read_frame(store, evaluation.predictions_key, evaluation.predictions_sha256)
+def history_problem(history: pd.DataFrame) -> str:
+    """What in a training history no training of ours records, in words ("" when nothing)."""
+    wrong = [c for c in HISTORY_COLUMNS if not pd.api.types.is_numeric_dtype(history[c].dtype)]
+    if history.columns.duplicated().any():
+        return "a column is named twice"
+    if wrong:
+        return f"the column(s) {', '.join(wrong)} hold no numbers"
+    if len(history) > MAX_EPOCHS:
+        return f"{len(history)} epochs"
+    if not np.array_equal(history["epoch"].to_numpy(), np.arange(1, len(history) + 1)):
+        return "its epochs are not 1, 2, 3, … one row each"
+    for name, (low, high) in HISTORY_RANGES.items():
+        values = history[name].to_numpy(np.float64)
+        if not np.isfinite(values).all():
+            return f"{name} holds a NaN or an infinity"
+        if len(values) and (values.min() < low or values.max() > high):
+            return f"{name} runs from {values.min():.4g} to {values.max():.4g}, outside [{low:g}, {high:g}]"
+    return ""
+
+
+def curves_png(store: Store, model: ModelRef) -> bytes:
+    """The training-curves figure, drawn inside its own failure boundary: a history that fails ``_history``'s checks,
+    or that matplotlib cannot draw for any other reason, gives the figure that says the curves are unavailable (and
+    one warning), never a failed plot step. Drawing happens at ``savefig``, so the PNG is made inside the ``try``."""
     try:
-        history, problem = _history(store, model), ""
-    except (DamagedArtifact, StoreError, OSError) as exc:
-        history, problem = None, str(exc)
-        store.warn(f"The training history of model {model.key} is damaged ({exc}): its curves are not drawn")
+        return png_bytes(training_curves(_history(store, model)))
+    except Exception as exc:  # noqa: BLE001 (store content drawn: whatever reading or drawing raises, this figure only)
+        damaged = isinstance(exc, (DamagedArtifact, StoreError, OSError))  # the file: unreadable, or not a history of ours
+        problem = str(exc) if damaged else f"it cannot be drawn ({type(exc).__name__}: {exc})"
+        store.warn(f"The training history of model {model.key} is damaged ({problem}): its curves are not drawn")
+        return png_bytes(training_curves(None, problem))
+
+
+def render_plots(store: Store, dataset: DatasetRef, model: ModelRef, evaluation: EvaluationRef) -> PlotsRef:
+    """Render every figure of an evaluation into ``plots/<key>/``. The predictions are checked value by value
+    (``read_predictions``: the evaluate step re-made an evaluation whose files fail that check, so they pass here
+    unless a writer changed them since); the training history is the model's, read without a digest, so its figure
+    is drawn inside its own failure boundary (``curves_png``)."""
     images = load_mnist(store, dataset).x_test
+    predictions = read_predictions(store, evaluation.predictions_key, evaluation.predictions_sha256, len(images))
     cm = confusion_matrix(predictions["true_label"].to_numpy(), predictions["predicted_label"].to_numpy())
     gallery, pair = most_confused(predictions, cm, images)
     figures = {
@@ -229,12 +273,11 @@ def render_plots(store: Store, dataset: DatasetRef, model: ModelRef, evaluation:
         "per_class_accuracy.png": per_class_accuracy(per_class_frame(cm), evaluation.balanced_accuracy),
         "samples.png": random_samples(predictions, images, evaluation.seed),
         "most_confused.png": gallery,
-        "training_curves.png": training_curves(history, problem),
     }
+    pngs = {name: png_bytes(fig) for name, fig in figures.items()} | {"training_curves.png": curves_png(store, model)}
     key = plots_key(model, evaluation)
     files, digests = {}, {}
-    for name, fig in figures.items():
-        png = png_bytes(fig)
+    for name, png in pngs.items():
         files[name] = store.unique(store.plots_file(key, name))
         digests[name] = sha256_bytes(png)
         store.write_bytes(files[name], png)

@@ -18,7 +18,7 @@ import pandas as pd
 from pydantic import BaseModel
 
 from storage import Store
-from storage.tables import read_frame, read_partition, read_table, schema, write_table
+from storage.tables import read_partition, read_predictions, read_table, schema, write_table
 from tasks.data.splits import SLICE_NEW, SLICE_SELECTION, SLICE_TEST
 from tasks.evaluation.metrics import confusion_frame, confusion_matrix, per_class_frame
 from tasks.publish.run_record import Execution, RunRecord
@@ -94,11 +94,15 @@ def run_frame(run: RunRecord, reused_evaluation: bool, problem: str | None = UNF
 def _slice_frames(store: Store, run: RunRecord) -> dict[str, pd.DataFrame]:
     """Every slice's predictions, each row marked ``sampled`` when the slice's confusion and metrics count it."""
     evaluation = run.evaluation
-    sample = read_frame(store, evaluation.predictions_key, evaluation.predictions_sha256)
-    everything = read_frame(store, evaluation.test_predictions_key, evaluation.test_predictions_sha256)
+    sample = read_predictions(store, evaluation.predictions_key, evaluation.predictions_sha256, evaluation.test_images)
+    everything = read_predictions(
+        store, evaluation.test_predictions_key, evaluation.test_predictions_sha256, evaluation.test_images
+    )
     frames = {SLICE_TEST: everything.assign(sampled=everything["test_index"].isin(sample["test_index"]))}
     for part in evaluation.slices:
-        frames[part.name] = read_frame(store, part.predictions_key, part.predictions_sha256).assign(sampled=True)
+        frames[part.name] = read_predictions(store, part.predictions_key, part.predictions_sha256, part.images).assign(
+            sampled=True
+        )
     return frames
 
 
