@@ -738,7 +738,7 @@ store = Store(sys.argv[1], warn=lambda line: print("warned:", line, flush=True))
 with store.lock("ingest"):
     start = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process of the machine
     print("holding", flush=True)
-    time.sleep(0.5)
+    time.sleep(float(sys.argv[2]) if len(sys.argv) > 2 else 0.5)
     print("held", start, time.monotonic(), flush=True)
 """
 
@@ -827,6 +827,46 @@ def test_a_lock_file_is_replaced_at_most_once_when_two_workers_find_it_unusable_
     out, _ = first[0].communicate(timeout=60)
     (held,) = [tuple(float(t) for t in line.split()[1:]) for line in out.splitlines() if line.startswith("held")]
     assert held[1] <= start, (held, start)  # the second took the lock after the first let it go, never with it
+
+
+def test_a_worker_waiting_on_a_lock_file_replaced_meanwhile_takes_the_one_now_at_its_name(store):
+    """A writer replaces ``locks/ingest.lock`` while one worker holds it and another waits on it; a third then takes
+    the new file. When the first lets go, the waiting one holds a file no longer at the name: it must not count
+    that as the lock (it would hold it beside the third), but open the file at the name and wait its turn there."""
+    import threading
+
+    lock = Path(store.path(store.lock_file("ingest")))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def holder(seconds: float) -> subprocess.Popen:
+        worker = subprocess.Popen(
+            [sys.executable, "-c", LOCK_HOLDER, store.root, str(seconds)], stdout=subprocess.PIPE, text=True, env=env
+        )
+        assert worker.stdout.readline() == "holding\n"
+        return worker
+
+    def spans(worker: subprocess.Popen) -> tuple[float, float]:
+        out, _ = worker.communicate(timeout=60)
+        return next(tuple(float(t) for t in line.split()[1:]) for line in out.splitlines() if line.startswith("held"))
+
+    first = holder(3.0)
+    waited: list[tuple[float, float]] = []
+
+    def wait_then_hold() -> None:
+        with store.lock("ingest"):
+            start = time.monotonic()
+            time.sleep(1.0)
+            waited.append((start, time.monotonic()))
+
+    second = threading.Thread(target=wait_then_hold)
+    second.start()
+    time.sleep(0.3)  # the second is waiting on the first's file
+    lock.rename(lock.with_name(".replaced.lock"))  # the writer's replacement: the name is free for a new file
+    third = holder(4.0)  # still holding when the first lets go
+    second.join(timeout=60)
+    (mine,), theirs = waited, spans(third)
+    spans(first)
+    assert mine[1] <= theirs[0] or theirs[1] <= mine[0], (mine, theirs)  # never two holders at once
 
 
 def test_float16_on_a_cpu_worker_is_refused_with_what_to_use(monkeypatch):
