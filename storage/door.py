@@ -29,6 +29,8 @@ from fsspec.implementations.local import LocalFileSystem
 from storage.keys import UnsafeKey
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+RM_DESCRIPTORS = 64  # folders a removal holds open at once, whatever the depth of what it removes
+WALK_DEPTH = 32  # levels a walk (``find``, a prune's listing) descends below its start: our layout needs four
 
 
 def _is_utf8(name: str) -> bool:
@@ -277,6 +279,42 @@ class ConfinedLocalFileSystem(LocalFileSystem):
             os.close(fd)
         return entries if detail else [e["name"] for e in entries]
 
+    def walk(self, path: str, maxdepth: int | None = None, topdown: bool = True, on_error: Any = "omit", **kwargs: Any):
+        """fsspec's ``walk`` (which ``find`` and ``du`` use), without recursion and at most ``WALK_DEPTH`` levels
+        below ``path``: fsspec's own recurses once per level, so a folder planted thousands of levels deep raised
+        ``RecursionError`` out of a prune. The store's own layout is at most four levels deep under any folder a
+        walk starts from; what lies deeper is not listed (to a prune, a folder that is not empty and stays)."""
+        if maxdepth is not None and maxdepth < 1:
+            raise ValueError("maxdepth must be at least 1")
+        detail = kwargs.pop("detail", False)
+        limit = WALK_DEPTH if maxdepth is None else min(maxdepth, WALK_DEPTH)
+        pending = [(self._strip_protocol(path).rstrip("/") or "/", 1)]
+        visited = []
+        while pending:
+            folder, depth = pending.pop()
+            try:
+                listing = self.ls(folder, detail=True, **kwargs)
+            except OSError as exc:
+                if on_error == "raise":
+                    raise
+                if callable(on_error):
+                    on_error(exc)
+                continue
+            dirs = {e["name"].rsplit("/", 1)[-1]: e for e in listing if e["type"] == "directory" and e["name"] != folder}
+            files = {
+                ("" if e["name"] == folder else e["name"].rsplit("/", 1)[-1]): e
+                for e in listing
+                if not (e["type"] == "directory" and e["name"] != folder)
+            }
+            step = (folder, dirs, files) if detail else (folder, list(dirs), list(files))
+            if topdown:
+                yield step  # the caller may remove names from the folders listed: those are not walked
+            else:
+                visited.append(step)
+            if depth < limit:
+                pending.extend((dirs[name]["name"], depth + 1) for name in reversed(list(step[1])) if name in dirs)
+        yield from reversed(visited)  # each folder after every folder below it, as a bottom-up walk gives them
+
     def makedirs(self, path: str, exist_ok: bool = False) -> None:
         parts = self._parts(path)
         if not exist_ok and self.exists(path):
@@ -303,17 +341,46 @@ class ConfinedLocalFileSystem(LocalFileSystem):
             os.unlink(name, dir_fd=fd)
 
     def _rm_dir(self, parent: int, name: str) -> None:
-        """Remove folder ``name`` of ``parent`` and all it holds, every entry reached without following a link."""
-        fd = os.open(name, _DIR, dir_fd=parent)
+        """Remove folder ``name`` of ``parent`` and all it holds, every entry reached without following a link.
+
+        Without recursion, and with at most ``RM_DESCRIPTORS`` folders open whatever the depth: a writer can plant a
+        folder thousands of levels deep, deeper than Python's recursion limit (a ``RecursionError`` failed the
+        train step) or the descriptors a process may hold. Below that many levels, the entries of a folder still
+        to empty are renamed up into the deepest open one (a rename inside the store, between folders opened
+        without following a link), so each deeper level is lifted once, then emptied there."""
+        names = [name]
+        folders = [os.open(name, _DIR, dir_fd=parent)]
         try:
-            for entry in os.listdir(fd):
-                if stat.S_ISDIR(os.stat(entry, dir_fd=fd, follow_symlinks=False).st_mode):
-                    self._rm_dir(fd, entry)
-                else:
-                    os.unlink(entry, dir_fd=fd)  # a link is removed, never followed
+            while folders:
+                fd = folders[-1]
+                full = None  # a folder below ``fd`` that is not empty yet
+                for entry in os.listdir(fd):
+                    if not stat.S_ISDIR(os.stat(entry, dir_fd=fd, follow_symlinks=False).st_mode):
+                        os.unlink(entry, dir_fd=fd)  # a link is removed, never followed
+                        continue
+                    try:
+                        os.rmdir(entry, dir_fd=fd)
+                    except OSError as exc:
+                        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                            raise
+                        full = full or entry
+                if full is None:  # ``fd`` is empty now: remove it from the folder above
+                    os.close(folders.pop())
+                    os.rmdir(names.pop(), dir_fd=folders[-1] if folders else parent)
+                    continue
+                child = os.open(full, _DIR, dir_fd=fd)
+                if len(folders) < RM_DESCRIPTORS:
+                    folders.append(child)
+                    names.append(full)
+                    continue
+                try:
+                    for inner in os.listdir(child):
+                        os.rename(inner, f".rm-{uuid.uuid4().hex}", src_dir_fd=child, dst_dir_fd=fd)
+                finally:
+                    os.close(child)
         finally:
-            os.close(fd)
-        os.rmdir(name, dir_fd=parent)
+            for fd in folders:
+                os.close(fd)
 
     def rm(self, path: str | list[str], recursive: bool = False, maxdepth: int | None = None) -> None:
         for one in [path] if isinstance(path, str) else path:
@@ -330,6 +397,17 @@ class ConfinedLocalFileSystem(LocalFileSystem):
         """Move whatever stands at ``path`` (a pipe, a folder) to a hidden name beside it; returns that name."""
         with self._parent(path) as (fd, name):
             return _set_aside(fd, name)
+
+    @contextlib.contextmanager
+    def folder_locked(self, path: str) -> Iterator[None]:
+        """An flock on folder ``path`` itself (made if missing, reached without following a link), held while the
+        caller changes what the folder holds: what serialises the replacement of a lock file (``storage/locks.py``)."""
+        fd = self._open_dir(self._parts(path), create=True)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # the flock goes with the descriptor
 
     def rmdir(self, path: str) -> None:
         """Remove folder ``path`` if it is empty (``OSError`` if not), reached without following a link."""

@@ -554,16 +554,61 @@ def predictions_problem(frame: pd.DataFrame, images: int | None = None) -> str:
     return ""
 
 
+HIDDEN = (".", "_")  # in-flight temporary files, folders set aside: never read as data, never warned about
+
+
+def partition_files(store: Store, table: str) -> list[str]:
+    """The files of ``table``'s partitions, listed as the store writes them and no deeper:
+    ``<table>/run_id=<id>/<part>.parquet``. Anything else there (a file or link beside the partitions, a folder or
+    pipe inside one, a folder planted thousands of levels deep, which made pyarrow's recursive discovery raise
+    ``RecursionError``) is skipped with one warning naming the first of them; hidden names are skipped silently.
+
+    A local store is listed one level at a time through its door (two listings deep, whatever is planted); a remote
+    store in one flat listing of its prefix (an object store has no folders to recurse into), of which only the
+    keys at a partition's depth are kept."""
+    top = store.path(store.table_dir(table)).rstrip("/")
+    files: list[str] = []
+    odd: list[str] = []
+
+    def keep(rel: list[str], kind: str | None, path: str) -> None:
+        if any(part.startswith(HIDDEN) for part in rel):
+            return
+        if len(rel) == 2 and rel[0].startswith("run_id=") and rel[1].endswith(".parquet") and kind == "file":
+            files.append(path)
+        else:
+            odd.append("/".join(rel))
+
+    if store.is_local:
+        for folder in store.fs.ls(top, detail=True):
+            name = posixpath.basename(folder["name"].rstrip("/"))
+            if folder["type"] != "directory" or not name.startswith("run_id="):
+                keep([name], folder["type"], folder["name"])
+                continue
+            for entry in store.fs.ls(folder["name"], detail=True):
+                keep([name, posixpath.basename(entry["name"].rstrip("/"))], entry["type"], entry["name"])
+    else:
+        for path, info in store.fs.find(top, withdirs=False, detail=True).items():
+            path = store.fs._strip_protocol(path).rstrip("/")
+            keep(path[len(top) + 1 :].split("/"), info.get("type"), path)
+    if odd:
+        store.warn(
+            f"Skipping {len(odd)} entr{'y' if len(odd) == 1 else 'ies'} of table {table!r} that are not partitions "
+            f"this pipeline writes (run_id=<id>/<part>.parquet), first: {odd[0][:200]!r}"
+        )
+    return sorted(files)
+
+
 def dataset(store: Store, table: str) -> ds.Dataset:
-    """Every run of ``table`` as one pyarrow dataset; in-flight temporary files are ignored."""
+    """Every run of ``table`` as one pyarrow dataset, of the files ``partition_files`` lists: pyarrow is given the
+    files, never asked to discover them (its discovery recurses into whatever a writer planted)."""
     partitioning = ds.partitioning(pa.schema([RUN_ID]), flavor="hive")
     return ds.dataset(
-        store.path(store.table_dir(table)),
+        partition_files(store, table),
         filesystem=store.fs,
         format="parquet",
         schema=schema(table).append(RUN_ID),
         partitioning=partitioning,
-        ignore_prefixes=[".", "_"],
+        partition_base_dir=store.path(store.table_dir(table)).rstrip("/"),
     )
 
 
@@ -611,8 +656,9 @@ def read_table(
     after a crash, truncated, not Parquet, another schema, too large) is skipped with a warning naming its file, so
     one bad file in a shared store cannot stop every later night's report, trend and gate history. Rows whose values
     no writer of ours produces (``invalid_rows``: a null timestamp, a NaN or out-of-range figure, an unknown
-    decision) are dropped too, with one warning per table per read. Links, pipes and hidden names in a local store
-    are never discovered (``storage/door.py``).
+    decision) are dropped too, with one warning per table per read. Only the partition layout the store writes is listed
+    (``partition_files``): links, pipes, folders at any depth and files outside it are skipped with one warning,
+    hidden names silently (``storage/door.py``).
     """
     full = columns_of(table, columns)
     named = None if run_id is None or isinstance(run_id, str) else sorted({r for r in run_id if r is not None})
@@ -630,8 +676,8 @@ def read_table(
     try:
         data = dataset(store, table)
         fragments = list(data.get_fragments(filter=flt))
-    except (pa.ArrowException, OSError, ValueError) as exc:  # discovery itself failed: no partition can be trusted
-        store.warn(f"Table {table!r} cannot be listed ({str(exc).splitlines()[0][:200]}): read as empty")
+    except (pa.ArrowException, OSError, ValueError, RecursionError) as exc:  # the listing failed: no partition is trusted
+        store.warn(f"Table {table!r} cannot be listed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}): read as empty")
         return full.empty_table().to_pandas()
     where = {id(f): store.fs.unstrip_protocol(f.path) if not store.is_local else f.path for f in fragments}
     return _read_fragments(store, table, [(f, where[id(f)]) for f in fragments], full)

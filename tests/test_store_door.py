@@ -281,3 +281,102 @@ def test_a_stored_frame_that_decodes_to_millions_of_rows_is_refused_before_it_is
     for sha256 in (None, digest):
         with pytest.raises(DamagedArtifact, match="2000000 rows"):
             read_frame(store, "evaluations/k/predictions.parquet", sha256)
+
+
+# ---- review 7 (2026-12-07): the shape of what a writer plants --------------------------------------------------------
+@pytest.fixture
+def plant_deep(tmp_path: Path):
+    """Plants a folder ``d/d/…`` ``depth`` levels deep in ``folder`` (made as a writer makes it, one ``mkdirat`` a
+    level: no path that long can be named at once), a file ``f`` and a link to ``/`` every 100 levels. What is left
+    is cut into pieces of 400 levels beside the store afterwards: pytest's cleanup (``shutil.rmtree``) recurses."""
+    planted: list[Path] = []
+
+    def make(folder: Path, depth: int = 1500) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        planted.append(folder)
+        fd = os.open(folder, os.O_RDONLY)
+        for level in range(depth):
+            os.mkdir("d", dir_fd=fd)
+            child = os.open("d", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+            if level % 100 == 99:
+                os.close(os.open("f", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd))
+                os.symlink("/", "root", dir_fd=fd)
+        os.close(fd)
+        return folder
+
+    yield make
+    top = os.open(tmp_path, os.O_RDONLY)
+    for number, folder in enumerate(planted):
+        if not os.path.isdir(folder):
+            continue
+        fd, level = os.open(folder, os.O_RDONLY), 0
+        while "d" in os.listdir(fd):
+            level += 1
+            if level % 400 == 0:
+                os.rename("d", f"cut-{number}-{level}", src_dir_fd=fd, dst_dir_fd=top)
+                os.close(fd)
+                fd = os.open(f"cut-{number}-{level}", os.O_RDONLY, dir_fd=top)
+                continue
+            child = os.open("d", os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        os.close(fd)
+    os.close(top)
+
+
+def test_a_checkpoint_folder_planted_thousands_of_levels_deep_is_removed_and_the_training_goes_on(store, outside, plant_deep):
+    """Review 7, f7: the door removed a folder by recursing once per level, so a folder 1 500 levels deep planted in
+    ``checkpoints/<key>/`` raised ``RecursionError`` out of ``drop_checkpoint`` and failed the train step. It is
+    removed without recursion, with a bounded number of folders open, and no link in it is followed."""
+    from tasks.training.checkpoints import drop_checkpoint
+
+    key = "a" * 32
+    store.write_text(store.checkpoint_key(key, "latest.json"), "{}")
+    deep = plant_deep(Path(store.path(store.checkpoint_key(key))))
+    os.symlink(outside, deep / "elsewhere")
+    before = snapshot(outside)
+    drop_checkpoint(store, key)
+    assert not os.path.lexists(deep) and os.listdir(store.path("checkpoints")) == []
+    assert snapshot(outside) == before and os.path.isdir("/etc")
+
+
+def test_a_table_folder_planted_thousands_of_levels_deep_is_a_skipped_entry_not_a_failed_lookup(store, outside, plant_deep):
+    """Review 7, f8: pyarrow's discovery walked ``tables/promotions`` recursively, so a folder 1 500 levels deep under
+    ``run_id=x/`` (with ``champion.json`` missing) raised ``RecursionError`` out of ``read_table`` and
+    ``find_champion``: ingest and the gate failed. Only the layout the store writes is listed now; anything else in
+    it is skipped with one warning, and the partitions beside it are read."""
+    from tasks.champion.pointer import find_champion
+
+    frames = sample_frames(seed=1)
+    write_table(store, "promotions", "run-a", frames["promotions"])
+    plant_deep(Path(store.path(store.table_dir("promotions"), "run_id=x")))
+    plant_deep(Path(store.path(store.table_dir("promotions"), "deep")), depth=50)
+    plant(store, "tables/promotions/stray.parquet").write_bytes(b"not ours")
+    os.symlink(outside, plant(store, "tables/promotions/run_id=y/part-0.parquet"))
+    said: list[str] = []
+    store.warn = said.append
+    rows = read_table(store, "promotions")
+    assert set(rows["run_id"]) == {"run-a"} and len(rows) == len(frames["promotions"])
+    assert len(said) == 1 and said[0].startswith("Skipping 4 entries of table 'promotions' that are not partitions"), said
+    assert find_champion(store).champion is None  # a lookup, not an exception
+
+
+def test_a_prune_lists_a_folder_planted_thousands_of_levels_deep_without_recursion(store, plant_deep):
+    """Review 7: fsspec's ``walk`` (under ``find``, which a prune lists a folder with) recursed once per level; the
+    door's walks iteratively and stops ``WALK_DEPTH`` levels down, so a planted deep folder is content that stays,
+    not a failed prune."""
+    from storage import retention
+    from storage.door import WALK_DEPTH
+
+    key = "b" * 32
+    store.write_text(store.checkpoint_key(key, "latest.json"), "{}")
+    plant_deep(Path(store.path(store.checkpoint_key(key))))
+    found = store.fs.find(store.path(store.checkpoint_key(key)), withdirs=True)
+    assert max(p.count("/d") for p in found) == WALK_DEPTH
+    plan = retention.plan(store, retention.Keep())
+    (doomed,) = [d for d in plan.doomed if d.kind == "checkpoints"]
+    assert [f.key for f in doomed.files] == [store.checkpoint_key(key, "latest.json")]
+    assert retention.remove(store, plan) == [store.checkpoint_key(key, "latest.json")]
+    assert os.path.isdir(store.path(store.checkpoint_key(key, "d")))  # deeper than a walk goes: left as it is

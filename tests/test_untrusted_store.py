@@ -9,8 +9,10 @@ import io
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import tracemalloc
@@ -727,6 +729,144 @@ def test_a_lock_file_is_the_pipelines_own(store):
     with store.lock("ingest"):
         pass
     assert os.stat(store.path(store.lock_file("ingest"))).st_mode & 0o777 == 0o600
+
+
+LOCK_HOLDER = r"""
+import sys, time
+from storage import Store
+store = Store(sys.argv[1], warn=lambda line: print("warned:", line, flush=True))
+with store.lock("ingest"):
+    start = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process of the machine
+    print("holding", flush=True)
+    time.sleep(float(sys.argv[2]) if len(sys.argv) > 2 else 0.5)
+    print("held", start, time.monotonic(), flush=True)
+"""
+
+
+def as_user(uid: int, argv: list[str]) -> subprocess.Popen:
+    """``argv`` run as ``uid`` in the store's group (2000), with this checkout's code."""
+    return subprocess.Popen(
+        ["setpriv", f"--reuid={uid}", "--regid=2000", "--clear-groups", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), "HOME": "/tmp"},
+    )
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="acting as two users needs root")
+@pytest.mark.parametrize("mode", [0o666, 0o644, 0o600, 0o000])
+def test_a_lock_file_another_user_planted_is_still_one_lock_for_two_workers(mode):
+    """Review 7, f3: an operator who is another Unix user in the store's group replaced ``locks/ingest.lock`` with a
+    file of their own: 0666 made ``Store.lock`` raise at its chmod (EPERM), 0644 at its open (EACCES), so every step
+    that locks failed. The file is used as it is when the pipeline's user can open it (read-only if need be: an
+    flock needs no write access), replaced once, under the folder's flock, when it cannot; two workers started
+    together still hold the lock one after the other. The pipeline runs as ``nobody`` (65534), the operator as
+    uid 1234, both in the store's group, as the review's probe ran them."""
+    base = Path(tempfile.mkdtemp(prefix="mnist-planted-lock-"))
+    try:
+        base.chmod(0o755)
+        store = base / "store"
+        (store / "locks").mkdir(parents=True)
+        for folder in (store, store / "locks"):
+            os.chown(folder, 65534, 2000)
+            folder.chmod(0o2775)  # the store's group may write: the workers and the people who operate them
+        lock = store / "locks" / "ingest.lock"
+        first = as_user(65534, [sys.executable, "-c", LOCK_HOLDER, str(store)])
+        assert first.wait(timeout=120) == 0, first.stderr.read()
+        plant = f"import os; os.remove({str(lock)!r}); fd = os.open({str(lock)!r}, os.O_CREAT | os.O_WRONLY, 0); os.fchmod(fd, {mode})"
+        writer = as_user(1234, [sys.executable, "-c", plant])
+        assert writer.wait(timeout=60) == 0, writer.stderr.read()
+        assert (lock.stat().st_uid, lock.stat().st_mode & 0o777) == (1234, mode)
+        workers = [as_user(65534, [sys.executable, "-c", LOCK_HOLDER, str(store)]) for _ in range(2)]
+        outs = [w.communicate(timeout=120) for w in workers]
+        assert [w.returncode for w in workers] == [0, 0], [err[-2000:] for _, err in outs]
+        lines = [line for out, _ in outs for line in out.splitlines()]
+        spans = sorted(tuple(float(t) for t in line.split()[1:]) for line in lines if line.startswith("held"))
+        assert len(spans) == 2 and spans[0][1] <= spans[1][0], spans  # never two holders at once
+        warned = [line for line in lines if line.startswith("warned:")]
+        if mode & 0o004:  # readable: used as it is, by both
+            assert len(warned) == 2 and all("belongs to another user (uid 1234)" in line for line in warned), warned
+            assert lock.stat().st_uid == 1234
+        else:  # replaced once, by one of the two
+            assert len(warned) == 1 and "cannot be opened by this pipeline's user" in warned[0], warned
+            assert (lock.stat().st_uid, lock.stat().st_mode & 0o777) == (65534, 0o600)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_lock_file_is_replaced_at_most_once_when_two_workers_find_it_unusable_together(store):
+    """Two workers find a pipe (or a file they cannot open) at ``locks/ingest.lock`` at the same moment: the first
+    replaces it and holds the new file; the second, which decided the same before the first acted, must not set
+    aside the file the first now holds (two holders). Here the second (this process) is paused right after its
+    open failed, until the first (another process) holds the lock it made; the second then waits its turn."""
+    lock = Path(store.path(store.lock_file("ingest")))
+    lock.parent.mkdir(parents=True)
+    os.mkfifo(lock)
+    first: list[subprocess.Popen] = []
+
+    def let_the_first_take_it() -> None:
+        if not first:  # once: the first worker replaces the pipe and holds the lock before this one goes on
+            first.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", LOCK_HOLDER, store.root],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    env={**os.environ, "PYTHONPATH": str(REPO)},
+                )
+            )
+            assert first[0].stdout.readline().startswith("warned:")  # it set the pipe aside
+            assert first[0].stdout.readline() == "holding\n"
+
+    folder_locked, set_aside = store.fs.folder_locked, store.fs.set_aside
+    store.fs.folder_locked = lambda path: let_the_first_take_it() or folder_locked(path)
+    store.fs.set_aside = lambda path: let_the_first_take_it() or set_aside(path)
+    store.warn = lambda _: None
+    with store.lock("ingest"):
+        start = time.monotonic()
+    out, _ = first[0].communicate(timeout=60)
+    (held,) = [tuple(float(t) for t in line.split()[1:]) for line in out.splitlines() if line.startswith("held")]
+    assert held[1] <= start, (held, start)  # the second took the lock after the first let it go, never with it
+
+
+def test_a_worker_waiting_on_a_lock_file_replaced_meanwhile_takes_the_one_now_at_its_name(store):
+    """A writer replaces ``locks/ingest.lock`` while one worker holds it and another waits on it; a third then takes
+    the new file. When the first lets go, the waiting one holds a file no longer at the name: it must not count
+    that as the lock (it would hold it beside the third), but open the file at the name and wait its turn there."""
+    import threading
+
+    lock = Path(store.path(store.lock_file("ingest")))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def holder(seconds: float) -> subprocess.Popen:
+        worker = subprocess.Popen(
+            [sys.executable, "-c", LOCK_HOLDER, store.root, str(seconds)], stdout=subprocess.PIPE, text=True, env=env
+        )
+        assert worker.stdout.readline() == "holding\n"
+        return worker
+
+    def spans(worker: subprocess.Popen) -> tuple[float, float]:
+        out, _ = worker.communicate(timeout=60)
+        return next(tuple(float(t) for t in line.split()[1:]) for line in out.splitlines() if line.startswith("held"))
+
+    first = holder(3.0)
+    waited: list[tuple[float, float]] = []
+
+    def wait_then_hold() -> None:
+        with store.lock("ingest"):
+            start = time.monotonic()
+            time.sleep(1.0)
+            waited.append((start, time.monotonic()))
+
+    second = threading.Thread(target=wait_then_hold)
+    second.start()
+    time.sleep(0.3)  # the second is waiting on the first's file
+    lock.rename(lock.with_name(".replaced.lock"))  # the writer's replacement: the name is free for a new file
+    third = holder(4.0)  # still holding when the first lets go
+    second.join(timeout=60)
+    (mine,), theirs = waited, spans(third)
+    spans(first)
+    assert mine[1] <= theirs[0] or theirs[1] <= mine[0], (mine, theirs)  # never two holders at once
 
 
 def test_float16_on_a_cpu_worker_is_refused_with_what_to_use(monkeypatch):
