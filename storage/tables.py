@@ -416,8 +416,9 @@ UPGRADES: dict[str, Callable[[str, str, pd.DataFrame], pd.DataFrame]] = {
 
 def _latest(store: Store, table: str, fragment: ds.ParquetFileFragment, full: pa.Schema) -> pa.Table:
     """One partition as the latest schema (the columns of ``full``): its file opened once, its footer checked
-    against what a night writes (``_check_footer``) before any column is decoded, then read as written (of a file
-    of the latest version, only the columns asked for) and upgraded from the version its metadata declares. Its run
+    against what a night writes (``_check_footer``) before any column is decoded, its strings counted before any is
+    decoded (``_read_bounded``: at most ``DECODED_BYTES`` of the table), then read as written (of a file of the
+    latest version, only the columns asked for) and upgraded from the version its metadata declares. Its run
     id (the folder's name, URL-decoded) must name a partition this store could hold: every reader uses it as a key
     (``ValueError`` otherwise, and the partition is skipped)."""
     run_id = ds.get_partition_keys(fragment.partition_expression).get("run_id")
@@ -434,7 +435,7 @@ def _latest(store: Store, table: str, fragment: ds.ParquetFileFragment, full: pa
         # One thread: a partition is a few rows, and the reader's thread pool costs more than it saves on them.
         # Decoding costs per column and file (about 65 µs on the benchmark's machine), so only what is asked is read.
         wanted = [n for n in full.names if n in physical.names] if version == SCHEMA_VERSION else None
-        data = parquet.read(columns=wanted, use_threads=False)
+        data = _read_bounded(parquet, handle, DECODED_BYTES.get(table, DECODED_BYTES_DEFAULT), wanted)
     if version == SCHEMA_VERSION:
         return _as_schema(data, full, run_id)
     frame = data.to_pandas(ignore_metadata=True)  # the file's own pandas metadata is not obeyed: not ours to trust
@@ -483,7 +484,8 @@ def write_table(store: Store, table: str, run_id: str | None, frame: pd.DataFram
 
 def read_frame(store: Store, path: str, sha256: str | None = None, columns: Collection[str] = ()) -> pd.DataFrame:
     """One Parquet file as a DataFrame, read once into memory (at most ``PARTITION_BYTES``), its footer checked
-    against the limits of a night's partition before any column is decoded; with ``sha256``, the bytes parsed are
+    against the limits of a night's partition before any column is decoded and its strings counted before any is
+    decoded (at most ``FRAME_DECODED_BYTES``, each no longer than a run writes); with ``sha256``, the bytes parsed are
     the bytes checked (``DamagedArtifact`` if they do not match). A file whose digest matches but whose content is
     not the frame we wrote (not Parquet, truncated, without one of ``columns``) is ``DamagedArtifact`` too, never
     a parser's own error: callers treat it as a miss, never as the end of a night."""
@@ -495,7 +497,8 @@ def read_frame(store: Store, path: str, sha256: str | None = None, columns: Coll
     try:
         parquet = pq.ParquetFile(pa.BufferReader(data))
         _check_footer(parquet.metadata, PARTITION_ROWS_DEFAULT)
-        frame = parquet.read().to_pandas(ignore_metadata=True)  # the file's pandas metadata is not obeyed
+        decoded = _read_bounded(parquet, pa.BufferReader(data), FRAME_DECODED_BYTES)
+        frame = decoded.to_pandas(ignore_metadata=True)  # the file's pandas metadata is not obeyed
     except Exception as exc:  # noqa: BLE001 (whatever the decoder raises on bytes a writer planted, they are damage)
         raise DamagedArtifact(f"{store.location(path)} is not a frame this pipeline wrote: {exc}") from None
     missing = [c for c in columns if c not in frame.columns]
@@ -618,6 +621,22 @@ def dataset(store: Store, table: str) -> ds.Dataset:
 PARTITION_ROWS = {"runs": 1_000, "promotions": 1_000, "batches": 10_000}
 PARTITION_ROWS_DEFAULT = 500_000
 PARTITION_BYTES = 256 << 20
+# What a partition may DECODE to, strings included, checked before any string is decoded (``_read_bounded``). A
+# footer declares a dictionary-encoded column's size as its dictionary's: one 60 KB `reason` repeated on 1 000 rows
+# declares 61 KB and decodes to 57 MiB (review 7), so the footer alone does not bound memory. A night's `runs` row
+# is a few KB, its `promotions` rows a few KB each, a batch row under 5 KB; a `predictions` row about 100 bytes (the
+# stores measured on 2026-12-07: 103), so 500 000 of them take about 50 MiB.
+DECODED_BYTES = {"runs": 16 << 20, "promotions": 16 << 20, "batches": 64 << 20}
+DECODED_BYTES_DEFAULT = 128 << 20
+FRAME_DECODED_BYTES = 64 << 20  # a stored frame (a slice's predictions, a training history): 10 000 rows are ~1 MiB
+# The longest string a column may hold, checked before any is decoded. Free text (reasons, problems, parameters,
+# the gate's per-slice rules and notes, a batch's sources) is cut by its writers at 4 000 characters (an operator's
+# reason at MAX_REASON_CHARS); parameters are a few KB of JSON. Every other string is a key, a digest, a name or a
+# word: under 300 characters (the longest in the stores measured on 2026-12-07: 64).
+TEXT_COLUMNS = {"reason", "parameters", "publish_problem", "slices", "source"}
+TEXT_BYTES = 64 << 10
+NAME_BYTES = 1 << 10
+SMALL_BYTES = 1 << 10  # a column this small even if every row held all its distinct strings is not measured further
 
 
 def _check_footer(metadata: pq.FileMetaData, limit: int) -> None:
@@ -628,6 +647,79 @@ def _check_footer(metadata: pq.FileMetaData, limit: int) -> None:
             f"it declares {rows} rows and {size} uncompressed bytes, more than a night writes "
             f"({limit} rows, {PARTITION_BYTES >> 20} MiB): not read"
         )
+
+
+def _read_bounded(parquet: pq.ParquetFile, source: object, limit: int, columns: list[str] | None = None) -> pa.Table:
+    """``columns`` of an opened file (all when None) with every string decoded, refused (``ValueError``) before any
+    string is decoded when a column holds a string longer than its kind allows (``TEXT_BYTES`` for the columns in
+    ``TEXT_COLUMNS``, ``NAME_BYTES`` for the others) or the whole would take more than ``limit`` bytes.
+
+    Every string and binary column (nested ones too, such as `promotions.slices`' notes) is read as a dictionary,
+    which holds each distinct value once and an index per row, whatever encoding the file used: what decoding would
+    produce is then counted from the dictionary's value lengths taken by the indices, in a few bytes a row. A
+    dictionary-encoded column of a 60 KB value on 1 000 rows reads as 60 KB and 4 KB of indices, not 57 MiB."""
+    schema_ = parquet.schema
+    strings = [c.path for c in (schema_.column(i) for i in range(len(schema_))) if c.physical_type == "BYTE_ARRAY"]
+    reader = pq.ParquetFile(source, metadata=parquet.metadata, read_dictionary=strings) if strings else parquet
+    data = reader.read(columns=columns, use_threads=False)
+    decoded = data.nbytes
+    for name, column in zip(data.column_names, data.columns, strict=True):
+        allowed = TEXT_BYTES if name in TEXT_COLUMNS else NAME_BYTES
+        for chunk in column.chunks:
+            size, longest = _decoded_strings(chunk)
+            if longest > allowed:
+                raise ValueError(
+                    f"its column {name!r} holds a string of {longest} bytes, longer than any a run writes "
+                    f"({allowed} bytes): not read"
+                )
+            decoded += size
+    if decoded > limit:
+        raise ValueError(f"it decodes to {decoded} bytes, more than a night writes ({limit >> 20} MiB): not read")
+    dense = pa.schema([f.with_type(_dense(f.type)) for f in data.schema], metadata=data.schema.metadata)
+    columns_ = [c if c.type == f.type else c.cast(f.type) for c, f in zip(data.columns, dense, strict=True)]
+    return pa.Table.from_arrays(columns_, schema=dense)
+
+
+def _decoded_strings(array: pa.Array) -> tuple[int, int]:
+    """The bytes ``array``'s dictionary-read strings take once decoded (values and offsets), and the longest string
+    in it (a string that is not a dictionary's, were the file's reader to return one, is counted in its ``nbytes``)."""
+    if isinstance(array, pa.DictionaryArray):
+        if not _is_text(array.type.value_type):
+            return 0, 0
+        most = array.dictionary.nbytes  # no value is longer than all of them: a night's few short strings stop here
+        if most * len(array) <= SMALL_BYTES:
+            return most * len(array), most
+        lengths = pc.take(pc.binary_length(array.dictionary), array.indices)
+        return (pc.sum(lengths).as_py() or 0) + 4 * len(array), pc.max(lengths).as_py() or 0
+    if _is_text(array.type):
+        return 0, pc.max(pc.binary_length(array)).as_py() or 0
+    if isinstance(array, (pa.ListArray, pa.LargeListArray, pa.FixedSizeListArray)):
+        return _decoded_strings(array.values)
+    if isinstance(array, pa.StructArray):
+        parts = [_decoded_strings(array.field(i)) for i in range(array.type.num_fields)]
+        return sum(p[0] for p in parts), max((p[1] for p in parts), default=0)
+    return 0, 0
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    return any(
+        test(kind) for test in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)
+    )
+
+
+def _dense(kind: pa.DataType) -> pa.DataType:
+    """``kind`` with every dictionary (at any depth) replaced by its values' type: what decoding returns."""
+    if pa.types.is_dictionary(kind):
+        return kind.value_type
+    if pa.types.is_fixed_size_list(kind):
+        return pa.list_(kind.value_field.with_type(_dense(kind.value_type)), kind.list_size)
+    if pa.types.is_large_list(kind):
+        return pa.large_list(kind.value_field.with_type(_dense(kind.value_type)))
+    if pa.types.is_list(kind):
+        return pa.list_(kind.value_field.with_type(_dense(kind.value_type)))
+    if pa.types.is_struct(kind):
+        return pa.struct([kind.field(i).with_type(_dense(kind.field(i).type)) for i in range(kind.num_fields)])
+    return kind
 
 
 def columns_of(table: str, columns: Collection[str] | None = None) -> pa.Schema:
@@ -653,7 +745,8 @@ def read_table(
     of those columns, and a view of a whole row (``runs show``) reads every column.
 
     Each partition is read on its own after its footer is checked (``_check_footer``). One that cannot be read (empty
-    after a crash, truncated, not Parquet, another schema, too large) is skipped with a warning naming its file, so
+    after a crash, truncated, not Parquet, another schema, too large, its strings decoding to more than a night
+    writes or one longer than a run writes) is skipped with a warning naming its file, so
     one bad file in a shared store cannot stop every later night's report, trend and gate history. Rows whose values
     no writer of ours produces (``invalid_rows``: a null timestamp, a NaN or out-of-range figure, an unknown
     decision) are dropped too, with one warning per table per read. Only the partition layout the store writes is listed

@@ -263,3 +263,116 @@ def test_a_read_of_some_columns_returns_those_checked_and_skips_damage_as_a_whol
     assert set(read_table(store, "promotions")["run_id"]) == {"a-good"}
     with pytest.raises(ValueError, match="has no column"):
         read_table(store, "promotions", columns=["nonsense"])
+
+
+# ---- what a partition decodes to, not only what its footer declares ----------------------------------------------
+# Review 7: a footer declares a dictionary-encoded column's size as its dictionary's, so one 60 KB `reason` on 1 000
+# rows declares 61 KB and decodes to 57 MiB; find_champion (ingest, the gate) read every such partition whole.
+PEAK = r"""
+import json, os, sys
+import pyarrow as pa
+from storage import Store
+from storage.tables import read_table
+pool = pa.proxy_memory_pool(pa.default_memory_pool())  # counts only what this read allocates through Arrow
+pa.set_memory_pool(pool)
+rows = read_table(Store(sys.argv[1]), "promotions")
+print(json.dumps({"peak": pool.max_memory(), "runs": sorted(rows["run_id"])}), flush=True)
+os._exit(0)  # the pool must outlive every buffer it allocated: no teardown
+"""
+
+
+def test_a_partition_whose_strings_decode_past_the_tables_bound_is_skipped_before_they_are_decoded(store):
+    """A `promotions` partition of 1 000 rows (the footer's row limit) whose `reason` is one 60 KB string (under the
+    longest a text column may hold): 11 KB on disk, its footer under every limit, 57 MiB decoded. It is skipped with
+    a warning, the real partition beside it reads, and the read allocates a few MiB, not the 57."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    said: list[str] = []
+    store.warn = said.append
+    real = sample_frames(0)["promotions"]
+    write_table(store, "promotions", "a-good", real.assign(reason="r" * 4_000))  # the longest a writer of ours keeps
+    planted(store, "promotions", "b-big", pd.concat([real.iloc[:1]] * 1_000, ignore_index=True), reason="r" * 60_000)
+    path = Path(store.path(store.table_file("promotions", "b-big")))
+    footer = pq.ParquetFile(path).metadata
+    assert path.stat().st_size < 100_000 and footer.num_rows == 1_000 and footer.row_group(0).total_byte_size < 200_000
+
+    rows = read_table(store, "promotions")
+    assert set(rows["run_id"]) == {"a-good"} and (rows["reason"].str.len() == 4_000).all()
+    (line,) = said
+    assert "run_id=b-big" in line and "decodes to" in line and "16 MiB" in line, line
+
+    child = subprocess.run(
+        [sys.executable, "-c", PEAK, store.root],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=120,
+        check=True,
+    )
+    measured = json.loads(child.stdout.splitlines()[-1])
+    assert measured["runs"] == ["a-good"]
+    assert measured["peak"] < 8 << 20, f"the read allocated {measured['peak'] >> 20} MiB"
+
+
+@pytest.mark.parametrize(
+    ("table", "column", "value"),
+    [
+        ("promotions", "reason", "r" * 300_000),  # a free-text column: at most 64 KiB a value
+        ("runs", "model_key", "k" * 2_000),  # a key: at most 1 KiB
+        ("promotions", "slices", [{"slice": "mnist-selection", "note": "n" * 100_000, "failed_rules": ["x"]}]),
+    ],
+)
+def test_a_partition_holding_one_string_longer_than_a_run_writes_is_skipped(store, table, column, value):
+    """One row is enough: a 300 KB `reason`, a 2 KB model key, a 100 KB note nested in the gate's per-slice rules."""
+    said: list[str] = []
+    store.warn = said.append
+    write_table(store, table, "a-good", sample_frames(0)[table])
+    planted(store, table, "b-long", sample_frames(1)[table].iloc[:1], **{column: value})
+    assert set(read_table(store, table)["run_id"]) == {"a-good"}
+    (line,) = said
+    assert "run_id=b-long" in line and f"its column {column!r} holds a string of" in line, line
+
+
+def test_a_stored_frame_whose_strings_decode_past_the_bound_is_damaged_before_they_are_decoded(store):
+    """Review 7's f1b: a champion's stored predictions (digest set to match) of 5 000 rows whose `slice` is one
+    100 KB dictionary-encoded string (21 KB on disk, 477 MiB decoded), and the same with a 1 000-byte slice on
+    100 000 rows (95 MiB decoded, every value under the length limit): both are DamagedArtifact, as any frame that is
+    not ours is, so the gate predicts again."""
+    from storage import DamagedArtifact, sha256_bytes
+    from storage.tables import read_frame
+
+    for rows, text, why in ((5_000, "s" * 100_000, "holds a string of 100000 bytes"), (100_000, "s" * 1_000, "decodes to")):
+        n = np.arange(rows)
+        table = pa.table(
+            {
+                "test_index": pa.array(n, pa.int32()),
+                "true_label": pa.array(n % 10, pa.int8()),
+                "predicted_label": pa.array(n % 10, pa.int8()),
+                "confidence": pa.array(np.ones(rows, np.float32)),
+                "probabilities": pa.FixedSizeListArray.from_arrays(pa.array(np.full(rows * 10, 0.1, np.float32)), 10),
+                "slice": pa.array([text] * rows),
+            }
+        )
+        path = Path(store.path("evaluations/k/predictions.parquet"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path, compression="zstd")
+        assert path.stat().st_size < 1_000_000
+        with pytest.raises(DamagedArtifact, match=why):
+            read_frame(store, "evaluations/k/predictions.parquet", sha256_bytes(path.read_bytes()))
+
+
+def test_an_operators_long_reason_is_kept_short_enough_for_the_reader_to_read_its_row(store):
+    """`champion promote --reason` takes any text: what is written is its first ``MAX_REASON_CHARS`` characters, so
+    the operator's partition is never one the reader refuses (100 000 euro signs are 300 KB of UTF-8)."""
+    from tasks.champion.promotion import MAX_REASON_CHARS, manual_reason
+
+    said: list[str] = []
+    store.warn = said.append
+    reason = manual_reason("€" * 100_000)
+    write_table(store, "promotions", None, sample_frames(0)["promotions"].assign(reason=reason, forced=True))
+    rows = read_table(store, "promotions")
+    assert rows["reason"].tolist() == ["manual: " + "€" * MAX_REASON_CHARS] and not said, said

@@ -70,6 +70,7 @@ __all__ = [
 
 LOCK = "champion"
 MANUAL = "manual"
+MAX_REASON_CHARS = 4_000  # an operator's `--reason` kept (at most 16 KB of UTF-8: under the reader's TEXT_BYTES)
 GATE, OPERATOR = "gate", "operator"  # promotions.decided_by
 Log = Callable[[str], None]
 
@@ -323,8 +324,9 @@ def _champion_of(model: ModelRef, evaluation: EvaluationRef, run_id: str, decisi
 # ---- by hand ------------------------------------------------------------------------------
 def manual_reason(reason: str | None) -> str:
     """The ``reason`` of an operator's decision: ``manual``, or ``manual: <why>`` when the operator said why (the
-    prefix keeps an operator's rows apart from a night's in the one column that says who decided)."""
-    why = " ".join((reason or "").split())
+    prefix keeps an operator's rows apart from a night's in the one column that says who decided), its first
+    ``MAX_REASON_CHARS`` characters: a longer string is one the table reader refuses (``storage/tables.py``)."""
+    why = " ".join((reason or "").split())[:MAX_REASON_CHARS]  # the reader refuses a partition with a longer one
     return f"{MANUAL}: {why}" if why else MANUAL
 
 
