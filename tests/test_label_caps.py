@@ -180,15 +180,16 @@ def test_a_steady_honest_source_is_not_refused_for_the_images_it_sends(judged):
     assert sum(r.row.excess_disagreements for r in records) > 2 * RULES.max_excess_disagreements  # the old count
 
 
-def test_twenty_files_of_targeted_flips_in_one_night_are_capped(judged):
+def test_files_of_targeted_flips_in_one_night_are_capped(judged):
     """Finding 6: 20 files of 500 images, 24 sevens labelled 1 in each, were all accepted. Counted across the night,
-    the accepted ones carry few of the 480 flips, and the rest are quarantined saying why."""
+    the accepted ones carry few of the flips, and the rest are quarantined saying why (10 such files here: 240
+    flips, each file alone under the per-file cap, as the 20 were)."""
     store, dataset = judged
     incoming = incoming_store(store)
-    for i in range(20):
+    for i in range(10):
         incoming.write_bytes(f"flip-{i:02d}.parquet", level_batch(i, 500, OWN_RATE, flips=24))
     ref, _ = night(store, dataset, "run-1")
-    assert len(ref.night) == 20
+    assert len(ref.night) == 10
     assert all(0 < r.row.unexplained_disagreements <= RULES.max_excess_disagreements for r in ref.night)  # each alone
     accepted = [r for r in ref.night if r.status == "accepted"]
     assert 0 < len(accepted) <= 4 and flipped_accepted(ref.night) <= 100
