@@ -53,6 +53,9 @@ CANDIDATES = 64
 # curves that blank the faintest pixels, as gamma 2). A copy in that form differs in at most RANKED_COPY_PIXELS.
 # Stricter than NEAR_COPY_PIXELS because ranks make MNIST's own near twins nearer: clean training images against
 # test and selection at 8 pixels: 5 of 20 000; at 4: 1 of 20 000.
+# Before ranking, only ink in 2×2 blocks is kept (``ink_in_blocks``): review 7 (2026-12-07) set 5 blank pixels of
+# a × 0.8 copy (0 of 300 caught: 5 pixels past RANKED_COPY_PIXELS, every rank shifted); with it 300 of 300, with 10
+# pixels 298 of 300, a 3×3 square still 0; gamma 2 lost a little (253 → 248 of 300); 0 of 20 000 clean flagged.
 FRAME = 2  # pixels of the border blanked before ranking: MNIST's digits lie in the middle 20 × 20
 RANKED_SATURATIONS = (0.4, 0.6)
 # Pixels at most this much above an image's median (its background: MNIST's is 0) are blank when ranked. 0: a copy
@@ -147,10 +150,11 @@ def _views(flat: np.ndarray, index: bool) -> list[_View]:
 
 
 def intensity_ranked(images: np.ndarray, saturation: float) -> np.ndarray:
-    """Each image with its frame blanked and every ink pixel replaced by its rank among the image's ink pixels (ties
-    share their mean rank), scaled so that the top ``1 - saturation`` of them are 255: the same image for every
-    increasing curve applied to the intensities, and for any border pixels set. Ranks come from each image's
-    256-bin histogram, in slices of ``32 × QUERY_ROWS`` images (60 000 images in about a second)."""
+    """Each image with its frame blanked, its specks blanked (``ink_in_blocks``) and every ink pixel replaced by its
+    rank among the image's ink pixels (ties share their mean rank), scaled so that the top ``1 - saturation`` of them
+    are 255: the same image for every increasing curve applied to the intensities, and for any border pixels or
+    specks set. Ranks come from each image's 256-bin histogram, in slices of ``32 × QUERY_ROWS`` images (60 000
+    images in about a second)."""
     flat = _flat(images).reshape(-1, SIDE, SIDE).copy()
     flat[:, :FRAME] = 0
     flat[:, SIDE - FRAME :] = 0
