@@ -56,6 +56,8 @@ CANDIDATES = 64
 # Before ranking, only ink in 2×2 blocks is kept (``ink_in_blocks``): review 7 (2026-12-07) set 5 blank pixels of
 # a × 0.8 copy (0 of 300 caught: 5 pixels past RANKED_COPY_PIXELS, every rank shifted); with it 300 of 300, with 10
 # pixels 298 of 300, a 3×3 square still 0; gamma 2 lost a little (253 → 248 of 300); 0 of 20 000 clean flagged.
+# Cost: a 600-image batch against test and selection, fastest of 5 and of 9 in one run each: 1.24 s → 1.30 s and
+# 3.61 s → 3.73 s (the shared 2-core Xeon's load between the runs), i.e. within the machine's noise.
 FRAME = 2  # pixels of the border blanked before ranking: MNIST's digits lie in the middle 20 × 20
 RANKED_SATURATIONS = (0.4, 0.6)
 # Pixels at most this much above an image's median (its background: MNIST's is 0) are blank when ranked. 0: a copy
