@@ -58,6 +58,10 @@ CANDIDATES = 64
 # pixels 298 of 300, a 3×3 square still 0; gamma 2 lost a little (253 → 248 of 300); 0 of 20 000 clean flagged.
 # Cost: a 600-image batch against test and selection, fastest of 5 and of 9 in one run each: 1.24 s → 1.30 s and
 # 3.61 s → 3.73 s (the shared 2-core Xeon's load between the runs), i.e. within the machine's noise.
+# An image with more ink pixels than this (of the 24 × 24 inside the frame) is ranked whole, not opened: it is mostly
+# ink (noise, a texture), and a few pixels crossing its median (a gamma curve merging two levels) would change many
+# 2×2 blocks (3 of 120 gamma copies of noise images missed). MNIST's boldest digit has 351 (median 149).
+MAX_OPENED_INK = 360
 FRAME = 2  # pixels of the border blanked before ranking: MNIST's digits lie in the middle 20 × 20
 RANKED_SATURATIONS = (0.4, 0.6)
 # Pixels at most this much above an image's median (its background: MNIST's is 0) are blank when ranked. 0: a copy
@@ -191,9 +195,11 @@ def ink_in_blocks(flat: np.ndarray) -> np.ndarray:
     MNIST stroke (2 pixels wide or more) stays. Review 7 (2026-12-07): a copy under × 0.8 with 5 background pixels set
     got past the ranked comparison (0 of 300; 300 of 300 after, ``bench/near_copies.py`` has the rates)."""
     ink = (flat > 0).reshape(-1, SIDE, SIDE)
+    ink[ink.sum(axis=(1, 2)) > MAX_OPENED_INK] = False  # mostly ink: no background for a speck; kept whole below
     block = np.zeros((len(ink), SIDE + 1, SIDE + 1), bool)  # block[y + 1, x + 1]: pixels (y..y+1, x..x+1) all ink
     block[:, 1:-1, 1:-1] = ink[:, :-1, :-1] & ink[:, 1:, :-1] & ink[:, :-1, 1:] & ink[:, 1:, 1:]
     kept = block[:, 1:, 1:] | block[:, :-1, 1:] | block[:, 1:, :-1] | block[:, :-1, :-1]
+    kept |= ((flat > 0).sum(axis=1) > MAX_OPENED_INK)[:, None, None]
     return np.where(kept.reshape(len(flat), PIXELS), flat, 0).astype(np.uint8)
 
 
