@@ -69,6 +69,40 @@ def _border(n: int) -> Callable[[np.ndarray], np.ndarray]:
     return apply
 
 
+def _planted(n: int, block: int = 1) -> Callable[[np.ndarray], np.ndarray]:
+    """``n`` blank pixels inside the middle 20 × 20 set to random values 100–255 (review 7's probe), or, with
+    ``block``, one ``block`` × ``block`` square of blank pixels set to 200."""
+
+    def apply(images: np.ndarray) -> np.ndarray:
+        rng, out = np.random.default_rng(2), images.copy()
+        for image in out:
+            if block > 1:
+                free = [
+                    (y, x)
+                    for y in range(3, 25 - block)
+                    for x in range(3, 25 - block)
+                    if not image[y - 1 : y + block + 1, x - 1 : x + block + 1].any()
+                ]
+                y, x = free[rng.integers(len(free))]
+                image[y : y + block, x : x + block] = 200
+                continue
+            ys, xs = np.nonzero(image[4:24, 4:24] == 0)
+            pick = rng.choice(len(ys), n, replace=False)
+            image[ys[pick] + 4, xs[pick] + 4] = rng.integers(100, 256, n)
+        return out
+
+    return apply
+
+
+def _then(*steps: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    def apply(images: np.ndarray) -> np.ndarray:
+        for step in steps:
+            images = step(images)
+        return images
+
+    return apply
+
+
 TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "gamma 0.5": _curve(lambda x: 255 * (x / 255) ** 0.5),
     "gamma 2.0": _curve(lambda x: 255 * (x / 255) ** 2.0),
@@ -79,6 +113,13 @@ TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "× 0.8 + noise of sd 3 everywhere": lambda images: _curve(lambda x: 0.8 * x + np.random.default_rng(1).normal(0, 3, x.shape))(
         images
     ),
+    "× 0.8, then 5 pixels set": _then(_curve(lambda x: 0.8 * x), _planted(5)),
+    "× 0.8, then 10 pixels set": _then(_curve(lambda x: 0.8 * x), _planted(10)),
+    "gamma 0.5, then 5 pixels set": _then(_curve(lambda x: 255 * (x / 255) ** 0.5), _planted(5)),
+    "× 0.8, then a 3 × 3 square set": _then(_curve(lambda x: 0.8 * x), _planted(9, block=3)),
+    "mirrored left-right": lambda images: np.ascontiguousarray(images[:, :, ::-1]),
+    "mirrored top-bottom": lambda images: np.ascontiguousarray(images[:, ::-1, :]),
+    "transposed": lambda images: np.ascontiguousarray(images.transpose(0, 2, 1)),
     "zoom 1.1": _affine(np.eye(2) / 1.1),
     "zoom 0.9": _affine(np.eye(2) / 0.9),
     "rotation 4°": _affine(_rotation(4)),
@@ -102,8 +143,8 @@ def main() -> None:
         mnist = load_mnist(store, fetch_mnist(store, log=lambda line: None))
     selection = selection_indices(mnist.y_train)
     started = time.perf_counter()
-    test_index = ImageIndex(mnist.x_test, ranked=True)
-    selection_index = ImageIndex(mnist.x_train[selection], ranked=True)
+    test_index = ImageIndex(mnist.x_test, ranked=True, decreasing=True)  # as ingest builds them
+    selection_index = ImageIndex(mnist.x_train[selection], ranked=True, decreasing=True)
     prepare_s = time.perf_counter() - started
 
     def leaked(images: np.ndarray) -> np.ndarray:
