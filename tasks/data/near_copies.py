@@ -289,16 +289,25 @@ def differing_pixels(images: np.ndarray, index: ImageIndex) -> np.ndarray:
     ``QUERY_ROWS`` images), so the cost grows with the batch times the index, at 49 numbers an image."""
     flat = _flat(images)
     fewest = np.full(len(flat), PIXELS + 1, dtype=np.int64)
+    for rows, query, view in _searches(flat, index):
+        fewest[rows] = np.minimum(fewest[rows], _fewest_differing(query, view))
+    return fewest
+
+
+def _searches(flat: np.ndarray, index: ImageIndex, done: np.ndarray | None = None):
+    """(rows, the queries' view at those rows, an index view) for every search of ``flat`` in ``index``: each part,
+    as given and centred, ``QUERY_ROWS`` images at a time, leaving out the rows ``done`` already says True."""
     if not len(flat) or not len(index):
-        return fewest
+        return
     queries = _views(flat, index=False)
     for views in index.parts:
         for query, view in zip(queries, views):
             for start in range(0, len(flat), QUERY_ROWS):
-                rows = slice(start, start + QUERY_ROWS)
-                some = _View(query.pixels[rows], query.sketch[rows], query.probe[rows])
-                fewest[rows] = np.minimum(fewest[rows], _fewest_differing(some, view))
-    return fewest
+                rows = np.arange(start, min(start + QUERY_ROWS, len(flat)))
+                if done is not None:
+                    rows = rows[~done[rows]]
+                if len(rows):
+                    yield rows, _View(query.pixels[rows], query.sketch[rows], query.probe[rows]), view
 
 
 def _any_within(query: _View, index: _View, limit: int) -> np.ndarray:
@@ -321,17 +330,8 @@ def _any_within(query: _View, index: _View, limit: int) -> np.ndarray:
 def _within(flat: np.ndarray, index: ImageIndex, limit: int) -> np.ndarray:
     """Per image: ``differing_pixels(flat, index) <= limit``, without counting the pixels of pairs the probe settles."""
     found = np.zeros(len(flat), dtype=bool)
-    if not len(flat) or not len(index):
-        return found
-    queries = _views(flat, index=False)
-    for views in index.parts:
-        for query, view in zip(queries, views):
-            for start in range(0, len(flat), QUERY_ROWS):
-                rows = np.arange(start, min(start + QUERY_ROWS, len(flat)))
-                rows = rows[~found[rows]]
-                if len(rows):
-                    some = _View(query.pixels[rows], query.sketch[rows], query.probe[rows])
-                    found[rows] = _any_within(some, view, limit)
+    for rows, query, view in _searches(flat, index, done=found):
+        found[rows] = _any_within(query, view, limit)
     return found
 
 
