@@ -107,6 +107,34 @@ def slow_foreign_model(keras, applications: int = 150):
     return keras.Model(images, keras.layers.Dense(10, activation="softmax")(x))
 
 
+def nan_weights_h5(path: Path) -> None:
+    """Every floating-point array of the HDF5 file ``path`` (Keras weights, optimizer state) set to NaN in place,
+    shapes and names kept: what a writer of the store plants so that every digest and shape check passes."""
+    import h5py
+
+    def poison(name: str, obj) -> None:
+        if isinstance(obj, h5py.Dataset) and obj.dtype.kind == "f":
+            obj[...] = np.nan
+
+    with h5py.File(path, "r+") as f:
+        f.visititems(poison)
+
+
+def with_nan_weights(keras_file: Path, target: Path) -> bytes:
+    """A copy of the .keras archive ``keras_file`` at ``target`` whose config.json is intact and whose weights are all
+    NaN; its bytes."""
+    import zipfile
+
+    weights = target.with_suffix(".weights.h5")
+    with zipfile.ZipFile(keras_file) as old:
+        weights.write_bytes(old.read("model.weights.h5"))
+        nan_weights_h5(weights)
+        with zipfile.ZipFile(target, "w") as new:
+            for info in old.infolist():
+                new.writestr(info, weights.read_bytes() if info.filename == "model.weights.h5" else old.read(info))
+    return target.read_bytes()
+
+
 def with_mnist(store: Store, mnist_store: Store) -> Store:
     """``store``, local or in a bucket, with the verified download already in it (the download is tested elsewhere)."""
     store.fs.put(mnist_store.path("objects") + "/", store.path("objects"), recursive=True)

@@ -24,7 +24,7 @@ from tasks.evaluation.evaluate import evaluate_model
 from tasks.publish.run_record import RunRecord
 from tasks.publish.tabulate import tabulate
 from tasks.training.train import TrainConfig, train_model
-from tests.conftest import reference_mcnemar, slow_foreign_model
+from tests.conftest import reference_mcnemar, slow_foreign_model, with_nan_weights
 
 pytestmark = pytest.mark.slow  # conftest.SHARED_WORKER runs this module on one xdist worker: its models are trained once
 REPO = Path(__file__).resolve().parent.parent
@@ -175,6 +175,22 @@ def test_a_champion_whose_config_is_not_json_is_set_aside_and_the_gate_decides(s
     assert decided.damaged_champion in sentence and decided.champion_before.run_id == "run-1"
     assert not decided.promoted and "significantly worse" in decided.reason  # judged against the better model
     assert read_pointer(store).run_id == "run-1"  # repaired by this gate decision, to the champion it compared against
+
+
+def test_a_champion_with_nan_weights_is_set_aside_and_the_gate_decides(store, lab, tmp_path):
+    """Review 8 f4: the champion's archive kept whole (its config is ours) but its weights all NaN, digests set to
+    match: every prediction was NaN and the gate failed every night with a pyarrow error. It is damaged: set aside,
+    and the night judged against the last intact champion."""
+    decide(store, lab, "better", "run-1")
+    decide(store, lab, "medium", "run-2", rules=LENIENT.model_copy(update={"force_promote": True}))
+    medium = lab["medium"][1]
+    plant_champion_file(store, medium, with_nan_weights(Path(store.path(medium.file_key)), tmp_path / "nan.keras"))
+    said = []
+    decided = decide(store, lab, "weak", "run-3", log=said.append)  # a decision, not an exception
+    (sentence,) = said
+    assert f"The champion model {medium.key} of run run-2 is damaged and set aside" in sentence
+    assert "not finite numbers" in sentence and "compared against the last intact champion, run run-1" in sentence
+    assert decided.champion_before.run_id == "run-1" and not decided.promoted
 
 
 def test_a_night_sets_aside_at_most_max_set_aside_damaged_champions_then_judges_a_first_champion(store, lab):

@@ -33,7 +33,7 @@ from tasks.training.checkpoints import pull_checkpoint, push_checkpoint
 from tasks.training.model import ModelRef
 from tasks.training.rebuilt import DamagedModel, load_model
 from tasks.training.train import stored_model
-from tests.conftest import Mirror, model_ref, sample_frames, slow_foreign_model, with_mnist
+from tests.conftest import Mirror, model_ref, sample_frames, slow_foreign_model, with_mnist, with_nan_weights
 
 # conftest.SHARED_WORKER runs this module on one xdist worker: its module fixtures are made once
 
@@ -1160,3 +1160,127 @@ def test_a_checkpoint_restored_past_its_last_epoch_is_removed_and_training_start
     ref = train_model(store, dataset, config, log=lambda _: None)
     assert ref.resumed_from_epoch == 0 and ref.epochs == 1
     assert any(f"The checkpoint of training {key} could not be restored" in line for line in said), said
+
+
+# ---- a model's content that matches its digests and is still not ours (review 8, 2026-12-07) ----------------------
+def stored_with_record(store: Store, file: Path, key: str, **facts) -> ModelRef:
+    """``file`` stored as model ``key`` with its record (``model.json``), digest matching, ``facts`` in the record."""
+    ref = stored_model_ref(store, file, key=key).model_copy(update=facts)
+    store.write_text(store.model_info_file(key), ref.model_dump_json())
+    return ref
+
+
+@pytest.mark.slow
+def test_the_training_cache_refuses_a_stored_model_that_is_not_what_its_config_trains(two_models, store, tmp_path):
+    """Review 8 f1: a night's own model with its record saying ``"network": "strong"``, or its archive replaced by a
+    zip that is not a model (digest set to match), was a cache hit for every night with that key, and every
+    evaluation failed on it. The training step's lookup (``trained_model``) now checks what loading would: a miss,
+    reported, and the model is trained again."""
+    from tasks.training.config import TrainConfig
+    from tasks.training.model import ModelName
+    from tasks.training.train import trained_model
+
+    seed, strong = TrainConfig(), TrainConfig(model=ModelName.strong)
+    ours = stored_with_record(store, two_models[0], "ours")
+    assert trained_model(store, "ours", seed) == ours  # what training stores is still reused
+    said: list[str] = []
+    store.warn = said.append
+    assert trained_model(store, "ours", strong) is None  # a record of another network than the config trains
+    stored_with_record(store, two_models[0], "says-strong", network="strong")
+    junk = tmp_path / "junk.keras"
+    with zipfile.ZipFile(junk, "w") as archive:
+        archive.writestr("weights.bin", b"\0" * 100)
+    stored_with_record(store, junk, "junk")
+    stored_with_record(store, two_models["other-weights"], "other-weights")
+    for key, config in (("says-strong", strong), ("says-strong", seed), ("junk", seed), ("other-weights", seed)):
+        assert stored_model(store, key) is not None  # every digest matches
+        assert trained_model(store, key, config) is None, key
+    assert len(said) == 5 and all("is trained again" in line for line in said), said
+    assert "is not the strong network this code builds" in said[1] and "names the 'strong' network" in said[2]
+    assert "not a .keras archive of ours" in said[3] and "does not hold the seed network's weights" in said[4]
+
+
+@pytest.mark.slow
+def test_a_model_with_nan_weights_is_not_loaded_and_nan_predictions_are_a_damaged_model(two_models, store, tmp_path):
+    """Review 8 f3/f4: an archive whose config is ours and whose weights are all NaN (digests set to match) predicted
+    NaN for every image, and the evaluation or the gate failed writing them. Loading it is a ``DamagedModel`` (set
+    aside as a champion, trained again as the night's model), and so is a model that predicts non-finite values."""
+    from tasks.evaluation.evaluate import predict
+    from tasks.training.keras_runtime import import_keras
+    from tasks.training.model import build_seed_model
+
+    with_nan_weights(two_models[0], tmp_path / "nan.keras")
+    ref = stored_with_record(store, tmp_path / "nan.keras", "nan")
+    with pytest.raises(DamagedModel, match="weights that are not finite numbers"):
+        load_model(store, ref)
+    model = build_seed_model()
+    model.set_weights([np.full_like(w, np.nan) for w in model.get_weights()])
+    images = np.zeros((3, 28, 28), np.uint8)
+    with pytest.raises(DamagedModel, match="predicted 30 values that are not finite"):
+        predict(model, images)
+    import_keras().utils.set_random_seed(0)
+    assert np.isfinite(predict(build_seed_model(), images)).all()
+
+
+def planted_checkpoint(store: Store, dataset, config, value: float) -> str:
+    """A real checkpoint of ``config`` after epoch 1 (training stopped there), every floating-point value of its Keras
+    backup files then set to ``value`` in the store (history and metadata as the pipeline wrote them); its key."""
+    from tasks.training.train import train_model, training_key
+
+    class Stop(Exception):
+        pass
+
+    def stop(epoch, total, row):
+        raise Stop
+
+    with pytest.raises(Stop):
+        train_model(store, dataset, config, log=lambda _: None, on_epoch=stop)
+    key = training_key(dataset, config)
+    pointer = json.loads(store.read_bytes(store.checkpoint_key(key, "latest.json")))
+    folder = store.checkpoint_key(key, pointer["folder"])
+    import h5py
+
+    planted = [name for name in store.list_files(folder) if name.endswith(".h5")]
+    assert planted
+    for name in planted:
+        with h5py.File(store.path(store.key(folder, name)), "r+") as f:
+            f.visititems(
+                lambda _, obj: obj.__setitem__(..., value) if isinstance(obj, h5py.Dataset) and obj.dtype.kind == "f" else None
+            )
+    return key
+
+
+def test_a_checkpoint_with_nan_weights_is_damaged_and_training_starts_afresh(small):
+    """Review 8 f3: a checkpoint planted under the next night's key, all ours but its weights NaN, was resumed from:
+    epoch 2 trained NaN and the NaN model was stored, every evaluation of that key failing. It is damaged now:
+    removed, and training starts from epoch 0, into a model that loads."""
+    from tasks.training.config import TrainConfig
+    from tasks.training.train import train_model
+
+    store, dataset, _ = small
+    config = TrainConfig(epochs=2, batch_size=16, seed=3, train_limit=None)
+    key = planted_checkpoint(store, dataset, config, np.nan)
+    said: list[str] = []
+    store.warn = said.append
+    ref = train_model(store, dataset, config, log=lambda _: None)
+    assert ref.resumed_from_epoch == 0 and ref.epochs == 2
+    assert any(key[:16] in line and "not finite numbers" in line and "from epoch 0" in line for line in said), said
+    load_model(store, ref)  # finite weights
+
+
+def test_a_training_that_ends_with_nan_weights_stores_no_model_and_the_next_starts_afresh(small):
+    """Finite but huge weights in a planted checkpoint (1e30: no value is NaN, so it is resumed from) make the
+    training diverge to NaN: that model is not stored (``DamagedModel``, which the night answers by training again)
+    and its checkpoint goes, so the next training starts from epoch 0."""
+    from tasks.training.config import TrainConfig
+    from tasks.training.train import train_model
+
+    store, dataset, _ = small
+    config = TrainConfig(epochs=2, batch_size=16, seed=3, train_limit=None)
+    key = planted_checkpoint(store, dataset, config, 1e30)
+    with pytest.raises(DamagedModel, match="not stored"):
+        train_model(store, dataset, config, log=lambda _: None)
+    assert stored_model(store, key) is None and not store.exists(store.checkpoint_key(key, "latest.json"))
+    ref = train_model(store, dataset, config, log=lambda _: None)
+    assert ref.resumed_from_epoch == 0
+    load_model(store, ref)

@@ -20,13 +20,13 @@ from prefect.context import TaskRunContext
 
 from flows.night.locks import open_store
 from flows.night.results import UntrustedRecord, check_record
-from storage import SIDECAR_LIMIT, Store, code_digest
+from storage import SIDECAR_LIMIT, code_digest
 from tasks.data.batch_format import AcceptedBatch, BatchPart
 from tasks.data.fetch import DatasetRef, StoredFile, dataset_key, stored_dataset
 from tasks.evaluation.evaluate import EvaluationRef, SliceEvaluation, evaluation_key, stored_evaluation
 from tasks.evaluation.plots import PlotsRef, plots_key, stored_plots
 from tasks.training.model import ModelRef
-from tasks.training.train import stored_model, training_key
+from tasks.training.train import trained_model, training_key
 
 
 @dataclass
@@ -34,7 +34,8 @@ class StoredArtifactPolicy(CachePolicy):
     """Key = step name + ``key(*inputs)``, in the manner of Prefect's ``Inputs(...)`` but on content.
 
     ``inputs`` names the task parameters the key reads, in order; ``lookup(store, content_key)``
-    returns the stored artifact if it is intact, else None; ``returns`` are the reference classes the
+    returns the stored artifact if it is intact, else None (``lookup_inputs`` names task parameters it also takes,
+    after the key: what the artifact must have been made for); ``returns`` are the reference classes the
     cached value is made of: a change to their fields makes old records miss, instead of handing
     back an object of the old shape. Every task using it takes ``store_url``.
     """
@@ -42,7 +43,8 @@ class StoredArtifactPolicy(CachePolicy):
     step: str = ""
     key: Callable[..., str] = field(default=lambda: "")
     inputs: tuple[str, ...] = ()
-    lookup: Callable[[Store, str], Any] = field(default=lambda store, key: None)
+    lookup: Callable[..., Any] = field(default=lambda store, key: None)
+    lookup_inputs: tuple[str, ...] = ()
     returns: tuple[type, ...] = ()
 
     def content_key(self, inputs: dict[str, Any]) -> str:
@@ -62,7 +64,7 @@ class StoredArtifactPolicy(CachePolicy):
         that artifact is gone or altered; True if it was dropped. ``warn`` hears why, once."""
         store = open_store(inputs["store_url"], warn=warn)
         record = store.result_record(self.record_key(inputs))
-        stored = self.lookup(store, self.content_key(inputs))
+        stored = self.lookup(store, self.content_key(inputs), *(inputs[name] for name in self.lookup_inputs))
         if stored is None:
             store.remove(record)
             return True
@@ -94,7 +96,12 @@ FETCH = StoredArtifactPolicy(
     returns=(DatasetRef, StoredFile, AcceptedBatch, BatchPart),
 )
 TRAIN = StoredArtifactPolicy(
-    step="train", key=training_key, inputs=("dataset", "config"), lookup=stored_model, returns=(ModelRef,)
+    step="train",
+    key=training_key,
+    inputs=("dataset", "config"),
+    lookup=trained_model,
+    lookup_inputs=("config",),
+    returns=(ModelRef,),
 )
 EVALUATE = StoredArtifactPolicy(
     step="evaluate",

@@ -10,7 +10,9 @@ What a step's failure means (each step also fails when it runs past its budget, 
   such a failure: an accepted batch's share (``DamagedShare``, where train, evaluate or the gate read it), or a
   model or an evaluation's predictions (``DamagedArtifact``). The night emits ``mnist.night.artifact-changed``,
   ingests again (which leaves a damaged batch out) and decides again, the damaged artifact made again; at most
-  ``DATA_TRIES`` times.
+  ``DATA_TRIES`` times. A damaged model (``DamagedModel``) is trained again on the next try (the train step
+  refreshed, its cache record and stored model not reused), so a damaged model a lookup let through is not handed
+  back at every try.
 * tabulate, report and the artifacts are the record of a night, not its decision: a failure there is logged,
   emitted as ``mnist.night.unpublished`` (the alert automation hears it) and written in the run's ``runs`` row
   (``published`` false, ``publish_problem`` saying which step and why); the champion decision stands and the run
@@ -48,6 +50,7 @@ from storage.nights import mark_ended, mark_running
 from tasks.data.batch_format import DamagedShare
 from tasks.publish.run_record import RunRecord
 from tasks.publish.tabulate import record_finish
+from tasks.training.rebuilt import DamagedModel
 
 UNPUBLISHED_EVENT = "mnist.night.unpublished"
 CHANGED_EVENT = "mnist.night.artifact-changed"
@@ -106,7 +109,7 @@ def mnist_retrain(params: PipelineParameters = PipelineParameters()) -> RunSumma
         args = (params.ingest, run_id, params.held_back, params.train_limit, params.max_training_images)
         return ingest(store.url, fetched.result(), *args)
 
-    def decided_on(dataset):
+    def decided_on(dataset, retrain: bool):
         """Train, evaluate, plot and gate tonight's dataset: the steps that read the accepted batches' shares."""
         seed = params.seed
         if seed is None:
@@ -115,7 +118,12 @@ def mnist_retrain(params: PipelineParameters = PipelineParameters()) -> RunSumma
             logger.info("Seed %d for this run (seed left empty; drawn %s)", seed, how)
         config = params.train_config(seed)
         train = steps.train.with_options(timeout_seconds=budgets.train_seconds(dataset, config))
-        trained = cached(train, store.url, dataset, config, reuse)
+        if retrain:  # the model was damaged: not the cached one again
+            trained = call_cached(
+                train, store.url, dataset, config, False, result_storage=results, refresh=True, warn=logger.warning
+            )
+        else:
+            trained = cached(train, store.url, dataset, config, reuse)
         model = trained.result()
         evaluate = steps.evaluate.with_options(timeout_seconds=budgets.predict_seconds(dataset, model.network))
         evaluated = cached(evaluate, store.url, dataset, model, params.n_per_class, seed, reuse)
@@ -127,14 +135,17 @@ def mnist_retrain(params: PipelineParameters = PipelineParameters()) -> RunSumma
         return seed, model, evaluation, plots, decided, {"train": trained, "evaluate": evaluated, "plot": plotted}
 
     ingested = ingested_now()
+    retrain = False
     for tries in range(1, DATA_TRIES + 1):
         try:
-            seed, model, evaluation, plots, decided, states = decided_on(ingested.dataset)
+            seed, model, evaluation, plots, decided, states = decided_on(ingested.dataset, retrain)
             break
         except (DamagedShare, DamagedArtifact) as exc:  # changed after its step checked it: check again, decide again
             if tries == DATA_TRIES:
                 raise
-            logger.error("%s; tonight's batches are checked again and the night decides again", exc)
+            retrain = retrain or isinstance(exc, DamagedModel)  # the night's model (a champion's is set aside in the gate)
+            again = "the model is trained again, " if retrain else ""
+            logger.error("%s; tonight's batches are checked again, %sand the night decides again", exc, again)
             emit_event(
                 event=CHANGED_EVENT,
                 resource={"prefect.resource.id": f"mnist.run.{run_id}", "prefect.resource.name": f"run {run_id}"},

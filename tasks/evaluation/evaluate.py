@@ -19,7 +19,7 @@ from tasks.data.slices import slice_digest, slice_images
 from tasks.data.splits import DECIDING_SLICES, SLICE_TEST
 from tasks.evaluation.metrics import recall_per_digit
 from tasks.training.model import ModelRef, scale
-from tasks.training.rebuilt import load_model
+from tasks.training.rebuilt import DamagedModel, load_model
 
 PREDICT_BATCH = 1024
 
@@ -165,8 +165,13 @@ def stratified_sample(labels: np.ndarray, n_per_class: int, seed: int) -> np.nda
 
 
 def predict(model, images: np.ndarray, batch_size: int = PREDICT_BATCH) -> np.ndarray:
-    """Class probabilities (float32) for uint8 images, in batches."""
-    return np.asarray(model.predict(scale(images), batch_size=batch_size, verbose=0), dtype=np.float32)
+    """Class probabilities (float32) for uint8 images, in batches. A model that predicts NaN or infinite values is
+    damaged (``DamagedModel``: set aside, or trained again), never written as predictions."""
+    probabilities = np.asarray(model.predict(scale(images), batch_size=batch_size, verbose=0), dtype=np.float32)
+    bad = int(probabilities.size - np.count_nonzero(np.isfinite(probabilities)))
+    if bad:
+        raise DamagedModel(f"the model predicted {bad} values that are not finite numbers (NaN or infinite): it is not used")
+    return probabilities
 
 
 def predictions_frame(indices: np.ndarray, labels: np.ndarray, probabilities: np.ndarray) -> pd.DataFrame:

@@ -47,7 +47,8 @@ def push_checkpoint(store: Store, key: str, epoch: int, local: Path) -> None:
 def pull_checkpoint(store: Store, key: str, local: Path) -> int | None:
     """Copy the store's checkpoint of ``key`` (another run's, on this machine or another) into the empty working
     folder ``local``; returns the epoch it holds, if any. Whatever is wrong with it (a folder, link or pipe among its
-    files, a file that cannot be read, more than ``CHECKPOINT_LIMIT`` bytes in all) makes it damaged: reported, and
+    files, a file that cannot be read, more than ``CHECKPOINT_LIMIT`` bytes in all, a weight or optimizer value that
+    is NaN or infinite: training would resume into a NaN model) makes it damaged: reported, and
     training starts afresh."""
     pointer = _pointer(store, key)
     if pointer is None:
@@ -62,6 +63,8 @@ def pull_checkpoint(store: Store, key: str, local: Path) -> int | None:
             left -= store.get_file(store.key(folder, name), str(local / name), limit=left)
         if (local / HISTORY).exists():
             _check_history(json.loads((local / HISTORY).read_text()), pointer.epoch)
+        for file in sorted(local.glob("*.h5")):
+            _check_finite_weights(file)
     except Exception as exc:  # noqa: BLE001 (store content: any error means this checkpoint is not used)
         store.warn(damage(f"The checkpoint {store.location(folder)}", exc) + "; training starts from epoch 0")
         for file in local.iterdir():
@@ -80,6 +83,26 @@ def _check_history(rows: object, epoch: int) -> None:
             raise ValueError(f"{HISTORY} has a row without an epoch from 1 to {epoch}")
         if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in row.values()):
             raise ValueError(f"{HISTORY} has a value that is not a finite number")
+
+
+def _check_finite_weights(file: Path) -> None:
+    """Every floating-point value Keras' backup ``file`` holds (weights, optimizer state) is a finite number; read one
+    dataset at a time (the files are bounded by ``CHECKPOINT_LIMIT``)."""
+    import h5py
+    import numpy as np
+
+    if not h5py.is_hdf5(file):  # not HDF5 at all: Keras' restore refuses it (the fallback in tasks/training/loop.py)
+        return
+    bad: list[str] = []
+
+    def visit(name: str, obj) -> None:
+        if isinstance(obj, h5py.Dataset) and obj.dtype.kind in "fc" and not np.isfinite(obj[()]).all():
+            bad.append(name)
+
+    with h5py.File(file, "r") as f:
+        f.visititems(visit)
+    if bad:
+        raise ValueError(f"{file.name} holds values that are not finite numbers ({len(bad)} arrays, first {bad[0]})")
 
 
 def drop_checkpoint(store: Store, key: str) -> None:

@@ -38,6 +38,7 @@ from tasks.training.input_pipeline import (
 from tasks.training.keras_runtime import import_keras
 from tasks.training.model import ModelRef, build_model, make_optimizer, stamp_keras_file
 from tasks.training.precision import dtype_policy, select_device
+from tasks.training.rebuilt import DamagedModel, check_finite
 
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds")
 Log = Callable[[str], None]
@@ -184,6 +185,11 @@ def train_and_store(
         n_val = max(int(round(len(order) * VALIDATION_SPLIT)), 1)
         train_rows, val_rows = order[:-n_val], order[-n_val:]
         model, recorder, device, policy, seconds = _fit(store, source, train_rows, val_rows, config, backend, key, log, on_epoch)
+    try:  # a NaN model is never stored as ours: it would be every later night's cache hit
+        check_finite(model, f"the model trained under {key}")
+    except DamagedModel as exc:  # its checkpoint goes too, so the next try trains afresh
+        drop_checkpoint(store, key)
+        raise DamagedModel(f"{exc}; not stored (training diverged, or resumed from a damaged checkpoint, now removed)") from exc
 
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, "model.keras")

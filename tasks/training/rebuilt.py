@@ -6,17 +6,22 @@ own loader would instantiate, so whoever can write the store could choose the ne
 by ``build_model`` for the name the model's record gives (with its serving views, ``for_serving``), the
 archive's config is only compared with what that code builds (read as JSON within a size limit, never
 instantiated), the weight file's shapes are compared with the network's before any value is read, and only
-then are the weights assigned. Whatever fails is a ``DamagedModel``, with one sentence saying why.
+then are the weights assigned, and they must all be finite numbers (a NaN or infinite weight makes every prediction
+NaN). Whatever fails is a ``DamagedModel``, with one sentence saying why. ``check_archive`` makes the same checks
+short of reading the weights' values, for the training step's cache lookup.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
 import zipfile
 import zlib
 from typing import Any
+
+import numpy as np
 
 from storage import DamagedArtifact, Store, StoreError
 from tasks.training.keras_runtime import import_keras
@@ -68,12 +73,37 @@ def load_model(store: Store, ref: ModelRef):
         raise DamagedModel(f"model {where} cannot be read ({type(exc).__name__}: {exc})") from exc
 
 
-def _rebuilt(local: str, ref: ModelRef, where: str):
-    network, policy = _recipe(ref, where)
-    stored = stored_config(local, where)
-    model = served_network(network, policy)
+def check_archive(store: Store, ref: ModelRef) -> None:
+    """Raise ``DamagedModel`` unless ``ref``'s file is an archive of the network ``ref`` names as this code builds
+    it: its ``config.json`` and its weights' shapes compared with what ``build_model`` makes (built once per process
+    and network), no weight value read. The training step's cache lookup uses it, so a stored model whose record
+    or archive a writer altered, digests set to match, is a miss and trained again, never a hit that fails the
+    evaluation every night."""
+    where = store.location(ref.file_key)
     try:
-        same = canonical_config(stored) == canonical_config(model_config(model))
+        with store.verified_copy(ref.file_key, ref.sha256, suffix=".keras", limit=MODEL_LIMIT) as local:
+            network, policy = _recipe(ref, where)
+            _check_archive(local, network, policy, where)
+    except DamagedModel:
+        raise
+    except DamagedArtifact as exc:
+        raise DamagedModel(str(exc)) from exc
+    except (OSError, StoreError) as exc:
+        raise DamagedModel(f"model {where} cannot be read ({type(exc).__name__}: {exc})") from exc
+
+
+@functools.cache
+def _expected(network: ModelName, policy: str) -> tuple[Any, dict[str, tuple]]:
+    """The canonical config and the weight shapes of ``network`` as this code builds it under ``policy``."""
+    model = served_network(network, policy)
+    return canonical_config(model_config(model)), weight_shapes_of(model)
+
+
+def _check_archive(local: str, network: ModelName, policy: str, where: str) -> None:
+    stored = stored_config(local, where)
+    config, expected = _expected(network, policy)
+    try:
+        same = canonical_config(stored) == config
     except RecursionError:  # nested deeper than any config of ours
         same = False
     if not same:
@@ -81,7 +111,6 @@ def _rebuilt(local: str, ref: ModelRef, where: str):
             f"model {where} is not the {network.value} network this code builds (its config.json differs): "
             "its weights are not loaded; train it again or choose another champion"
         )
-    expected = weight_shapes_of(model)
     try:
         with zipfile.ZipFile(local) as archive, archive.open(WEIGHTS_ENTRY) as weights:
             found = _weight_shapes(weights)
@@ -93,11 +122,26 @@ def _rebuilt(local: str, ref: ModelRef, where: str):
             f"model {where} does not hold the {network.value} network's weights ({len(wrong)} of {len(expected)} "
             f"missing or of another shape, first {wrong[0]}): not loaded"
         )
+
+
+def _rebuilt(local: str, ref: ModelRef, where: str):
+    network, policy = _recipe(ref, where)
+    _check_archive(local, network, policy, where)
+    model = served_network(network, policy)
     try:
         model.load_weights(local)
     except UNREADABLE as exc:
         raise DamagedModel(f"model {where}: its weights cannot be loaded ({type(exc).__name__}: {exc})") from exc
+    check_finite(model, f"model {where}")
     return model
+
+
+def check_finite(model, what: str) -> None:
+    """Raise ``DamagedModel`` if one of ``model``'s weights is NaN or infinite: such a model predicts NaN for every
+    image (a checkpoint or a file a writer filled so, or a training that diverged), so it is never used or stored."""
+    bad = sum(int(np.size(w) - np.count_nonzero(np.isfinite(w))) for w in model.get_weights())
+    if bad:
+        raise DamagedModel(f"{what} has {bad} weights that are not finite numbers (NaN or infinite): it is not used")
 
 
 def _recipe(ref: ModelRef, where: str) -> tuple[ModelName, str]:

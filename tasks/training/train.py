@@ -15,9 +15,19 @@ from tasks.training.config import SEED_MAX, TRAIN_IMAGES, TrainConfig
 from tasks.training.loop import Log, OnEpoch, train_and_store
 from tasks.training.model import NETWORK_CODE, ModelRef
 from tasks.training.precision import Precision
-from tasks.training.rebuilt import MODEL_LIMIT
+from tasks.training.rebuilt import MODEL_LIMIT, DamagedModel, check_archive
 
-__all__ = ["SEED_MAX", "TRAIN_IMAGES", "Precision", "TrainConfig", "stored_model", "train_model", "training_code", "training_key"]
+__all__ = [
+    "SEED_MAX",
+    "TRAIN_IMAGES",
+    "Precision",
+    "TrainConfig",
+    "stored_model",
+    "train_model",
+    "trained_model",
+    "training_code",
+    "training_key",
+]
 
 
 def training_code() -> str:
@@ -33,9 +43,28 @@ def training_key(dataset: DatasetRef, config: TrainConfig) -> str:
 
 
 def stored_model(store: Store, key: str) -> ModelRef | None:
-    """The model already trained under ``key``, if its file is there and still matches its digest (and is no larger
-    than a model of ours may be: a larger file is a miss before it is hashed)."""
+    """The record of the model trained under ``key``, if its file is there and still matches its digest (and is no
+    larger than a model of ours may be: a larger file is a miss before it is hashed). Only the record and the digest
+    are checked: the training step reuses a model through ``trained_model``."""
     return store.load_ref(store.model_info_file(key), ModelRef, lambda ref: {ref.file_key: ref.sha256}, MODEL_LIMIT)
+
+
+def trained_model(store: Store, key: str, config: TrainConfig) -> ModelRef | None:
+    """The model already trained under ``key`` for ``config``: ``stored_model``, whose record also names the network
+    ``config`` trains and whose archive is that network as this code builds it (``check_archive``: its config.json and
+    weight shapes, no weights read). A record or archive a writer altered, digests set to match, is a miss, reported,
+    and the model is trained again: as a hit it would fail the evaluation of every night with that key."""
+    ref = stored_model(store, key)
+    if ref is None:
+        return None
+    try:
+        if ref.network != config.model.value:
+            raise DamagedModel(f"its record names the {ref.network[:40]!r} network, not {config.model.value!r}")
+        check_archive(store, ref)
+    except DamagedModel as exc:
+        store.warn(f"The stored model {key} is damaged ({exc}): it is trained again")
+        return None
+    return ref
 
 
 def train_model(
@@ -53,7 +82,7 @@ def train_model(
     """
     key = training_key(dataset, config)
     with store.lock(f"train-{key}"):
-        if reuse and (existing := stored_model(store, key)) is not None:
+        if reuse and (existing := trained_model(store, key, config)) is not None:
             log(f"Reusing model {key} trained earlier (sha256 {existing.sha256[:12]}…)")
             return existing
         if config.backend is not process_backend():
