@@ -1174,8 +1174,8 @@ def stored_with_record(store: Store, file: Path, key: str, **facts) -> ModelRef:
 def test_the_training_cache_refuses_a_stored_model_that_is_not_what_its_config_trains(two_models, store, tmp_path):
     """Review 8 f1: a night's own model with its record saying ``"network": "strong"``, or its archive replaced by a
     zip that is not a model (digest set to match), was a cache hit for every night with that key, and every
-    evaluation failed on it. The training step's lookup (``trained_model``) now checks what loading would: a miss,
-    reported, and the model is trained again."""
+    evaluation failed on it. The training step's lookup (``trained_model``) now checks the record against the config
+    and the archive's make-up (no network built): a miss, reported, and the model is trained again."""
     from tasks.training.config import TrainConfig
     from tasks.training.model import ModelName
     from tasks.training.train import trained_model
@@ -1191,13 +1191,13 @@ def test_the_training_cache_refuses_a_stored_model_that_is_not_what_its_config_t
     with zipfile.ZipFile(junk, "w") as archive:
         archive.writestr("weights.bin", b"\0" * 100)
     stored_with_record(store, junk, "junk")
-    stored_with_record(store, two_models["other-weights"], "other-weights")
-    for key, config in (("says-strong", strong), ("says-strong", seed), ("junk", seed), ("other-weights", seed)):
+    stored_with_record(store, two_models["not-json"], "not-json")
+    for key in ("says-strong", "junk", "not-json"):
         assert stored_model(store, key) is not None  # every digest matches
-        assert trained_model(store, key, config) is None, key
-    assert len(said) == 5 and all("is trained again" in line for line in said), said
-    assert "is not the strong network this code builds" in said[1] and "names the 'strong' network" in said[2]
-    assert "not a .keras archive of ours" in said[3] and "does not hold the seed network's weights" in said[4]
+        assert trained_model(store, key, seed) is None, key
+    assert len(said) == 4 and all("is trained again" in line for line in said), said
+    assert "names the 'seed' network, not 'strong'" in said[0] and "names the 'strong' network, not 'seed'" in said[1]
+    assert "not a .keras archive of ours" in said[2] and "config.json that is not JSON" in said[3]
 
 
 @pytest.mark.slow

@@ -7,13 +7,12 @@ by ``build_model`` for the name the model's record gives (with its serving views
 archive's config is only compared with what that code builds (read as JSON within a size limit, never
 instantiated), the weight file's shapes are compared with the network's before any value is read, and only
 then are the weights assigned, and they must all be finite numbers (a NaN or infinite weight makes every prediction
-NaN). Whatever fails is a ``DamagedModel``, with one sentence saying why. ``check_archive`` makes the same checks
-short of reading the weights' values, for the training step's cache lookup.
+NaN). Whatever fails is a ``DamagedModel``, with one sentence saying why. ``check_archive`` makes the checks that
+need no network built, for the training step's cache lookup.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import tempfile
@@ -74,36 +73,30 @@ def load_model(store: Store, ref: ModelRef):
 
 
 def check_archive(store: Store, ref: ModelRef) -> None:
-    """Raise ``DamagedModel`` unless ``ref``'s file is an archive of the network ``ref`` names as this code builds
-    it: its ``config.json`` and its weights' shapes compared with what ``build_model`` makes (built once per process
-    and network), no weight value read. The training step's cache lookup uses it, so a stored model whose record
-    or archive a writer altered, digests set to match, is a miss and trained again, never a hit that fails the
-    evaluation every night."""
+    """Raise ``DamagedModel`` unless ``ref``'s file matches its digest, names a network and dtype policy this code
+    builds, and is a .keras archive of ours (its three entries within their limits, a ``config.json`` that is JSON).
+    No network is built and no weight read: the training step's cache lookup uses it, and a fully cached night imports
+    no TensorFlow. Whether the config is the network this code builds, and its weights ours and finite, is checked
+    when the model is loaded (``load_model``), and a night whose model fails there trains it again."""
     where = store.location(ref.file_key)
     try:
         with store.verified_copy(ref.file_key, ref.sha256, suffix=".keras", limit=MODEL_LIMIT) as local:
-            network, policy = _recipe(ref, where)
-            _check_archive(local, network, policy, where)
+            _recipe(ref, where)
+            stored_config(local, where)
     except DamagedModel:
         raise
-    except DamagedArtifact as exc:
+    except DamagedArtifact as exc:  # too large, or changed since its digest was recorded
         raise DamagedModel(str(exc)) from exc
-    except (OSError, StoreError) as exc:
+    except (OSError, StoreError) as exc:  # gone, or a folder, link or pipe put there since it was checked
         raise DamagedModel(f"model {where} cannot be read ({type(exc).__name__}: {exc})") from exc
 
 
-@functools.cache
-def _expected(network: ModelName, policy: str) -> tuple[Any, dict[str, tuple]]:
-    """The canonical config and the weight shapes of ``network`` as this code builds it under ``policy``."""
-    model = served_network(network, policy)
-    return canonical_config(model_config(model)), weight_shapes_of(model)
-
-
-def _check_archive(local: str, network: ModelName, policy: str, where: str) -> None:
+def _rebuilt(local: str, ref: ModelRef, where: str):
+    network, policy = _recipe(ref, where)
     stored = stored_config(local, where)
-    config, expected = _expected(network, policy)
+    model = served_network(network, policy)
     try:
-        same = canonical_config(stored) == config
+        same = canonical_config(stored) == canonical_config(model_config(model))
     except RecursionError:  # nested deeper than any config of ours
         same = False
     if not same:
@@ -111,6 +104,7 @@ def _check_archive(local: str, network: ModelName, policy: str, where: str) -> N
             f"model {where} is not the {network.value} network this code builds (its config.json differs): "
             "its weights are not loaded; train it again or choose another champion"
         )
+    expected = weight_shapes_of(model)
     try:
         with zipfile.ZipFile(local) as archive, archive.open(WEIGHTS_ENTRY) as weights:
             found = _weight_shapes(weights)
@@ -122,12 +116,6 @@ def _check_archive(local: str, network: ModelName, policy: str, where: str) -> N
             f"model {where} does not hold the {network.value} network's weights ({len(wrong)} of {len(expected)} "
             f"missing or of another shape, first {wrong[0]}): not loaded"
         )
-
-
-def _rebuilt(local: str, ref: ModelRef, where: str):
-    network, policy = _recipe(ref, where)
-    _check_archive(local, network, policy, where)
-    model = served_network(network, policy)
     try:
         model.load_weights(local)
     except UNREADABLE as exc:
