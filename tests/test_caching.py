@@ -240,3 +240,35 @@ def test_a_cached_night_whose_champion_is_another_runs_model_imports_no_tensorfl
     cacheable = {k: again["states"][k] for k in ("fetch-mnist", "train", "evaluate", "plot")}  # the rest run every night
     assert set(cacheable.values()) == {"Cached"} and again["decision"] == "rejected"
     assert again["champion"] == champion.run_id and again["tensorflow"] is False
+
+
+@pytest.mark.slow
+def test_a_night_whose_cached_model_is_damaged_trains_it_again_and_decides(mnist_store: Store, prefect_harness, tmp_path):
+    """Review 8 f1/f3: the night's own model, a cache hit on its training key, whose weights a writer set to NaN with
+    its digest set to match (nothing the lookup reads without TensorFlow shows it): the evaluation's load finds it
+    damaged, and the night's next try trains the model again instead of handing back the same cached model three
+    times and failing, as every later night with that data did."""
+    from pathlib import Path
+
+    from flows.night.pipeline import mnist_retrain
+    from storage import sha256_bytes
+    from tasks.training.rebuilt import load_model
+    from tasks.training.train import stored_model
+    from tests.conftest import with_nan_weights
+
+    store = with_mnist(Store(tmp_path / "store"), mnist_store)
+    params = PipelineParameters(
+        epochs=1, train_limit=500, n_per_class=5, seed=3, store=store.url, gate={"min_balanced_accuracy": 0.999}
+    )
+    first = mnist_retrain(params)
+    assert first.decision == "rejected"  # no champion: only the night's own model is planted
+    key = Path(first.model_path).parent.name
+    ref = stored_model(store, key)
+    planted = with_nan_weights(Path(store.path(ref.file_key)), tmp_path / "nan.keras")
+    Path(store.path(ref.file_key)).write_bytes(planted)
+    store.write_text(store.model_info_file(key), ref.model_copy(update={"sha256": sha256_bytes(planted)}).model_dump_json())
+    second = mnist_retrain(params)
+    assert second.decision == "rejected" and second.step_states["train"] == "Completed"  # trained again, and decided
+    again = stored_model(store, key)
+    assert again.sha256 != sha256_bytes(planted)
+    load_model(store, again)  # finite weights
