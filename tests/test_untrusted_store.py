@@ -1335,3 +1335,19 @@ def test_a_model_json_with_values_no_training_records_is_a_miss(store, change):
     assert stored_model(store, "m") is not None
     store.write_text(store.model_info_file("m"), json.dumps(ref | change))
     assert stored_model(store, "m") is None
+
+
+def test_a_report_manifest_whose_digest_is_not_one_is_not_used(store):
+    """A report's manifest decides which earlier report folders a prune keeps and which figures a report links: one
+    whose digest is not a SHA-256 (100 000 characters a writer chose) is damaged, not used. (Its number of files is
+    bounded by ``MAX_REPORT_FILES`` too, which the 1 MiB read limit already all but reaches.)"""
+    from tasks.publish.report import MANIFEST, read_manifest
+
+    def manifest(n: int, sha256: str = "a" * 64) -> str:
+        files = {f"f{i}.png": {"key": f"reports/r1/f{i}.png", "sha256": sha256} for i in range(n)}
+        return json.dumps({"run_id": "r1", "files": files})
+
+    store.write_text(store.report_file("r1", MANIFEST), manifest(20))
+    assert len(read_manifest(store, "r1").files) == 20
+    store.write_text(store.report_file("r1", MANIFEST), manifest(1, "a" * 100_000))
+    assert read_manifest(store, "r1") is None

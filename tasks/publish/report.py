@@ -17,8 +17,9 @@ from tasks.data.fetch import DatasetRef
 from tasks.data.splits import SELECTION_PER_DIGIT, SLICE_SELECTION, SLICE_TEST
 from tasks.evaluation.evaluate import EvaluationRef
 from tasks.evaluation.metrics import wilson_interval
-from tasks.evaluation.plots import DIGITS, PlotsRef, plot_text, png_bytes
+from tasks.evaluation.plots import DIGITS, FIGURES, PlotsRef, plot_text, png_bytes
 from tasks.intake.ingest import BatchRecord
+from tasks.intake.rules import MAX_FILES_PER_NIGHT
 from tasks.publish.markdown import md_text
 from tasks.publish.run_record import RunRecord
 from tasks.publish.tabulate import TablesRef
@@ -32,7 +33,8 @@ PNG_LIMIT = 16 << 20  # a figure is a few hundred KB
 MANIFEST = "report.json"
 
 
-MAX_REPORT_FILES = 32  # the evaluation's figures, the report's own and index.md: about a dozen
+# the evaluation's figures, the report's own, index.md, and one drift figure for each batch a night may take
+MAX_REPORT_FILES = len(FIGURES) + 10 + MAX_FILES_PER_NIGHT
 
 
 class ReportRef(BaseModel):
