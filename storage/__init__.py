@@ -3,7 +3,7 @@
 from storage.credentials import strip_credentials
 from storage.digests import code_digest, sha256_bytes, sha256_json, sha256_stream
 from storage.files import SIDECAR_LIMIT, STORE_ENV, DamagedArtifact, StoreError, WriteConflict
-from storage.keys import StoreKey, StoreName, UnsafeKey, confine_key, confine_name, damage
+from storage.keys import Digest, RunId, StoreKey, StoreName, UnsafeKey, confine_key, confine_name, damage
 from storage.store import DEFAULT_STORE, Store
 
 __all__ = [
@@ -13,6 +13,8 @@ __all__ = [
     "damage",
     "DamagedArtifact",
     "DEFAULT_STORE",
+    "Digest",
+    "RunId",
     "SIDECAR_LIMIT",
     "STORE_ENV",
     "Store",

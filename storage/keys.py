@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from pydantic import AfterValidator, ValidationError
+from pydantic import AfterValidator, Field, ValidationError
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # s3:, file:, C: ...
 MAX_KEY_LENGTH = 1024
@@ -62,6 +62,11 @@ StoreKey = Annotated[str, AfterValidator(confine_key)]
 """A reference field holding a store key: validating a sidecar confines it."""
 StoreName = Annotated[str, AfterValidator(confine_name)]
 """A reference field holding one segment of a key (``models/<name>/...``)."""
+Digest = Annotated[str, Field(pattern=r"^[0-9A-Za-z]{64}$")]
+"""A SHA-256 as a reference records it: 64 hex characters (a longer string is not a digest of ours)."""
+RunId = Annotated[str, Field(pattern=r"^[0-9A-Za-z][0-9A-Za-z._-]{0,63}$")]
+"""A run's id as a reference records it: what Prefect makes (a UUID, 36 characters), at most 64 name characters, so
+a reason or a table row that quotes it stays short."""
 
 
 def damage(where: str, exc: Exception) -> str:

@@ -96,6 +96,14 @@ def model_ref(key: str = "k1", file_key: str = "m", sha256: str = "a" * 64, hist
     return ModelRef(key=key, file_key=file_key, sha256=sha256, history_key=history_key, **(defaults | facts))
 
 
+def plots_ref(key: str = "k", sha256: str = "0" * 64):
+    """A plots reference naming every figure ``render_plots`` writes (the files themselves are not written)."""
+    from tasks.evaluation.plots import FIGURES, PlotsRef
+
+    files = {name: f"plots/{key}/{name}" for name in FIGURES}
+    return PlotsRef(key=key, file_keys=files, sha256=dict.fromkeys(FIGURES, sha256), most_confused=None)
+
+
 def slow_foreign_model(keras, applications: int = 150):
     """A Keras-only network of another architecture: one Dense layer applied ``applications`` times with shared
     weights (what Keras' own loader, safe_mode on, instantiates and runs, for hours on the gate's slices)."""

@@ -9,7 +9,7 @@ from flows.night.params import PipelineParameters
 from storage import Store
 from tasks.champion.gate import GateRules
 from tasks.data.fetch import DatasetRef, StoredFile
-from tasks.evaluation.evaluate import EvaluationRef
+from tasks.evaluation.evaluate import EvaluationRef, SliceEvaluation
 from tasks.training.model import ModelRef
 from tasks.training.train import TrainConfig
 from tests.conftest import model_ref, with_mnist
@@ -38,6 +38,16 @@ def evaluation(key: str = "e1") -> EvaluationRef:
         test_images=100,
         test_accuracy=0.5,
         balanced_accuracy=0.5,
+        slices=[
+            SliceEvaluation(
+                name="mnist-selection",
+                predictions_key="s",
+                predictions_sha256="s" * 64,
+                images=10,
+                accuracy=0.5,
+                balanced_accuracy=0.5,
+            )
+        ],
     )
 
 

@@ -41,7 +41,10 @@ KEYS = textwrap.dedent(
         evaluation = EvaluationRef(key="e", path="p", model_sha256="a" * 64, dataset_sha256="d" * 64,
                                    predictions_sha256="p" * 64, test_path="t", test_predictions_sha256="t" * 64,
                                    n_per_class=5, seed=0, n_evaluated=50, test_images=100, test_accuracy=0.5,
-                                   balanced_accuracy=0.5)
+                                   balanced_accuracy=0.5,
+                                   slices=[{"name": "mnist-selection", "predictions_key": "s",
+                                            "predictions_sha256": "s" * 64, "images": 10, "accuracy": 0.5,
+                                            "balanced_accuracy": 0.5}])
         ours = [m for name, m in sys.modules.items() if name.split(".")[0] in ("flows", "tasks", "storage")]
         stray = [m.__file__ for m in ours if getattr(m, "__file__", None) and not m.__file__.startswith(tree + "/")]
         assert not stray, stray  # every module of ours came from this tree

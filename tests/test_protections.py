@@ -35,7 +35,7 @@ from tasks.champion.promotion import Champion, find_champion, gate, promotions, 
 from tasks.data.fetch import DatasetRef
 from tasks.data.splits import SLICE_SELECTION, SLICE_TEST
 from tasks.evaluation.evaluate import EvaluationRef, predictions_frame, stored_evaluation
-from tasks.evaluation.plots import PlotsRef, stored_plots
+from tasks.evaluation.plots import FIGURES, PlotsRef, stored_plots
 from tasks.training.model import ModelRef
 from tasks.training.train import stored_model
 from tests.conftest import S3Server, model_ref, sample_frames
@@ -282,7 +282,7 @@ def test_an_evaluation_whose_predictions_changed_after_its_sidecar_is_not_reused
 def test_a_plot_whose_png_changed_after_plots_json_is_not_reused(store, which):
     """``stored_plots`` checks every figure against its digest: one changed PNG makes the plots a miss."""
     key, files, digests = "p" * 32, {}, {}
-    for name in ("confusion.png", "samples.png"):
+    for name in FIGURES:
         png = b"\x89PNG\r\n\x1a\n" + name.encode() * 50
         files[name] = store.unique(store.plots_file(key, name))
         digests[name] = sha256_bytes(png)

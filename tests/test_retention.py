@@ -24,8 +24,8 @@ from storage import Store, sha256_bytes
 from storage.nights import mark_running
 from storage.tables import write_table
 from tasks.champion.pointer import Champion
-from tasks.evaluation.evaluate import EvaluationRef, ModelPredictionsRef
-from tasks.evaluation.plots import PlotsRef, plots_key
+from tasks.evaluation.evaluate import EvaluationRef, ModelPredictionsRef, SliceEvaluation
+from tasks.evaluation.plots import FIGURES, PlotsRef, plots_key
 from tasks.publish.report import MANIFEST, ReportFile, ReportManifest, read_manifest
 from tasks.publish.retention import KEEP_REPORTS, PruneRefused, prune, prune_store
 from tasks.publish.retention_rules import RetentionRules
@@ -64,6 +64,16 @@ def plant_model(store: Store, key: str) -> tuple:
         test_images=10,
         test_accuracy=0.9,
         balanced_accuracy=0.9,
+        slices=[
+            SliceEvaluation(
+                name="mnist-selection",
+                predictions_key=(selection := store.slice_predictions_file(e, "mnist-selection")),
+                predictions_sha256=put(store, selection, b"selection " + key.encode()),
+                images=10,
+                accuracy=0.9,
+                balanced_accuracy=0.9,
+            )
+        ],
     )
     store.write_text(store.evaluation_info_file(e), evaluation.model_dump_json())
     predictions = ModelPredictionsRef(
@@ -71,11 +81,11 @@ def plant_model(store: Store, key: str) -> tuple:
     )
     store.write_text(store.model_predictions_info_file(f"p{key}"), predictions.model_dump_json())
     p = plots_key(model, evaluation)
-    png = store.plots_file(p, "confusion-1.png")
+    pngs = {name: store.plots_file(p, name.replace(".png", "-1.png")) for name in FIGURES}
     plots = PlotsRef(
         key=p,
-        file_keys={"confusion.png": png},
-        sha256={"confusion.png": put(store, png, b"png " + key.encode())},
+        file_keys=pngs,
+        sha256={name: put(store, png, b"png " + key.encode()) for name, png in pngs.items()},
         most_confused=None,
     )
     store.write_text(store.plots_file(p, "plots.json"), plots.model_dump_json())

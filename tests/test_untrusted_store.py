@@ -33,7 +33,7 @@ from tasks.training.checkpoints import pull_checkpoint, push_checkpoint
 from tasks.training.model import ModelRef
 from tasks.training.rebuilt import DamagedModel, load_model
 from tasks.training.train import stored_model
-from tests.conftest import Mirror, model_ref, sample_frames, slow_foreign_model, with_mnist, with_nan_weights
+from tests.conftest import Mirror, model_ref, plots_ref, sample_frames, slow_foreign_model, with_mnist, with_nan_weights
 
 # conftest.SHARED_WORKER runs this module on one xdist worker: its module fixtures are made once
 
@@ -473,7 +473,7 @@ def test_a_record_that_is_not_ours_is_refused_before_prefect_parses_it(tmp_path,
 
     marker = tmp_path / "marker"
     monkeypatch.setenv(MARKER_ENV, str(marker))
-    ref = PlotsRef(key="k", file_keys={"a.png": "plots/k/a.png"}, sha256={"a.png": "0" * 64}, most_confused=None)
+    ref = plots_ref()
     good = {"metadata": {"serializer": {"type": "mnist-reference"}}, "result": ReferenceSerializer().dumps(ref).decode()}
     assert check_record(json.dumps(good).encode()) == ref
     bad = {
@@ -481,7 +481,9 @@ def test_a_record_that_is_not_ours_is_refused_before_prefect_parses_it(tmp_path,
         json_decoder_record({"class": "PlotsRef", "data": ref.model_dump()}): "serializer 'json'",
         json.dumps(good | {"metadata": {"serializer": {"type": "mnist-reference", "picklelib": "os"}}}).encode(): "serializer",
         json.dumps(good | {"result": json.dumps({"class": "Popen", "data": {}})}).encode(): "not one of the references",
-        json.dumps(good | {"result": good["result"].replace("plots/k/a.png", "../../a.png")}).encode(): "field 'file_keys.a.png'",
+        json.dumps(good | {"result": good["result"].replace("plots/k/samples.png", "../../a.png")}).encode(): (
+            "field 'file_keys.samples.png'"
+        ),
         b"\x80\x04garbage": "not JSON",
         b"[" * 100_000: "not JSON",  # nested too deep for the parser: refused, not a crash of every night
         json.dumps(good | {"result": "[" * 100_000}).encode(): "not JSON",
@@ -1284,3 +1286,192 @@ def test_a_training_that_ends_with_nan_weights_stores_no_model_and_the_next_star
     ref = train_model(store, dataset, config, log=lambda _: None)
     assert ref.resumed_from_epoch == 0
     load_model(store, ref)
+
+
+# ---- the eighth review's probes (2026-12-07): the values and sizes inside a reference whose digests match --------
+def written_plots(store: Store, key: str = "k", extra: int = 0) -> dict:
+    """A ``plots.json`` as ``render_plots`` writes it, every file present with its digest; ``extra`` more figures
+    named beside ours (review 8: 7 037 hard links to one sparse 128 MiB file, each hashed by every night)."""
+    from tasks.evaluation.plots import FIGURES
+
+    files, digests = {}, {}
+    for name in [*FIGURES, *(f"extra{i}.png" for i in range(extra))]:
+        files[name] = store.plots_file(key, name)
+        store.write_bytes(files[name], name.encode())
+        digests[name] = sha256_bytes(name.encode())
+    ref = {"key": key, "file_keys": files, "sha256": digests, "most_confused": [3, 5]}
+    store.write_text(store.plots_file(key, "plots.json"), json.dumps(ref))
+    return ref
+
+
+def test_a_plots_json_naming_other_figures_than_ours_is_a_miss_before_a_file_is_hashed(store, monkeypatch):
+    """Loading a plots reference hashes every file it names (in the flow's process, outside the plot step's budget)
+    and the report reads each into memory: a reference naming more figures than ``render_plots`` writes, or others,
+    is damaged, so the figures are rendered again; its files are not hashed. A planted Prefect result record of the
+    plot step holding such a reference is refused the same way (the same model validates it)."""
+    from flows.night.results import ReferenceSerializer, UntrustedRecord, check_record
+
+    assert stored_plots(store, "k") is None  # nothing yet
+    written_plots(store)
+    assert isinstance(stored_plots(store, "k"), PlotsRef)  # ours: a hit
+    hashed: list[str] = []
+    matches = Store.matches
+    monkeypatch.setattr(Store, "matches", lambda self, key, *a, **k: hashed.append(key) or matches(self, key, *a, **k))
+    said: list[str] = []
+    store.warn = said.append
+    ours = written_plots(store)
+    many = written_plots(store, extra=50)
+    assert stored_plots(store, "k") is None and hashed == []
+    renamed = ours | {"file_keys": {("x.png" if n == "samples.png" else n): k for n, k in ours["file_keys"].items()}}
+    for damaged in (renamed, ours | {"most_confused": [3, 120]}):
+        store.write_text(store.plots_file("k", "plots.json"), json.dumps(damaged))
+        assert stored_plots(store, "k") is None and hashed == []
+    assert len(said) == 3 and all("is damaged and not used" in line for line in said), said
+    assert "at most 6 items" in said[0] and "exactly the figures" in said[1] and "most_confused" in said[2], said
+    record = {"metadata": {"serializer": {"type": "mnist-reference"}}, "result": json.dumps({"class": "PlotsRef", "data": many})}
+    with pytest.raises(UntrustedRecord, match="its result is damaged"):
+        check_record(json.dumps(record).encode())
+    assert check_record(json.dumps(record | {"result": ReferenceSerializer().dumps(plots_ref()).decode()}).encode())
+
+
+def written_evaluation(store: Store, key: str = "e") -> dict:
+    """An ``evaluation.json`` as ``_evaluate`` writes it, over real prediction frames of ten images each."""
+    from storage.tables import PREDICTIONS_FILE, write_frame
+    from tasks.evaluation.evaluate import predictions_frame
+
+    rng = np.random.default_rng(0)
+    probabilities = rng.dirichlet(np.ones(10), size=10)
+    frame = predictions_frame(np.arange(10), np.arange(10), probabilities)
+    files = {}
+    for name, path in (
+        ("sample", store.evaluation_file(key)),
+        ("test", store.test_predictions_file(key)),
+        ("mnist-selection", store.slice_predictions_file(key, "mnist-selection")),
+        ("new-data", store.slice_predictions_file(key, "new-data")),
+    ):
+        write_frame(store, path, PREDICTIONS_FILE, frame)
+        files[name] = (path, store.digest(path)[0])
+
+    def part(name: str) -> dict:
+        path, sha256 = files[name]
+        return {"name": name, "predictions_key": path, "predictions_sha256": sha256, "images": 10, "accuracy": 0.1,
+                "balanced_accuracy": 0.1}  # fmt: skip
+
+    ref = {
+        "key": key,
+        "predictions_key": files["sample"][0],
+        "predictions_sha256": files["sample"][1],
+        "test_predictions_key": files["test"][0],
+        "test_predictions_sha256": files["test"][1],
+        "model_sha256": "a" * 64,
+        "dataset_sha256": "d" * 64,
+        "n_per_class": 1,
+        "seed": 0,
+        "n_evaluated": 10,
+        "test_images": 10,
+        "test_accuracy": 0.1,
+        "balanced_accuracy": 0.1,
+        "slices": [part("mnist-selection"), part("new-data")],
+    }
+    store.write_text(store.evaluation_info_file(key), json.dumps(ref))
+    return ref
+
+
+def test_an_evaluation_json_with_slices_or_figures_ours_never_writes_is_evaluated_again(store):
+    """Review 8: a stored ``evaluation.json`` with its digests intact but ``"slices": []`` passed (nothing to check)
+    and the gate failed every night ("no mnist-selection slice"); figures of 1e308 or NaN were copied into the
+    night's own rows, which its readers then skipped. Such a reference is damaged where it is loaded: evaluated
+    again. So is one naming more slices than ours (each would be hashed and read), an unknown or twice-named one."""
+    from tasks.evaluation.evaluate import stored_evaluation
+
+    ours = written_evaluation(store)
+    assert stored_evaluation(store, "e").slice("mnist-selection").images == 10  # ours: a hit
+    selection, new = ours["slices"]
+    damaged = {
+        "no slice": {"slices": []},
+        "no selection": {"slices": [new]},
+        "a slice twice": {"slices": [selection, new, new]},
+        "the selection twice": {"slices": [selection, selection]},
+        "an unknown slice": {"slices": [selection, new | {"name": "zzz"}]},
+        "a test accuracy of 1e308": {"test_accuracy": 1e308},
+        "a balanced accuracy below 0": {"slices": [selection | {"balanced_accuracy": -1e308}, new]},
+        "a NaN accuracy": {"slices": [selection | {"accuracy": float("nan")}, new]},
+        "negative images": {"slices": [selection | {"images": -1}, new]},
+        "a digest of 100 000 characters": {"model_sha256": "a" * 100_000},
+    }
+    for why, change in damaged.items():
+        said: list[str] = []
+        store.warn = said.append
+        store.write_text(store.evaluation_info_file("e"), json.dumps(ours | change))
+        assert stored_evaluation(store, "e") is None, why
+        assert len(said) == 1 and "is damaged and not used" in said[0], (why, said)
+
+
+def test_a_champion_pointer_whose_run_id_or_figures_no_night_writes_is_damaged(store):
+    """Review 8: ``champion.json``'s ``run_id`` of 200 000 characters was quoted in the gate's reason, so every night
+    wrote a ``promotions`` row its readers skip. A pointer whose run id is not one a run has (at most 64 name
+    characters), or whose accuracies are not shares, is damaged: the damaged-champion path (no intact champion in
+    history here: the night's model is judged as a first champion)."""
+    blob = b"weights"
+    store.write_bytes(store.model_file("m"), blob)
+    store.write_text(
+        store.model_info_file("m"),
+        model_ref(key="m", file_key=store.model_file("m"), sha256=sha256_bytes(blob)).model_dump_json(),
+    )
+    pointer = {"model_key": "m", "sha256": sha256_bytes(blob), "run_id": "0b6b3a4e-8f1c-4a43-9d1e-6f0e2b7c1a55",
+               "selection_balanced_accuracy": 0.9, "test_accuracy": 0.9, "promoted_at": "2026-12-01T02:00:00Z",
+               "reason": "passes every rule"}  # fmt: skip
+    store.write_text(store.champion_file(), json.dumps(pointer))
+    assert find_champion(store).champion.run_id == pointer["run_id"]  # ours: used
+    for change in (
+        {"run_id": "r" * 200_000},
+        {"run_id": "run 1; drop"},
+        {"test_accuracy": float("nan")},
+        {"selection_balanced_accuracy": 1e308},
+        {"reason": "x" * 100_000},
+    ):
+        store.write_text(store.champion_file(), json.dumps(pointer | change))
+        lookup = find_champion(store)
+        assert lookup.champion is None, change
+        assert lookup.problem.startswith(f"The champion pointer {store.location(store.champion_file())} is damaged"), change
+        assert len(lookup.problem) < 1_000, change
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"val_accuracy": float("nan")},
+        {"val_accuracy": 1e308},
+        {"train_seconds": float("inf")},
+        {"epochs": -1},
+        {"network": "n" * 100_000},
+        {"device": "d" * 100_000},
+        {"sha256": "a" * 100_000},
+    ],
+)
+def test_a_model_json_with_values_no_training_records_is_a_miss(store, change):
+    """A model reference's figures reach the night's ``runs`` row and its names the logs: out of range, a NaN, or a
+    name of 100 000 characters is a damaged reference (trained again), never copied into a row."""
+    blob = b"weights"
+    store.write_bytes(store.model_file("m"), blob)
+    ref = json.loads(model_ref(key="m", file_key=store.model_file("m"), sha256=sha256_bytes(blob)).model_dump_json())
+    store.write_text(store.model_info_file("m"), json.dumps(ref))
+    assert stored_model(store, "m") is not None
+    store.write_text(store.model_info_file("m"), json.dumps(ref | change))
+    assert stored_model(store, "m") is None
+
+
+def test_a_report_manifest_whose_digest_is_not_one_is_not_used(store):
+    """A report's manifest decides which earlier report folders a prune keeps and which figures a report links: one
+    whose digest is not a SHA-256 (100 000 characters a writer chose) is damaged, not used. (Its number of files is
+    bounded by ``MAX_REPORT_FILES`` too, which the 1 MiB read limit already all but reaches.)"""
+    from tasks.publish.report import MANIFEST, read_manifest
+
+    def manifest(n: int, sha256: str = "a" * 64) -> str:
+        files = {f"f{i}.png": {"key": f"reports/r1/f{i}.png", "sha256": sha256} for i in range(n)}
+        return json.dumps({"run_id": "r1", "files": files})
+
+    store.write_text(store.report_file("r1", MANIFEST), manifest(20))
+    assert len(read_manifest(store, "r1").files) == 20
+    store.write_text(store.report_file("r1", MANIFEST), manifest(1, "a" * 100_000))
+    assert read_manifest(store, "r1") is None

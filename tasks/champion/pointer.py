@@ -16,7 +16,7 @@ from typing import TypeVar
 import pandas as pd
 from pydantic import AliasChoices, BaseModel, Field
 
-from storage import SIDECAR_LIMIT, Store, StoreError, StoreName, UnsafeKey, damage
+from storage import SIDECAR_LIMIT, RunId, Store, StoreError, StoreName, UnsafeKey, damage
 from storage.tables import read_table
 from tasks.training.model import ModelRef
 from tasks.training.rebuilt import MODEL_LIMIT, DamagedModel
@@ -32,19 +32,25 @@ class ChampionError(RuntimeError):
 class Champion(BaseModel):
     """What ``champion.json`` holds."""
 
+    # Every value is bounded where the pointer is read: the gate quotes the run id in the reason a night writes into
+    # its own ``promotions`` row, so a 200 000-character one (review 8) made every night's row one its readers skip.
+    # A pointer that fails these checks is damaged: the last intact champion in history is used instead.
     model_key: StoreName
-    sha256: str
-    run_id: str
+    sha256: str = Field(max_length=64)  # empty for a champion read from history until its model's record is read
+    run_id: RunId
     # on mnist-selection, as the gate compared (champion.json before this release called it balanced_accuracy);
     # None for a champion promoted before the selection split existed
     selection_balanced_accuracy: float | None = Field(
-        validation_alias=AliasChoices("selection_balanced_accuracy", "balanced_accuracy")
+        validation_alias=AliasChoices("selection_balanced_accuracy", "balanced_accuracy"),
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
     )
-    test_accuracy: float
+    test_accuracy: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
     promoted_at: datetime
-    reason: str
+    reason: str = Field(max_length=16_000)  # a gate's or an operator's reason, cut by its writers at 4 000 characters
     forced: bool = False
-    revision: str | None = None  # new with every write of the pointer: what a conditional write compares
+    revision: str | None = Field(None, max_length=128)  # new with every write of the pointer: what a conditional write compares
 
 
 class ChampionLookup(BaseModel):

@@ -8,15 +8,17 @@ alongside, from the same forward pass. On every slice, balanced accuracy is the 
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import numpy as np
 import pandas as pd
-from pydantic import AliasChoices, BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field, model_validator
 
-from storage import DamagedArtifact, Store, StoreError, StoreKey, StoreName, code_digest, sha256_json
+from storage import DamagedArtifact, Digest, Store, StoreError, StoreKey, StoreName, code_digest, sha256_json
 from storage.tables import PREDICTIONS_FILE, read_predictions, write_frame
 from tasks.data.fetch import DatasetRef, load_mnist
 from tasks.data.slices import slice_digest, slice_images
-from tasks.data.splits import DECIDING_SLICES, SLICE_TEST
+from tasks.data.splits import DECIDING_SLICES, SLICE_NEW, SLICE_SELECTION, SLICE_TEST
 from tasks.evaluation.metrics import recall_per_digit
 from tasks.training.model import ModelRef, scale
 from tasks.training.rebuilt import DamagedModel, load_model
@@ -24,34 +26,56 @@ from tasks.training.rebuilt import DamagedModel, load_model
 PREDICT_BATCH = 1024
 
 
+MAX_IMAGES = 1_000_000  # more images than any slice or test set of ours holds (MNIST's test set: 10 000)
+# What a reference of ours records, as pydantic checks it where the reference is loaded (``Store.load_ref``, a Prefect
+# result record): a figure outside these bounds, a NaN or an infinity is a damaged reference (a miss: evaluated again),
+# never a value a night copies into its own rows
+Share = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+Images = Annotated[int, Field(ge=0, le=MAX_IMAGES)]
+SliceName = Literal[SLICE_SELECTION, SLICE_NEW]  # DECIDING_SLICES: the slices ``_evaluate`` predicts
+
+
 class SliceEvaluation(BaseModel):
     """One slice the gate decides on, predicted whole by the evaluated model."""
 
-    name: str
+    name: SliceName
     predictions_key: StoreKey
-    predictions_sha256: str
-    images: int
-    accuracy: float
-    balanced_accuracy: float  # mean per-digit recall on the slice
+    predictions_sha256: Digest
+    images: Images
+    accuracy: Share
+    balanced_accuracy: Share  # mean per-digit recall on the slice
 
 
 class EvaluationRef(BaseModel):
     key: StoreName
     predictions_key: StoreKey = Field(validation_alias=AliasChoices("predictions_key", "path"))  # the balanced sample's
-    model_sha256: str
-    dataset_sha256: str = Field(validation_alias=AliasChoices("dataset_sha256", "dataset_digest"))
-    n_per_class: int
-    seed: int
-    predictions_sha256: str
+    model_sha256: Digest
+    dataset_sha256: Digest = Field(validation_alias=AliasChoices("dataset_sha256", "dataset_digest"))
+    n_per_class: Images
+    seed: int = Field(ge=-(2**63), lt=2**63)
+    predictions_sha256: Digest
     test_predictions_key: StoreKey = Field(
         validation_alias=AliasChoices("test_predictions_key", "test_path")
     )  # every test image's prediction, for paired comparisons with another model
-    test_predictions_sha256: str
-    n_evaluated: int
-    test_images: int
-    test_accuracy: float
-    balanced_accuracy: float  # on the test set's balanced sample: reported, never decided on
-    slices: list[SliceEvaluation] = []  # mnist-selection, and new-data once a batch was accepted
+    test_predictions_sha256: Digest
+    n_evaluated: Images
+    test_images: Images
+    test_accuracy: Share
+    balanced_accuracy: Share  # on the test set's balanced sample: reported, never decided on
+    # mnist-selection always, and new-data once a batch was accepted: each at most once, so the files a reader
+    # hashes before trusting the reference are bounded by what ``_evaluate`` writes, not by the writer of the file
+    slices: list[SliceEvaluation] = Field(default=[], max_length=len(DECIDING_SLICES))
+
+    @model_validator(mode="after")
+    def _our_slices(self) -> EvaluationRef:
+        """The slices ``_evaluate`` predicts, each once, mnist-selection among them (it always has images): a
+        reference without it would pass its digest check with nothing to check and fail the gate every night."""
+        names = [s.name for s in self.slices]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a slice is named twice ({names})")
+        if SLICE_SELECTION not in names:
+            raise ValueError(f"it has no {SLICE_SELECTION} slice, which every evaluation of ours predicts")
+        return self
 
     def slice(self, name: str) -> SliceEvaluation | None:
         return next((s for s in self.slices if s.name == name), None)

@@ -7,6 +7,7 @@ shared between concurrent task runs and no display is ever needed.
 from __future__ import annotations
 
 import io
+from typing import Annotated
 
 import matplotlib
 
@@ -15,9 +16,9 @@ matplotlib.use("Agg")
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from pydantic import AliasChoices, BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field, model_validator
 
-from storage import DamagedArtifact, Store, StoreError, StoreKey, StoreName, code_digest, sha256_bytes, sha256_json
+from storage import DamagedArtifact, Digest, Store, StoreError, StoreKey, StoreName, code_digest, sha256_bytes, sha256_json
 from storage.tables import NUM_CLASSES, read_frame, read_predictions
 from tasks.data.fetch import DatasetRef, load_mnist
 from tasks.evaluation.evaluate import EvaluationRef
@@ -157,13 +158,37 @@ def training_curves(history: pd.DataFrame | None, problem: str = "") -> Figure:
     return fig
 
 
+# Every figure ``render_plots`` writes, by file name: a plots reference names exactly these
+FIGURES = (
+    "confusion.png",
+    "confusion_mistakes.png",
+    "per_class_accuracy.png",
+    "samples.png",
+    "most_confused.png",
+    "training_curves.png",
+)
+Digit = Annotated[int, Field(ge=0, le=NUM_CLASSES - 1)]
+
+
 class PlotsRef(BaseModel):
-    """The rendered PNGs of one evaluation: identical for every run that reuses that evaluation."""
+    """The rendered PNGs of one evaluation: identical for every run that reuses that evaluation.
+
+    Loading one hashes each file it names, in the flow's process, and the report reads each into memory: so it names
+    exactly the ``FIGURES`` this code renders, each with its digest. A reference naming more (7 000 hard links to a
+    128 MiB file, review 8) or other files is damaged: a miss, and the figures are rendered again."""
 
     key: StoreName
-    file_keys: dict[StoreName, StoreKey] = Field(validation_alias=AliasChoices("file_keys", "files"))  # figure name → key
-    sha256: dict[StoreName, str]
-    most_confused: tuple[int, int] | None
+    file_keys: dict[StoreName, StoreKey] = Field(
+        validation_alias=AliasChoices("file_keys", "files"), max_length=len(FIGURES)
+    )  # figure name → key
+    sha256: dict[StoreName, Digest] = Field(max_length=len(FIGURES))
+    most_confused: tuple[Digit, Digit] | None
+
+    @model_validator(mode="after")
+    def _our_figures(self) -> PlotsRef:
+        if set(self.file_keys) != set(FIGURES) or set(self.sha256) != set(FIGURES):
+            raise ValueError(f"it does not name exactly the figures {', '.join(FIGURES)}, each with its digest")
+        return self
 
 
 def plots_code() -> str:

@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from tasks.data.batch_limits import MAX_BATCH_ROWS
 from tasks.data.copy_limits import NEAR_COPY_PIXELS, PIXEL_TOLERANCE, RANKED_COPY_PIXELS
 
+MAX_FILES_PER_NIGHT = 10_000  # the most ``max_files_per_night`` may be set to
+
 
 class IngestRules(BaseModel):
     """When a new batch is quarantined instead of trained on; the flow's "ingest" parameter group.
@@ -112,7 +114,7 @@ class IngestRules(BaseModel):
     max_files_per_night: int = Field(
         20,
         ge=1,
-        le=10_000,
+        le=MAX_FILES_PER_NIGHT,
         title="Most batch files a night",
         description="A night takes at most this many new batch files from the incoming location, oldest first; "
         "the rest wait there, untouched, for a later night.",

@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-from storage import SIDECAR_LIMIT, Store, StoreError, StoreKey, StoreName, sha256_bytes
+from storage import SIDECAR_LIMIT, Digest, RunId, Store, StoreError, StoreKey, StoreName, sha256_bytes
 from storage.tables import NUM_CLASSES, read_partition, read_table
 from tasks.champion.gate import mcnemar_text
 from tasks.champion.promotion import MANUAL, GateRef
@@ -17,8 +17,9 @@ from tasks.data.fetch import DatasetRef
 from tasks.data.splits import SELECTION_PER_DIGIT, SLICE_SELECTION, SLICE_TEST
 from tasks.evaluation.evaluate import EvaluationRef
 from tasks.evaluation.metrics import wilson_interval
-from tasks.evaluation.plots import DIGITS, PlotsRef, plot_text, png_bytes
+from tasks.evaluation.plots import DIGITS, FIGURES, PlotsRef, plot_text, png_bytes
 from tasks.intake.ingest import BatchRecord
+from tasks.intake.rules import MAX_FILES_PER_NIGHT
 from tasks.publish.markdown import md_text
 from tasks.publish.run_record import RunRecord
 from tasks.publish.tabulate import TablesRef
@@ -32,16 +33,22 @@ PNG_LIMIT = 16 << 20  # a figure is a few hundred KB
 MANIFEST = "report.json"
 
 
+# the evaluation's figures, the report's own, index.md, and one drift figure for each batch a night may take
+MAX_REPORT_FILES = len(FIGURES) + 10 + MAX_FILES_PER_NIGHT
+
+
 class ReportRef(BaseModel):
-    run_id: str
-    directory_key: str
-    file_keys: dict[str, str]  # file name → key: in this run's folder, or in an earlier report's with the same bytes
-    sha256: dict[str, str] = {}  # file name → SHA-256 of its bytes: what a later reader checks them against
+    run_id: RunId
+    directory_key: StoreKey
+    # file name → key: in this run's folder, or in an earlier report's with the same bytes
+    file_keys: dict[StoreName, StoreKey] = Field(max_length=MAX_REPORT_FILES)
+    # file name → SHA-256 of its bytes: what a later reader checks them against
+    sha256: dict[StoreName, Digest] = Field(default={}, max_length=MAX_REPORT_FILES)
 
 
 class ReportFile(BaseModel):
     key: StoreKey
-    sha256: str
+    sha256: Digest
 
 
 class ReportManifest(BaseModel):
@@ -51,7 +58,7 @@ class ReportManifest(BaseModel):
     rest. ``mnist-pipeline store prune`` keeps every report a kept report's manifest points into."""
 
     run_id: StoreName
-    files: dict[StoreName, ReportFile]
+    files: dict[StoreName, ReportFile] = Field(max_length=MAX_REPORT_FILES)
 
     def folders(self) -> set[str]:
         """The report folders (run ids) this report's files are in, its own included."""

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import AliasChoices, BaseModel, Field
 
-from storage import StoreKey, StoreName
+from storage import Digest, StoreKey, StoreName
 from storage.tables import NUM_CLASSES
 from tasks.training.config import DEFAULT_EPOCHS, ModelName  # noqa: F401 (their home before; imported from here)
 from tasks.training.keras_runtime import import_keras
@@ -20,24 +20,30 @@ if TYPE_CHECKING:  # Keras loads TensorFlow (seconds): only the builders need it
     import keras
 
 INPUT_SHAPE = (28, 28, 1)
+MAX_EPOCHS = 10_000  # more epochs than any training of ours runs
+MAX_TRAIN_IMAGES = 100_000_000  # more images than any training set of ours holds
 
 
 class ModelRef(BaseModel):
     """A trained model in the store: a reference and a digest, never the weights themselves."""
 
+    # Bounded where the reference is loaded (a sidecar, a Prefect result record): names are short words, counts and
+    # figures in range and finite, so no value a writer chose reaches a night's rows or reasons unchecked (review 8)
     key: StoreName  # the training key
     file_key: StoreKey = Field(validation_alias=AliasChoices("file_key", "path"))  # the .keras file ("path" before)
-    sha256: str
+    sha256: Digest
     history_key: StoreKey = Field(validation_alias=AliasChoices("history_key", "history_path"))
-    network: str = Field(validation_alias=AliasChoices("network", "model"))  # the ModelName it was built from ("model" before)
-    backend: str = "tensorflow"  # the Keras backend it was trained on (references made before the choice: TensorFlow)
-    device: str
-    precision: str
-    epochs: int
-    resumed_from_epoch: int
-    train_images: int
-    train_seconds: float
-    val_accuracy: float
+    network: str = Field(
+        validation_alias=AliasChoices("network", "model"), max_length=64
+    )  # the ModelName it was built from ("model" before)
+    backend: str = Field("tensorflow", max_length=64)  # the Keras backend it was trained on (before the choice: TensorFlow)
+    device: str = Field(max_length=64)
+    precision: str = Field(max_length=64)
+    epochs: int = Field(ge=0, le=MAX_EPOCHS)
+    resumed_from_epoch: int = Field(ge=0, le=MAX_EPOCHS)
+    train_images: int = Field(ge=0, le=MAX_TRAIN_IMAGES)
+    train_seconds: float = Field(ge=0.0, le=1e7, allow_inf_nan=False)
+    val_accuracy: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
     # trained without the mnist-selection split (``tasks.data.splits``); False for models made before the split existed,
     # which trained on all 60 000 images: the gate does not compare them on images they learned
     selection_held_out: bool = False
