@@ -13,11 +13,13 @@ need no network built, for the training step's cache lookup.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 import zipfile
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -60,15 +62,24 @@ def load_model(store: Store, ref: ModelRef):
     The file is copied once (at most ``MODEL_LIMIT`` bytes), hashed while copied, and read from that copy,
     so it cannot change between check and use. Raises ``DamagedModel`` naming the file and what is wrong.
     """
+    with _model_copy(store, ref) as (local, where):
+        return _rebuilt(local, ref, where)
+
+
+@contextlib.contextmanager
+def _model_copy(store: Store, ref: ModelRef) -> Iterator[tuple[str, str]]:
+    """The model file copied once and hashed while copied (at most ``MODEL_LIMIT`` bytes), and where it lies in the
+    store; every failure to get it (too large, changed since its digest was recorded, gone, a folder, link or pipe
+    put there) a ``DamagedModel``."""
     where = store.location(ref.file_key)
     try:
         with store.verified_copy(ref.file_key, ref.sha256, suffix=".keras", limit=MODEL_LIMIT) as local:
-            return _rebuilt(local, ref, where)
+            yield local, where
     except DamagedModel:
         raise
-    except DamagedArtifact as exc:  # too large, or changed since its digest was recorded
+    except DamagedArtifact as exc:
         raise DamagedModel(str(exc)) from exc
-    except (OSError, StoreError) as exc:  # gone, or a folder, link or pipe put there since it was checked
+    except (OSError, StoreError) as exc:
         raise DamagedModel(f"model {where} cannot be read ({type(exc).__name__}: {exc})") from exc
 
 
@@ -78,17 +89,9 @@ def check_archive(store: Store, ref: ModelRef) -> None:
     No network is built and no weight read: the training step's cache lookup uses it, and a fully cached night imports
     no TensorFlow. Whether the config is the network this code builds, and its weights ours and finite, is checked
     when the model is loaded (``load_model``), and a night whose model fails there trains it again."""
-    where = store.location(ref.file_key)
-    try:
-        with store.verified_copy(ref.file_key, ref.sha256, suffix=".keras", limit=MODEL_LIMIT) as local:
-            _recipe(ref, where)
-            stored_config(local, where)
-    except DamagedModel:
-        raise
-    except DamagedArtifact as exc:  # too large, or changed since its digest was recorded
-        raise DamagedModel(str(exc)) from exc
-    except (OSError, StoreError) as exc:  # gone, or a folder, link or pipe put there since it was checked
-        raise DamagedModel(f"model {where} cannot be read ({type(exc).__name__}: {exc})") from exc
+    with _model_copy(store, ref) as (local, where):
+        _recipe(ref, where)
+        stored_config(local, where)
 
 
 def _rebuilt(local: str, ref: ModelRef, where: str):
