@@ -313,3 +313,19 @@ def test_a_nights_date_is_the_utc_date_it_was_scheduled_for_not_when_it_ran():
     assert night_of(paris) == date(2026, 12, 6)  # 23:30 UTC
     by_hand = Execution(started_at=datetime(2026, 12, 7, 9, 0, tzinfo=UTC))
     assert night_of(by_hand) == date(2026, 12, 7)  # no schedule outside a deployment: the day it started
+
+
+def test_a_slice_without_a_digit_writes_per_class_rows_for_the_digits_it_holds(tmp_path):
+    """Review 9: a new-data slice without a 9 (an honest batch of 54 images, none a 9) made every night's tabulate
+    fail on the 9's null recall. Its per_class rows are the digits it holds, and the real table takes them."""
+    from storage import Store
+    from tasks.evaluation.metrics import confusion_matrix
+    from tasks.publish.tabulate import PUBLISHED_AS, per_class_rows
+
+    labels = np.arange(54) % 9  # 0–8, six of each, no 9
+    rows = per_class_rows(confusion_matrix(labels, labels))
+    assert rows["label"].tolist() == list(range(9)) and (rows["recall"] == 1.0).all()
+    store = Store(tmp_path / "store")
+    frame = rows.rename(columns=PUBLISHED_AS).assign(slice="new-data", evaluation_key="e" * 32)  # as tabulate writes it
+    write_table(store, "per_class", "run-1", frame)
+    assert read_table(store, "per_class", run_id="run-1")["true_label"].tolist() == list(range(9))

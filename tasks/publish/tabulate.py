@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, date, datetime
 
+import numpy as np
 import pandas as pd
 from pydantic import BaseModel
 
@@ -126,6 +127,15 @@ def _holds(store: Store, table: str, run_id: str, evaluation_key: str) -> bool:
     return store.exists(key) and (read_partition(store, table, key)["evaluation_key"] == evaluation_key).any()
 
 
+def per_class_rows(cm: np.ndarray) -> pd.DataFrame:
+    """A slice's ``per_class`` rows: one per digit the slice holds, accuracy as ``recall``. A digit it does not hold
+    has no row: its recall is undefined, and ``recall`` is never null. Review 9 (2026-12-07): an honest batch of 54
+    images without a 9 (or with two 9s, of which the holdout took none) left the new-data slice without that digit,
+    and every later night's tabulate failed on the null recall, so no night published until a 9 arrived."""
+    frame = per_class_frame(cm).drop(columns=["accuracy"])
+    return frame[frame["support"] > 0].reset_index(drop=True)
+
+
 def tabulate(store: Store, run: RunRecord) -> TablesRef:
     """Write this run's partition of every table, the evaluation's rows only if no earlier run wrote them; ``runs``
     last, so a run listed there has its rows, with ``published`` false until ``record_finish`` says the night
@@ -139,7 +149,7 @@ def tabulate(store: Store, run: RunRecord) -> TablesRef:
             cm = confusion_matrix(counted["true_label"].to_numpy(), counted["predicted_label"].to_numpy())
             for table, frame in (
                 ("confusion", confusion_frame(cm)),
-                ("per_class", per_class_frame(cm).drop(columns=["accuracy"])),  # recall, under its own name
+                ("per_class", per_class_rows(cm)),
                 ("predictions", predictions),
             ):
                 tables[table].append(frame.rename(columns=PUBLISHED_AS).assign(slice=name, evaluation_key=run.evaluation.key))
