@@ -37,6 +37,12 @@ from storage.tables import schema
 root, kind, count, rows, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 store = Store(root)
 text = "r" * size
+predicted = {  # the columns a predictions partition and a stored predictions frame share
+    "true_label": pa.array(np.arange(rows, dtype=np.int8) % 10),
+    "predicted_label": pa.array(np.arange(rows, dtype=np.int8) % 10),
+    "confidence": pa.array(np.ones(rows, np.float32)),
+    "probabilities": pa.FixedSizeListArray.from_arrays(pa.array(np.full(rows * 10, 0.1, np.float32)), 10),
+}
 if kind == "promotions":
     for p in range(count):
         cols = {
@@ -54,10 +60,7 @@ elif kind == "predictions":  # a night's partition of the predictions table whos
     sch = schema("predictions")
     table = pa.table({
         "image_index": pa.array(np.arange(rows, dtype=np.int32)),
-        "true_label": pa.array(np.arange(rows, dtype=np.int8) % 10),
-        "predicted_label": pa.array(np.arange(rows, dtype=np.int8) % 10),
-        "confidence": pa.array(np.ones(rows, np.float32)),
-        "probabilities": pa.FixedSizeListArray.from_arrays(pa.array(np.full(rows * 10, 0.1, np.float32)), 10),
+        **predicted,
         "sampled": pa.array(np.ones(rows, bool)),
         "slice": pa.array(["mnist-test"] * rows),
         "evaluation_key": pa.array([text or "e" * 32] * rows),
@@ -68,10 +71,7 @@ elif kind == "predictions":  # a night's partition of the predictions table whos
 else:  # a stored predictions frame whose slice is the long string
     table = pa.table({
         "test_index": pa.array(np.arange(rows, dtype=np.int32)),
-        "true_label": pa.array(np.arange(rows, dtype=np.int8) % 10),
-        "predicted_label": pa.array(np.arange(rows, dtype=np.int8) % 10),
-        "confidence": pa.array(np.ones(rows, np.float32)),
-        "probabilities": pa.FixedSizeListArray.from_arrays(pa.array(np.full(rows * 10, 0.1, np.float32)), 10),
+        **predicted,
         "slice": pa.array([text or "mnist-selection"] * rows),
     })
     pq.write_table(table, root + "/p.parquet", compression="zstd")
