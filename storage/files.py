@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fsspec import AbstractFileSystem
 from pydantic import ValidationError
@@ -213,7 +213,7 @@ class StoreFiles:
         self._swept.add(folder)
         cutoff = time.time() - STALE_TMP_SECONDS
         try:
-            entries = self.fs.ls(folder, detail=True)
+            entries = self.listing(folder)
         except (FileNotFoundError, OSError):
             return
         for entry in entries:
@@ -362,15 +362,34 @@ class StoreFiles:
             raise StoreError(f"There is no store at {self.url}: nothing is there; {fix}.")
         if kind != "directory":
             raise StoreError(f"{self.url} is a {'file' if kind == 'file' else kind}, not a store; {fix}.")
-        names = [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False)]
+        names = [posixpath.basename(entry["name"]) for entry in self.listing(self.root)]
         if names and not set(names) & set(STORE_ENTRIES):
             shown = ", ".join(sorted(names)[:5]) + (", …" if len(names) > 5 else "")
             raise StoreError(f"{self.url} is a folder but not a store: it holds {shown} and none of a store's entries; {fix}.")
         return bool(names)
 
+    def listing(self, folder: str) -> list[dict[str, Any]]:
+        """The entries directly in ``folder`` (a path, as ``path`` gives), each name once, in name order: the one
+        way the code lists the store, so no caller sees a name twice.
+
+        An object store has no folders, only keys: an object ``a/b`` and an object ``a/b/c`` make s3fs list ``b``
+        twice, once as a file and once as a folder (the common prefix). Listed once, that name is the folder (it
+        holds what was written below it) and the object beside it is not a second entry."""
+        entries: dict[str, dict[str, Any]] = {}
+        for entry in self.fs.ls(folder, detail=True):
+            name = entry["name"].rstrip("/")
+            if name not in entries or entry.get("type") == "directory":
+                entries[name] = {**entry, "name": name}
+        return [entries[name] for name in sorted(entries)]
+
     def list_files(self, key: str) -> list[str]:
-        """The names of the files directly in folder ``key``."""
-        return [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.path(key), detail=False)]
+        """The names of the entries directly in folder ``key`` (files and folders), each once."""
+        return [posixpath.basename(entry["name"]) for entry in self.listing(self.path(key))]
+
+    def list_folders(self, key: str) -> list[str]:
+        """The names of the folders directly in folder ``key``: a plain file (or object) is not one, even where an
+        object store lists a folder of its name beside it (then the folder is listed, once)."""
+        return [posixpath.basename(e["name"]) for e in self.listing(self.path(key)) if e.get("type") == "directory"]
 
     def get_file(self, key: str, local: str, limit: int | None = None) -> int:
         """Copy ``key`` to the local path ``local``; returns the bytes copied. With ``limit``, copying stops there and

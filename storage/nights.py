@@ -56,7 +56,7 @@ def running_nights(store: Store, now: datetime | None = None) -> tuple[list[Nigh
     try:
         if not store.fs.exists(folder):
             return [], []
-        entries = store.fs.ls(folder, detail=True)
+        entries = store.listing(folder)
     except (OSError, StoreError) as exc:
         raise NightStateUnreadable(
             f"The running nights' markers in {store.location(markers)} cannot be listed ({exc}): "

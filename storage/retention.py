@@ -89,7 +89,7 @@ def units(store: Store, kind: str) -> list[str]:
     if not store.fs.exists(parent):
         return []
     names = []
-    for entry in store.fs.ls(parent, detail=True):
+    for entry in store.listing(parent):
         name = posixpath.basename(entry["name"].rstrip("/"))
         if entry.get("type") != "directory" or name.startswith(".") or name in NOT_UNITS.get(kind, ()):
             continue

@@ -582,12 +582,12 @@ def partition_files(store: Store, table: str) -> list[str]:
             odd.append("/".join(rel))
 
     if store.is_local:
-        for folder in store.fs.ls(top, detail=True):
+        for folder in store.listing(top):
             name = posixpath.basename(folder["name"].rstrip("/"))
             if folder["type"] != "directory" or not name.startswith("run_id="):
                 keep([name], folder["type"], folder["name"])
                 continue
-            for entry in store.fs.ls(folder["name"], detail=True):
+            for entry in store.listing(folder["name"]):
                 keep([name, posixpath.basename(entry["name"].rstrip("/"))], entry["type"], entry["name"])
     else:
         for path, info in store.fs.find(top, withdirs=False, detail=True).items():

@@ -363,6 +363,31 @@ def test_a_planted_batch_record_cannot_reach_outside_the_store_or_swap_its_files
     assert accepted_batches(store) == [] and batch_records(store) == []
 
 
+def test_an_object_planted_beside_a_batch_folder_in_a_bucket_is_not_a_second_batch(s3_server, synthetic):
+    """A one-byte object at ``batches/<digest>`` beside an accepted batch's folder: s3fs lists that name twice (the
+    object and the common prefix), and the batch was read twice (a night trained on it twice and judged its holdout
+    twice, review 10 #4). The store lists each name once; a batch is a folder, keyed by its digest."""
+    import posixpath
+
+    from tasks.data.fetch import DirectorySource, fetch_mnist
+
+    store = Store(s3_server.bucket("twice") + "/store")
+    dataset = fetch_mnist(store, sources=[DirectorySource(synthetic.write_raw())], files=synthetic.specs, log=lambda m: None)
+    arrive(store, "night-1.parquet", batch_bytes(*fresh_images(60)))
+    (record,) = ingest(store, dataset)[0].night
+    assert record.status == "accepted"
+    folder = store.path(store.batch_dir())
+    store.fs.pipe_file(posixpath.join(folder, record.digest), b"x")  # the plant, beside the batch's folder
+    store.fs.pipe_file(posixpath.join(folder, "f" * 64), b"x")  # a plain object named like a batch, no folder
+    store.fs.invalidate_cache()
+    assert [posixpath.basename(p) for p in store.fs.ls(folder)].count(record.digest) == 2  # s3fs: twice
+
+    assert store.list_files(store.batch_dir()) == sorted([record.digest, "f" * 64])  # each name once
+    assert store.list_folders(store.batch_dir()) == [record.digest]  # the object alone is not a folder
+    assert [r.digest for r in batch_records(store)] == [record.digest]
+    assert [b.digest for b in accepted_batches(store)] == [record.digest]
+
+
 # ---- the gate, per slice --------------------------------------------------------------------------------------
 def test_the_gate_decides_on_selection_and_new_data_and_never_reads_the_test_set(tmp_path):
     from tasks.champion.gate import GateRules

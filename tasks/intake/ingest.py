@@ -586,16 +586,19 @@ def batch_records(store: Store) -> list[BatchRecord]:
     An accepted batch's shares are hashed and parsed before it is used (up to 100 000 rows each), so a store holding
     thousands of planted records would cost every night minutes of hashing: after that many
     damaged records the rest are not read that time, with a warning saying so (the night goes on with the intact
-    records read so far; an operator removes the damaged ones)."""
+    records read so far; an operator removes the damaged ones).
+
+    A batch is its digest, read once: the records are keyed by it, and only folders are batches (an object planted
+    at ``batches/<digest>`` beside the folder is not a second one: ``Store.listing`` lists that name once)."""
     if not store.exists(store.batch_dir()):
         return []
-    records: list[BatchRecord] = []
+    records: dict[str, BatchRecord] = {}
     damaged: list[str] = []
-    names = sorted(n for n in store.list_files(store.batch_dir()) if len(n) == 64 and not set(n) - set("0123456789abcdef"))
+    names = sorted(n for n in store.list_folders(store.batch_dir()) if len(n) == 64 and not set(n) - set("0123456789abcdef"))
     for place, name in enumerate(names):
         record = batch_record(store, name)
         if record is not None:
-            records.append(record)
+            records.setdefault(record.digest, record)
             continue
         store.warn(f"Batch {name[:12]}: its record or one of its files is missing or damaged, so it is not used")
         damaged.append(name[:12])
@@ -606,7 +609,7 @@ def batch_records(store: Store) -> list[BatchRecord]:
                 "damaged batch folders (their records name files that do not match their digests), then run again"
             )
             break
-    return records
+    return list(records.values())
 
 
 def _trainable(record: BatchRecord) -> bool:
@@ -628,7 +631,7 @@ def incoming_store(store: Store, url: str | None = None) -> Store:
 
 def _listing(incoming: Store) -> list[dict]:
     try:
-        return incoming.fs.ls(incoming.root, detail=True)
+        return incoming.listing(incoming.root)
     except FileNotFoundError:
         return []
     except NotARegularFile:

@@ -56,7 +56,7 @@ def pull_checkpoint(store: Store, key: str, local: Path) -> int | None:
     folder = store.checkpoint_key(key, pointer.folder)
     left = CHECKPOINT_LIMIT
     try:
-        for entry in store.fs.ls(store.path(folder), detail=True):
+        for entry in store.listing(store.path(folder)):
             name = confine_name(posixpath.basename(entry["name"].rstrip("/")))
             if entry.get("type") != "file":
                 raise StoreError(f"{name!r} is not a file")
