@@ -382,10 +382,10 @@ def test_an_object_planted_beside_a_batch_folder_in_a_bucket_is_not_a_second_bat
     store.fs.invalidate_cache()
     assert [posixpath.basename(p) for p in store.fs.ls(folder)].count(record.digest) == 2  # s3fs: twice
 
-    assert store.list_files(store.batch_dir()) == sorted([record.digest, "f" * 64])  # each name once
-    assert store.list_folders(store.batch_dir()) == [record.digest]  # the object alone is not a folder
     assert [r.digest for r in batch_records(store)] == [record.digest]
     assert [b.digest for b in accepted_batches(store)] == [record.digest]
+    assert store.list_files(store.batch_dir()) == sorted([record.digest, "f" * 64])  # each name once
+    assert store.list_folders(store.batch_dir()) == [record.digest]  # the object alone is not a folder
 
 
 # ---- the gate, per slice --------------------------------------------------------------------------------------
