@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from storage.files import DamagedArtifact
+from storage.files import DamagedArtifact, listed_mtime
 from storage.keys import confine_key
 from storage.store import Store
 
@@ -569,15 +569,28 @@ def partition_files(store: Store, table: str) -> list[str]:
     A local store is listed one level at a time through its door (two listings deep, whatever is planted); a remote
     store in one flat listing of its prefix (an object store has no folders to recurse into), of which only the
     keys at a partition's depth are kept."""
+    return sorted(_partition_entries(store, table))
+
+
+def newest_partition_files(store: Store, table: str, limit: int) -> list[str]:
+    """The files of ``table``'s ``limit`` newest partition files by the listing's modification time (S3: the time
+    the server stored the object, which no writer sets), newest first: what a reader that must stay bounded however
+    many partitions a writer planted reads (the champion search of a broken pointer, ``tasks/champion/pointer.py``)."""
+    entries = _partition_entries(store, table)
+    return sorted(entries, key=lambda path: (entries[path], path), reverse=True)[:limit]
+
+
+def _partition_entries(store: Store, table: str) -> dict[str, float]:
+    """``partition_files``' files, each with its modification time as listed."""
     top = store.path(store.table_dir(table)).rstrip("/")
-    files: list[str] = []
+    files: dict[str, float] = {}
     odd: list[str] = []
 
-    def keep(rel: list[str], kind: str | None, path: str) -> None:
+    def keep(rel: list[str], entry: dict, path: str) -> None:
         if any(part.startswith(HIDDEN) for part in rel):
             return
-        if len(rel) == 2 and rel[0].startswith("run_id=") and rel[1].endswith(".parquet") and kind == "file":
-            files.append(path)
+        if len(rel) == 2 and rel[0].startswith("run_id=") and rel[1].endswith(".parquet") and entry.get("type") == "file":
+            files[path] = listed_mtime(entry)
         else:
             odd.append("/".join(rel))
 
@@ -585,28 +598,29 @@ def partition_files(store: Store, table: str) -> list[str]:
         for folder in store.listing(top):
             name = posixpath.basename(folder["name"].rstrip("/"))
             if folder["type"] != "directory" or not name.startswith("run_id="):
-                keep([name], folder["type"], folder["name"])
+                keep([name], folder, folder["name"])
                 continue
             for entry in store.listing(folder["name"]):
-                keep([name, posixpath.basename(entry["name"].rstrip("/"))], entry["type"], entry["name"])
+                keep([name, posixpath.basename(entry["name"].rstrip("/"))], entry, entry["name"])
     else:
         for path, info in store.fs.find(top, withdirs=False, detail=True).items():
             path = store.fs._strip_protocol(path).rstrip("/")
-            keep(path[len(top) + 1 :].split("/"), info.get("type"), path)
+            keep(path[len(top) + 1 :].split("/"), info, path)
     if odd:
         store.warn(
             f"Skipping {len(odd)} entr{'y' if len(odd) == 1 else 'ies'} of table {table!r} that are not partitions "
             f"this pipeline writes (run_id=<id>/<part>.parquet), first: {odd[0][:200]!r}"
         )
-    return sorted(files)
+    return files
 
 
-def dataset(store: Store, table: str) -> ds.Dataset:
-    """Every run of ``table`` as one pyarrow dataset, of the files ``partition_files`` lists: pyarrow is given the
-    files, never asked to discover them (its discovery recurses into whatever a writer planted)."""
+def dataset(store: Store, table: str, files: list[str] | None = None) -> ds.Dataset:
+    """Every run of ``table`` (or only ``files`` of it) as one pyarrow dataset, of the files ``partition_files``
+    lists: pyarrow is given the files, never asked to discover them (its discovery recurses into whatever a writer
+    planted)."""
     partitioning = ds.partitioning(pa.schema([RUN_ID]), flavor="hive")
     return ds.dataset(
-        partition_files(store, table),
+        partition_files(store, table) if files is None else files,
         filesystem=store.fs,
         format="parquet",
         schema=schema(table).append(RUN_ID),
@@ -735,7 +749,11 @@ def columns_of(table: str, columns: Collection[str] | None = None) -> pa.Schema:
 
 
 def read_table(
-    store: Store, table: str, run_id: str | Collection[str] | None = None, columns: Collection[str] | None = None
+    store: Store,
+    table: str,
+    run_id: str | Collection[str] | None = None,
+    columns: Collection[str] | None = None,
+    newest: int | None = None,
 ) -> pd.DataFrame:
     """All runs of ``table`` (or one, or those in a collection of run ids, where None names the operators'
     partition, ``NO_RUN``) as a DataFrame, ``run_id`` included. Only the named runs' partitions are opened: on a
@@ -751,7 +769,8 @@ def read_table(
     no writer of ours produces (``invalid_rows``: a null timestamp, a NaN or out-of-range figure, an unknown
     decision) are dropped too, with one warning per table per read. Only the partition layout the store writes is listed
     (``partition_files``): links, pipes, folders at any depth and files outside it are skipped with one warning,
-    hidden names silently (``storage/door.py``).
+    hidden names silently (``storage/door.py``). With ``newest``, only that many partition files are read, the
+    newest by modification time (``newest_partition_files``): a reader whose cost must not grow with what was planted.
     """
     full = columns_of(table, columns)
     named = None if run_id is None or isinstance(run_id, str) else sorted({r for r in run_id if r is not None})
@@ -767,7 +786,7 @@ def read_table(
         if operators:  # the partition Hive reads as a null run id
             flt = flt | ds.field("run_id").is_null()
     try:
-        data = dataset(store, table)
+        data = dataset(store, table, None if newest is None else newest_partition_files(store, table, newest))
         fragments = list(data.get_fragments(filter=flt))
     except (pa.ArrowException, OSError, ValueError, RecursionError) as exc:  # the listing failed: no partition is trusted
         store.warn(f"Table {table!r} cannot be listed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}): read as empty")

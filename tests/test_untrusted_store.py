@@ -677,6 +677,64 @@ def test_a_broken_pointer_checks_at_most_max_looked_at_earlier_champions(store, 
     assert any(f"None of the {MAX_LOOKED_AT} latest earlier champions is intact" in line for line in said), said
 
 
+def test_a_broken_pointer_reads_at_most_max_promotions_searched_partitions_and_finds_the_newest_champion(store, monkeypatch):
+    """A store writer plants thousands of ``promotions`` partitions and breaks the pointer: the search for the last
+    intact champion (the label judge's and the gate's, both deciding steps) read every partition, 48 s for 6 000
+    (review 10 #5). It reads the newest ``MAX_PROMOTIONS_SEARCHED`` by modification time, and finds the real last
+    champion among them; one promoted earlier than those is not reached."""
+    import pandas as pd
+
+    import storage.tables
+    import tasks.champion.pointer as pointer
+    from storage.tables import SCHEMAS
+
+    searched = 5
+    monkeypatch.setattr(pointer, "MAX_PROMOTIONS_SEARCHED", searched)
+    read: list[str] = []
+    latest = storage.tables._latest
+    monkeypatch.setattr(
+        storage.tables, "_latest", lambda s, table, fragment, full: read.append(fragment.path) or latest(s, table, fragment, full)
+    )
+
+    def promoted(key: str, day: int, intact: bool = False) -> pd.DataFrame:
+        blob = b"weights " + key.encode()
+        store.write_bytes(store.model_file(key), blob)
+        digest = sha256_bytes(blob) if intact else "a" * 64
+        store.write_text(
+            store.model_info_file(key), model_ref(key=key, file_key=store.model_file(key), sha256=digest).model_dump_json()
+        )
+        row = {
+            "decided_at": pd.Timestamp("2026-01-01", tz="UTC") + pd.Timedelta(days=day),
+            "decision": "promoted",
+            "reason": "passes every rule",
+            "forced": False,
+            "decided_by": "gate",
+            "challenger_model_key": key,
+            "challenger_test_accuracy": 0.99,
+            "slices": [],
+        }
+        return pd.DataFrame([row]).reindex(columns=SCHEMAS["promotions"].names)
+
+    now = time.time()
+    for i in range(searched + 3):  # planted before the real champion's night (older files), damaged models
+        write_table(store, "promotions", f"planted-{i}", promoted(f"p{i}", 400 + i))
+        os.utime(store.path(store.table_file("promotions", f"planted-{i}")), (now - 86_400 - i, now - 86_400 - i))
+    write_table(store, "promotions", "real", promoted("real", 1, intact=True))
+    store.write_text(store.champion_file(), "not json")
+    store.warn = lambda line: None
+
+    lookup = find_champion(store)
+    assert lookup.fallback and lookup.champion is not None and lookup.champion.run_id == "real"
+    assert len(read) == searched, read  # of 9 partitions, the 5 newest
+
+    for i in range(searched):  # planted after it: the real champion is no longer among the newest
+        write_table(store, "promotions", f"later-{i}", promoted(f"q{i}", 500 + i))
+    read.clear()
+    lookup = find_champion(store)
+    assert lookup.champion is None and "no earlier champion is intact" in lookup.problem
+    assert len(read) == searched
+
+
 # ---- the second review's probes (2026-12-07): sizes a reference may name, checkpoints Keras restores, locks -------
 def test_a_reference_naming_a_huge_file_is_a_miss_before_a_byte_is_hashed(store, monkeypatch):
     """A night's model (or a batch's incoming copy) swapped for a sparse file of terabytes was hashed whole, in the
