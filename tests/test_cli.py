@@ -297,6 +297,28 @@ def test_a_manual_promote_of_the_champion_changes_nothing_and_an_operators_reaso
     assert code == 1 and "`mnist-pipeline runs list` lists the run ids" in err
 
 
+@pytest.mark.parametrize("plant", ["a second file", "an encoded twin folder", "a twin naming another model"])
+def test_promote_of_a_run_with_planted_partitions_says_so_in_a_sentence(capsys, nights, plant):
+    """A copy planted beside a run's partition (``part-1.parquet``, or ``run_id=%72un-a``, which decodes to run-a)
+    made ``champion promote`` end in ``ValueError: too many values to unpack`` (review 10 #7); a promotions twin
+    naming another model would have promoted that model as the run's. The operator gets one sentence instead."""
+    table = "promotions" if plant == "a twin naming another model" else "runs"
+    source = "run-b" if plant == "a twin naming another model" else "run-a"
+    own = Path(nights.path(nights.table_file(table, source)))
+    twin = Path(nights.path(nights.table_dir(table))) / "run_id=%72un-a"
+    if plant == "a second file":
+        shutil.copy(own, own.with_name("part-1.parquet"))
+    else:
+        twin.mkdir()
+        shutil.copy(own, twin / "part-0.parquet")
+    before = nights.read_bytes(nights.champion_file())
+    code, out, err = run_cli(capsys, "champion", "promote", "run-a", "--store", nights.url)
+    found = "rows naming 2 models" if table == "promotions" else "2 rows"
+    assert code == 1 and "Traceback" not in err and "too many values" not in err, err
+    assert f"Run run-a has {found} in the {table} table of {nights.url}" in err and "then promote it again" in err, err
+    assert nights.read_bytes(nights.champion_file()) == before  # nothing promoted
+
+
 def test_every_verbs_help_page_opens_with_what_it_does_and_states_the_default_store():
     from docs.hooks import _subcommands
 

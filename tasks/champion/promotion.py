@@ -372,6 +372,8 @@ def promote_run(store: Store, run_id: str, reason: str | None = None) -> dict | 
         raise ChampionError(
             f"Run {run_id} is not in the runs table of {store.url}; `mnist-pipeline runs list` lists the run ids."
         )
+    if len(runs) > 1:  # a night writes one row: a file copied or planted beside its partition, not a second night
+        raise ChampionError(_not_one_night(store, run_id, "runs", f"{len(runs)} rows"))
     (run,) = runs.itertuples()
     info = _model_of_run(store, run_id)
     if info is None:
@@ -395,8 +397,22 @@ def promote_run(store: Store, run_id: str, reason: str | None = None) -> dict | 
 
 
 def _model_of_run(store: Store, run_id: str) -> str | None:
+    """The model the night ``run_id`` trained, from its gate's row; the rows of that run naming two models are not
+    that night's alone (a partition copied or planted beside its own), so which model it trained cannot be told."""
     rows = read_table(store, "promotions", run_id=run_id)
+    models = rows["challenger_model_key"].dropna().unique()
+    if len(models) > 1:
+        raise ChampionError(_not_one_night(store, run_id, "promotions", f"rows naming {len(models)} models"))
     return None if rows.empty else str(rows.sort_values("decided_at")["challenger_model_key"].iloc[0])
+
+
+def _not_one_night(store: Store, run_id: str, table: str, found: str) -> str:
+    """One sentence for a run whose partitions in ``table`` hold more than its night wrote."""
+    return (
+        f"Run {run_id} has {found} in the {table} table of {store.url}, where its night wrote one, so it is not promoted: "
+        f"remove what was copied or planted beside {store.location(store.table_file(table, run_id))} (another file "
+        f"in its folder, or a folder whose name decodes to run_id={run_id}), then promote it again."
+    )
 
 
 def rollback(store: Store, reason: str | None = None) -> dict:
