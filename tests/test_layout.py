@@ -125,3 +125,17 @@ def test_the_import_graph_has_no_circle():
 
     for module in graph:
         visit(module, [])
+
+
+def test_the_store_is_listed_only_through_store_listing():
+    """An object store lists a name twice when an object and a folder share it (review 10 #4): ``Store.listing``
+    lists each name once, so every listing goes through it; ``fs.ls`` is called there and in the local door only."""
+    allowed = {Path("storage/files.py"), Path("storage/door.py")}
+    found = []
+    for package in PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "ls":
+                    if path.relative_to(REPO) not in allowed:
+                        found.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert found == [], f"listings that bypass Store.listing: {found}"
