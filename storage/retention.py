@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
-from storage.keys import UnsafeKey, confine_name
+from storage.listing import listed_keys
 from storage.store import Store
 
 # kind → the folder its units are in; in the order they are removed (referencing before referenced)
@@ -84,30 +84,33 @@ class PrunePlan(BaseModel):
 
 
 def units(store: Store, kind: str) -> list[str]:
-    """The folders of ``kind`` now in the store, by name; what is not a folder or not one of our names is left out."""
-    parent = store.path(FOLDERS[kind])
-    if not store.fs.exists(parent):
+    """The folders of ``kind`` now in the store, by name; what is not a folder is left out, and a name that is not
+    one of ours (hidden, or not a key: ``storage/listing.py``, which warns) is never a candidate."""
+    parent = FOLDERS[kind]
+    if not store.fs.exists(store.path(parent)):
         return []
-    names = []
-    for entry in store.fs.ls(parent, detail=True):
-        name = posixpath.basename(entry["name"].rstrip("/"))
-        if entry.get("type") != "directory" or name.startswith(".") or name in NOT_UNITS.get(kind, ()):
-            continue
-        try:
-            names.append(confine_name(name))
-        except UnsafeKey:
-            continue
-    return sorted(names)
+    folders = [
+        entry["name"]
+        for entry in store.fs.ls(store.path(parent), detail=True)
+        if entry.get("type") == "directory"
+        and not _name(entry["name"]).startswith(".")
+        and _name(entry["name"]) not in NOT_UNITS.get(kind, ())
+    ]
+    keys = listed_keys(store, parent, folders, f"{kind} folders", fits=lambda below: "/" not in below)
+    return sorted(posixpath.basename(key) for key in keys)
+
+
+def _name(path: str) -> str:
+    return posixpath.basename(path.rstrip("/"))
 
 
 def folder_files(store: Store, key: str) -> list[DoomedFile]:
-    """Every file below folder ``key``, sidecars first (the order they are removed in)."""
-    root = store.path(key)
-    found = store.fs.find(root, detail=True, withdirs=False)
-    files = [
-        DoomedFile(key=posixpath.join(key, posixpath.relpath(path, root)), bytes=int(info.get("size") or 0))
-        for path, info in found.items()
-    ]
+    """Every file below folder ``key``, sidecars first (the order they are removed in). A name below it that is not
+    a key of ours (an object ``reports/zzz/../x``, a file ``a#b``) is left out, with a warning: never removed, so
+    the folder stays, holding it."""
+    found = store.fs.find(store.path(key), detail=True, withdirs=False)
+    keys = listed_keys(store, key, found, f"files of {key}")
+    files = [DoomedFile(key=k, bytes=int(found[path].get("size") or 0)) for k, path in keys.items()]
     return sorted(files, key=_removal_order)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import posixpath
 from collections.abc import Callable, Collection
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pandas as pd
@@ -26,7 +26,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from storage.files import DamagedArtifact
-from storage.keys import confine_key
+from storage.keys import confine_key, confine_run_id
 from storage.store import Store
 
 SCHEMA_VERSION = "4"
@@ -419,9 +419,12 @@ def _latest(store: Store, table: str, fragment: ds.ParquetFileFragment, full: pa
     against what a night writes (``_check_footer``) before any column is decoded, its strings counted before any is
     decoded (``_read_bounded``: at most ``DECODED_BYTES`` of the table), then read as written (of a file of the
     latest version, only the columns asked for) and upgraded from the version its metadata declares. Its run
-    id (the folder's name, URL-decoded) must name a partition this store could hold: every reader uses it as a key
-    (``ValueError`` otherwise, and the partition is skipped)."""
+    id (the folder's name, URL-decoded) must be a run id of ours (``confine_run_id``: ``run_id=%2E%2E`` decodes to
+    ``..``, which no check of the whole key sees) naming a partition this store could hold: every reader uses it as a
+    key (``UnsafeKey``, a ``ValueError``, otherwise, and the partition is skipped)."""
     run_id = ds.get_partition_keys(fragment.partition_expression).get("run_id")
+    if run_id is not None and run_id != NO_RUN:
+        confine_run_id(run_id if isinstance(run_id, str) else repr(run_id))
     confine_key(store.table_file(table, NO_RUN if run_id is None else str(run_id)))
     with fragment.open() as handle:
         parquet = pq.ParquetFile(handle)
@@ -832,6 +835,10 @@ DECIDED_BY = {"ingest", "operator"}
 DIGIT_COLUMNS = {"true_label", "predicted_label", "worst_digit"}
 SIGNED_SHARES = {"worst_digit_drop"}  # a difference of two shares: [-1, 1]; every other figure is a share, p or KS in [0, 1]
 EARLIEST, LATEST = datetime(2000, 1, 1, tzinfo=UTC), datetime(2200, 1, 1, tzinfo=UTC)  # pandas holds 1677–2262
+# A run's times lie in the past: one dated later than now (beyond clocks that differ by a day at most) was planted,
+# and would otherwise rank as the newest run, pushing real runs out of "the last 30" whose reports a prune keeps.
+CLOCK_SKEW = timedelta(days=1)
+NOT_FUTURE = {"runs": ("started_at", "finished_at")}
 
 
 def invalid_rows(table: str, data: pa.Table) -> tuple[np.ndarray, str]:
@@ -858,6 +865,9 @@ def invalid_rows(table: str, data: pa.Table) -> tuple[np.ndarray, str]:
         elif pa.types.is_timestamp(kind):
             early, late = (pa.scalar(t, type=kind) for t in (EARLIEST, LATEST))
             mark(pc.or_(pc.less(column, early), pc.greater(column, late)), f"{field.name} is not a date of a night")
+            if field.name in NOT_FUTURE.get(table, ()):
+                ahead = pa.scalar(datetime.now(UTC) + CLOCK_SKEW, type=kind)
+                mark(pc.greater(column, ahead), f"{field.name} is in the future (more than {CLOCK_SKEW} from now)")
         elif pa.types.is_integer(kind):
             if field.name in DIGIT_COLUMNS:
                 mark(pc.or_(pc.less(column, 0), pc.greater(column, NUM_CLASSES - 1)), f"{field.name} is not a digit")
