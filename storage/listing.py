@@ -15,6 +15,12 @@ from storage.keys import UnsafeKey, confine_key
 from storage.store import Store
 
 
+class ForeignNames(str):
+    """A warning that names in the store were skipped as not ours. Skipping them hides nothing of ours (no night
+    writes such a name, so no report, marker or partition of a run is among them): a reader that refuses on any other
+    warning, as the prune does, passes this one on instead."""
+
+
 def listed_keys(
     store: Store, folder: str, paths: Iterable[str], what: str, fits: Callable[[str], bool] = lambda _: True
 ) -> dict[str, str]:
@@ -38,7 +44,7 @@ def listed_keys(
         else:
             odd.append(below)
     if odd:
-        message = (
+        message = ForeignNames(
             f"Skipping {len(odd)} name(s) in {store.location(folder)} ({what}) that are not keys this pipeline writes, "
             f"first: {odd[0][:200]!r}; they are left as they are, never read or removed. Remove them by hand if they are not wanted."
         )

@@ -15,8 +15,10 @@ written by several releases returns one set of columns with one meaning each.
 from __future__ import annotations
 
 import posixpath
+import re
 from collections.abc import Callable, Collection
 from datetime import UTC, datetime, timedelta
+from urllib.parse import unquote
 
 import numpy as np
 import pandas as pd
@@ -26,7 +28,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from storage.files import DamagedArtifact
-from storage.keys import confine_key, confine_run_id
+from storage.keys import RUN_ID_PATTERN, confine_key, confine_run_id
+from storage.listing import ForeignNames
 from storage.store import Store
 
 SCHEMA_VERSION = "4"
@@ -575,12 +578,17 @@ def partition_files(store: Store, table: str) -> list[str]:
     top = store.path(store.table_dir(table)).rstrip("/")
     files: list[str] = []
     odd: list[str] = []
+    foreign: list[str] = []  # run_id=<not a run id of ours, as pyarrow decodes it>: no run's partition
 
     def keep(rel: list[str], kind: str | None, path: str) -> None:
         if any(part.startswith(HIDDEN) for part in rel):
             return
         if len(rel) == 2 and rel[0].startswith("run_id=") and rel[1].endswith(".parquet") and kind == "file":
-            files.append(path)
+            run_id = unquote(rel[0].removeprefix("run_id="))  # as hive partitioning decodes it: %2E%2E is ..
+            if run_id == NO_RUN or re.fullmatch(RUN_ID_PATTERN, run_id):
+                files.append(path)
+            else:
+                foreign.append("/".join(rel))
         else:
             odd.append("/".join(rel))
 
@@ -600,6 +608,14 @@ def partition_files(store: Store, table: str) -> list[str]:
         store.warn(
             f"Skipping {len(odd)} entr{'y' if len(odd) == 1 else 'ies'} of table {table!r} that are not partitions "
             f"this pipeline writes (run_id=<id>/<part>.parquet), first: {odd[0][:200]!r}"
+        )
+    if foreign:
+        store.warn(
+            ForeignNames(
+                f"Skipping {len(foreign)} partition(s) of table {table!r} whose folder does not name a run id "
+                f"(one name of letters, digits, '.', '_' or '-'), first: {foreign[0][:200]!r}; "
+                "no run writes such a folder: remove it by hand"
+            )
         )
     return sorted(files)
 

@@ -36,6 +36,7 @@ import pandas as pd
 from pydantic import BaseModel, ValidationError
 
 from storage import SIDECAR_LIMIT, Store, StoreError, UnsafeKey
+from storage.listing import ForeignNames
 from storage.nights import NightMarker, NightStateUnreadable, running_nights
 from storage.retention import FOLDERS, DoomedFolder, Keep, PrunePlan, plan, remove, units
 from storage.tables import read_table
@@ -85,7 +86,9 @@ def _strict(store: Store, what: str) -> Iterator[None]:
     """Read with every warning (a partition skipped as unreadable, a damaged record) turned into a refusal:
     what a prune cannot read, it cannot know is unused."""
     heard: list[str] = []
-    warn, store.warn = store.warn, heard.append
+    warn = store.warn
+    # names that are not ours (a partition folder run_id=%2E%2E) are passed on: no run of ours is hidden among them
+    store.warn = lambda message: (warn if isinstance(message, ForeignNames) else heard.append)(message)
     try:
         yield
     finally:
