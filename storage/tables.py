@@ -883,7 +883,10 @@ def invalid_rows(table: str, data: pa.Table) -> tuple[np.ndarray, str]:
             mark(pc.or_(pc.less(column, early), pc.greater(column, late)), f"{field.name} is not a date of a night")
             if field.name in NOT_FUTURE.get(table, ()):
                 ahead = pa.scalar(datetime.now(UTC) + CLOCK_SKEW, type=kind)
-                mark(pc.greater(column, ahead), f"{field.name} is in the future (more than {CLOCK_SKEW} from now)")
+                mark(
+                    pc.greater(column, ahead),
+                    f"{field.name} is in the future (more than {CLOCK_SKEW.days} day(s) after this clock)",
+                )
         elif pa.types.is_integer(kind):
             if field.name in DIGIT_COLUMNS:
                 mark(pc.or_(pc.less(column, 0), pc.greater(column, NUM_CLASSES - 1)), f"{field.name} is not a digit")
