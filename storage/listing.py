@@ -33,6 +33,8 @@ def listed_keys(
     odd: list[str] = []
     for listed in paths:
         path = store.fs._strip_protocol(listed).rstrip("/")
+        if path == top:  # the folder itself (``find(withdirs=True)`` names it)
+            continue
         below = path[len(top) + 1 :] if path.startswith(top + "/") else ""
         try:
             key = confine_key(store.key(folder, below) if below else "")

@@ -156,12 +156,12 @@ def remove(store: Store, plan: PrunePlan, before_each: Callable[[DoomedFolder], 
 
 def _remove_empty_folders(store: Store, key: str) -> None:
     """Remove folder ``key`` and those below it that are empty now; one holding a file (written since the
-    plan was made) stays, with that file."""
-    root = store.path(key)
+    plan was made) stays, with that file, and so does one whose name is not ours (``storage/listing.py``)."""
     try:
-        below = [p for p, info in store.fs.find(root, detail=True, withdirs=True).items() if info.get("type") == "directory"]
+        found = store.fs.find(store.path(key), detail=True, withdirs=True)
     except FileNotFoundError:
         return
-    for path in sorted(set(below) | {root}, key=lambda p: p.count("/"), reverse=True):
+    below = listed_keys(store, key, [p for p, info in found.items() if info.get("type") == "directory"], f"folders in {key}")
+    for folder in sorted(set(below) | {key}, key=lambda k: k.count("/"), reverse=True):
         with contextlib.suppress(FileNotFoundError, OSError):
-            store.fs.rmdir(path)  # only an empty folder: storage/door.py
+            store.fs.rmdir(store.path(folder))  # only an empty folder: storage/door.py

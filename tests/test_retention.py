@@ -596,6 +596,10 @@ def plant_file(store: Store, below: str) -> Path:
 
 FOREIGN = {
     "file in a folder that goes": lambda s: (plant_file(s, "reports/r2/a#b"), "a#b"),
+    "empty folder in a folder that goes": lambda s: (
+        plant_file(s, "reports/r2/a#b/x").parent.joinpath("x").unlink() or Path(s.root, "reports/r2/a#b"),
+        "a#b",
+    ),
     "folder of a kind": lambda s: (plant_file(s, "models/a#b/model.json"), "a#b"),
     "night marker": lambda s: (plant_file(s, "locks/nights/a#b.json"), "a#b.json"),
     "runs partition run_id=%2E%2E, dated last": lambda s: (plant_foreign_runs_partition(s, "run_id=%2E%2E", "x", 9), "%2E%2E"),
