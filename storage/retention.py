@@ -5,7 +5,9 @@ Only the folders of derived artifacts are ever candidates: ``models/<key>``, ``e
 ``evaluations/by-model/<key>``), ``plots/<key>``, ``reports/<run_id>`` and ``checkpoints/<key>``. The champion
 pointer, the tables, the batches (accepted, quarantined or pending), the incoming location, MNIST's verified
 objects, Prefect's result records and the locks are never touched, and neither is a name that is not one of
-ours (hidden names, ``.damaged-…`` folders set aside by the door).
+ours (hidden names, ``.damaged-…`` folders set aside by the door; a name that is not a key, such as an S3 object
+``reports/r2/../x`` or a file ``a#b``, is skipped with a warning by ``storage/listing.py``, even inside a folder that
+goes, which then stays holding it).
 
 A prune killed at any point leaves the store consistent: every folder goes sidecar first (``model.json``,
 ``evaluation.json``, ``plots.json``, ``test_predictions.json``, a report's ``report.json`` and ``index.md``,

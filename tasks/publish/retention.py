@@ -16,7 +16,8 @@ that are stored (training finished). Batches (pending, accepted, quarantined), t
 tables, MNIST's objects, Prefect's result records and the locks are never touched.
 
 A prune refuses, and removes nothing, when any of what it decides from cannot be read: the champion pointer, a
-partition of ``promotions`` or ``runs``, or the markers of running nights; and while a night runs (it could be
+partition of ``promotions`` or ``runs`` or a row its readers drop (a ``runs`` row dated in the future would rank as
+the newest run), or the markers of running nights; and while a night runs (it could be
 using what would go). It holds the ``champion`` lock throughout, so no gate or operator moves the champion
 between the decision and the removal.
 
