@@ -64,9 +64,22 @@ StoreName = Annotated[str, AfterValidator(confine_name)]
 """A reference field holding one segment of a key (``models/<name>/...``)."""
 Digest = Annotated[str, Field(pattern=r"^[0-9A-Za-z]{64}$")]
 """A SHA-256 as a reference records it: 64 hex characters (a longer string is not a digest of ours)."""
-RunId = Annotated[str, Field(pattern=r"^[0-9A-Za-z][0-9A-Za-z._-]{0,63}$")]
+RUN_ID_PATTERN = r"^[0-9A-Za-z][0-9A-Za-z._-]{0,63}$"  # starts with a letter or digit: never '.', '..' or hidden
+RunId = Annotated[str, Field(pattern=RUN_ID_PATTERN)]
 """A run's id as a reference records it: what Prefect makes (a UUID, 36 characters), at most 64 name characters, so
 a reason or a table row that quotes it stays short."""
+
+
+def confine_run_id(run_id: str) -> str:
+    """``run_id`` itself if it is a run id of ours (``RUN_ID_PATTERN``: one name, never ``.`` or ``..``), else
+    :class:`UnsafeKey`. Every id decoded from a name in the store (a partition folder ``run_id=%2E%2E`` decodes
+    to ``..``) passes here before it is used to build a key: checking the whole key is not enough."""
+    if not isinstance(run_id, str) or not re.fullmatch(RUN_ID_PATTERN, run_id):
+        shown = run_id[:80] if isinstance(run_id, str) else run_id
+        raise UnsafeKey(
+            f"{shown!r} is not a run id (one name of at most 64 letters, digits, '.', '_' or '-', starting with a letter or digit)"
+        )
+    return run_id
 
 
 def damage(where: str, exc: Exception) -> str:

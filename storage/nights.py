@@ -10,12 +10,14 @@ since no night of this pipeline runs that long.
 from __future__ import annotations
 
 import posixpath
+import re
 from datetime import UTC, datetime, timedelta
 
 from pydantic import BaseModel, ValidationError
 
 from storage.files import SIDECAR_LIMIT, StoreError
-from storage.keys import StoreName, damage
+from storage.keys import RUN_ID_PATTERN, StoreName, damage
+from storage.listing import listed_keys
 from storage.store import Store
 
 NIGHT_HOURS = 24  # a marker older than this belongs to a night that was killed: reported, not obeyed
@@ -31,6 +33,12 @@ class NightMarker(BaseModel):
 
     run_id: StoreName
     started_at: datetime
+
+
+def _marker_name(name: str) -> bool:
+    """Whether ``name`` is what ``night_marker_file`` names: ``<run id>.json``."""
+    run_id, dot, ext = name.rpartition(".")
+    return dot == "." and ext == "json" and re.fullmatch(RUN_ID_PATTERN, run_id) is not None
 
 
 def mark_running(store: Store, run_id: str) -> None:
@@ -63,14 +71,14 @@ def running_nights(store: Store, now: datetime | None = None) -> tuple[list[Nigh
             "fix the store's permissions, then prune again."
         ) from exc
     running, stale = [], []
-    for entry in entries:
-        name = posixpath.basename(entry["name"].rstrip("/"))
-        if name.startswith("."):  # a writer's temporary file (storage/files.py)
-            continue
-        key = store.key(markers, name)
+    kinds = {entry["name"]: entry.get("type") for entry in entries}
+    hidden = [path for path in kinds if posixpath.basename(path.rstrip("/")).startswith(".")]  # a writer's temporary file
+    # a name no night writes (not <run id>.json, or not a key: a#b.json) is no night of ours: skipped with a warning
+    ours = listed_keys(store, markers, [p for p in kinds if p not in hidden], "running nights' markers", fits=_marker_name)
+    for key, path in ours.items():
         try:
-            if entry.get("type") != "file":
-                raise StoreError(f"it is a {entry.get('type')}, not a file")
+            if kinds[path] != "file":
+                raise StoreError(f"it is a {kinds[path]}, not a file")
             marker = NightMarker.model_validate_json(store.read_bytes(key, limit=SIDECAR_LIMIT))
         except (ValidationError, StoreError, OSError) as exc:
             raise NightStateUnreadable(

@@ -5,7 +5,9 @@ Only the folders of derived artifacts are ever candidates: ``models/<key>``, ``e
 ``evaluations/by-model/<key>``), ``plots/<key>``, ``reports/<run_id>`` and ``checkpoints/<key>``. The champion
 pointer, the tables, the batches (accepted, quarantined or pending), the incoming location, MNIST's verified
 objects, Prefect's result records and the locks are never touched, and neither is a name that is not one of
-ours (hidden names, ``.damaged-…`` folders set aside by the door).
+ours (hidden names, ``.damaged-…`` folders set aside by the door; a name that is not a key, such as an S3 object
+``reports/r2/../x`` or a file ``a#b``, is skipped with a warning by ``storage/listing.py``, even inside a folder that
+goes, which then stays holding it).
 
 A prune killed at any point leaves the store consistent: every folder goes sidecar first (``model.json``,
 ``evaluation.json``, ``plots.json``, ``test_predictions.json``, a report's ``report.json`` and ``index.md``,
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
-from storage.keys import UnsafeKey, confine_name
+from storage.listing import listed_keys
 from storage.store import Store
 
 # kind → the folder its units are in; in the order they are removed (referencing before referenced)
@@ -84,30 +86,33 @@ class PrunePlan(BaseModel):
 
 
 def units(store: Store, kind: str) -> list[str]:
-    """The folders of ``kind`` now in the store, by name; what is not a folder or not one of our names is left out."""
-    parent = store.path(FOLDERS[kind])
-    if not store.fs.exists(parent):
+    """The folders of ``kind`` now in the store, by name; what is not a folder is left out, and a name that is not
+    one of ours (hidden, or not a key: ``storage/listing.py``, which warns) is never a candidate."""
+    parent = FOLDERS[kind]
+    if not store.fs.exists(store.path(parent)):
         return []
-    names = []
-    for entry in store.listing(parent):
-        name = posixpath.basename(entry["name"].rstrip("/"))
-        if entry.get("type") != "directory" or name.startswith(".") or name in NOT_UNITS.get(kind, ()):
-            continue
-        try:
-            names.append(confine_name(name))
-        except UnsafeKey:
-            continue
-    return sorted(names)
+    folders = [
+        entry["name"]
+        for entry in store.listing(store.path(parent))
+        if entry.get("type") == "directory"
+        and not _name(entry["name"]).startswith(".")
+        and _name(entry["name"]) not in NOT_UNITS.get(kind, ())
+    ]
+    keys = listed_keys(store, parent, folders, f"{kind} folders", fits=lambda below: "/" not in below)
+    return sorted(posixpath.basename(key) for key in keys)
+
+
+def _name(path: str) -> str:
+    return posixpath.basename(path.rstrip("/"))
 
 
 def folder_files(store: Store, key: str) -> list[DoomedFile]:
-    """Every file below folder ``key``, sidecars first (the order they are removed in)."""
-    root = store.path(key)
-    found = store.fs.find(root, detail=True, withdirs=False)
-    files = [
-        DoomedFile(key=posixpath.join(key, posixpath.relpath(path, root)), bytes=int(info.get("size") or 0))
-        for path, info in found.items()
-    ]
+    """Every file below folder ``key``, sidecars first (the order they are removed in). A name below it that is not
+    a key of ours (an object ``reports/zzz/../x``, a file ``a#b``) is left out, with a warning: never removed, so
+    the folder stays, holding it."""
+    found = store.fs.find(store.path(key), detail=True, withdirs=False)
+    keys = listed_keys(store, key, found, f"files of {key}")
+    files = [DoomedFile(key=k, bytes=int(found[path].get("size") or 0)) for k, path in keys.items()]
     return sorted(files, key=_removal_order)
 
 
@@ -153,12 +158,12 @@ def remove(store: Store, plan: PrunePlan, before_each: Callable[[DoomedFolder], 
 
 def _remove_empty_folders(store: Store, key: str) -> None:
     """Remove folder ``key`` and those below it that are empty now; one holding a file (written since the
-    plan was made) stays, with that file."""
-    root = store.path(key)
+    plan was made) stays, with that file, and so does one whose name is not ours (``storage/listing.py``)."""
     try:
-        below = [p for p, info in store.fs.find(root, detail=True, withdirs=True).items() if info.get("type") == "directory"]
+        found = store.fs.find(store.path(key), detail=True, withdirs=True)
     except FileNotFoundError:
         return
-    for path in sorted(set(below) | {root}, key=lambda p: p.count("/"), reverse=True):
+    below = listed_keys(store, key, [p for p, info in found.items() if info.get("type") == "directory"], f"folders in {key}")
+    for folder in sorted(set(below) | {key}, key=lambda k: k.count("/"), reverse=True):
         with contextlib.suppress(FileNotFoundError, OSError):
-            store.fs.rmdir(path)  # only an empty folder: storage/door.py
+            store.fs.rmdir(store.path(folder))  # only an empty folder: storage/door.py

@@ -38,6 +38,7 @@ class Store(Layout, StoreFiles, StoreLocks):
         self.distributed_lock = distributed_lock
         self.warn = warn or _log.warning  # where damaged files are reported (a step's run logger)
         self._swept: set[str] = set()
+        self.warned: set[str] = set()  # warnings said once per store object (storage/listing.py)
         self.fs, root = fsspec.core.url_to_fs(url)
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self.root = os.path.abspath(root) if self.is_local else root.rstrip("/")

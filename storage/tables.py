@@ -15,8 +15,10 @@ written by several releases returns one set of columns with one meaning each.
 from __future__ import annotations
 
 import posixpath
+import re
 from collections.abc import Callable, Collection
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from urllib.parse import unquote
 
 import numpy as np
 import pandas as pd
@@ -26,7 +28,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from storage.files import DamagedArtifact, listed_mtime
-from storage.keys import confine_key
+from storage.keys import RUN_ID_PATTERN, confine_key, confine_run_id
+from storage.listing import ForeignNames
 from storage.store import Store
 
 SCHEMA_VERSION = "4"
@@ -419,9 +422,12 @@ def _latest(store: Store, table: str, fragment: ds.ParquetFileFragment, full: pa
     against what a night writes (``_check_footer``) before any column is decoded, its strings counted before any is
     decoded (``_read_bounded``: at most ``DECODED_BYTES`` of the table), then read as written (of a file of the
     latest version, only the columns asked for) and upgraded from the version its metadata declares. Its run
-    id (the folder's name, URL-decoded) must name a partition this store could hold: every reader uses it as a key
-    (``ValueError`` otherwise, and the partition is skipped)."""
+    id (the folder's name, URL-decoded) must be a run id of ours (``confine_run_id``: ``run_id=%2E%2E`` decodes to
+    ``..``, which no check of the whole key sees) naming a partition this store could hold: every reader uses it as a
+    key (``UnsafeKey``, a ``ValueError``, otherwise, and the partition is skipped)."""
     run_id = ds.get_partition_keys(fragment.partition_expression).get("run_id")
+    if run_id is not None and run_id != NO_RUN:
+        confine_run_id(run_id if isinstance(run_id, str) else repr(run_id))
     confine_key(store.table_file(table, NO_RUN if run_id is None else str(run_id)))
     with fragment.open() as handle:
         parquet = pq.ParquetFile(handle)
@@ -585,12 +591,17 @@ def _partition_entries(store: Store, table: str) -> dict[str, float]:
     top = store.path(store.table_dir(table)).rstrip("/")
     files: dict[str, float] = {}
     odd: list[str] = []
+    foreign: list[str] = []  # run_id=<not a run id of ours, as pyarrow decodes it>: no run's partition
 
     def keep(rel: list[str], entry: dict, path: str) -> None:
         if any(part.startswith(HIDDEN) for part in rel):
             return
         if len(rel) == 2 and rel[0].startswith("run_id=") and rel[1].endswith(".parquet") and entry.get("type") == "file":
-            files[path] = listed_mtime(entry)
+            run_id = unquote(rel[0].removeprefix("run_id="))  # as hive partitioning decodes it: %2E%2E is ..
+            if run_id == NO_RUN or re.fullmatch(RUN_ID_PATTERN, run_id):
+                files[path] = listed_mtime(entry)
+            else:
+                foreign.append("/".join(rel))
         else:
             odd.append("/".join(rel))
 
@@ -610,6 +621,14 @@ def _partition_entries(store: Store, table: str) -> dict[str, float]:
         store.warn(
             f"Skipping {len(odd)} entr{'y' if len(odd) == 1 else 'ies'} of table {table!r} that are not partitions "
             f"this pipeline writes (run_id=<id>/<part>.parquet), first: {odd[0][:200]!r}"
+        )
+    if foreign:
+        store.warn(
+            ForeignNames(
+                f"Skipping {len(foreign)} partition(s) of table {table!r} whose folder does not name a run id "
+                f"(one name of letters, digits, '.', '_' or '-'), first: {foreign[0][:200]!r}; "
+                "no run writes such a folder: remove it by hand"
+            )
         )
     return files
 
@@ -851,6 +870,10 @@ DECIDED_BY = {"ingest", "operator"}
 DIGIT_COLUMNS = {"true_label", "predicted_label", "worst_digit"}
 SIGNED_SHARES = {"worst_digit_drop"}  # a difference of two shares: [-1, 1]; every other figure is a share, p or KS in [0, 1]
 EARLIEST, LATEST = datetime(2000, 1, 1, tzinfo=UTC), datetime(2200, 1, 1, tzinfo=UTC)  # pandas holds 1677–2262
+# A run's times lie in the past: one dated later than now (beyond clocks that differ by a day at most) was planted,
+# and would otherwise rank as the newest run, pushing real runs out of "the last 30" whose reports a prune keeps.
+CLOCK_SKEW = timedelta(days=1)
+NOT_FUTURE = {"runs": ("started_at", "finished_at")}
 
 
 def invalid_rows(table: str, data: pa.Table) -> tuple[np.ndarray, str]:
@@ -877,6 +900,12 @@ def invalid_rows(table: str, data: pa.Table) -> tuple[np.ndarray, str]:
         elif pa.types.is_timestamp(kind):
             early, late = (pa.scalar(t, type=kind) for t in (EARLIEST, LATEST))
             mark(pc.or_(pc.less(column, early), pc.greater(column, late)), f"{field.name} is not a date of a night")
+            if field.name in NOT_FUTURE.get(table, ()):
+                ahead = pa.scalar(datetime.now(UTC) + CLOCK_SKEW, type=kind)
+                mark(
+                    pc.greater(column, ahead),
+                    f"{field.name} is in the future (more than {CLOCK_SKEW.days} day(s) after this clock)",
+                )
         elif pa.types.is_integer(kind):
             if field.name in DIGIT_COLUMNS:
                 mark(pc.or_(pc.less(column, 0), pc.greater(column, NUM_CLASSES - 1)), f"{field.name} is not a digit")

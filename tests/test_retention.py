@@ -570,3 +570,104 @@ def test_each_night_prunes_after_publishing_and_a_refused_prune_removes_nothing_
     assert runs[third.run_id] in os.listdir(store.path("models"))  # nothing went
     off = mnist_retrain(base.model_copy(update={"seed": 5, "gate": strict, "retention": RetentionRules(prune=False)}))
     assert off.published and runs[third.run_id] in os.listdir(store.path("models"))
+
+
+# ---- names in the store that are not ours (review 10): skipped with a warning, never removed, never a failure ----
+
+
+def plant_foreign_runs_partition(store: Store, folder: str, run_id: str, night: int) -> Path:
+    """A ``runs`` partition written beside the store's writer, in a folder ``write_table`` would refuse."""
+    import pyarrow.parquet as pq
+
+    from storage.tables import to_arrow
+
+    path = Path(store.path("tables", "runs")) / folder / "part-0.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(to_arrow("runs", runs_row(run_id, "b" * 32, "e" + "b" * 32, night)), path)
+    return path
+
+
+def plant_file(store: Store, below: str) -> Path:
+    path = Path(store.root) / below
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("planted by a store writer")
+    return path
+
+
+FOREIGN = {
+    "file in a folder that goes": lambda s: (plant_file(s, "reports/r2/a#b"), "a#b"),
+    "empty folder in a folder that goes": lambda s: (
+        plant_file(s, "reports/r2/a#b/x").parent.joinpath("x").unlink() or Path(s.root, "reports/r2/a#b"),
+        "a#b",
+    ),
+    "folder of a kind": lambda s: (plant_file(s, "models/a#b/model.json"), "a#b"),
+    "night marker": lambda s: (plant_file(s, "locks/nights/a#b.json"), "a#b.json"),
+    "runs partition run_id=%2E%2E, dated last": lambda s: (plant_foreign_runs_partition(s, "run_id=%2E%2E", "x", 9), "%2E%2E"),
+}
+
+
+@pytest.mark.parametrize("plant_name", list(FOREIGN), ids=list(FOREIGN))
+def test_a_name_that_is_not_ours_is_skipped_with_a_warning_and_the_prune_removes_what_it_should(planted: Store, plant_name):
+    """One planted name stopped every prune for good (an UnsafeKey from the listing, or a run id '..' decoded from a
+    partition folder making reports/../report.json): now it is left where it is, said once, and the rest goes."""
+    path, shown = FOREIGN[plant_name](planted)
+    heard: list[str] = []
+    planted.warn = heard.append
+    listed = prune(planted, keep_reports=3)
+    assert {d.key for d in listed.plan.doomed} == GOES | {f"plots/{plots_of(planted, k)}" for k in "bd"}
+    result = prune(planted, apply=True, keep_reports=3)
+    assert set(result.removed) == set(listed.plan.files) and path.exists()
+    assert not Path(planted.path("reports", "r2", "index.md")).exists() and Path(planted.path("reports", "r5")).exists()
+    assert heard and all(shown in message for message in heard), heard
+    assert prune(planted, keep_reports=3).plan.files == []  # the folder holding the planted file stays, with it alone
+
+
+def test_the_cli_prunes_past_a_planted_name_and_answers_runs_show_dotdot_in_a_sentence(planted: Store):
+    plant_file(planted, "reports/r2/a#b")
+    plant_foreign_runs_partition(planted, "run_id=%2E%2E", "x", 9)
+    applied = cli("--store", planted.url, "--keep-reports", "3", "--apply")
+    assert applied.returncode == 0, applied.stderr
+    assert "a#b" in applied.stderr and "Traceback" not in applied.stderr
+    assert Path(planted.path("reports", "r2")).joinpath("a#b").exists()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    shown = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "runs", "show", "..", "--store", planted.url],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert shown.returncode != 0 and "Traceback" not in shown.stderr and "'..' is not in the runs table" in shown.stderr
+
+
+def test_runs_dated_in_the_future_cannot_push_the_real_runs_reports_out(planted: Store):
+    """30 planted rows dated 2199 were "the last 30 runs", and prune --apply removed the real runs' reports."""
+    for i in range(30):
+        frame = runs_row(f"planted-{i:02d}", "b" * 32, "e" + "b" * 32, 0).assign(finished_at=datetime(2199, 1, 1, tzinfo=UTC))
+        write_table(planted, "runs", f"planted-{i:02d}", frame)
+    before = files(planted)
+    with pytest.raises(PruneRefused, match="finished_at is in the future"):
+        prune(planted, apply=True)
+    assert files(planted) == before
+    from storage.tables import read_table
+
+    heard: list[str] = []
+    planted.warn = heard.append
+    assert set(read_table(planted, "runs")["run_id"]) == {"r1", "r2", "r3", "r4", "r5"} and len(heard) == 1
+
+
+def test_an_s3_object_whose_key_climbs_with_dotdot_is_skipped_and_the_prune_goes_on(s3_server, tmp_path, monkeypatch):
+    """S3 object keys are literal: ``reports/r2/../planted.txt`` lists inside reports/r2, which goes."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    s3_server.bucket("mnist")
+    store = plant(Store("s3://mnist/store"))
+    planted = f"{store.root}/reports/r2/../planted.txt"
+    store.fs.pipe_file(planted, b"planted by a store writer")
+    heard: list[str] = []
+    store.warn = heard.append
+    listed = prune(store, keep_reports=3)
+    result = prune(store, apply=True, keep_reports=3)
+    assert "reports/r2/index.md" in result.removed and set(result.removed) == set(listed.plan.files)
+    store.fs.invalidate_cache()
+    assert planted in store.fs.find(store.root) and not store.exists("reports/r2/index.md")
+    assert heard and all("../planted.txt" in message for message in heard), heard

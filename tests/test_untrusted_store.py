@@ -106,6 +106,22 @@ def test_keys_inside_the_store_pass_unchanged(store):
     assert store.path(store.path("objects")) == store.path("objects")  # a path the store resolved itself
 
 
+@pytest.mark.parametrize("run_id", [".", "..", ".hidden", "a/b", "a#b", "%2E%2E", "", "x" * 65, "-x"])
+def test_a_run_id_that_is_not_one_safe_name_is_refused(run_id):
+    """A run id decoded from a partition folder (``run_id=%2E%2E`` is ``..``) builds keys: checking the whole key
+    (``tables/runs/run_id=../part-0.parquet`` has no '..' part) does not see it."""
+    from storage.keys import confine_run_id
+
+    with pytest.raises(UnsafeKey, match="is not a run id"):
+        confine_run_id(run_id)
+
+
+def test_a_run_id_prefect_makes_passes():
+    from storage.keys import confine_run_id
+
+    assert confine_run_id("fac89fed-e436-4339-b15d-360dd6797801") == "fac89fed-e436-4339-b15d-360dd6797801"
+
+
 def secret_outside(tmp_path: Path) -> tuple[Path, str]:
     secret = tmp_path / "secret.png"
     secret.write_bytes(b"\x89PNG not yours")

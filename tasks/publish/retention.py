@@ -16,7 +16,8 @@ that are stored (training finished). Batches (pending, accepted, quarantined), t
 tables, MNIST's objects, Prefect's result records and the locks are never touched.
 
 A prune refuses, and removes nothing, when any of what it decides from cannot be read: the champion pointer, a
-partition of ``promotions`` or ``runs``, or the markers of running nights; and while a night runs (it could be
+partition of ``promotions`` or ``runs`` or a row its readers drop (a ``runs`` row dated in the future would rank as
+the newest run), or the markers of running nights; and while a night runs (it could be
 using what would go). It holds the ``champion`` lock throughout, so no gate or operator moves the champion
 between the decision and the removal.
 
@@ -36,6 +37,7 @@ import pandas as pd
 from pydantic import BaseModel, ValidationError
 
 from storage import SIDECAR_LIMIT, Store, StoreError, UnsafeKey
+from storage.listing import ForeignNames
 from storage.nights import NightMarker, NightStateUnreadable, running_nights
 from storage.retention import FOLDERS, DoomedFolder, Keep, PrunePlan, plan, remove, units
 from storage.tables import read_table
@@ -85,7 +87,9 @@ def _strict(store: Store, what: str) -> Iterator[None]:
     """Read with every warning (a partition skipped as unreadable, a damaged record) turned into a refusal:
     what a prune cannot read, it cannot know is unused."""
     heard: list[str] = []
-    warn, store.warn = store.warn, heard.append
+    warn = store.warn
+    # names that are not ours (a partition folder run_id=%2E%2E) are passed on: no run of ours is hidden among them
+    store.warn = lambda message: (warn if isinstance(message, ForeignNames) else heard.append)(message)
     try:
         yield
     finally:
