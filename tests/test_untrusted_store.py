@@ -649,6 +649,29 @@ def test_stored_predictions_that_match_their_digest_but_are_not_ours_are_predict
     assert any("damaged" in line and "predicting again" in line for line in said)
 
 
+def promoted_row(store: Store, key: str, day: int, intact: bool) -> dict:
+    """A ``promotions`` row promoting model ``key`` on day ``day`` of 2026, its model record written: intact (the
+    file's digest) or damaged (a digest that does not match)."""
+    import pandas as pd
+
+    blob = b"weights " + key.encode()
+    store.write_bytes(store.model_file(key), blob)
+    digest = sha256_bytes(blob) if intact else "a" * 64
+    store.write_text(
+        store.model_info_file(key), model_ref(key=key, file_key=store.model_file(key), sha256=digest).model_dump_json()
+    )
+    return {
+        "decided_at": pd.Timestamp("2026-01-01", tz="UTC") + pd.Timedelta(days=day),
+        "decision": "promoted",
+        "reason": "passes every rule",
+        "forced": False,
+        "decided_by": "gate",
+        "challenger_model_key": key,
+        "challenger_test_accuracy": 0.99,
+        "slices": [],
+    }
+
+
 def test_a_broken_pointer_checks_at_most_max_looked_at_earlier_champions(store, monkeypatch):
     """A store writer plants many promoted rows, each naming a model record whose file does not match its digest
     (each check may hash up to 16 MiB), and a pointer that is not JSON: the fallback checks the newest
@@ -659,27 +682,7 @@ def test_a_broken_pointer_checks_at_most_max_looked_at_earlier_champions(store, 
     from storage.tables import SCHEMAS
     from tasks.champion.pointer import MAX_LOOKED_AT
 
-    rows = []
-    for i in range(3 * MAX_LOOKED_AT):
-        key = f"m{i:03d}"
-        blob = b"weights %d" % i
-        store.write_bytes(store.model_file(key), blob)
-        digest = sha256_bytes(blob) if i == 0 else "a" * 64  # the oldest is intact, every later one is damaged
-        store.write_text(
-            store.model_info_file(key), model_ref(key=key, file_key=store.model_file(key), sha256=digest).model_dump_json()
-        )
-        rows.append(
-            {
-                "decided_at": pd.Timestamp("2026-01-01", tz="UTC") + pd.Timedelta(days=i),
-                "decision": "promoted",
-                "reason": "passes every rule",
-                "forced": False,
-                "decided_by": "gate",
-                "challenger_model_key": key,
-                "challenger_test_accuracy": 0.99,
-                "slices": [],
-            }
-        )
+    rows = [promoted_row(store, f"m{i:03d}", i, intact=i == 0) for i in range(3 * MAX_LOOKED_AT)]  # the oldest intact
     write_table(store, "promotions", "planted", pd.DataFrame(rows).reindex(columns=SCHEMAS["promotions"].names))
     store.write_text(store.champion_file(), "not json")
     checked = []
@@ -713,23 +716,7 @@ def test_a_broken_pointer_reads_at_most_max_promotions_searched_partitions_and_f
     )
 
     def promoted(key: str, day: int, intact: bool = False) -> pd.DataFrame:
-        blob = b"weights " + key.encode()
-        store.write_bytes(store.model_file(key), blob)
-        digest = sha256_bytes(blob) if intact else "a" * 64
-        store.write_text(
-            store.model_info_file(key), model_ref(key=key, file_key=store.model_file(key), sha256=digest).model_dump_json()
-        )
-        row = {
-            "decided_at": pd.Timestamp("2026-01-01", tz="UTC") + pd.Timedelta(days=day),
-            "decision": "promoted",
-            "reason": "passes every rule",
-            "forced": False,
-            "decided_by": "gate",
-            "challenger_model_key": key,
-            "challenger_test_accuracy": 0.99,
-            "slices": [],
-        }
-        return pd.DataFrame([row]).reindex(columns=SCHEMAS["promotions"].names)
+        return pd.DataFrame([promoted_row(store, key, day, intact)]).reindex(columns=SCHEMAS["promotions"].names)
 
     now = time.time()
     for i in range(searched + 3):  # planted before the real champion's night (older files), damaged models
