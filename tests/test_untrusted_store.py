@@ -604,24 +604,31 @@ def planted_weights(store: Store, tmp_path: Path, write) -> list[str]:
     return said
 
 
-def pulled_in_time(store: Store, tmp_path: Path, unblock: Path) -> int | None:
-    """``pull_checkpoint`` of ``k`` in a thread: it must return within a minute. A read of the FIFO ``unblock`` (no
-    writer) blocks in open() forever, so it is opened for writing afterwards, which lets such a thread end."""
-    import threading
-
+def pulled_in_time(store: Store, tmp_path: Path) -> tuple[int | None, list[str]]:
+    """``pull_checkpoint`` of ``k`` in a child process that must end within a minute, and the store's warnings there:
+    opening a FIFO outside the store (no writer) blocks forever, with the GIL held where h5py follows a link."""
     fresh = tmp_path / "fresh"
     fresh.mkdir()
-    got: list[int | None] = []
-    thread = threading.Thread(target=lambda: got.append(pull_checkpoint(store, "k", fresh)), daemon=True)
-    thread.start()
-    thread.join(60)
-    stalled = thread.is_alive()
-    if stalled:
-        os.close(os.open(unblock, os.O_WRONLY | os.O_NONBLOCK))  # a reader is waiting: this opens, and EOF follows
-        thread.join(60)
-    assert not stalled, "pull_checkpoint opened the FIFO outside the store and blocked"
+    code = textwrap.dedent(
+        f"""
+        import json, sys
+        from pathlib import Path
+        from storage import Store
+        from tasks.training.checkpoints import pull_checkpoint
+        store = Store({store.url!r})
+        said = []
+        store.warn = said.append
+        print(json.dumps([pull_checkpoint(store, "k", Path({str(fresh)!r})), said]))
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    try:
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, check=True)
+    except subprocess.TimeoutExpired:
+        pytest.fail("pull_checkpoint opened the FIFO outside the store and blocked")
     assert list(fresh.iterdir()) == []
-    return got[0]
+    epoch, said = json.loads(done.stdout.splitlines()[-1])
+    return epoch, said
 
 
 def test_a_checkpoint_dataset_stored_in_a_file_outside_the_store_is_damaged_and_never_opened(store, tmp_path):
@@ -631,10 +638,9 @@ def test_a_checkpoint_dataset_stored_in_a_file_outside_the_store_is_damaged_and_
     fifo = tmp_path / "outside" / "fifo"
     fifo.parent.mkdir()
     os.mkfifo(fifo)
-    said = planted_weights(
-        store, tmp_path, lambda f: f.create_dataset("vars/1", shape=(4,), dtype="<f4", external=[(str(fifo), 0, 16)])
-    )
-    assert pulled_in_time(store, tmp_path, fifo) is None
+    planted_weights(store, tmp_path, lambda f: f.create_dataset("vars/1", shape=(4,), dtype="<f4", external=[(str(fifo), 0, 16)]))
+    epoch, said = pulled_in_time(store, tmp_path)
+    assert epoch is None
     (line,) = said
     assert "keeps its values outside this file" in line and "training starts from epoch 0" in line
 
@@ -647,8 +653,9 @@ def test_a_checkpoint_with_an_external_or_soft_link_is_damaged_and_the_link_neve
     fifo = tmp_path / "outside" / "fifo.h5"
     fifo.parent.mkdir()
     os.mkfifo(fifo)
-    said = planted_weights(store, tmp_path, lambda f: f.__setitem__("vars/1", h5py.ExternalLink(str(fifo), "/x")))
-    assert pulled_in_time(store, tmp_path, fifo) is None
+    planted_weights(store, tmp_path, lambda f: f.__setitem__("vars/1", h5py.ExternalLink(str(fifo), "/x")))
+    epoch, said = pulled_in_time(store, tmp_path)
+    assert epoch is None
     shutil.rmtree(tmp_path / "fresh")
     said_soft = planted_weights(store, tmp_path, lambda f: f.__setitem__("vars/1", h5py.SoftLink("/vars/0")))
     fresh = tmp_path / "fresh"
