@@ -705,6 +705,26 @@ def test_a_checkpoint_history_longer_than_its_epochs_could_write_is_not_parsed(s
     assert "history.json holds more than" in line and "training starts from epoch 0" in line
 
 
+def test_a_checkpoint_whose_keras_metadata_is_larger_than_keras_writes_is_damaged(store, tmp_path):
+    """Keras' ``BackupAndRestore`` parses ``training_metadata.json`` whole (it writes about 30 bytes): one of more than
+    ``KERAS_STATE_LIMIT`` bytes makes the checkpoint damaged before Keras reads it; one of ours is resumed from."""
+    from tasks.training.checkpoints import KERAS_STATE, KERAS_STATE_LIMIT
+
+    said: list[str] = []
+    store.warn = said.append
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "history.json").write_text(json.dumps([{"epoch": 1, "loss": 0.5}]))
+    for padding, expected in ((KERAS_STATE_LIMIT, None), (0, 1)):
+        (work / KERAS_STATE).write_text(json.dumps({"epoch": 1, "batch": -1}) + " " * padding)
+        push_checkpoint(store, "k", 1, work)
+        fresh = tmp_path / f"fresh{padding}"
+        fresh.mkdir()
+        assert pull_checkpoint(store, "k", fresh) == expected
+    (line,) = said
+    assert f"{KERAS_STATE} holds more than {KERAS_STATE_LIMIT} bytes" in line and "training starts from epoch 0" in line
+
+
 def test_a_huge_file_at_the_champions_model_is_a_miss_before_a_byte_is_hashed(store, monkeypatch):
     """A 20 GiB sparse file at the model's key was hashed whole by every night (54 s), before any check."""
     from tasks.champion.pointer import intact_model
