@@ -121,7 +121,10 @@ def _check_finite_weights(file: Path) -> None:
     if not h5py.is_hdf5(file):  # not HDF5 at all: Keras' restore refuses it (the fallback in tasks/training/loop.py)
         return
     with h5py.File(file, "r") as f:
-        datasets = plain_datasets(f, VALUES_LIMIT)
+        try:
+            datasets = plain_datasets(f, VALUES_LIMIT)
+        except ValueError as exc:
+            raise ValueError(f"{file.name}: {exc}") from exc
         bad = [name for name, d in datasets.items() if d.dtype.kind == "f" and not np.isfinite(d[()]).all()]
     if bad:
         raise ValueError(f"{file.name} holds values that are not finite numbers ({len(bad)} arrays, first {bad[0]})")
