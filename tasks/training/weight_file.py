@@ -5,8 +5,8 @@ dataset over other files), link to another file or name (external and soft links
 HDF5 loads as a plugin, or declare a dataset of gigabytes that it never wrote (read whole, it fills memory). Reading
 one value of such a file reads outside the store (a pipe there blocks the read forever, past any step's time budget)
 or exhausts memory. Keras writes none of that: plain groups, hard links, unfiltered numeric datasets. So a file is
-walked link by link without following one (``plain_datasets``), and anything else, or more values than ``values_limit`` bytes, makes it
-not ours (``ValueError``) before a value is read.
+walked link by link without following one (``plain_datasets``), and anything else, or more values than
+``values_limit`` bytes, makes it not ours (``ValueError``) before a value is read.
 """
 
 from __future__ import annotations
