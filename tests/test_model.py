@@ -143,3 +143,24 @@ def test_the_same_seed_on_the_same_machine_trains_the_same_model(mnist_store):
     assert all(np.array_equal(a, b) for a, b in zip(*weights)) and len(weights[0]) == 6
     other = train_model(mnist_store, dataset, config.model_copy(update={"seed": 12}), log=lambda _: None)
     assert not np.array_equal(load_model(mnist_store, other).get_weights()[0], weights[0][0])
+
+
+@pytest.mark.parametrize("name", list(ModelName))
+def test_a_backup_of_each_network_is_within_what_a_checkpoint_may_declare(name, tmp_path):
+    """``PARAMETERS`` is each network's parameter count as built, and what Keras' backup of it (weights, Adam's
+    moments, the moving average) declares passes the checkpoint's walk, within ``VALUES_LIMIT``, which derives from
+    the largest; a planted file declaring more is refused before a value is read (tests/test_untrusted_store.py)."""
+    import h5py
+
+    from tasks.training.checkpoints import VALUES_LIMIT
+    from tasks.training.model import PARAMETERS, make_optimizer
+    from tasks.training.weight_file import plain_datasets
+
+    model = build_model(name)
+    assert model.count_params() == PARAMETERS[name]
+    model.compile(optimizer=make_optimizer(name, 1e-3, 100), loss="sparse_categorical_crossentropy")
+    model.optimizer.build(model.trainable_variables)
+    model.save_weights(tmp_path / "latest.weights.h5")  # what BackupAndRestore writes
+    with h5py.File(tmp_path / "latest.weights.h5", "r") as f:
+        declared = sum(d.size * d.dtype.itemsize for d in plain_datasets(f, VALUES_LIMIT).values())
+    assert 4 * 4 * PARAMETERS[name] * 0.99 <= declared <= VALUES_LIMIT // 2

@@ -602,6 +602,145 @@ def test_a_checkpoint_whose_history_is_not_ours_is_damaged_and_training_starts_a
     assert pull_checkpoint(store, "k", fresh) == 1  # what our recorder writes is still resumed from
 
 
+# ---- a checkpoint's HDF5 file walked before a value is read (review 10: external storage, links, declared sizes) ----
+def planted_weights(store: Store, tmp_path: Path, write) -> list[str]:
+    """Checkpoint ``k`` after epoch 1 whose ``latest.weights.h5`` is what ``write(h5py.File)`` made, beside a history of
+    ours; the store's warnings are collected from here."""
+    import h5py
+
+    said: list[str] = []
+    store.warn = said.append
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    (work / "history.json").write_text(json.dumps([{"epoch": 1, "loss": 0.5}]))
+    with h5py.File(work / "latest.weights.h5", "w") as f:
+        f.create_dataset("vars/0", data=np.ones(4, "<f4"))
+        write(f)
+    push_checkpoint(store, "k", 1, work)
+    return said
+
+
+def pulled_in_time(store: Store, tmp_path: Path) -> tuple[int | None, list[str]]:
+    """``pull_checkpoint`` of ``k`` in a child process that must end within a minute, and the store's warnings there:
+    opening a FIFO outside the store (no writer) blocks forever, with the GIL held where h5py follows a link."""
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    code = textwrap.dedent(
+        f"""
+        import json, sys
+        from pathlib import Path
+        from storage import Store
+        from tasks.training.checkpoints import pull_checkpoint
+        store = Store({store.url!r})
+        said = []
+        store.warn = said.append
+        print(json.dumps([pull_checkpoint(store, "k", Path({str(fresh)!r})), said]))
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    try:
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, check=True)
+    except subprocess.TimeoutExpired:
+        pytest.fail("pull_checkpoint opened the FIFO outside the store and blocked")
+    assert list(fresh.iterdir()) == []
+    epoch, said = json.loads(done.stdout.splitlines()[-1])
+    return epoch, said
+
+
+def test_a_checkpoint_dataset_stored_in_a_file_outside_the_store_is_damaged_and_never_opened(store, tmp_path):
+    """External storage: the dataset's values live at any path on the worker; reading them opened it (a FIFO there
+    blocked the train step past its budget, every night). The file is refused from its metadata: the FIFO is never
+    opened and training starts afresh."""
+    fifo = tmp_path / "outside" / "fifo"
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)
+    planted_weights(store, tmp_path, lambda f: f.create_dataset("vars/1", shape=(4,), dtype="<f4", external=[(str(fifo), 0, 16)]))
+    epoch, said = pulled_in_time(store, tmp_path)
+    assert epoch is None
+    (line,) = said
+    assert "keeps its values outside this file" in line and "training starts from epoch 0" in line
+
+
+def test_a_checkpoint_with_an_external_or_soft_link_is_damaged_and_the_link_never_followed(store, tmp_path):
+    """An ExternalLink names another HDF5 file (here a FIFO outside the store), a SoftLink another name: Keras writes
+    neither, and neither is followed."""
+    import h5py
+
+    fifo = tmp_path / "outside" / "fifo.h5"
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)
+    planted_weights(store, tmp_path, lambda f: f.__setitem__("vars/1", h5py.ExternalLink(str(fifo), "/x")))
+    epoch, said = pulled_in_time(store, tmp_path)
+    assert epoch is None
+    shutil.rmtree(tmp_path / "fresh")
+    said_soft = planted_weights(store, tmp_path, lambda f: f.__setitem__("vars/1", h5py.SoftLink("/vars/0")))
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    assert pull_checkpoint(store, "k", fresh) is None and list(fresh.iterdir()) == []
+    assert [("ExternalLink" in line, "SoftLink" in line, "epoch 0" in line) for line in said + said_soft] == [
+        (True, False, True),
+        (False, True, True),
+    ]
+
+
+def test_a_checkpoint_declaring_2_gib_it_never_wrote_is_damaged_before_a_value_is_read(store, tmp_path):
+    """A 2 KB file declaring a 2 GiB dataset: read whole, it filled 2.5 GiB of the worker's memory. Its declared size
+    is past what a network of ours holds (``VALUES_LIMIT``), so it is refused from its metadata."""
+    from tasks.training.checkpoints import VALUES_LIMIT
+
+    said = planted_weights(store, tmp_path, lambda f: f.create_dataset("vars/1", shape=(1 << 29,), dtype="<f4"))
+    (planted,) = Path(store.path(store.checkpoint_key("k"))).rglob("latest.weights.h5")
+    assert planted.stat().st_size < 64 << 10 and VALUES_LIMIT < 1 << 31
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    tracemalloc.start()
+    try:
+        assert pull_checkpoint(store, "k", fresh) is None and list(fresh.iterdir()) == []
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 << 20, f"{peak >> 20} MiB"
+    (line,) = said
+    assert f"more than {VALUES_LIMIT} bytes" in line and "training starts from epoch 0" in line
+
+
+def test_a_checkpoint_history_longer_than_its_epochs_could_write_is_not_parsed(store, tmp_path):
+    """A 4 MiB ``[{},{},…]`` history.json parsed whole took about a hundred MiB (24 MiB: 600 MiB); it is refused by its
+    size, before it is parsed."""
+    said = pushed_checkpoint(store, tmp_path, "[" + ",".join(["{}"] * ((4 << 20) // 3)) + "]", epoch=3)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    tracemalloc.start()
+    try:
+        assert pull_checkpoint(store, "k", fresh) is None and list(fresh.iterdir()) == []
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 24 << 20, f"{peak >> 20} MiB"
+    (line,) = said
+    assert "history.json holds more than" in line and "training starts from epoch 0" in line
+
+
+def test_a_checkpoint_whose_keras_metadata_is_larger_than_keras_writes_is_damaged(store, tmp_path):
+    """Keras' ``BackupAndRestore`` parses ``training_metadata.json`` whole (it writes about 30 bytes): one of more than
+    ``KERAS_STATE_LIMIT`` bytes makes the checkpoint damaged before Keras reads it; one of ours is resumed from."""
+    from tasks.training.checkpoints import KERAS_STATE, KERAS_STATE_LIMIT
+
+    said: list[str] = []
+    store.warn = said.append
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "history.json").write_text(json.dumps([{"epoch": 1, "loss": 0.5}]))
+    for padding, expected in ((KERAS_STATE_LIMIT, None), (0, 1)):
+        (work / KERAS_STATE).write_text(json.dumps({"epoch": 1, "batch": -1}) + " " * padding)
+        push_checkpoint(store, "k", 1, work)
+        fresh = tmp_path / f"fresh{padding}"
+        fresh.mkdir()
+        assert pull_checkpoint(store, "k", fresh) == expected
+    (line,) = said
+    assert f"{KERAS_STATE} holds more than {KERAS_STATE_LIMIT} bytes" in line and "training starts from epoch 0" in line
+
+
 def test_a_huge_file_at_the_champions_model_is_a_miss_before_a_byte_is_hashed(store, monkeypatch):
     """A 20 GiB sparse file at the model's key was hashed whole by every night (54 s), before any check."""
     from tasks.champion.pointer import intact_model

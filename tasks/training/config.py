@@ -12,6 +12,7 @@ from tasks.training.precision import Precision
 
 TRAIN_IMAGES = 60_000
 SEED_MAX = 2**31 - 1
+MAX_TRAIN_EPOCHS = 500  # the most epochs a training is asked for; also what bounds a checkpoint's history
 
 
 class ModelName(str, Enum):
@@ -45,9 +46,9 @@ class TrainConfig(BaseModel):
     epochs: int | None = Field(
         None,
         ge=1,
-        le=500,
+        le=MAX_TRAIN_EPOCHS,
         title="Epochs",
-        description="Training epochs (1–500). Empty: the model's own default, "
+        description=f"Training epochs (1–{MAX_TRAIN_EPOCHS}). Empty: the model's own default, "
         + ", ".join(f"{m.value} {n}" for m, n in DEFAULT_EPOCHS.items())
         + ".",
     )

@@ -28,6 +28,7 @@ from storage import DamagedArtifact, Store, StoreError
 from tasks.training.keras_runtime import import_keras
 from tasks.training.model import ModelName, ModelRef, build_model, for_serving
 from tasks.training.precision import Precision, dtype_policy
+from tasks.training.weight_file import plain_datasets
 
 # the whole .keras file, and all it unpacks to (ours: about 3.3 MB for strong, 0.6 MB for seed); also what bounds the
 # zip's directory, which zipfile parses whole
@@ -237,15 +238,10 @@ def weight_shapes_of(model) -> dict[str, tuple]:
 
 
 def _weight_shapes(stream) -> dict[str, tuple]:
-    """Path → shape of every dataset in an HDF5 file, read from its metadata only (no values)."""
+    """Path → shape of every dataset in an HDF5 file, read from its metadata only (no values), walked without following
+    a link: a link, a dataset kept outside the file or more values than ``MODEL_LIMIT`` bytes is refused
+    (``ValueError``) before Keras opens it (``tasks.training.weight_file``)."""
     import h5py
 
-    shapes: dict[str, tuple] = {}
     with h5py.File(stream, "r") as f:
-
-        def visit(name: str, obj) -> None:
-            if isinstance(obj, h5py.Dataset):
-                shapes[name] = tuple(obj.shape)
-
-        f.visititems(visit)
-    return shapes
+        return {path.lstrip("/"): tuple(d.shape) for path, d in plain_datasets(f, MODEL_LIMIT).items()}
