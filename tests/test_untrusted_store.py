@@ -1434,6 +1434,35 @@ def test_a_model_with_nan_weights_is_not_loaded_and_nan_predictions_are_a_damage
     assert np.isfinite(predict(build_seed_model(), images)).all()
 
 
+def test_a_champion_whose_weight_file_is_a_chain_of_30000_nested_groups_is_damaged_within_seconds(two_models, store, tmp_path):
+    """Review 11 #1: a 4 MiB ``model.weights.h5`` of 30 000 groups nested one in the other (config and metadata ours,
+    digests set to match) was walked with h5py's ``visititems``, whose cost grows with depth^2.2 (6 000 levels: 44 s)
+    and whose recursion in HDF5's C code overflowed the thread's stack: the gate timed out, and the next night's
+    process died of a segmentation fault. The walk goes link by link (``tasks/training/weight_file.py``) and stops at
+    ``OBJECTS_LIMIT`` objects; here in a thread of a 256 KiB stack, where HDF5's recursion would crash the process."""
+    import threading
+
+    import h5py
+
+    chain = tmp_path / "chain.h5"
+    with h5py.File(chain, "w", libver="latest") as f:
+        group = f
+        for _ in range(30_000):
+            group = group.create_group("a")
+    planted = rewrite_entry(two_models[0], tmp_path / "chain.keras", "model.weights.h5", chain.read_bytes())
+    ref = stored_with_record(store, planted, "chain")
+    outcome: list[BaseException] = []
+    threading.stack_size(256 * 1024)
+    try:
+        worker = threading.Thread(target=lambda: outcome.append(pytest.raises(DamagedModel, load_model, store, ref).value))
+        worker.start()
+    finally:
+        threading.stack_size(0)
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "the weight file was still being walked after 120 s"
+    assert outcome and "objects" in str(outcome[0]), outcome
+
+
 def planted_checkpoint(store: Store, dataset, config, value: float) -> str:
     """A real checkpoint of ``config`` after epoch 1 (training stopped there), every floating-point value of its Keras
     backup files then set to ``value`` in the store (history and metadata as the pipeline wrote them); its key."""
