@@ -376,3 +376,74 @@ def test_an_operators_long_reason_is_kept_short_enough_for_the_reader_to_read_it
     write_table(store, "promotions", None, sample_frames(0)["promotions"].assign(reason=reason, forced=True))
     rows = read_table(store, "promotions")
     assert rows["reason"].tolist() == ["manual: " + "€" * MAX_REASON_CHARS] and not said, said
+
+
+# ---- a footer is parsed only when its length is one a night writes ------------------------------------------------
+def footer_only_parquet(chunks: int) -> bytes:
+    """A Parquet file that is only a footer (Thrift compact ``FileMetaData``): one INT32 column, 0 rows, one row group
+    of ``chunks`` column chunks written as 3 bytes each (``file_offset`` 0), which pyarrow's parser holds as structs
+    of hundreds of bytes: review 11's file (2026-12-08: 9 MB of it took 2 GiB)."""
+    import struct
+
+    def varint(n: int) -> bytes:
+        out = bytearray()
+        while True:
+            low, n = n & 0x7F, n >> 7
+            out.append(low | 0x80 if n else low)
+            if not n:
+                return bytes(out)
+
+    def zz(n: int) -> bytes:
+        return varint((n << 1) ^ (n >> 63))
+
+    def text(s: str) -> bytes:
+        return varint(len(s)) + s.encode()
+
+    def list_of(size: int, kind: int) -> bytes:
+        return bytes([(size << 4) | kind]) if size < 15 else bytes([0xF0 | kind]) + varint(size)
+
+    meta = b"\x15" + zz(1) + b"\x19" + list_of(2, 12)  # version; schema:
+    meta += b"\x48" + text("schema") + b"\x15" + zz(1) + b"\x00"  # the root, one child
+    meta += b"\x15" + zz(1) + b"\x25" + zz(0) + b"\x18" + text("a") + b"\x00"  # INT32 REQUIRED "a"
+    meta += b"\x16" + zz(0) + b"\x19" + list_of(1, 12)  # num_rows 0; one row group:
+    meta += b"\x19" + list_of(chunks, 12) + (b"\x26" + zz(0) + b"\x00") * chunks + b"\x16" + zz(0) + b"\x16" + zz(0) + b"\x00"
+    meta += b"\x00"
+    return b"PAR1" + meta + struct.pack("<I", len(meta)) + b"PAR1"
+
+
+FOOTER_PEAK = r"""
+import json, re, sys
+from storage import Store
+from storage.tables import read_table
+said = []
+rows = read_table(Store(sys.argv[1], warn=said.append), "runs")
+peak = int(re.search(r"VmHWM:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) >> 10  # this process's own
+print(json.dumps({"peak_mib": peak, "runs": sorted(rows["run_id"]), "said": said}))
+"""
+
+
+def test_a_partition_that_is_a_footer_longer_than_a_night_writes_is_skipped_before_it_is_parsed(store):
+    """Review 11 #2: a `runs` partition of 3 MB that is only a footer (a million column chunks, 0 rows) took 680 MiB
+    to parse, before any of its figures could be checked, and a file's size was bounded nowhere on that path (a
+    1 GiB one: about 240 GiB). The footer's length (the file's last 8 bytes) is checked first: over ``FOOTER_BYTES``
+    the partition is skipped, unparsed, with a warning; the real partition beside it reads, in a process that stays
+    near its size without the plant."""
+    import json
+    import subprocess
+    import sys
+
+    from storage.tables import FOOTER_BYTES
+
+    write_table(store, "runs", "a-real", sample_frames(0)["runs"])
+    planted = footer_only_parquet(1_000_000)
+    assert len(planted) > 2 * FOOTER_BYTES
+    path = Path(store.path(store.table_file("runs", "b-footer")))
+    path.parent.mkdir(parents=True)
+    path.write_bytes(planted)
+    child = subprocess.run(
+        [sys.executable, "-c", FOOTER_PEAK, store.root], capture_output=True, text=True, timeout=300, check=True
+    )
+    read = json.loads(child.stdout.strip().splitlines()[-1])
+    assert read["runs"] == ["a-real"] * len(sample_frames(0)["runs"])
+    assert read["peak_mib"] < 400, read  # 133 MiB with the check, 814 without (2026-12-08)
+    assert any("its footer is" in line and "b-footer" in line for line in read["said"]), read["said"]
