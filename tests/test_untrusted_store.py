@@ -1700,6 +1700,23 @@ def test_a_model_json_with_values_no_training_records_is_a_miss(store, change):
     assert stored_model(store, "m") is None
 
 
+def test_a_report_manifest_naming_a_huge_file_for_an_unchanged_figure_is_a_miss_before_a_byte_is_hashed(store, monkeypatch):
+    """Review 11 #4: the last report's manifest kept an unchanged figure's digest and pointed its key at a 2 TiB sparse
+    file; the next report step hashed it to the end and timed out, every night. The earlier file must be as long as
+    the figure it would stand for, or it is not looked at: the figure is written again."""
+    from tasks.publish.report import ReportFile, ReportManifest, _place
+
+    figure = b"\x89PNG a figure"
+    big = store.report_file("r1", "trend.png")
+    store.write_bytes(big, b"x")
+    with open(store.path(big), "r+b") as f:
+        f.truncate(2 << 40)
+    last = ReportManifest(run_id="r1", files={"trend.png": ReportFile(key=big, sha256=sha256_bytes(figure))})
+    monkeypatch.setattr(Store, "digest", lambda self, key: pytest.fail(f"{key} was hashed"))
+    placed = _place(store, "r2", "trend.png", figure, last)
+    assert placed.key == store.report_file("r2", "trend.png") and store.read_bytes(placed.key) == figure
+
+
 def test_a_report_manifest_whose_digest_is_not_one_is_not_used(store):
     """A report's manifest decides which earlier report folders a prune keeps and which figures a report links: one
     whose digest is not a SHA-256 (100 000 characters a writer chose) is damaged, not used. (Its number of files is

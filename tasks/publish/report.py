@@ -87,7 +87,7 @@ def _place(store: Store, run_id: str, name: str, data: bytes, last: ReportManife
     """Where figure ``name`` of this report is: the last report's file if it holds these very bytes, else a new file."""
     digest = sha256_bytes(data)
     previous = last.files.get(name) if last is not None else None
-    if previous is not None and previous.sha256 == digest and store.matches(previous.key, digest):
+    if previous is not None and previous.sha256 == digest and store.matches(previous.key, digest, size=len(data)):
         return previous
     key = store.report_file(run_id, name)
     store.write_bytes(key, data)
