@@ -58,3 +58,52 @@ def test_a_share_damaged_after_ingest_is_dropped_and_the_night_decides_without_i
     (run,) = read_table(store, "runs", run_id=night.run_id).itertuples()
     assert run.published and night.dataset_version == run.dataset_version
     assert night.batches_accepted == 0 and night.new_data_images == 0
+
+
+def test_a_stored_mnist_file_changed_during_the_night_is_fetched_again_and_the_night_decides(
+    mnist_store, prefect_harness, tmp_path, monkeypatch
+):
+    """Review 11 #3 (2026-12-08): a writer of the store changed MNIST's training images after the fetch step checked
+    them, and the ingest step's ``load_mnist`` failed the night at once (``IDXFormatError``), where a changed share
+    gets ``DATA_TRIES``. A changed MNIST file is ``DamagedMnist``: the night fetches it again and decides."""
+    import shutil
+
+    from flows.night.pipeline import mnist_retrain
+
+    store = with_mnist(Store(tmp_path / "store"), mnist_store)
+    dataset = stored_dataset(store)
+    source = tmp_path / "source"  # where the night fetches MNIST again from: the four files by name
+    source.mkdir()
+    for name, stored in dataset.files.items():
+        shutil.copyfile(store.path(stored.key), source / name)
+    write_night(intake.incoming_store(store), load_mnist(store, dataset), 1, images=200)
+    images = store.path(dataset.files["train-images-idx3-ubyte"].key)
+    checked = intake.ingest_batches
+    damaged: list[bool] = []
+
+    def damage_then_ingest(*args, **kwargs):
+        if not damaged:  # the first ingest of the night: MNIST's training images changed under it (a new file)
+            data = bytearray(open(images, "rb").read())
+            data[-4:] = b"\xff\xff\xff\xff"
+            with open(images + ".new", "wb") as f:
+                f.write(data)
+            shutil.move(images + ".new", images)
+            damaged.append(True)
+        return checked(*args, **kwargs)
+
+    monkeypatch.setattr(intake, "ingest_batches", damage_then_ingest)
+    params = PipelineParameters(
+        epochs=1,
+        train_limit=500,
+        n_per_class=10,
+        seed=3,
+        held_back=HELD_BACK,
+        store=store.url,
+        mnist_source=str(source),
+        ingest={"accept_unjudged_labels": True},
+        gate={"min_balanced_accuracy": 0.1},
+    )
+    night = mnist_retrain(params)
+    assert damaged == [True] and night.decision == "promoted"
+    assert list(night.batches_tonight.values()) == ["accepted"]
+    assert load_mnist(store, stored_dataset(store)).x_train.shape == (60_000, 28, 28)  # fetched again, intact

@@ -8,7 +8,8 @@ What a step's failure means (each step also fails when it runs past its budget, 
   ``Failed`` state, which the alert automation hears) and no decision is taken. Inside ingest, one batch's
   failure quarantines that batch only. A stored file that changed under the night after its step checked it is not
   such a failure: an accepted batch's share (``DamagedShare``, where train, evaluate or the gate read it), or a
-  model or an evaluation's predictions (``DamagedArtifact``). The night emits ``mnist.night.artifact-changed``,
+  model or an evaluation's predictions (``DamagedArtifact``), or a stored MNIST file (``DamagedMnist``: fetched
+  again). The night emits ``mnist.night.artifact-changed``,
   ingests again (which leaves a damaged batch out) and decides again, the damaged artifact made again; at most
   ``DATA_TRIES`` times. A damaged model (``DamagedModel``) is trained again on the next try (the train step
   refreshed, its cache record and stored model not reused), so a damaged model a lookup let through is not handed
@@ -48,6 +49,7 @@ from flows.night.summary import RunSummary
 from storage import DamagedArtifact
 from storage.nights import mark_ended, mark_running
 from tasks.data.batch_format import DamagedShare
+from tasks.data.fetch import DamagedMnist
 from tasks.publish.run_record import RunRecord
 from tasks.publish.tabulate import record_finish
 from tasks.training.rebuilt import DamagedModel
@@ -134,10 +136,13 @@ def mnist_retrain(params: PipelineParameters = PipelineParameters()) -> RunSumma
         decided = gate(store.url, run_id, dataset, model, evaluation, params.gate)
         return seed, model, evaluation, plots, decided, {"train": trained, "evaluate": evaluated, "plot": plotted}
 
-    ingested = ingested_now()
-    retrain = False
+    ingested, stale, retrain = None, True, False
     for tries in range(1, DATA_TRIES + 1):
         try:
+            if stale:  # the first try, or a file changed under the last one: tonight's batches checked (again)
+                fresh = ingested_now()
+                ingested = fresh if ingested is None else ingested.model_copy(update={"dataset": fresh.dataset})
+                stale = False  # tonight's decisions (the first ingest's) are kept
             seed, model, evaluation, plots, decided, states = decided_on(ingested.dataset, retrain)
             break
         except (DamagedShare, DamagedArtifact) as exc:  # changed after its step checked it: check again, decide again
@@ -151,7 +156,11 @@ def mnist_retrain(params: PipelineParameters = PipelineParameters()) -> RunSumma
                 resource={"prefect.resource.id": f"mnist.run.{run_id}", "prefect.resource.name": f"run {run_id}"},
                 payload={"reason": str(exc)},
             )
-            ingested = ingested.model_copy(update={"dataset": ingested_now().dataset})  # tonight's decisions kept
+            if isinstance(exc, DamagedMnist):  # a stored MNIST file: fetched again, its step's cache not trusted
+                fetched = call_cached(
+                    steps.fetch_mnist, store.url, params.mnist_source, result_storage=results, refresh=True, warn=logger.warning
+                )
+            stale = True
     dataset = ingested.dataset
     params = params.model_copy(update={"seed": seed})
     run = RunRecord(

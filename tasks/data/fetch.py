@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 from pydantic import AliasChoices, BaseModel, Field
 
-from storage import Store, StoreKey, sha256_bytes, sha256_json
+from storage import DamagedArtifact, Store, StoreError, StoreKey, sha256_bytes, sha256_json
 from tasks.data import idx
 from tasks.data.batch_format import AcceptedBatch
 
@@ -338,14 +338,22 @@ def fetch_mnist(
     return _ref(store, files, used)
 
 
+class DamagedMnist(DamagedArtifact):
+    """A stored MNIST file that no longer matches its digest: changed after the fetch step checked it (a writer of
+    the store), so the night fetches it again and decides again (``flows/night/pipeline.py``), as for a share."""
+
+
 def load_mnist(store: Store, ref: DatasetRef) -> Mnist:
-    """Parse the verified files; a stored file that no longer matches its digest is an error, not data."""
+    """Parse the verified files; a stored file that no longer matches its digest is ``DamagedMnist``, not data."""
     arrays: dict[str, np.ndarray] = {}
     for name, stored in ref.files.items():
-        data = store.read_bytes(stored.key, limit=stored.size)
+        try:
+            data = store.read_bytes(stored.key, limit=stored.size)
+        except (OSError, StoreError) as exc:  # gone, a link, or grown past its pinned size
+            raise DamagedMnist(f"{name} in the store ({store.location(stored.key)}) cannot be read: {exc}") from None
         if sha256_bytes(data) != stored.sha256:
-            raise idx.IDXFormatError(
-                f"{name} in the store ({store.location(stored.key)}) no longer matches its SHA-256; re-run to fetch it again"
+            raise DamagedMnist(
+                f"{name} in the store ({store.location(stored.key)}) no longer matches its SHA-256; it is fetched again"
             )
         parse = idx.parse_labels if "labels" in name else idx.parse_images
         arrays[name] = parse(data, name)

@@ -50,7 +50,7 @@ from tasks.data.batch_format import (
 )
 from tasks.data.batch_limits import MAX_BATCH_ROWS
 from tasks.data.copy_limits import NEAR_COPY_PIXELS, PIXEL_TOLERANCE
-from tasks.data.fetch import DatasetRef, load_mnist
+from tasks.data.fetch import DamagedMnist, DatasetRef, load_mnist
 from tasks.data.near_copies import ImageIndex, image_hashes, near_copies
 from tasks.data.slices import base_training, new_holdout_images, new_training_images
 from tasks.data.splits import SLICE_SELECTION, SPLIT_SEED, selection_indices
@@ -730,6 +730,8 @@ def _take(
             room.files -= 1
             log(f"Incoming file {name!r} is left where it is: {exc}")
             return None
+        except DamagedMnist:  # MNIST changed under the night, not this batch's doing: the night fetches it again
+            raise
         except Exception as exc:  # noqa: BLE001 (a batch must not stop the night, whatever went wrong with it)
             reason = f"could not be checked ({type(exc).__name__}: {str(exc)[:300]})"
             incoming_part = _part(store, digest, "incoming", data, 0)
