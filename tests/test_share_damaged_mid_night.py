@@ -21,6 +21,21 @@ from tests.conftest import with_mnist
 pytestmark = pytest.mark.slow
 
 
+def small_night(store: Store, **extra) -> PipelineParameters:
+    """A night of one epoch on 500 images with the scripted week's held-back images, a batch accepted unjudged."""
+    return PipelineParameters(
+        epochs=1,
+        train_limit=500,
+        n_per_class=10,
+        seed=3,
+        held_back=HELD_BACK,
+        store=store.url,
+        ingest={"accept_unjudged_labels": True},
+        gate={"min_balanced_accuracy": 0.1},
+        **extra,
+    )
+
+
 def test_a_share_damaged_after_ingest_is_dropped_and_the_night_decides_without_it(
     mnist_store, prefect_harness, tmp_path, monkeypatch
 ):
@@ -41,17 +56,7 @@ def test_a_share_damaged_after_ingest_is_dropped_and_the_night_decides_without_i
         return ref
 
     monkeypatch.setattr(intake, "ingest_batches", ingest_then_damage)
-    params = PipelineParameters(
-        epochs=1,
-        train_limit=500,
-        n_per_class=10,
-        seed=3,
-        held_back=HELD_BACK,
-        store=store.url,
-        ingest={"accept_unjudged_labels": True},
-        gate={"min_balanced_accuracy": 0.1},
-    )
-    night = mnist_retrain(params)
+    night = mnist_retrain(small_night(store))
     assert len(damaged) == 1  # the batch was accepted tonight, then damaged
     assert night.decision == "promoted" and night.step_states["train"] == "Completed"  # decided, without it
     assert list(night.batches_tonight.values()) == ["accepted"]  # what ingest decided tonight stays on record
@@ -92,18 +97,7 @@ def test_a_stored_mnist_file_changed_during_the_night_is_fetched_again_and_the_n
         return checked(*args, **kwargs)
 
     monkeypatch.setattr(intake, "ingest_batches", damage_then_ingest)
-    params = PipelineParameters(
-        epochs=1,
-        train_limit=500,
-        n_per_class=10,
-        seed=3,
-        held_back=HELD_BACK,
-        store=store.url,
-        mnist_source=str(source),
-        ingest={"accept_unjudged_labels": True},
-        gate={"min_balanced_accuracy": 0.1},
-    )
-    night = mnist_retrain(params)
+    night = mnist_retrain(small_night(store, mnist_source=str(source)))
     assert damaged == [True] and night.decision == "promoted"
     assert list(night.batches_tonight.values()) == ["accepted"]
     assert load_mnist(store, stored_dataset(store)).x_train.shape == (60_000, 28, 28)  # fetched again, intact

@@ -691,31 +691,29 @@ def test_a_checkpoint_declaring_2_gib_it_never_wrote_is_damaged_before_a_value_i
     said = planted_weights(store, tmp_path, lambda f: f.create_dataset("vars/1", shape=(1 << 29,), dtype="<f4"))
     (planted,) = Path(store.path(store.checkpoint_key("k"))).rglob("latest.weights.h5")
     assert planted.stat().st_size < 64 << 10 and VALUES_LIMIT < 1 << 31
+    peak = refused_pull_peak(store, tmp_path)
+    assert peak < 32 << 20, f"{peak >> 20} MiB"
+    (line,) = said
+    assert f"more than {VALUES_LIMIT} bytes" in line and "training starts from epoch 0" in line
+
+
+def refused_pull_peak(store: Store, tmp_path: Path) -> int:
+    """Python's peak allocation while checkpoint ``k`` is pulled, which must be refused (nothing pulled)."""
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     tracemalloc.start()
     try:
         assert pull_checkpoint(store, "k", fresh) is None and list(fresh.iterdir()) == []
-        peak = tracemalloc.get_traced_memory()[1]
+        return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < 32 << 20, f"{peak >> 20} MiB"
-    (line,) = said
-    assert f"more than {VALUES_LIMIT} bytes" in line and "training starts from epoch 0" in line
 
 
 def test_a_checkpoint_history_longer_than_its_epochs_could_write_is_not_parsed(store, tmp_path):
     """A 4 MiB ``[{},{},…]`` history.json parsed whole took about a hundred MiB (24 MiB: 600 MiB); it is refused by its
     size, before it is parsed."""
     said = pushed_checkpoint(store, tmp_path, "[" + ",".join(["{}"] * ((4 << 20) // 3)) + "]", epoch=3)
-    fresh = tmp_path / "fresh"
-    fresh.mkdir()
-    tracemalloc.start()
-    try:
-        assert pull_checkpoint(store, "k", fresh) is None and list(fresh.iterdir()) == []
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    peak = refused_pull_peak(store, tmp_path)
     assert peak < 24 << 20, f"{peak >> 20} MiB"
     (line,) = said
     assert "history.json holds more than" in line and "training starts from epoch 0" in line
