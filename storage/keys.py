@@ -70,11 +70,16 @@ RunId = Annotated[str, Field(pattern=RUN_ID_PATTERN)]
 a reason or a table row that quotes it stays short."""
 
 
+def is_run_id(name: object) -> bool:
+    """Whether ``name`` is a run id of ours (``RUN_ID_PATTERN``): one name, never ``.``, ``..`` or hidden."""
+    return isinstance(name, str) and re.fullmatch(RUN_ID_PATTERN, name) is not None
+
+
 def confine_run_id(run_id: str) -> str:
     """``run_id`` itself if it is a run id of ours (``RUN_ID_PATTERN``: one name, never ``.`` or ``..``), else
     :class:`UnsafeKey`. Every id decoded from a name in the store (a partition folder ``run_id=%2E%2E`` decodes
     to ``..``) passes here before it is used to build a key: checking the whole key is not enough."""
-    if not isinstance(run_id, str) or not re.fullmatch(RUN_ID_PATTERN, run_id):
+    if not is_run_id(run_id):
         shown = run_id[:80] if isinstance(run_id, str) else run_id
         raise UnsafeKey(
             f"{shown!r} is not a run id (one name of at most 64 letters, digits, '.', '_' or '-', starting with a letter or digit)"

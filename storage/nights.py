@@ -10,13 +10,12 @@ since no night of this pipeline runs that long.
 from __future__ import annotations
 
 import posixpath
-import re
 from datetime import UTC, datetime, timedelta
 
 from pydantic import BaseModel, ValidationError
 
 from storage.files import SIDECAR_LIMIT, StoreError
-from storage.keys import RUN_ID_PATTERN, StoreName, damage
+from storage.keys import StoreName, damage, is_run_id
 from storage.listing import listed_keys
 from storage.store import Store
 
@@ -38,7 +37,7 @@ class NightMarker(BaseModel):
 def _marker_name(name: str) -> bool:
     """Whether ``name`` is what ``night_marker_file`` names: ``<run id>.json``."""
     run_id, dot, ext = name.rpartition(".")
-    return dot == "." and ext == "json" and re.fullmatch(RUN_ID_PATTERN, run_id) is not None
+    return dot == "." and ext == "json" and is_run_id(run_id)
 
 
 def mark_running(store: Store, run_id: str) -> None:

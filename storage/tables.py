@@ -15,7 +15,6 @@ written by several releases returns one set of columns with one meaning each.
 from __future__ import annotations
 
 import posixpath
-import re
 from collections.abc import Callable, Collection
 from datetime import UTC, datetime, timedelta
 from urllib.parse import unquote
@@ -28,7 +27,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from storage.files import DamagedArtifact, listed_mtime
-from storage.keys import RUN_ID_PATTERN, confine_key, confine_run_id
+from storage.keys import confine_key, confine_run_id, is_run_id
 from storage.listing import ForeignNames
 from storage.store import Store
 
@@ -601,7 +600,7 @@ def _partition_entries(store: Store, table: str) -> dict[str, float]:
             return
         if len(rel) == 2 and rel[0].startswith("run_id=") and rel[1].endswith(".parquet") and entry.get("type") == "file":
             run_id = unquote(rel[0].removeprefix("run_id="))  # as hive partitioning decodes it: %2E%2E is ..
-            if run_id == NO_RUN or re.fullmatch(RUN_ID_PATTERN, run_id):
+            if run_id == NO_RUN or is_run_id(run_id):
                 files[path] = listed_mtime(entry)
             else:
                 foreign.append("/".join(rel))
